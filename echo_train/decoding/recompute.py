@@ -1,0 +1,72 @@
+"""No-cache references: every pass recomputes the whole sequence from scratch.
+
+The cached decoders must reproduce these tokens exactly; that is what makes the KV cache,
+the prefill cropping and the fused pass trustworthy.
+"""
+from __future__ import annotations
+
+import torch
+
+from runtime.schedule import UNMASK_THRESHOLD, BlockLayout, transfer_schedule
+from runtime.text import ReportTokenizer
+
+from ..model.echo_model import EchoModel
+from ..model.masks import NOISY, TokenLayout, block_layout, build_attention_mask, causal_layout
+from .block_diffusion import denoise_step
+from .common import DecodeResult, cut_tokens, prefix_ids_tensor
+
+
+def _run(model: EchoModel, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    mask = build_attention_mask(layout).to(embeds.device)[None]
+    pos = layout.position.to(embeds.device)[None].expand(embeds.shape[0], -1)
+    return model(embeds, pos, mask)[0]
+
+
+@torch.no_grad()
+def recompute_ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_values: torch.Tensor, max_new_tokens: int = 128) -> DecodeResult:
+    b, dev = pixel_values.shape[0], pixel_values.device
+    prefix = prefix_ids_tensor(tokenizer, model, b, dev)
+    pre = model.embed_prefix(pixel_values, prefix)
+    gen = torch.zeros(b, 0, dtype=torch.long, device=dev)
+    for _ in range(max_new_tokens):
+        embeds = torch.cat([pre, model.embed_tokens(gen)], 1)
+        logits = _run(model, embeds, causal_layout(embeds.shape[1]))
+        gen = torch.cat([gen, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        if bool((gen == tokenizer.eos_id).any(-1).all()):
+            break
+    return DecodeResult(cut_tokens(gen.cpu(), tokenizer.eos_id), gen.shape[1], gen.cpu())
+
+
+@torch.no_grad()
+def recompute_multistep_generate(
+    model: EchoModel,
+    tokenizer: ReportTokenizer,
+    pixel_values: torch.Tensor,
+    block_size: int,
+    steps: int,
+    max_new_tokens: int = 128,
+    rule: str = "dynamic",
+    threshold: float = UNMASK_THRESHOLD,
+) -> DecodeResult:
+    b, dev, B = pixel_values.shape[0], pixel_values.device, block_size
+    prefix = prefix_ids_tensor(tokenizer, model, b, dev)
+    grid = BlockLayout(prefix.shape[1], B)
+    schedule = transfer_schedule(B, steps)
+    pre = model.embed_prefix(pixel_values, prefix)
+    gen = torch.zeros(b, 0, dtype=torch.long, device=dev)
+    passes = 0
+    for k in range(grid.num_blocks(max_new_tokens)):
+        n_clean = grid.prefix_len + gen.shape[1]
+        layout = TokenLayout.cat([block_layout(n_clean, B), block_layout(B, B, start=n_clean, kind=NOISY, copy=1)])
+        x = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
+        for s in range(steps):
+            if not bool((x == tokenizer.mask_id).any()):
+                break
+            embeds = torch.cat([pre, model.embed_tokens(torch.cat([gen, x], 1))], 1)
+            logits = _run(model, embeds, layout)[:, -B:]
+            passes += 1
+            x = denoise_step(logits, x, tokenizer.mask_id, schedule[s], rule, threshold)
+        gen = torch.cat([gen, x], 1)
+        if bool((gen == tokenizer.eos_id).any(-1).all()):
+            break
+    return DecodeResult(cut_tokens(gen.cpu(), tokenizer.eos_id), passes, gen.cpu())

@@ -1,0 +1,165 @@
+"""Qwen2/Qwen3-compatible decoder (RMSNorm, RoPE, GQA, SwiGLU, optional QK-norm).
+
+Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...) so real
+safetensors checkpoints load unchanged. Forward takes an explicit boolean attention mask and
+optional past keys/values, with no data-dependent Python control flow, so the same code
+serves training, the cached reference decoders and fixed-shape ONNX export.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LMConfig
+
+# Finite, and representable in fp16: the fp16 graphs must never see -inf.
+MASK_VALUE = -30000.0
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # fp32 statistics keep fp16 safe
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [b, T, head_dim] for integer positions [b, T]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.dh, bias=b)
+        self.k_proj = nn.Linear(d, self.n_kv * self.dh, bias=b)
+        self.v_proj = nn.Linear(d, self.n_kv * self.dh, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.dh, d, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.dh, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.dh, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: Optional[KV] = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x [b,T,d]; mask bool [b|1, T, S_past+T]; past ([b,kvH,S_past,dh], same). Returns out and this call's k, v."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.dh)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.dh)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.dh).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        rep = self.n_heads // self.n_kv
+        s = keys.shape[2]
+        keys_r = keys[:, :, None].expand(b, self.n_kv, rep, s, self.dh).reshape(b, self.n_heads, s, self.dh)
+        values_r = values[:, :, None].expand(b, self.n_kv, rep, s, self.dh).reshape(b, self.n_heads, s, self.dh)
+        scores = torch.matmul(q, keys_r.transpose(-1, -2)) * (self.dh ** -0.5)
+        scores = torch.where(mask[:, None], scores, torch.full_like(scores, MASK_VALUE))
+        probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values_r).transpose(1, 2).reshape(b, t, self.n_heads * self.dh)
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past: Optional[KV] = None) -> tuple[torch.Tensor, KV]:
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class QwenBody(nn.Module):
+    """`model.*` of a Qwen2/Qwen3 checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class QwenDecoder(nn.Module):
+    """Causal LM: `model` (QwenBody) + `lm_head`."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = QwenBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        past: Optional[list[KV]] = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Final hidden states [b,T,d] and per-layer (k, v) of these T tokens."""
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        new_kv: list[KV] = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, cos, sin, mask, None if past is None else past[i])
+            new_kv.append(kv)
+        return self.model.norm(x), new_kv
+
+    def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain causal LM logits, as `transformers` computes them (the compatibility test)."""
+        b, t = input_ids.shape
+        pos = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        mask = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()[None]
+        h, _ = self.forward(self.model.embed_tokens(input_ids), pos, mask)
+        return self.lm_head(h)

@@ -1,0 +1,108 @@
+"""Model configuration: dataclasses with defaults that give the tiny demo model."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+STAGES = ("ar", "rad", "dcd")
+
+
+@dataclass
+class LMConfig:
+    """Qwen2/Qwen3-compatible decoder. Field names follow Hugging Face config.json."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = False  # Qwen3 normalises q and k per head
+    attention_bias: bool = True  # Qwen2 has q/k/v biases, Qwen3 none
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 2048
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "LMConfig":
+        """From a Hugging Face Qwen2/Qwen3 config.json dict."""
+        mt = d.get("model_type", "qwen2")
+        if mt not in ("qwen2", "qwen3"):
+            raise ValueError(f"unsupported model_type {mt!r}: expected qwen2 or qwen3")
+        heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads", heads),
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rope_theta=float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            qk_norm=(mt == "qwen3"),
+            attention_bias=d.get("attention_bias", mt == "qwen2"),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+        )
+
+
+VISION_FAMILIES = ("vit", "siglip", "dinov2")
+
+
+@dataclass
+class VisionConfig:
+    """A `transformers` vision tower chosen by family; random-initialised unless `pretrained_path`."""
+
+    family: str = "vit"
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    num_channels: int = 1
+    pretrained_path: Optional[str] = None
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class EchoConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    stage: str = "ar"  # ar: causal prefix; rad / dcd: block-causal everywhere
+    block_size: int = 8
+    max_response_tokens: int = 128
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.vision.n_image_tokens
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.stage in ("rad", "dcd")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "echo", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EchoConfig":
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        lm = LMConfig(**d.pop("lm", {}))
+        vision = VisionConfig(**d.pop("vision", {}))
+        known = {f.name for f in fields(cls)}
+        return cls(lm=lm, vision=vision, **{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EchoConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

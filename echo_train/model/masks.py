@@ -1,0 +1,76 @@
+"""One builder for every attention pattern: causal, block-causal, RAD and symmetric BD3.
+
+Each token carries a descriptor (kind, block, copy, position). A query may attend a key when
+  - query CAUSAL: key CAUSAL in the same copy at a position <= the query's;
+  - query CLEAN:  key CLEAN in a block <= the query's block (bidirectional inside a block);
+  - query NOISY:  key CLEAN in an earlier block, or key NOISY in the same copy and block.
+Every training and decoding mask in the project is built from these three rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CAUSAL, CLEAN, NOISY = 0, 1, 2
+
+
+@dataclass
+class TokenLayout:
+    """Per-token descriptors of one sequence (all 1-D long tensors of equal length)."""
+
+    kind: torch.Tensor
+    block: torch.Tensor
+    copy: torch.Tensor
+    position: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.kind.numel())
+
+    @staticmethod
+    def cat(parts: list["TokenLayout"]) -> "TokenLayout":
+        return TokenLayout(*(torch.cat([getattr(p, f) for p in parts]) for f in ("kind", "block", "copy", "position")))
+
+
+def build_attention_mask(q: TokenLayout, k: TokenLayout | None = None) -> torch.Tensor:
+    """Bool [len(q), len(k)]: True where the query may attend the key."""
+    k = q if k is None else k
+    qk, kk = q.kind[:, None], k.kind[None, :]
+    qb, kb = q.block[:, None], k.block[None, :]
+    qc, kc = q.copy[:, None], k.copy[None, :]
+    causal = (qk == CAUSAL) & (kk == CAUSAL) & (qc == kc) & (k.position[None, :] <= q.position[:, None])
+    clean = (qk == CLEAN) & (kk == CLEAN) & (kb <= qb)
+    noisy = (qk == NOISY) & (((kk == CLEAN) & (kb < qb)) | ((kk == NOISY) & (kc == qc) & (kb == qb)))
+    return causal | clean | noisy
+
+
+def _full(n: int, value: int) -> torch.Tensor:
+    return torch.full((n,), value, dtype=torch.long)
+
+
+def causal_layout(length: int, start: int = 0, copy: int = 0) -> TokenLayout:
+    pos = torch.arange(start, start + length)
+    return TokenLayout(_full(length, CAUSAL), _full(length, 0), _full(length, copy), pos)
+
+
+def block_layout(length: int, block_size: int, start: int = 0, kind: int = CLEAN, copy: int = 0) -> TokenLayout:
+    """Tokens at positions [start, start+length) on the global block grid (start % B == 0)."""
+    pos = torch.arange(start, start + length)
+    return TokenLayout(_full(length, kind), pos // block_size, _full(length, copy), pos)
+
+
+def rad_layout(prefix_len: int, response_len: int, block_size: int, n_noisy: int = 1) -> TokenLayout:
+    """RAD: prefix + clean response once, then `n_noisy` noisy copies of the response only.
+
+    Cost P + (1+K)R tokens, against 2(P+R) for the symmetric layout.
+    """
+    parts = [block_layout(prefix_len + response_len, block_size)]
+    for c in range(n_noisy):
+        parts.append(block_layout(response_len, block_size, start=prefix_len, kind=NOISY, copy=1 + c))
+    return TokenLayout.cat(parts)
+
+
+def symmetric_layout(prefix_len: int, response_len: int, block_size: int) -> TokenLayout:
+    """BD3-style ablation: a noisy copy of the WHOLE sequence (x_t) followed by the clean one (x_0)."""
+    n = prefix_len + response_len
+    return TokenLayout.cat([block_layout(n, block_size, kind=NOISY, copy=1), block_layout(n, block_size)])

@@ -1,0 +1,92 @@
+"""Decode semantics shared by the PyTorch reference decoders and the runtime.
+
+A report is written in blocks of B tokens that follow the prefix (length P, a multiple
+of B). Block k occupies absolute positions [P + kB, P + (k+1)B).
+
+Multi-step teacher: a block starts all-mask; each step accepts positions by the
+low-confidence-dynamic rule (every masked position above `threshold`, and at least the
+scheduled count, most confident first) or the static rule (exactly the scheduled count).
+
+Fused one-step: pass t feeds [block t-1 (clean), block t (all mask)] = 2B tokens. Block -1
+is the last block of the prefix, so prefill covers P - B tokens and every pass, the
+first included, has the same shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+UNMASK_THRESHOLD = 0.85
+UNMASK_RULES = ("dynamic", "static")
+
+
+def transfer_schedule(block_size: int, steps: int) -> list[int]:
+    """How many positions each step must accept at least: B split as evenly as possible."""
+    if not 1 <= steps <= block_size:
+        raise ValueError(f"steps must be in [1, {block_size}], got {steps}")
+    base, extra = divmod(block_size, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def select_unmask(
+    confidence: np.ndarray,
+    still_masked: np.ndarray,
+    min_count: int,
+    rule: str = "dynamic",
+    threshold: float = UNMASK_THRESHOLD,
+) -> np.ndarray:
+    """Positions to accept this step, per row.
+
+    confidence: [b, B] float, probability of the argmax token; still_masked: [b, B] bool.
+    Returns a [b, B] bool array, a subset of still_masked. Ties break toward the lower
+    position so that every implementation picks the same set.
+    """
+    if rule not in UNMASK_RULES:
+        raise ValueError(f"unknown unmask rule {rule!r}; choose from {UNMASK_RULES}")
+    conf = np.where(still_masked, confidence.astype(np.float64), -np.inf)
+    order = np.argsort(-conf, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(conf.shape[-1])[None, :].repeat(conf.shape[0], 0), -1)
+    n_masked = still_masked.sum(-1, keepdims=True)
+    top = rank < np.minimum(min_count, n_masked)
+    accept = top.copy()
+    if rule == "dynamic":
+        accept |= conf > threshold
+    return accept & still_masked
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where blocks sit for a prefix of length `prefix_len` and block size `block_size`."""
+
+    prefix_len: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.prefix_len % self.block_size or self.prefix_len < self.block_size:
+            raise ValueError(
+                f"prefix length {self.prefix_len} must be a positive multiple of block size {self.block_size}"
+            )
+
+    def num_blocks(self, max_new_tokens: int) -> int:
+        return -(-max_new_tokens // self.block_size)
+
+    def block_positions(self, k: int) -> np.ndarray:
+        """Absolute positions of response block k (k = -1 is the last prefix block)."""
+        start = self.prefix_len + k * self.block_size
+        return np.arange(start, start + self.block_size, dtype=np.int64)
+
+    def fused_positions(self, k: int) -> np.ndarray:
+        """Positions of fused pass k: [block k-1, block k]."""
+        return np.concatenate([self.block_positions(k - 1), self.block_positions(k)])
+
+    @property
+    def fused_prefill_len(self) -> int:
+        """Tokens whose KV the prefill stores before the first fused pass."""
+        return self.prefix_len - self.block_size
+
+
+def first_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """Per row, whether the block holds EOS."""
+    return (tokens == eos_id).any(axis=-1)

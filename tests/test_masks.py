@@ -1,0 +1,66 @@
+"""The one mask builder against brute-force definitions written independently."""
+import itertools
+
+import torch
+
+from echo_train.model.masks import (
+    block_layout,
+    build_attention_mask,
+    causal_layout,
+    rad_layout,
+    symmetric_layout,
+)
+
+
+def brute_rad(P, R, B, K):
+    """Token list of (segment, index-in-segment); rules stated in words in ECHO-NOTES."""
+    toks = [("prefix", i) for i in range(P)] + [("clean", i) for i in range(R)]
+    for c in range(K):
+        toks += [(f"noisy{c}", i) for i in range(R)]
+    n = len(toks)
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for a, b in itertools.product(range(n), range(n)):
+        (sa, ia), (sb, ib) = toks[a], toks[b]
+        if sa == "prefix":  # prefix never sees the response; block-causal inside itself
+            ok = sb == "prefix" and ib // B <= ia // B
+        elif sa == "clean":  # whole prefix, clean response blocks up to its own
+            ok = sb == "prefix" or (sb == "clean" and ib // B <= ia // B)
+        else:  # noisy: prefix, earlier clean blocks, its own block of its own copy
+            ok = sb == "prefix" or (sb == "clean" and ib // B < ia // B) or (sb == sa and ib // B == ia // B)
+        m[a, b] = ok
+    return m
+
+
+def test_causal_matches_tril():
+    assert torch.equal(build_attention_mask(causal_layout(13)), torch.ones(13, 13, dtype=torch.bool).tril())
+
+
+def test_block_causal_matches_expanded_tril():
+    B, nb = 4, 5
+    ref = torch.ones(nb, nb).tril().repeat_interleave(B, 0).repeat_interleave(B, 1).bool()
+    assert torch.equal(build_attention_mask(block_layout(B * nb, B)), ref)
+
+
+def test_rad_matches_brute_force():
+    for P, R, B, K in [(8, 8, 4, 1), (16, 12, 4, 2), (8, 16, 8, 1), (16, 16, 16, 3)]:
+        assert torch.equal(build_attention_mask(rad_layout(P, R, B, K)), brute_rad(P, R, B, K)), (P, R, B, K)
+
+
+def test_symmetric_matches_bd3_definition():
+    P, R, B = 8, 8, 4
+    n = P + R
+    m = build_attention_mask(symmetric_layout(P, R, B))
+    for a, b in itertools.product(range(2 * n), range(2 * n)):
+        qa_noisy, kb_noisy = a < n, b < n
+        ba, bb = (a % n) // B, (b % n) // B
+        if qa_noisy:
+            want = (kb_noisy and ba == bb) or (not kb_noisy and bb < ba)
+        else:
+            want = (not kb_noisy) and bb <= ba
+        assert bool(m[a, b]) == want, (a, b)
+
+
+def test_rad_costs_fewer_tokens_than_symmetric():
+    P, R, B = 64, 32, 8
+    assert len(rad_layout(P, R, B, 1)) == P + 2 * R
+    assert len(symmetric_layout(P, R, B)) == 2 * (P + R)
