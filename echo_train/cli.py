@@ -1,0 +1,152 @@
+"""`echo-train`: synthesise data, train the three stages, decode with the reference decoders."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .stages.trainer import TrainConfig
+
+
+def _train_options(f):
+    opts = [
+        click.option("--steps", type=int, default=None, help="Optimiser steps (default: the stage's)."),
+        click.option("--batch-size", type=int, default=None, help="Global batch size, split across processes."),
+        click.option("--lr", type=float, default=None, help="Peak learning rate."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads."),
+        click.option("--save-every", type=int, default=100, show_default=True),
+        click.option("--eval-every", type=int, default=100, show_default=True),
+        click.option("--stop-after", type=int, default=None, help="Stop (with a checkpoint) at this step."),
+        click.option("--train-limit", type=int, default=None, help="Use only the first N training studies."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _train_config(default: TrainConfig, kw: dict) -> TrainConfig:
+    cfg = TrainConfig(**{**default.__dict__})
+    for k in ("steps", "batch_size", "lr"):
+        if kw.get(k) is not None:
+            setattr(cfg, k, kw[k])
+    cfg.seed, cfg.device, cfg.threads = kw["seed"], kw["device"], kw["threads"]
+    cfg.save_every, cfg.eval_every, cfg.stop_after = kw["save_every"], kw["eval_every"], kw["stop_after"]
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train ECHO: stage 1 (AR), stage 2 (RAD teacher), stage 3 (DCD one-step student).
+
+    Typical order: synth -> stage1 -> stage2 -> stage3 -> generate. Every stage resumes from its
+    output folder when interrupted (run the same command again). Under `torchrun` the same
+    command trains on several processes.
+    """
+
+
+def _register_synth() -> None:
+    try:
+        from .data.synth.cli import synth_command
+    except ImportError as e:  # keep the other commands usable
+        @main.command("synth")
+        def synth_missing() -> None:
+            """Synthetic benchmark (unavailable)."""
+            raise click.ClickException(f"the synthetic benchmark could not be imported: {e}")
+        return
+    main.add_command(synth_command, "synth")
+
+
+_register_synth()
+
+
+@main.command("stage1")
+@click.option("--data", default="data/synth", show_default=True, help="Dataset (folder or JSON) with train/val splits.")
+@click.option("--out", default="runs/ar", show_default=True)
+@click.option("--preset", default="tiny", show_default=True, help="Model size preset: tiny or test.")
+@click.option("--vision", "vision_family", default="vit", show_default=True, type=click.Choice(["vit", "siglip", "dinov2"]))
+@click.option("--vocab-size", type=int, default=1024, show_default=True)
+@_train_options
+def stage1(data, out, preset, vision_family, vocab_size, **kw) -> None:
+    """Stage 1: train the autoregressive VLM (response-only next-token loss)."""
+    from .stages.stage1_ar import Stage1Config, run_stage1
+
+    cfg = Stage1Config(data=data, out=out, preset=preset, vocab_size=vocab_size, vision_family=vision_family,
+                       train_limit=kw["train_limit"])
+    cfg.train = _train_config(cfg.train, kw)
+    run_stage1(cfg)
+
+
+@main.command("stage2")
+@click.option("--data", default="data/synth", show_default=True)
+@click.option("--init", default="runs/ar", show_default=True, help="Stage-1 checkpoint to convert.")
+@click.option("--out", default="runs/base", show_default=True)
+@click.option("--block-size", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
+@click.option("--noisy-copies", "n_noisy", type=int, default=1, show_default=True, help="K noisy response copies (RAD).")
+@click.option("--symmetric", is_flag=True, help="BD3-style duplication of the whole sequence (ablation).")
+@_train_options
+def stage2(data, init, out, block_size, n_noisy, symmetric, **kw) -> None:
+    """Stage 2: RAD block-diffusion conversion of the AR model (the multi-step teacher)."""
+    from .stages.stage2_rad import Stage2Config, run_stage2
+
+    cfg = Stage2Config(data=data, init=init, out=out, block_size=int(block_size), n_noisy=n_noisy, symmetric=symmetric,
+                       train_limit=kw["train_limit"])
+    cfg.train = _train_config(cfg.train, kw)
+    run_stage2(cfg)
+
+
+def _register_stage3() -> None:
+    try:
+        from .stages.stage3_cli import stage3_command
+    except ImportError:
+        return
+    main.add_command(stage3_command, "stage3")
+
+
+_register_stage3()
+
+
+@main.command("generate")
+@click.option("--ckpt", required=True, help="Checkpoint folder.")
+@click.option("--data", default="data/synth", show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--mode", type=click.Choice(["ar", "multistep", "onestep", "onestep-unfused"]), required=True)
+@click.option("--steps", type=int, default=None, help="Denoising steps per block (multistep; default = block size).")
+@click.option("--block-size", type=int, default=None, help="Default: the checkpoint's.")
+@click.option("--rule", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
+@click.option("--n", "limit", type=int, default=None, help="Only the first N studies.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--out", "out_path", default=None, help="Write predictions JSONL here.")
+@click.option("--device", default="auto", show_default=True)
+def generate(ckpt, data, split, mode, steps, block_size, rule, limit, batch_size, max_new_tokens, out_path, device) -> None:
+    """Decode a split with a PyTorch reference decoder and print quick quality figures."""
+    from .decoding.run import DecodeSpec, decode_studies
+    from .model.checkpoint import CheckpointError, load_checkpoint
+    from .stages.common import load_split
+    from .stages.trainer import pick_device
+
+    try:
+        model, tok = load_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise click.ClickException(str(e))
+    studies = load_split(data, split, limit)
+    spec = DecodeSpec(mode=mode, block_size=block_size or model.cfg.block_size, steps=steps, rule=rule,
+                      max_new_tokens=max_new_tokens or model.cfg.max_response_tokens)
+    preds, stats = decode_studies(model, tok, studies, spec, batch_size=batch_size, device=pick_device(device))
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w") as f:
+            for s in studies:
+                f.write(json.dumps({"id": s.id, "report": preds[s.id]}) + "\n")
+    from .metrics.quick import quick_quality
+
+    q = quick_quality(preds, {s.id: s.report for s in studies})
+    click.echo(json.dumps({"mode": mode, **spec.__dict__, **stats, **q}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Training batch builders: what each stage feeds the model, and which positions it scores.
+
+AR (stage 1):  [prefix][response]            causal, next-token loss on the response
+RAD (stage 2): [prefix][clean response][noisy response] x K
+               the prefix once, clean; loss on masked positions of the noisy copies
+Symmetric:     [prefix][noisy response][prefix][clean response]   (BD3-style ablation)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.echo_model import EchoModel
+from ..model.masks import TokenLayout, build_attention_mask, causal_layout, rad_layout, symmetric_layout
+
+
+@dataclass
+class ModelInputs:
+    """One forward's inputs plus the targets it is scored on (-100 = not scored)."""
+
+    embeds: torch.Tensor  # [b, T, d]
+    position_ids: torch.Tensor  # [b, T]
+    mask: torch.Tensor  # [1, T, T] bool
+    targets: torch.Tensor  # [b, T] token id to predict at each position, or -100
+
+
+def _positions(layout: TokenLayout, b: int, device) -> torch.Tensor:
+    return layout.position.to(device)[None].expand(b, -1)
+
+
+def build_ar_inputs(model: EchoModel, batch: dict) -> ModelInputs:
+    """Causal sequence; position i predicts token i+1 of the response (through its first EOS)."""
+    px, prefix, resp, keep = batch["pixel_values"], batch["prefix_ids"], batch["response_ids"], batch["response_mask"]
+    b, p = prefix.shape
+    embeds = torch.cat([model.embed_prefix(px, prefix), model.embed_tokens(resp)], 1)
+    layout = causal_layout(embeds.shape[1])
+    targets = torch.full(embeds.shape[:2], -100, dtype=torch.long, device=resp.device)
+    targets[:, p - 1 : -1] = torch.where(keep, resp, torch.full_like(resp, -100))
+    return ModelInputs(embeds, _positions(layout, b, resp.device), build_attention_mask(layout).to(resp.device)[None], targets)
+
+
+def sample_block_noise(resp: torch.Tensor, block_size: int, mask_id: int, gen: torch.Generator, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each block at its own ratio t ~ U(eps, 1]. Returns (noisy ids, masked bool)."""
+    b, r = resp.shape
+    t = torch.rand(b, r // block_size, generator=gen) * (1 - eps) + eps
+    t = t.repeat_interleave(block_size, 1).to(resp.device)
+    masked = torch.rand(b, r, generator=gen).to(resp.device) < t
+    return torch.where(masked, torch.full_like(resp, mask_id), resp), masked
+
+
+def build_rad_inputs(
+    model: EchoModel, batch: dict, block_size: int, mask_id: int, gen: torch.Generator, n_noisy: int = 1, symmetric: bool = False
+) -> ModelInputs:
+    """RAD (or, with symmetric=True, the BD3-style duplicated sequence) for a block-diffusion loss."""
+    px, prefix, resp = batch["pixel_values"], batch["prefix_ids"], batch["response_ids"]
+    b, p = prefix.shape
+    r = resp.shape[1]
+    prefix_emb = model.embed_prefix(px, prefix)
+    ignore = torch.full_like(resp, -100)
+    if symmetric:
+        noisy, masked = sample_block_noise(resp, block_size, mask_id, gen)
+        # the vision tower runs once; the LM sees the prefix twice, as in BD3-style duplication
+        embeds = torch.cat([prefix_emb, model.embed_tokens(noisy), prefix_emb, model.embed_tokens(resp)], 1)
+        pre_ignore = torch.full((b, p), -100, dtype=torch.long, device=resp.device)
+        targets = torch.cat([pre_ignore, torch.where(masked, resp, ignore), pre_ignore, ignore], 1)
+        layout = symmetric_layout(p, r, block_size)
+    else:
+        parts, tgt = [prefix_emb, model.embed_tokens(resp)], [torch.full((b, p + r), -100, dtype=torch.long, device=resp.device)]
+        for _ in range(n_noisy):
+            noisy, masked = sample_block_noise(resp, block_size, mask_id, gen)
+            parts.append(model.embed_tokens(noisy))
+            tgt.append(torch.where(masked, resp, ignore))
+        embeds, targets = torch.cat(parts, 1), torch.cat(tgt, 1)
+        layout = rad_layout(p, r, block_size, n_noisy)
+    return ModelInputs(embeds, _positions(layout, b, resp.device), build_attention_mask(layout).to(resp.device)[None], targets)
+
+
+def scored_cross_entropy(model: EchoModel, inputs: ModelInputs) -> torch.Tensor:
+    """Mean cross-entropy over the scored positions only (logits computed just there)."""
+    h, _ = model.lm(inputs.embeds, inputs.position_ids, inputs.mask)
+    sel = inputs.targets != -100
+    logits = model.lm.lm_head(h[sel])
+    return torch.nn.functional.cross_entropy(logits.float(), inputs.targets[sel])

@@ -1,0 +1,54 @@
+"""Stage 2: RAD converts the AR model into a multi-step block-diffusion teacher."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from runtime.prompt import SUPPORTED_BLOCK_SIZES
+
+from ..model.checkpoint import CheckpointError, load_checkpoint
+from ..model.echo_model import EchoModel
+from .batches import build_rad_inputs, scored_cross_entropy
+from .common import load_split, make_collate, make_dataset
+from .trainer import TrainConfig, train
+
+
+@dataclass
+class Stage2Config:
+    data: str = "data/synth"
+    init: str = "runs/ar"
+    out: str = "runs/base"
+    block_size: int = 8
+    n_noisy: int = 1  # K noisy copies of the response per sample
+    symmetric: bool = False  # BD3-style duplication of the whole sequence (the ablation)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=16, lr=1e-3))
+    train_limit: Optional[int] = None
+
+
+def make_diffusion_loss(block_size: int, mask_id: int, n_noisy: int = 1, symmetric: bool = False):
+    def loss(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        return scored_cross_entropy(model, build_rad_inputs(model, batch, block_size, mask_id, gen, n_noisy, symmetric))
+
+    return loss
+
+
+def run_stage2(cfg: Stage2Config) -> dict:
+    if cfg.block_size not in SUPPORTED_BLOCK_SIZES:
+        raise SystemExit(f"error: block size {cfg.block_size} not supported; choose from {SUPPORTED_BLOCK_SIZES}")
+    try:
+        model, tokenizer = load_checkpoint(cfg.init)
+    except CheckpointError as e:
+        raise SystemExit(f"error: stage 2 starts from a stage-1 checkpoint: {e}") from None
+    if model.cfg.stage != "ar":
+        print(f"[stage2] note: initialising from a '{model.cfg.stage}' checkpoint, not an AR one")
+    model.cfg.stage, model.cfg.block_size = "rad", cfg.block_size
+    train_studies = load_split(cfg.data, "train", cfg.train_limit)
+    val_studies = load_split(cfg.data, "val")
+    mode = "symmetric BD3-style" if cfg.symmetric else f"RAD (K={cfg.n_noisy})"
+    print(f"[stage2] {mode}, block size {cfg.block_size}, from {cfg.init} -> {cfg.out}")
+    loss = make_diffusion_loss(cfg.block_size, tokenizer.mask_id, cfg.n_noisy, cfg.symmetric)
+    return train(model, tokenizer, make_dataset(train_studies, tokenizer, model.cfg), make_collate(tokenizer), loss,
+                 cfg.train, Path(cfg.out), make_dataset(val_studies, tokenizer, model.cfg), desc=f"stage2 {mode}")

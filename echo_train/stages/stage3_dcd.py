@@ -1,0 +1,126 @@
+"""Stage 3: Direct Conditional Distillation into a one-step-per-block student (and its ablations)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from ..model.checkpoint import CheckpointError, load_checkpoint
+from ..model.echo_model import EchoModel
+from .batches import scored_cross_entropy
+from .common import load_split, make_collate, make_dataset
+from .dcd_targets import build_dcd_inputs, build_gt_onestep_inputs, factorised_distillation_loss
+from .stage2_rad import make_diffusion_loss
+from .trainer import TrainConfig, dist_info, maybe_init_distributed, pick_device, train
+from .trajectories import generate_trajectories, load_trajectories
+
+METHODS = ("dcd", "factorised", "gt")
+
+
+@dataclass
+class Stage3Config:
+    data: str = "data/synth"
+    init: str = "runs/base"
+    out: str = "runs/echo"
+    method: str = "dcd"  # dcd | factorised (ablation) | gt: ground-truth one-step (ablation)
+    trajectories: Optional[str] = None  # default: <out>_trajectories
+    teacher_steps: Optional[int] = None  # default: the block size
+    p_intermediate: float = 0.5  # share of blocks whose input is an intermediate teacher state
+    diffusion_mix: float = 0.0  # weight of the stage-2 loss mixed back in (keeps multi-step ability)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4, warmup_steps=10))
+    train_limit: Optional[int] = None
+
+
+class TrajectoryDataset(Dataset):
+    """Training items joined with the teacher's trajectory of the same study."""
+
+    def __init__(self, base: Dataset, studies, records: dict[str, dict]) -> None:
+        self.items = [(i, records[s.id]) for i, s in enumerate(studies) if s.id in records]
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        j, rec = self.items[i]
+        return {**self.base[j], "teacher": rec}
+
+
+def make_trajectory_collate(tokenizer, block_size: int):
+    base = make_collate(tokenizer)
+
+    def collate(items: list[dict]) -> dict:
+        out = base([{k: v for k, v in it.items() if k != "teacher"} for it in items])
+        recs = [it["teacher"] for it in items]
+        nblk = max(len(r["states"]) for r in recs)
+        max_states = max(s.shape[0] for r in recs for s in r["states"])
+        b = len(recs)
+        teacher = torch.full((b, nblk * block_size), tokenizer.eos_id, dtype=torch.long)
+        states = torch.full((b, nblk, max_states, block_size), tokenizer.mask_id, dtype=torch.long)
+        n_states = torch.zeros(b, nblk, dtype=torch.long)
+        valid = torch.zeros(b, nblk, dtype=torch.bool)
+        for i, r in enumerate(recs):
+            teacher[i, : r["tokens"].numel()] = r["tokens"]
+            for k, st in enumerate(r["states"]):
+                states[i, k, : st.shape[0]] = st
+                states[i, k, st.shape[0] :] = st[-1]
+                n_states[i, k] = st.shape[0]
+                valid[i, k] = True
+        out.update(teacher_ids=teacher, states=states, n_states=n_states, block_valid=valid)
+        return out
+
+    return collate
+
+
+def run_stage3(cfg: Stage3Config) -> dict:
+    if cfg.method not in METHODS:
+        raise SystemExit(f"error: unknown method {cfg.method!r}; choose from {METHODS}")
+    try:
+        teacher, tok = load_checkpoint(cfg.init)
+    except CheckpointError as e:
+        raise SystemExit(f"error: stage 3 starts from the stage-2 teacher: {e}") from None
+    if teacher.cfg.stage != "rad":
+        raise SystemExit(f"error: {cfg.init} is a '{teacher.cfg.stage}' checkpoint; stage 3 needs the stage-2 (rad) teacher")
+    B = teacher.cfg.block_size
+    steps = cfg.teacher_steps or B
+    device = pick_device(cfg.train.device)
+    maybe_init_distributed(device)
+    rank, world = dist_info()
+    studies = load_split(cfg.data, "train", cfg.train_limit)
+    traj_dir = Path(cfg.trajectories or f"{cfg.out}_trajectories")
+    records = {}
+    if cfg.method in ("dcd", "factorised"):
+        generate_trajectories(teacher, tok, studies, traj_dir / f"B{B}_S{steps}", B, steps, device=device, rank=rank, world=world)
+        if world > 1:
+            torch.distributed.barrier()
+        records = load_trajectories(traj_dir / f"B{B}_S{steps}")
+    student, _ = load_checkpoint(cfg.init)
+    student.cfg.stage = "dcd"
+    base = make_dataset(studies, tok, student.cfg)
+    mask_id = tok.mask_id
+    diffusion = make_diffusion_loss(B, mask_id) if cfg.diffusion_mix > 0 else None
+    if cfg.method == "gt":
+        train_set, collate = base, make_collate(tok)
+
+        def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
+            return scored_cross_entropy(model, build_gt_onestep_inputs(model, batch, mask_id, gen, cfg.p_intermediate))
+    else:
+        train_set, collate = TrajectoryDataset(base, studies, records), make_trajectory_collate(tok, B)
+        if cfg.method == "factorised":
+            teacher.to(device).eval().requires_grad_(False)
+
+            def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
+                return factorised_distillation_loss(model, teacher, batch, mask_id)
+        else:
+            def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
+                loss = scored_cross_entropy(model, build_dcd_inputs(model, batch, mask_id, gen, cfg.p_intermediate))
+                if diffusion is not None:
+                    loss = loss + cfg.diffusion_mix * diffusion(model, batch, gen)
+                return loss
+    if rank == 0:
+        print(f"[stage3] {cfg.method}: student from {cfg.init}, block {B}, teacher steps {steps}, "
+              f"{len(train_set)} training studies -> {cfg.out}")
+    return train(student, tok, train_set, collate, loss_fn, cfg.train, Path(cfg.out), desc=f"stage3 {cfg.method}")

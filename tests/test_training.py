@@ -1,0 +1,57 @@
+"""Training infrastructure: exact resume after an interruption, and DDP on 2 CPU processes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import make_tiny_model
+from training_fixtures import RandomReports, collate
+
+from echo_train.model.checkpoint import load_checkpoint, load_training_state
+from echo_train.stages.stage2_rad import make_diffusion_loss
+from echo_train.stages.trainer import TrainConfig, train
+
+
+def _run(tok, out, stop_after=None):
+    model = make_tiny_model(tok, stage="rad", block_size=4)
+    data = RandomReports(tok, model.n_image_tokens)
+    cfg = TrainConfig(steps=6, batch_size=4, save_every=100, eval_every=100, stop_after=stop_after, threads=1)
+    return model, train(model, tok, data, collate, make_diffusion_loss(4, tok.mask_id, n_noisy=2), cfg, out,
+                        val_set=data, desc="t")
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_tokenizer):
+    full, _ = _run(tiny_tokenizer, tmp_path / "full")
+    _, st = _run(tiny_tokenizer, tmp_path / "cut", stop_after=3)
+    assert st["step"] == 3 and not st["finished"]
+    assert load_training_state(tmp_path / "cut")["step"] == 3
+    resumed, st = _run(tiny_tokenizer, tmp_path / "cut")
+    assert st["step"] == 6 and st["finished"]
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    # the saved folder is a loadable checkpoint with the same weights
+    loaded, _ = load_checkpoint(tmp_path / "cut")
+    for (n, a), (_, b) in zip(full.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_finished_run_is_reused(tmp_path, tiny_tokenizer):
+    _run(tiny_tokenizer, tmp_path / "r")
+    before = (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns
+    _, st = _run(tiny_tokenizer, tmp_path / "r")
+    assert st["finished"] and (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("ddp_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(worker), str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 of 2 finished step 4" in proc.stdout and "rank 1 of 2 finished step 4" in proc.stdout
+    assert load_training_state(tmp_path / "ddp")["world_size"] == 2
