@@ -65,9 +65,9 @@ def decode_studies(
         chunk = studies[i : i + batch_size]
         res = decode_batch(model, tok, load_pixels(chunk, model.cfg.vision.image_size).to(device), spec)
         passes += res.forward_passes * len(chunk)
-        for s, ids in zip(chunk, res.tokens):
+        for s, ids, raw in zip(chunk, res.tokens, res.raw.tolist()):
             preds[s.id] = tok.decode(ids)
-            tokens += len(ids) + 1  # the EOS is a generated token too
+            tokens += len(ids) + int(tok.eos_id in raw)  # the EOS is a generated token too
     n = max(1, len(studies))
     return preds, {
         "reports": len(studies),
