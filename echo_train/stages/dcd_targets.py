@@ -1,8 +1,8 @@
 """DCD target builder: what the one-step student sees and what it must output.
 
 For every block k of the teacher's on-policy report, the student's input is
-  prefix + the teacher's blocks < k (clean) + block k in the all-mask state (always, with
-  probability 1 - p_intermediate) or a sampled intermediate state of the teacher's trajectory,
+  prefix + the teacher's blocks < k (clean) + block k in the all-mask state (always), and in a
+  second noisy copy a sampled intermediate state of the teacher's trajectory,
 and its target is the teacher's FINAL tokens of block k on all B positions: one joint sample
 of the block, not per-position marginals (the non-factorised supervision).
 
@@ -23,47 +23,59 @@ from ..model.masks import build_attention_mask, rad_layout
 from .batches import ModelInputs, sample_block_noise
 
 
-def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy_ids, targets) -> ModelInputs:
-    """[prefix][clean ids][noisy ids] in the RAD layout; only the noisy copy is scored."""
+def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tensor], targets: list[torch.Tensor]) -> ModelInputs:
+    """[prefix][clean ids][noisy copy 1]...[noisy copy K] in the RAD layout; only noisy copies are scored."""
     b, p = prefix.shape
     r = clean_ids.shape[1]
-    embeds = torch.cat([model.embed_prefix(px, prefix), model.embed_tokens(clean_ids), model.embed_tokens(noisy_ids)], 1)
-    layout = rad_layout(p, r, model.cfg.block_size, 1)
+    parts = [model.embed_prefix(px, prefix), model.embed_tokens(clean_ids)] + [model.embed_tokens(x) for x in noisy]
+    layout = rad_layout(p, r, model.cfg.block_size, len(noisy))
     ignore = torch.full((b, p + r), -100, dtype=torch.long, device=clean_ids.device)
     pos = layout.position.to(clean_ids.device)[None].expand(b, -1)
-    return ModelInputs(embeds, pos, build_attention_mask(layout).to(clean_ids.device)[None], torch.cat([ignore, targets], 1))
+    return ModelInputs(torch.cat(parts, 1), pos, build_attention_mask(layout).to(clean_ids.device)[None],
+                       torch.cat([ignore, *targets], 1))
 
 
 def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5) -> ModelInputs:
-    """batch: teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded), n_states [b,nblk], block_valid [b,nblk]."""
+    """Copy 1: every block all-mask. Copy 2 (when p_intermediate > 0): each block, with probability
+    p_intermediate, in a uniformly drawn intermediate state of the teacher's trajectory (else all-mask).
+
+    batch: teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded), n_states [b,nblk], block_valid [b,nblk].
+    """
     B = model.cfg.block_size
     teacher, states, n_states, valid = batch["teacher_ids"], batch["states"], batch["n_states"], batch["block_valid"]
     b, nblk = valid.shape
-    # state index per block: 0 (all mask) or a uniformly drawn intermediate one in [1, n_states - 2]
-    n_mid = (n_states - 2).clamp(min=0)
-    use_mid = (torch.rand(b, nblk, generator=gen) < p_intermediate).to(n_mid.device) & (n_mid > 0)
-    pick = 1 + (torch.rand(b, nblk, generator=gen).to(n_mid.device) * n_mid.clamp(min=1)).long()
-    idx = torch.where(use_mid, pick, torch.zeros_like(pick))
-    chosen = torch.gather(states, 2, idx[:, :, None, None].expand(b, nblk, 1, B)).squeeze(2)  # [b,nblk,B]
-    noisy = chosen.reshape(b, nblk * B)
+    dev = teacher.device
     block_ok = valid.repeat_interleave(B, 1)
     targets = torch.where(block_ok, teacher, torch.full_like(teacher, -100))
-    noisy = torch.where(block_ok, noisy, torch.full_like(noisy, mask_id))
-    return _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], teacher, noisy, targets)
+    all_mask = torch.full_like(teacher, mask_id)
+    noisy, tgts = [all_mask], [targets]
+    if p_intermediate > 0:
+        n_mid = (n_states - 2).clamp(min=0)  # states strictly between all-mask and final
+        use_mid = (torch.rand(b, nblk, generator=gen).to(dev) < p_intermediate) & (n_mid > 0)
+        pick = 1 + (torch.rand(b, nblk, generator=gen).to(dev) * n_mid.clamp(min=1)).long().clamp(max=(n_mid - 1).clamp(min=0))
+        idx = torch.where(use_mid, pick, torch.zeros_like(pick))
+        chosen = torch.gather(states, 2, idx[:, :, None, None].expand(b, nblk, 1, B)).squeeze(2).reshape(b, nblk * B)
+        noisy.append(torch.where(block_ok, chosen, all_mask))
+        tgts.append(targets)
+    return _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], teacher, noisy, tgts)
 
 
 def build_gt_onestep_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5) -> ModelInputs:
-    """Ablation: ground-truth blocks as one-step targets (all positions), from all-mask or random partial masks."""
+    """Ablation: the ground-truth report's blocks as one-step targets on all positions, from the
+    all-mask state (copy 1) and, like DCD, a partially masked state (copy 2)."""
     B = model.cfg.block_size
     resp, keep = batch["response_ids"], batch["response_mask"]
     b, r = resp.shape
-    partial, _ = sample_block_noise(resp, B, mask_id, gen)
-    use_mid = (torch.rand(b, r // B, generator=gen) < p_intermediate).repeat_interleave(B, 1).to(resp.device)
-    noisy = torch.where(use_mid, partial, torch.full_like(resp, mask_id))
     # score blocks up to the one holding the report's EOS, as for the teacher's reports
     block_ok = keep.reshape(b, r // B, B).any(-1).repeat_interleave(B, 1)
     targets = torch.where(block_ok, resp, torch.full_like(resp, -100))
-    return _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], resp, noisy, targets)
+    noisy, tgts = [torch.full_like(resp, mask_id)], [targets]
+    if p_intermediate > 0:
+        partial, _ = sample_block_noise(resp, B, mask_id, gen)
+        use_mid = (torch.rand(b, r // B, generator=gen) < p_intermediate).repeat_interleave(B, 1).to(resp.device)
+        noisy.append(torch.where(use_mid, partial, noisy[0]))
+        tgts.append(targets)
+    return _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], resp, noisy, tgts)
 
 
 def factorised_distillation_loss(student: EchoModel, teacher: EchoModel, batch: dict, mask_id: int) -> torch.Tensor:
@@ -74,13 +86,13 @@ def factorised_distillation_loss(student: EchoModel, teacher: EchoModel, batch: 
     all_mask = torch.full_like(teacher_ids, mask_id)
     targets = torch.where(block_ok, teacher_ids, torch.full_like(teacher_ids, -100))
     with torch.no_grad():
-        t_in = _rad_inputs(teacher, batch["pixel_values"], batch["prefix_ids"], teacher_ids, all_mask, targets)
+        t_in = _rad_inputs(teacher, batch["pixel_values"], batch["prefix_ids"], teacher_ids, [all_mask], [targets])
         th, _ = teacher.lm(t_in.embeds, t_in.position_ids, t_in.mask)
         sel = t_in.targets != -100
         t_logits = teacher.lm.lm_head(th[sel]).float()
         t_logits[:, mask_id] = float("-inf")
         soft = F.softmax(t_logits, -1)
-    s_in = _rad_inputs(student, batch["pixel_values"], batch["prefix_ids"], teacher_ids, all_mask, targets)
+    s_in = _rad_inputs(student, batch["pixel_values"], batch["prefix_ids"], teacher_ids, [all_mask], [targets])
     sh, _ = student.lm(s_in.embeds, s_in.position_ids, s_in.mask)
     s_logits = student.lm.lm_head(sh[s_in.targets != -100]).float()
     return -(soft * F.log_softmax(s_logits, -1)).sum(-1).mean()

@@ -46,6 +46,7 @@ class TrainConfig:
     device: str = "auto"
     threads: Optional[int] = None
     stop_after: Optional[int] = None  # stop (with a checkpoint) at this step: tests use it to interrupt
+    time_limit_s: Optional[float] = None  # stop (with a checkpoint) after this much training time
 
 
 def pick_device(name: str) -> torch.device:
@@ -204,7 +205,8 @@ def train(
             history.append(rec)
             if step % cfg.save_every == 0 and step < cfg.steps:
                 checkpoint(step, False)
-            if stop["flag"] or (cfg.stop_after is not None and step >= cfg.stop_after):
+            out_of_time = cfg.time_limit_s is not None and time.time() - t0 >= cfg.time_limit_s
+            if stop["flag"] or out_of_time or (cfg.stop_after is not None and step >= cfg.stop_after):
                 checkpoint(step, False)
                 raise StopRequested
         checkpoint(step, True)

@@ -1,0 +1,94 @@
+"""Stage 3: teacher trajectories, the DCD target builder, and a student that learns the teacher's blocks."""
+import torch
+
+from conftest import make_tiny_model
+
+from echo_train.data.synth import generate_synth
+from echo_train.decoding import fused_onestep_generate, multistep_generate
+from echo_train.decoding.run import load_pixels
+from echo_train.model.checkpoint import save_checkpoint
+from echo_train.stages.common import load_split
+from echo_train.stages.dcd_targets import build_dcd_inputs
+from echo_train.stages.stage3_dcd import Stage3Config, make_trajectory_collate, run_stage3
+from echo_train.stages.trajectories import generate_trajectories, load_trajectories
+
+
+def _teacher(tok):
+    model = make_tiny_model(tok, stage="rad", block_size=4, sharpen=3.0)
+    model.cfg.max_response_tokens = 16
+    return model
+
+
+def test_trajectories_are_on_policy_and_resumable(tmp_path, tiny_tokenizer):
+    data = tmp_path / "synth"
+    generate_synth(data, n_train=6, n_val=2, n_test=2, image_size=32, seed=0, workers=1)
+    studies = load_split(data, "train")
+    teacher = _teacher(tiny_tokenizer)
+    shards = generate_trajectories(teacher, tiny_tokenizer, studies, tmp_path / "traj", 4, 4, shard_size=4, batch_size=3)
+    assert len(shards) == 2
+    recs = load_trajectories(tmp_path / "traj")
+    assert set(recs) == {s.id for s in studies}
+    ref = multistep_generate(teacher, tiny_tokenizer, load_pixels(studies, 32), 4, 4, 16)
+    for row, s in enumerate(studies):
+        r = recs[s.id]
+        n = r["tokens"].numel()
+        assert torch.equal(r["tokens"], ref.raw[row, :n])  # the teacher's own decoding, block by block
+        for k, st in enumerate(r["states"]):
+            assert (st[0] == tiny_tokenizer.mask_id).all()  # every block starts all-mask
+            assert torch.equal(st[-1], r["tokens"][4 * k : 4 * k + 4])  # and ends at its final tokens
+    before = [p.stat().st_mtime_ns for p in shards]
+    generate_trajectories(teacher, tiny_tokenizer, studies, tmp_path / "traj", 4, 4, shard_size=4)
+    assert [p.stat().st_mtime_ns for p in shards] == before  # finished shards are not redone
+
+
+def test_dcd_targets_are_the_teachers_final_blocks(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _teacher(tok)
+    tokens = torch.tensor([7, 8, 9, 10, 11, 12, tok.eos_id, tok.eos_id])
+    m = tok.mask_id
+    states = [torch.tensor([[m] * 4, [7, m, m, m], [7, 8, m, 10], [7, 8, 9, 10]]),
+              torch.tensor([[m] * 4, [11, 12, tok.eos_id, tok.eos_id]])]
+    item = {"pixel_values": torch.zeros(1, 32, 32), "prefix_ids": torch.tensor(tok.prefix_ids(model.n_image_tokens)),
+            "response_ids": torch.tensor([7, 8, tok.eos_id]), "id": "a", "teacher": {"tokens": tokens, "states": states}}
+    batch = make_trajectory_collate(tok, 4)([item])
+    inp = build_dcd_inputs(model, batch, m, torch.Generator().manual_seed(0), p_intermediate=1.0)
+    P = len(item["prefix_ids"])
+    R = batch["teacher_ids"].shape[1]
+    tg = inp.targets[0]
+    assert (tg[: P + R] == -100).all()  # prefix and clean copy are never scored
+    copy1, copy2 = tg[P + R : P + 2 * R], tg[P + 2 * R :]
+    assert torch.equal(copy1[:8], tokens) and torch.equal(copy2[:8], tokens)  # all B positions, joint targets
+    assert (copy1[8:] == -100).all()  # blocks after the teacher's EOS block are not scored
+    emb_mask = model.embed_tokens(torch.tensor([m]))[0]
+    noisy1 = inp.embeds[0, P + R : P + R + 8]
+    assert torch.allclose(noisy1, emb_mask.expand(8, -1))  # copy 1: always the all-mask state
+    # copy 2, block 0: one of the two intermediate states of the trajectory
+    noisy2 = inp.embeds[0, P + 2 * R : P + 2 * R + 4]
+    cands = [model.embed_tokens(states[0][i]) for i in (1, 2)]
+    assert any(torch.allclose(noisy2, c) for c in cands)
+
+
+def test_dcd_student_learns_the_teachers_one_step_blocks(tmp_path, tiny_tokenizer):
+    data = tmp_path / "synth"
+    generate_synth(data, n_train=4, n_val=2, n_test=2, image_size=32, seed=1, workers=1)
+    teacher = _teacher(tiny_tokenizer)
+    save_checkpoint(tmp_path / "base", teacher, tiny_tokenizer)
+    studies = load_split(data, "train")
+    px = load_pixels(studies, 32)
+    target = multistep_generate(teacher, tiny_tokenizer, px, 4, 4, 16).raw
+
+    def agreement(model):
+        got = fused_onestep_generate(model, tiny_tokenizer, px, 4, 16).raw
+        n = min(got.shape[1], target.shape[1])
+        return (got[:, :n] == target[:, :n]).float().mean().item()
+
+    before = agreement(teacher)
+    cfg = Stage3Config(data=str(data), init=str(tmp_path / "base"), out=str(tmp_path / "echo"))
+    cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps, cfg.train.threads = 40, 4, 3e-3, 2, 1
+    run_stage3(cfg)
+    from echo_train.model.checkpoint import load_checkpoint
+
+    student, _ = load_checkpoint(tmp_path / "echo")
+    assert student.cfg.stage == "dcd"
+    after = agreement(student)
+    assert after > before and after > 0.8, (before, after)
