@@ -7,7 +7,7 @@ from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
 from ..model.masks import causal_layout
-from .common import DecodeResult, KVCache, cut_tokens, forward_with_cache, prefix_ids_tensor
+from .common import DecodeResult, KVCache, cut_tokens, forward_with_cache, never_predict_mask, prefix_ids_tensor
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_values: torc
     logits, kv = forward_with_cache(model, model.embed_prefix(pixel_values, prefix), causal_layout(p), cache)
     cache.append(kv, causal_layout(p))
     passes = 1
-    tok = logits[:, -1].argmax(-1)
+    tok = never_predict_mask(logits[:, -1], tokenizer.mask_id).argmax(-1)
     out = [tok]
     done = tok == tokenizer.eos_id
     for i in range(1, max_new_tokens):
@@ -29,7 +29,7 @@ def ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_values: torc
         logits, kv = forward_with_cache(model, model.embed_tokens(tok[:, None]), layout, cache)
         cache.append(kv, layout)
         passes += 1
-        tok = logits[:, -1].argmax(-1)
+        tok = never_predict_mask(logits[:, -1], tokenizer.mask_id).argmax(-1)
         out.append(tok)
         done |= tok == tokenizer.eos_id
     raw = torch.stack(out, 1).cpu()

@@ -13,7 +13,7 @@ from runtime.text import ReportTokenizer
 from ..model.echo_model import EchoModel
 from ..model.masks import NOISY, TokenLayout, block_layout, build_attention_mask, causal_layout
 from .block_diffusion import denoise_step
-from .common import DecodeResult, cut_tokens, prefix_ids_tensor
+from .common import DecodeResult, cut_tokens, never_predict_mask, prefix_ids_tensor
 
 
 def _run(model: EchoModel, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -31,7 +31,7 @@ def recompute_ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_va
     for _ in range(max_new_tokens):
         embeds = torch.cat([pre, model.embed_tokens(gen)], 1)
         logits = _run(model, embeds, causal_layout(embeds.shape[1]))
-        gen = torch.cat([gen, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        gen = torch.cat([gen, never_predict_mask(logits[:, -1], tokenizer.mask_id).argmax(-1, keepdim=True)], 1)
         if bool((gen == tokenizer.eos_id).any(-1).all()):
             break
     return DecodeResult(cut_tokens(gen.cpu(), tokenizer.eos_id), gen.shape[1], gen.cpu())

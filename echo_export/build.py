@@ -1,0 +1,451 @@
+"""`echo-export build`: checkpoint -> verified engine folder with a manifest written last.
+
+Phases: check inputs (nothing is written before all pass) -> export fp32 -> fp16 -> int8
+(calibrated on real training images) -> optional TensorRT plans -> verify against the
+PyTorch reference -> manifest. The folder is built as a hidden sibling and renamed into
+place at the end, so an interrupted build never leaves a folder the runtime accepts.
+
+Checkpoint stages: `dcd` (the one-step student) is what block_step is for. `rad` (the
+multi-step teacher) is accepted with a warning: its one-step decoding is the naive
+baseline, useful for ablations, not for serving. `ar` is refused as --ckpt (it has no
+block-diffusion training) and required as --ar-ckpt.
+
+manifest.graphs layout: graphs[role][f"{precision}.b{batch}"] = filename, for every role
+built, e.g. graphs["block_step"]["int8.b8"] = "block_step.int8.b8.onnx". TensorRT plans
+(when built) sit under graphs[role][f"trt-{precision}.b{batch}"].
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from runtime import graph_io as gio
+from runtime.errors import ImageReadError
+from runtime.manifest import Manifest, write_manifest
+from runtime.preprocess import preprocess_image
+
+BLOCK_ROLES = (gio.VISION_PREFILL, gio.BLOCK_STEP)
+AR_ROLES = (gio.AR_PREFILL, gio.AR_STEP)
+DEFAULT_DATA = Path("data/synth")
+
+
+class BuildError(Exception):
+    """The build cannot proceed (bad input) or its result failed verification."""
+
+
+@dataclass
+class BuildOptions:
+    ckpt: Path
+    out: Path
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    ar_ckpt: Optional[Path] = None
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    capacity: int = 256
+    calib_size: int = 32
+    verify_n: int = 50
+    data: Optional[Path] = None
+    trt: bool = False
+    force: bool = False
+    opset: int = 18
+    max_new_tokens: Optional[int] = None  # verification length; default: the model's max_response_tokens
+    reduce_range: bool = False
+    timing_cache: Optional[Path] = None
+
+
+@dataclass
+class _Sample:
+    id: str
+    path: str
+    report: Optional[str]
+
+
+def parse_precisions(text: str | list[str]) -> list[str]:
+    items = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    bad = [p for p in items if p not in gio.PRECISIONS]
+    if bad or not items:
+        raise BuildError(f"unknown precision {', '.join(bad) or '(none)'}; choose from {', '.join(gio.PRECISIONS)}")
+    if "fp32" not in items:
+        items.insert(0, "fp32")  # fp32 is the verified base every other variant derives from
+    return sorted(set(items), key=gio.PRECISIONS.index)
+
+
+def parse_batch_sizes(text: str | list[int]) -> list[int]:
+    try:
+        items = [int(x) for x in (text.split(",") if isinstance(text, str) else text) if str(x).strip()]
+    except ValueError:
+        raise BuildError(f"batch sizes must be positive integers, got {text!r}") from None
+    if not items or any(b < 1 for b in items):
+        raise BuildError(f"batch sizes must be positive integers, got {text!r}")
+    return sorted(set(items))
+
+
+# ------------------------------------------------------------------ input checks
+
+
+def _load_model(path: Path, what: str):
+    from echo_train.model.checkpoint import CheckpointError, check_checkpoint_dir, load_checkpoint
+    from echo_train.model.config import EchoConfig
+
+    try:
+        check_checkpoint_dir(path)
+        cfg = EchoConfig.load(path / "config.json")
+    except CheckpointError as e:
+        raise BuildError(f"{what}: {e}") from None
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+        raise BuildError(f"{what}: {path / 'config.json'} is not an ECHO config ({e})") from None
+    try:
+        model, tok = load_checkpoint(path)
+    except Exception as e:  # safetensors / shape mismatches
+        raise BuildError(f"{what}: {path} does not load ({type(e).__name__}: {e})") from None
+    return cfg, model, tok
+
+
+def _split_samples(data: Path, split: str, n: int, strict: bool) -> list[_Sample]:
+    from echo_train.data.loaders import load_studies
+
+    try:
+        res = load_studies(data, split=split, check_images=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise BuildError(f"--data {data}: {e}") from None
+    bad = [p for p in res.problems if p.reason not in ("empty report", "study lists no images")]
+    if strict and bad:
+        lines = "\n  ".join(f"{p.id}: {p.reason}" for p in bad[:10])
+        raise BuildError(f"--data {data}: the {split} split has {len(bad)} unreadable images:\n  {lines}")
+    out = [_Sample(s.id, s.image_paths[0], s.report) for s in res.studies if s.image_paths]
+    return out[:n]
+
+
+def _pixels(samples: list[_Sample], image_size: int, what: str) -> list[np.ndarray]:
+    out = []
+    for s in samples:
+        try:
+            out.append(preprocess_image(s.path, image_size))
+        except ImageReadError as e:
+            raise BuildError(f"{what}: {e}") from None
+    return out
+
+
+# ------------------------------------------------------------------ the build
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__, "transformers": transformers.__version__}
+
+
+def _size(p: Path) -> str:
+    n = p.stat().st_size
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
+    """Build and verify an engine folder; returns its path. Raises BuildError on bad input or failure."""
+    t_all = time.perf_counter()
+    times: dict[str, float] = {}
+    out = Path(opts.out)
+    precisions = parse_precisions(opts.precisions)
+    batch_sizes = parse_batch_sizes(opts.batch_sizes)
+    if out.exists() and not opts.force:
+        raise BuildError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out} exists and is not a folder")
+    if opts.calib_size < 1 and "int8" in precisions:
+        raise BuildError("--calib-size must be at least 1 for int8")
+    if opts.verify_n < 0:
+        raise BuildError("--verify-n must be >= 0")
+
+    # ---- phase 0: inputs (nothing written yet)
+    t = time.perf_counter()
+    log(f"[check] checkpoint {opts.ckpt}")
+    cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt")
+    if cfg.stage == "ar":
+        raise BuildError(f"--ckpt {opts.ckpt} is a stage-1 autoregressive checkpoint (stage 'ar'); block_step needs a "
+                         "one-step student (stage 'dcd'). Pass it as --ar-ckpt for the AR baseline graphs.")
+    if cfg.stage == "rad":
+        warnings.warn("--ckpt is a multi-step RAD teacher (stage 'rad'): its one-step block_step is the naive "
+                      "one-step baseline, not a distilled student", stacklevel=2)
+        log("  warning: stage 'rad' checkpoint: one-step decoding of the teacher is the naive baseline")
+    elif cfg.stage != "dcd":
+        raise BuildError(f"--ckpt: unknown stage {cfg.stage!r} (expected 'dcd')")
+    B = cfg.block_size
+    prefix = tok.prefix_ids(model.n_image_tokens)
+    P = len(prefix)
+    if P % B:
+        raise BuildError(f"prefix length {P} is not a multiple of block size {B}")
+    if opts.capacity < P:
+        raise BuildError(f"--capacity {opts.capacity} is smaller than the prefix ({P} tokens); it needs at least "
+                         f"{P - B + cfg.max_response_tokens} for {cfg.max_response_tokens} new tokens")
+    block_max_new = ((opts.capacity - (P - B)) // B + 1) * B
+    max_new = min(opts.max_new_tokens or cfg.max_response_tokens, block_max_new)
+    if max_new < cfg.max_response_tokens:
+        log(f"  note: capacity {opts.capacity} allows {max_new} new tokens (< max_response_tokens "
+            f"{cfg.max_response_tokens})")
+
+    ar = None
+    if opts.ar_ckpt is not None:
+        log(f"[check] AR checkpoint {opts.ar_ckpt}")
+        acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt")
+        if acfg.stage != "ar":
+            raise BuildError(f"--ar-ckpt {opts.ar_ckpt} has stage {acfg.stage!r}; the AR graphs need a stage-1 'ar' checkpoint")
+        if atok.tok.to_str() != tok.tok.to_str():
+            raise BuildError("--ar-ckpt uses a different tokenizer than --ckpt; both must share tokenizer.json")
+        aP = len(atok.prefix_ids(amodel.n_image_tokens))
+        if opts.capacity < aP + 1:
+            raise BuildError(f"--capacity {opts.capacity} is smaller than the AR prefix ({aP} tokens) + 1")
+        ar_max_new = min(opts.max_new_tokens or acfg.max_response_tokens, opts.capacity - aP + 1)
+        ar = (acfg, amodel, aP, ar_max_new)
+
+    data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    calib_px: list[np.ndarray] = []
+    if "int8" in precisions:
+        if data is None:
+            raise BuildError("int8 needs calibration images: pass --data (a dataset with a train split)")
+        calib = _split_samples(data, "train", opts.calib_size, strict=True)
+        if not calib:
+            raise BuildError(f"--data {data}: no training images for int8 calibration")
+        calib_px = _pixels(calib, cfg.vision.image_size, "calibration image")
+        log(f"  calibration: {len(calib_px)} training images")
+    verify_samples: list[_Sample] = []
+    if opts.verify_n > 0:
+        if data is None:
+            raise BuildError("verification needs held-out images: pass --data, or --verify-n 0 to skip (unverified)")
+        verify_samples = _split_samples(data, "test", opts.verify_n, strict=False) or \
+            _split_samples(data, "val", opts.verify_n, strict=False)
+        if not verify_samples:
+            raise BuildError(f"--data {data}: no test or val images for verification")
+    verify_px = _pixels(verify_samples, cfg.vision.image_size, "verification image")
+    times["check"] = time.perf_counter() - t
+
+    # ---- build into a hidden sibling
+    tmp = out.with_name(f".{out.name}.building")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        manifest_files, graphs, verify_report, verified = _build_into(
+            tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, calib_px, verify_samples, verify_px,
+            max_new, times, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verify_report is not None and not verified:
+        failed = out.with_name(out.name + ".failed")
+        if failed.exists():
+            shutil.rmtree(failed)
+        tmp.rename(failed)
+        raise BuildError(f"fp32 graphs do not reproduce the PyTorch reference tokens; no manifest written. "
+                         f"Details: {failed / 'verify.json'}")
+
+    # ---- manifest, last
+    lm = cfg.lm
+    model_config = cfg.to_dict()
+    if ar is not None:
+        model_config["ar_model_config"] = ar[0].to_dict()
+        model_config["ar_prefix_len"] = ar[2]
+    manifest = Manifest(
+        model_config=model_config,
+        block_size=B,
+        capacity=opts.capacity,
+        batch_sizes=batch_sizes,
+        vocab_size=lm.vocab_size,
+        prefix_len=P,
+        image_size=cfg.vision.image_size,
+        eos_id=tok.eos_id,
+        mask_id=tok.mask_id,
+        pad_id=tok.pad_id,
+        precisions=precisions,
+        graphs=graphs,
+        versions=_versions(),
+        opset=opts.opset,
+        exporter="torch.onnx.export(dynamo=True)",
+        verified=bool(verified),
+    )
+    write_manifest(tmp, manifest, manifest_files)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+    total = time.perf_counter() - t_all
+    log("[summary]")
+    for k, v in times.items():
+        log(f"  {k:<10} {v:7.1f} s")
+    log(f"  {'total':<10} {total:7.1f} s")
+    for f in sorted(manifest_files):
+        log(f"  {f:<40} {_size(out / f)}")
+    log(f"engine folder: {out} ({'verified' if verified else 'NOT verified'})")
+    return out
+
+
+def _compare_plans(tmp, files, plans, model, tok, P, capacity, pixels, max_new, log) -> dict:
+    """Polygraphy: each block_step plan (TensorRT) against its ONNX graph (onnxruntime) on real pass inputs."""
+    from .decode_loop import fused_decode, torch_runner
+    from .graphs import make_graph
+    from .tensorrt_build import compare_with_onnxruntime
+
+    lm = model.cfg.lm
+    out = {}
+    for (role, prec, b), name in sorted(files.items()):
+        if role != gio.BLOCK_STEP or name not in plans:
+            continue
+        feeds: list[dict] = []
+        px = np.stack(list(pixels) * b).astype(np.float32)
+        ids = np.broadcast_to(np.array(tok.prefix_ids(model.n_image_tokens), np.int64), (b, P)).copy()
+        fused_decode(torch_runner(make_graph(gio.VISION_PREFILL, model, capacity, P, tok.mask_id)),
+                     torch_runner(make_graph(gio.BLOCK_STEP, model, capacity, P, tok.mask_id)), px, ids,
+                     block_size=model.cfg.block_size, capacity=capacity, n_layers=lm.num_hidden_layers,
+                     n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id,
+                     eos_id=tok.eos_id, max_new_tokens=max_new,
+                     on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+        res = compare_with_onnxruntime(tmp / name, tmp / plans[name], feeds[:4],
+                                       atol=1e-3 if prec == "fp32" else 5e-2, rtol=1e-3 if prec == "fp32" else 5e-2)
+        out[plans[name]] = res
+        log(f"  tensorrt {plans[name]}: {'PASS' if res['passed'] else 'FAIL'} {res}")
+    return out
+
+
+def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, calib_px, verify_samples, verify_px,
+                max_new, times, log):
+    import onnx
+
+    from .decode_loop import ar_decode, fused_decode, torch_runner
+    from .graphs import example_inputs, export_graph, make_graph
+    from .precision import to_fp16, to_int8
+    from .verify import VerifyItem, print_table, verify_ar, verify_block
+
+    jobs = [(r, model, cfg, P) for r in BLOCK_ROLES]
+    if ar is not None:
+        jobs += [(r, ar[1], ar[0], ar[2]) for r in AR_ROLES]
+    files: dict[tuple[str, str, int], str] = {}
+
+    # fp32 export
+    t = time.perf_counter()
+    log(f"[export] {len(jobs) * len(batch_sizes)} fp32 graphs (opset {opts.opset}, capacity {opts.capacity})")
+    for role, m, c, p_len in jobs:
+        for b in batch_sizes:
+            name = gio.graph_filename(role, "fp32", b)
+            t1 = time.perf_counter()
+            g = make_graph(role, m, opts.capacity, p_len, tok.mask_id)
+            export_graph(g, example_inputs(role, c, b, opts.capacity, p_len), tmp / name, opts.opset)
+            onnx.checker.check_model(str(tmp / name), full_check=True)
+            files[(role, "fp32", b)] = name
+            log(f"  {name:<34} {_size(tmp / name):>10}  {time.perf_counter() - t1:5.1f}s")
+    times["export"] = time.perf_counter() - t
+
+    if "fp16" in precisions:
+        t = time.perf_counter()
+        log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
+        for (role, _, b), src in list(files.items()):
+            name = gio.graph_filename(role, "fp16", b)
+            to_fp16(tmp / src, tmp / name)
+            onnx.checker.check_model(str(tmp / name), full_check=True)
+            files[(role, "fp16", b)] = name
+            log(f"  {name:<34} {_size(tmp / name):>10}")
+        times["fp16"] = time.perf_counter() - t
+
+    if "int8" in precisions:
+        t = time.perf_counter()
+        log(f"[int8] calibrating on {len(calib_px)} training images (PyTorch reference decode, recorded graph inputs)")
+        for role_pair, m, c, p_len in [((gio.VISION_PREFILL, gio.BLOCK_STEP), model, cfg, P)] + (
+                [((gio.AR_PREFILL, gio.AR_STEP), ar[1], ar[0], ar[2])] if ar is not None else []):
+            pre_role, step_role = role_pair
+            pre_mod = make_graph(pre_role, m, opts.capacity, p_len, tok.mask_id)
+            step_mod = make_graph(step_role, m, opts.capacity, p_len, tok.mask_id)
+            pre_run, step_run = torch_runner(pre_mod), torch_runner(step_mod)
+            prefix = np.array(tok.prefix_ids(m.n_image_tokens), np.int64)
+            lm = c.lm
+            for b in batch_sizes:
+                pre_feeds: list[dict] = []
+                step_feeds: list[dict] = []
+                for i in range(0, len(calib_px), b):
+                    part = calib_px[i : i + b]
+                    part = part + [part[-1]] * (b - len(part))
+                    px = np.stack(part).astype(np.float32)
+                    ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
+                    pre_feeds.append({"pixel_values": px, "prefix_ids": ids})
+                    rec = lambda f: step_feeds.append({k: v.copy() for k, v in f.items()})  # noqa: E731
+                    common = dict(capacity=opts.capacity, n_layers=lm.num_hidden_layers,
+                                  n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, eos_id=tok.eos_id,
+                                  on_step=rec)
+                    if step_role == gio.BLOCK_STEP:
+                        fused_decode(pre_run, step_run, px, ids, block_size=c.block_size, mask_id=tok.mask_id,
+                                     max_new_tokens=max_new, **common)
+                    else:
+                        ar_decode(pre_run, step_run, px, ids, max_new_tokens=ar[3], **common)
+                for role, feeds in ((pre_role, pre_feeds), (step_role, step_feeds)):
+                    name = gio.graph_filename(role, "int8", b)
+                    info = to_int8(tmp / files[(role, "fp32", b)], tmp / name, feeds,
+                                   reduce_range=opts.reduce_range, workdir=tmp)
+                    onnx.checker.check_model(str(tmp / name), full_check=True)
+                    files[(role, "int8", b)] = name
+                    log(f"  {name:<34} {_size(tmp / name):>10}  {info['quantized_matmuls']} weight MatMul/Gemm, "
+                        f"{info['calib_samples']} calibration feeds")
+        for leftover in tmp.glob("*.pre.onnx"):
+            leftover.unlink()
+        for leftover in tmp.glob("*-inferred.onnx"):
+            leftover.unlink()
+        times["int8"] = time.perf_counter() - t
+
+    plans: dict[str, str] = {}
+    if opts.trt:
+        from .tensorrt_build import build_all
+
+        t = time.perf_counter()
+        log("[tensorrt] strongly typed engines")
+        cache = opts.timing_cache or (Path.home() / ".cache" / "echo-export" / "trt_timing.cache")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        plans = build_all(tmp, sorted(files.values()), timing_cache=cache, log=log)
+        times["tensorrt"] = time.perf_counter() - t
+
+    shutil.copyfile(Path(opts.ckpt) / "tokenizer.json", tmp / "tokenizer.json")
+
+    verify_report = None
+    verified = False
+    if verify_samples:
+        t = time.perf_counter()
+        log(f"[verify] {len(verify_samples)} held-out images, up to {max_new} new tokens, onnxruntime CPU")
+        items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
+        rep = verify_block(tmp, files, model, tok, items, precisions=precisions, batch_sizes=batch_sizes,
+                           capacity=opts.capacity, max_new_tokens=max_new, log=log)
+        if ar is not None:
+            rep_ar = verify_ar(tmp, files, ar[1], tok, items, precisions=precisions, batch_sizes=batch_sizes,
+                               capacity=opts.capacity, max_new_tokens=ar[3], log=log)
+            rep["variants"].update(rep_ar["variants"])
+        verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
+        rep.update({"n_images": len(items), "max_new_tokens": max_new, "fp32_identical": verified,
+                    "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})
+        if plans:
+            rep["tensorrt"] = _compare_plans(tmp, files, plans, model, tok, P, opts.capacity, verify_px[:1],
+                                             max_new, log)
+        print_table(rep, log)
+        (tmp / "verify.json").write_text(json.dumps(rep, indent=2, sort_keys=True))
+        verify_report = rep
+        times["verify"] = time.perf_counter() - t
+    else:
+        log("[verify] skipped (--verify-n 0): the manifest says verified=false")
+
+    graphs: dict[str, dict[str, str]] = {}
+    for (role, prec, b), name in sorted(files.items()):
+        graphs.setdefault(role, {})[f"{prec}.b{b}"] = name
+        if name in plans:
+            graphs[role][f"trt-{prec}.b{b}"] = plans[name]
+    manifest_files = sorted(set(files.values()) | set(plans.values()) | {"tokenizer.json"} |
+                            ({"verify.json"} if verify_report is not None else set()))
+    return manifest_files, graphs, verify_report, verified

@@ -1,0 +1,73 @@
+"""`echo-export`: build a verified engine folder from a checkpoint, or inspect one."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.errors import ManifestError
+
+
+@click.group()
+def main() -> None:
+    """Export ECHO checkpoints to fixed-shape ONNX / TensorRT engine folders."""
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="one-step student checkpoint (stage dcd)")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="engine folder to create")
+@click.option("--precision", "precision", default="fp32,fp16,int8", show_default=True,
+              help="comma-separated: fp32, fp16, int8 (fp32 is always built)")
+@click.option("--ar-ckpt", type=click.Path(path_type=Path), default=None, help="stage-1 AR checkpoint: adds ar_prefill/ar_step")
+@click.option("--batch-sizes", default="1", show_default=True, help="comma-separated fixed batch sizes")
+@click.option("--capacity", default=256, show_default=True, type=int, help="KV cache slots (CAP)")
+@click.option("--calib-size", default=32, show_default=True, type=int, help="training images for int8 calibration")
+@click.option("--verify-n", default=50, show_default=True, type=int, help="held-out images for verification (0: skip)")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="dataset (echo_train.data.loaders formats); default data/synth when present")
+@click.option("--max-new-tokens", type=int, default=None, help="verification length (default: model max_response_tokens)")
+@click.option("--opset", default=18, show_default=True, type=int)
+@click.option("--reduce-range", is_flag=True, help="int8: 7-bit weights (old AVX2 CPUs without VNNI)")
+@click.option("--trt", is_flag=True, help="also build TensorRT plans (needs the [trt] extra and a GPU)")
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, max_new_tokens, opset,
+          reduce_range, trt, force) -> None:
+    """Trace, convert, quantise, verify, and write manifest.json last."""
+    from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precisions
+    from .tensorrt_build import TensorRTUnavailable
+
+    try:
+        if opset < 18:
+            raise BuildError(f"--opset {opset}: the exporter contract needs opset >= 18")
+        if trt:
+            from .tensorrt_build import _import_trt
+
+            _import_trt()  # fail before any work
+        opts = BuildOptions(ckpt=ckpt, out=out, precisions=parse_precisions(precision), ar_ckpt=ar_ckpt,
+                            batch_sizes=parse_batch_sizes(batch_sizes), capacity=capacity, calib_size=calib_size,
+                            verify_n=verify_n, data=data, trt=trt, force=force, opset=opset,
+                            max_new_tokens=max_new_tokens, reduce_range=reduce_range)
+        run_build(opts, log=lambda s: click.echo(s))
+    except (BuildError, TensorRTUnavailable, ManifestError) as e:
+        click.echo(f"echo-export build: error: {e}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+def inspect(engine_dir: Path) -> None:
+    """Show what an engine folder holds: graphs with IO shapes, verification, hash check."""
+    from .inspect_engine import inspect_engine
+
+    try:
+        ok = inspect_engine(engine_dir, log=lambda s: click.echo(s))
+    except ManifestError as e:
+        click.echo(f"echo-export inspect: error: {e}", err=True)
+        sys.exit(2)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""A minimal decode loop over the graph_io contract, with onnxruntime or PyTorch runners.
+
+Used to verify exported graphs and to collect calibration inputs; the production runtime
+(`runtime/engine.py`, preallocated buffers, IO binding) is written separately. One loop,
+two backends: a runner is any callable name->array dict -> list of output arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from runtime.schedule import BlockLayout
+
+Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+StepHook = Optional[Callable[[dict[str, np.ndarray]], None]]
+
+
+@dataclass
+class LoopResult:
+    raw: np.ndarray  # [b, n] every generated id
+    tokens: list[list[int]]  # cut before EOS
+    passes: int
+
+
+def _cut(raw: np.ndarray, eos_id: int) -> list[list[int]]:
+    out = []
+    for row in raw.tolist():
+        out.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return out
+
+
+def fused_decode(
+    prefill: Runner,
+    step: Runner,
+    pixel_values: np.ndarray,
+    prefix_ids: np.ndarray,
+    *,
+    block_size: int,
+    capacity: int,
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    mask_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    on_step: StepHook = None,
+) -> LoopResult:
+    """Fused one-step decoding, the semantics of `fused_onestep_generate`, over fixed-shape graphs."""
+    b, P = prefix_ids.shape
+    B = block_size
+    grid = BlockLayout(P, B)
+    n_pre = grid.fused_prefill_len
+    n_blocks = grid.num_blocks(max_new_tokens)
+    need = n_pre + (n_blocks - 1) * B
+    if need > capacity:
+        raise ValueError(f"cache capacity {capacity} holds fewer than the {need} tokens {max_new_tokens} new tokens need")
+    kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
+    vc = np.zeros_like(kc)
+    pk, pv = prefill({"pixel_values": pixel_values, "prefix_ids": prefix_ids})[:2]
+    kc[:, :, :, :n_pre], vc[:, :, :, :n_pre] = pk, pv
+    past_len = n_pre
+    prev = prefix_ids[:, n_pre:].astype(np.int64)
+    masks = np.full((b, B), mask_id, np.int64)
+    blocks, done = [], np.zeros(b, bool)
+    passes = 1
+    for k in range(n_blocks):
+        feeds = {
+            "input_ids": np.concatenate([prev, masks], 1),
+            "position_ids": np.broadcast_to(grid.fused_positions(k), (b, 2 * B)).astype(np.int64).copy(),
+            "past_key": kc,
+            "past_value": vc,
+            "past_len": np.full((b,), past_len, np.int64),
+        }
+        if on_step is not None:
+            on_step(feeds)
+        tokens, _conf, pk, pv = step(feeds)
+        passes += 1
+        if past_len + B <= capacity:
+            kc[:, :, :, past_len : past_len + B], vc[:, :, :, past_len : past_len + B] = pk, pv
+        past_len += B
+        prev = tokens.astype(np.int64)
+        blocks.append(prev)
+        done |= (prev == eos_id).any(-1)
+        if done.all():
+            break
+    raw = np.concatenate(blocks, 1)
+    return LoopResult(raw, _cut(raw, eos_id), passes)
+
+
+def ar_decode(
+    prefill: Runner,
+    step: Runner,
+    pixel_values: np.ndarray,
+    prefix_ids: np.ndarray,
+    *,
+    capacity: int,
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    eos_id: int,
+    max_new_tokens: int,
+    on_step: StepHook = None,
+) -> LoopResult:
+    """Greedy AR decoding over ar_prefill + ar_step."""
+    b, P = prefix_ids.shape
+    if P + max_new_tokens - 1 > capacity:
+        raise ValueError(f"cache capacity {capacity} < prefix {P} + {max_new_tokens - 1} tokens")
+    kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
+    vc = np.zeros_like(kc)
+    tok, pk, pv = prefill({"pixel_values": pixel_values, "prefix_ids": prefix_ids})
+    kc[:, :, :, :P], vc[:, :, :, :P] = pk, pv
+    out, done, passes = [tok.astype(np.int64)], (tok[:, 0] == eos_id), 1
+    for i in range(1, max_new_tokens):
+        if done.all():
+            break
+        pos = P + i - 1
+        feeds = {
+            "input_ids": out[-1],
+            "position_ids": np.full((b, 1), pos, np.int64),
+            "past_key": kc,
+            "past_value": vc,
+            "past_len": np.full((b,), pos, np.int64),
+        }
+        if on_step is not None:
+            on_step(feeds)
+        tok, pk, pv = step(feeds)
+        passes += 1
+        kc[:, :, :, pos : pos + 1], vc[:, :, :, pos : pos + 1] = pk, pv
+        out.append(tok.astype(np.int64))
+        done |= tok[:, 0] == eos_id
+    raw = np.concatenate(out, 1)
+    return LoopResult(raw, _cut(raw, eos_id), passes)
+
+
+def ort_runner(path, threads: int = 0) -> Runner:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return sess.run(None, {n: feeds[n] for n in names})
+
+    run.session = sess  # type: ignore[attr-defined]
+    return run
+
+
+def torch_runner(module) -> Runner:
+    """Run a graph wrapper module (graphs.py) in PyTorch with the same IO as its ONNX file."""
+    import torch
+
+    names = list(module.input_names)
+
+    @torch.no_grad()
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names))
+        return [o.numpy() for o in outs]
+
+    return run

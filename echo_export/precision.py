@@ -1,0 +1,240 @@
+"""Precision variants of an exported fp32 graph: fp16 (IO kept fp32) and int8 (QDQ, calibrated).
+
+fp16: `onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)` with
+  - op types kept fp32: Softmax, ReduceMean, Pow (norm statistics), ArgMax/ReduceMax (the
+    final decision), plus the converter's default block list;
+  - nodes kept fp32: the RMSNorm statistics chain (ReduceMean -> Add eps -> Sqrt ->
+    Reciprocal), and the whole rotary-angle subgraph (position_ids -> ... -> Cos/Sin):
+    position * inv_freq in fp16 loses ~0.3 rad at position 300.
+  The attention mask value is MASK_VALUE = -30000 (finite in fp16, max 65504); the mask-token
+  exclusion uses the same value. `check_fp16_constants` refuses any constant that would
+  overflow to inf in fp16. On onnxruntime CPU, fp16 nodes without an fp16 kernel are run in
+  fp32 by onnxruntime's InsertCastTransformer (it inserts the casts at session creation):
+  the graph runs, but the CPU gains no speed from fp16; fp16 is for GPUs / TensorRT.
+  Measured (onnxruntime 1.32 CPU, tiny block_step): the transformer inserts 53 casts, in
+  front of MatMul, Gemm, Mul, Neg, Where, Concat, Reshape, Slice and Transpose nodes.
+
+int8: static QDQ (`quantize_static`, QuantFormat.QDQ) of the MatMuls whose second input is
+  a weight (the linear layers and lm_head). Activation x activation MatMuls (q.k, p.v) stay
+  fp32: their calibration ranges are input-dependent and quantising them costs accuracy
+  for little speed. Weights per-channel symmetric int8, activations uint8 asymmetric,
+  reduce_range off (VNNI/AVX512 machines need no reduced range; set --reduce-range on old
+  AVX2-only CPUs that saturate), calibrated with MinMax on real training-image activations.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FP16_OP_BLOCK = ["Softmax", "ReduceMean", "Pow", "ArgMax", "ReduceMax", "Cos", "Sin", "Range", "Less"]
+FP16_MAX = 65504.0
+
+
+class PrecisionError(Exception):
+    """A precision variant could not be produced safely."""
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+
+
+def fp32_islands(model: onnx.ModelProto) -> list[str]:
+    """Node names kept fp32 in the fp16 graph: norm statistics chains and the rotary angles."""
+    g = model.graph
+    cons, prod = _consumers(g), _producers(g)
+    keep: set[str] = set()
+    # RMSNorm: ReduceMean -> Add(eps) -> Sqrt -> Reciprocal (or Div)
+    for n in g.node:
+        if n.op_type != "ReduceMean":
+            continue
+        keep.add(n.name)
+        cur = n
+        for _ in range(4):
+            nxt = cons.get(cur.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type not in ("Add", "Sqrt", "Reciprocal", "Div"):
+                break
+            cur = nxt[0]
+            keep.add(cur.name)
+    # rotary: every node between position_ids and Cos/Sin
+    from_pos: set[str] = set()
+    frontier = ["position_ids"]
+    seen = set(frontier)
+    while frontier:
+        t = frontier.pop()
+        for n in cons.get(t, []):
+            if n.op_type in ("Cos", "Sin"):
+                from_pos.add(n.name)
+                continue
+            from_pos.add(n.name)
+            for o in n.output:
+                if o not in seen:
+                    seen.add(o)
+                    frontier.append(o)
+    to_trig: set[str] = set()
+    stack = [i for n in g.node if n.op_type in ("Cos", "Sin") for i in n.input]
+    seen = set()
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in prod:
+            continue
+        seen.add(t)
+        p = prod[t]
+        to_trig.add(p.name)
+        stack.extend(p.input)
+    keep |= from_pos & to_trig
+    keep |= {n.name for n in g.node if n.op_type in ("Cos", "Sin")}
+    return sorted(keep)
+
+
+def check_fp16_constants(model: onnx.ModelProto) -> list[str]:
+    """Names of float constants/initializers whose values would overflow (or are inf/nan) in fp16."""
+    bad = []
+    tensors = list(model.graph.initializer)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            tensors += [a.t for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+    for t in tensors:
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        a = numpy_helper.to_array(t)
+        if a.size and (not np.isfinite(a).all() or np.abs(a).max() > FP16_MAX):
+            bad.append(t.name or "<constant>")
+    return bad
+
+
+def topo_sort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes topologically (the fp16 converter appends its IO casts at the end)."""
+    avail = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    nodes = list(graph.node)
+    done: list[onnx.NodeProto] = []
+    pending = nodes
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in avail for i in n.input):
+                done.append(n)
+                avail.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise PrecisionError(f"graph has a cycle or a dangling input near node {rest[0].name!r}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(done)
+
+
+def to_fp16(src: str | Path, dst: str | Path) -> dict:
+    """Convert an fp32 graph to fp16 with fp32 IO. Returns what was kept fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    bad = check_fp16_constants(model)
+    if bad:
+        raise PrecisionError(f"{src}: constants overflow fp16 (inf/-inf or |x| > {FP16_MAX}): {bad[:5]}")
+    keep_nodes = fp32_islands(model)
+    op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK))
+    out = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=op_block, node_block_list=keep_nodes, disable_shape_infer=False
+    )
+    topo_sort(out.graph)
+    del out.graph.value_info[:]  # stale fp32 annotations; onnxruntime and the checker re-infer them
+    onnx.save(out, str(dst))
+    return {"op_block_list": FP16_OP_BLOCK, "fp32_nodes": len(keep_nodes)}
+
+
+# ---------------------------------------------------------------- int8
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Gemm nodes (quant_pre_process fuses MatMul+bias into Gemm) whose second input is a constant weight (directly or through a Transpose)."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    prod = _producers(g)
+    consts = {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    out = []
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm"):
+            continue
+        w = n.input[1]
+        p = prod.get(w)
+        if w in inits or w in consts or (p is not None and p.op_type == "Transpose" and (p.input[0] in inits or p.input[0] in consts)):
+            out.append(n.name)
+    return out
+
+
+class ListDataReader:
+    """An onnxruntime CalibrationDataReader over recorded feeds (name -> array dicts)."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]], input_names: list[str]) -> None:
+        self.feeds = [{k: f[k] for k in input_names} for f in feeds]
+        self._it: Optional[Iterator] = None
+        self.rewind()
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *, per_channel: bool = True,
+            reduce_range: bool = False, workdir: Optional[Path] = None, max_feeds: int = 256) -> dict:
+    """Static QDQ quantisation of the weight MatMuls, calibrated on `feeds`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not feeds:
+        raise PrecisionError("int8 needs calibration data: no block inputs were recorded")
+    dst = Path(dst)
+    work = Path(workdir) if workdir else dst.parent
+    pre = work / (dst.stem + ".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    model = onnx.load(str(pre))
+    _name_nodes(model)
+    onnx.save(model, str(pre))
+    nodes = weight_matmuls(model)
+    if not nodes:
+        raise PrecisionError(f"{src}: no weight MatMul found to quantise")
+    names = [i.name for i in model.graph.input]
+    if len(feeds) > max_feeds:  # evenly spaced: every image and every block position stays represented
+        idx = np.linspace(0, len(feeds) - 1, max_feeds).round().astype(int)
+        feeds = [feeds[i] for i in idx]
+    quantize_static(
+        str(pre),
+        str(dst),
+        ListDataReader(feeds, names),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_quantize=nodes,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+    pre.unlink(missing_ok=True)
+    return {"quantized_matmuls": len(nodes), "calib_samples": len(feeds), "per_channel": per_channel,
+            "reduce_range": reduce_range}

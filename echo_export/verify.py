@@ -1,0 +1,217 @@
+"""Run every built variant with onnxruntime and compare with the PyTorch reference decoders.
+
+Block graphs (vision_prefill + block_step) are compared with `fused_onestep_generate`;
+AR graphs (ar_prefill + ar_step) with the same wrapper modules run in PyTorch (the graphs
+exclude the mask token from the argmax, as graph_io requires; `ar_generate` does not, so
+its agreement is reported as information only). fp32 must reproduce the reference on every
+image or the build fails; fp16 and int8 report token agreement and the finding-F1 change.
+
+The decode loop is `echo_export.decode_loop` (minimal, contract-following); the production
+runtime is `runtime/` and is not used here so that a runtime bug cannot hide an export bug.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from runtime import graph_io as gio
+
+from .decode_loop import ar_decode, fused_decode, ort_runner, torch_runner
+
+
+@dataclass
+class VerifyItem:
+    id: str
+    pixels: np.ndarray  # [1, S, S] float32
+    report: Optional[str] = None
+
+
+def _chunks(items: list, b: int):
+    """Fixed-size batches; the last is padded by repeating its final item (padding is dropped)."""
+    for i in range(0, len(items), b):
+        part = items[i : i + b]
+        yield part, part + [part[-1]] * (b - len(part))
+
+
+def _agreement(pred: list[list[int]], ref: list[list[int]]) -> tuple[float, float]:
+    """(position-wise token agreement over the longer sequence, exact-match rate)."""
+    same = total = exact = 0
+    for p, r in zip(pred, ref):
+        n = max(len(p), len(r), 1)
+        same += sum(a == b for a, b in zip(p, r))
+        total += n
+        exact += p == r
+    return (same / total if total else 1.0), (exact / len(pred) if pred else 1.0)
+
+
+def _f1(texts: dict[str, str], refs: dict[str, str]):
+    try:
+        from echo_train.metrics import finding_f1
+    except ImportError:
+        return None, "F1 not computed: metrics package missing"
+    if not refs:
+        return None, "F1 not computed: no reference reports"
+    return float(finding_f1(texts, refs)["micro_f1"]), None
+
+
+def time_graph(path: Path, feeds: dict[str, np.ndarray], repeat: int = 30, threads: int = 0) -> float:
+    """Median milliseconds of one run of a graph on fixed feeds."""
+    run = ort_runner(path, threads)
+    for _ in range(5):
+        run(feeds)
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run(feeds)
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def verify_block(
+    engine_dir: Path,
+    files: dict[tuple[str, str, int], str],
+    model,
+    tokenizer,
+    items: list[VerifyItem],
+    *,
+    precisions: list[str],
+    batch_sizes: list[int],
+    capacity: int,
+    max_new_tokens: int,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Token agreement of every (precision, batch) block variant with `fused_onestep_generate`."""
+    from echo_train.decoding import fused_onestep_generate
+
+    cfg, lm = model.cfg, model.cfg.lm
+    B = cfg.block_size
+    prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
+    kw = dict(block_size=B, capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
+              head_dim=lm.head_dim, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+    refs = {it.id: it.report for it in items if it.report}
+    out: dict = {"variants": {}, "speed": {}}
+    for b in batch_sizes:
+        ref_tokens: dict[str, list[int]] = {}
+        for part, padded in _chunks(items, b):
+            px = torch.from_numpy(np.stack([it.pixels for it in padded]))
+            r = fused_onestep_generate(model, tokenizer, px, B, max_new_tokens)
+            for it, toks in zip(part, r.tokens):
+                ref_tokens[it.id] = toks
+        ref_f1, _ = _f1({i: tokenizer.decode(t) for i, t in ref_tokens.items()}, refs)
+        first_feed: dict = {}
+        for p in precisions:
+            pre = ort_runner(engine_dir / files[(gio.VISION_PREFILL, p, b)])
+            step = ort_runner(engine_dir / files[(gio.BLOCK_STEP, p, b)])
+            t0 = time.perf_counter()
+            got: dict[str, list[int]] = {}
+            passes = 0
+            for part, padded in _chunks(items, b):
+                px = np.stack([it.pixels for it in padded]).astype(np.float32)
+                ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
+                hook = None
+                if not first_feed:
+                    hook = lambda f: first_feed.setdefault("f", {k: v.copy() for k, v in f.items()})  # noqa: E731
+                r = fused_decode(pre, step, px, ids, on_step=hook, **kw)
+                passes += r.passes
+                for it, toks in zip(part, r.tokens):
+                    got[it.id] = toks
+            secs = time.perf_counter() - t0
+            ids_ = [it.id for it in items]
+            agree, exact = _agreement([got[i] for i in ids_], [ref_tokens[i] for i in ids_])
+            f1, why = _f1({i: tokenizer.decode(t) for i, t in got.items()}, refs)
+            entry = {
+                "role": "block", "precision": p, "batch": b, "n_images": len(items),
+                "token_agreement": agree, "exact_match": exact, "identical": exact == 1.0,
+                "finding_f1": f1, "finding_f1_reference": ref_f1,
+                "finding_f1_change": (None if f1 is None or ref_f1 is None else f1 - ref_f1),
+                "decode_seconds": secs, "passes": passes,
+            }
+            if why:
+                entry["finding_f1_note"] = why
+            out["variants"][f"block.{p}.b{b}"] = entry
+            log(f"  block {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%  "
+                f"F1 {'-' if f1 is None else f'{f1:.3f}'} ({secs:.1f}s)")
+        if first_feed:
+            speed = {p: time_graph(engine_dir / files[(gio.BLOCK_STEP, p, b)], first_feed["f"]) for p in precisions}
+            if "fp32" in speed and "int8" in speed:
+                speed["int8_over_fp32"] = speed["int8"] / speed["fp32"]
+            if "fp32" in speed and "fp16" in speed:
+                speed["fp16_over_fp32"] = speed["fp16"] / speed["fp32"]
+            out["speed"][f"block_step.b{b}.ms"] = speed
+    return out
+
+
+def verify_ar(
+    engine_dir: Path,
+    files: dict[tuple[str, str, int], str],
+    model,
+    tokenizer,
+    items: list[VerifyItem],
+    *,
+    precisions: list[str],
+    batch_sizes: list[int],
+    capacity: int,
+    max_new_tokens: int,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """AR graphs against the same wrapper modules in PyTorch (and, for information, ar_generate)."""
+    from echo_train.decoding import ar_generate
+
+    from .graphs import make_graph
+
+    lm = model.cfg.lm
+    P = len(tokenizer.prefix_ids(model.n_image_tokens))
+    prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
+    kw = dict(capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
+              head_dim=lm.head_dim, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+    t_pre = torch_runner(make_graph(gio.AR_PREFILL, model, capacity, P, tokenizer.mask_id))
+    t_step = torch_runner(make_graph(gio.AR_STEP, model, capacity, P, tokenizer.mask_id))
+    out: dict = {"variants": {}}
+    for b in batch_sizes:
+        ref, hf = {}, {}
+        for part, padded in _chunks(items, b):
+            px = np.stack([it.pixels for it in padded]).astype(np.float32)
+            ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
+            r = ar_decode(t_pre, t_step, px, ids, **kw)
+            g = ar_generate(model, tokenizer, torch.from_numpy(px), max_new_tokens)
+            for it, toks, gt in zip(part, r.tokens, g.tokens):
+                ref[it.id], hf[it.id] = toks, gt
+        ids_ = [it.id for it in items]
+        info_agree, _ = _agreement([ref[i] for i in ids_], [hf[i] for i in ids_])
+        for p in precisions:
+            pre = ort_runner(engine_dir / files[(gio.AR_PREFILL, p, b)])
+            step = ort_runner(engine_dir / files[(gio.AR_STEP, p, b)])
+            got = {}
+            for part, padded in _chunks(items, b):
+                px = np.stack([it.pixels for it in padded]).astype(np.float32)
+                ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
+                r = ar_decode(pre, step, px, ids, **kw)
+                for it, toks in zip(part, r.tokens):
+                    got[it.id] = toks
+            agree, exact = _agreement([got[i] for i in ids_], [ref[i] for i in ids_])
+            out["variants"][f"ar.{p}.b{b}"] = {
+                "role": "ar", "precision": p, "batch": b, "n_images": len(items), "token_agreement": agree,
+                "exact_match": exact, "identical": exact == 1.0, "reference_vs_ar_generate": info_agree,
+            }
+            log(f"  ar    {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
+    return out
+
+
+def print_table(report: dict, log: Callable[[str], None] = print) -> None:
+    rows = [("variant", "agree %", "exact %", "F1", "dF1")]
+    for name, v in report.get("variants", {}).items():
+        f1 = v.get("finding_f1")
+        d = v.get("finding_f1_change")
+        rows.append((name, f"{100 * v['token_agreement']:.2f}", f"{100 * v['exact_match']:.2f}",
+                     "-" if f1 is None else f"{f1:.3f}", v.get("finding_f1_note", "") if d is None else f"{d:+.3f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        log("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+    for k, sp in report.get("speed", {}).items():
+        log("  " + k + ": " + ", ".join(f"{p} {v:.3f}" for p, v in sp.items()))

@@ -1,0 +1,264 @@
+"""echo-export build on a tiny random model: graphs, precision variants, verification, manifest, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_tiny_model, make_tokenizer
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+CAP = 96
+REPORTS = [
+    "FINDINGS: The heart size is normal. There is no pleural effusion. IMPRESSION: No acute process.",
+    "FINDINGS: The cardiac silhouette is enlarged. There is a small left pleural effusion. IMPRESSION: Cardiomegaly.",
+    "FINDINGS: Right lower lobe consolidation. IMPRESSION: Pneumonia.",
+]
+
+
+def _write_png(path: Path, seed: int, size: int = 40) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = 120 + 60 * np.sin(xx / (3 + seed)) * np.cos(yy / 5) + rng.normal(0, 20, (size, size))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(path)
+
+
+def _write_dataset(root: Path, n_train: int = 4, n_test: int = 3) -> Path:
+    (root / "img").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        recs = []
+        for i in range(n):
+            name = f"img/{split}{i}.png"
+            _write_png(root / name, seed=i + (100 if split == "test" else 0))
+            f, imp = REPORTS[i % 3].split(" IMPRESSION: ")
+            recs.append({"id": f"{split}{i}", "images": [name], "split": split,
+                         "ground_truth": {"findings": f.replace("FINDINGS: ", ""), "impression": imp}})
+        (root / f"{split}.json").write_text(json.dumps(recs))
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from echo_train.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("export")
+    tok = make_tokenizer()
+    model = make_tiny_model(tok, stage="dcd", block_size=4)
+    model.cfg.max_response_tokens = 24
+    save_checkpoint(root / "ckpt", model, tok)
+    ar = make_tiny_model(tok, stage="ar", block_size=4, seed=1)
+    ar.cfg.max_response_tokens = 12
+    save_checkpoint(root / "ar", ar, tok)
+    data = _write_dataset(root / "data")
+    return root, model, tok, data
+
+
+@pytest.fixture(scope="module")
+def built(setup):
+    from echo_export.build import BuildOptions, build
+
+    root, _, _, data = setup
+    logs: list[str] = []
+    out = build(BuildOptions(ckpt=root / "ckpt", out=root / "engine", precisions=["fp32", "fp16", "int8"],
+                             ar_ckpt=root / "ar", capacity=CAP, calib_size=3, verify_n=3, data=data),
+                log=logs.append)
+    return out, logs
+
+
+def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
+    from runtime import graph_io as gio
+    from runtime.manifest import load_manifest
+
+    out, _ = built
+    m = load_manifest(out)
+    assert set(m.graphs) == set(gio.GRAPH_ROLES)
+    for role, entries in m.graphs.items():
+        assert set(entries) == {f"{p}.b1" for p in ("fp32", "fp16", "int8")}
+        for key, fname in entries.items():
+            assert fname == gio.graph_filename(role, key.split(".")[0], 1)
+            onnx.checker.check_model(str(out / fname), full_check=True)
+            g = onnx.load(str(out / fname)).graph
+            ins = tuple(i.name for i in g.input)
+            outs = tuple(o.name for o in g.output)
+            want_in = gio.PREFILL_INPUTS if role in (gio.VISION_PREFILL, gio.AR_PREFILL) else gio.STEP_INPUTS
+            want_out = {gio.VISION_PREFILL: gio.PREFILL_OUTPUTS, gio.BLOCK_STEP: gio.BLOCK_STEP_OUTPUTS,
+                        gio.AR_PREFILL: gio.AR_PREFILL_OUTPUTS, gio.AR_STEP: gio.AR_STEP_OUTPUTS}[role]
+            assert ins == want_in and outs == want_out
+            # IO stays fp32 / int64 whatever the internal precision
+            assert all(v.type.tensor_type.elem_type in (1, 7) for v in list(g.input) + list(g.output))
+    bs = onnx.load(str(out / "block_step.fp32.b1.onnx")).graph
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(bs.input) + list(bs.output)}
+    assert dims["input_ids"] == [1, 8] and dims["past_key"] == [2, 1, 2, CAP, 16]
+    assert dims["tokens"] == [1, 4] and dims["present_key"] == [2, 1, 2, 4, 16]
+
+
+def test_fp32_tokens_identical_to_reference(built, setup):
+    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_train.decoding import fused_onestep_generate
+    from runtime.preprocess import preprocess_image
+
+    out, _ = built
+    root, model, tok, data = setup
+    rep = json.loads((out / "verify.json").read_text())
+    assert rep["fp32_identical"] is True
+    assert rep["variants"]["block.fp32.b1"]["exact_match"] == 1.0
+    assert rep["variants"]["ar.fp32.b1"]["exact_match"] == 1.0
+    for k in ("block.fp16.b1", "block.int8.b1"):
+        assert 0.0 <= rep["variants"][k]["token_agreement"] <= 1.0
+    # independent check on one image, here rather than through verify.py
+    px = preprocess_image(data / "img" / "test0.png", model.cfg.vision.image_size)[None]
+    prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
+    lm = model.cfg.lm
+    r = fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
+                     px, prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
+                     n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id,
+                     eos_id=tok.eos_id, max_new_tokens=24)
+    ref = fused_onestep_generate(model, tok, torch.from_numpy(px), 4, 24)
+    assert r.raw.tolist() == ref.raw.tolist()
+
+
+def test_manifest_hashes_and_tamper(built, tmp_path):
+    from runtime.errors import ManifestError
+    from runtime.manifest import load_manifest
+
+    out, _ = built
+    m = load_manifest(out)
+    assert m.verified and m.block_size == 4 and m.capacity == CAP and m.batch_sizes == [1]
+    assert {"tokenizer.json", "verify.json", "block_step.int8.b1.onnx"} <= set(m.files)
+    assert m.versions["onnxruntime"] and m.opset >= 18
+    copy = tmp_path / "engine"
+    shutil.copytree(out, copy)
+    f = copy / "block_step.fp16.b1.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256"):
+        load_manifest(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ManifestError):
+        load_manifest(copy)
+
+
+def test_inspect_cli(built):
+    from click.testing import CliRunner
+
+    from echo_export.cli import main
+
+    out, _ = built
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "every sha256 matches" in r.output and "past_key f32[2,1,2,96,16]" in r.output
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from echo_export.cli import main
+
+    return CliRunner().invoke(main, ["build", *args])
+
+
+def test_bad_inputs(setup, tmp_path):
+    root, _, _, data = setup
+    base = ["--capacity", str(CAP), "--data", str(data), "--calib-size", "2", "--verify-n", "1"]
+    # missing checkpoint files
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "ckpt", broken)
+    (broken / "model.safetensors").unlink()
+    r = _cli(["--ckpt", str(broken), "--out", str(tmp_path / "e1"), *base])
+    assert r.exit_code == 2 and "missing model.safetensors" in r.output
+    # stage-1 AR checkpoint as --ckpt
+    r = _cli(["--ckpt", str(root / "ar"), "--out", str(tmp_path / "e2"), *base])
+    assert r.exit_code == 2 and "stage-1" in r.output
+    # unknown precision
+    r = _cli(["--ckpt", str(root / "ckpt"), "--out", str(tmp_path / "e3"), "--precision", "fp32,bf8", *base])
+    assert r.exit_code == 2 and "unknown precision bf8" in r.output
+    # output folder exists
+    (tmp_path / "e4").mkdir()
+    r = _cli(["--ckpt", str(root / "ckpt"), "--out", str(tmp_path / "e4"), *base])
+    assert r.exit_code == 2 and "--force" in r.output
+    # unreadable calibration image
+    bad_data = tmp_path / "bad_data"
+    shutil.copytree(data, bad_data)
+    (bad_data / "img" / "train1.png").write_bytes(b"not a png")
+    r = _cli(["--ckpt", str(root / "ckpt"), "--out", str(tmp_path / "e5"), *base[:2], "--data", str(bad_data),
+              "--precision", "fp32,int8", "--calib-size", "2", "--verify-n", "1"])
+    assert r.exit_code == 2 and "train1.png" in r.output
+    # nothing half-written anywhere
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["bad_data", "broken", "e4"] and not any((tmp_path / "e4").iterdir())
+
+
+def test_fp16_graph_has_no_fp16_overflowing_constants(built):
+    from echo_export.precision import check_fp16_constants
+
+    out, _ = built
+    assert check_fp16_constants(onnx.load(str(out / "block_step.fp32.b1.onnx"))) == []
+    m = onnx.load(str(out / "block_step.fp16.b1.onnx"))
+    for t in m.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT16:
+            assert np.isfinite(onnx.numpy_helper.to_array(t)).all()
+
+
+def test_tensorrt_build_skips_without_tensorrt(built):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (the [trt] extra needs CUDA)")
+    from echo_export.tensorrt_build import build_engine
+
+    out, _ = built
+    plan = build_engine(out / "block_step.fp32.b1.onnx", out.parent / "bs.plan")
+    assert plan.stat().st_size > 0 and trt is not None
+
+
+def test_tensorrt_missing_gives_clear_error(monkeypatch):
+    import sys
+
+    from echo_export.tensorrt_build import TensorRTUnavailable, _import_trt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(TensorRTUnavailable, match=r"\[trt\] extra"):
+        _import_trt()
+
+
+def test_runtime_engine_reads_the_folder(built, setup):
+    """The production runtime (when present) decodes the built folder to the reference tokens."""
+    engine = pytest.importorskip("runtime.engine", reason="runtime/engine.py not written yet")
+    from echo_train.decoding import fused_onestep_generate
+    from runtime.preprocess import preprocess_image
+
+    out, _ = built
+    _, model, tok, data = setup
+    paths = [str(data / "img" / f"test{i}.png") for i in range(2)]
+    reps = engine.EchoRuntime(out, backend="ort", precision="fp32").generate(paths, max_new_tokens=24)
+    for p, r in zip(paths, reps):
+        px = torch.from_numpy(preprocess_image(p, model.cfg.vision.image_size)[None])
+        assert r.tokens == fused_onestep_generate(model, tok, px, 4, 24).tokens[0]
+
+
+def test_fp32_mismatch_fails_the_build_without_a_manifest(setup, tmp_path, monkeypatch):
+    import echo_export.verify as verify
+    from echo_export.build import BuildError, BuildOptions, build
+
+    root, _, _, data = setup
+    real = verify.verify_block
+
+    def broken(*a, **k):
+        rep = real(*a, **k)
+        rep["variants"]["block.fp32.b1"]["identical"] = False
+        return rep
+
+    monkeypatch.setattr(verify, "verify_block", broken)
+    with pytest.raises(BuildError, match="do not reproduce"):
+        build(BuildOptions(ckpt=root / "ckpt", out=tmp_path / "eng", precisions=["fp32"], capacity=CAP,
+                           verify_n=1, data=data), log=lambda s: None)
+    assert not (tmp_path / "eng").exists()
+    assert (tmp_path / "eng.failed" / "verify.json").is_file()
+    assert not (tmp_path / "eng.failed" / "manifest.json").exists()
+    assert not (tmp_path / ".eng.building").exists()
