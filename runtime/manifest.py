@@ -35,8 +35,10 @@ class FileEntry:
 class Manifest:
     """Everything the runtime needs to know about an engine folder.
 
-    graphs maps a role to its files per precision, e.g.
-    graphs["block_step"]["fp16"] = "block_step.fp16.onnx".
+    graphs maps a role to its files per precision and batch size, e.g.
+    graphs["block_step"]["fp16.b1"] = "block_step.fp16.b1.onnx" (what echo_export writes;
+    TensorRT plans under "trt-fp16.b1"), or per precision alone for a single batch size,
+    graphs["block_step"]["fp16"]. `resolve_graph` reads both.
     """
 
     model_config: dict[str, Any]
@@ -63,15 +65,19 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"manifest is a JSON {type(d).__name__}, not an object")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ManifestError(
                 f"manifest schema version {d.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})"
             )
         d = dict(d)
-        d["files"] = {k: FileEntry(**v) for k, v in d.get("files", {}).items()}
         try:
+            d["files"] = {k: FileEntry(**v) for k, v in d.get("files", {}).items()}
+            if not isinstance(d.get("graphs", {}), dict):
+                raise TypeError("graphs must be an object")
             return cls(**d)
-        except TypeError as e:
+        except (TypeError, AttributeError) as e:
             raise ManifestError(f"manifest does not match the schema: {e}") from None
 
 
@@ -95,6 +101,8 @@ def load_manifest(engine_dir: str | Path, check_hashes: bool = True) -> Manifest
         m = Manifest.from_dict(json.loads(p.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{p}: unreadable manifest ({e})") from None
+    except ManifestError as e:
+        raise ManifestError(f"{p}: {e}") from None
     for name, entry in m.files.items():
         f = d / name
         if not f.is_file():
@@ -104,3 +112,43 @@ def load_manifest(engine_dir: str | Path, check_hashes: bool = True) -> Manifest
         if check_hashes and sha256_file(f) != entry.sha256:
             raise ManifestError(f"{f}: sha256 does not match the manifest")
     return m
+
+
+def graph_entries(manifest: Manifest, role: str) -> dict[tuple[str, int | None], str]:
+    """(precision, batch) -> filename for one role; batch None when the key names no batch.
+
+    Accepts both layouts of `graphs[role]`: "fp16.b2" -> file (several batch sizes) and
+    "fp16" -> file (one batch size). A "fp16" key is read as batch None (any built size).
+    """
+    out: dict[tuple[str, int | None], str] = {}
+    for key, fname in (manifest.graphs.get(role) or {}).items():
+        prec, _, rest = key.partition(".")
+        if rest.startswith("b") and rest[1:].isdigit():
+            out[(prec, int(rest[1:]))] = fname
+        elif not rest:
+            out[(prec, None)] = fname
+        else:
+            raise ManifestError(f"manifest graphs[{role!r}] has an unreadable key {key!r}")
+    return out
+
+
+def resolve_graph(manifest: Manifest, role: str, precision: str, batch: int) -> str:
+    """The file of `role` at `precision` built for `batch`; ManifestError names what exists."""
+    entries = graph_entries(manifest, role)
+    if not entries:
+        raise ManifestError(f"engine folder has no {role} graph")
+    for key in ((precision, batch), (precision, None)):
+        if key in entries:
+            if key[1] is None and len(manifest.batch_sizes) > 1 and batch not in manifest.batch_sizes:
+                break
+            return entries[key]
+    have = ", ".join(f"{p}" + (f" batch {b}" if b is not None else "") for p, b in sorted(entries, key=str))
+    raise ManifestError(f"engine folder has no {role} graph for {precision} at batch {batch} (it has: {have})")
+
+
+def graph_batch_sizes(manifest: Manifest, role: str, precision: str) -> list[int]:
+    """Batch sizes built for (role, precision)."""
+    bs = sorted({b for p, b in graph_entries(manifest, role) if p == precision and b is not None})
+    if not bs and (precision, None) in graph_entries(manifest, role):
+        bs = sorted(manifest.batch_sizes) or [1]
+    return bs

@@ -1,0 +1,151 @@
+"""`echo-report`: chest X-ray reports from an engine folder, without PyTorch.
+
+    echo-report --engine-dir engines/echo a.png b.dcm [--format text|json] [--stream] [--verbose]
+
+Text output: a "==> path <==" header, then the report. JSON output: one object per line
+(JSON Lines): {"path", "text", "tokens", "forward_passes", "stop", "error"[, "timings"]};
+with --stream, block events {"path", "block", "tokens", "text"} come first.
+Errors go to stderr. Exit status: 0 all reports written, 1 some input failed (the others
+are still printed), 2 the engine folder or the options are unusable.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Optional
+
+import click
+
+from .errors import EchoRuntimeError
+
+
+def _err(msg: str) -> None:
+    click.echo(f"echo-report: {msg}", err=True)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms"
+
+
+def _timing_line(r) -> str:
+    t = r.timings
+    blocks = t.get("blocks") or []
+    decode = t.get("decode", 0.0)
+    session = t.get("session", 0.0)
+    over = f", outside session.run {(decode - session) / decode:.1%}" if decode > 0 else ""
+    per = f" (mean {_ms(sum(blocks) / len(blocks))})" if blocks else ""
+    return (f"{r.path}: preprocess {_ms(t.get('preprocess', 0.0))}, prefill {_ms(t.get('prefill', 0.0))}, "
+            f"{len(blocks)} decode passes {_ms(sum(blocks))}{per}, session.run {_ms(session)}{over}, "
+            f"total {_ms(t.get('total', 0.0))}, {r.forward_passes} forward passes, {len(r.tokens)} tokens, stop: {r.stop}")
+
+
+def _report_json(r, verbose: bool) -> str:
+    d = {"path": r.path, "text": r.text, "tokens": r.tokens, "forward_passes": r.forward_passes, "stop": r.stop,
+         "error": r.error}
+    if verbose:
+        d["timings"] = r.timings
+    return json.dumps(d)
+
+
+class _Streamer:
+    """Prints a report as it is decoded: the new text of each block, flushed."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt, self.printed, self.started = fmt, "", False
+
+    def __call__(self, ev) -> None:
+        if self.fmt == "json":
+            click.echo(json.dumps({"path": ev.path, "block": ev.block, "tokens": ev.tokens, "text": ev.text}))
+            sys.stdout.flush()
+            return
+        if not self.started:
+            click.echo(f"==> {ev.path} <==")
+            self.started = True
+        self._write(ev.text.rstrip("\ufffd"))  # hold back a half-decoded UTF-8 character
+
+    def _write(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            click.echo(text[len(self.printed):], nl=False)
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self, r, verbose: bool) -> None:
+        if self.fmt == "json":
+            click.echo(_report_json(r, verbose))
+        else:
+            if not self.started:
+                click.echo(f"==> {r.path} <==")
+            self._write(r.text)
+            click.echo("")
+        sys.stdout.flush()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine-dir", required=True, type=click.Path(), help="engine folder built by `echo-export build`")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--stream", is_flag=True, help="print each report block by block as it is decoded")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--mode", type=click.Choice(["fused", "ar"]), default="fused", show_default=True,
+              help="fused one-step block decoding (ECHO) or the AR baseline graphs")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="images per forward pass, a size the engine was built for (default: its smallest)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="default: the model's max_response_tokens")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads")
+@click.option("--verbose", "-v", is_flag=True, help="print timings (stderr)")
+def main(engine_dir, images, fmt, stream, backend, precision, mode, batch_size, max_new_tokens, threads, verbose) -> None:
+    """Write a report for each IMAGE (PNG, JPEG or DICOM)."""
+    try:
+        from .engine import EchoRuntime
+
+        rt = EchoRuntime(engine_dir, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
+                         mode=mode)
+    except EchoRuntimeError as e:
+        _err(f"error: {e}")
+        sys.exit(2)
+    if verbose and not rt.manifest.verified:
+        _err(f"note: {engine_dir} was not verified against the PyTorch reference (manifest verified=false)")
+    failed = 0
+    try:
+        if stream:
+            reports = []
+            for img in images:
+                s = _Streamer(fmt)
+                r = rt.generate([img], max_new_tokens=max_new_tokens, on_block=s)[0]
+                failed += _emit(r, fmt, verbose, s)
+        else:
+            for r in rt.generate(list(images), max_new_tokens=max_new_tokens):
+                failed += _emit(r, fmt, verbose, None)
+    except EchoRuntimeError as e:
+        _err(f"error: {e}")
+        sys.exit(2)
+    except Exception as e:  # a bug: say so in one line unless asked for the traceback
+        if verbose:
+            traceback.print_exc()
+        _err(f"internal error: {type(e).__name__}: {e}" + ("" if verbose else " (--verbose shows the traceback)"))
+        sys.exit(3)
+    sys.exit(1 if failed else 0)
+
+
+def _emit(r, fmt: str, verbose: bool, streamer: Optional[_Streamer]) -> int:
+    if r.error is not None:
+        _err(r.error)
+        if fmt == "json":
+            click.echo(_report_json(r, verbose))
+        return 1
+    if streamer is not None:
+        streamer.finish(r, verbose)
+    elif fmt == "json":
+        click.echo(_report_json(r, verbose))
+    else:
+        click.echo(f"==> {r.path} <==\n{r.text}")
+    if verbose:
+        _err(_timing_line(r))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""EchoRuntime: reports from an engine folder with NumPy + onnxruntime (or TensorRT), no PyTorch.
+
+Decode semantics mirror the PyTorch references exactly
+(echo_train/decoding/block_diffusion.py: fused_onestep_generate, ar.py: ar_generate):
+
+fused one-step   prefill stores the KV of the first P-B prefix tokens in cache slots [0, P-B);
+                 pass k feeds [block k-1 (clean), B x MASK] at BlockLayout.fused_positions(k)
+                 (block -1 = the last B prefix ids), writes the returned KV of block k-1 into
+                 slots [past_len, past_len+B) and reads block k from the graph's `tokens`.
+autoregressive   ar_prefill stores the whole prefix and gives token 0; ar_step feeds the last
+                 token at position P+i-1 and stores its KV in slot past_len.
+Both stop when every sequence of the batch has produced EOS, at max_new_tokens, or when the
+cache is full. The KV cache is one preallocated float32 array per key/value
+[L, b, kvH, CAP, dh] that the backend reads in place (IO binding).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from . import graph_io as gio
+from .errors import EchoRuntimeError, ImageReadError, ManifestError
+from .manifest import Manifest, graph_batch_sizes, load_manifest, resolve_graph
+from .preprocess import preprocess_image
+from .schedule import BlockLayout
+from .text import ReportTokenizer
+
+BACKENDS = ("ort", "trt")
+MODES = ("fused", "ar")
+DEFAULT_MAX_NEW_TOKENS = 128
+
+ImageInput = Union[str, Path, np.ndarray]
+
+
+@dataclass
+class Report:
+    """One image's result. `error` is set (and text empty) when the image could not be used."""
+
+    path: str
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)  # generated ids, cut before EOS
+    timings: dict[str, Any] = field(default_factory=dict)  # seconds; shared by a batch
+    forward_passes: int = 0  # passes this sequence needed (prefill included)
+    error: Optional[str] = None
+    stop: str = ""  # "eos", "max_new_tokens" or "capacity"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BlockEvent:
+    """Passed to `on_block` after every decode pass, for each sequence still writing."""
+
+    index: int  # position of the image in generate()'s input
+    path: str
+    block: int  # block number (token number in AR mode)
+    tokens: list[int]  # this block's new ids, cut at EOS
+    text: str  # the report so far
+    done: bool  # this block holds EOS
+
+
+def _n_image_tokens(cfg: dict[str, Any]) -> int:
+    if "n_image_tokens" in cfg:
+        return int(cfg["n_image_tokens"])
+    v = cfg.get("vision") or {}
+    try:
+        return (int(v["image_size"]) // int(v["patch_size"])) ** 2
+    except (KeyError, TypeError, ValueError):
+        raise ManifestError("manifest model_config has neither n_image_tokens nor vision image/patch size") from None
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """What one mode's graphs were built for: the prefix ids and the image size."""
+
+    prefix: np.ndarray
+    image_size: int
+
+
+class _Decoder:
+    """Buffers and bound graphs of one mode at one batch size."""
+
+    def __init__(self, rt: "EchoRuntime", mode: str, batch: int) -> None:
+        m, B = rt.manifest, rt.block_size
+        self.prompt = rt._prompt(mode)
+        P = len(self.prompt.prefix)
+        pre_role, step_role = (gio.VISION_PREFILL, gio.BLOCK_STEP) if mode == "fused" else (gio.AR_PREFILL, gio.AR_STEP)
+        self.prefill = rt._graph(pre_role, batch)
+        self.step = rt._graph(step_role, batch)
+        shape = self.step.shape("past_key")
+        if len(shape) != 5 or not all(isinstance(d, int) for d in shape):
+            lm = m.model_config.get("lm", {})
+            shape = (lm["num_hidden_layers"], batch, lm["num_key_value_heads"], m.capacity, lm["head_dim"])
+        L, _, kvH, CAP, dh = shape
+        self.cap = CAP
+        if P > CAP:
+            raise ManifestError(f"{rt.engine_dir}: cache capacity {CAP} is smaller than the {P}-token prefix")
+        self.n_pre = P - B if mode == "fused" else P
+        T = 2 * B if mode == "fused" else 1
+        keep = B if mode == "fused" else 1
+        f32, i64 = np.float32, np.int64
+        S = self.prompt.image_size
+        self.pixel = np.zeros((batch, 1, S, S), f32)
+        self.prefix_ids = np.ascontiguousarray(np.broadcast_to(self.prompt.prefix, (batch, P)), dtype=i64)
+        self.pre_k = np.zeros((L, batch, kvH, self.n_pre, dh), f32)
+        self.pre_v = np.zeros_like(self.pre_k)
+        self.cache_k = np.zeros((L, batch, kvH, CAP, dh), f32)
+        self.cache_v = np.zeros_like(self.cache_k)
+        self.input_ids = np.full((batch, T), rt.tokenizer.mask_id, i64)
+        self.position_ids = np.zeros((batch, T), i64)
+        self.past_len = np.zeros((batch,), i64)
+        self.tokens = np.zeros((batch, keep), self._dtype(self.step, "tokens", i64))
+        self.present_k = np.zeros((L, batch, kvH, keep, dh), f32)
+        self.present_v = np.zeros_like(self.present_k)
+        pre_out = {"present_key": self.pre_k, "present_value": self.pre_v}
+        step_out = {"tokens": self.tokens, "present_key": self.present_k, "present_value": self.present_v}
+        if mode == "fused":
+            self.confidence = np.zeros((batch, B), f32)
+            step_out["confidence"] = self.confidence
+        else:
+            self.pre_tokens = np.zeros((batch, 1), self._dtype(self.prefill, "tokens", i64))
+            pre_out["tokens"] = self.pre_tokens
+        self.prefill.bind({"pixel_values": self.pixel, "prefix_ids": self.prefix_ids}, pre_out)
+        self.step.bind({"input_ids": self.input_ids, "position_ids": self.position_ids, "past_key": self.cache_k,
+                        "past_value": self.cache_v, "past_len": self.past_len}, step_out)
+
+    def store(self, src, start: int) -> None:
+        """KV the graph `src` just returned -> cache slots [start, start+n) (on the backend's memory)."""
+        self.step.kv_store("past_key", src, "present_key", start)
+        self.step.kv_store("past_value", src, "present_value", start)
+
+    @staticmethod
+    def _dtype(graph, name, default):
+        spec = graph.outputs.get(name)
+        return spec[1] if spec and spec[1] is not None else default
+
+
+class EchoRuntime:
+    """Generate reports from an engine folder built by `echo-export build`.
+
+    backend "ort" (onnxruntime; CUDA provider when available, else CPU) or "trt" (TensorRT
+    `.plan` engines, the [trt] extra). The folder is refused unless its manifest verifies.
+    batch_size must be one the folder was built for (None: its smallest); graphs have fixed
+    shapes, so a call with fewer images than the batch pads by repeating an image.
+    """
+
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        backend: str = "ort",
+        precision: str = "fp32",
+        batch_size: Optional[int] = 1,
+        threads: Optional[int] = None,
+        mode: str = "fused",
+        providers: Optional[list[str]] = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise EchoRuntimeError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        if precision not in gio.PRECISIONS:
+            raise EchoRuntimeError(f"unknown precision {precision!r}; choose from {gio.PRECISIONS}")
+        if mode not in MODES:
+            raise EchoRuntimeError(f"unknown mode {mode!r}; choose from {MODES}")
+        if batch_size is not None and batch_size < 1:
+            raise EchoRuntimeError(f"batch_size must be >= 1, got {batch_size}")
+        self.engine_dir = Path(engine_dir)
+        if not self.engine_dir.is_dir():
+            raise ManifestError(f"{self.engine_dir}: engine folder not found")
+        self.manifest = m = load_manifest(self.engine_dir)
+        if precision not in m.precisions:
+            raise ManifestError(f"{self.engine_dir}: no {precision} graphs in this engine folder (it has {m.precisions})")
+        self.backend, self.precision, self.batch_size, self.threads = backend, precision, batch_size, threads
+        self.mode, self.providers = mode, providers
+        if "tokenizer.json" not in m.files:
+            raise ManifestError(f"{self.engine_dir / 'tokenizer.json'}: not listed (hashed) in the manifest")
+        try:
+            self.tokenizer = ReportTokenizer.from_file(self.engine_dir / "tokenizer.json")
+        except EchoRuntimeError:
+            raise
+        except Exception as e:  # tokenizers raises its own exception types
+            raise ManifestError(f"{self.engine_dir / 'tokenizer.json'}: unreadable ({e})") from None
+        t = self.tokenizer
+        if (t.eos_id, t.mask_id, t.pad_id) != (m.eos_id, m.mask_id, m.pad_id):
+            raise ManifestError(f"{self.engine_dir}: tokenizer special ids do not match the manifest")
+        self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
+        self.prefix = np.asarray(t.prefix_ids(_n_image_tokens(m.model_config or {})), dtype=np.int64)
+        if len(self.prefix) != self.prefix_len:
+            raise ManifestError(f"{self.engine_dir}: prompt has {len(self.prefix)} tokens, manifest says {self.prefix_len}")
+        self.layout = BlockLayout(self.prefix_len, self.block_size)
+        cfg_max = (m.model_config or {}).get("max_response_tokens")
+        self.default_max_new_tokens = int(cfg_max) if cfg_max else DEFAULT_MAX_NEW_TOKENS
+        self._positions: list[np.ndarray] = []
+        self._graphs: dict[tuple[str, int], Any] = {}
+        self._decoders: dict[tuple[str, int], _Decoder] = {}
+        self._graph_cls = self._backend_class()
+        self._decoder(mode, self._batch_for(mode))  # load now: errors surface at construction
+
+    # -- graphs ----------------------------------------------------------------------
+    def _backend_class(self):
+        if self.backend == "trt":
+            from .trt_backend import TrtGraph, _import
+
+            _import()  # a clear error naming the [trt] extra when it is missing
+            return TrtGraph
+        from .ort_backend import OrtGraph
+
+        return OrtGraph
+
+    def _graph(self, role: str, batch: int):
+        key = (role, batch)
+        if key not in self._graphs:
+            prec = self.precision
+            try:
+                fname = resolve_graph(self.manifest, role, prec, batch)
+            except ManifestError:
+                if role not in (gio.VISION_PREFILL, gio.AR_PREFILL) or prec == "fp32":
+                    raise
+                prec = "fp32"  # a folder may build its prefill graphs in fp32 only
+                fname = resolve_graph(self.manifest, role, prec, batch)
+            if self.backend == "trt":  # plans: graphs[role]["trt-fp16.b1"], else next to the onnx file
+                try:
+                    fname = resolve_graph(self.manifest, role, f"trt-{prec}", batch)
+                except ManifestError:
+                    fname = str(Path(fname).with_suffix(".plan"))
+            if fname not in self.manifest.files:
+                raise ManifestError(f"{self.engine_dir / fname}: graph not listed (hashed) in the manifest")
+            self._graphs[key] = self._graph_cls(self.engine_dir / fname, threads=self.threads, providers=self.providers)
+        return self._graphs[key]
+
+    def _prompt(self, mode: str) -> _Prompt:
+        """Prefix and image size of a mode. The AR baseline may come from another checkpoint
+        (manifest model_config["ar_model_config"], ["ar_prefix_len"]) with its own vision size."""
+        cfg = self.manifest.model_config or {}
+        if mode == "fused" or "ar_model_config" not in cfg:
+            return _Prompt(self.prefix, self.image_size)
+        acfg = cfg["ar_model_config"]
+        prefix = np.asarray(self.tokenizer.prefix_ids(_n_image_tokens(acfg)), dtype=np.int64)
+        if "ar_prefix_len" in cfg and len(prefix) != int(cfg["ar_prefix_len"]):
+            raise ManifestError(f"{self.engine_dir}: AR prompt has {len(prefix)} tokens, manifest says {cfg['ar_prefix_len']}")
+        return _Prompt(prefix, int((acfg.get("vision") or {}).get("image_size", self.image_size)))
+
+    def built_batch_sizes(self, mode: Optional[str] = None) -> list[int]:
+        """Batch sizes this folder has graphs for, in `mode` (default: the runtime's mode)."""
+        role = gio.BLOCK_STEP if (mode or self.mode) == "fused" else gio.AR_STEP
+        return graph_batch_sizes(self.manifest, role, self.precision) or graph_batch_sizes(self.manifest, role, "fp32")
+
+    def _batch_for(self, mode: str) -> int:
+        """The graph batch a call runs at: batch_size, which must be built (None: the smallest
+        built). A call with fewer images pads its last batch by repeating an image."""
+        role = gio.BLOCK_STEP if mode == "fused" else gio.AR_STEP
+        built = self.built_batch_sizes(mode)
+        if not built:
+            raise ManifestError(f"{self.engine_dir}: no {role} graph in this engine folder")
+        if self.batch_size is None:
+            return built[0]
+        if self.batch_size in built:
+            return self.batch_size
+        raise ManifestError(f"{self.engine_dir}: no {role} graph for batch {self.batch_size} (built: {built})")
+
+    def _decoder(self, mode: str, batch: int) -> _Decoder:
+        key = (mode, batch)
+        if key not in self._decoders:
+            self._decoders[key] = _Decoder(self, mode, batch)
+        return self._decoders[key]
+
+    # -- inputs ----------------------------------------------------------------------
+    def preprocess(self, image: ImageInput, index: int = 0, image_size: Optional[int] = None) -> np.ndarray:
+        """float32 [1, S, S]; ImageReadError for anything unusable."""
+        S = image_size or self.image_size
+        if isinstance(image, np.ndarray):
+            name = f"<array {index}>"
+            a = image
+            if a.ndim == 4 and a.shape[0] == 1:
+                a = a[0]
+            if a.ndim == 2:
+                a = a[None]
+            if a.shape != (1, S, S):
+                raise ImageReadError(name, f"array of shape {image.shape}, expected (1, {S}, {S})")
+            a = np.asarray(a, dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise ImageReadError(name, "array values are not finite")
+            return a
+        return preprocess_image(image, S)
+
+    # -- decoding --------------------------------------------------------------------
+    def generate(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        max_new_tokens: Optional[int] = None,
+        on_block: Optional[Callable[[BlockEvent], None]] = None,
+        mode: Optional[str] = None,
+    ) -> list[Report]:
+        """One Report per image, in order. An unreadable image gets Report.error; the rest decode."""
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise EchoRuntimeError(f"unknown mode {mode!r}; choose from {MODES}")
+        if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+            images = [images]
+        max_new = int(self.default_max_new_tokens if max_new_tokens is None else max_new_tokens)
+        if max_new < 1:
+            raise EchoRuntimeError(f"max_new_tokens must be >= 1, got {max_new}")
+        batch = self._batch_for(mode)
+        dec = self._decoder(mode, batch)
+        reports: list[Optional[Report]] = [None] * len(images)
+        good: list[tuple[int, str, np.ndarray, float]] = []
+        for i, img in enumerate(images):
+            name = f"<array {i}>" if isinstance(img, np.ndarray) else str(img)
+            t = time.perf_counter()
+            try:
+                arr = self.preprocess(img, i, dec.prompt.image_size)
+            except ImageReadError as e:
+                reports[i] = Report(path=name, error=str(e), timings={"preprocess": time.perf_counter() - t})
+                continue
+            good.append((i, name, arr, time.perf_counter() - t))
+        for s in range(0, len(good), batch):
+            chunk = good[s : s + batch]
+            run = self._run_fused if mode == "fused" else self._run_ar
+            for r, (i, *_rest) in zip(run(dec, chunk, max_new, on_block), chunk):
+                reports[i] = r
+        return reports  # type: ignore[return-value]
+
+    def generate_ar(self, images, max_new_tokens: Optional[int] = None, on_block=None) -> list[Report]:
+        """The AR baseline (ar_prefill / ar_step graphs) through the same runtime."""
+        return self.generate(images, max_new_tokens, on_block, mode="ar")
+
+    def _load_pixels(self, dec: _Decoder, chunk) -> None:
+        for r in range(dec.pixel.shape[0]):
+            dec.pixel[r] = chunk[min(r, len(chunk) - 1)][2]  # pad a short batch by repeating
+
+    def _finish(self, chunk, raw: np.ndarray, passes: np.ndarray, stops, timings) -> list[Report]:
+        out = []
+        for r, (i, name, _arr, t_pre) in enumerate(chunk):
+            ids = self.tokenizer.cut_at_eos(raw[r].tolist())
+            tm = dict(timings, preprocess=t_pre, blocks=list(timings["blocks"]))
+            tm["total"] = t_pre + tm["decode"]
+            out.append(Report(path=name, text=self.tokenizer.decode(ids), tokens=ids, timings=tm,
+                              forward_passes=int(passes[r]), stop=stops[r]))
+        return out
+
+    def _emit(self, on_block, chunk, block_no, new, hist, done_before, has_eos):
+        if on_block is None:
+            return
+        for r, (i, name, *_x) in enumerate(chunk):
+            if done_before[r]:
+                continue
+            ids = self.tokenizer.cut_at_eos(np.concatenate(hist, 1)[r].tolist())
+            on_block(BlockEvent(i, name, block_no, self.tokenizer.cut_at_eos(new[r].tolist()),
+                                self.tokenizer.decode(ids), bool(has_eos[r])))
+
+    def _fused_positions(self, k: int) -> np.ndarray:
+        while len(self._positions) <= k:
+            self._positions.append(self.layout.fused_positions(len(self._positions)))
+        return self._positions[k]
+
+    def _run_fused(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
+        B, n, eos = self.block_size, len(chunk), self.tokenizer.eos_id
+        b = dec.pixel.shape[0]
+        self._load_pixels(dec, chunk)
+        t0 = time.perf_counter()
+        session = dec.prefill.run()
+        n_pre = dec.n_pre
+        dec.store(dec.prefill, 0)
+        t_prefill = time.perf_counter() - t0
+        past = n_pre
+        dec.input_ids[:, :B] = self.prefix[n_pre:]
+        dec.input_ids[:, B:] = self.tokenizer.mask_id
+        done = np.zeros(b, bool)
+        passes = np.ones(b, np.int64)
+        blocks: list[np.ndarray] = []
+        block_times: list[float] = []
+        stop = "max_new_tokens"
+        n_blocks = self.layout.num_blocks(max_new)
+        for k in range(n_blocks):
+            tb = time.perf_counter()
+            dec.position_ids[:] = self._fused_positions(k)
+            dec.past_len[:] = past
+            session += dec.step.run()
+            stored = past + B <= dec.cap  # block k-1's KV; only the next pass needs it
+            if stored:
+                dec.store(dec.step, past)
+                past += B
+            new = dec.tokens.astype(np.int64)  # a copy: the next pass overwrites the buffer
+            dec.input_ids[:, :B] = new
+            blocks.append(new)
+            passes += ~done
+            has_eos = (new == eos).any(-1)
+            done_before = done.copy()
+            done |= has_eos
+            block_times.append(time.perf_counter() - tb)
+            self._emit(on_block, chunk, k, new, blocks, done_before, has_eos)
+            if done[:n].all():
+                break
+            if not stored and k < n_blocks - 1:
+                stop = "capacity"  # the cache cannot hold the context of another pass
+                break
+        decode = time.perf_counter() - t0
+        raw = np.concatenate(blocks, 1) if blocks else np.zeros((b, 0), np.int64)
+        stops = ["eos" if done[r] else stop for r in range(n)]
+        tm = {"prefill": t_prefill, "blocks": block_times, "decode": decode, "session": session}
+        return self._finish(chunk, raw, passes, stops, tm)
+
+    def _run_ar(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
+        n, eos, P = len(chunk), self.tokenizer.eos_id, len(dec.prompt.prefix)
+        b = dec.pixel.shape[0]
+        self._load_pixels(dec, chunk)
+        t0 = time.perf_counter()
+        session = dec.prefill.run()
+        dec.store(dec.prefill, 0)
+        tok = dec.pre_tokens.astype(np.int64)
+        t_prefill = time.perf_counter() - t0
+        past = P
+        out = [tok]
+        done = tok[:, 0] == eos
+        passes = np.ones(b, np.int64)
+        step_times: list[float] = []
+        stop = "max_new_tokens"
+        self._emit(on_block, chunk, 0, tok, out, np.zeros(b, bool), done)
+        for i in range(1, max_new):
+            if done[:n].all():
+                break
+            ts = time.perf_counter()
+            dec.input_ids[:] = tok
+            dec.position_ids[:] = P + i - 1
+            dec.past_len[:] = past
+            session += dec.step.run()
+            stored = past < dec.cap  # this token's KV; only the next step needs it
+            if stored:
+                dec.store(dec.step, past)
+                past += 1
+            tok = dec.tokens.astype(np.int64)
+            out.append(tok)
+            passes += ~done
+            has_eos = tok[:, 0] == eos
+            done_before = done.copy()
+            done |= has_eos
+            step_times.append(time.perf_counter() - ts)
+            self._emit(on_block, chunk, i, tok, out, done_before, has_eos)
+            if not stored and not done[:n].all() and i < max_new - 1:
+                stop = "capacity"
+                break
+        decode = time.perf_counter() - t0
+        raw = np.concatenate(out, 1)
+        stops = ["eos" if done[r] else stop for r in range(n)]
+        tm = {"prefill": t_prefill, "blocks": step_times, "decode": decode, "session": session}
+        return self._finish(chunk, raw, passes, stops, tm)

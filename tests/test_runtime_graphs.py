@@ -1,0 +1,108 @@
+"""The real engine folder the runtime tests share, built by `echo_export.build` (no mocks).
+
+A tiny random ECHO model (tests/conftest.py) is saved as a checkpoint and exported with
+the project's own exporter: block graphs from a `dcd` checkpoint, AR graphs from an `ar`
+checkpoint with the same weights, fp32 + fp16, one batch size (2) to keep export time
+down. batch_size=1 runs on the b2 graphs, padded. Built once per test session.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BLOCK = 4
+CAPACITY = 96
+MAX_NEW = 24
+GRAPH_BATCH = 2
+MODEL_SEED = 5  # with the images below this random model writes 6 different reports
+
+
+class EngineFixture:
+    def __init__(self, path: Path, model, tokenizer) -> None:
+        self.path, self.model, self.tokenizer = path, model, tokenizer
+
+
+_BUILT: dict[str, EngineFixture] = {}
+
+
+def make_eos_model(tok):
+    """Tiny random dcd model whose reports end at different blocks for different images.
+
+    A random model never says EOS. Make EOS win wherever some frequent token t would (EOS's
+    embedding row = 1.02 x t's; tied head, so a clear logit margin, no near-ties), choosing
+    the t that gives the most varied report lengths on `images(6)`. Token ids of the BPE
+    tokenizer may differ between runs, hence the search instead of a fixed id.
+    """
+    import collections
+
+    import torch
+
+    from conftest import make_tiny_model
+    from echo_train.decoding import fused_onestep_generate
+
+    px = torch.from_numpy(images(6))
+
+    def model_with(t):
+        m = make_tiny_model(tok, stage="dcd", block_size=BLOCK, seed=MODEL_SEED)
+        m.cfg.max_response_tokens = MAX_NEW
+        if t is not None:
+            with torch.no_grad():
+                emb = m.lm.model.embed_tokens.weight
+                emb[tok.eos_id] = emb[t] * 1.02
+        return m
+
+    base = fused_onestep_generate(model_with(None), tok, px, BLOCK, MAX_NEW)
+    best, best_score = None, -1
+    for t, _ in collections.Counter(sum(base.tokens, [])).most_common(4):
+        lens = [len(x) for x in fused_onestep_generate(model_with(t), tok, px, BLOCK, MAX_NEW).tokens]
+        score = len(set(lens)) + (MAX_NEW in lens) + any(0 < n < MAX_NEW for n in lens)
+        if score > best_score:
+            best, best_score = t, score
+    return model_with(best)
+
+
+def shared_engine(root: Path) -> EngineFixture:
+    """One engine folder per test session (several test modules use it)."""
+    if "engine" not in _BUILT:
+        from conftest import make_tokenizer
+        from echo_export.build import BuildOptions, build
+        from echo_train.model.checkpoint import save_checkpoint
+
+        root = Path(root)
+        tok = make_tokenizer()
+        model = make_eos_model(tok)
+        save_checkpoint(root / "ckpt", model, tok)
+        model.cfg.stage = "ar"
+        save_checkpoint(root / "ar", model, tok)
+        model.cfg.stage = "dcd"
+        out = build(BuildOptions(ckpt=root / "ckpt", out=root / "echo", precisions=["fp32", "fp16"],
+                                 ar_ckpt=root / "ar", batch_sizes=[GRAPH_BATCH], capacity=CAPACITY, verify_n=0),
+                    log=lambda s: None)
+        _BUILT["engine"] = EngineFixture(out, model, tok)
+    return _BUILT["engine"]
+
+
+@pytest.fixture(scope="session")
+def runtime_engine(tmp_path_factory) -> EngineFixture:
+    return shared_engine(tmp_path_factory.mktemp("engines"))
+
+
+def images(n: int, size: int = 32) -> np.ndarray:
+    """Preprocessed-looking, structured inputs [n, 1, S, S] in [-1, 1] (noise all looks alike
+    to a random vision tower)."""
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    out = [np.sin(xx * (1 + 2 * i)) * np.cos(yy * (3 - 0.5 * i)) * (1 - 0.3 * (i % 6)) for i in range(n)]
+    return np.clip(np.stack(out), -1, 1)[:, None].astype(np.float32)
+
+
+def test_engine_folder_verifies_and_lists_both_modes(runtime_engine):
+    from runtime import graph_io as gio
+    from runtime.manifest import graph_batch_sizes, load_manifest, resolve_graph
+
+    m = load_manifest(runtime_engine.path)
+    for role in gio.GRAPH_ROLES:
+        assert resolve_graph(m, role, "fp32", GRAPH_BATCH) in m.files
+        assert graph_batch_sizes(m, role, "fp32") == [GRAPH_BATCH]
+    assert "tokenizer.json" in m.files and m.block_size == BLOCK
