@@ -1,0 +1,111 @@
+"""What machine and libraries a benchmark ran on, and peak memory without psutil (/proc)."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "transformers", "numpy", "tokenizers", "onnx", "tensorrt")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def gpu_info() -> Optional[dict]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            return {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+                    "count": torch.cuda.device_count()}
+    except Exception:
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "gpu": gpu_info(),
+        "libraries": library_versions(),
+    }
+
+
+# ----------------------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0). False when not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size (VmHWM) since the last reset, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB, lifetime peak
+
+
+class PeakMemory:
+    """Peak RSS (and CUDA max_memory_allocated) over a `with` block."""
+
+    def __init__(self, cuda: bool = False) -> None:
+        self.cuda = cuda
+        self.rss_mb: Optional[float] = None
+        self.cuda_mb: Optional[float] = None
+        self.rss_scope = "cell"
+
+    def __enter__(self) -> "PeakMemory":
+        if not reset_peak_rss():
+            self.rss_scope = "process"  # could not reset: lifetime peak so far
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rss_mb = round(peak_rss_mb(), 1)
+        if self.cuda:
+            import torch
+
+            self.cuda_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)

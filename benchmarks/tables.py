@@ -1,0 +1,123 @@
+"""results.json -> results.md: quality and speed side by side, ideal vs achieved, overhead, setup."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+METHOD_NAMES = {"ar": "AR", "teacher": "teacher (B steps)", "naive": "naive one-step", "dcd": "DCD one-step"}
+COLUMNS = ["method", "B", "engine", "finding F1", "SemScore", "BLEU-4", "ROUGE-L", "validity",
+           "p50 ms", "p95 ms", "tok/s", "fwd/report", "tok/fwd", "speed-up vs AR", "reports/s @batch", "peak MB"]
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float):
+        if v != v:  # nan
+            return "nan"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _q(c: dict, key: str) -> str:
+    v = (c.get("quality") or {}).get(key)
+    return _f(v) if not (isinstance(v, str) and len(v) > 40) else v[:60] + ("…" if len(v) > 60 else "")
+
+
+def cell_row(c: dict) -> list[str]:
+    head = [METHOD_NAMES.get(c["method"], c["method"]), _f(c.get("block_size")), c["engine"]]
+    if c.get("status") != "ok":
+        return head + [c.get("status", "?")] + ["–"] * (len(COLUMNS) - 4)
+    tp = c.get("throughput") or {}
+    tps = f"{tp['reports_per_s']:.2f} @{tp['batch']}" if "reports_per_s" in tp else (tp.get("status") or "–")
+    sp = c.get("speedup_vs_ar")
+    peak = c.get("cuda_max_allocated_mb") or c.get("peak_rss_mb")
+    peak_s = _f(peak) + (" (cuda)" if c.get("cuda_max_allocated_mb") else "")
+    return head + [
+        _q(c, "finding_f1"), _q(c, "semscore"), _q(c, "bleu4"), _q(c, "rougeL"), _q(c, "valid_sentence_rate"),
+        _f(c["latency_ms"]["p50"]), _f(c["latency_ms"]["p95"]), _f(c["tokens_per_s"]),
+        _f(c["forward_passes_per_report"]), _f(c["tokens_per_forward"], 2),
+        (f"{sp:.2f}x" if sp else "–"), tps, peak_s,
+    ]
+
+
+def cell_rows(cells: list[dict]) -> list[list[str]]:
+    """One row per cell; an engine whose every cell is unavailable for one reason gets one row."""
+    rows, seen = [], set()
+    for c in cells:
+        e = c["engine"]
+        same = [x for x in cells if x["engine"] == e]
+        reasons = {x.get("status") for x in same}
+        if len(reasons) == 1 and not reasons & {"ok"} and len(same) > 1:
+            if e not in seen:
+                seen.add(e)
+                rows.append(["all methods", "–", e, c.get("status", "?")] + ["–"] * (len(COLUMNS) - 4))
+            continue
+        rows.append(cell_row(c))
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def ideal_table(result: dict) -> str:
+    rows = []
+    for r in result.get("ideal_speedup", []):
+        if r.get("status") != "ok":
+            rows.append([r["engine"], "–", r.get("status", ""), "–", "–", "–", "–"])
+            continue
+        t = r["t_ms"]
+        for B, ideal in sorted(r["ideal"].items(), key=lambda kv: int(kv[0])):
+            ach = (r.get("achieved_dcd_vs_ar") or {}).get(B)
+            rows.append([r["engine"], B, _f(t.get("1"), 3), _f(t.get(str(2 * int(B))), 3), f"{ideal:.2f}x",
+                         f"{ach:.2f}x" if ach else "–", f"{ach / ideal:.0%}" if ach else "–"])
+    return _table(["engine", "B", "t(1 token) ms", "t(2B tokens) ms", "ideal B·t(1)/t(2B)", "achieved DCD/AR tok/s",
+                   "achieved / ideal"], rows)
+
+
+def overhead_line(result: dict) -> str:
+    o = result.get("runtime_overhead") or {}
+    if "outside_session_of_decode" not in o:
+        return f"Runtime overhead: {o.get('status', 'not measured')}."
+    return (f"Runtime overhead ({o['cell']}): {o['outside_session_of_decode']:.1%} of the runtime's decode time is "
+            f"spent outside `session.run` ({o['outside_session_of_report']:.1%} of the whole per-report time, "
+            f"preprocessing and text decoding included).")
+
+
+def setup_lines(result: dict) -> list[str]:
+    m, cfg, th = result["machine"], result["config"], result.get("threads", {})
+    gpu = m.get("gpu")
+    libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
+    return [
+        f"- date: {m['date']}; machine: {m['cpu']} ({m['cpus_usable']} usable of {m['cpu_count']} CPUs)"
+        + (f"; GPU: {gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']})" if gpu else "; no GPU"),
+        f"- studies: {result['studies']['n']} from `{cfg['data']}` split `{cfg['split']}`; "
+        f"max {result['cells'][0].get('max_new_tokens', cfg.get('max_new_tokens')) if result['cells'] else '?'} new tokens, greedy",
+        f"- batch-1 latency: {cfg['warmup']} warm-up reports, {cfg['repeats']} timed pass(es), per-report median; "
+        f"throughput: batch {cfg['throughput_batch']} over {cfg['throughput_n']} reports",
+        f"- threads: torch {th.get('torch_intra_op')}, onnxruntime intra-op {th.get('ort_intra_op')}; "
+        f"seed {cfg['seed']}; bootstrap n={cfg['n_boot']}",
+        f"- libraries: {libs}; python {m['python']}",
+        f"- command: `{result.get('command', '')}`; wall time {result.get('wall_s', 0):.0f} s",
+    ]
+
+
+def results_markdown(result: dict) -> str:
+    cells = result["cells"]
+    parts = ["# ECHO benchmark", "", *setup_lines(result), "",
+             "## Quality and speed (batch 1 latency per report; speed-up = tokens/s over AR on the same engine)", "",
+             _table(COLUMNS, cell_rows(cells)), "",
+             "finding F1: micro F1 of the rule labeler's findings; validity: share of sentences the synthetic "
+             "grammar accepts; tok/fwd counts generated tokens (EOS included) per forward pass (prefill included); "
+             "peak MB: peak RSS of the process during the cell (CUDA: max_memory_allocated).", "",
+             "## Ideal vs achieved one-step speed-up (same run)", "", ideal_table(result), "",
+             overhead_line(result), ""]
+    return "\n".join(parts)
