@@ -187,8 +187,6 @@ class Demo:
             return None
         want_p = [p for p in self.cfg.precisions.split(",") if p]
         want_b = [int(b) for b in self.cfg.export_batch_sizes.split(",") if b]
-        if self._fallback_marker(engine).is_file():  # an earlier demo could only build batch 1
-            want_b = [1]
         have_b = graph_batch_sizes(m, "block_step", "fp32")
         if not set(want_p) <= set(m.precisions) or not set(want_b) <= set(have_b) or not m.graphs.get("ar_step"):
             print(f"[demo] {engine} lacks what the demo asks for (precisions {m.precisions}, batch sizes {have_b}); rebuilding")
@@ -234,26 +232,10 @@ class Demo:
         done = self.engine_complete(engine)
         if done:
             return self.skip("5 export engines/echo", done)
-        def cmd(batch_sizes: str) -> list[str]:
-            return _bin("echo-export") + [
-                "build", "--ckpt", str(c.path("runs/echo")), "--ar-ckpt", str(c.path("runs/ar")), "--out", str(engine),
-                "--precision", c.precisions, "--batch-sizes", batch_sizes, "--calib-size", str(c.export_calib_size),
-                "--verify-n", str(c.export_verify_n), "--data", str(c.path("data/synth")), "--force"]
-
-        if self.run("5 export engines/echo", cmd(c.export_batch_sizes), c.export_budget_s, fatal=c.export_batch_sizes == "1"):
-            return
-        # keep the demo going to a table: batch 1 is what latency needs; the batched ORT cells will say why they are missing
-        print(f"[demo] export with batch sizes {c.export_batch_sizes} failed; retrying with batch 1 only "
-              "(onnxruntime throughput at batch 8 will be 'not available')", flush=True)
-        self.run("5 export engines/echo (batch 1)", cmd("1"), c.export_budget_s)
-        if not self.dry:
-            self._fallback_marker(engine).write_text(
-                f"echo-export build failed with --batch-sizes {c.export_batch_sizes}; the demo built batch 1 only.\n"
-                "Delete this file to make the next demo try the batched graphs again.\n")
-
-    @staticmethod
-    def _fallback_marker(engine: Path) -> Path:
-        return engine.with_name(engine.name + ".batch1-only")
+        self.run("5 export engines/echo", _bin("echo-export") + [
+            "build", "--ckpt", str(c.path("runs/echo")), "--ar-ckpt", str(c.path("runs/ar")), "--out", str(engine),
+            "--precision", c.precisions, "--batch-sizes", c.export_batch_sizes, "--calib-size", str(c.export_calib_size),
+            "--verify-n", str(c.export_verify_n), "--data", str(c.path("data/synth")), "--force"], c.export_budget_s)
 
     def step_reports(self) -> None:
         c = self.cfg
@@ -264,14 +246,8 @@ class Demo:
             return self.skip("6 echo-report", "dry run: no test split yet")
         studies = load_split(c.path("data/synth"), "test", c.n_reports)
         images = [s.image_paths[0] for s in studies]
-        ok = self.run("6 echo-report", _bin("echo-report") + ["--engine-dir", str(c.path("engines/echo")), *images],
+        self.run("6 echo-report", _bin("echo-report") + ["--engine-dir", str(c.path("engines/echo")), *images],
                       None, fatal=False)
-        if not ok and not self.dry:  # the runtime's CLI failed: show the reports through the Python API
-            from runtime import EchoRuntime
-
-            rt = EchoRuntime(c.path("engines/echo"), threads=c.threads)
-            for r in rt.generate(images):
-                print(f"{r.path}: {r.text or r.error}")
         print("\nground truth:")
         for s in studies:
             print(f"{s.image_paths[0]}: {s.report}")

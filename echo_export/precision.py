@@ -141,12 +141,49 @@ def topo_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(done)
 
 
+def clamp_mask_fill_constants(model: onnx.ModelProto, fill: float = -30000.0) -> list[str]:
+    """Make float32-min mask fills fp16-safe.
+
+    `transformers` vision towers build additive attention masks as Where(keep, 0, float32.min);
+    the value only has to drive softmax weights to zero, which a finite fp16 value does too.
+    Only scalar constants whose every consumer is a Where node are rewritten.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    def safe_to_clamp(t: onnx.TensorProto, name: str) -> bool:
+        if t.data_type != onnx.TensorProto.FLOAT:
+            return False
+        arr = numpy_helper.to_array(t)
+        uses = consumers.get(name, [])
+        return arr.size == 1 and float(arr.reshape(-1)[0]) < -FP16_MAX and bool(uses) and all(u.op_type == "Where" for u in uses)
+
+    def clamped(t: onnx.TensorProto) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, fill, dtype=np.float32), t.name)
+
+    fixed = []
+    for t in model.graph.initializer:
+        if safe_to_clamp(t, t.name):
+            t.CopyFrom(clamped(t))
+            fixed.append(t.name)
+    for n in model.graph.node:
+        if n.op_type != "Constant":
+            continue
+        for a in n.attribute:
+            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR and safe_to_clamp(a.t, n.output[0]):
+                a.t.CopyFrom(clamped(a.t))
+                fixed.append(n.output[0])
+    return fixed
+
+
 def to_fp16(src: str | Path, dst: str | Path) -> dict:
     """Convert an fp32 graph to fp16 with fp32 IO. Returns what was kept fp32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(src))
     _name_nodes(model)
+    clamp_mask_fill_constants(model)
     bad = check_fp16_constants(model)
     if bad:
         raise PrecisionError(f"{src}: constants overflow fp16 (inf/-inf or |x| > {FP16_MAX}): {bad[:5]}")

@@ -262,3 +262,32 @@ def test_fp32_mismatch_fails_the_build_without_a_manifest(setup, tmp_path, monke
     assert (tmp_path / "eng.failed" / "verify.json").is_file()
     assert not (tmp_path / "eng.failed" / "manifest.json").exists()
     assert not (tmp_path / ".eng.building").exists()
+
+
+def test_float32_min_mask_fills_become_fp16_safe(tmp_path):
+    """transformers' vision masks use Where(keep, 0, float32.min); the fp16 graph must stay finite."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from echo_export.precision import to_fp16
+
+    fmin = np.finfo(np.float32).min
+    g = helper.make_graph(
+        [helper.make_node("Where", ["keep", "zero", "fill"], ["bias"]),
+         helper.make_node("Add", ["scores", "bias"], ["masked"]),
+         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1)],
+        "mask",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("keep", TensorProto.BOOL, [2, 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]), helper.make_tensor("fill", TensorProto.FLOAT, [], [float(fmin)])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(m, tmp_path / "m.onnx")
+    to_fp16(tmp_path / "m.onnx", tmp_path / "m16.onnx")
+    feed = {"scores": np.random.rand(2, 4).astype(np.float32), "keep": np.array([[1, 1, 0, 1], [1, 0, 0, 1]], bool)}
+    a = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, feed)[0]
+    b = ort.InferenceSession(str(tmp_path / "m16.onnx")).run(None, feed)[0]
+    assert np.isfinite(b).all() and np.abs(a - b).max() < 1e-2 and (b[~feed["keep"]] < 1e-6).all()

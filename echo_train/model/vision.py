@@ -11,7 +11,9 @@ def build_vision_tower(cfg: VisionConfig) -> nn.Module:
     """Random-initialised tower of the configured family, or a local pretrained folder."""
     if cfg.family not in VISION_FAMILIES:
         raise ValueError(f"unknown vision family {cfg.family!r}; choose from {VISION_FAMILIES}")
+    # eager attention: SDPA's exported form carries float32-min masks that overflow fp16 graphs
     common = dict(
+        attn_implementation="eager",
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         hidden_size=cfg.hidden_size,
@@ -24,18 +26,18 @@ def build_vision_tower(cfg: VisionConfig) -> nn.Module:
         from transformers import ViTConfig, ViTModel
 
         if cfg.pretrained_path:
-            return ViTModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
+            return ViTModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False, attn_implementation="eager")
         return ViTModel(ViTConfig(**common), add_pooling_layer=False)
     if cfg.family == "dinov2":
         from transformers import Dinov2Config, Dinov2Model
 
         if cfg.pretrained_path:
-            return Dinov2Model.from_pretrained(cfg.pretrained_path)
+            return Dinov2Model.from_pretrained(cfg.pretrained_path, attn_implementation="eager")
         return Dinov2Model(Dinov2Config(**{**common, "mlp_ratio": cfg.intermediate_size / cfg.hidden_size}))
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     if cfg.pretrained_path:
-        return SiglipVisionModel.from_pretrained(cfg.pretrained_path)
+        return SiglipVisionModel.from_pretrained(cfg.pretrained_path, attn_implementation="eager")
     return SiglipVisionModel(SiglipVisionConfig(**common))
 
 
