@@ -43,9 +43,12 @@ class DemoConfig:
     n_test: int = 200
     synth_budget_s: int = 90
     # 2-4. training (stage defaults: lr 2e-3 / 1e-3 / 5e-4)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=400, batch_size=16, lr=2e-3, budget_s=360))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch_size=16, lr=1e-3, budget_s=180))
-    stage3: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=16, lr=5e-4, budget_s=150))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=700, batch_size=16, lr=2e-3, budget_s=360))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=16, lr=1e-3, budget_s=360))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch_size=16, lr=5e-4, budget_s=300))
+    # block 16 adapts the block-8 teacher (already a diffusion model) instead of converting the AR model again
+    stage2_b16: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=16, lr=5e-4, budget_s=150))
+    stage3_b16: StageConfig = field(default_factory=lambda: StageConfig(steps=150, batch_size=16, lr=5e-4, budget_s=200))
     block_sizes: tuple[int, ...] = (8, 16)  # 8 -> runs/base, runs/echo; 16 -> runs/base-b16, runs/echo-b16
     # 5. export
     precisions: str = "fp32,fp16,int8"
@@ -77,6 +80,8 @@ FAST = DemoConfig(
     stage1=StageConfig(steps=4, batch_size=4, lr=2e-3, budget_s=60),
     stage2=StageConfig(steps=4, batch_size=4, lr=1e-3, budget_s=60),
     stage3=StageConfig(steps=2, batch_size=4, lr=5e-4, budget_s=90),
+    stage2_b16=StageConfig(steps=2, batch_size=4, lr=5e-4, budget_s=60),
+    stage3_b16=StageConfig(steps=2, batch_size=4, lr=5e-4, budget_s=90),
     export_calib_size=4, export_verify_n=2, export_budget_s=180,
     bench_n=10, bench_max_new_tokens=32, bench_name="demo-fast/bench", bench_budget_s=240,
 )
@@ -221,9 +226,10 @@ class Demo:
         for B in c.block_sizes:
             sfx = "" if B == 8 else f"-b{B}"
             base, echo = c.path(f"runs/base{sfx}"), c.path(f"runs/echo{sfx}")
-            self._train(3, f"3 stage2 RAD B={B} -> runs/base{sfx}", "stage2", base, c.stage2,
-                        ["--init", str(c.path("runs/ar")), "--block-size", str(B)])
-            self._train(4, f"4 stage3 DCD B={B} -> runs/echo{sfx}", "stage3", echo, c.stage3, ["--init", str(base)])
+            init = c.path("runs/ar") if B == 8 else c.path("runs/base")
+            s2, s3 = (c.stage2, c.stage3) if B == 8 else (c.stage2_b16, c.stage3_b16)
+            self._train(3, f"3 stage2 RAD B={B} -> runs/base{sfx}", "stage2", base, s2, ["--init", str(init), "--block-size", str(B)])
+            self._train(4, f"4 stage3 DCD B={B} -> runs/echo{sfx}", "stage3", echo, s3, ["--init", str(base)])
 
     def step_export(self) -> None:
         c = self.cfg
