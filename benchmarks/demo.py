@@ -43,12 +43,13 @@ class DemoConfig:
     n_test: int = 200
     synth_budget_s: int = 90
     # 2-4. training (stage defaults: lr 2e-3 / 1e-3 / 5e-4)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=700, batch_size=16, lr=2e-3, budget_s=360))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=16, lr=1e-3, budget_s=360))
-    stage3: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch_size=16, lr=5e-4, budget_s=300))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=16, lr=2e-3, budget_s=300))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=700, batch_size=16, lr=1e-3, budget_s=360))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(steps=180, batch_size=16, lr=5e-4, budget_s=360))
     # block 16 adapts the block-8 teacher (already a diffusion model) instead of converting the AR model again
     stage2_b16: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=16, lr=5e-4, budget_s=150))
-    stage3_b16: StageConfig = field(default_factory=lambda: StageConfig(steps=150, batch_size=16, lr=5e-4, budget_s=200))
+    stage3_b16: StageConfig = field(default_factory=lambda: StageConfig(steps=100, batch_size=16, lr=5e-4, budget_s=180))
+    b16_train_limit: int = 1000  # block-16 trajectories on half the training set keep the demo in budget
     block_sizes: tuple[int, ...] = (8, 16)  # 8 -> runs/base, runs/echo; 16 -> runs/base-b16, runs/echo-b16
     # 5. export
     precisions: str = "fp32,fp16,int8"
@@ -59,7 +60,7 @@ class DemoConfig:
     # 6. reports
     n_reports: int = 3
     # 7. benchmark
-    bench_n: int = 100
+    bench_n: int = 60
     bench_repeats: int = 1
     bench_block_sizes: str = "8,16"
     bench_max_new_tokens: Optional[int] = None  # None: the checkpoints' max_response_tokens
@@ -229,7 +230,8 @@ class Demo:
             init = c.path("runs/ar") if B == 8 else c.path("runs/base")
             s2, s3 = (c.stage2, c.stage3) if B == 8 else (c.stage2_b16, c.stage3_b16)
             self._train(3, f"3 stage2 RAD B={B} -> runs/base{sfx}", "stage2", base, s2, ["--init", str(init), "--block-size", str(B)])
-            self._train(4, f"4 stage3 DCD B={B} -> runs/echo{sfx}", "stage3", echo, s3, ["--init", str(base)])
+            limit = [] if B == 8 else ["--train-limit", str(c.b16_train_limit)]
+            self._train(4, f"4 stage3 DCD B={B} -> runs/echo{sfx}", "stage3", echo, s3, ["--init", str(base), *limit])
 
     def step_export(self) -> None:
         c = self.cfg
