@@ -274,14 +274,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         verified=bool(verified),
     )
     write_manifest(tmp, manifest, manifest_files)
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    from echo_train.model.checkpoint import swap_into_place
+
+    swap_into_place(tmp, out)
 
     total = time.perf_counter() - t_all
     log("[summary]")

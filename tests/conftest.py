@@ -1,6 +1,10 @@
 """Shared fixtures: a real BPE tokenizer and a tiny random ECHO model, built in-process."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +31,31 @@ def make_tokenizer(texts=SAMPLE_REPORTS, vocab_size: int = 300) -> ReportTokeniz
     )
     tok.train_from_iterator(list(texts) * 4, trainer)
     return ReportTokenizer(tok)
+
+
+def write_png(path: Path, seed: int, size: int = 40) -> None:
+    """A small real grayscale PNG with structure (not a constant image)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = 120 + 60 * np.sin(xx / (3 + seed)) * np.cos(yy / 5) + rng.normal(0, 20, (size, size))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(path)
+
+
+def write_tiny_dataset(root: Path, n_train: int = 4, n_test: int = 3, reports=SAMPLE_REPORTS) -> Path:
+    """train.json / test.json in the ECHO evaluation format, with real PNGs and the given reports."""
+    (root / "img").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        recs = []
+        for i in range(n):
+            name = f"img/{split}{i}.png"
+            write_png(root / name, seed=i + (100 if split == "test" else 0))
+            f, imp = reports[i % len(reports)].split(" IMPRESSION: ")
+            recs.append({"id": f"{split}{i}", "images": [name], "split": split,
+                         "ground_truth": {"findings": f.replace("FINDINGS: ", ""), "impression": imp}})
+        (root / f"{split}.json").write_text(json.dumps(recs))
+    return root
 
 
 @pytest.fixture(scope="session")

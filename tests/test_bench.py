@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_tiny_model, make_tokenizer
+from tests.conftest import make_tiny_model, make_tokenizer, write_tiny_dataset
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -23,29 +23,6 @@ REPORTS = [
 MAX_NEW = 16
 
 
-def _write_png(path: Path, seed: int, size: int = 40) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    img = 120 + 60 * np.sin(xx / (3 + seed)) * np.cos(yy / 5) + rng.normal(0, 20, (size, size))
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(path)
-
-
-def _write_dataset(root: Path, n_train: int = 3, n_test: int = 4) -> Path:
-    (root / "img").mkdir(parents=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        recs = []
-        for i in range(n):
-            name = f"img/{split}{i}.png"
-            _write_png(root / name, seed=i + (100 if split == "test" else 0))
-            f, imp = REPORTS[i % 3].split(" IMPRESSION: ")
-            recs.append({"id": f"{split}{i}", "images": [name], "split": split,
-                         "ground_truth": {"findings": f.replace("FINDINGS: ", ""), "impression": imp}})
-        (root / f"{split}.json").write_text(json.dumps(recs))
-    return root
-
-
 @pytest.fixture(scope="module")
 def bench_setup(tmp_path_factory):
     from echo_train.model.checkpoint import save_checkpoint
@@ -56,7 +33,7 @@ def bench_setup(tmp_path_factory):
         m = make_tiny_model(tok, stage=stage, block_size=8, seed=seed)
         m.cfg.max_response_tokens = MAX_NEW
         save_checkpoint(root / "runs" / name, m, tok)
-    data = _write_dataset(root / "data")
+    data = write_tiny_dataset(root / "data", 3, 4, REPORTS)
     engine = None
     try:  # the onnxruntime cells need the exporter; without it they must say "not available"
         from echo_export.build import BuildOptions, build

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_tiny_model, make_tokenizer
+from tests.conftest import make_tiny_model, make_tokenizer, write_tiny_dataset
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -20,29 +20,6 @@ REPORTS = [
     "FINDINGS: The cardiac silhouette is enlarged. There is a small left pleural effusion. IMPRESSION: Cardiomegaly.",
     "FINDINGS: Right lower lobe consolidation. IMPRESSION: Pneumonia.",
 ]
-
-
-def _write_png(path: Path, seed: int, size: int = 40) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    img = 120 + 60 * np.sin(xx / (3 + seed)) * np.cos(yy / 5) + rng.normal(0, 20, (size, size))
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(path)
-
-
-def _write_dataset(root: Path, n_train: int = 4, n_test: int = 3) -> Path:
-    (root / "img").mkdir(parents=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        recs = []
-        for i in range(n):
-            name = f"img/{split}{i}.png"
-            _write_png(root / name, seed=i + (100 if split == "test" else 0))
-            f, imp = REPORTS[i % 3].split(" IMPRESSION: ")
-            recs.append({"id": f"{split}{i}", "images": [name], "split": split,
-                         "ground_truth": {"findings": f.replace("FINDINGS: ", ""), "impression": imp}})
-        (root / f"{split}.json").write_text(json.dumps(recs))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +34,7 @@ def setup(tmp_path_factory):
     ar = make_tiny_model(tok, stage="ar", block_size=4, seed=1)
     ar.cfg.max_response_tokens = 12
     save_checkpoint(root / "ar", ar, tok)
-    data = _write_dataset(root / "data")
+    data = write_tiny_dataset(root / "data", 4, 3, REPORTS)
     return root, model, tok, data
 
 

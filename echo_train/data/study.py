@@ -5,6 +5,26 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+# The 14 CheXpert observations, in CheXpert's column order: the label space of every Study,
+# of the synthetic grammar and of the rule labeler.
+CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+
+
 def format_report(findings: str, impression: str) -> str:
     """The report text a model learns to write: both sections, normalised spacing."""
     parts = []

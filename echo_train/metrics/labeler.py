@@ -23,22 +23,8 @@ import re
 from functools import lru_cache
 from typing import Iterable, Optional
 
-CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
+from ..data.study import CHEXPERT_OBSERVATIONS
+
 # The subset most papers report (CheXbert "5 observations").
 FIVE_OBSERVATIONS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion",

@@ -42,7 +42,12 @@ def save_checkpoint(
     tokenizer.save(tmp / "tokenizer.json")
     if training_state is not None:
         torch.save(training_state, tmp / "training_state.pt")
-    old = out.with_name(out.name + ".old")
+    return swap_into_place(tmp, out)
+
+
+def swap_into_place(tmp: Path, out: Path) -> Path:
+    """Replace folder `out` by the finished folder `tmp` with renames only, never half-written."""
+    old = out.with_name(f".{out.name}.old")
     if out.exists():
         if old.exists():
             shutil.rmtree(old)

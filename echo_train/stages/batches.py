@@ -58,19 +58,23 @@ def build_rad_inputs(
     r = resp.shape[1]
     prefix_emb = model.embed_prefix(px, prefix)
     ignore = torch.full_like(resp, -100)
+    # Score the report through its first EOS only. The EOS padding after it stays in the input but
+    # is never a target: trained on, the padding made EOS the most confident guess of every late
+    # position, and the low-confidence-dynamic rule then ended reports early.
+    scored = batch["response_mask"]
     if symmetric:
         noisy, masked = sample_block_noise(resp, block_size, mask_id, gen)
         # the vision tower runs once; the LM sees the prefix twice, as in BD3-style duplication
         embeds = torch.cat([prefix_emb, model.embed_tokens(noisy), prefix_emb, model.embed_tokens(resp)], 1)
         pre_ignore = torch.full((b, p), -100, dtype=torch.long, device=resp.device)
-        targets = torch.cat([pre_ignore, torch.where(masked, resp, ignore), pre_ignore, ignore], 1)
+        targets = torch.cat([pre_ignore, torch.where(masked & scored, resp, ignore), pre_ignore, ignore], 1)
         layout = symmetric_layout(p, r, block_size)
     else:
         parts, tgt = [prefix_emb, model.embed_tokens(resp)], [torch.full((b, p + r), -100, dtype=torch.long, device=resp.device)]
         for _ in range(n_noisy):
             noisy, masked = sample_block_noise(resp, block_size, mask_id, gen)
             parts.append(model.embed_tokens(noisy))
-            tgt.append(torch.where(masked, resp, ignore))
+            tgt.append(torch.where(masked & scored, resp, ignore))
         embeds, targets = torch.cat(parts, 1), torch.cat(tgt, 1)
         layout = rad_layout(p, r, block_size, n_noisy)
     return ModelInputs(embeds, _positions(layout, b, resp.device), build_attention_mask(layout).to(resp.device)[None], targets)

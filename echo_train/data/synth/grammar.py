@@ -35,23 +35,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional
 
-# The 14 CheXpert observations, in CheXpert's column order.
-OBSERVATIONS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
+from ..study import CHEXPERT_OBSERVATIONS
+
+OBSERVATIONS: tuple[str, ...] = CHEXPERT_OBSERVATIONS
 # Observations that are pathology (No Finding is 1 only when none of these is 1 or -1).
 PATHOLOGIES: tuple[str, ...] = tuple(o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices"))
 

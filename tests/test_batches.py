@@ -1,0 +1,50 @@
+"""Training batch builders: which positions each stage scores."""
+import torch
+
+from conftest import make_tiny_model
+
+from echo_train.model.masks import build_attention_mask, rad_layout
+from echo_train.stages.batches import build_ar_inputs, build_rad_inputs
+
+
+def _batch(tok, model, n_real=5, r=16):
+    resp = torch.full((2, r), tok.eos_id)
+    resp[:, :n_real] = torch.arange(10, 10 + n_real)
+    keep = torch.zeros(2, r, dtype=torch.bool)
+    keep[:, : n_real + 1] = True  # the report and its first EOS
+    return {"pixel_values": torch.zeros(2, 1, 32, 32),
+            "prefix_ids": torch.tensor(tok.prefix_ids(model.n_image_tokens))[None].expand(2, -1),
+            "response_ids": resp, "response_mask": keep}
+
+
+def test_rad_scores_masked_positions_through_the_first_eos_only(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, block_size=4)
+    batch = _batch(tiny_tokenizer, model)
+    P, R = batch["prefix_ids"].shape[1], 16
+    for symmetric in (False, True):
+        inp = build_rad_inputs(model, batch, 4, tiny_tokenizer.mask_id, torch.Generator().manual_seed(0), 2, symmetric)
+        scored = inp.targets != -100
+        assert scored.any()
+        noisy = inp.targets[:, P : P + R] if symmetric else inp.targets[:, P + R :].reshape(2, 2, R)
+        assert (noisy[..., 6:] == -100).all()  # EOS padding is input, never a target
+        assert set(inp.targets[scored].tolist()) <= set(range(10, 15)) | {tiny_tokenizer.eos_id}
+
+
+def test_rad_layout_and_positions(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, block_size=4)
+    batch = _batch(tiny_tokenizer, model)
+    P = batch["prefix_ids"].shape[1]
+    inp = build_rad_inputs(model, batch, 4, tiny_tokenizer.mask_id, torch.Generator().manual_seed(0), 1)
+    assert torch.equal(inp.mask[0], build_attention_mask(rad_layout(P, 16, 4, 1)))
+    pos = inp.position_ids[0]
+    assert torch.equal(pos[P : P + 16], pos[P + 16 :])  # a noisy copy sits at its clean copy's positions
+
+
+def test_ar_targets_are_the_next_tokens_through_the_first_eos(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, stage="ar")
+    batch = _batch(tiny_tokenizer, model)
+    P = batch["prefix_ids"].shape[1]
+    t = build_ar_inputs(model, batch).targets[0]
+    assert (t[: P - 1] == -100).all()
+    assert t[P - 1 : P + 5].tolist() == list(range(10, 15)) + [tiny_tokenizer.eos_id]
+    assert (t[P + 5 :] == -100).all()
