@@ -32,6 +32,18 @@ ORT_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_BLOCK = 8  # the block size whose checkpoints / engines carry no "-bN" suffix
 
 
+
+def _torch_inputs(model, paths: Sequence[str], device: str, bf16: bool):
+    """Preprocessed pixels on the device, and the autocast context of a PyTorch engine."""
+    import torch
+
+    from runtime.preprocess import preprocess_image
+
+    S = model.cfg.vision.image_size
+    px = torch.from_numpy(np.stack([preprocess_image(p, S) for p in paths])).to(device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.startswith("cuda")) else contextlib.nullcontext()
+    return px, ctx
+
 class Unavailable(Exception):
     """This cell cannot run here; str(e) says why."""
 
@@ -131,13 +143,10 @@ class TorchRunner:
 
     def decode(self, paths: Sequence[str]) -> list[Decoded]:
         import torch
-        from echo_train.decoding.run import decode_batch
-        from runtime.preprocess import preprocess_image
 
-        S = self.model.cfg.vision.image_size
-        px = torch.from_numpy(np.stack([preprocess_image(p, S) for p in paths])).to(self.device)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (self.bf16 and self.device.startswith("cuda")) \
-            else contextlib.nullcontext()
+        from echo_train.decoding.run import decode_batch
+
+        px, ctx = _torch_inputs(self.model, paths, self.device, self.bf16)
         with ctx:
             res = decode_batch(self.model, self.tok, px, self.spec)
         if self.device.startswith("cuda"):
@@ -223,12 +232,8 @@ class HFRunner:
 
     def decode(self, paths: Sequence[str]) -> list[Decoded]:
         import torch
-        from runtime.preprocess import preprocess_image
 
-        S = self.model.cfg.vision.image_size
-        px = torch.from_numpy(np.stack([preprocess_image(p, S) for p in paths])).to(self.device)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (self.bf16 and self.device.startswith("cuda")) \
-            else contextlib.nullcontext()
+        px, ctx = _torch_inputs(self.model, paths, self.device, self.bf16)
         with ctx:
             out = hf_generate(self.hf, self.model, self.tok, px, self.max_new)
         if self.device.startswith("cuda"):
