@@ -1,7 +1,6 @@
 """`echo-export`: build a verified engine folder from a checkpoint, or inspect one."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -52,10 +52,12 @@ def _register_synth() -> None:
     try:
         from .data.synth.cli import synth_command
     except ImportError as e:  # keep the other commands usable
+        reason = str(e)
+
         @main.command("synth")
         def synth_missing() -> None:
             """Synthetic benchmark (unavailable)."""
-            raise click.ClickException(f"the synthetic benchmark could not be imported: {e}")
+            raise click.ClickException(f"the synthetic benchmark could not be imported: {reason}")
         return
     main.add_command(synth_command, "synth")
 

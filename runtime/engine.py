@@ -24,7 +24,7 @@ import numpy as np
 
 from . import graph_io as gio
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
-from .manifest import Manifest, graph_batch_sizes, load_manifest, resolve_graph
+from .manifest import graph_batch_sizes, load_manifest, resolve_graph
 from .preprocess import preprocess_image
 from .schedule import BlockLayout
 from .text import ReportTokenizer

@@ -5,9 +5,7 @@ Speed is never asserted: only that timings exist and the ideal ratio is a positi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.conftest import make_tiny_model, make_tokenizer, write_tiny_dataset

@@ -4,7 +4,6 @@ Semantics (unmask rule, block positions) come from runtime/schedule.py, shared w
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from runtime.schedule import UNMASK_THRESHOLD, BlockLayout, select_unmask, transfer_schedule

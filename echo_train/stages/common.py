@@ -1,7 +1,6 @@
 """What every stage needs around the trainer: data sets, tokenizer, presets."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 

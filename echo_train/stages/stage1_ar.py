@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..model.config import EchoConfig
 from ..model.echo_model import EchoModel
 from .batches import build_ar_inputs, scored_cross_entropy
@@ -23,13 +25,11 @@ class Stage1Config:
     train_limit: Optional[int] = None
 
 
-def ar_loss(model: EchoModel, batch: dict, gen) -> "torch.Tensor":
+def ar_loss(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
     return scored_cross_entropy(model, build_ar_inputs(model, batch))
 
 
 def run_stage1(cfg: Stage1Config) -> dict:
-    import torch
-
     out = Path(cfg.out)
     train_studies = load_split(cfg.data, "train", cfg.train_limit)
     val_studies = load_split(cfg.data, "val")

@@ -7,7 +7,6 @@ torchrun rank r writes the shards i with i % world == r; finished shards are ski
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
