@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from echo_train.decoding.block_diffusion import fused_layout
+from echo_train.decoding.block_diffusion import fused_block_slice, fused_layout
 from echo_train.model.backbone import KV, MASK_VALUE
 from echo_train.model.echo_model import EchoModel
 from echo_train.model.masks import block_layout, build_attention_mask, causal_layout
@@ -95,7 +95,8 @@ class BlockStepGraph(nn.Module):
             [_cache_mask(past_len, self.capacity, t, input_ids.device), self.self_mask.expand(b, t, t)], -1
         )
         h, kv = self.model.lm(self.model.embed_tokens(input_ids), position_ids, mask, _split_past(past_key, past_value))
-        logits = exclude_token(self.model.lm.lm_head(h[:, B:]).float(), self.mask_id)
+        read = fused_block_slice(B, self.model.cfg.shifted_prediction)
+        logits = exclude_token(self.model.lm.lm_head(h[:, read]).float(), self.mask_id)
         tokens = logits.argmax(-1)
         confidence = torch.softmax(logits, -1).amax(-1)
         pk, pv = _stack_present(kv, slice(0, B))

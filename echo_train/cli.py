@@ -22,6 +22,9 @@ def _train_options(f):
         click.option("--eval-every", type=int, default=100, show_default=True),
         click.option("--stop-after", type=int, default=None, help="Stop (with a checkpoint) at this step."),
         click.option("--train-limit", type=int, default=None, help="Use only the first N training studies."),
+        click.option("--freeze", default=None,
+                     help="Comma-separated parameter-name prefixes to keep fixed (e.g. vision, vision.tower); "
+                          "'none' trains everything. Default: the stage's."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -35,6 +38,9 @@ def _train_config(default: TrainConfig, kw: dict) -> TrainConfig:
             setattr(cfg, k, kw[k])
     cfg.seed, cfg.device, cfg.threads = kw["seed"], kw["device"], kw["threads"]
     cfg.save_every, cfg.eval_every, cfg.stop_after = kw["save_every"], kw["eval_every"], kw["stop_after"]
+    if kw.get("freeze") is not None:
+        names = [x.strip() for x in kw["freeze"].split(",") if x.strip()]
+        cfg.freeze = () if names == ["none"] else tuple(names)
     return cfg
 
 
@@ -89,13 +95,16 @@ def stage1(data, out, preset, vision_family, vocab_size, **kw) -> None:
 @click.option("--block-size", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
 @click.option("--noisy-copies", "n_noisy", type=int, default=1, show_default=True, help="K noisy response copies (RAD).")
 @click.option("--symmetric", is_flag=True, help="BD3-style duplication of the whole sequence (ablation).")
+@click.option("--shifted/--aligned", "shifted", default=True, show_default=True,
+              help="Read block token j from the logits of position j-1, as the AR model does (shifted), "
+                   "or from its own position (aligned: the ablation).")
 @_train_options
-def stage2(data, init, out, block_size, n_noisy, symmetric, **kw) -> None:
+def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, **kw) -> None:
     """Stage 2: RAD block-diffusion conversion of the AR model (the multi-step teacher)."""
     from .stages.stage2_rad import Stage2Config, run_stage2
 
     cfg = Stage2Config(data=data, init=init, out=out, block_size=int(block_size), n_noisy=n_noisy, symmetric=symmetric,
-                       train_limit=kw["train_limit"])
+                       shifted_prediction=shifted, train_limit=kw["train_limit"])
     cfg.train = _train_config(cfg.train, kw)
     run_stage2(cfg)
 

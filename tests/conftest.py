@@ -63,7 +63,8 @@ def tiny_tokenizer() -> ReportTokenizer:
     return make_tokenizer()
 
 
-def make_tiny_model(tokenizer: ReportTokenizer, stage: str = "rad", block_size: int = 8, seed: int = 0, sharpen: float = 1.0):
+def make_tiny_model(tokenizer: ReportTokenizer, stage: str = "rad", block_size: int = 8, seed: int = 0, sharpen: float = 1.0,
+                    shifted: bool = True):
     from echo_train.model.config import EchoConfig, LMConfig, VisionConfig
     from echo_train.model.echo_model import EchoModel
 
@@ -76,6 +77,7 @@ def make_tiny_model(tokenizer: ReportTokenizer, stage: str = "rad", block_size: 
         stage=stage,
         block_size=block_size,
         max_response_tokens=48,
+        shifted_prediction=shifted,
     )
     model = EchoModel(cfg).eval()
     if sharpen != 1.0:  # peaked distributions exercise the confidence threshold

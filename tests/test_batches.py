@@ -48,3 +48,23 @@ def test_ar_targets_are_the_next_tokens_through_the_first_eos(tiny_tokenizer):
     assert (t[: P - 1] == -100).all()
     assert t[P - 1 : P + 5].tolist() == list(range(10, 15)) + [tiny_tokenizer.eos_id]
     assert (t[P + 5 :] == -100).all()
+
+
+def test_shifted_rad_reads_each_target_from_the_position_before_it(tiny_tokenizer):
+    for shifted in (True, False):
+        model = make_tiny_model(tiny_tokenizer, block_size=4, shifted=shifted)
+        batch = _batch(tiny_tokenizer, model)
+        P, R = batch["prefix_ids"].shape[1], 16
+        inp = build_rad_inputs(model, batch, 4, tiny_tokenizer.mask_id, torch.Generator().manual_seed(0), 2)
+        if not shifted:
+            assert inp.sources is None
+            continue
+        pos = inp.position_ids[0]
+        noisy = torch.arange(P + R, P + 3 * R)
+        src = inp.sources[noisy]
+        assert torch.equal(pos[src], pos[noisy] - 1)  # every noisy token is read one position earlier
+        starts = noisy[pos[noisy] % 4 == 0]
+        assert (inp.sources[starts] < P + R).all()  # a block's first token: from the clean sequence
+        h = torch.randn(2, inp.embeds.shape[1], 8)
+        hs, t = inp.scored(h)
+        assert hs.shape[0] == t.shape[0] == int((inp.targets != -100).sum())

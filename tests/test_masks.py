@@ -4,7 +4,10 @@ import itertools
 import torch
 
 from echo_train.model.masks import (
+    CLEAN,
+    NOISY,
     block_layout,
+    prediction_sources,
     build_attention_mask,
     causal_layout,
     rad_layout,
@@ -64,3 +67,26 @@ def test_rad_costs_fewer_tokens_than_symmetric():
     P, R, B = 64, 32, 8
     assert len(rad_layout(P, R, B, 1)) == P + 2 * R
     assert len(symmetric_layout(P, R, B)) == 2 * (P + R)
+
+
+def brute_sources(layout):
+    """For each noisy token: same-copy token one position earlier in its block, else the clean
+    token one position earlier; otherwise itself."""
+    n = len(layout)
+    toks = [(int(layout.kind[i]), int(layout.copy[i]), int(layout.block[i]), int(layout.position[i])) for i in range(n)]
+    out = []
+    for i, (kind, copy, block, pos) in enumerate(toks):
+        src = i
+        if kind == NOISY:
+            same = [j for j, t in enumerate(toks) if t[0] == NOISY and t[1] == copy and t[2] == block and t[3] == pos - 1]
+            clean = [j for j, t in enumerate(toks) if t[0] == CLEAN and t[3] == pos - 1]
+            src = same[0] if same else (clean[0] if clean else i)
+        out.append(src)
+    return torch.tensor(out)
+
+
+def test_prediction_sources_match_brute_force():
+    for layout in (rad_layout(8, 12, 4, 2), symmetric_layout(8, 8, 4), rad_layout(16, 16, 8, 1)):
+        assert torch.equal(prediction_sources(layout), brute_sources(layout))
+    src = prediction_sources(rad_layout(8, 8, 4, 1))
+    assert src[16].item() == 7 and src[17].item() == 16 and src[20].item() == 11  # block starts read the clean token before

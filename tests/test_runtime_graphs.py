@@ -55,9 +55,10 @@ def make_eos_model(tok):
 
     base = fused_onestep_generate(model_with(None), tok, px, BLOCK, MAX_NEW)
     best, best_score = None, -1
-    for t, _ in collections.Counter(sum(base.tokens, [])).most_common(4):
+    for t, _ in collections.Counter(sum(base.tokens, [])).most_common(8):
         lens = [len(x) for x in fused_onestep_generate(model_with(t), tok, px, BLOCK, MAX_NEW).tokens]
-        score = len(set(lens)) + (MAX_NEW in lens) + any(0 < n < MAX_NEW for n in lens)
+        # the tests need a report that runs to max_new_tokens AND reports that end at different blocks
+        score = 10 * (MAX_NEW in lens) + 10 * any(0 < n < MAX_NEW for n in lens) + len(set(lens))
         if score > best_score:
             best, best_score = t, score
     return model_with(best)

@@ -14,10 +14,11 @@ from echo_train.stages.stage2_rad import make_diffusion_loss
 from echo_train.stages.trainer import TrainConfig, train
 
 
-def _run(tok, out, stop_after=None):
+def _run(tok, out, stop_after=None, freeze=()):
     model = make_tiny_model(tok, stage="rad", block_size=4)
     data = RandomReports(tok, model.n_image_tokens)
-    cfg = TrainConfig(steps=6, batch_size=4, save_every=100, eval_every=100, stop_after=stop_after, threads=1)
+    cfg = TrainConfig(steps=6, batch_size=4, save_every=100, eval_every=100, stop_after=stop_after, threads=1,
+                      freeze=freeze)
     return model, train(model, tok, data, collate, make_diffusion_loss(4, tok.mask_id, n_noisy=2), cfg, out,
                         val_set=data, desc="t")
 
@@ -35,6 +36,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_tokenizer):
     loaded, _ = load_checkpoint(tmp_path / "cut")
     for (n, a), (_, b) in zip(full.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_frozen_vision_tower_keeps_its_weights(tmp_path, tiny_tokenizer):
+    init = make_tiny_model(tiny_tokenizer, stage="rad", block_size=4).state_dict()
+    model, _ = _run(tiny_tokenizer, tmp_path / "f", freeze=("vision",))
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, init[n]) == n.startswith("vision."), n
 
 
 def test_finished_run_is_reused(tmp_path, tiny_tokenizer):

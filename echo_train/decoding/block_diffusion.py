@@ -26,6 +26,21 @@ def denoise_step(
     return torch.where(accept_t, pred, x)
 
 
+def block_logits(logits: torch.Tensor, carry: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """Logits of a block's B tokens from a pass over that block.
+
+    Shifted prediction reads token j from position j-1 and token 0 from `carry`, the last
+    position of the pass that stored the token before the block (prefill or commit pass).
+    """
+    return torch.cat([carry[:, None], logits[:, :-1]], 1) if shifted else logits
+
+
+def fused_block_slice(block_size: int, shifted: bool) -> slice:
+    """Where fused pass [previous block, current block] holds the current block's logits
+    (the exported block_step graph reads the same slice)."""
+    return slice(block_size - 1, 2 * block_size - 1) if shifted else slice(block_size, 2 * block_size)
+
+
 @torch.no_grad()
 def multistep_generate(
     model: EchoModel,
@@ -49,8 +64,9 @@ def multistep_generate(
     schedule = transfer_schedule(B, steps)
     cache = KVCache()
     pre_layout = block_layout(grid.prefix_len, B)
-    _, kv = forward_with_cache(model, model.embed_prefix(pixel_values, prefix), pre_layout, cache)
+    logits, kv = forward_with_cache(model, model.embed_prefix(pixel_values, prefix), pre_layout, cache)
     cache.append(kv, pre_layout)
+    carry, shifted = logits[:, -1], model.cfg.shifted_prediction
     passes = 1
     blocks, trajectory = [], []
     done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -64,7 +80,7 @@ def multistep_generate(
                 break
             logits, _ = forward_with_cache(model, model.embed_tokens(x), noisy, cache)
             passes += 1
-            x = denoise_step(logits, x, tokenizer.mask_id, schedule[s], rule, threshold)
+            x = denoise_step(block_logits(logits, carry, shifted), x, tokenizer.mask_id, schedule[s], rule, threshold)
             states.append(x.clone())
         blocks.append(x)
         if keep_trajectory:
@@ -73,7 +89,8 @@ def multistep_generate(
         if bool(done.all()) or k == grid.num_blocks(max_new_tokens) - 1:
             break
         clean = block_layout(B, B, start=start, kind=CLEAN)
-        _, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache)
+        logits, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache)
+        carry = logits[:, -1]
         cache.append(kv, clean)
         passes += 1
     raw = torch.cat(blocks, 1).cpu()
@@ -115,13 +132,14 @@ def fused_onestep_generate(
     prev = prefix[:, n_pre:]
     masks = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
     blocks = []
+    read = fused_block_slice(B, model.cfg.shifted_prediction)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     for k in range(grid.num_blocks(max_new_tokens)):
         layout = fused_layout(grid, k)
         logits, kv = forward_with_cache(model, model.embed_tokens(torch.cat([prev, masks], 1)), layout, cache)
         passes += 1
         cache.append(kv, layout, keep=slice(0, B))
-        prev = never_predict_mask(logits[:, B:], tokenizer.mask_id).argmax(-1)
+        prev = never_predict_mask(logits[:, read], tokenizer.mask_id).argmax(-1)
         blocks.append(prev)
         done |= (prev == tokenizer.eos_id).any(-1)
         if bool(done.all()):

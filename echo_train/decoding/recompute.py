@@ -63,7 +63,9 @@ def recompute_multistep_generate(
             if not bool((x == tokenizer.mask_id).any()):
                 break
             embeds = torch.cat([pre, model.embed_tokens(torch.cat([gen, x], 1))], 1)
-            logits = _run(model, embeds, layout)[:, -B:]
+            # shifted prediction: token j of the block from position j-1 (token 0 from the last clean one)
+            logits = _run(model, embeds, layout)
+            logits = logits[:, -B - 1 : -1] if model.cfg.shifted_prediction else logits[:, -B:]
             passes += 1
             x = denoise_step(logits, x, tokenizer.mask_id, schedule[s], rule, threshold)
         gen = torch.cat([gen, x], 1)

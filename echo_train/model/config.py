@@ -80,6 +80,10 @@ class EchoConfig:
     stage: str = "ar"  # ar: causal prefix; rad / dcd: block-causal everywhere
     block_size: int = 8
     max_response_tokens: int = 128
+    # Diffusion stages: block token j is read from the logits of position j-1 (token 0 from the
+    # clean token before the block), as in AR. False: from its own position (the first design;
+    # checkpoints written before this field load with False).
+    shifted_prediction: bool = True
 
     @property
     def n_image_tokens(self) -> int:
@@ -95,6 +99,7 @@ class EchoConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EchoConfig":
         d = {k: v for k, v in d.items() if k != "model_type"}
+        d.setdefault("shifted_prediction", False)  # configs written before the field existed
         lm = LMConfig(**d.pop("lm", {}))
         vision = VisionConfig(**d.pop("vision", {}))
         known = {f.name for f in fields(cls)}

@@ -70,6 +70,35 @@ def rad_layout(prefix_len: int, response_len: int, block_size: int, n_noisy: int
     return TokenLayout.cat(parts)
 
 
+def prediction_sources(layout: TokenLayout) -> torch.Tensor:
+    """Index of the hidden state whose logits predict each token, under shifted prediction.
+
+    A noisy token at block position j > 0 is read from the noisy token j-1 of its own copy; the
+    first token of a noisy block from the CLEAN token just before the block (the last token of
+    the previous block or of the prefix). That token's context is exactly an AR model's, so the
+    first token of every block keeps stage 1's next-token head, and the others keep its
+    "predict the next position" role: conversion starts from what stage 1 learned instead of
+    re-purposing every position. Tokens without such a source (clean tokens, a noisy token at
+    position 0) map to themselves; they are never scored.
+    """
+    n = len(layout)
+    idx = torch.arange(n)
+    src = idx.clone()
+    noisy = layout.kind == NOISY
+    inner = torch.zeros(n, dtype=torch.bool)
+    inner[1:] = (noisy[1:] & noisy[:-1] & (layout.copy[1:] == layout.copy[:-1])
+                 & (layout.block[1:] == layout.block[:-1]) & (layout.position[1:] == layout.position[:-1] + 1))
+    src[inner] = idx[inner] - 1
+    first = noisy & ~inner & (layout.position > 0)
+    clean = layout.kind == CLEAN
+    if bool(first.any()) and bool(clean.any()):
+        lookup = torch.full((int(layout.position.max()) + 1,), -1, dtype=torch.long)
+        lookup[layout.position[clean]] = idx[clean]
+        found = lookup[layout.position[first] - 1]
+        src[first] = torch.where(found >= 0, found, idx[first])
+    return src
+
+
 def symmetric_layout(prefix_len: int, response_len: int, block_size: int) -> TokenLayout:
     """BD3-style ablation: a noisy copy of the WHOLE sequence (x_t) followed by the clean one (x_0)."""
     n = prefix_len + response_len

@@ -8,11 +8,12 @@ Symmetric:     [prefix][noisy response][prefix][clean response]   (BD3-style abl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..model.echo_model import EchoModel
-from ..model.masks import TokenLayout, build_attention_mask, causal_layout, rad_layout, symmetric_layout
+from ..model.masks import TokenLayout, build_attention_mask, causal_layout, prediction_sources, rad_layout, symmetric_layout
 
 
 @dataclass
@@ -23,6 +24,23 @@ class ModelInputs:
     position_ids: torch.Tensor  # [b, T]
     mask: torch.Tensor  # [1, T, T] bool
     targets: torch.Tensor  # [b, T] token id to predict at each position, or -100
+    # [T] index of the hidden state that predicts each position (shifted prediction); None: itself
+    sources: Optional[torch.Tensor] = None
+
+    def scored(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states that predict the scored positions [n, d], their targets [n])."""
+        if self.sources is not None:
+            h = h[:, self.sources.to(h.device)]
+        sel = self.targets != -100
+        return h[sel], self.targets[sel]
+
+
+def diffusion_inputs(model: EchoModel, embeds: torch.Tensor, layout: TokenLayout, targets: torch.Tensor) -> ModelInputs:
+    """Inputs of a block-diffusion loss (RAD, symmetric, DCD): mask from the layout, and the
+    prediction sources when the model reads block tokens from the position before them."""
+    dev = embeds.device
+    sources = prediction_sources(layout) if model.cfg.shifted_prediction else None
+    return ModelInputs(embeds, _positions(layout, embeds.shape[0], dev), build_attention_mask(layout).to(dev)[None], targets, sources)
 
 
 def _positions(layout: TokenLayout, b: int, device) -> torch.Tensor:
@@ -77,12 +95,11 @@ def build_rad_inputs(
             tgt.append(torch.where(masked & scored, resp, ignore))
         embeds, targets = torch.cat(parts, 1), torch.cat(tgt, 1)
         layout = rad_layout(p, r, block_size, n_noisy)
-    return ModelInputs(embeds, _positions(layout, b, resp.device), build_attention_mask(layout).to(resp.device)[None], targets)
+    return diffusion_inputs(model, embeds, layout, targets)
 
 
 def scored_cross_entropy(model: EchoModel, inputs: ModelInputs) -> torch.Tensor:
     """Mean cross-entropy over the scored positions only (logits computed just there)."""
     h, _ = model.lm(inputs.embeds, inputs.position_ids, inputs.mask)
-    sel = inputs.targets != -100
-    logits = model.lm.lm_head(h[sel])
-    return torch.nn.functional.cross_entropy(logits.float(), inputs.targets[sel])
+    h, targets = inputs.scored(h)
+    return torch.nn.functional.cross_entropy(model.lm.lm_head(h).float(), targets)

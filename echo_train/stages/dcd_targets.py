@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model.echo_model import EchoModel
-from ..model.masks import build_attention_mask, rad_layout
-from .batches import ModelInputs, sample_block_noise
+from ..model.masks import rad_layout
+from .batches import ModelInputs, diffusion_inputs, sample_block_noise
 
 
 def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tensor], targets: list[torch.Tensor]) -> ModelInputs:
@@ -30,9 +30,7 @@ def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tenso
     parts = [model.embed_prefix(px, prefix), model.embed_tokens(clean_ids)] + [model.embed_tokens(x) for x in noisy]
     layout = rad_layout(p, r, model.cfg.block_size, len(noisy))
     ignore = torch.full((b, p + r), -100, dtype=torch.long, device=clean_ids.device)
-    pos = layout.position.to(clean_ids.device)[None].expand(b, -1)
-    return ModelInputs(torch.cat(parts, 1), pos, build_attention_mask(layout).to(clean_ids.device)[None],
-                       torch.cat([ignore, *targets], 1))
+    return diffusion_inputs(model, torch.cat(parts, 1), layout, torch.cat([ignore, *targets], 1))
 
 
 def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5) -> ModelInputs:
@@ -88,11 +86,10 @@ def factorised_distillation_loss(student: EchoModel, teacher: EchoModel, batch: 
     with torch.no_grad():
         t_in = _rad_inputs(teacher, batch["pixel_values"], batch["prefix_ids"], teacher_ids, [all_mask], [targets])
         th, _ = teacher.lm(t_in.embeds, t_in.position_ids, t_in.mask)
-        sel = t_in.targets != -100
-        t_logits = teacher.lm.lm_head(th[sel]).float()
+        t_logits = teacher.lm.lm_head(t_in.scored(th)[0]).float()
         t_logits[:, mask_id] = float("-inf")
         soft = F.softmax(t_logits, -1)
     s_in = _rad_inputs(student, batch["pixel_values"], batch["prefix_ids"], teacher_ids, [all_mask], [targets])
     sh, _ = student.lm(s_in.embeds, s_in.position_ids, s_in.mask)
-    s_logits = student.lm.lm_head(sh[s_in.targets != -100]).float()
+    s_logits = student.lm.lm_head(s_in.scored(sh)[0]).float()
     return -(soft * F.log_softmax(s_logits, -1)).sum(-1).mean()

@@ -24,6 +24,7 @@ class Stage2Config:
     block_size: int = 8
     n_noisy: int = 1  # K noisy copies of the response per sample
     symmetric: bool = False  # BD3-style duplication of the whole sequence (the ablation)
+    shifted_prediction: bool = True  # block token j read from position j-1, as in AR (see EchoConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=16, lr=1e-3))
     train_limit: Optional[int] = None
 
@@ -44,10 +45,15 @@ def run_stage2(cfg: Stage2Config) -> dict:
         raise SystemExit(f"error: stage 2 starts from a stage-1 checkpoint: {e}") from None
     if model.cfg.stage != "ar":
         print(f"[stage2] note: initialising from a '{model.cfg.stage}' checkpoint, not an AR one")
+    if model.cfg.stage == "ar":
+        model.cfg.shifted_prediction = cfg.shifted_prediction
+    elif model.cfg.shifted_prediction != cfg.shifted_prediction:
+        print(f"[stage2] note: keeping the init checkpoint's shifted_prediction={model.cfg.shifted_prediction}")
     model.cfg.stage, model.cfg.block_size = "rad", cfg.block_size
     train_studies = load_split(cfg.data, "train", cfg.train_limit)
     val_studies = load_split(cfg.data, "val")
-    mode = "symmetric BD3-style" if cfg.symmetric else f"RAD (K={cfg.n_noisy})"
+    mode = ("symmetric BD3-style" if cfg.symmetric else f"RAD (K={cfg.n_noisy})") + \
+        (", shifted prediction" if model.cfg.shifted_prediction else ", aligned prediction")
     print(f"[stage2] {mode}, block size {cfg.block_size}, from {cfg.init} -> {cfg.out}")
     loss = make_diffusion_loss(cfg.block_size, tokenizer.mask_id, cfg.n_noisy, cfg.symmetric)
     return train(model, tokenizer, make_dataset(train_studies, tokenizer, model.cfg), make_collate(tokenizer), loss,

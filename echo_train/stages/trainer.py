@@ -47,6 +47,7 @@ class TrainConfig:
     threads: Optional[int] = None
     stop_after: Optional[int] = None  # stop (with a checkpoint) at this step: tests use it to interrupt
     time_limit_s: Optional[float] = None  # stop (with a checkpoint) after this much training time
+    freeze: tuple[str, ...] = ()  # parameter-name prefixes kept fixed, e.g. "vision" (tower + projector)
 
 
 def pick_device(name: str) -> torch.device:
@@ -125,8 +126,14 @@ def train(
     maybe_init_distributed(device)
     rank, world = dist_info()
     model.to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    frozen = [n for n, p in model.named_parameters() if n.startswith(tuple(cfg.freeze))] if cfg.freeze else []
+    if cfg.freeze and not frozen:
+        raise SystemExit(f"error: --freeze {','.join(cfg.freeze)} matches no parameter of the model")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
