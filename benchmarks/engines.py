@@ -56,6 +56,7 @@ class Decoded:
     eos: bool  # EOS was produced (then it counts as a generated token)
     session_s: Optional[float] = None  # seconds inside session.run (runtime engines)
     decode_s: Optional[float] = None  # the runtime's own decode time
+    prefill_s: Optional[float] = None  # of which the prefill pass (vision + prompt)
 
     @property
     def n_generated(self) -> int:
@@ -290,7 +291,7 @@ class RuntimeRunner:
                 raise RuntimeError(f"{r.path}: {r.error}")
             tm = r.timings
             out.append(Decoded(list(r.tokens), r.text, r.forward_passes, r.stop == "eos",
-                               session_s=tm.get("session"), decode_s=tm.get("decode")))
+                               session_s=tm.get("session"), decode_s=tm.get("decode"), prefill_s=tm.get("prefill")))
         return out
 
 

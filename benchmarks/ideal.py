@@ -11,35 +11,14 @@ with a real prefix cache from `vision_prefill` and a realistic `past_len`.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from echo_export.timing import interleaved_medians
+
 MID_REPORT_TOKENS = 64  # cache length = prefix + this: the middle of a typical report
-
-
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 5, timer=None) -> dict:
-    """Median seconds of each fn, timed round-robin so that drift (other processes, clocks) hits all alike.
-
-    `timer(fn)` returns the seconds of one call (default: wall time around it).
-    """
-    def wall(fn):
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
-    timer = timer or wall
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    ts: dict = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            ts[k].append(timer(fn))
-    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def torch_pass_times(model, tok, token_counts: Sequence[int], image_path: Optional[str] = None, device: str = "cpu",

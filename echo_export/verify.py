@@ -11,7 +11,6 @@ runtime is `runtime/` and is not used here so that a runtime bug cannot hide an 
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from runtime import graph_io as gio
 
 from .decode_loop import ar_decode, fused_decode, ort_runner, torch_runner
+from .timing import interleaved_medians
 
 
 @dataclass
@@ -60,17 +60,12 @@ def _f1(texts: dict[str, str], refs: dict[str, str]):
     return float(finding_f1(texts, refs)["micro_f1"]), None
 
 
-def time_graph(path: Path, feeds: dict[str, np.ndarray], repeat: int = 30, threads: int = 0) -> float:
-    """Median milliseconds of one run of a graph on fixed feeds."""
-    run = ort_runner(path, threads)
-    for _ in range(5):
-        run(feeds)
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        run(feeds)
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: int = 100, threads: int = 0) -> dict[str, float]:
+    """Median milliseconds of one run of each graph on the same feeds, timed round-robin
+    (so that a busy machine slows every variant alike and their ratio stays meaningful)."""
+    runners = {name: ort_runner(path, threads) for name, path in paths.items()}
+    fns = {name: (lambda run=run: run(feeds)) for name, run in runners.items()}
+    return {name: 1e3 * t for name, t in interleaved_medians(fns, repeat, warmup=10).items()}
 
 
 def verify_block(
@@ -138,7 +133,7 @@ def verify_block(
             log(f"  block {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%  "
                 f"F1 {'-' if f1 is None else f'{f1:.3f}'} ({secs:.1f}s)")
         if first_feed:
-            speed = {p: time_graph(engine_dir / files[(gio.BLOCK_STEP, p, b)], first_feed["f"]) for p in precisions}
+            speed = time_graphs({p: engine_dir / files[(gio.BLOCK_STEP, p, b)] for p in precisions}, first_feed["f"])
             if "fp32" in speed and "int8" in speed:
                 speed["int8_over_fp32"] = speed["int8"] / speed["fp32"]
             if "fp32" in speed and "fp16" in speed:

@@ -126,6 +126,12 @@ def test_harness_writes_every_cell(bench_setup, tmp_path):
     # batch 2 was not built: the throughput says so instead of failing the cell
     assert cells[("dcd", "ort-fp32", 8)]["throughput"]["status"].startswith("not available: ")
     assert ideal["ort-fp32"]["status"] == "ok" and ideal["ort-fp32"]["ideal"]["8"] > 0
+    # the decode phase alone (prefill left out) is timed for runtime cells and compared with the ideal
+    dcd = cells[("dcd", "ort-fp32", 8)]
+    assert 0 < dcd["prefill_ms_mean"] < dcd["latency_ms"]["mean"]
+    assert dcd["decode_tokens_per_s"] > dcd["tokens_per_s"]
+    assert ideal["ort-fp32"]["achieved_dcd_vs_ar_decode_only"]["8"] == pytest.approx(dcd["decode_speedup_vs_ar"])
+    assert "decode only" in md
     ov = saved["runtime_overhead"]
     assert 0 <= ov["outside_session_of_decode"] <= 1
     # the engine decodes like the PyTorch reference
