@@ -56,6 +56,9 @@ class BuildOptions:
     opset: int = 18
     max_new_tokens: Optional[int] = None  # verification length; default: the model's max_response_tokens
     reduce_range: bool = False
+    # int8: quantise only weight matrices at least this large; below it the quantize/dequantize
+    # pair around a MatMul costs more than int8 arithmetic saves on onnxruntime CPU
+    int8_min_weight: int = 0
     timing_cache: Optional[Path] = None
 
 
@@ -387,7 +390,8 @@ def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, cali
                 for role, feeds in ((pre_role, pre_feeds), (step_role, step_feeds)):
                     name = gio.graph_filename(role, "int8", b)
                     info = to_int8(tmp / files[(role, "fp32", b)], tmp / name, feeds,
-                                   reduce_range=opts.reduce_range, workdir=tmp)
+                                   reduce_range=opts.reduce_range, workdir=tmp,
+                                   min_weight_elements=opts.int8_min_weight)
                     onnx.checker.check_model(str(tmp / name), full_check=True)
                     files[(role, "int8", b)] = name
                     log(f"  {name:<34} {_size(tmp / name):>10}  {info['quantized_matmuls']} weight MatMul/Gemm, "

@@ -6,6 +6,8 @@ fp16: `onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=T
   - nodes kept fp32: the RMSNorm statistics chain (ReduceMean -> Add eps -> Sqrt ->
     Reciprocal), and the whole rotary-angle subgraph (position_ids -> ... -> Cos/Sin):
     position * inv_freq in fp16 loses ~0.3 rad at position 300.
+  - nodes kept fp32: the output head, lm_head MatMul -> ArgMax (`output_head_nodes`): an
+    argmax over fp16 logits flips near-ties.
   The attention mask value is MASK_VALUE = -30000 (finite in fp16, max 65504); the mask-token
   exclusion uses the same value. `check_fp16_constants` refuses any constant that would
   overflow to inf in fp16. On onnxruntime CPU, fp16 nodes without an fp16 kernel are run in
@@ -104,6 +106,31 @@ def fp32_islands(model: onnx.ModelProto) -> list[str]:
     return sorted(keep)
 
 
+def output_head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Node names from the lm_head MatMul to the ArgMax: kept fp32 in the fp16 graph.
+
+    The token decision is an argmax over logits; computed in fp16 (about 3 significant digits)
+    near-ties flip, and one flipped token changes the rest of the report. One fp32 MatMul per
+    pass costs little on a GPU and keeps the decision as stable as the hidden states allow.
+    """
+    g = model.graph
+    prod = _producers(g)
+    keep: set[str] = set()
+    stack = [i for n in g.node if n.op_type == "ArgMax" for i in n.input]
+    seen: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in prod:
+            continue
+        seen.add(t)
+        p = prod[t]
+        keep.add(p.name)
+        if p.op_type in ("MatMul", "Gemm"):
+            continue  # the head's own MatMul: stop here (its input is the final hidden state)
+        stack.extend(p.input)
+    return sorted(keep)
+
+
 def check_fp16_constants(model: onnx.ModelProto) -> list[str]:
     """Names of float constants/initializers whose values would overflow (or are inf/nan) in fp16."""
     bad = []
@@ -187,7 +214,7 @@ def to_fp16(src: str | Path, dst: str | Path) -> dict:
     bad = check_fp16_constants(model)
     if bad:
         raise PrecisionError(f"{src}: constants overflow fp16 (inf/-inf or |x| > {FP16_MAX}): {bad[:5]}")
-    keep_nodes = fp32_islands(model)
+    keep_nodes = sorted(set(fp32_islands(model)) | set(output_head_nodes(model)))
     op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK))
     out = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=op_block, node_block_list=keep_nodes, disable_shape_infer=False
@@ -201,10 +228,14 @@ def to_fp16(src: str | Path, dst: str | Path) -> dict:
 # ---------------------------------------------------------------- int8
 
 
-def weight_matmuls(model: onnx.ModelProto) -> list[str]:
-    """MatMul/Gemm nodes (quant_pre_process fuses MatMul+bias into Gemm) whose second input is a constant weight (directly or through a Transpose)."""
+def weight_matmuls(model: onnx.ModelProto, min_weight_elements: int = 0) -> list[str]:
+    """MatMul/Gemm nodes (quant_pre_process fuses MatMul+bias into Gemm) whose second input is a
+    constant weight (directly or through a Transpose) of at least `min_weight_elements` values."""
     g = model.graph
     inits = {i.name for i in g.initializer}
+    sizes = {i.name: int(np.prod(i.dims)) for i in g.initializer}
+    sizes.update({o: int(np.prod(a.t.dims)) for n in g.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value" for o in n.output})
     prod = _producers(g)
     consts = {o for n in g.node if n.op_type == "Constant" for o in n.output}
     out = []
@@ -213,7 +244,8 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
             continue
         w = n.input[1]
         p = prod.get(w)
-        if w in inits or w in consts or (p is not None and p.op_type == "Transpose" and (p.input[0] in inits or p.input[0] in consts)):
+        src = p.input[0] if (p is not None and p.op_type == "Transpose") else w
+        if (src in inits or src in consts) and sizes.get(src, 0) >= min_weight_elements:
             out.append(n.name)
     return out
 
@@ -237,7 +269,8 @@ class ListDataReader:
 
 
 def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *, per_channel: bool = True,
-            reduce_range: bool = False, workdir: Optional[Path] = None, max_feeds: int = 256) -> dict:
+            reduce_range: bool = False, workdir: Optional[Path] = None, max_feeds: int = 256,
+            min_weight_elements: int = 0) -> dict:
     """Static QDQ quantisation of the weight MatMuls, calibrated on `feeds`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -251,9 +284,9 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
     model = onnx.load(str(pre))
     _name_nodes(model)
     onnx.save(model, str(pre))
-    nodes = weight_matmuls(model)
+    nodes = weight_matmuls(model, min_weight_elements)
     if not nodes:
-        raise PrecisionError(f"{src}: no weight MatMul found to quantise")
+        raise PrecisionError(f"{src}: no weight MatMul of at least {min_weight_elements} values found to quantise")
     names = [i.name for i in model.graph.input]
     if len(feeds) > max_feeds:  # evenly spaced: every image and every block position stays represented
         idx = np.linspace(0, len(feeds) - 1, max_feeds).round().astype(int)
@@ -274,4 +307,4 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
     )
     pre.unlink(missing_ok=True)
     return {"quantized_matmuls": len(nodes), "calib_samples": len(feeds), "per_channel": per_channel,
-            "reduce_range": reduce_range}
+            "reduce_range": reduce_range, "min_weight_elements": min_weight_elements}

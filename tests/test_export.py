@@ -267,3 +267,18 @@ def test_float32_min_mask_fills_become_fp16_safe(tmp_path):
     a = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, feed)[0]
     b = ort.InferenceSession(str(tmp_path / "m16.onnx")).run(None, feed)[0]
     assert np.isfinite(b).all() and np.abs(a - b).max() < 1e-2 and (b[~feed["keep"]] < 1e-6).all()
+
+
+def test_int8_min_weight_selects_only_large_weight_matmuls(setup):
+    """--int8-min-weight: small projections stay fp32, large ones (MLP, lm_head) are quantised."""
+    from echo_export.precision import weight_matmuls
+
+    root, *_ = setup
+    model = onnx.load(str(root / "engine" / "block_step.fp32.b1.onnx"))
+    every = weight_matmuls(model)
+    sizes = sorted({int(np.prod(i.dims)) for i in model.graph.initializer if len(i.dims) == 2})
+    counts = [len(weight_matmuls(model, t)) for t in sizes]
+    assert every and counts[0] == len(every)
+    assert counts == sorted(counts, reverse=True)  # a higher threshold never selects more
+    assert any(0 < c < len(every) for c in counts)  # some threshold keeps the small ones fp32
+    assert weight_matmuls(model, sizes[-1] + 1) == []

@@ -14,8 +14,8 @@ from .stage3_dcd import METHODS, Stage3Config, run_stage3
               help="dcd, or an ablation: factorised distillation, ground-truth one-step.")
 @click.option("--trajectories", default=None, help="Folder for teacher trajectory shards (default <out>_trajectories).")
 @click.option("--teacher-steps", type=int, default=None, help="Teacher denoising steps per block (default: block size).")
-@click.option("--p-intermediate", type=float, default=0.5, show_default=True,
-              help="Share of blocks trained from an intermediate teacher state instead of all-mask.")
+@click.option("--p-intermediate", type=float, default=0.0, show_default=True,
+              help="Share of blocks that also train from an intermediate teacher state (a second noisy copy; see Stage3Config).")
 @click.option("--diffusion-mix", type=float, default=0.0, show_default=True,
               help="Weight of the stage-2 diffusion loss mixed in (keeps the student's multi-step decoding).")
 @click.option("--steps", type=int, default=None)
