@@ -52,6 +52,23 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output}
 
 
+def _upstream_nodes(g: onnx.GraphProto, tensors: list[str], stop_ops: tuple[str, ...] = ()) -> set[str]:
+    """Names of the nodes that produce `tensors`, transitively (not past a node of `stop_ops`)."""
+    prod = _producers(g)
+    out: set[str] = set()
+    stack, seen = list(tensors), set()
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in prod:
+            continue
+        seen.add(t)
+        p = prod[t]
+        out.add(p.name)
+        if p.op_type not in stop_ops:
+            stack.extend(p.input)
+    return out
+
+
 def _name_nodes(model: onnx.ModelProto) -> None:
     for i, n in enumerate(model.graph.node):
         if not n.name:
@@ -61,7 +78,7 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 def fp32_islands(model: onnx.ModelProto) -> list[str]:
     """Node names kept fp32 in the fp16 graph: norm statistics chains and the rotary angles."""
     g = model.graph
-    cons, prod = _consumers(g), _producers(g)
+    cons = _consumers(g)
     keep: set[str] = set()
     # RMSNorm: ReduceMean -> Add(eps) -> Sqrt -> Reciprocal (or Div)
     for n in g.node:
@@ -90,17 +107,7 @@ def fp32_islands(model: onnx.ModelProto) -> list[str]:
                 if o not in seen:
                     seen.add(o)
                     frontier.append(o)
-    to_trig: set[str] = set()
-    stack = [i for n in g.node if n.op_type in ("Cos", "Sin") for i in n.input]
-    seen = set()
-    while stack:
-        t = stack.pop()
-        if t in seen or t not in prod:
-            continue
-        seen.add(t)
-        p = prod[t]
-        to_trig.add(p.name)
-        stack.extend(p.input)
+    to_trig = _upstream_nodes(g, [i for n in g.node if n.op_type in ("Cos", "Sin") for i in n.input])
     keep |= from_pos & to_trig
     keep |= {n.name for n in g.node if n.op_type in ("Cos", "Sin")}
     return sorted(keep)
@@ -114,21 +121,9 @@ def output_head_nodes(model: onnx.ModelProto) -> list[str]:
     pass costs little on a GPU and keeps the decision as stable as the hidden states allow.
     """
     g = model.graph
-    prod = _producers(g)
-    keep: set[str] = set()
-    stack = [i for n in g.node if n.op_type == "ArgMax" for i in n.input]
-    seen: set[str] = set()
-    while stack:
-        t = stack.pop()
-        if t in seen or t not in prod:
-            continue
-        seen.add(t)
-        p = prod[t]
-        keep.add(p.name)
-        if p.op_type in ("MatMul", "Gemm"):
-            continue  # the head's own MatMul: stop here (its input is the final hidden state)
-        stack.extend(p.input)
-    return sorted(keep)
+    # stop at the head's own MatMul: its input is the final hidden state
+    return sorted(_upstream_nodes(g, [i for n in g.node if n.op_type == "ArgMax" for i in n.input],
+                                  stop_ops=("MatMul", "Gemm")))
 
 
 def check_fp16_constants(model: onnx.ModelProto) -> list[str]:

@@ -89,6 +89,8 @@ def test_fp32_tokens_identical_to_reference(built, setup):
     assert rep["variants"]["ar.fp32.b1"]["exact_match"] == 1.0
     for k in ("block.fp16.b1", "block.int8.b1"):
         assert 0.0 <= rep["variants"][k]["token_agreement"] <= 1.0
+        # each variant's block step re-run on the fp32 run's own pass inputs
+        assert 0.0 < rep["variants"][k]["per_pass_token_agreement"] <= 1.0
     # independent check on one image, here rather than through verify.py
     px = preprocess_image(data / "img" / "test0.png", model.cfg.vision.image_size)[None]
     prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
@@ -182,6 +184,14 @@ def test_fp16_graph_has_no_fp16_overflowing_constants(built):
     for t in m.graph.initializer:
         if t.data_type == onnx.TensorProto.FLOAT16:
             assert np.isfinite(onnx.numpy_helper.to_array(t)).all()
+    # the output head (lm_head MatMul -> ArgMax) computes in fp32: its inputs arrive through a Cast to float
+    prod = {o: n for n in m.graph.node for o in n.output}
+    argmax = next(n for n in m.graph.node if n.op_type == "ArgMax")
+    node = prod[argmax.input[0]]
+    while node.op_type not in ("MatMul", "Gemm"):
+        node = prod[node.input[0]]
+    src = prod.get(node.input[0])
+    assert src is not None and src.op_type == "Cast" and src.attribute[0].i == onnx.TensorProto.FLOAT
 
 
 def test_tensorrt_build_skips_without_tensorrt(built):
