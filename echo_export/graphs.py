@@ -47,8 +47,8 @@ def _cache_mask(past_len: torch.Tensor, capacity: int, n_query: int, device) -> 
 class VisionPrefillGraph(nn.Module):
     """pixel_values f32[b,1,S,S], prefix_ids i64[b,P] -> present_key/value f32[L,b,kvH,P-B,dh].
 
-    Block-causal over the prefix minus its last block (that block is the first fused pass's
-    previous block, fed again as token ids).
+    Over the prefix minus its last block (that block is the first fused pass's previous block,
+    fed again as token ids), block-causal or causal as the model's context (cfg.causal_context).
     """
 
     input_names = graph_io.PREFILL_INPUTS
@@ -59,7 +59,7 @@ class VisionPrefillGraph(nn.Module):
         self.model = model
         B = model.cfg.block_size
         self.n_pre = BlockLayout(prefix_len, B).fused_prefill_len
-        layout = block_layout(self.n_pre, B)
+        layout = block_layout(self.n_pre, B, kind=model.cfg.context_kind)
         self.register_buffer("mask", build_attention_mask(layout)[None], persistent=False)
         self.register_buffer("positions", layout.position[None].clone(), persistent=False)
 
@@ -85,7 +85,7 @@ class BlockStepGraph(nn.Module):
         self.model, self.capacity, self.mask_id = model, capacity, mask_id
         B = self.B = model.cfg.block_size
         # positions are relative here: only the block structure of the 2B tokens matters
-        static = build_attention_mask(fused_layout(BlockLayout(B, B), 0))
+        static = build_attention_mask(fused_layout(BlockLayout(B, B), 0, model.cfg.context_kind))
         self.register_buffer("self_mask", static[None], persistent=False)
 
     def forward(self, input_ids, position_ids, past_key, past_value, past_len):

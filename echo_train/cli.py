@@ -7,7 +7,12 @@ from pathlib import Path
 
 import click
 
+from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_RULES
+
+from .stages.stage2_rad import Stage2Config
 from .stages.trainer import TrainConfig
+
+_STAGE2_DEFAULTS = Stage2Config()
 
 
 def _train_options(f):
@@ -98,13 +103,21 @@ def stage1(data, out, preset, vision_family, vocab_size, **kw) -> None:
 @click.option("--shifted/--aligned", "shifted", default=True, show_default=True,
               help="Read block token j from the logits of position j-1, as the AR model does (shifted), "
                    "or from its own position (aligned: the ablation).")
+@click.option("--causal-context/--block-causal-context", "causal_context", default=_STAGE2_DEFAULTS.causal_context,
+              show_default=True,
+              help="Keep the AR model's causal attention over the clean context (prefix and committed blocks) "
+                   "instead of making it bidirectional inside each block.")
+@click.option("--ar-weight", type=float, default=_STAGE2_DEFAULTS.ar_weight, show_default=True,
+              help="Weight of stage 1's next-token loss on the clean copy, trained beside the diffusion loss "
+                   "(needs --causal-context; 0 = diffusion loss only).")
 @_train_options
-def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, **kw) -> None:
+def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, causal_context, ar_weight, **kw) -> None:
     """Stage 2: RAD block-diffusion conversion of the AR model (the multi-step teacher)."""
-    from .stages.stage2_rad import Stage2Config, run_stage2
+    from .stages.stage2_rad import run_stage2
 
     cfg = Stage2Config(data=data, init=init, out=out, block_size=int(block_size), n_noisy=n_noisy, symmetric=symmetric,
-                       shifted_prediction=shifted, train_limit=kw["train_limit"])
+                       shifted_prediction=shifted, causal_context=causal_context, ar_weight=ar_weight,
+                       train_limit=kw["train_limit"])
     cfg.train = _train_config(cfg.train, kw)
     run_stage2(cfg)
 
@@ -127,7 +140,10 @@ _register_stage3()
 @click.option("--mode", type=click.Choice(["ar", "multistep", "onestep", "onestep-unfused"]), required=True)
 @click.option("--steps", type=int, default=None, help="Denoising steps per block (multistep; default = block size).")
 @click.option("--block-size", type=int, default=None, help="Default: the checkpoint's.")
-@click.option("--rule", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
+@click.option("--rule", type=click.Choice(list(UNMASK_RULES)), default=DEFAULT_UNMASK_RULE, show_default=True,
+              help="Multistep unmasking: dynamic-ltr = every position above the confidence threshold plus at least "
+                   "B/steps taken leftmost first; dynamic = the same, most confident first; static = exactly B/steps, "
+                   "most confident first.")
 @click.option("--n", "limit", type=int, default=None, help="Only the first N studies.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-new-tokens", type=int, default=None)

@@ -3,9 +3,15 @@
 A report is written in blocks of B tokens that follow the prefix (length P, a multiple
 of B). Block k occupies absolute positions [P + kB, P + (k+1)B).
 
-Multi-step teacher: a block starts all-mask; each step accepts positions by the
-low-confidence-dynamic rule (every masked position above `threshold`, and at least the
-scheduled count, most confident first) or the static rule (exactly the scheduled count).
+Multi-step teacher: a block starts all-mask; each step accepts every masked position above
+`threshold` and at least the scheduled count, the latter taken
+  - "dynamic-ltr" (default): in reading order, the leftmost masked positions first;
+  - "dynamic": most confident first (low-confidence-dynamic remasking, as in Fast-dLLM/SDAR);
+or, with "static", exactly the scheduled count, most confident first.
+Why reading order: when nothing is confident, the most confident masked position is usually a
+template word far to the right ("silhouette", "normal"); committing it first settles the
+sentence before the word that carries the finding is chosen, and the teacher under-reports
+findings. The leftmost position instead sees everything before it, as in AR.
 
 Fused one-step: pass t feeds [block t-1 (clean), block t (all mask)] = 2B tokens. Block -1
 is the last block of the prefix, so prefill covers P - B tokens and every pass, the
@@ -18,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 UNMASK_THRESHOLD = 0.85
-UNMASK_RULES = ("dynamic", "static")
+UNMASK_RULES = ("dynamic-ltr", "dynamic", "static")
+DEFAULT_UNMASK_RULE = "dynamic-ltr"
 
 
 def transfer_schedule(block_size: int, steps: int) -> list[int]:
@@ -33,7 +40,7 @@ def select_unmask(
     confidence: np.ndarray,
     still_masked: np.ndarray,
     min_count: int,
-    rule: str = "dynamic",
+    rule: str = DEFAULT_UNMASK_RULE,
     threshold: float = UNMASK_THRESHOLD,
 ) -> np.ndarray:
     """Positions to accept this step, per row.
@@ -45,10 +52,13 @@ def select_unmask(
     if rule not in UNMASK_RULES:
         raise ValueError(f"unknown unmask rule {rule!r}; choose from {UNMASK_RULES}")
     conf = np.where(still_masked, confidence.astype(np.float64), -np.inf)
+    n_masked = still_masked.sum(-1, keepdims=True)
+    if rule == "dynamic-ltr":
+        leftmost = still_masked & (np.cumsum(still_masked, -1) <= np.minimum(min_count, n_masked))
+        return still_masked & (leftmost | (conf > threshold))
     order = np.argsort(-conf, axis=-1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(conf.shape[-1])[None, :].repeat(conf.shape[0], 0), -1)
-    n_masked = still_masked.sum(-1, keepdims=True)
     top = rank < np.minimum(min_count, n_masked)
     accept = top.copy()
     if rule == "dynamic":

@@ -64,7 +64,7 @@ def tiny_tokenizer() -> ReportTokenizer:
 
 
 def make_tiny_model(tokenizer: ReportTokenizer, stage: str = "rad", block_size: int = 8, seed: int = 0, sharpen: float = 1.0,
-                    shifted: bool = True):
+                    shifted: bool = True, causal_context: bool = False):
     from echo_train.model.config import EchoConfig, LMConfig, VisionConfig
     from echo_train.model.echo_model import EchoModel
 
@@ -78,6 +78,7 @@ def make_tiny_model(tokenizer: ReportTokenizer, stage: str = "rad", block_size: 
         block_size=block_size,
         max_response_tokens=48,
         shifted_prediction=shifted,
+        causal_context=causal_context,
     )
     model = EchoModel(cfg).eval()
     if sharpen != 1.0:  # peaked distributions exercise the confidence threshold

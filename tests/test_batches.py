@@ -68,3 +68,22 @@ def test_shifted_rad_reads_each_target_from_the_position_before_it(tiny_tokenize
         h = torch.randn(2, inp.embeds.shape[1], 8)
         hs, t = inp.scored(h)
         assert hs.shape[0] == t.shape[0] == int((inp.targets != -100).sum())
+
+
+def test_ar_loss_on_a_causal_clean_copy_is_stage_one_loss(tiny_tokenizer):
+    """With a causal context the clean copy is stage 1's sequence: its AR loss inside the RAD
+    forward equals the stage-1 loss on the same batch (the noisy copies cannot leak into it)."""
+    from echo_train.stages.batches import scored_cross_entropy
+
+    torch.manual_seed(0)
+    model = make_tiny_model(tiny_tokenizer, block_size=4, causal_context=True)
+    batch = _batch(tiny_tokenizer, model)
+    ar = scored_cross_entropy(model, build_ar_inputs(model, batch))
+    inp = build_rad_inputs(model, batch, 4, tiny_tokenizer.mask_id, torch.Generator().manual_seed(0), 2, ar_weight=1.0)
+    diffusion_only = build_rad_inputs(model, batch, 4, tiny_tokenizer.mask_id, torch.Generator().manual_seed(0), 2)
+    assert diffusion_only.aux_targets is None
+    combined = scored_cross_entropy(model, inp)
+    assert torch.allclose(combined - scored_cross_entropy(model, diffusion_only), ar, atol=1e-5)
+    # without a causal context there is no AR sequence to score, so no auxiliary loss
+    blockwise = make_tiny_model(tiny_tokenizer, block_size=4)
+    assert build_rad_inputs(blockwise, batch, 4, tiny_tokenizer.mask_id, torch.Generator(), 1, ar_weight=1.0).aux_targets is None

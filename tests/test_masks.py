@@ -4,6 +4,7 @@ import itertools
 import torch
 
 from echo_train.model.masks import (
+    CAUSAL,
     CLEAN,
     NOISY,
     block_layout,
@@ -15,8 +16,9 @@ from echo_train.model.masks import (
 )
 
 
-def brute_rad(P, R, B, K):
-    """Token list of (segment, index-in-segment); rules stated in words in ECHO-NOTES."""
+def brute_rad(P, R, B, K, causal_context=False):
+    """Token list of (segment, index-in-segment); rules stated in words in ECHO-NOTES.
+    causal_context: prefix and clean copy are stage 1's causal sequence instead of block-causal."""
     toks = [("prefix", i) for i in range(P)] + [("clean", i) for i in range(R)]
     for c in range(K):
         toks += [(f"noisy{c}", i) for i in range(R)]
@@ -24,10 +26,10 @@ def brute_rad(P, R, B, K):
     m = torch.zeros(n, n, dtype=torch.bool)
     for a, b in itertools.product(range(n), range(n)):
         (sa, ia), (sb, ib) = toks[a], toks[b]
-        if sa == "prefix":  # prefix never sees the response; block-causal inside itself
-            ok = sb == "prefix" and ib // B <= ia // B
-        elif sa == "clean":  # whole prefix, clean response blocks up to its own
-            ok = sb == "prefix" or (sb == "clean" and ib // B <= ia // B)
+        if sa == "prefix":  # prefix never sees the response; block-causal (or causal) inside itself
+            ok = sb == "prefix" and (ib <= ia if causal_context else ib // B <= ia // B)
+        elif sa == "clean":  # whole prefix, clean response blocks up to its own (or tokens up to itself)
+            ok = sb == "prefix" or (sb == "clean" and (ib <= ia if causal_context else ib // B <= ia // B))
         else:  # noisy: prefix, earlier clean blocks, its own block of its own copy
             ok = sb == "prefix" or (sb == "clean" and ib // B < ia // B) or (sb == sa and ib // B == ia // B)
         m[a, b] = ok
@@ -47,6 +49,16 @@ def test_block_causal_matches_expanded_tril():
 def test_rad_matches_brute_force():
     for P, R, B, K in [(8, 8, 4, 1), (16, 12, 4, 2), (8, 16, 8, 1), (16, 16, 16, 3)]:
         assert torch.equal(build_attention_mask(rad_layout(P, R, B, K)), brute_rad(P, R, B, K)), (P, R, B, K)
+
+
+def test_rad_with_causal_context_matches_brute_force():
+    for P, R, B, K in [(8, 8, 4, 1), (16, 12, 4, 2), (16, 16, 16, 2)]:
+        got = build_attention_mask(rad_layout(P, R, B, K, context=CAUSAL))
+        assert torch.equal(got, brute_rad(P, R, B, K, causal_context=True)), (P, R, B, K)
+    # the clean part is exactly stage 1's causal mask
+    P, R = 8, 8
+    assert torch.equal(build_attention_mask(rad_layout(P, R, 4, 1, context=CAUSAL))[: P + R, : P + R],
+                       build_attention_mask(causal_layout(P + R)))
 
 
 def test_symmetric_matches_bd3_definition():
@@ -79,14 +91,15 @@ def brute_sources(layout):
         src = i
         if kind == NOISY:
             same = [j for j, t in enumerate(toks) if t[0] == NOISY and t[1] == copy and t[2] == block and t[3] == pos - 1]
-            clean = [j for j, t in enumerate(toks) if t[0] == CLEAN and t[3] == pos - 1]
+            clean = [j for j, t in enumerate(toks) if t[0] in (CLEAN, CAUSAL) and t[3] == pos - 1]
             src = same[0] if same else (clean[0] if clean else i)
         out.append(src)
     return torch.tensor(out)
 
 
 def test_prediction_sources_match_brute_force():
-    for layout in (rad_layout(8, 12, 4, 2), symmetric_layout(8, 8, 4), rad_layout(16, 16, 8, 1)):
+    for layout in (rad_layout(8, 12, 4, 2), symmetric_layout(8, 8, 4), rad_layout(16, 16, 8, 1),
+                   rad_layout(8, 12, 4, 2, context=CAUSAL)):
         assert torch.equal(prediction_sources(layout), brute_sources(layout))
     src = prediction_sources(rad_layout(8, 8, 4, 1))
     assert src[16].item() == 7 and src[17].item() == 16 and src[20].item() == 11  # block starts read the clean token before

@@ -45,7 +45,7 @@ def make_eos_model(tok):
     px = torch.from_numpy(images(6))
 
     def model_with(t):
-        m = make_tiny_model(tok, stage="dcd", block_size=BLOCK, seed=MODEL_SEED)
+        m = make_tiny_model(tok, stage="dcd", block_size=BLOCK, seed=MODEL_SEED, causal_context=True)
         m.cfg.max_response_tokens = MAX_NEW
         if t is not None:
             with torch.no_grad():

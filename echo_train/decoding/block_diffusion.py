@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from runtime.schedule import UNMASK_THRESHOLD, BlockLayout, select_unmask, transfer_schedule
+from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD, BlockLayout, select_unmask, transfer_schedule
 from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
-from ..model.masks import CLEAN, NOISY, TokenLayout, block_layout
+from ..model.masks import NOISY, TokenLayout, block_layout
 from .common import DecodeResult, KVCache, cut_tokens, forward_with_cache, never_predict_mask, prefix_ids_tensor
 
 
@@ -49,7 +49,7 @@ def multistep_generate(
     block_size: int,
     steps: int,
     max_new_tokens: int = 128,
-    rule: str = "dynamic",
+    rule: str = DEFAULT_UNMASK_RULE,
     threshold: float = UNMASK_THRESHOLD,
     keep_trajectory: bool = False,
 ) -> DecodeResult:
@@ -63,7 +63,8 @@ def multistep_generate(
     grid = BlockLayout(prefix.shape[1], B)
     schedule = transfer_schedule(B, steps)
     cache = KVCache()
-    pre_layout = block_layout(grid.prefix_len, B)
+    ctx = model.cfg.context_kind
+    pre_layout = block_layout(grid.prefix_len, B, kind=ctx)
     logits, kv = forward_with_cache(model, model.embed_prefix(pixel_values, prefix), pre_layout, cache)
     cache.append(kv, pre_layout)
     carry, shifted = logits[:, -1], model.cfg.shifted_prediction
@@ -88,7 +89,7 @@ def multistep_generate(
         done |= (x == tokenizer.eos_id).any(-1)
         if bool(done.all()) or k == grid.num_blocks(max_new_tokens) - 1:
             break
-        clean = block_layout(B, B, start=start, kind=CLEAN)
+        clean = block_layout(B, B, start=start, kind=ctx)
         logits, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache)
         carry = logits[:, -1]
         cache.append(kv, clean)
@@ -97,10 +98,10 @@ def multistep_generate(
     return DecodeResult(cut_tokens(raw, tokenizer.eos_id), passes, raw, trajectory if keep_trajectory else None)
 
 
-def fused_layout(grid: BlockLayout, k: int) -> TokenLayout:
-    """[block k-1 clean, block k noisy] of fused pass k."""
+def fused_layout(grid: BlockLayout, k: int, context: int) -> TokenLayout:
+    """[block k-1 clean (of kind `context`), block k noisy] of fused pass k."""
     b = grid.block_size
-    prev = block_layout(b, b, start=int(grid.block_positions(k - 1)[0]), kind=CLEAN)
+    prev = block_layout(b, b, start=int(grid.block_positions(k - 1)[0]), kind=context)
     cur = block_layout(b, b, start=int(grid.block_positions(k)[0]), kind=NOISY, copy=1)
     return TokenLayout.cat([prev, cur])
 
@@ -124,7 +125,7 @@ def fused_onestep_generate(
     grid = BlockLayout(prefix.shape[1], B)
     cache = KVCache()
     n_pre = grid.fused_prefill_len
-    pre_layout = block_layout(n_pre, B)
+    pre_layout = block_layout(n_pre, B, kind=model.cfg.context_kind)
     embeds = model.embed_prefix(pixel_values, prefix)
     _, kv = forward_with_cache(model, embeds[:, :n_pre], pre_layout, cache)
     cache.append(kv, pre_layout)
@@ -135,7 +136,7 @@ def fused_onestep_generate(
     read = fused_block_slice(B, model.cfg.shifted_prediction)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     for k in range(grid.num_blocks(max_new_tokens)):
-        layout = fused_layout(grid, k)
+        layout = fused_layout(grid, k, model.cfg.context_kind)
         logits, kv = forward_with_cache(model, model.embed_tokens(torch.cat([prev, masks], 1)), layout, cache)
         passes += 1
         cache.append(kv, layout, keep=slice(0, B))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.schedule import UNMASK_THRESHOLD, BlockLayout, transfer_schedule
+from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD, BlockLayout, transfer_schedule
 from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
@@ -45,7 +45,7 @@ def recompute_multistep_generate(
     block_size: int,
     steps: int,
     max_new_tokens: int = 128,
-    rule: str = "dynamic",
+    rule: str = DEFAULT_UNMASK_RULE,
     threshold: float = UNMASK_THRESHOLD,
 ) -> DecodeResult:
     b, dev, B = pixel_values.shape[0], pixel_values.device, block_size
@@ -57,7 +57,8 @@ def recompute_multistep_generate(
     passes = 0
     for k in range(grid.num_blocks(max_new_tokens)):
         n_clean = grid.prefix_len + gen.shape[1]
-        layout = TokenLayout.cat([block_layout(n_clean, B), block_layout(B, B, start=n_clean, kind=NOISY, copy=1)])
+        ctx = block_layout(n_clean, B, kind=model.cfg.context_kind)
+        layout = TokenLayout.cat([ctx, block_layout(B, B, start=n_clean, kind=NOISY, copy=1)])
         x = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
         for s in range(steps):
             if not bool((x == tokenizer.mask_id).any()):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from runtime.preprocess import preprocess_image
+from runtime.schedule import DEFAULT_UNMASK_RULE
 from runtime.text import ReportTokenizer
 
 from ..data.study import Study
@@ -24,7 +25,7 @@ class DecodeSpec:
     mode: str = "onestep"
     block_size: int = 8
     steps: Optional[int] = None  # multistep only; default = block size
-    rule: str = "dynamic"
+    rule: str = DEFAULT_UNMASK_RULE
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .masks import context_kind
+
 STAGES = ("ar", "rad", "dcd")
 
 
@@ -84,6 +86,15 @@ class EchoConfig:
     # clean token before the block), as in AR. False: from its own position (the first design;
     # checkpoints written before this field load with False).
     shifted_prediction: bool = True
+    # Diffusion stages: the clean context (prefix, committed blocks) keeps the AR model's causal
+    # attention instead of turning block-causal, so stage 2 can keep training it as the AR model
+    # (see Stage2Config.ar_weight). Set by stage 2; older checkpoints load as block-causal.
+    causal_context: bool = False
+
+    @property
+    def context_kind(self) -> int:
+        """Kind of clean-context tokens in every diffusion layout (see masks.context_kind)."""
+        return context_kind(self.causal_context)
 
     @property
     def n_image_tokens(self) -> int:

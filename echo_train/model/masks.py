@@ -3,8 +3,11 @@
 Each token carries a descriptor (kind, block, copy, position). A query may attend a key when
   - query CAUSAL: key CAUSAL in the same copy at a position <= the query's;
   - query CLEAN:  key CLEAN in a block <= the query's block (bidirectional inside a block);
-  - query NOISY:  key CLEAN in an earlier block, or key NOISY in the same copy and block.
+  - query NOISY:  key CLEAN or CAUSAL in an earlier block, or key NOISY in the same copy and block.
 Every training and decoding mask in the project is built from these three rules.
+
+The clean context of a block-diffusion model (prefix and committed blocks) is either CLEAN
+(block-causal, as in SDAR/BD3) or CAUSAL (exactly the AR model's attention; `context_kind`).
 """
 from __future__ import annotations
 
@@ -40,8 +43,14 @@ def build_attention_mask(q: TokenLayout, k: TokenLayout | None = None) -> torch.
     qc, kc = q.copy[:, None], k.copy[None, :]
     causal = (qk == CAUSAL) & (kk == CAUSAL) & (qc == kc) & (k.position[None, :] <= q.position[:, None])
     clean = (qk == CLEAN) & (kk == CLEAN) & (kb <= qb)
-    noisy = (qk == NOISY) & (((kk == CLEAN) & (kb < qb)) | ((kk == NOISY) & (kc == qc) & (kb == qb)))
+    context = (kk == CLEAN) | (kk == CAUSAL)
+    noisy = (qk == NOISY) & ((context & (kb < qb)) | ((kk == NOISY) & (kc == qc) & (kb == qb)))
     return causal | clean | noisy
+
+
+def context_kind(causal_context: bool) -> int:
+    """Kind of the clean context tokens: CAUSAL (the AR model's own attention) or CLEAN (block-causal)."""
+    return CAUSAL if causal_context else CLEAN
 
 
 def _full(n: int, value: int) -> torch.Tensor:
@@ -59,12 +68,12 @@ def block_layout(length: int, block_size: int, start: int = 0, kind: int = CLEAN
     return TokenLayout(_full(length, kind), pos // block_size, _full(length, copy), pos)
 
 
-def rad_layout(prefix_len: int, response_len: int, block_size: int, n_noisy: int = 1) -> TokenLayout:
-    """RAD: prefix + clean response once, then `n_noisy` noisy copies of the response only.
+def rad_layout(prefix_len: int, response_len: int, block_size: int, n_noisy: int = 1, context: int = CLEAN) -> TokenLayout:
+    """RAD: prefix + clean response once (of kind `context`), then `n_noisy` noisy copies of the response only.
 
     Cost P + (1+K)R tokens, against 2(P+R) for the symmetric layout.
     """
-    parts = [block_layout(prefix_len + response_len, block_size)]
+    parts = [block_layout(prefix_len + response_len, block_size, kind=context)]
     for c in range(n_noisy):
         parts.append(block_layout(response_len, block_size, start=prefix_len, kind=NOISY, copy=1 + c))
     return TokenLayout.cat(parts)
@@ -90,7 +99,7 @@ def prediction_sources(layout: TokenLayout) -> torch.Tensor:
                  & (layout.block[1:] == layout.block[:-1]) & (layout.position[1:] == layout.position[:-1] + 1))
     src[inner] = idx[inner] - 1
     first = noisy & ~inner & (layout.position > 0)
-    clean = layout.kind == CLEAN
+    clean = (layout.kind == CLEAN) | (layout.kind == CAUSAL)
     if bool(first.any()) and bool(clean.any()):
         lookup = torch.full((int(layout.position.max()) + 1,), -1, dtype=torch.long)
         lookup[layout.position[clean]] = idx[clean]
@@ -99,7 +108,7 @@ def prediction_sources(layout: TokenLayout) -> torch.Tensor:
     return src
 
 
-def symmetric_layout(prefix_len: int, response_len: int, block_size: int) -> TokenLayout:
+def symmetric_layout(prefix_len: int, response_len: int, block_size: int, context: int = CLEAN) -> TokenLayout:
     """BD3-style ablation: a noisy copy of the WHOLE sequence (x_t) followed by the clean one (x_0)."""
     n = prefix_len + response_len
-    return TokenLayout.cat([block_layout(n, block_size, kind=NOISY, copy=1), block_layout(n, block_size)])
+    return TokenLayout.cat([block_layout(n, block_size, kind=NOISY, copy=1), block_layout(n, block_size, kind=context)])

@@ -2,7 +2,8 @@
 
 AR (stage 1):  [prefix][response]            causal, next-token loss on the response
 RAD (stage 2): [prefix][clean response][noisy response] x K
-               the prefix once, clean; loss on masked positions of the noisy copies
+               the prefix once, clean; loss on masked positions of the noisy copies, plus (with a
+               causal context) the AR next-token loss on the clean copy, which is stage 1's sequence
 Symmetric:     [prefix][noisy response][prefix][clean response]   (BD3-style ablation)
 """
 from __future__ import annotations
@@ -26,6 +27,10 @@ class ModelInputs:
     targets: torch.Tensor  # [b, T] token id to predict at each position, or -100
     # [T] index of the hidden state that predicts each position (shifted prediction); None: itself
     sources: Optional[torch.Tensor] = None
+    # [b, T] a second, separately averaged loss read at each position itself (the AR loss on a
+    # causal clean copy), weighted by aux_weight; None: no second loss
+    aux_targets: Optional[torch.Tensor] = None
+    aux_weight: float = 0.0
 
     def scored(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states that predict the scored positions [n, d], their targets [n])."""
@@ -68,9 +73,15 @@ def sample_block_noise(resp: torch.Tensor, block_size: int, mask_id: int, gen: t
 
 
 def build_rad_inputs(
-    model: EchoModel, batch: dict, block_size: int, mask_id: int, gen: torch.Generator, n_noisy: int = 1, symmetric: bool = False
+    model: EchoModel, batch: dict, block_size: int, mask_id: int, gen: torch.Generator, n_noisy: int = 1,
+    symmetric: bool = False, ar_weight: float = 0.0,
 ) -> ModelInputs:
-    """RAD (or, with symmetric=True, the BD3-style duplicated sequence) for a block-diffusion loss."""
+    """RAD (or, with symmetric=True, the BD3-style duplicated sequence) for a block-diffusion loss.
+
+    With a causal context (model.cfg.causal_context) and ar_weight > 0, the clean copy is also
+    scored as stage 1 scores it: position i predicts response token i+1. That keeps the AR model,
+    and the image grounding it learned, inside the teacher at no extra forward cost.
+    """
     px, prefix, resp = batch["pixel_values"], batch["prefix_ids"], batch["response_ids"]
     b, p = prefix.shape
     r = resp.shape[1]
@@ -80,13 +91,14 @@ def build_rad_inputs(
     # is never a target: trained on, the padding made EOS the most confident guess of every late
     # position, and the low-confidence-dynamic rule then ended reports early.
     scored = batch["response_mask"]
+    ctx = model.cfg.context_kind
     if symmetric:
         noisy, masked = sample_block_noise(resp, block_size, mask_id, gen)
         # the vision tower runs once; the LM sees the prefix twice, as in BD3-style duplication
         embeds = torch.cat([prefix_emb, model.embed_tokens(noisy), prefix_emb, model.embed_tokens(resp)], 1)
         pre_ignore = torch.full((b, p), -100, dtype=torch.long, device=resp.device)
         targets = torch.cat([pre_ignore, torch.where(masked & scored, resp, ignore), pre_ignore, ignore], 1)
-        layout = symmetric_layout(p, r, block_size)
+        layout = symmetric_layout(p, r, block_size, ctx)
     else:
         parts, tgt = [prefix_emb, model.embed_tokens(resp)], [torch.full((b, p + r), -100, dtype=torch.long, device=resp.device)]
         for _ in range(n_noisy):
@@ -94,12 +106,23 @@ def build_rad_inputs(
             parts.append(model.embed_tokens(noisy))
             tgt.append(torch.where(masked & scored, resp, ignore))
         embeds, targets = torch.cat(parts, 1), torch.cat(tgt, 1)
-        layout = rad_layout(p, r, block_size, n_noisy)
-    return diffusion_inputs(model, embeds, layout, targets)
+        layout = rad_layout(p, r, block_size, n_noisy, ctx)
+    inputs = diffusion_inputs(model, embeds, layout, targets)
+    if ar_weight > 0 and model.cfg.causal_context and not symmetric:
+        aux = torch.full_like(targets, -100)
+        aux[:, p - 1 : p + r - 1] = torch.where(scored, resp, ignore)
+        inputs.aux_targets, inputs.aux_weight = aux, ar_weight
+    return inputs
 
 
 def scored_cross_entropy(model: EchoModel, inputs: ModelInputs) -> torch.Tensor:
-    """Mean cross-entropy over the scored positions only (logits computed just there)."""
-    h, _ = model.lm(inputs.embeds, inputs.position_ids, inputs.mask)
-    h, targets = inputs.scored(h)
-    return torch.nn.functional.cross_entropy(model.lm.lm_head(h).float(), targets)
+    """Mean cross-entropy over the scored positions only (logits computed just there),
+    plus aux_weight x the mean over the auxiliary targets."""
+    h_all, _ = model.lm(inputs.embeds, inputs.position_ids, inputs.mask)
+    h, targets = inputs.scored(h_all)
+    loss = torch.nn.functional.cross_entropy(model.lm.lm_head(h).float(), targets)
+    if inputs.aux_targets is not None:
+        sel = inputs.aux_targets != -100
+        aux = torch.nn.functional.cross_entropy(model.lm.lm_head(h_all[sel]).float(), inputs.aux_targets[sel])
+        loss = loss + inputs.aux_weight * aux
+    return loss

@@ -28,7 +28,7 @@ def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tenso
     b, p = prefix.shape
     r = clean_ids.shape[1]
     parts = [model.embed_prefix(px, prefix), model.embed_tokens(clean_ids)] + [model.embed_tokens(x) for x in noisy]
-    layout = rad_layout(p, r, model.cfg.block_size, len(noisy))
+    layout = rad_layout(p, r, model.cfg.block_size, len(noisy), model.cfg.context_kind)
     ignore = torch.full((b, p + r), -100, dtype=torch.long, device=clean_ids.device)
     return diffusion_inputs(model, torch.cat(parts, 1), layout, torch.cat([ignore, *targets], 1))
 

@@ -1,0 +1,49 @@
+"""The shared unmasking rules (runtime/schedule.py), checked on hand-made confidences."""
+import numpy as np
+import pytest
+
+from runtime.schedule import UNMASK_RULES, select_unmask, transfer_schedule
+
+CONF = np.array([[0.30, 0.20, 0.95, 0.40, 0.90, 0.10, 0.50, 0.60]])
+
+
+def _accepted(rule, still=None, min_count=1, threshold=0.85):
+    still = np.ones_like(CONF, dtype=bool) if still is None else still
+    return np.flatnonzero(select_unmask(CONF, still, min_count, rule, threshold)[0]).tolist()
+
+
+def test_dynamic_takes_the_most_confident_and_everything_above_threshold():
+    assert _accepted("dynamic") == [2, 4]
+    assert _accepted("dynamic", min_count=3) == [2, 4, 7]
+
+
+def test_dynamic_ltr_takes_the_leftmost_and_everything_above_threshold():
+    assert _accepted("dynamic-ltr") == [0, 2, 4]
+    assert _accepted("dynamic-ltr", min_count=2) == [0, 1, 2, 4]
+    still = np.array([[False, False, True, True, False, True, True, True]])
+    # leftmost still-masked positions, never an already-accepted one
+    assert _accepted("dynamic-ltr", still=still, min_count=2) == [2, 3]
+    assert _accepted("dynamic-ltr", still=still, min_count=2, threshold=0.55) == [2, 3, 7]
+
+
+def test_static_takes_exactly_the_scheduled_count():
+    assert _accepted("static", min_count=2) == [2, 4]
+    assert _accepted("static", min_count=1, threshold=0.0) == [2]
+
+
+@pytest.mark.parametrize("rule", UNMASK_RULES)
+def test_every_rule_finishes_a_block_in_its_scheduled_steps(rule):
+    rng = np.random.default_rng(0)
+    for B, steps in [(8, 8), (8, 3), (16, 5), (4, 1)]:
+        still = np.ones((3, B), dtype=bool)
+        for n in transfer_schedule(B, steps):
+            accept = select_unmask(rng.random((3, B)), still, n, rule)
+            assert not (accept & ~still).any()
+            assert (accept.sum(-1) >= np.minimum(n, still.sum(-1))).all()
+            still &= ~accept
+        assert not still.any(), (rule, B, steps)
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown unmask rule"):
+        select_unmask(CONF, np.ones_like(CONF, dtype=bool), 1, "random")
