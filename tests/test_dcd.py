@@ -66,6 +66,13 @@ def test_dcd_targets_are_the_teachers_final_blocks(tiny_tokenizer):
     noisy2 = inp.embeds[0, P + 2 * R : P + 2 * R + 4]
     cands = [model.embed_tokens(states[0][i]) for i in (1, 2)]
     assert any(torch.allclose(noisy2, c) for c in cands)
+    assert inp.aux_targets is None
+    # a causal-context student can also keep stage 1's loss, on the teacher's report in the clean copy
+    causal = make_tiny_model(tok, stage="rad", block_size=4, causal_context=True)
+    aux = build_dcd_inputs(causal, batch, m, torch.Generator().manual_seed(0), ar_weight=2.0)
+    assert aux.aux_weight == 2.0
+    assert torch.equal(aux.aux_targets[0, P - 1 : P + 7], tokens)  # position i predicts teacher token i+1
+    assert (aux.aux_targets[0, P + 7 :] == -100).all() and (aux.aux_targets[0, : P - 1] == -100).all()
 
 
 def test_dcd_student_learns_the_teachers_one_step_blocks(tmp_path, tiny_tokenizer):

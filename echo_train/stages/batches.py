@@ -108,11 +108,21 @@ def build_rad_inputs(
         embeds, targets = torch.cat(parts, 1), torch.cat(tgt, 1)
         layout = rad_layout(p, r, block_size, n_noisy, ctx)
     inputs = diffusion_inputs(model, embeds, layout, targets)
-    if ar_weight > 0 and model.cfg.causal_context and not symmetric:
-        aux = torch.full_like(targets, -100)
-        aux[:, p - 1 : p + r - 1] = torch.where(scored, resp, ignore)
-        inputs.aux_targets, inputs.aux_weight = aux, ar_weight
+    if not symmetric:
+        add_clean_copy_ar_loss(model, inputs, p, resp, scored, ar_weight)
     return inputs
+
+
+def add_clean_copy_ar_loss(model: EchoModel, inputs: ModelInputs, prefix_len: int, clean_ids: torch.Tensor,
+                           keep: torch.Tensor, weight: float) -> None:
+    """Score the clean copy [prefix_len, prefix_len + R) of a RAD-layout input as stage 1 does
+    (position i predicts clean token i+1, where `keep`), when the model's context is causal."""
+    if weight <= 0 or not model.cfg.causal_context:
+        return
+    aux = torch.full_like(inputs.targets, -100)
+    r = clean_ids.shape[1]
+    aux[:, prefix_len - 1 : prefix_len + r - 1] = torch.where(keep, clean_ids, torch.full_like(clean_ids, -100))
+    inputs.aux_targets, inputs.aux_weight = aux, weight
 
 
 def scored_cross_entropy(model: EchoModel, inputs: ModelInputs) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..model.echo_model import EchoModel
 from ..model.masks import rad_layout
-from .batches import ModelInputs, diffusion_inputs, sample_block_noise
+from .batches import ModelInputs, add_clean_copy_ar_loss, diffusion_inputs, sample_block_noise
 
 
 def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tensor], targets: list[torch.Tensor]) -> ModelInputs:
@@ -33,9 +33,11 @@ def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tenso
     return diffusion_inputs(model, torch.cat(parts, 1), layout, torch.cat([ignore, *targets], 1))
 
 
-def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5) -> ModelInputs:
+def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5,
+                     ar_weight: float = 0.0) -> ModelInputs:
     """Copy 1: every block all-mask. Copy 2 (when p_intermediate > 0): each block, with probability
     p_intermediate, in a uniformly drawn intermediate state of the teacher's trajectory (else all-mask).
+    ar_weight > 0 (causal context): the clean copy, the teacher's report, also gets stage 1's next-token loss.
 
     batch: teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded), n_states [b,nblk], block_valid [b,nblk].
     """
@@ -55,7 +57,9 @@ def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Gen
         chosen = torch.gather(states, 2, idx[:, :, None, None].expand(b, nblk, 1, B)).squeeze(2).reshape(b, nblk * B)
         noisy.append(torch.where(block_ok, chosen, all_mask))
         tgts.append(targets)
-    return _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], teacher, noisy, tgts)
+    inputs = _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], teacher, noisy, tgts)
+    add_clean_copy_ar_loss(model, inputs, batch["prefix_ids"].shape[1], teacher, block_ok, ar_weight)
+    return inputs
 
 
 def build_gt_onestep_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5) -> ModelInputs:

@@ -18,6 +18,9 @@ from .stage3_dcd import METHODS, Stage3Config, run_stage3
               help="Share of blocks that also train from an intermediate teacher state (a second noisy copy; see Stage3Config).")
 @click.option("--diffusion-mix", type=float, default=0.0, show_default=True,
               help="Weight of the stage-2 diffusion loss mixed in (keeps the student's multi-step decoding).")
+@click.option("--ar-weight", type=float, default=Stage3Config.ar_weight, show_default=True,
+              help="Weight of stage 1's next-token loss on the clean copy (the teacher's report); "
+                   "needs a causal-context teacher.")
 @click.option("--steps", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
@@ -27,11 +30,11 @@ from .stage3_dcd import METHODS, Stage3Config, run_stage3
 @click.option("--save-every", type=int, default=100, show_default=True)
 @click.option("--stop-after", type=int, default=None)
 @click.option("--train-limit", type=int, default=None)
-def stage3_command(data, init, out, method, trajectories, teacher_steps, p_intermediate, diffusion_mix, steps,
+def stage3_command(data, init, out, method, trajectories, teacher_steps, p_intermediate, diffusion_mix, ar_weight, steps,
                    batch_size, lr, seed, device, threads, save_every, stop_after, train_limit) -> None:
     """Stage 3: distil the teacher into a one-step-per-block student (DCD) or train an ablation."""
     cfg = Stage3Config(data=data, init=init, out=out, method=method, trajectories=trajectories,
-                       teacher_steps=teacher_steps, p_intermediate=p_intermediate, diffusion_mix=diffusion_mix,
+                       teacher_steps=teacher_steps, p_intermediate=p_intermediate, diffusion_mix=diffusion_mix, ar_weight=ar_weight,
                        train_limit=train_limit)
     for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
         if v is not None:

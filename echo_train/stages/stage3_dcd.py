@@ -34,6 +34,7 @@ class Stage3Config:
     # the tokens per step; the all-mask state is the one the one-step decoder sees.
     p_intermediate: float = 0.0
     diffusion_mix: float = 0.0  # weight of the stage-2 loss mixed back in (keeps multi-step ability)
+    ar_weight: float = 0.0  # stage 1's next-token loss on the clean copy (teacher's report); causal context only
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=5e-4, warmup_steps=10))
     train_limit: Optional[int] = None
 
@@ -120,7 +121,7 @@ def run_stage3(cfg: Stage3Config) -> dict:
                 return factorised_distillation_loss(model, teacher, batch, mask_id)
         else:
             def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
-                loss = scored_cross_entropy(model, build_dcd_inputs(model, batch, mask_id, gen, cfg.p_intermediate))
+                loss = scored_cross_entropy(model, build_dcd_inputs(model, batch, mask_id, gen, cfg.p_intermediate, cfg.ar_weight))
                 if diffusion is not None:
                     loss = loss + cfg.diffusion_mix * diffusion(model, batch, gen)
                 return loss
