@@ -223,6 +223,8 @@ class Demo:
         cmd = _bin("echo-train") + [command, "--data", str(c.path("data/synth")), "--out", str(out), "--steps", str(sc.steps),
                                     "--batch-size", str(sc.batch_size), "--lr", str(sc.lr), "--threads", str(c.threads),
                                     "--device", "cpu", *extra]
+        if command != "stage3":  # validation loss once, at the end: the stage budgets are tight (stage 3 has none)
+            cmd += ["--eval-every", str(sc.steps)]
         self.run(name, cmd, sc.budget_s)
 
     def step_training(self) -> None:

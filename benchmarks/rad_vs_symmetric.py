@@ -18,18 +18,19 @@ import torch
 
 from echo_train.model.echo_model import EchoModel
 from echo_train.stages.common import build_tokenizer, load_split, make_collate, make_dataset, preset
-from echo_train.stages.stage2_rad import make_diffusion_loss
+from echo_train.stages.stage2_rad import Stage2Config, make_diffusion_loss
 from echo_train.stages.trainer import TrainConfig, evaluate_loss, train
 
 
 def compare(data: str, seconds: float, image_size: int, patch_size: int, block_size: int, batch_size: int,
-            threads: int, train_limit: int | None) -> dict:
+            threads: int, train_limit: int | None, causal_context: bool = Stage2Config.causal_context) -> dict:
     torch.set_num_threads(threads)
     studies = load_split(data, "train", train_limit)
     val = load_split(data, "val", 64)
     tok = build_tokenizer(studies, 1024)
     cfg = preset("tiny")
     cfg.lm.vocab_size, cfg.stage, cfg.block_size = tok.vocab_size, "rad", block_size
+    cfg.causal_context = causal_context  # the clean context's attention, the same in both layouts
     cfg.vision.image_size, cfg.vision.patch_size = image_size, patch_size
     train_set, val_set, collate = make_dataset(studies, tok, cfg), make_dataset(val, tok, cfg), make_collate(tok)
     prefix_len = len(train_set[0]["prefix_ids"])
@@ -40,7 +41,7 @@ def compare(data: str, seconds: float, image_size: int, patch_size: int, block_s
         val_set[i]
     score = make_diffusion_loss(block_size, tok.mask_id)
     out: dict = {"prefix_len": prefix_len, "mean_response_len": resp_len, "seconds": seconds, "batch_size": batch_size,
-                 "threads": threads, "block_size": block_size}
+                 "threads": threads, "block_size": block_size, "causal_context": causal_context}
     for mode in ("rad", "symmetric"):
         torch.manual_seed(0)
         model = EchoModel(cfg)
@@ -71,10 +72,13 @@ def compare(data: str, seconds: float, image_size: int, patch_size: int, block_s
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--train-limit", type=int, default=512, show_default=True)
+@click.option("--causal-context/--block-causal-context", default=Stage2Config.causal_context, show_default=True,
+              help="Attention of the clean context in both layouts (stage 2's default: causal).")
 @click.option("--out", "out_path", default="benchmarks/out/rad_vs_symmetric.json", show_default=True)
-def main(data, seconds, image_size, patch_size, block_size, batch_size, threads, train_limit, out_path) -> None:
-    """Measure RAD vs symmetric duplication: samples/s and validation loss at equal wall time."""
-    res = compare(data, seconds, image_size, patch_size, block_size, batch_size, threads, train_limit)
+def main(data, seconds, image_size, patch_size, block_size, batch_size, threads, train_limit, causal_context, out_path) -> None:
+    """Measure RAD vs symmetric duplication: samples/s and validation loss at equal wall time.
+    Both use the diffusion loss only: the comparison is of the layouts."""
+    res = compare(data, seconds, image_size, patch_size, block_size, batch_size, threads, train_limit, causal_context)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(res, indent=2))
     click.echo(json.dumps(res, indent=2))

@@ -59,6 +59,8 @@ class BuildOptions:
     # int8: quantise only weight matrices at least this large; below it the quantize/dequantize
     # pair around a MatMul costs more than int8 arithmetic saves on onnxruntime CPU
     int8_min_weight: int = 0
+    # int8: keep the MLP down projections fp32 (see echo_export/precision.py)
+    int8_down_proj_fp32: bool = True
     timing_cache: Optional[Path] = None
 
 
@@ -391,7 +393,8 @@ def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, cali
                     name = gio.graph_filename(role, "int8", b)
                     info = to_int8(tmp / files[(role, "fp32", b)], tmp / name, feeds,
                                    reduce_range=opts.reduce_range, workdir=tmp,
-                                   min_weight_elements=opts.int8_min_weight)
+                                   min_weight_elements=opts.int8_min_weight,
+                                   skip_input_dims=[lm.intermediate_size] if opts.int8_down_proj_fp32 else [])
                     onnx.checker.check_model(str(tmp / name), full_check=True)
                     files[(role, "int8", b)] = name
                     log(f"  {name:<34} {_size(tmp / name):>10}  {info['quantized_matmuls']} weight MatMul/Gemm, "

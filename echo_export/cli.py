@@ -31,10 +31,13 @@ def main() -> None:
 @click.option("--reduce-range", is_flag=True, help="int8: 7-bit weights (old AVX2 CPUs without VNNI)")
 @click.option("--int8-min-weight", default=0, show_default=True, type=int,
               help="int8: quantise only weight matrices with at least this many values (small ones lose to Q/DQ overhead on CPU)")
+@click.option("--int8-down-proj/--int8-down-proj-fp32", "int8_down_proj", default=False, show_default=True,
+              help="int8: also quantise the MLP down projections (default: keep them fp32; their SwiGLU inputs "
+                   "have tails that one uint8 range cannot hold)")
 @click.option("--trt", is_flag=True, help="also build TensorRT plans (needs the [trt] extra and a GPU)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, max_new_tokens, opset,
-          reduce_range, int8_min_weight, trt, force) -> None:
+          reduce_range, int8_min_weight, int8_down_proj, trt, force) -> None:
     """Trace, convert, quantise, verify, and write manifest.json last."""
     from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precisions
     from .tensorrt_build import TensorRTUnavailable
@@ -49,7 +52,8 @@ def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, veri
         opts = BuildOptions(ckpt=ckpt, out=out, precisions=parse_precisions(precision), ar_ckpt=ar_ckpt,
                             batch_sizes=parse_batch_sizes(batch_sizes), capacity=capacity, calib_size=calib_size,
                             verify_n=verify_n, data=data, trt=trt, force=force, opset=opset,
-                            max_new_tokens=max_new_tokens, reduce_range=reduce_range, int8_min_weight=int8_min_weight)
+                            max_new_tokens=max_new_tokens, reduce_range=reduce_range, int8_min_weight=int8_min_weight,
+                            int8_down_proj_fp32=not int8_down_proj)
         run_build(opts, log=lambda s: click.echo(s))
     except (BuildError, TensorRTUnavailable, ManifestError) as e:
         click.echo(f"echo-export build: error: {e}", err=True)

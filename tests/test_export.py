@@ -293,3 +293,21 @@ def test_int8_min_weight_selects_only_large_weight_matmuls(setup):
     assert counts == sorted(counts, reverse=True)  # a higher threshold never selects more
     assert any(0 < c < len(every) for c in counts)  # some threshold keeps the small ones fp32
     assert weight_matmuls(model, sizes[-1] + 1) == []
+
+
+def test_int8_skip_input_dims_keeps_exactly_the_down_projections_fp32(setup):
+    """The down projections (input = intermediate size) are left out; nothing else is."""
+    from echo_export.precision import weight_matmuls
+
+    root, *_ = setup
+    model = onnx.load(str(root / "engine" / "block_step.fp32.b1.onnx"))
+    cfg = json.loads((root / "engine" / "manifest.json").read_text())["model_config"]["lm"]
+    every = weight_matmuls(model)
+    kept = weight_matmuls(model, skip_input_dims=[cfg["intermediate_size"]])
+    assert set(kept) < set(every)
+    assert len(every) - len(kept) == cfg["num_hidden_layers"]  # one down_proj per layer
+    # the engine's int8 graph quantised exactly the selected ones
+    q8 = onnx.load(str(root / "engine" / "block_step.int8.b1.onnx"))
+    n_int8_weights = sum(1 for n in q8.graph.node if n.op_type == "DequantizeLinear"
+                         and any(i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8 for i in q8.graph.initializer))
+    assert n_int8_weights == len(kept)
