@@ -79,7 +79,7 @@ class VisionConfig:
 class EchoConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    stage: str = "ar"  # ar: causal prefix; rad / dcd: block-causal everywhere
+    stage: str = "ar"  # ar: causal; rad / dcd: block diffusion over a causal or block-causal context (causal_context)
     block_size: int = 8
     max_response_tokens: int = 128
     # Diffusion stages: block token j is read from the logits of position j-1 (token 0 from the
