@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD
+
 from .engines import (DEFAULT_BLOCK, METHODS, ModelCache, Paths, RuntimeCache, RuntimeRunner, TorchRunner, HFRunner,
                       Unavailable, engine_manifest_info, select_engines, trt_available)
 from .sysinfo import PeakMemory, machine_info
@@ -387,6 +389,8 @@ class Harness:
             "schema": 1,
             "command": " ".join(sys.argv),
             "config": cfg.to_dict(),
+            # how the teacher rows decode (PyTorch reference decoder defaults; steps = B)
+            "teacher_decoding": {"rule": DEFAULT_UNMASK_RULE, "threshold": UNMASK_THRESHOLD},
             "machine": machine_info(),
             "threads": threads,
             "studies": {"data": cfg.data, "split": cfg.split, "n": len(studies), "ids": [s.id for s in studies]},

@@ -105,6 +105,8 @@ def setup_lines(result: dict) -> list[str]:
         f"max {result['cells'][0].get('max_new_tokens', cfg.get('max_new_tokens')) if result['cells'] else '?'} new tokens, greedy",
         f"- batch-1 latency: {cfg['warmup']} warm-up reports, {cfg['repeats']} timed pass(es), per-report median; "
         f"throughput: batch {cfg['throughput_batch']} over {cfg['throughput_n']} reports",
+        *([f"- teacher rows: steps = B, unmasking rule `{td['rule']}`, threshold {td['threshold']}"]
+          if (td := result.get("teacher_decoding")) else []),
         f"- threads: torch {th.get('torch_intra_op')}, onnxruntime intra-op {th.get('ort_intra_op')}; "
         f"seed {cfg['seed']}; bootstrap n={cfg['n_boot']}",
         f"- libraries: {libs}; python {m['python']}",

@@ -114,6 +114,7 @@ def test_harness_writes_every_cell(bench_setup, tmp_path):
     assert ideal["pytorch-cpu"]["ideal"]["8"] > 0 and ideal["pytorch-cpu"]["ideal"]["16"] > 0
     md = paths["md"].read_text()
     assert "not available" in md and "ideal" in md and "DCD one-step" in md
+    assert "teacher rows: steps = B, unmasking rule `dynamic-ltr`, threshold 0.85" in md  # how the teacher decoded
 
     if engine is None:
         assert cells[("dcd", "ort-fp32", 8)]["status"].startswith("not available: ")
