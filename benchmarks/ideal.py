@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from echo_export.timing import interleaved_medians
+from echo_export.timing import alternating_run_medians
 
 MID_REPORT_TOKENS = 64  # cache length = prefix + this: the middle of a typical report
 
@@ -57,7 +57,7 @@ def torch_pass_times(model, tok, token_counts: Sequence[int], image_path: Option
                 sync()
 
             fns[int(T)] = run
-        return {"cache_len": n, "t": interleaved_medians(fns, repeats), "timer": "forward against a KV cache"}
+        return {"cache_len": n, "t": alternating_run_medians(fns, repeats), "timer": "forward against a KV cache"}
 
 
 def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequence[int], image_path: Optional[str],
@@ -124,7 +124,7 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
                 "past_len": np.array([past], np.int64)}, outs)
         runs[int(T)] = g.run
         out["cache_len"] = past
-    out["t"] = interleaved_medians(runs, repeats, timer=lambda run: run())  # OrtGraph.run returns session seconds
+    out["t"] = alternating_run_medians(runs, repeats, timer=lambda run: run())  # OrtGraph.run returns session seconds
     return out
 
 

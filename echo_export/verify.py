@@ -22,7 +22,7 @@ import torch
 from runtime import graph_io as gio
 
 from .decode_loop import ar_decode, fused_decode, ort_runner, torch_runner
-from .timing import interleaved_medians
+from .timing import alternating_run_medians
 
 
 @dataclass
@@ -76,11 +76,11 @@ def _f1(texts: dict[str, str], refs: dict[str, str]):
 
 
 def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: int = 100, threads: int = 0) -> dict[str, float]:
-    """Median milliseconds of one run of each graph on the same feeds, timed round-robin
+    """Median milliseconds of one run of each graph on the same feeds, timed in alternating back-to-back runs
     (so that a busy machine slows every variant alike and their ratio stays meaningful)."""
     runners = {name: ort_runner(path, threads) for name, path in paths.items()}
     fns = {name: (lambda run=run: run(feeds)) for name, run in runners.items()}
-    return {name: 1e3 * t for name, t in interleaved_medians(fns, repeat, warmup=10).items()}
+    return {name: 1e3 * t for name, t in alternating_run_medians(fns, repeat, warmup=10).items()}
 
 
 def verify_block(
