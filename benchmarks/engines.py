@@ -57,6 +57,8 @@ class Decoded:
     session_s: Optional[float] = None  # seconds inside session.run (runtime engines)
     decode_s: Optional[float] = None  # the runtime's own decode time
     prefill_s: Optional[float] = None  # of which the prefill pass (vision + prompt)
+    prefill_session_s: Optional[float] = None  # of session_s, the prefill pass
+    decode_passes: Optional[int] = None  # passes after prefill that the runtime ran (the batch's)
 
     @property
     def n_generated(self) -> int:
@@ -291,7 +293,8 @@ class RuntimeRunner:
                 raise RuntimeError(f"{r.path}: {r.error}")
             tm = r.timings
             out.append(Decoded(list(r.tokens), r.text, r.forward_passes, r.stop == "eos",
-                               session_s=tm.get("session"), decode_s=tm.get("decode"), prefill_s=tm.get("prefill")))
+                               session_s=tm.get("session"), decode_s=tm.get("decode"), prefill_s=tm.get("prefill"),
+                               prefill_session_s=tm.get("prefill_session"), decode_passes=len(tm.get("blocks", []))))
         return out
 
 

@@ -368,7 +368,7 @@ class EchoRuntime:
         session = dec.prefill.run()
         n_pre = dec.n_pre
         dec.store(dec.prefill, 0)
-        t_prefill = time.perf_counter() - t0
+        t_prefill, s_prefill = time.perf_counter() - t0, session
         past = n_pre
         dec.input_ids[:, :B] = self.prefix[n_pre:]
         dec.input_ids[:, B:] = self.tokenizer.mask_id
@@ -404,7 +404,8 @@ class EchoRuntime:
         decode = time.perf_counter() - t0
         raw = np.concatenate(blocks, 1) if blocks else np.zeros((b, 0), np.int64)
         stops = ["eos" if done[r] else stop for r in range(n)]
-        tm = {"prefill": t_prefill, "blocks": block_times, "decode": decode, "session": session}
+        tm = {"prefill": t_prefill, "blocks": block_times, "decode": decode, "session": session,
+              "prefill_session": s_prefill}
         return self._finish(chunk, raw, passes, stops, tm)
 
     def _run_ar(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
@@ -415,7 +416,7 @@ class EchoRuntime:
         session = dec.prefill.run()
         dec.store(dec.prefill, 0)
         tok = dec.pre_tokens.astype(np.int64)
-        t_prefill = time.perf_counter() - t0
+        t_prefill, s_prefill = time.perf_counter() - t0, session
         past = P
         out = [tok]
         done = tok[:, 0] == eos
@@ -449,5 +450,6 @@ class EchoRuntime:
         decode = time.perf_counter() - t0
         raw = np.concatenate(out, 1)
         stops = ["eos" if done[r] else stop for r in range(n)]
-        tm = {"prefill": t_prefill, "blocks": step_times, "decode": decode, "session": session}
+        tm = {"prefill": t_prefill, "blocks": step_times, "decode": decode, "session": session,
+              "prefill_session": s_prefill}
         return self._finish(chunk, raw, passes, stops, tm)

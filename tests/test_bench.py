@@ -115,6 +115,13 @@ def test_harness_writes_every_cell(bench_setup, tmp_path):
     md = paths["md"].read_text()
     assert "not available" in md and "ideal" in md and "DCD one-step" in md
     assert "teacher rows: steps = B, unmasking rule `dynamic-ltr`, threshold 0.85" in md  # how the teacher decoded
+    # every non-AR cell carries its F1 difference from AR on the same studies (n_boot=0: no CI)
+    for m in ("teacher", "naive", "dcd"):
+        d = cells[(m, "pytorch-cpu", 8)]["finding_f1_vs_ar"]
+        assert d["delta"] == pytest.approx(cells[(m, "pytorch-cpu", 8)]["quality"]["finding_f1"]
+                                           - cells[("ar", "pytorch-cpu", None)]["quality"]["finding_f1"])
+        assert d["ci95"] is None and d["ar_engine"] == "pytorch-cpu"
+    assert "Finding F1 against AR" in md
 
     if engine is None:
         assert cells[("dcd", "ort-fp32", 8)]["status"].startswith("not available: ")
@@ -133,6 +140,10 @@ def test_harness_writes_every_cell(bench_setup, tmp_path):
     assert dcd["decode_tokens_per_s"] > dcd["tokens_per_s"]
     assert ideal["ort-fp32"]["achieved_dcd_vs_ar_decode_only"]["8"] == pytest.approx(dcd["decode_speedup_vs_ar"])
     assert "decode only" in md
+    # the passes timed inside the loops, beside the isolated t(1) / t(2B)
+    loop = ideal["ort-fp32"]["in_loop_t_ms"]
+    assert loop["1"] > 0 and loop["16"] > 0
+    assert cells[("dcd", "ort-fp32", 8)]["finding_f1_vs_ar"]["ar_engine"] == "ort-fp32"
     ov = saved["runtime_overhead"]
     assert 0 <= ov["outside_session_of_decode"] <= 1
     # the engine decodes like the PyTorch reference

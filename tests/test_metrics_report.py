@@ -155,3 +155,20 @@ def test_cli_errors(tmp_path):
     r = CliRunner().invoke(main, ["--pred", str(ref), "--ref", str(ref), "--out", str(tmp_path / "o.json"),
                                   "--metrics", "bleu,nope"])
     assert r.exit_code != 0 and "unknown metric" in r.output
+
+
+def test_paired_f1_difference():
+    from echo_train.metrics import finding_f1
+    from echo_train.metrics.finding_f1 import paired_micro_f1_difference
+
+    d = paired_micro_f1_difference(PREDS, REFS, REFS, n_boot=300, seed=1)
+    assert d["n"] == 4
+    assert d["delta"] == pytest.approx(finding_f1(PREDS, REFS)["micro_f1"] - 1.0)
+    lo, hi = d["ci95"]
+    assert lo <= d["delta"] <= hi <= 0.0  # the references score 1.0 on every resample
+    # a system against itself differs by exactly zero on every resample
+    same = paired_micro_f1_difference(PREDS, dict(PREDS), REFS, n_boot=50)
+    assert same["delta"] == 0.0 and same["ci95"] == (0.0, 0.0)
+    assert paired_micro_f1_difference(PREDS, PREDS, REFS, n_boot=0)["ci95"] is None
+    with pytest.raises(KeyError):
+        paired_micro_f1_difference(PREDS, {"s1": PREDS["s1"]}, REFS)

@@ -121,6 +121,7 @@ def test_timings_and_session_share(rt1):
     assert set(t) >= {"preprocess", "prefill", "blocks", "session", "decode", "total"}
     assert len(t["blocks"]) == r.forward_passes - 1
     assert 0 < t["session"] <= t["decode"] <= t["total"]
+    assert 0 < t["prefill_session"] < t["session"] and t["prefill_session"] <= t["prefill"]
 
 
 def test_io_binding_shares_numpy_memory(rt1):

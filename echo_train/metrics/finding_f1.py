@@ -82,3 +82,33 @@ def finding_f1(preds, refs, uncertain_as_positive: bool = False) -> dict:
     p, r = _as_lists(preds, refs)
     return finding_f1_from_labels([label_report(x) for x in p], [label_report(x) for x in r],
                                   uncertain_as_positive)
+
+
+def paired_micro_f1_difference(preds_a, preds_b, refs, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
+                               uncertain_as_positive: bool = False) -> dict:
+    """micro F1(a) - micro F1(b) on the same studies, with a paired percentile bootstrap CI.
+
+    preds_a, preds_b and refs are dicts by study id (a's ids must all be in b and refs). Both
+    systems are scored on every resample of the same studies, so the interval reflects the
+    difference between them, not the much larger spread of either score across test sets.
+    Returns {"delta", "ci95": (lo, hi) or None when n_boot == 0, "n"}.
+    """
+    ids = list(preds_a)
+    missing = [i for i in ids if i not in preds_b or i not in refs]
+    if missing:
+        raise KeyError(f"{len(missing)} study ids lack a prediction of b or a reference, e.g. {missing[:5]}")
+    ref = labels_matrix([label_report(refs[i]) for i in ids], uncertain_as_positive)
+    pa = labels_matrix([label_report(preds_a[i]) for i in ids], uncertain_as_positive)
+    pb = labels_matrix([label_report(preds_b[i]) for i in ids], uncertain_as_positive)
+
+    def delta(idx) -> float:
+        return f1_from_matrices(pa[idx], ref[idx])["micro_f1"] - f1_from_matrices(pb[idx], ref[idx])["micro_f1"]
+
+    n = len(ids)
+    out = {"delta": delta(np.arange(n)), "ci95": None, "n": n}
+    if n and n_boot > 0:
+        rows = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+        d = [delta(r) for r in rows]
+        lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
+        out["ci95"] = (float(np.percentile(d, lo)), float(np.percentile(d, hi)))
+    return out
