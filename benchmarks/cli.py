@@ -70,6 +70,8 @@ def publish(result: dict, paths: dict, dest: Path = RESULTS_DIR) -> list[Path]:
               help="Where the PyTorch and transformers engines run.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast for PyTorch / transformers on CUDA.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Timed passes over the studies at batch 1.")
+@click.option("--runtime-repeats", type=int, default=5, show_default=True,
+              help="Timed passes for the onnxruntime / TensorRT cells (cheap; steadier speed ratios). 0: same as --repeats.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed reports before each cell.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch and onnxruntime intra-op threads (0: library default).")
 @click.option("--throughput-batch", type=int, default=8, show_default=True)
@@ -82,7 +84,7 @@ def publish(result: dict, paths: dict, dest: Path = RESULTS_DIR) -> list[Path]:
 @click.option("--name", default=None, help="Run name (default: a UTC timestamp).")
 @click.option("--publish", "do_publish", is_flag=True, help="Copy results.md, the plot and RUN.md into benchmarks/results/.")
 def main(data, split, n, methods, engines, block_sizes, ar_ckpt, teacher_ckpt, echo_ckpt, engine_dir, naive_engine_dir,
-         device, bf16, repeats, warmup, threads, throughput_batch, throughput_n, max_new_tokens, metrics, n_boot, seed,
+         device, bf16, repeats, runtime_repeats, warmup, threads, throughput_batch, throughput_n, max_new_tokens, metrics, n_boot, seed,
          out, name, do_publish) -> None:
     """Benchmark AR, the multi-step teacher, naive one-step and DCD one-step on every engine here.
 
@@ -99,7 +101,7 @@ def main(data, split, n, methods, engines, block_sizes, ar_ckpt, teacher_ckpt, e
         data=data, split=split, n=n, methods=_list(methods), engines=engines, block_sizes=_ints(block_sizes),
         paths=Paths(ar_ckpt=ar_ckpt, teacher_ckpt=teacher_ckpt, dcd_ckpt=echo_ckpt, engine_dir=engine_dir,
                     naive_engine_dir=naive_engine_dir),
-        device=device, bf16=bf16, repeats=repeats, warmup=warmup, threads=threads or None,
+        device=device, bf16=bf16, repeats=repeats, runtime_repeats=runtime_repeats or None, warmup=warmup, threads=threads or None,
         throughput_batch=throughput_batch, throughput_n=throughput_n, max_new_tokens=max_new_tokens,
         metrics=_list(metrics), n_boot=n_boot, seed=seed, out=out or f"benchmarks/out/{name}",
     )

@@ -12,7 +12,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD
 
-from .engines import (DEFAULT_BLOCK, METHODS, ModelCache, Paths, RuntimeCache, RuntimeRunner, TorchRunner, HFRunner,
+from .engines import (DEFAULT_BLOCK, METHODS, Decoded, ModelCache, Paths, RuntimeCache, RuntimeRunner, TorchRunner, HFRunner,
                       Unavailable, engine_manifest_info, select_engines, trt_available)
 from .sysinfo import PeakMemory, machine_info
 
@@ -40,6 +40,9 @@ class BenchConfig:
     device: str = "cpu"  # where the PyTorch and HF engines run: cpu or cuda
     bf16: bool = False  # bf16 autocast for the PyTorch / HF engines on CUDA
     repeats: int = 1  # timed passes over the studies at batch 1 (latency = per-report median)
+    # onnxruntime / TensorRT cells take a second or two per pass on the demo: more passes there
+    # make their speed ratios steady on a busy machine at little cost (None: same as repeats)
+    runtime_repeats: Optional[int] = 5
     warmup: int = 2  # untimed reports before each cell
     threads: Optional[int] = 2  # torch intra-op threads and onnxruntime intra_op_num_threads
     throughput_batch: int = 8
@@ -59,6 +62,17 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+def median_timings(runs: list[Decoded]) -> Decoded:
+    """One report decoded several times: the first run's tokens with each runtime timing's median."""
+    first = runs[0]
+    med = {}
+    for name in ("session_s", "decode_s", "prefill_s", "prefill_session_s"):
+        vals = [getattr(r, name) for r in runs]
+        if all(v is not None for v in vals):
+            med[name] = statistics.median(vals)
+    return replace(first, **med)
+
+
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
@@ -185,6 +199,10 @@ class Harness:
             raise Unavailable(f"{d} has block size {rt.block_size}, not {B}")
         return RuntimeRunner(rt, mode, self.max_new)
 
+    def repeats_for(self, engine: str) -> int:
+        rr = self.cfg.runtime_repeats
+        return max(1, rr if (rr is not None and _engine_kind(engine)[0] in ("ort", "trt")) else self.cfg.repeats)
+
     def run_cell(self, method: str, engine: str, B: Optional[int], studies) -> dict:
         cfg = self.cfg
         cell: dict[str, Any] = {"method": method, "engine": engine, "block_size": B, **self.sources(method, engine, B)}
@@ -197,14 +215,14 @@ class Harness:
                 for w in range(cfg.warmup):
                     runner.decode([paths[w % len(paths)]])
                 lat: list[list[float]] = [[] for _ in paths]
-                decoded = [None] * len(paths)
-                for rep in range(max(1, cfg.repeats)):
+                runs: list[list[Decoded]] = [[] for _ in paths]
+                for rep in range(self.repeats_for(engine)):
                     for i, path in enumerate(paths):
                         t = time.perf_counter()
                         d = runner.decode([path])[0]
                         lat[i].append(time.perf_counter() - t)
-                        if rep == 0:
-                            decoded[i] = d
+                        runs[i].append(d)
+                decoded = [median_timings(r) for r in runs]
                 cell["throughput"] = self.throughput(method, engine, B, paths)
         except Unavailable as e:
             cell["status"] = NA + str(e)

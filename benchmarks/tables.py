@@ -124,7 +124,9 @@ def setup_lines(result: dict) -> list[str]:
         + (f"; GPU: {gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']})" if gpu else "; no GPU"),
         f"- studies: {result['studies']['n']} from `{cfg['data']}` split `{cfg['split']}`; "
         f"max {result['cells'][0].get('max_new_tokens', cfg.get('max_new_tokens')) if result['cells'] else '?'} new tokens, greedy",
-        f"- batch-1 latency: {cfg['warmup']} warm-up reports, {cfg['repeats']} timed pass(es), per-report median; "
+        f"- batch-1 latency: {cfg['warmup']} warm-up reports, {cfg['repeats']} timed pass(es)"
+        + (f" ({rr} for onnxruntime / TensorRT)" if (rr := cfg.get("runtime_repeats")) and rr != cfg["repeats"] else "")
+        + ", per-report median; "
         f"throughput: batch {cfg['throughput_batch']} over {cfg['throughput_n']} reports",
         *([f"- teacher rows: steps = B, unmasking rule `{td['rule']}`, threshold {td['threshold']}"]
           if (td := result.get("teacher_decoding")) else []),

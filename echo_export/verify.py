@@ -50,19 +50,34 @@ def _agreement(pred: list[list[int]], ref: list[list[int]]) -> tuple[float, floa
     return (same / total if total else 1.0), (exact / len(pred) if pred else 1.0)
 
 
-def _per_pass_agreement(step, passes: list[tuple[dict, np.ndarray, np.ndarray]]) -> float:
-    """Share of block tokens a variant's block step gives on exactly the fp32 run's inputs.
+def _per_pass_agreement(step, ref_step, passes: list[tuple[dict, np.ndarray, np.ndarray]]) -> dict:
+    """Share of block tokens a variant's block step gives on exactly the fp32 run's inputs, and
+    how sure fp32 itself was where they differ.
 
     Free-running agreement (`token_agreement`) counts every token after a report's first
     difference as a miss, so one near-tie flip early in a report weighs like dozens of errors;
-    this measure isolates the graph's own numerical fidelity, pass by pass.
+    this measure isolates the graph's own numerical fidelity, pass by pass. The fp32 confidence
+    (top probability) at the flipped positions against all positions says whether the flips are
+    near-ties of the model or real numerical damage.
     """
     same = total = 0
+    conf_all: list[np.ndarray] = []
+    conf_flip: list[np.ndarray] = []
     for feeds, ref, active in passes:
         got = np.asarray(step(feeds)[0])
+        ref_conf = np.asarray(ref_step(feeds)[1])  # outputs: tokens, confidence, present_key, present_value
         same += int((got[active] == ref[active]).sum())
         total += int(active.sum()) * ref.shape[1]
-    return same / total if total else 1.0
+        conf_all.append(ref_conf[active].ravel())
+        conf_flip.append(ref_conf[active][got[active] != ref[active]])
+    flips = np.concatenate(conf_flip) if conf_flip else np.zeros(0)
+    every = np.concatenate(conf_all) if conf_all else np.zeros(0)
+    return {
+        "agreement": same / total if total else 1.0,
+        "flips": int(flips.size),
+        "fp32_confidence_median_at_flips": float(np.median(flips)) if flips.size else None,
+        "fp32_confidence_median_all": float(np.median(every)) if every.size else None,
+    }
 
 
 def _f1(texts: dict[str, str], refs: dict[str, str]):
@@ -155,12 +170,19 @@ def verify_block(
             }
             if why:
                 entry["finding_f1_note"] = why
-            if p != "fp32" and fp32_passes:
-                entry["per_pass_token_agreement"] = _per_pass_agreement(step, fp32_passes)
+            if p == "fp32":
+                fp32_step = step
+            elif fp32_passes:
+                pp = _per_pass_agreement(step, fp32_step, fp32_passes)
+                entry["per_pass_token_agreement"] = pp.pop("agreement")
+                entry["per_pass_flips"] = pp
             out["variants"][f"block.{p}.b{b}"] = entry
             per_pass = entry.get("per_pass_token_agreement")
+            flips = entry.get("per_pass_flips") or {}
             log(f"  block {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%  "
                 + (f"per-pass {100 * per_pass:6.2f}%  " if per_pass is not None else "")
+                + (f"(fp32 conf. {flips['fp32_confidence_median_at_flips']:.2f} at flips, "
+                   f"{flips['fp32_confidence_median_all']:.2f} overall)  " if flips.get("flips") else "")
                 + f"F1 {'-' if f1 is None else f'{f1:.3f}'} ({secs:.1f}s)")
         if first_feed:
             speed = time_graphs({p: engine_dir / files[(gio.BLOCK_STEP, p, b)] for p in precisions}, first_feed["f"])

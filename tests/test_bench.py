@@ -175,3 +175,17 @@ def test_ideal_speedup_formula_and_publish(tmp_path):
     out = publish(result, {"md": md, "png": png, "json": tmp_path / "results.json"}, dest=tmp_path / "pub")
     assert sorted(p.name for p in out) == ["RUN.md", "quality_vs_latency.png", "results.md"]
     assert "echo-bench --n 3" in (tmp_path / "pub" / "RUN.md").read_text()
+
+
+def test_median_timings_keeps_tokens_and_takes_medians():
+    from benchmarks.engines import Decoded
+    from benchmarks.harness import median_timings
+
+    runs = [Decoded([5, 6], "a b", 3, True, session_s=s, decode_s=2 * s, prefill_s=0.1 * s, prefill_session_s=0.05 * s,
+                    decode_passes=2) for s in (3.0, 1.0, 2.0)]
+    m = median_timings(runs)
+    assert (m.tokens, m.text, m.passes, m.eos, m.decode_passes) == ([5, 6], "a b", 3, True, 2)
+    assert (m.session_s, m.decode_s, m.prefill_s) == (2.0, 4.0, pytest.approx(0.2))
+    # engines that time nothing (PyTorch) keep None
+    plain = median_timings([Decoded([1], "x", 1, False), Decoded([1], "x", 1, False)])
+    assert plain.session_s is None and plain.decode_s is None

@@ -90,7 +90,13 @@ def test_fp32_tokens_identical_to_reference(built, setup):
     for k in ("block.fp16.b1", "block.int8.b1"):
         assert 0.0 <= rep["variants"][k]["token_agreement"] <= 1.0
         # each variant's block step re-run on the fp32 run's own pass inputs
-        assert 0.0 < rep["variants"][k]["per_pass_token_agreement"] <= 1.0
+        v = rep["variants"][k]
+        assert 0.0 < v["per_pass_token_agreement"] <= 1.0
+        # flips counted consistently with the agreement; fp32's confidence reported where they happen
+        f = v["per_pass_flips"]
+        assert (f["flips"] == 0) == (v["per_pass_token_agreement"] == 1.0)
+        assert 0.0 < f["fp32_confidence_median_all"] <= 1.0
+        assert f["fp32_confidence_median_at_flips"] is None if f["flips"] == 0 else 0.0 < f["fp32_confidence_median_at_flips"] <= 1.0
     # independent check on one image, here rather than through verify.py
     px = preprocess_image(data / "img" / "test0.png", model.cfg.vision.image_size)[None]
     prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
