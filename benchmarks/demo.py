@@ -66,6 +66,7 @@ class DemoConfig:
     # 7. benchmark
     bench_n: int = 60
     bench_repeats: int = 1
+    bench_runtime_repeats: int = 3  # onnxruntime cells: cheap, and their medians steady the speed ratios
     bench_block_sizes: str = "8,16"
     bench_max_new_tokens: Optional[int] = None  # None: the checkpoints' max_response_tokens
     bench_metrics: str = "finding_f1,bleu,rouge,semscore,validity"  # SemScore embeds every distinct report on the CPU
@@ -272,6 +273,7 @@ class Demo:
         out = Path("benchmarks/out", c.bench_name)
         self.run("7 echo-bench", _bin("echo-bench") + [
             "--data", str(c.path("data/synth")), "--split", "test", "--n", str(c.bench_n), "--repeats", str(c.bench_repeats),
+            "--runtime-repeats", str(c.bench_runtime_repeats),
             "--block-sizes", c.bench_block_sizes, "--threads", str(c.bench_threads),
             "--ar-ckpt", str(c.path("runs/ar")), "--teacher-ckpt", str(c.path("runs/base")),
             "--echo-ckpt", str(c.path("runs/echo")), "--engine-dir", str(c.path("engines/echo")),
