@@ -7,7 +7,9 @@ B x t(1)/t(2B) beside the achieved one. Cells that cannot run say "not available
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -62,6 +64,21 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _all_cores_for_torch():
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def median_timings(runs: list[Decoded]) -> Decoded:
     """One report decoded several times: the first run's tokens with each runtime timing's median."""
     first = runs[0]
@@ -363,6 +380,10 @@ class Harness:
         echo_train.metrics computes it); embedding each distinct text once instead of once per
         cell is what keeps it affordable on a CPU. Identical prediction sets are scored once.
         """
+        with _all_cores_for_torch():  # scoring is not timed: the embedding model may use every core
+            self._score(cells, refs)
+
+    def _score(self, cells: list[dict], refs: dict[str, str]) -> None:
         from echo_train.metrics.report import EvalConfig, evaluate_reports
 
         cache: dict[tuple, dict] = {}

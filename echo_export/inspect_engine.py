@@ -62,7 +62,9 @@ def inspect_engine(engine_dir: str | Path, log: Callable[[str], None] = print) -
         log(f"  verification on {rep.get('n_images')} images:")
         for name, v in rep.get("variants", {}).items():
             f1 = v.get("finding_f1_change")
+            pp = v.get("per_pass_token_agreement")
             log(f"    {name:<16} agreement {100 * v['token_agreement']:6.2f}%  exact {100 * v['exact_match']:6.2f}%"
+                + ("" if pp is None else f"  per-pass {100 * pp:6.2f}%")
                 + ("" if f1 is None else f"  dF1 {f1:+.3f}"))
         for k, sp in rep.get("speed", {}).items():
             log(f"    {k}: " + ", ".join(f"{p} {v:.3f}" for p, v in sp.items()))

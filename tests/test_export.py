@@ -140,6 +140,7 @@ def test_inspect_cli(built):
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
     assert "every sha256 matches" in r.output and "past_key f32[2,1,2,96,16]" in r.output
+    assert "block.fp16.b1" in r.output and "per-pass" in r.output  # the verification, pass by pass too
 
 
 def _cli(args):

@@ -166,6 +166,8 @@ class TextEmbedder:
         import torch
 
         out = []
+        # batches of similar length: padding to the longest text of a batch is wasted compute
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         rng = range(0, len(texts), self.batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -173,7 +175,7 @@ class TextEmbedder:
             rng = tqdm(rng, desc=desc, unit="batch", leave=False)
         with torch.inference_mode():
             for i in rng:
-                batch = [t if t else " " for t in texts[i:i + self.batch_size]]
+                batch = [texts[j] if texts[j] else " " for j in order[i:i + self.batch_size]]
                 enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
                                      return_tensors="pt").to(self.device)
                 hidden = self.model(**enc).last_hidden_state.float()
@@ -184,7 +186,11 @@ class TextEmbedder:
                     emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
                 out.append(torch.nn.functional.normalize(emb, dim=-1).cpu().numpy())
         dim = self.model.config.hidden_size
-        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, dim))
+        if not out:
+            return np.zeros((0, dim))
+        emb = np.empty((len(texts), dim), np.float64)
+        emb[order] = np.concatenate(out)
+        return emb
 
     def cosine(self, preds: Sequence[str], refs: Sequence[str], progress: bool = False) -> np.ndarray:
         """Per-pair cosine similarity of the pooled embeddings."""

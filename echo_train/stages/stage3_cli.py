@@ -21,9 +21,9 @@ from .stage3_dcd import METHODS, Stage3Config, run_stage3
 @click.option("--ar-weight", type=float, default=Stage3Config.ar_weight, show_default=True,
               help="Weight of stage 1's next-token loss on the clean copy (the teacher's report); "
                    "needs a causal-context teacher.")
-@click.option("--steps", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--steps", type=int, default=None, help="Training steps (default 900: the one-step student needs them).")
+@click.option("--batch-size", type=int, default=None, help="Default 16.")
+@click.option("--lr", type=float, default=None, help="Default 5e-4.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=int, default=None)
