@@ -149,7 +149,11 @@ _register_stage3()
 @click.option("--max-new-tokens", type=int, default=None)
 @click.option("--out", "out_path", default=None, help="Write predictions JSONL here.")
 @click.option("--device", default="auto", show_default=True)
-def generate(ckpt, data, split, mode, steps, block_size, rule, limit, batch_size, max_new_tokens, out_path, device) -> None:
+@click.option("--against", "against_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Another system's predictions JSONL (from --out) on the same studies: also print the finding-F1 "
+                   "difference to it with a paired bootstrap 95% CI (1000 resamples).")
+def generate(ckpt, data, split, mode, steps, block_size, rule, limit, batch_size, max_new_tokens, out_path, device,
+             against_path) -> None:
     """Decode a split with a PyTorch reference decoder and print quick quality figures."""
     from .decoding.run import DecodeSpec, decode_studies
     from .model.checkpoint import CheckpointError, load_checkpoint
@@ -169,7 +173,28 @@ def generate(ckpt, data, split, mode, steps, block_size, rule, limit, batch_size
         with open(out_path, "w") as f:
             for s in studies:
                 f.write(json.dumps({"id": s.id, "report": preds[s.id]}) + "\n")
-    click.echo(json.dumps({**spec.__dict__, **stats, **quick_quality(preds, {s.id: s.report for s in studies})}, indent=2))
+    refs = {s.id: s.report for s in studies}
+    out = {**spec.__dict__, **stats, **quick_quality(preds, refs)}
+    if against_path:
+        out["finding_micro_f1_vs_against"] = paired_f1_against(preds, refs, against_path)
+    click.echo(json.dumps(out, indent=2))
+
+
+def paired_f1_against(preds: dict[str, str], refs: dict[str, str], against_path: str) -> dict:
+    """Finding micro F1 of preds minus that of the JSONL at against_path, same studies, paired CI."""
+    from .metrics.finding_f1 import paired_micro_f1_difference
+
+    other: dict[str, str] = {}
+    with open(against_path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                other[rec["id"]] = rec["report"]
+    missing = [i for i in preds if i not in other]
+    if missing:
+        raise click.ClickException(f"{against_path}: no prediction for {len(missing)} of these studies, e.g. {missing[:3]}")
+    d = paired_micro_f1_difference(preds, other, refs, n_boot=1000, seed=0)
+    return {"against": str(against_path), "delta": d["delta"], "ci95": d["ci95"], "n": d["n"]}
 
 
 def quick_quality(preds: dict[str, str], refs: dict[str, str]) -> dict:

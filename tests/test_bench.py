@@ -189,3 +189,31 @@ def test_median_timings_keeps_tokens_and_takes_medians():
     # engines that time nothing (PyTorch) keep None
     plain = median_timings([Decoded([1], "x", 1, False), Decoded([1], "x", 1, False)])
     assert plain.session_s is None and plain.decode_s is None
+
+
+def test_generate_against_another_system(bench_setup, tmp_path):
+    """`echo-train generate --against`: the paired F1 difference to another prediction file."""
+    from click.testing import CliRunner
+
+    from echo_train.cli import main
+    from echo_train.metrics import finding_f1
+    from echo_train.stages.common import load_split
+
+    root, _, data, _ = bench_setup
+    args = ["generate", "--data", str(data), "--split", "test", "--device", "cpu"]
+    ar, dcd = tmp_path / "ar.jsonl", tmp_path / "dcd.jsonl"
+    r = CliRunner().invoke(main, args + ["--ckpt", str(root / "runs/ar"), "--mode", "ar", "--out", str(ar)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, args + ["--ckpt", str(root / "runs/echo"), "--mode", "onestep", "--out", str(dcd),
+                                         "--against", str(ar)])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output[r.output.index("{"):])["finding_micro_f1_vs_against"]
+    refs = {s.id: s.report for s in load_split(str(data), "test", None)}
+    read = lambda p: {json.loads(x)["id"]: json.loads(x)["report"] for x in p.read_text().splitlines()}
+    assert got["delta"] == pytest.approx(finding_f1(read(dcd), refs)["micro_f1"] - finding_f1(read(ar), refs)["micro_f1"])
+    assert got["ci95"][0] <= got["delta"] <= got["ci95"][1] and got["n"] == len(refs)
+    # a prediction file that lacks these studies is refused with the reason
+    (tmp_path / "short.jsonl").write_text(ar.read_text().splitlines()[0] + "\n")
+    r = CliRunner().invoke(main, args + ["--ckpt", str(root / "runs/ar"), "--mode", "ar",
+                                         "--against", str(tmp_path / "short.jsonl")])
+    assert r.exit_code != 0 and "no prediction for" in r.output
