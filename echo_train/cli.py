@@ -182,14 +182,10 @@ def generate(ckpt, data, split, mode, steps, block_size, rule, limit, batch_size
 
 def paired_f1_against(preds: dict[str, str], refs: dict[str, str], against_path: str) -> dict:
     """Finding micro F1 of preds minus that of the JSONL at against_path, same studies, paired CI."""
+    from .metrics.cli import read_reports
     from .metrics.finding_f1 import paired_micro_f1_difference
 
-    other: dict[str, str] = {}
-    with open(against_path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                other[rec["id"]] = rec["report"]
+    other = read_reports(against_path)
     missing = [i for i in preds if i not in other]
     if missing:
         raise click.ClickException(f"{against_path}: no prediction for {len(missing)} of these studies, e.g. {missing[:3]}")

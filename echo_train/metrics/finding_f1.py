@@ -104,11 +104,8 @@ def paired_micro_f1_difference(preds_a, preds_b, refs, n_boot: int = 1000, seed:
     def delta(idx) -> float:
         return f1_from_matrices(pa[idx], ref[idx])["micro_f1"] - f1_from_matrices(pb[idx], ref[idx])["micro_f1"]
 
+    from .report import bootstrap_ci  # report builds on this module
+
     n = len(ids)
-    out = {"delta": delta(np.arange(n)), "ci95": None, "n": n}
-    if n and n_boot > 0:
-        rows = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-        d = [delta(r) for r in rows]
-        lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
-        out["ci95"] = (float(np.percentile(d, lo)), float(np.percentile(d, hi)))
-    return out
+    cis = bootstrap_ci(lambda idx: {"delta": delta(idx)}, n, n_boot, seed, ci)
+    return {"delta": delta(np.arange(n)), "ci95": cis.get("delta"), "n": n}
