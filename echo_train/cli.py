@@ -10,43 +10,9 @@ import click
 from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_RULES
 
 from .stages.stage2_rad import Stage2Config
-from .stages.trainer import TrainConfig
+from .stages.train_options import train_config_from_options, train_options
 
 _STAGE2_DEFAULTS = Stage2Config()
-
-
-def _train_options(f):
-    opts = [
-        click.option("--steps", type=int, default=None, help="Optimiser steps (default: the stage's)."),
-        click.option("--batch-size", type=int, default=None, help="Global batch size, split across processes."),
-        click.option("--lr", type=float, default=None, help="Peak learning rate."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
-        click.option("--threads", type=int, default=None, help="torch CPU threads."),
-        click.option("--save-every", type=int, default=100, show_default=True),
-        click.option("--eval-every", type=int, default=100, show_default=True),
-        click.option("--stop-after", type=int, default=None, help="Stop (with a checkpoint) at this step."),
-        click.option("--train-limit", type=int, default=None, help="Use only the first N training studies."),
-        click.option("--freeze", default=None,
-                     help="Comma-separated parameter-name prefixes to keep fixed (e.g. vision, vision.tower); "
-                          "'none' trains everything. Default: the stage's."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _train_config(default: TrainConfig, kw: dict) -> TrainConfig:
-    cfg = TrainConfig(**{**default.__dict__})
-    for k in ("steps", "batch_size", "lr"):
-        if kw.get(k) is not None:
-            setattr(cfg, k, kw[k])
-    cfg.seed, cfg.device, cfg.threads = kw["seed"], kw["device"], kw["threads"]
-    cfg.save_every, cfg.eval_every, cfg.stop_after = kw["save_every"], kw["eval_every"], kw["stop_after"]
-    if kw.get("freeze") is not None:
-        names = [x.strip() for x in kw["freeze"].split(",") if x.strip()]
-        cfg.freeze = () if names == ["none"] else tuple(names)
-    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,14 +48,14 @@ _register_synth()
 @click.option("--preset", default="tiny", show_default=True, help="Model size preset: tiny or test.")
 @click.option("--vision", "vision_family", default="vit", show_default=True, type=click.Choice(["vit", "siglip", "dinov2"]))
 @click.option("--vocab-size", type=int, default=1024, show_default=True)
-@_train_options
+@train_options
 def stage1(data, out, preset, vision_family, vocab_size, **kw) -> None:
     """Stage 1: train the autoregressive VLM (response-only next-token loss)."""
     from .stages.stage1_ar import Stage1Config, run_stage1
 
     cfg = Stage1Config(data=data, out=out, preset=preset, vocab_size=vocab_size, vision_family=vision_family,
                        train_limit=kw["train_limit"])
-    cfg.train = _train_config(cfg.train, kw)
+    cfg.train = train_config_from_options(cfg.train, kw)
     run_stage1(cfg)
 
 
@@ -110,7 +76,7 @@ def stage1(data, out, preset, vision_family, vocab_size, **kw) -> None:
 @click.option("--ar-weight", type=float, default=_STAGE2_DEFAULTS.ar_weight, show_default=True,
               help="Weight of stage 1's next-token loss on the clean copy, trained beside the diffusion loss "
                    "(needs --causal-context; 0 = diffusion loss only).")
-@_train_options
+@train_options
 def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, causal_context, ar_weight, **kw) -> None:
     """Stage 2: RAD block-diffusion conversion of the AR model (the multi-step teacher)."""
     from .stages.stage2_rad import run_stage2
@@ -118,7 +84,7 @@ def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, causal_cont
     cfg = Stage2Config(data=data, init=init, out=out, block_size=int(block_size), n_noisy=n_noisy, symmetric=symmetric,
                        shifted_prediction=shifted, causal_context=causal_context, ar_weight=ar_weight,
                        train_limit=kw["train_limit"])
-    cfg.train = _train_config(cfg.train, kw)
+    cfg.train = train_config_from_options(cfg.train, kw)
     run_stage2(cfg)
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import make_tiny_model
@@ -11,14 +12,14 @@ from training_fixtures import RandomReports, collate
 
 from echo_train.model.checkpoint import load_checkpoint, load_training_state
 from echo_train.stages.stage2_rad import make_diffusion_loss
-from echo_train.stages.trainer import TrainConfig, train
+from echo_train.stages.trainer import TrainConfig, resolve_precision, train
 
 
-def _run(tok, out, stop_after=None, freeze=()):
+def _run(tok, out, stop_after=None, freeze=(), precision="auto", steps=6):
     model = make_tiny_model(tok, stage="rad", block_size=4)
     data = RandomReports(tok, model.n_image_tokens)
-    cfg = TrainConfig(steps=6, batch_size=4, save_every=100, eval_every=100, stop_after=stop_after, threads=1,
-                      freeze=freeze)
+    cfg = TrainConfig(steps=steps, batch_size=4, save_every=100, eval_every=100, stop_after=stop_after, threads=1,
+                      freeze=freeze, precision=precision)
     return model, train(model, tok, data, collate, make_diffusion_loss(4, tok.mask_id, n_noisy=2), cfg, out,
                         val_set=data, desc="t")
 
@@ -36,6 +37,25 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_tokenizer):
     loaded, _ = load_checkpoint(tmp_path / "cut")
     for (n, a), (_, b) in zip(full.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_training_precision_is_chosen_and_recorded(tmp_path, tiny_tokenizer):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    with pytest.raises(SystemExit, match="unknown training precision"):
+        resolve_precision("fp8", cpu)
+    # both precisions learn (the loss falls) and keep fp32 weights; bf16 matmuls change the numbers
+    runs = {}
+    for p in ("fp32", "bf16"):
+        model, st = _run(tiny_tokenizer, tmp_path / p, precision=p, steps=12)
+        assert st["precision"] == p and load_training_state(tmp_path / p)["precision"] == p
+        assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+        losses = [h["loss"] for h in st["history"]]
+        assert sum(losses[-3:]) < sum(losses[:3]), (p, losses)
+        runs[p] = model.state_dict()
+    assert any(not torch.equal(runs["fp32"][n], runs["bf16"][n]) for n in runs["fp32"])
 
 
 def test_frozen_vision_tower_keeps_its_weights(tmp_path, tiny_tokenizer):

@@ -48,6 +48,26 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (with a checkpoint) at this step: tests use it to interrupt
     time_limit_s: Optional[float] = None  # stop (with a checkpoint) after this much training time
     freeze: tuple[str, ...] = ()  # parameter-name prefixes kept fixed, e.g. "vision" (tower + projector)
+    # Matmul precision of forward and backward (weights and optimiser stay fp32): "bf16" autocast,
+    # "fp32", or "auto" = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32.
+    # On the 2-core demo machine (AVX512-BF16) bf16 makes a stage-3 step 26% faster at the same loss.
+    precision: str = "auto"
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The precision `train` uses on `device`: "bf16" or "fp32"."""
+    if name not in PRECISIONS:
+        raise SystemExit(f"error: unknown training precision {name!r}; choose from {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if native else "fp32"
 
 
 def pick_device(name: str) -> torch.device:
@@ -121,6 +141,7 @@ def train(
     """Train `model` for cfg.steps, resuming from out_dir/training_state.pt when present."""
     out = Path(out_dir)
     device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     maybe_init_distributed(device)
@@ -162,7 +183,7 @@ def train(
         return {
             "step": step, "finished": finished, "optimizer": opt.state_dict(), "train_config": asdict(cfg),
             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-            "history": history, "world_size": world, "stage": model.cfg.stage,
+            "history": history, "world_size": world, "stage": model.cfg.stage, "precision": precision,
         }
 
     def checkpoint(step: int, finished: bool) -> None:
@@ -177,11 +198,12 @@ def train(
         stop["flag"] = True
 
     old = signal.signal(signal.SIGINT, on_signal) if rank == 0 else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     bar = None
     if rank == 0:
         from tqdm.auto import tqdm
 
+        print(f"[{desc}] {device.type}, {precision} matmuls, {torch.get_num_threads()} threads", flush=True)
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0)
     t0, seen = time.time(), 0
     step = start
