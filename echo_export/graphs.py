@@ -178,19 +178,27 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
 
 def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opset: int = 18) -> None:
     """Fixed-shape export with the dynamo exporter; the weights live inside the file."""
+    import logging
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            inputs,
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            input_names=list(module.input_names),
-            output_names=list(module.output_names),
-            external_data=False,
-            optimize=True,
-            verbose=False,
-        )
+    # the exporter's op registry logs 4 lines per graph about torchvision ops, which no ECHO graph uses
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                inputs,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(module.input_names),
+                output_names=list(module.output_names),
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        registry_log.setLevel(level)

@@ -318,3 +318,32 @@ def test_int8_skip_input_dims_keeps_exactly_the_down_projections_fp32(setup):
     n_int8_weights = sum(1 for n in q8.graph.node if n.op_type == "DequantizeLinear"
                          and any(i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8 for i in q8.graph.initializer))
     assert n_int8_weights == len(kept)
+
+
+def test_export_prints_no_exporter_registry_noise(setup, tmp_path):
+    """The dynamo exporter logs lines about torchvision ops for every graph; the build's output stays clean."""
+    import logging
+
+    from echo_export.graphs import example_inputs, export_graph, make_graph
+    from runtime import graph_io
+
+    _, model, tok, _ = setup
+    p_len = len(tok.prefix_ids(model.n_image_tokens))
+    graph = make_graph(graph_io.AR_STEP, model, CAP, p_len, tok.mask_id)
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    before = registry.level
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect(logging.DEBUG)
+    registry.addHandler(handler)
+    try:
+        export_graph(graph, example_inputs(graph_io.AR_STEP, model.cfg, 1, CAP, p_len), tmp_path / "g.onnx")
+    finally:
+        registry.removeHandler(handler)
+    assert (tmp_path / "g.onnx").stat().st_size > 0
+    assert not [m for m in seen if "torchvision" in m]
+    assert registry.level == before
