@@ -83,14 +83,19 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        # GQA without copying keys/values per query head: the `rep` query heads that share a kv
+        # head are stacked along the query axis ([b, kv, rep*t, dh]) and multiply that kv head in
+        # place. Expanding K/V to every query head instead copies the whole cache at each step
+        # (rep x its size; rep = 7 for Qwen2.5-0.5B), which dominates a memory-bound decode step.
         rep = self.n_heads // self.n_kv
         s = keys.shape[2]
-        keys_r = keys[:, :, None].expand(b, self.n_kv, rep, s, self.dh).reshape(b, self.n_heads, s, self.dh)
-        values_r = values[:, :, None].expand(b, self.n_kv, rep, s, self.dh).reshape(b, self.n_heads, s, self.dh)
-        scores = torch.matmul(q, keys_r.transpose(-1, -2)) * (self.dh ** -0.5)
-        scores = torch.where(mask[:, None], scores, torch.full_like(scores, MASK_VALUE))
+        q = q.reshape(b, self.n_kv, rep * t, self.dh)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * (self.dh ** -0.5)
+        grouped_mask = mask.repeat(1, rep, 1)[:, None]  # [b|1, 1, rep*t, S]: query row r*t + i is query i
+        scores = torch.where(grouped_mask, scores, torch.full_like(scores, MASK_VALUE))
         probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values_r).transpose(1, 2).reshape(b, t, self.n_heads * self.dh)
+        out = torch.matmul(probs, values).reshape(b, self.n_heads, t, self.dh)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.dh)
         return self.o_proj(out), (k, v)
 
 
