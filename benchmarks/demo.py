@@ -53,7 +53,7 @@ class DemoConfig:
     # 900 steps raise valid sentences from 0.66 to 0.77 (fp32 training; F1 0.528 -> 0.537 / 0.554 in
     # two runs, AR 0.553). 1200 steps (bf16) added nothing: F1 0.546 against 0.548 at 900.
     # bf16 matmuls (TrainConfig.precision, auto) pay for the extra steps.
-    stage3: StageConfig = field(default_factory=lambda: StageConfig(steps=900, batch_size=16, lr=5e-4, budget_s=360))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(steps=900, batch_size=16, lr=5e-4, budget_s=420))
     # block 16 adapts the block-8 teacher (already a diffusion model) instead of converting the AR model again
     stage2_b16: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=16, lr=5e-4, budget_s=150))
     stage3_b16: StageConfig = field(default_factory=lambda: StageConfig(steps=200, batch_size=16, lr=5e-4, budget_s=180))

@@ -217,3 +217,13 @@ def test_generate_against_another_system(bench_setup, tmp_path):
     r = CliRunner().invoke(main, args + ["--ckpt", str(root / "runs/ar"), "--mode", "ar",
                                          "--against", str(tmp_path / "short.jsonl")])
     assert r.exit_code != 0 and "no prediction for" in r.output
+
+
+def test_attention_shapes_times_both_step_graphs_on_both_engines():
+    from benchmarks.attention_shapes import AttentionShapesConfig, time_step_graphs
+
+    cfg = AttentionShapesConfig(layers=1, capacity=64, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=64,
+                                prefix_len=16, repeats=2)
+    ms = time_step_graphs(cfg)
+    assert set(ms) == {"ort ar_step", "torch ar_step", "ort block_step", "torch block_step"}
+    assert all(v > 0 for v in ms.values())
