@@ -88,7 +88,6 @@ class Attention(nn.Module):
         # place. Expanding K/V to every query head instead copies the whole cache at each step
         # (rep x its size; rep = 7 for Qwen2.5-0.5B), which dominates a memory-bound decode step.
         rep = self.n_heads // self.n_kv
-        s = keys.shape[2]
         q = q.reshape(b, self.n_kv, rep * t, self.dh)
         scores = torch.matmul(q, keys.transpose(-1, -2)) * (self.dh ** -0.5)
         grouped_mask = mask.repeat(1, rep, 1)[:, None]  # [b|1, 1, rep*t, S]: query row r*t + i is query i
