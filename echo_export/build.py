@@ -298,7 +298,7 @@ def _compare_plans(tmp, files, plans, model, tok, P, capacity, pixels, max_new, 
     """Polygraphy: each block_step plan (TensorRT) against its ONNX graph (onnxruntime) on real pass inputs."""
     from .decode_loop import fused_decode, torch_runner
     from .graphs import make_graph
-    from .tensorrt_build import compare_with_onnxruntime
+    from .tensorrt_build import compare_with_onnxruntime, tensorrt_source_filename
 
     lm = model.cfg.lm
     out = {}
@@ -314,7 +314,7 @@ def _compare_plans(tmp, files, plans, model, tok, P, capacity, pixels, max_new, 
                      n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id,
                      eos_id=tok.eos_id, max_new_tokens=max_new,
                      on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
-        res = compare_with_onnxruntime(tmp / name, tmp / plans[name], feeds[:4],
+        res = compare_with_onnxruntime(tmp / tensorrt_source_filename(name), tmp / plans[name], feeds[:4],
                                        atol=1e-3 if prec == "fp32" else 5e-2, rtol=1e-3 if prec == "fp32" else 5e-2)
         out[plans[name]] = res
         log(f"  tensorrt {plans[name]}: {'PASS' if res['passed'] else 'FAIL'} {res}")
@@ -328,7 +328,9 @@ def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, cali
     from .decode_loop import ar_decode, fused_decode, torch_runner
     from .graphs import example_inputs, export_graph, make_graph
     from .precision import to_fp16, to_int8
-    from .verify import VerifyItem, print_table, verify_ar, verify_block
+    from .tensorrt_build import tensorrt_source_filename
+    from .verify import VerifyItem, verify_ar, verify_block
+    from .verify_table import print_table
 
     jobs = [(r, model, cfg, P) for r in BLOCK_ROLES]
     if ar is not None:
@@ -448,6 +450,7 @@ def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, cali
         graphs.setdefault(role, {})[f"{prec}.b{b}"] = name
         if name in plans:
             graphs[role][f"trt-{prec}.b{b}"] = plans[name]
-    manifest_files = sorted(set(files.values()) | set(plans.values()) | {"tokenizer.json"} |
+    manifest_files = sorted(set(files.values()) | set(plans.values()) | {tensorrt_source_filename(n) for n in plans} |
+                            {"tokenizer.json"} |
                             ({"verify.json"} if verify_report is not None else set()))
     return manifest_files, graphs, verify_report, verified

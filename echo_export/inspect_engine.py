@@ -8,6 +8,8 @@ from typing import Callable
 from runtime.errors import ManifestError
 from runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 
+from .verify_table import print_table
+
 _TYPES = {1: "f32", 10: "f16", 7: "i64", 6: "i32", 9: "bool", 2: "u8", 3: "i8"}
 
 
@@ -60,12 +62,5 @@ def inspect_engine(engine_dir: str | Path, log: Callable[[str], None] = print) -
     if vj.is_file():
         rep = json.loads(vj.read_text())
         log(f"  verification on {rep.get('n_images')} images:")
-        for name, v in rep.get("variants", {}).items():
-            f1 = v.get("finding_f1_change")
-            pp = v.get("per_pass_token_agreement")
-            log(f"    {name:<16} agreement {100 * v['token_agreement']:6.2f}%  exact {100 * v['exact_match']:6.2f}%"
-                + ("" if pp is None else f"  per-pass {100 * pp:6.2f}%")
-                + ("" if f1 is None else f"  dF1 {f1:+.3f}"))
-        for k, sp in rep.get("speed", {}).items():
-            log(f"    {k}: " + ", ".join(f"{p} {v:.3f}" for p, v in sp.items()))
+        print_table(rep, lambda line: log("  " + line))
     return ok

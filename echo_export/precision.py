@@ -26,6 +26,14 @@ int8: static QDQ (`quantize_static`, QuantFormat.QDQ) of the MatMuls whose secon
   size): their input is the SwiGLU product, whose heavy tails one per-tensor uint8 range
   cannot hold. Measured on the demo student (50 test images): per-pass block agreement with
   fp32 98.8% with them kept fp32 against 97.0% with them quantised.
+
+int8 for TensorRT: TensorRT takes int8 Q/DQ with a zero point of 0 only, and no int32 bias
+  DequantizeLinear; onnxruntime CPU wants uint8 activations (u8 x s8 is the VNNI instruction:
+  the same graph with symmetric int8 activations ran 2x slower than fp32 on this machine,
+  uint8 ran 0.94x). So the int8 graph is tuned for onnxruntime, and `int8_qdq_for_tensorrt`
+  derives the TensorRT form from it: each uint8 range [min, max] becomes the symmetric int8
+  range max(|min|, |max|), and the int32 biases are folded back to float. Per-pass agreement
+  with fp32 on 200 demo test images: 98.73% (uint8) vs 98.70% (symmetric int8 calibration).
 """
 from __future__ import annotations
 
@@ -314,3 +322,83 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
     return {"quantized_matmuls": len(nodes), "calib_samples": len(feeds), "per_channel": per_channel,
             "reduce_range": reduce_range, "min_weight_elements": min_weight_elements,
             "fp32_input_dims": sorted(skip_input_dims)}
+
+
+def check_int8_qdq_for_tensorrt(model: onnx.ModelProto) -> list[str]:
+    """Q/DQ nodes TensorRT would refuse: it takes int8 with a zero point of 0 (symmetric) only.
+    Returns '<node>: <why>' strings; empty when every Q/DQ node is fine."""
+    consts = _constant_tensors(model)
+    bad = []
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is None:
+            bad.append(f"{n.name}: no constant zero point (uint8 by default)")
+        elif zp.data_type != onnx.TensorProto.INT8:
+            bad.append(f"{n.name}: zero point of type {onnx.TensorProto.DataType.Name(zp.data_type)}, not INT8")
+        elif np.any(numpy_helper.to_array(zp) != 0):
+            bad.append(f"{n.name}: nonzero zero point (asymmetric)")
+    return bad
+
+
+def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    out = {i.name: i for i in model.graph.initializer}
+    out.update({o: a.t for n in model.graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value" for o in n.output})
+    return out
+
+
+def int8_qdq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
+    """Rewrite an onnxruntime-style int8 QDQ graph (uint8 asymmetric activations, int32 biases)
+    into the form TensorRT parses: symmetric int8 activations covering the same calibrated
+    range, float biases. Weights (per-channel symmetric int8) are left as they are."""
+    model = onnx.load(str(src))
+    g = model.graph
+    consts = _constant_tensors(model)
+    new_inits: list[onnx.TensorProto] = []
+    renamed: dict[tuple[str, str], tuple[str, str]] = {}
+    folded = requantised = 0
+    keep_nodes = []
+    for n in g.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3:
+            keep_nodes.append(n)
+            continue
+        s_name, z_name = n.input[1], n.input[2]
+        zp = consts.get(z_name)
+        if zp is None or s_name not in consts:
+            keep_nodes.append(n)
+            continue
+        if zp.data_type == onnx.TensorProto.INT32 and n.op_type == "DequantizeLinear" and n.input[0] in consts:
+            # int32 bias: fold to the float it stands for
+            q = numpy_helper.to_array(consts[n.input[0]]).astype(np.float64)
+            val = (q - numpy_helper.to_array(zp)) * numpy_helper.to_array(consts[s_name])
+            new_inits.append(numpy_helper.from_array(val.astype(np.float32), n.output[0]))
+            folded += 1
+            continue
+        if zp.data_type == onnx.TensorProto.UINT8:
+            key = (s_name, z_name)
+            if key not in renamed:
+                s = numpy_helper.to_array(consts[s_name]).astype(np.float64)
+                z = numpy_helper.to_array(zp).astype(np.float64)
+                amax = np.maximum(z * s, (255.0 - z) * s)  # the calibrated [min, max], either side of 0
+                ns, nz = s_name + "_sym", z_name + "_sym"
+                new_inits.append(numpy_helper.from_array((amax / 127.0).astype(np.float32), ns))
+                new_inits.append(numpy_helper.from_array(np.zeros(z.shape, np.int8), nz))
+                renamed[key] = (ns, nz)
+                requantised += 1
+            n.input[1], n.input[2] = renamed[key]
+        keep_nodes.append(n)
+    del g.node[:]
+    g.node.extend(keep_nodes)
+    g.initializer.extend(new_inits)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    still = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(still)
+    del g.value_info[:]
+    bad = check_int8_qdq_for_tensorrt(model)
+    if bad:
+        raise PrecisionError(f"{src}: Q/DQ left that TensorRT cannot take: {bad[:3]}")
+    onnx.save(model, str(dst))
+    return {"requantised_ranges": requantised, "folded_biases": folded}

@@ -25,6 +25,15 @@ def _import_trt():
     return trt
 
 
+def tensorrt_source_filename(onnx_name: str) -> str:
+    """The graph a plan is built from: the int8 graphs are tuned for onnxruntime (uint8
+    activations, int32 biases) and get a TensorRT form beside them
+    (block_step.int8.b1.onnx -> block_step.int8.b1.tensorrt.onnx); the others are parsed as they are."""
+    if ".int8." in onnx_name and onnx_name.endswith(".onnx"):
+        return onnx_name[: -len(".onnx")] + ".tensorrt.onnx"
+    return onnx_name
+
+
 def plan_filename(onnx_name: str) -> str:
     """block_step.fp16.b1.onnx -> block_step.fp16.b1.plan"""
     return onnx_name[: -len(".onnx")] + ".plan" if onnx_name.endswith(".onnx") else onnx_name + ".plan"
@@ -118,13 +127,22 @@ def compare_with_onnxruntime(
 
 def build_all(engine_dir: str | Path, onnx_files: list[str], *, timing_cache: Optional[str | Path] = None,
               workspace_bytes: int = 4 << 30, log=print) -> dict[str, str]:
-    """Build a plan for every ONNX file; returns onnx name -> plan name."""
+    """Build a plan for every ONNX file; returns onnx name -> plan name. An int8 graph's plan is
+    built from its TensorRT form (`tensorrt_source_filename`), written beside it first."""
+    from .precision import int8_qdq_for_tensorrt
+
     d = Path(engine_dir)
     out = {}
     cache = Path(timing_cache) if timing_cache else d / "trt_timing.cache"
+    _import_trt()
     for name in onnx_files:
         plan = plan_filename(name)
-        log(f"  tensorrt {name} -> {plan}")
-        build_engine(d / name, d / plan, timing_cache=cache, workspace_bytes=workspace_bytes)
+        src = tensorrt_source_filename(name)
+        if src != name:
+            info = int8_qdq_for_tensorrt(d / name, d / src)
+            log(f"  {name} -> {src} (symmetric int8: {info['requantised_ranges']} activation ranges, "
+                f"{info['folded_biases']} biases folded to float)")
+        log(f"  tensorrt {src} -> {plan}")
+        build_engine(d / src, d / plan, timing_cache=cache, workspace_bytes=workspace_bytes)
         out[name] = plan
     return out

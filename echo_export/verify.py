@@ -90,6 +90,22 @@ def _f1(texts: dict[str, str], refs: dict[str, str]):
     return float(finding_f1(texts, refs)["micro_f1"]), None
 
 
+def _f1_change(texts: dict[str, str], ref_texts: dict[str, str], refs: dict[str, str]) -> Optional[dict]:
+    """Finding F1 of `texts` minus that of the reference decoder's `ref_texts`, on the same images,
+    with a paired bootstrap 95% CI: a flip changes a report's findings either way, so on a few
+    hundred images the change moves by about a point from flips alone; the interval says how much
+    of a change is that noise."""
+    try:
+        from echo_train.metrics.finding_f1 import paired_micro_f1_difference
+    except ImportError:
+        return None
+    ids = [i for i in texts if i in refs]
+    if not ids:
+        return None
+    d = paired_micro_f1_difference({i: texts[i] for i in ids}, ref_texts, refs, n_boot=1000, seed=0)
+    return {"delta": float(d["delta"]), "ci95": [float(x) for x in d["ci95"]] if d["ci95"] else None}
+
+
 def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: int = 100, threads: int = 0) -> dict[str, float]:
     """Median milliseconds of one run of each graph on the same feeds, timed in alternating back-to-back runs
     (so that a busy machine slows every variant alike and their ratio stays meaningful)."""
@@ -128,7 +144,8 @@ def verify_block(
             r = fused_onestep_generate(model, tokenizer, px, B, max_new_tokens)
             for it, toks in zip(part, r.tokens):
                 ref_tokens[it.id] = toks
-        ref_f1, _ = _f1({i: tokenizer.decode(t) for i, t in ref_tokens.items()}, refs)
+        ref_texts = {i: tokenizer.decode(t) for i, t in ref_tokens.items()}
+        ref_f1, _ = _f1(ref_texts, refs)
         first_feed: dict = {}
         # every fp32 pass's inputs and the rows still writing there: each other precision's block
         # step is re-run on exactly these inputs (per-pass agreement, no divergence carried over)
@@ -160,12 +177,15 @@ def verify_block(
             secs = time.perf_counter() - t0
             ids_ = [it.id for it in items]
             agree, exact = _agreement([got[i] for i in ids_], [ref_tokens[i] for i in ids_])
-            f1, why = _f1({i: tokenizer.decode(t) for i, t in got.items()}, refs)
+            texts = {i: tokenizer.decode(t) for i, t in got.items()}
+            f1, why = _f1(texts, refs)
+            change = _f1_change(texts, ref_texts, refs) if f1 is not None and ref_f1 is not None else None
             entry = {
                 "role": "block", "precision": p, "batch": b, "n_images": len(items),
                 "token_agreement": agree, "exact_match": exact, "identical": exact == 1.0,
                 "finding_f1": f1, "finding_f1_reference": ref_f1,
                 "finding_f1_change": (None if f1 is None or ref_f1 is None else f1 - ref_f1),
+                "finding_f1_change_ci95": change["ci95"] if change else None,
                 "decode_seconds": secs, "passes": passes,
             }
             if why:
@@ -183,7 +203,10 @@ def verify_block(
                 + (f"per-pass {100 * per_pass:6.2f}%  " if per_pass is not None else "")
                 + (f"(fp32 conf. {flips['fp32_confidence_median_at_flips']:.2f} at flips, "
                    f"{flips['fp32_confidence_median_all']:.2f} overall)  " if flips.get("flips") else "")
-                + f"F1 {'-' if f1 is None else f'{f1:.3f}'} ({secs:.1f}s)")
+                + f"F1 {'-' if f1 is None else f'{f1:.3f}'}"
+                + (f" (change {100 * change['delta']:+.2f} [{100 * change['ci95'][0]:+.2f}, {100 * change['ci95'][1]:+.2f}] points)"
+                   if change and change["ci95"] and p != "fp32" else "")
+                + f" ({secs:.1f}s)")
         if first_feed:
             speed = time_graphs({p: engine_dir / files[(gio.BLOCK_STEP, p, b)] for p in precisions}, first_feed["f"])
             if "fp32" in speed and "int8" in speed:
@@ -248,17 +271,3 @@ def verify_ar(
             }
             log(f"  ar    {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
     return out
-
-
-def print_table(report: dict, log: Callable[[str], None] = print) -> None:
-    rows = [("variant", "agree %", "exact %", "F1", "dF1")]
-    for name, v in report.get("variants", {}).items():
-        f1 = v.get("finding_f1")
-        d = v.get("finding_f1_change")
-        rows.append((name, f"{100 * v['token_agreement']:.2f}", f"{100 * v['exact_match']:.2f}",
-                     "-" if f1 is None else f"{f1:.3f}", v.get("finding_f1_note", "") if d is None else f"{d:+.3f}"))
-    w = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        log("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
-    for k, sp in report.get("speed", {}).items():
-        log("  " + k + ": " + ", ".join(f"{p} {v:.3f}" for p, v in sp.items()))

@@ -97,6 +97,9 @@ def test_fp32_tokens_identical_to_reference(built, setup):
         assert (f["flips"] == 0) == (v["per_pass_token_agreement"] == 1.0)
         assert 0.0 < f["fp32_confidence_median_all"] <= 1.0
         assert f["fp32_confidence_median_at_flips"] is None if f["flips"] == 0 else 0.0 < f["fp32_confidence_median_at_flips"] <= 1.0
+        # the F1 change with its paired bootstrap interval, which holds the change itself
+        lo, hi = v["finding_f1_change_ci95"]
+        assert lo - 1e-9 <= v["finding_f1_change"] <= hi + 1e-9
     # independent check on one image, here rather than through verify.py
     px = preprocess_image(data / "img" / "test0.png", model.cfg.vision.image_size)[None]
     prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
@@ -107,6 +110,53 @@ def test_fp32_tokens_identical_to_reference(built, setup):
                      eos_id=tok.eos_id, max_new_tokens=24)
     ref = fused_onestep_generate(model, tok, torch.from_numpy(px), 4, 24)
     assert r.raw.tolist() == ref.raw.tolist()
+
+
+def test_int8_tensorrt_form_is_symmetric_and_as_close_to_fp32(built, setup, tmp_path):
+    """The int8 graphs are tuned for onnxruntime (uint8 activations, int32 biases), which
+    TensorRT refuses; their TensorRT form has only symmetric int8 Q/DQ, passes the full ONNX
+    check, and is about as close to fp32 as the onnxruntime graph (checked here on onnxruntime)."""
+    from onnx import helper, numpy_helper
+
+    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_export.precision import check_int8_qdq_for_tensorrt, int8_qdq_for_tensorrt
+    from runtime.preprocess import preprocess_image
+
+    out, _ = built
+    _, model, tok, data = setup
+    px = preprocess_image(data / "img" / "test0.png", model.cfg.vision.image_size)[None]
+    prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
+    lm = model.cfg.lm
+    feeds: list[dict] = []
+    fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
+                 px, prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
+                 n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                 max_new_tokens=24, on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+    role_feeds = {"vision_prefill": {"pixel_values": px, "prefix_ids": prefix}, "block_step": feeds[1]}
+    for role, feed in role_feeds.items():
+        src = out / f"{role}.int8.b1.onnx"
+        assert any("UINT8" in b for b in check_int8_qdq_for_tensorrt(onnx.load(str(src))))
+        dst = tmp_path / f"{role}.int8.b1.tensorrt.onnx"
+        info = int8_qdq_for_tensorrt(src, dst)
+        assert info["requantised_ranges"] > 0
+        m = onnx.load(str(dst))
+        assert check_int8_qdq_for_tensorrt(m) == [] and sum(n.op_type == "QuantizeLinear" for n in m.graph.node) > 0
+        onnx.checker.check_model(str(dst), full_check=True)
+        ref = ort_runner(out / f"{role}.fp32.b1.onnx")(feed)
+        for name, got in (("onnxruntime int8", ort_runner(src)(feed)), ("tensorrt form", ort_runner(dst)(feed))):
+            k_ref, k_got = ref[-2], got[-2]  # present_key: every layer's attention input
+            rel = float(np.linalg.norm(k_got - k_ref) / np.linalg.norm(k_ref))
+            assert rel < 0.05, (role, name, rel)
+    # the check does catch an asymmetric uint8 pair
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+    g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
+                           helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], name="dq")],
+                          "asym", [x], [y], inits)
+    bad = check_int8_qdq_for_tensorrt(helper.make_model(g))
+    assert len(bad) == 2 and "UINT8" in bad[0]
 
 
 def test_manifest_hashes_and_tamper(built, tmp_path):
@@ -206,9 +256,17 @@ def test_tensorrt_build_skips_without_tensorrt(built):
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (the [trt] extra needs CUDA)")
     from echo_export.tensorrt_build import build_engine
 
+    from echo_export.tensorrt_build import build_all
+
     out, _ = built
     plan = build_engine(out / "block_step.fp32.b1.onnx", out.parent / "bs.plan")
     assert plan.stat().st_size > 0 and trt is not None
+    work = out.parent / "trt_int8"
+    work.mkdir(exist_ok=True)
+    shutil.copyfile(out / "block_step.int8.b1.onnx", work / "block_step.int8.b1.onnx")
+    plans = build_all(work, ["block_step.int8.b1.onnx"], timing_cache=work / "cache")
+    assert (work / plans["block_step.int8.b1.onnx"]).stat().st_size > 0
+    assert (work / "block_step.int8.b1.tensorrt.onnx").is_file()
 
 
 def test_tensorrt_missing_gives_clear_error(monkeypatch):
