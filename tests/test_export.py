@@ -159,6 +159,34 @@ def test_int8_tensorrt_form_is_symmetric_and_as_close_to_fp32(built, setup, tmp_
     assert len(bad) == 2 and "UINT8" in bad[0]
 
 
+def _fp16_round_trips(g: onnx.GraphProto) -> int:
+    """Cast(-> fp16) nodes read by a Cast(-> fp32): an fp32 tensor rounded through fp16."""
+    prod = {o: n for n in g.node for o in n.output}
+    to = lambda n: next(a.i for a in n.attribute if a.name == "to")  # noqa: E731
+    return sum(1 for n in g.node if n.op_type == "Cast" and to(n) == onnx.TensorProto.FLOAT
+               and n.input[0] in prod and prod[n.input[0]].op_type == "Cast"
+               and to(prod[n.input[0]]) == onnx.TensorProto.FLOAT16)
+
+
+def test_fp16_graphs_keep_their_fp32_islands_fp32(built, tmp_path):
+    """The fp16 converter rounds the tensors between two fp32-kept nodes through fp16 (a Cast
+    pair); the built graphs have no such pair left, so the rotary angles, norm statistics and
+    head really are computed in fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from echo_export.precision import FP16_OP_BLOCK, _name_nodes, fp32_islands, output_head_nodes
+
+    out, _ = built
+    raw = onnx.load(str(out / "block_step.fp32.b1.onnx"))
+    _name_nodes(raw)
+    keep = sorted(set(fp32_islands(raw)) | set(output_head_nodes(raw)))
+    converted = convert_float_to_float16(raw, keep_io_types=True, node_block_list=keep,
+                                         op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK)))
+    assert _fp16_round_trips(converted.graph) > 0  # what the converter alone leaves
+    for f in sorted(out.glob("*.fp16.b1.onnx")):
+        assert _fp16_round_trips(onnx.load(str(f)).graph) == 0, f.name
+
+
 def test_manifest_hashes_and_tamper(built, tmp_path):
     from runtime.errors import ManifestError
     from runtime.manifest import load_manifest
