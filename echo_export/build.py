@@ -51,6 +51,9 @@ class BuildOptions:
     calib_size: int = 32
     verify_n: int = 50
     data: Optional[Path] = None
+    # verification images from another dataset (its test split, else val); default: --data's.
+    # Lets a large fresh test set check the F1 change while int8 calibrates on the training images.
+    verify_data: Optional[Path] = None
     trt: bool = False
     force: bool = False
     opset: int = 18
@@ -112,17 +115,17 @@ def _load_model(path: Path, what: str):
     return cfg, model, tok
 
 
-def _split_samples(data: Path, split: str, n: int, strict: bool) -> list[_Sample]:
+def _split_samples(data: Path, split: str, n: int, strict: bool, option: str = "--data") -> list[_Sample]:
     from echo_train.data.loaders import load_studies
 
     try:
         res = load_studies(data, split=split, check_images=True)
     except (FileNotFoundError, ValueError) as e:
-        raise BuildError(f"--data {data}: {e}") from None
+        raise BuildError(f"{option} {data}: {e}") from None
     bad = [p for p in res.problems if p.reason not in ("empty report", "study lists no images")]
     if strict and bad:
         lines = "\n  ".join(f"{p.id}: {p.reason}" for p in bad[:10])
-        raise BuildError(f"--data {data}: the {split} split has {len(bad)} unreadable images:\n  {lines}")
+        raise BuildError(f"{option} {data}: the {split} split has {len(bad)} unreadable images:\n  {lines}")
     out = [_Sample(s.id, s.image_paths[0], s.report) for s in res.studies if s.image_paths]
     return out[:n]
 
@@ -225,12 +228,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         log(f"  calibration: {len(calib_px)} training images")
     verify_samples: list[_Sample] = []
     if opts.verify_n > 0:
-        if data is None:
+        vdata = Path(opts.verify_data) if opts.verify_data else data
+        if vdata is None:
             raise BuildError("verification needs held-out images: pass --data, or --verify-n 0 to skip (unverified)")
-        verify_samples = _split_samples(data, "test", opts.verify_n, strict=False) or \
-            _split_samples(data, "val", opts.verify_n, strict=False)
+        option = "--verify-data" if opts.verify_data else "--data"
+        verify_samples = _split_samples(vdata, "test", opts.verify_n, strict=False, option=option) or \
+            _split_samples(vdata, "val", opts.verify_n, strict=False, option=option)
         if not verify_samples:
-            raise BuildError(f"--data {data}: no test or val images for verification")
+            raise BuildError(f"{option} {vdata}: no test or val images for verification")
     verify_px = _pixels(verify_samples, cfg.vision.image_size, "verification image")
     times["check"] = time.perf_counter() - t
 

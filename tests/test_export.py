@@ -260,6 +260,24 @@ def test_bad_inputs(setup, tmp_path):
     assert left == ["bad_data", "broken", "e4"] and not any((tmp_path / "e4").iterdir())
 
 
+def test_verify_data_verifies_on_another_dataset(setup, tmp_path):
+    """--verify-data: held-out images from a second dataset (here 5 test images; --data has 3),
+    while int8 calibration still reads --data's training images; a folder without a test or val
+    split is one clear error."""
+    root, _, _, data = setup
+    other = write_tiny_dataset(tmp_path / "other", 1, 5, REPORTS)
+    base = ["--ckpt", str(root / "ckpt"), "--capacity", str(CAP), "--data", str(data), "--calib-size", "2",
+            "--precision", "fp32,int8"]
+    r = _cli([*base, "--out", str(tmp_path / "e"), "--verify-n", "5", "--verify-data", str(other)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "e" / "verify.json").read_text())
+    assert rep["n_images"] == 5 and rep["fp32_identical"] is True
+    assert "calibration: 2 training images" in r.output
+    (tmp_path / "empty").mkdir()
+    r = _cli([*base, "--out", str(tmp_path / "e2"), "--verify-n", "2", "--verify-data", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "--verify-data" in r.output and not (tmp_path / "e2").exists()
+
+
 def test_fp16_graph_has_no_fp16_overflowing_constants(built):
     from echo_export.precision import check_fp16_constants
 
