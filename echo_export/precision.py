@@ -4,8 +4,9 @@ fp16: `onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=T
   - op types kept fp32: Softmax, ReduceMean, Pow (norm statistics), ArgMax/ReduceMax (the
     final decision), plus the converter's default block list;
   - nodes kept fp32: the RMSNorm statistics chain (ReduceMean -> Add eps -> Sqrt ->
-    Reciprocal), and the whole rotary-angle subgraph (position_ids -> ... -> Cos/Sin):
-    position * inv_freq in fp16 loses ~0.3 rad at position 300.
+    Reciprocal), and everything upstream of the rotary Cos/Sin (position_ids -> ... ->
+    position * inv_freq, or the constant angle tables the exporter folded for the prefill):
+    an angle near 270 rad is off by up to 0.06 rad in fp16.
   - nodes kept fp32: the output head, lm_head MatMul -> ArgMax (`output_head_nodes`): an
     argmax over fp16 logits flips near-ties.
   - nodes kept fp32: the attention scores, q.k -> scale -> mask -> softmax -> p.v
@@ -111,23 +112,11 @@ def fp32_islands(model: onnx.ModelProto) -> list[str]:
                 break
             cur = nxt[0]
             keep.add(cur.name)
-    # rotary: every node between position_ids and Cos/Sin
-    from_pos: set[str] = set()
-    frontier = ["position_ids"]
-    seen = set(frontier)
-    while frontier:
-        t = frontier.pop()
-        for n in cons.get(t, []):
-            if n.op_type in ("Cos", "Sin"):
-                from_pos.add(n.name)
-                continue
-            from_pos.add(n.name)
-            for o in n.output:
-                if o not in seen:
-                    seen.add(o)
-                    frontier.append(o)
-    to_trig = _upstream_nodes(g, [i for n in g.node if n.op_type in ("Cos", "Sin") for i in n.input])
-    keep |= from_pos & to_trig
+    # rotary: everything the Cos/Sin angles are computed from. Where the exporter folded the
+    # positions (the prefill's fixed ones), that is constant angle tables (up to ~70 rad, off by
+    # up to 0.03 rad in fp16) and the Concat/Expand that batch them; elsewhere position_ids ->
+    # ... -> position * inv_freq. Only integer position arithmetic and those tables feed them.
+    keep |= _upstream_nodes(g, [i for n in g.node if n.op_type in ("Cos", "Sin") for i in n.input])
     keep |= {n.name for n in g.node if n.op_type in ("Cos", "Sin")}
     return sorted(keep)
 

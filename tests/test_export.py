@@ -187,6 +187,40 @@ def test_fp16_graphs_keep_their_fp32_islands_fp32(built, tmp_path):
         assert _fp16_round_trips(onnx.load(str(f)).graph) == 0, f.name
 
 
+def test_fp16_rotary_angles_stay_fp32_where_the_exporter_folded_them(setup, tmp_path):
+    """At a large batch the exporter leaves the prefill's folded angle tables behind a Concat
+    before Cos/Sin (batch 8 did on the demo model): nothing the angles are computed from may be
+    fp16 (angles of tens of radians lose hundredths in fp16; the keys of every layer with them)."""
+    from echo_export.graphs import example_inputs, export_graph, make_graph
+    from echo_export.precision import to_fp16
+    from runtime import graph_io as gio
+
+    _, model, tok, _ = setup
+    P = len(tok.prefix_ids(model.n_image_tokens))
+    src, dst = tmp_path / "prefill.fp32.onnx", tmp_path / "prefill.fp16.onnx"
+    export_graph(make_graph(gio.VISION_PREFILL, model, CAP, P, tok.mask_id),
+                 example_inputs(gio.VISION_PREFILL, model.cfg, 64, CAP, P), src, 18)
+    to_fp16(src, dst)
+    g = onnx.load(str(dst)).graph
+    prod = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i.data_type for i in g.initializer}
+    trig = [n for n in g.node if n.op_type in ("Cos", "Sin")]
+    assert trig, "the export folded every angle at this batch: the case under test is gone"
+    stack, seen, upstream = [i for n in trig for i in n.input], set(), []
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        assert inits.get(t) != onnx.TensorProto.FLOAT16, f"fp16 initializer {t} feeds the rotary angles"
+        if t in prod:
+            upstream.append(prod[t])
+            stack.extend(prod[t].input)
+    assert upstream
+    for n in upstream:
+        assert not (n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16), n.name
+
+
 def test_manifest_hashes_and_tamper(built, tmp_path):
     from runtime.errors import ManifestError
     from runtime.manifest import load_manifest
