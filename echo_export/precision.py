@@ -72,6 +72,15 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output}
 
 
+def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every initializer and Constant-node value, by the tensor name the graph reads."""
+    out = {i.name: i for i in model.graph.initializer}
+    out.update({o: a.t for n in model.graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR
+                for o in n.output})
+    return out
+
+
 def _upstream_nodes(g: onnx.GraphProto, tensors: list[str], stop_ops: tuple[str, ...] = ()) -> set[str]:
     """Names of the nodes that produce `tensors`, transitively (not past a node of `stop_ops`)."""
     prod = _producers(g)
@@ -156,16 +165,12 @@ def attention_score_nodes(model: onnx.ModelProto) -> list[str]:
 def check_fp16_constants(model: onnx.ModelProto) -> list[str]:
     """Names of float constants/initializers whose values would overflow (or are inf/nan) in fp16."""
     bad = []
-    tensors = list(model.graph.initializer)
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            tensors += [a.t for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
-    for t in tensors:
+    for name, t in _constant_tensors(model).items():
         if t.data_type != onnx.TensorProto.FLOAT:
             continue
         a = numpy_helper.to_array(t)
         if a.size and (not np.isfinite(a).all() or np.abs(a).max() > FP16_MAX):
-            bad.append(t.name or "<constant>")
+            bad.append(name)
     return bad
 
 
@@ -303,9 +308,7 @@ def weight_matmuls(model: onnx.ModelProto, min_weight_elements: int = 0, skip_in
     constant weight (directly or through a Transpose) of at least `min_weight_elements` values,
     leaving out weights whose input dimension (K of x[.., K] @ W) is in `skip_input_dims`."""
     g = model.graph
-    dims = {i.name: list(i.dims) for i in g.initializer}
-    dims.update({o: list(a.t.dims) for n in g.node if n.op_type == "Constant"
-                 for a in n.attribute if a.name == "value" for o in n.output})
+    dims = {name: list(t.dims) for name, t in _constant_tensors(model).items()}
     prod = _producers(g)
     skip = set(skip_input_dims)
     out = []
@@ -405,11 +408,6 @@ def check_int8_qdq_for_tensorrt(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
-def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    out = {i.name: i for i in model.graph.initializer}
-    out.update({o: a.t for n in model.graph.node if n.op_type == "Constant"
-                for a in n.attribute if a.name == "value" for o in n.output})
-    return out
 
 
 def int8_qdq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
