@@ -231,6 +231,10 @@ def clamp_mask_fill_constants(model: onnx.ModelProto, fill: float = -30000.0) ->
     return fixed
 
 
+def _casts_to(node: Optional[onnx.NodeProto], dtype: int) -> bool:
+    return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in node.attribute)
+
+
 def remove_fp16_round_trips(graph: onnx.GraphProto) -> int:
     """Drop Cast(fp32 -> fp16) -> Cast(fp16 -> fp32) pairs; returns how many consumers were rewired.
 
@@ -245,17 +249,12 @@ def remove_fp16_round_trips(graph: onnx.GraphProto) -> int:
     rewired = 0
     alias: dict[str, str] = {}
     for n in graph.node:
-        if n.op_type != "Cast" or not any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute):
-            continue
-        up = prod.get(n.input[0])
-        if up is None or up.op_type != "Cast" or not any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16
-                                                       for a in up.attribute):
+        up = prod.get(n.input[0]) if _casts_to(n, onnx.TensorProto.FLOAT) else None
+        if not _casts_to(up, onnx.TensorProto.FLOAT16):
             continue
         src = up.input[0]
-        src_prod = prod.get(src)
         # only undo a round trip of an fp32 tensor (an fp16 -> fp16 cast would not be one)
-        if src_prod is not None and src_prod.op_type == "Cast" and any(
-                a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in src_prod.attribute):
+        if _casts_to(prod.get(src), onnx.TensorProto.FLOAT16):
             continue
         if n.output[0] in outputs:  # keep the graph output's name: the cast becomes fp32 -> fp32
             n.input[0] = src
