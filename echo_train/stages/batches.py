@@ -85,32 +85,38 @@ def build_rad_inputs(
     px, prefix, resp = batch["pixel_values"], batch["prefix_ids"], batch["response_ids"]
     b, p = prefix.shape
     r = resp.shape[1]
-    prefix_emb = model.embed_prefix(px, prefix)
     ignore = torch.full_like(resp, -100)
     # Score the report through its first EOS only. The EOS padding after it stays in the input but
     # is never a target: trained on, the padding made EOS the most confident guess of every late
     # position, and the low-confidence-dynamic rule then ended reports early.
     scored = batch["response_mask"]
-    ctx = model.cfg.context_kind
-    if symmetric:
-        noisy, masked = sample_block_noise(resp, block_size, mask_id, gen)
-        # the vision tower runs once; the LM sees the prefix twice, as in BD3-style duplication
-        embeds = torch.cat([prefix_emb, model.embed_tokens(noisy), prefix_emb, model.embed_tokens(resp)], 1)
-        pre_ignore = torch.full((b, p), -100, dtype=torch.long, device=resp.device)
-        targets = torch.cat([pre_ignore, torch.where(masked & scored, resp, ignore), pre_ignore, ignore], 1)
-        layout = symmetric_layout(p, r, block_size, ctx)
-    else:
-        parts, tgt = [prefix_emb, model.embed_tokens(resp)], [torch.full((b, p + r), -100, dtype=torch.long, device=resp.device)]
-        for _ in range(n_noisy):
-            noisy, masked = sample_block_noise(resp, block_size, mask_id, gen)
-            parts.append(model.embed_tokens(noisy))
-            tgt.append(torch.where(masked & scored, resp, ignore))
-        embeds, targets = torch.cat(parts, 1), torch.cat(tgt, 1)
-        layout = rad_layout(p, r, block_size, n_noisy, ctx)
-    inputs = diffusion_inputs(model, embeds, layout, targets)
     if not symmetric:
+        noisy, tgt = [], []
+        for _ in range(n_noisy):
+            x, masked = sample_block_noise(resp, block_size, mask_id, gen)
+            noisy.append(x)
+            tgt.append(torch.where(masked & scored, resp, ignore))
+        inputs = rad_inputs(model, block_size, px, prefix, resp, noisy, tgt)
         add_clean_copy_ar_loss(model, inputs, p, resp, scored, ar_weight)
-    return inputs
+        return inputs
+    prefix_emb = model.embed_prefix(px, prefix)
+    noisy_ids, masked = sample_block_noise(resp, block_size, mask_id, gen)
+    # the vision tower runs once; the LM sees the prefix twice, as in BD3-style duplication
+    embeds = torch.cat([prefix_emb, model.embed_tokens(noisy_ids), prefix_emb, model.embed_tokens(resp)], 1)
+    pre_ignore = torch.full((b, p), -100, dtype=torch.long, device=resp.device)
+    targets = torch.cat([pre_ignore, torch.where(masked & scored, resp, ignore), pre_ignore, ignore], 1)
+    return diffusion_inputs(model, embeds, symmetric_layout(p, r, block_size, model.cfg.context_kind), targets)
+
+def rad_inputs(model: EchoModel, block_size: int, pixel_values: torch.Tensor, prefix_ids: torch.Tensor,
+               clean_ids: torch.Tensor, noisy: list[torch.Tensor], targets: list[torch.Tensor]) -> ModelInputs:
+    """[prefix][clean ids][noisy copy 1]...[noisy copy K] in the RAD layout, the one builder of it for
+    stage 2 and stage 3; only the noisy copies are scored, copy k on targets[k] [b, R]."""
+    b, p = prefix_ids.shape
+    r = clean_ids.shape[1]
+    parts = [model.embed_prefix(pixel_values, prefix_ids), model.embed_tokens(clean_ids)] + [model.embed_tokens(x) for x in noisy]
+    layout = rad_layout(p, r, block_size, len(noisy), model.cfg.context_kind)
+    ignore = torch.full((b, p + r), -100, dtype=torch.long, device=clean_ids.device)
+    return diffusion_inputs(model, torch.cat(parts, 1), layout, torch.cat([ignore, *targets], 1))
 
 
 def add_clean_copy_ar_loss(model: EchoModel, inputs: ModelInputs, prefix_len: int, clean_ids: torch.Tensor,

@@ -19,18 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..model.echo_model import EchoModel
-from ..model.masks import rad_layout
-from .batches import ModelInputs, add_clean_copy_ar_loss, diffusion_inputs, sample_block_noise
+from .batches import ModelInputs, add_clean_copy_ar_loss, rad_inputs, sample_block_noise
 
 
 def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tensor], targets: list[torch.Tensor]) -> ModelInputs:
-    """[prefix][clean ids][noisy copy 1]...[noisy copy K] in the RAD layout; only noisy copies are scored."""
-    b, p = prefix.shape
-    r = clean_ids.shape[1]
-    parts = [model.embed_prefix(px, prefix), model.embed_tokens(clean_ids)] + [model.embed_tokens(x) for x in noisy]
-    layout = rad_layout(p, r, model.cfg.block_size, len(noisy), model.cfg.context_kind)
-    ignore = torch.full((b, p + r), -100, dtype=torch.long, device=clean_ids.device)
-    return diffusion_inputs(model, torch.cat(parts, 1), layout, torch.cat([ignore, *targets], 1))
+    """The RAD layout at the model's own block size (stage 3 trains the teacher's blocks)."""
+    return rad_inputs(model, model.cfg.block_size, px, prefix, clean_ids, noisy, targets)
 
 
 def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5,
