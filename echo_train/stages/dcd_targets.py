@@ -21,14 +21,18 @@ import torch.nn.functional as F
 from ..model.echo_model import EchoModel
 from .batches import ModelInputs, add_clean_copy_ar_loss, rad_inputs, sample_block_noise
 
+# Share of blocks that also train from an intermediate teacher state: stage 3's default
+# (Stage3Config.p_intermediate says why it is 0), so a direct call trains what the stage trains.
+P_INTERMEDIATE = 0.0
+
 
 def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tensor], targets: list[torch.Tensor]) -> ModelInputs:
     """The RAD layout at the model's own block size (stage 3 trains the teacher's blocks)."""
     return rad_inputs(model, model.cfg.block_size, px, prefix, clean_ids, noisy, targets)
 
 
-def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5,
-                     ar_weight: float = 0.0) -> ModelInputs:
+def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator,
+                     p_intermediate: float = P_INTERMEDIATE, ar_weight: float = 0.0) -> ModelInputs:
     """Copy 1: every block all-mask. Copy 2 (when p_intermediate > 0): each block, with probability
     p_intermediate, in a uniformly drawn intermediate state of the teacher's trajectory (else all-mask).
     ar_weight > 0 (causal context): the clean copy, the teacher's report, also gets stage 1's next-token loss.
@@ -56,7 +60,8 @@ def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Gen
     return inputs
 
 
-def build_gt_onestep_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator, p_intermediate: float = 0.5) -> ModelInputs:
+def build_gt_onestep_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator,
+                            p_intermediate: float = P_INTERMEDIATE) -> ModelInputs:
     """Ablation: the ground-truth report's blocks as one-step targets on all positions, from the
     all-mask state (copy 1) and, like DCD, a partially masked state (copy 2)."""
     B = model.cfg.block_size

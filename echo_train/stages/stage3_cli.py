@@ -15,9 +15,9 @@ from .train_options import train_config_from_options, train_options
               help="dcd, or an ablation: factorised distillation, ground-truth one-step.")
 @click.option("--trajectories", default=None, help="Folder for teacher trajectory shards (default <out>_trajectories).")
 @click.option("--teacher-steps", type=int, default=None, help="Teacher denoising steps per block (default: block size).")
-@click.option("--p-intermediate", type=float, default=0.0, show_default=True,
+@click.option("--p-intermediate", type=float, default=Stage3Config.p_intermediate, show_default=True,
               help="Share of blocks that also train from an intermediate teacher state (a second noisy copy; see Stage3Config).")
-@click.option("--diffusion-mix", type=float, default=0.0, show_default=True,
+@click.option("--diffusion-mix", type=float, default=Stage3Config.diffusion_mix, show_default=True,
               help="Weight of the stage-2 diffusion loss mixed in (keeps the student's multi-step decoding).")
 @click.option("--ar-weight", type=float, default=Stage3Config.ar_weight, show_default=True,
               help="Weight of stage 1's next-token loss on the clean copy (the teacher's report); "

@@ -12,7 +12,7 @@ from ..model.checkpoint import CheckpointError, load_checkpoint
 from ..model.echo_model import EchoModel
 from .batches import scored_cross_entropy
 from .common import load_split, make_collate, make_dataset
-from .dcd_targets import build_dcd_inputs, build_gt_onestep_inputs, factorised_distillation_loss
+from .dcd_targets import P_INTERMEDIATE, build_dcd_inputs, build_gt_onestep_inputs, factorised_distillation_loss
 from .stage2_rad import make_diffusion_loss
 from .trainer import TrainConfig, dist_info, maybe_init_distributed, pick_device, train
 from .trajectories import generate_trajectories, load_trajectories
@@ -32,7 +32,7 @@ class Stage3Config:
     # 0 by default: with shifted prediction it cost quality on the demo (200 test studies, same
     # teacher, 180 steps: F1 0.375 / validity 0.515 at 0.5 against 0.439 / 0.639 at 0) and doubles
     # the tokens per step; the all-mask state is the one the one-step decoder sees.
-    p_intermediate: float = 0.0
+    p_intermediate: float = P_INTERMEDIATE
     diffusion_mix: float = 0.0  # weight of the stage-2 loss mixed back in (keeps multi-step ability)
     ar_weight: float = 0.0  # stage 1's next-token loss on the clean copy (teacher's report); causal context only
     # the student underfits the one-step task: on the demo teacher (1000 fresh test studies) 900 steps
