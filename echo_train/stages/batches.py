@@ -16,15 +16,19 @@ import torch
 from ..model.echo_model import EchoModel
 from ..model.masks import TokenLayout, build_attention_mask, causal_layout, prediction_sources, rad_layout, symmetric_layout
 
+# A target position that is not scored. The value is cross_entropy's default ignore_index, though
+# the losses here select the scored positions themselves (logits are computed only there).
+IGNORE_INDEX = -100
+
 
 @dataclass
 class ModelInputs:
-    """One forward's inputs plus the targets it is scored on (-100 = not scored)."""
+    """One forward's inputs plus the targets it is scored on (IGNORE_INDEX = not scored)."""
 
     embeds: torch.Tensor  # [b, T, d]
     position_ids: torch.Tensor  # [b, T]
     mask: torch.Tensor  # [1, T, T] bool
-    targets: torch.Tensor  # [b, T] token id to predict at each position, or -100
+    targets: torch.Tensor  # [b, T] token id to predict at each position, or IGNORE_INDEX
     # [T] index of the hidden state that predicts each position (shifted prediction); None: itself
     sources: Optional[torch.Tensor] = None
     # [b, T] a second, separately averaged loss read at each position itself (the AR loss on a
@@ -36,7 +40,7 @@ class ModelInputs:
         """(hidden states that predict the scored positions [n, d], their targets [n])."""
         if self.sources is not None:
             h = h[:, self.sources.to(h.device)]
-        sel = self.targets != -100
+        sel = self.targets != IGNORE_INDEX
         return h[sel], self.targets[sel]
 
 
@@ -58,8 +62,8 @@ def build_ar_inputs(model: EchoModel, batch: dict) -> ModelInputs:
     b, p = prefix.shape
     embeds = torch.cat([model.embed_prefix(px, prefix), model.embed_tokens(resp)], 1)
     layout = causal_layout(embeds.shape[1])
-    targets = torch.full(embeds.shape[:2], -100, dtype=torch.long, device=resp.device)
-    targets[:, p - 1 : -1] = torch.where(keep, resp, torch.full_like(resp, -100))
+    targets = torch.full(embeds.shape[:2], IGNORE_INDEX, dtype=torch.long, device=resp.device)
+    targets[:, p - 1 : -1] = torch.where(keep, resp, torch.full_like(resp, IGNORE_INDEX))
     return ModelInputs(embeds, _positions(layout, b, resp.device), build_attention_mask(layout).to(resp.device)[None], targets)
 
 
@@ -85,7 +89,7 @@ def build_rad_inputs(
     px, prefix, resp = batch["pixel_values"], batch["prefix_ids"], batch["response_ids"]
     b, p = prefix.shape
     r = resp.shape[1]
-    ignore = torch.full_like(resp, -100)
+    ignore = torch.full_like(resp, IGNORE_INDEX)
     # Score the report through its first EOS only. The EOS padding after it stays in the input but
     # is never a target: trained on, the padding made EOS the most confident guess of every late
     # position, and the low-confidence-dynamic rule then ended reports early.
@@ -103,7 +107,7 @@ def build_rad_inputs(
     noisy_ids, masked = sample_block_noise(resp, block_size, mask_id, gen)
     # the vision tower runs once; the LM sees the prefix twice, as in BD3-style duplication
     embeds = torch.cat([prefix_emb, model.embed_tokens(noisy_ids), prefix_emb, model.embed_tokens(resp)], 1)
-    pre_ignore = torch.full((b, p), -100, dtype=torch.long, device=resp.device)
+    pre_ignore = torch.full((b, p), IGNORE_INDEX, dtype=torch.long, device=resp.device)
     targets = torch.cat([pre_ignore, torch.where(masked & scored, resp, ignore), pre_ignore, ignore], 1)
     return diffusion_inputs(model, embeds, symmetric_layout(p, r, block_size, model.cfg.context_kind), targets)
 
@@ -115,7 +119,7 @@ def rad_inputs(model: EchoModel, block_size: int, pixel_values: torch.Tensor, pr
     r = clean_ids.shape[1]
     parts = [model.embed_prefix(pixel_values, prefix_ids), model.embed_tokens(clean_ids)] + [model.embed_tokens(x) for x in noisy]
     layout = rad_layout(p, r, block_size, len(noisy), model.cfg.context_kind)
-    ignore = torch.full((b, p + r), -100, dtype=torch.long, device=clean_ids.device)
+    ignore = torch.full((b, p + r), IGNORE_INDEX, dtype=torch.long, device=clean_ids.device)
     return diffusion_inputs(model, torch.cat(parts, 1), layout, torch.cat([ignore, *targets], 1))
 
 
@@ -125,9 +129,9 @@ def add_clean_copy_ar_loss(model: EchoModel, inputs: ModelInputs, prefix_len: in
     (position i predicts clean token i+1, where `keep`), when the model's context is causal."""
     if weight <= 0 or not model.cfg.causal_context:
         return
-    aux = torch.full_like(inputs.targets, -100)
+    aux = torch.full_like(inputs.targets, IGNORE_INDEX)
     r = clean_ids.shape[1]
-    aux[:, prefix_len - 1 : prefix_len + r - 1] = torch.where(keep, clean_ids, torch.full_like(clean_ids, -100))
+    aux[:, prefix_len - 1 : prefix_len + r - 1] = torch.where(keep, clean_ids, torch.full_like(clean_ids, IGNORE_INDEX))
     inputs.aux_targets, inputs.aux_weight = aux, weight
 
 
@@ -138,7 +142,7 @@ def scored_cross_entropy(model: EchoModel, inputs: ModelInputs) -> torch.Tensor:
     h, targets = inputs.scored(h_all)
     loss = torch.nn.functional.cross_entropy(model.lm.lm_head(h).float(), targets)
     if inputs.aux_targets is not None:
-        sel = inputs.aux_targets != -100
+        sel = inputs.aux_targets != IGNORE_INDEX
         aux = torch.nn.functional.cross_entropy(model.lm.lm_head(h_all[sel]).float(), inputs.aux_targets[sel])
         loss = loss + inputs.aux_weight * aux
     return loss

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.echo_model import EchoModel
-from .batches import ModelInputs, add_clean_copy_ar_loss, rad_inputs, sample_block_noise
+from .batches import IGNORE_INDEX, ModelInputs, add_clean_copy_ar_loss, rad_inputs, sample_block_noise
 
 # Share of blocks that also train from an intermediate teacher state: stage 3's default
 # (Stage3Config.p_intermediate says why it is 0), so a direct call trains what the stage trains.
@@ -44,7 +44,7 @@ def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Gen
     b, nblk = valid.shape
     dev = teacher.device
     block_ok = valid.repeat_interleave(B, 1)
-    targets = torch.where(block_ok, teacher, torch.full_like(teacher, -100))
+    targets = torch.where(block_ok, teacher, torch.full_like(teacher, IGNORE_INDEX))
     all_mask = torch.full_like(teacher, mask_id)
     noisy, tgts = [all_mask], [targets]
     if p_intermediate > 0:
@@ -69,7 +69,7 @@ def build_gt_onestep_inputs(model: EchoModel, batch: dict, mask_id: int, gen: to
     b, r = resp.shape
     # score blocks up to the one holding the report's EOS, as for the teacher's reports
     block_ok = keep.reshape(b, r // B, B).any(-1).repeat_interleave(B, 1)
-    targets = torch.where(block_ok, resp, torch.full_like(resp, -100))
+    targets = torch.where(block_ok, resp, torch.full_like(resp, IGNORE_INDEX))
     noisy, tgts = [torch.full_like(resp, mask_id)], [targets]
     if p_intermediate > 0:
         partial, _ = sample_block_noise(resp, B, mask_id, gen)
@@ -85,7 +85,7 @@ def factorised_distillation_loss(student: EchoModel, teacher: EchoModel, batch: 
     B = student.cfg.block_size
     block_ok = valid.repeat_interleave(B, 1)
     all_mask = torch.full_like(teacher_ids, mask_id)
-    targets = torch.where(block_ok, teacher_ids, torch.full_like(teacher_ids, -100))
+    targets = torch.where(block_ok, teacher_ids, torch.full_like(teacher_ids, IGNORE_INDEX))
     with torch.no_grad():
         t_in = _rad_inputs(teacher, batch["pixel_values"], batch["prefix_ids"], teacher_ids, [all_mask], [targets])
         th, _ = teacher.lm(t_in.embeds, t_in.position_ids, t_in.mask)
