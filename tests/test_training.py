@@ -83,3 +83,19 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0 of 2 finished step 4" in proc.stdout and "rank 1 of 2 finished step 4" in proc.stdout
     assert load_training_state(tmp_path / "ddp")["world_size"] == 2
+
+
+def test_model_config_reads_without_torch(tmp_path):
+    """A checkpoint's config.json is read by tools that have no torch (the export side, the runtime's
+    callers): EchoConfig must not pull torch in."""
+    from echo_train.model.config import EchoConfig
+
+    EchoConfig(block_size=4, causal_context=True).save(tmp_path / "config.json")
+    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+            "from echo_train.model.config import EchoConfig\n"
+            f"c = EchoConfig.load({str(tmp_path / 'config.json')!r})\n"
+            "print(c.block_size, c.causal_context, c.n_image_tokens)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["4", "True", str(EchoConfig().n_image_tokens)]

@@ -6,8 +6,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .masks import context_kind
-
 STAGES = ("ar", "rad", "dcd")
 
 
@@ -94,6 +92,8 @@ class EchoConfig:
     @property
     def context_kind(self) -> int:
         """Kind of clean-context tokens in every diffusion layout (see masks.context_kind)."""
+        from .masks import context_kind  # here, not at the top: reading a config needs no torch
+
         return context_kind(self.causal_context)
 
     @property
