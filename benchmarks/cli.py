@@ -93,6 +93,8 @@ def main(data, split, n, methods, engines, block_sizes, ar_ckpt, teacher_ckpt, e
     ideal one-step speed-up B x t(1)/t(2B) measured in the same run. Writes results.json,
     results.md and quality_vs_latency.png.
     """
+    from echo_train.stages.errors import StageError
+
     from .engines import Paths
     from .harness import BenchConfig, run_benchmark
 
@@ -109,8 +111,8 @@ def main(data, split, n, methods, engines, block_sizes, ar_ckpt, teacher_ckpt, e
         result, paths = run_benchmark(cfg)
     except ValueError as e:
         raise click.ClickException(str(e))
-    except SystemExit as e:  # load_split exits with a message when the split is empty / missing
-        raise click.ClickException(str(e.code) if e.code not in (None, 0) else "no studies") from None
+    except StageError as e:  # e.g. the split is empty or missing
+        raise click.ClickException(str(e)) from None
     click.echo("")
     click.echo(paths["md"].read_text())
     click.echo(f"results: {paths['json']}\ntable:   {paths['md']}\nplot:    {paths['png']}")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from echo_train.stages.errors import StageError
+
 
 @dataclass
 class StageConfig:
@@ -108,6 +110,10 @@ def _bin(name: str) -> list[str]:
     return [sys.executable, "-m", modules[name]]
 
 
+class DemoStopped(Exception):
+    """A fatal step failed; the demo's command line prints the message and exits 1."""
+
+
 @dataclass
 class StepRecord:
     name: str
@@ -148,7 +154,7 @@ class Demo:
               + (f" (budget {budget_s} s{': OVER BUDGET' if over else ''})" if budget_s else ""), flush=True)
         if rc != 0 and fatal:
             self.summary()
-            raise SystemExit(f"demo stopped: step '{name}' failed (exit {rc}); fix it and run again (finished steps are kept)")
+            raise DemoStopped(f"demo stopped: step '{name}' failed (exit {rc}); fix it and run again (finished steps are kept)")
         return rc == 0
 
     def summary(self) -> None:
@@ -303,7 +309,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = FAST if args.fast else DEMO
     print(f"[demo] {'FAST smoke run' if args.fast else 'full demo'} in {Path(cfg.root).resolve()}; "
           f"budgets assume 2 CPU cores", flush=True)
-    Demo(cfg, dry_run=args.dry_run).main()
+    try:
+        Demo(cfg, dry_run=args.dry_run).main()
+    except (DemoStopped, StageError) as e:
+        raise SystemExit(str(e)) from None  # the message and exit status 1, no traceback
 
 
 if __name__ == "__main__":

@@ -9,13 +9,25 @@ import click
 
 from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_RULES
 
+from .stages.errors import StageError
 from .stages.stage2_rad import Stage2Config
 from .stages.train_options import train_config_from_options, train_options
 
 _STAGE2_DEFAULTS = Stage2Config()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Every command's StageError becomes click's one-line error and exit status 1: the stages
+    raise, only the CLI exits."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StageError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train ECHO: stage 1 (AR), stage 2 (RAD teacher), stage 3 (DCD one-step student).
 

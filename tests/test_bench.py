@@ -157,7 +157,9 @@ def test_cli_reports_missing_data(tmp_path):
 
     r = CliRunner().invoke(main, ["--data", str(tmp_path / "nowhere"), "--n", "2", "--engines", "pytorch",
                                   "--out", str(tmp_path / "o")])
-    assert r.exit_code != 0
+    # one line naming the folder and exit status 1, not a traceback
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), repr(r.exception)
+    assert f"Error: {tmp_path / 'nowhere'}: no such file or folder" in r.output
 
 
 def test_ideal_speedup_formula_and_publish(tmp_path):

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, write_tiny_dataset
 from training_fixtures import RandomReports, collate
 
 from echo_train.model.checkpoint import load_checkpoint, load_training_state
+from echo_train.stages.errors import StageError
 from echo_train.stages.stage2_rad import make_diffusion_loss
 from echo_train.stages.trainer import TrainConfig, resolve_precision, train
 
@@ -44,7 +45,7 @@ def test_training_precision_is_chosen_and_recorded(tmp_path, tiny_tokenizer):
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-    with pytest.raises(SystemExit, match="unknown training precision"):
+    with pytest.raises(StageError, match="unknown training precision"):
         resolve_precision("fp8", cpu)
     # both precisions learn (the loss falls) and keep fp32 weights; bf16 matmuls change the numbers
     runs = {}
@@ -99,3 +100,21 @@ def test_model_config_reads_without_torch(tmp_path):
                           cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["4", "True", str(EchoConfig().n_image_tokens)]
+
+
+def test_stage_errors_are_raised_and_the_cli_prints_them(tmp_path):
+    """Library code raises StageError (a caller can handle it); only `echo-train` turns it into
+    a one-line message and exit status 1."""
+    from click.testing import CliRunner
+
+    from echo_train.cli import main
+    from echo_train.stages.common import load_split
+
+    data = write_tiny_dataset(tmp_path / "data", n_train=2, n_test=0)  # no val split, an empty test split
+    with pytest.raises(StageError, match="no test studies found"):
+        load_split(data, "test")
+    with pytest.raises(StageError, match="no val.json"):
+        load_split(data, "val")
+    r = CliRunner().invoke(main, ["stage1", "--data", str(data), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), repr(r.exception)  # not a traceback
+    assert f"Error: {data}: no val.json" in r.output

@@ -9,6 +9,7 @@ from runtime.text import ReportTokenizer
 
 from ..data.study import Study
 from ..model.config import EchoConfig, LMConfig, VisionConfig
+from .errors import StageError
 
 PRESETS = {
     # about 1.5M parameters: each stage trains in a few minutes on 2 CPU cores
@@ -40,12 +41,15 @@ def load_split(data: str | Path, split: str, limit: Optional[int] = None) -> lis
     """Studies of one split, with problems reported (never silently dropped)."""
     from ..data.loaders import load_studies
 
-    res = load_studies(Path(data), split=split)
+    try:
+        res = load_studies(Path(data), split=split)
+    except FileNotFoundError as e:  # a wrong --data path: a stage error, not a crash
+        raise StageError(str(e)) from e
     if res.problems:
         print(f"[data] {split}: skipped {len(res.problems)} bad records, e.g. {res.problems[:3]}")
     studies = res.studies
     if not studies:
-        raise SystemExit(f"error: no {split} studies found in {data}")
+        raise StageError(f"no {split} studies found in {data}")
     return studies[:limit] if limit else studies
 
 

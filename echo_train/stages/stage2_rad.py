@@ -13,6 +13,7 @@ from ..model.checkpoint import CheckpointError, load_checkpoint
 from ..model.echo_model import EchoModel
 from .batches import build_rad_inputs, scored_cross_entropy
 from .common import load_split, make_collate, make_dataset
+from .errors import StageError
 from .trainer import TrainConfig, train
 
 
@@ -46,11 +47,11 @@ def make_diffusion_loss(block_size: int, mask_id: int, n_noisy: int = 1, symmetr
 
 def run_stage2(cfg: Stage2Config) -> dict:
     if cfg.block_size not in SUPPORTED_BLOCK_SIZES:
-        raise SystemExit(f"error: block size {cfg.block_size} not supported; choose from {SUPPORTED_BLOCK_SIZES}")
+        raise StageError(f"block size {cfg.block_size} not supported; choose from {SUPPORTED_BLOCK_SIZES}")
     try:
         model, tokenizer = load_checkpoint(cfg.init)
     except CheckpointError as e:
-        raise SystemExit(f"error: stage 2 starts from a stage-1 checkpoint: {e}") from None
+        raise StageError(f"stage 2 starts from a stage-1 checkpoint: {e}") from e
     if model.cfg.stage != "ar":
         print(f"[stage2] note: initialising from a '{model.cfg.stage}' checkpoint, not an AR one")
     if cfg.ar_weight > 0 and not cfg.causal_context:

@@ -12,6 +12,7 @@ from ..model.checkpoint import CheckpointError, load_checkpoint
 from ..model.echo_model import EchoModel
 from .batches import scored_cross_entropy
 from .common import load_split, make_collate, make_dataset
+from .errors import StageError
 from .dcd_targets import P_INTERMEDIATE, build_dcd_inputs, build_gt_onestep_inputs, factorised_distillation_loss
 from .stage2_rad import make_diffusion_loss
 from .trainer import TrainConfig, dist_info, maybe_init_distributed, pick_device, train
@@ -84,13 +85,13 @@ def make_trajectory_collate(tokenizer, block_size: int):
 
 def run_stage3(cfg: Stage3Config) -> dict:
     if cfg.method not in METHODS:
-        raise SystemExit(f"error: unknown method {cfg.method!r}; choose from {METHODS}")
+        raise StageError(f"unknown method {cfg.method!r}; choose from {METHODS}")
     try:
         teacher, tok = load_checkpoint(cfg.init)
     except CheckpointError as e:
-        raise SystemExit(f"error: stage 3 starts from the stage-2 teacher: {e}") from None
+        raise StageError(f"stage 3 starts from the stage-2 teacher: {e}") from e
     if teacher.cfg.stage != "rad":
-        raise SystemExit(f"error: {cfg.init} is a '{teacher.cfg.stage}' checkpoint; stage 3 needs the stage-2 (rad) teacher")
+        raise StageError(f"{cfg.init} is a '{teacher.cfg.stage}' checkpoint; stage 3 needs the stage-2 (rad) teacher")
     B = teacher.cfg.block_size
     steps = cfg.teacher_steps or B
     device = pick_device(cfg.train.device)

@@ -25,6 +25,7 @@ from runtime.text import ReportTokenizer
 
 from ..model.checkpoint import load_training_state, save_checkpoint
 from ..model.echo_model import EchoModel
+from .errors import StageError
 
 LossFn = Callable[[EchoModel, dict, torch.Generator], torch.Tensor]
 
@@ -60,7 +61,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 def resolve_precision(name: str, device: torch.device) -> str:
     """The precision `train` uses on `device`: "bf16" or "fp32"."""
     if name not in PRECISIONS:
-        raise SystemExit(f"error: unknown training precision {name!r}; choose from {', '.join(PRECISIONS)}")
+        raise StageError(f"unknown training precision {name!r}; choose from {', '.join(PRECISIONS)}")
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -149,7 +150,7 @@ def train(
     model.to(device)
     frozen = [n for n, p in model.named_parameters() if n.startswith(tuple(cfg.freeze))] if cfg.freeze else []
     if cfg.freeze and not frozen:
-        raise SystemExit(f"error: --freeze {','.join(cfg.freeze)} matches no parameter of the model")
+        raise StageError(f"--freeze {','.join(cfg.freeze)} matches no parameter of the model")
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
