@@ -20,7 +20,6 @@ A cell that cannot run raises `Unavailable(reason)`; the harness records "not av
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -273,10 +272,9 @@ class RuntimeCache:
             except (EchoRuntimeError, ImportError) as e:
                 raise Unavailable(f"{type(e).__name__}: {e}") from None
         rt = self._rts[key]
-        try:
-            rt._batch_for(mode)  # the graphs of this mode exist at this batch
-        except EchoRuntimeError as e:
-            raise Unavailable(str(e)) from None
+        built = rt.built_batch_sizes(mode)  # the graphs of this mode exist at this batch
+        if batch not in built:
+            raise Unavailable(f"{engine_dir}: no {mode}-mode graph built for batch {batch} (built: {built or 'none'})")
         return rt
 
 
@@ -298,28 +296,29 @@ class RuntimeRunner:
         return out
 
 
-def trt_available() -> Optional[str]:
-    """None when TensorRT can run here, else the reason it cannot."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "tensorrt is not installed (pip install -e '.[trt]' on a machine with an NVIDIA GPU)"
-    try:
-        import torch
+def trt_unavailable_reason() -> Optional[str]:
+    """None when the runtime's TensorRT backend can run here, else the reason it cannot (the
+    runtime's own check: tensorrt, cuda-python and a CUDA device)."""
+    from runtime.trt_backend import trt_available
 
-        if not torch.cuda.is_available():
-            return "no CUDA GPU on this machine"
-    except ImportError:
-        pass
-    return None
+    ok, why = trt_available()
+    return None if ok else why
+
+
+def engine_manifest(engine_dir: Path):
+    """The folder's runtime.manifest.Manifest, or None when it has none or the runtime would refuse it.
+    Hashes are left to the runtime, which checks them when it opens the folder."""
+    from runtime.errors import ManifestError
+    from runtime.manifest import load_manifest
+
+    try:
+        return load_manifest(engine_dir, check_hashes=False)
+    except ManifestError:
+        return None
 
 
 def engine_manifest_info(engine_dir: Path) -> dict:
-    p = Path(engine_dir) / "manifest.json"
-    if not p.is_file():
-        return {}
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return {k: m.get(k) for k in ("block_size", "capacity", "batch_sizes", "precisions", "verified", "versions")}
+    """What results.json records of an engine folder ({} without a usable manifest)."""
+    m = engine_manifest(engine_dir)
+    return {} if m is None else {k: getattr(m, k) for k in ("block_size", "capacity", "batch_sizes", "precisions",
+                                                            "verified", "versions")}

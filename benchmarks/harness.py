@@ -20,10 +20,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from runtime.graph_io import AR_STEP
 from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD
 
 from .engines import (DEFAULT_BLOCK, METHODS, Decoded, ModelCache, Paths, RuntimeCache, RuntimeRunner, TorchRunner, HFRunner,
-                      Unavailable, engine_manifest_info, select_engines, trt_available)
+                      Unavailable, engine_manifest, engine_manifest_info, select_engines, trt_unavailable_reason)
 from .sysinfo import PeakMemory, machine_info
 
 DEFAULT_METRICS = ("finding_f1", "bleu", "rouge", "semscore", "validity")
@@ -125,7 +126,7 @@ class Harness:
         self.models = ModelCache()
         self.runtimes = RuntimeCache(cfg.threads)
         self.engines = select_engines(cfg.engines, cfg.device)
-        self.trt_reason = trt_available() if any(e.startswith("trt") for e in self.engines) else None
+        self.trt_reason = trt_unavailable_reason() if any(e.startswith("trt") for e in self.engines) else None
         self.max_new = cfg.max_new_tokens or int(_read_cfg(Path(cfg.paths.ar_ckpt)).get("max_response_tokens")
                                                  or _read_cfg(Path(cfg.paths.dcd_ckpt)).get("max_response_tokens") or 128)
 
@@ -171,11 +172,9 @@ class Harness:
         cands = [Paths.for_block(self.cfg.paths.engine_dir, B) for B in self.cfg.block_sizes]
         cands.append(Path(self.cfg.paths.engine_dir))
         for d in cands:
-            info = engine_manifest_info(d)
-            if info:
-                m = json.loads((d / "manifest.json").read_text())
-                if m.get("graphs", {}).get("ar_step"):
-                    return d
+            m = engine_manifest(d)
+            if m is not None and m.graphs.get(AR_STEP):
+                return d
         return cands[0]
 
     def make_runner(self, method: str, engine: str, B: Optional[int], batch: int):
