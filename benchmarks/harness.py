@@ -506,12 +506,10 @@ class SemScorer:
         a = np.stack([self.vectors[t] for t in preds])
         b = np.stack([self.vectors[t] for t in refs])
         per = (a * b).sum(-1)
-        ci = None
-        if self.n_boot > 0 and len(per):
-            idx = np.random.default_rng(self.seed).integers(0, len(per), size=(self.n_boot, len(per)))
-            means = per[idx].mean(1)
-            ci = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-        return float(per.mean()), ci, None
+        from echo_train.metrics.report import bootstrap_ci  # the resamples of every other metric's CI
+
+        cis = bootstrap_ci(lambda idx: {"semscore": float(per[idx].mean())}, len(per), self.n_boot, self.seed)
+        return float(per.mean()), (list(cis["semscore"]) if cis else None), None
 
 
 def quality_summary(res, requested: list[str]) -> dict:
