@@ -27,6 +27,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from runtime import graph_io as gio
+from runtime.cpu_features import (INT8_AUTO, INT8_MODE_FOR_KIND, INT8_MODES, CpuFeatures, detect_cpu_features,
+                                  int8_mode_target)
 from runtime.errors import ImageReadError
 from runtime.manifest import Manifest, write_manifest
 from runtime.preprocess import preprocess_image
@@ -58,7 +60,8 @@ class BuildOptions:
     force: bool = False
     opset: int = 18
     max_new_tokens: Optional[int] = None  # verification length; default: the model's max_response_tokens
-    reduce_range: bool = False
+    # int8 quantisation mode (runtime/cpu_features.py INT8_MODES); "auto" picks it for this CPU
+    int8_mode: str = "auto"
     # int8: quantise only weight matrices at least this large; below it the quantize/dequantize
     # pair around a MatMul costs more than int8 arithmetic saves on onnxruntime CPU
     int8_min_weight: int = 0
@@ -92,6 +95,15 @@ def parse_batch_sizes(text: str | list[int]) -> list[int]:
     if not items or any(b < 1 for b in items):
         raise BuildError(f"batch sizes must be positive integers, got {text!r}")
     return sorted(set(items))
+
+
+def resolve_int8_mode(requested: str, cpu: Optional[CpuFeatures] = None) -> dict:
+    """The int8 mode to build ("auto": the one for this CPU) and what goes in manifest/verify.json."""
+    cpu = cpu or detect_cpu_features()
+    if requested != INT8_AUTO and requested not in INT8_MODES:
+        raise BuildError(f"unknown --int8-mode {requested!r}; choose from {INT8_AUTO}, {', '.join(INT8_MODES)}")
+    mode = INT8_MODE_FOR_KIND[cpu.int8_kind] if requested == INT8_AUTO else requested
+    return {"mode": mode, "requested": requested, "chosen_for": int8_mode_target(mode), "build_cpu": cpu.to_dict()}
 
 
 # ------------------------------------------------------------------ input checks
@@ -218,7 +230,11 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
 
     data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
     calib_px: list[np.ndarray] = []
+    int8_info: dict = {}
     if "int8" in precisions:
+        int8_info = resolve_int8_mode(opts.int8_mode)
+        log(f"  int8: mode {int8_info['mode']} for a CPU kind {int8_info['chosen_for']} "
+            f"(requested {opts.int8_mode}; this CPU: {int8_info['build_cpu']['int8_kind']})")
         if data is None:
             raise BuildError("int8 needs calibration images: pass --data (a dataset with a train split)")
         calib = _split_samples(data, "train", opts.calib_size, strict=True)
@@ -247,7 +263,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     try:
         manifest_files, graphs, verify_report, verified = _build_into(
             tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, calib_px, verify_samples, verify_px,
-            max_new, times, log)
+            max_new, times, log, int8_info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -282,6 +298,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         opset=opts.opset,
         exporter="torch.onnx.export(dynamo=True)",
         verified=bool(verified),
+        int8=int8_info,
     )
     write_manifest(tmp, manifest, manifest_files)
     from echo_train.model.checkpoint import swap_into_place
@@ -327,7 +344,7 @@ def _compare_plans(tmp, files, plans, model, tok, P, capacity, pixels, max_new, 
 
 
 def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, calib_px, verify_samples, verify_px,
-                max_new, times, log):
+                max_new, times, log, int8_info):
     import onnx
 
     from .decode_loop import ar_decode, fused_decode, torch_runner
@@ -399,7 +416,7 @@ def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, cali
                 for role, feeds in ((pre_role, pre_feeds), (step_role, step_feeds)):
                     name = gio.graph_filename(role, "int8", b)
                     info = to_int8(tmp / files[(role, "fp32", b)], tmp / name, feeds,
-                                   reduce_range=opts.reduce_range, workdir=tmp,
+                                   mode=int8_info["mode"], workdir=tmp,
                                    min_weight_elements=opts.int8_min_weight,
                                    skip_input_dims=[lm.intermediate_size] if opts.int8_down_proj_fp32 else [])
                     onnx.checker.check_model(str(tmp / name), full_check=True)
@@ -438,7 +455,7 @@ def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, cali
                                capacity=opts.capacity, max_new_tokens=ar[3], log=log)
             rep["variants"].update(rep_ar["variants"])
         verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
-        rep.update({"n_images": len(items), "max_new_tokens": max_new, "fp32_identical": verified,
+        rep.update({"n_images": len(items), "max_new_tokens": max_new, "fp32_identical": verified, "int8": int8_info,
                     "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})
         if plans:
             rep["tensorrt"] = _compare_plans(tmp, files, plans, model, tok, P, opts.capacity, verify_px[:1],

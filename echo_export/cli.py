@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from runtime.cpu_features import INT8_AUTO, INT8_MODES
 from runtime.errors import ManifestError
 
 
@@ -31,7 +32,11 @@ def main() -> None:
                    "a 1-point F1 change; default: --data's. int8 still calibrates on --data's train split")
 @click.option("--max-new-tokens", type=int, default=None, help="verification length (default: model max_response_tokens)")
 @click.option("--opset", default=18, show_default=True, type=int)
-@click.option("--reduce-range", is_flag=True, help="int8: 7-bit weights (old AVX2 CPUs without VNNI)")
+@click.option("--int8-mode", type=click.Choice([INT8_AUTO, *INT8_MODES]), default="auto", show_default=True,
+              help="int8 quantisation: u8s8 = uint8 activations x 8-bit weights (exact only on CPUs with VNNI); "
+                   "u8s7 = 7-bit weights (cannot saturate on AVX2 without VNNI); s8s8 = signed activations (the "
+                   "TensorRT form; onnxruntime on x86 runs it like u8s8). auto: u8s8 on a VNNI CPU, u8s7 on one "
+                   "without, so build on the kind of CPU that will serve")
 @click.option("--int8-min-weight", default=0, show_default=True, type=int,
               help="int8: quantise only weight matrices with at least this many values (small ones lose to Q/DQ overhead on CPU)")
 @click.option("--int8-down-proj/--int8-down-proj-fp32", "int8_down_proj", default=False, show_default=True,
@@ -40,7 +45,7 @@ def main() -> None:
 @click.option("--trt", is_flag=True, help="also build TensorRT plans (needs the [trt] extra and a GPU)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, verify_data, max_new_tokens, opset,
-          reduce_range, int8_min_weight, int8_down_proj, trt, force) -> None:
+          int8_mode, int8_min_weight, int8_down_proj, trt, force) -> None:
     """Trace, convert, quantise, verify, and write manifest.json last."""
     from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precisions
     from .tensorrt_build import TensorRTUnavailable
@@ -55,7 +60,7 @@ def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, veri
         opts = BuildOptions(ckpt=ckpt, out=out, precisions=parse_precisions(precision), ar_ckpt=ar_ckpt,
                             batch_sizes=parse_batch_sizes(batch_sizes), capacity=capacity, calib_size=calib_size,
                             verify_n=verify_n, data=data, verify_data=verify_data, trt=trt, force=force, opset=opset,
-                            max_new_tokens=max_new_tokens, reduce_range=reduce_range, int8_min_weight=int8_min_weight,
+                            max_new_tokens=max_new_tokens, int8_mode=int8_mode, int8_min_weight=int8_min_weight,
                             int8_down_proj_fp32=not int8_down_proj)
         run_build(opts, log=lambda s: click.echo(s))
     except (BuildError, TensorRTUnavailable, ManifestError) as e:

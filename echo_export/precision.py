@@ -14,34 +14,30 @@ fp16: `onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=T
     compute them.
   The converter runs a blocked node between casts from and back to fp16, so a chain of fp32
   nodes still rounds every tensor between them to fp16; `remove_fp16_round_trips` takes those
-  Cast pairs out, which is what makes the islands fp32. On the demo student (300 test images)
-  that lifted free-running fp16 agreement from 94.0% to 99.8%, per pass from 99.77% to 99.98%.
+  Cast pairs out, which is what makes the islands fp32 (its effect on agreement: README).
   The attention mask value is MASK_VALUE = -30000 (finite in fp16, max 65504); the mask-token
   exclusion uses the same value. `check_fp16_constants` refuses any constant that would
   overflow to inf in fp16. On onnxruntime CPU, fp16 nodes without an fp16 kernel are run in
   fp32 by onnxruntime's InsertCastTransformer (it inserts the casts at session creation):
   the graph runs, but the CPU gains no speed from fp16; fp16 is for GPUs / TensorRT.
-  Measured (onnxruntime 1.32 CPU, tiny block_step): the transformer inserts 53 casts, in
-  front of MatMul, Gemm, Mul, Neg, Where, Concat, Reshape, Slice and Transpose nodes.
 
 int8: static QDQ (`quantize_static`, QuantFormat.QDQ) of the MatMuls whose second input is
   a weight (the linear layers and lm_head). Activation x activation MatMuls (q.k, p.v) stay
   fp32: their calibration ranges are input-dependent and quantising them costs accuracy
-  for little speed. Weights per-channel symmetric int8, activations uint8 asymmetric,
-  reduce_range off (VNNI/AVX512 machines need no reduced range; set --reduce-range on old
-  AVX2-only CPUs that saturate), calibrated with MinMax on real training-image activations.
+  for little speed. Weights per-channel symmetric, calibrated with MinMax on real
+  training-image activations. The mode (runtime/cpu_features.py INT8_MODES) follows the CPU
+  that will serve: u8s8 (uint8 asymmetric activations, 8-bit weights) where VNNI makes the
+  u8 x s8 dot product exact; u8s7 (7-bit weights) on AVX2 without VNNI, whose kernels add
+  pairs of products in saturating 16-bit arithmetic that full-range weights overflow.
   The MLP down projections stay fp32 by default (`skip_input_dims` = the decoder's intermediate
   size): their input is the SwiGLU product, whose heavy tails one per-tensor uint8 range
-  cannot hold. Measured on the demo student (50 test images): per-pass block agreement with
-  fp32 98.8% with them kept fp32 against 97.0% with them quantised.
+  cannot hold. The measured agreement of each choice is in the README.
 
 int8 for TensorRT: TensorRT takes int8 Q/DQ with a zero point of 0 only, and no int32 bias
-  DequantizeLinear; onnxruntime CPU wants uint8 activations (u8 x s8 is the VNNI instruction:
-  the same graph with symmetric int8 activations ran 2x slower than fp32 on this machine,
-  uint8 ran 0.94x). So the int8 graph is tuned for onnxruntime, and `int8_qdq_for_tensorrt`
+  DequantizeLinear, while onnxruntime CPU wants uint8 activations (u8 x s8 is the VNNI
+  instruction). So the int8 graph is made for onnxruntime, and `int8_qdq_for_tensorrt`
   derives the TensorRT form from it: each uint8 range [min, max] becomes the symmetric int8
-  range max(|min|, |max|), and the int32 biases are folded back to float. Per-pass agreement
-  with fp32 on 200 demo test images: 98.73% (uint8) vs 98.70% (symmetric int8 calibration).
+  range max(|min|, |max|), and the int32 biases are folded back to float.
 """
 from __future__ import annotations
 
@@ -346,12 +342,18 @@ class ListDataReader:
 
 
 def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *, per_channel: bool = True,
-            reduce_range: bool = False, workdir: Optional[Path] = None, max_feeds: int = 256,
+            mode: str = "u8s8", workdir: Optional[Path] = None, max_feeds: int = 256,
             min_weight_elements: int = 0, skip_input_dims: Iterable[int] = ()) -> dict:
-    """Static QDQ quantisation of the weight MatMuls, calibrated on `feeds`."""
+    """Static QDQ quantisation of the weight MatMuls in `mode` (runtime.cpu_features.INT8_MODES),
+    calibrated on `feeds`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from runtime.cpu_features import INT8_MODES
+
+    if mode not in INT8_MODES:
+        raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
+    signed_act = mode == "s8s8"
     if not feeds:
         raise PrecisionError("int8 needs calibration data: no block inputs were recorded")
     dst = Path(dst)
@@ -377,16 +379,39 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
         op_types_to_quantize=["MatMul", "Gemm"],
         nodes_to_quantize=nodes,
         per_channel=per_channel,
-        reduce_range=reduce_range,
-        activation_type=QuantType.QUInt8,
+        reduce_range=mode == "u8s7",
+        activation_type=QuantType.QInt8 if signed_act else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        extra_options={"ActivationSymmetric": signed_act, "WeightSymmetric": True},
     )
     pre.unlink(missing_ok=True)
+    if mode == "u8s7":
+        bad = check_int8_avx2_safe(onnx.load(str(dst)))
+        if bad:
+            raise PrecisionError(f"{dst}: int8 weights that saturate on AVX2 without VNNI: {bad[:3]}")
     return {"quantized_matmuls": len(nodes), "calib_samples": len(feeds), "per_channel": per_channel,
-            "reduce_range": reduce_range, "min_weight_elements": min_weight_elements,
+            "mode": mode, "min_weight_elements": min_weight_elements,
             "fp32_input_dims": sorted(skip_input_dims)}
+
+
+# vpmaddubsw (AVX2 without VNNI) adds two u8 x s8 products in int16: 255 * |q| * 2 must fit
+AVX2_INT16_MAX = 32767
+
+
+def check_int8_avx2_safe(model: onnx.ModelProto) -> list[str]:
+    """int8 weights that can overflow AVX2's saturating pair sums (2 * 255 * |q| > 32767, i.e.
+    |q| > 64) under uint8 activations. Returns '<weight>: max |q| = N' strings; empty when safe."""
+    consts = _constant_tensors(model)
+    bad = []
+    for n in model.graph.node:
+        t = consts.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if t is None or t.data_type != onnx.TensorProto.INT8:
+            continue
+        q = int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max(initial=0))
+        if 2 * 255 * q > AVX2_INT16_MAX:
+            bad.append(f"{n.input[0]}: max |q| = {q}")
+    return bad
 
 
 def check_int8_qdq_for_tensorrt(model: onnx.ModelProto) -> list[str]:

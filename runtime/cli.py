@@ -17,6 +17,7 @@ from typing import Optional
 
 import click
 
+from .cpu_features import VNNI, int8_cpu_mismatch
 from .errors import EchoRuntimeError
 
 
@@ -105,6 +106,11 @@ def main(engine_dir, images, fmt, stream, backend, precision, mode, batch_size, 
     except EchoRuntimeError as e:
         _err(f"error: {e}")
         sys.exit(2)
+    if precision == "int8" and backend == "ort":
+        # engines from before the int8 modes carry no "int8" entry: they are u8s8, made for VNNI
+        mismatch = int8_cpu_mismatch(rt.manifest.int8.get("chosen_for", VNNI))
+        if mismatch:
+            _err(f"warning: {mismatch}")
     if verbose and not rt.manifest.verified:
         _err(f"note: {engine_dir} was not verified against the PyTorch reference (manifest verified=false)")
     failed = 0

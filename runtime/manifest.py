@@ -58,6 +58,8 @@ class Manifest:
     opset: int = 18
     exporter: str = "torch.onnx.export(dynamo=True)"
     verified: bool = False
+    # int8 quantisation mode and the CPU it was chosen for (see runtime/cpu_features.py); empty without int8
+    int8: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -43,8 +43,12 @@ def built(setup):
 
     root, _, _, data = setup
     logs: list[str] = []
+    # int8 forced into the mode made for CPUs without VNNI (u8s7), whatever CPU runs the tests: it
+    # computes the same numbers on both kinds, so every int8 assertion below holds on both. The
+    # default (u8s8) on an AVX2 CPU without VNNI puts the prefill's keys 11% off fp32 (saturation).
     out = build(BuildOptions(ckpt=root / "ckpt", out=root / "engine", precisions=["fp32", "fp16", "int8"],
-                             ar_ckpt=root / "ar", capacity=CAP, calib_size=3, verify_n=3, data=data),
+                             ar_ckpt=root / "ar", capacity=CAP, calib_size=3, verify_n=3, data=data,
+                             int8_mode="u8s7"),
                 log=logs.append)
     return out, logs
 
@@ -312,6 +316,86 @@ def test_verify_data_verifies_on_another_dataset(setup, tmp_path):
     assert r.exit_code == 2 and "--verify-data" in r.output and not (tmp_path / "e2").exists()
 
 
+def test_int8_mode_follows_the_cpu_and_is_recorded(built):
+    """auto picks u8s8 where VNNI makes u8 x s8 exact and u8s7 on AVX2 without it; an explicit mode
+    wins; the choice and the build CPU go into manifest.json and verify.json alike."""
+    from echo_export.build import BuildError, resolve_int8_mode
+    from runtime.cpu_features import AVX2_NO_VNNI, OTHER, VNNI, CpuFeatures
+    from runtime.manifest import load_manifest
+
+    def cpu(**kw) -> CpuFeatures:
+        base = dict(machine="x86_64", avx2=True, avx512f=False, avx512_vnni=False, avx_vnni=False, avx512_bf16=False)
+        return CpuFeatures(**{**base, **kw})
+
+    assert cpu().int8_kind == AVX2_NO_VNNI and cpu(avx2=False).int8_kind == OTHER
+    assert cpu(avx512f=True, avx512_vnni=True).int8_kind == cpu(avx_vnni=True).int8_kind == VNNI
+    assert resolve_int8_mode("auto", cpu())["mode"] == "u8s7"
+    assert resolve_int8_mode("auto", cpu(avx512f=True))["mode"] == "u8s7"  # AVX-512 without VNNI saturates too
+    assert resolve_int8_mode("auto", cpu(avx512f=True, avx512_vnni=True))["mode"] == "u8s8"
+    assert resolve_int8_mode("auto", cpu(avx_vnni=True))["mode"] == "u8s8"
+    forced = resolve_int8_mode("u8s8", cpu())
+    assert forced["mode"] == "u8s8" and forced["chosen_for"] == VNNI and forced["build_cpu"]["int8_kind"] == AVX2_NO_VNNI
+    with pytest.raises(BuildError, match="unknown --int8-mode"):
+        resolve_int8_mode("u4s4", cpu())
+    out, logs = built
+    m = load_manifest(out)
+    rep = json.loads((out / "verify.json").read_text())
+    assert m.int8 == rep["int8"]
+    assert m.int8["mode"] == "u8s7" and m.int8["requested"] == "u8s7" and m.int8["chosen_for"] == AVX2_NO_VNNI
+    assert set(m.int8["build_cpu"]) >= {"avx2", "avx512_vnni", "avx_vnni", "int8_kind"}
+    assert any("int8: mode u8s7" in line for line in logs)
+
+
+def test_u8s7_weights_cannot_saturate_avx2_and_u8s8_weights_can(built, setup, tmp_path):
+    """AVX2 without VNNI sums pairs of u8 x s8 products in int16: only 7-bit weights (|q| <= 64) keep
+    2 * 255 * |q| below 32767. Every int8 graph of the (u8s7) engine passes that check; the same graph
+    quantised as u8s8 fails it."""
+    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_export.precision import check_int8_avx2_safe, to_int8
+    from runtime.preprocess import preprocess_image
+
+    out, _ = built
+    _, model, tok, data = setup
+    int8_graphs = sorted(out.glob("*.int8.*.onnx"))
+    assert len(int8_graphs) == 4
+    for g in int8_graphs:
+        assert check_int8_avx2_safe(onnx.load(str(g))) == [], g.name
+    px = preprocess_image(data / "img" / "train0.png", model.cfg.vision.image_size)[None]
+    prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
+    lm = model.cfg.lm
+    feeds: list[dict] = []
+    fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
+                 px, prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
+                 n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                 max_new_tokens=24, on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+    info = to_int8(out / "block_step.fp32.b1.onnx", tmp_path / "u8s8.onnx", feeds, mode="u8s8", workdir=tmp_path)
+    assert info["mode"] == "u8s8"
+    bad = check_int8_avx2_safe(onnx.load(str(tmp_path / "u8s8.onnx")))
+    assert bad and all("max |q| = 127" in b for b in bad)
+
+
+def test_int8_engine_on_the_other_kind_of_cpu_is_warned(built):
+    """echo-report warns when an int8 engine made for one kind of CPU runs on the other."""
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+    from runtime.cpu_features import AVX2_NO_VNNI, VNNI, CpuFeatures, detect_cpu_features, int8_cpu_mismatch
+
+    vnni = CpuFeatures("x86_64", avx2=True, avx512f=True, avx512_vnni=True, avx_vnni=False, avx512_bf16=False)
+    avx2 = CpuFeatures("x86_64", avx2=True, avx512f=False, avx512_vnni=False, avx_vnni=False, avx512_bf16=False)
+    assert int8_cpu_mismatch(VNNI, vnni) is None and int8_cpu_mismatch(AVX2_NO_VNNI, avx2) is None
+    assert "saturate" in int8_cpu_mismatch(VNNI, avx2)
+    assert "closer to fp32" in int8_cpu_mismatch(AVX2_NO_VNNI, vnni)
+    out, _ = built
+    r = CliRunner().invoke(main, ["--engine-dir", str(out), "--precision", "int8", str(out.parent / "data" / "img" / "test0.png")])
+    assert r.exit_code == 0, r.output
+    # the engine is u8s7 (made for AVX2 without VNNI): a warning exactly on a VNNI CPU
+    expected = int8_cpu_mismatch(AVX2_NO_VNNI, detect_cpu_features())
+    assert ("warning:" in r.stderr) == (expected is not None)
+    r = CliRunner().invoke(main, ["--engine-dir", str(out), str(out.parent / "data" / "img" / "test0.png")])
+    assert r.exit_code == 0 and "warning:" not in r.stderr  # fp32: nothing to warn about
+
+
 def test_fp16_graph_has_no_fp16_overflowing_constants(built):
     from echo_export.precision import check_fp16_constants
 
@@ -425,7 +509,7 @@ def test_float32_min_mask_fills_become_fp16_safe(tmp_path):
     assert np.isfinite(b).all() and np.abs(a - b).max() < 1e-2 and (b[~feed["keep"]] < 1e-6).all()
 
 
-def test_int8_min_weight_selects_only_large_weight_matmuls(setup):
+def test_int8_min_weight_selects_only_large_weight_matmuls(setup, built):
     """--int8-min-weight: small projections stay fp32, large ones (MLP, lm_head) are quantised."""
     from echo_export.precision import weight_matmuls
 
@@ -440,7 +524,7 @@ def test_int8_min_weight_selects_only_large_weight_matmuls(setup):
     assert weight_matmuls(model, sizes[-1] + 1) == []
 
 
-def test_int8_skip_input_dims_keeps_exactly_the_down_projections_fp32(setup):
+def test_int8_skip_input_dims_keeps_exactly_the_down_projections_fp32(setup, built):
     """The down projections (input = intermediate size) are left out; nothing else is."""
     from echo_export.precision import weight_matmuls
 
