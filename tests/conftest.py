@@ -90,3 +90,24 @@ def make_tiny_model(tokenizer: ReportTokenizer, stage: str = "rad", block_size: 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
     return make_tiny_model(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def varied_model(tiny_tokenizer):
+    """Factory of trained tiny models whose reports vary with image, position and previous
+    tokens (tests/varied_models.py), one per (shifted, causal_context), trained once per session.
+    Shared between tests: copy before changing (varied_models.as_stage)."""
+    from varied_models import get_varied
+
+    def get(shifted: bool = True, causal_context: bool = False):
+        return get_varied(tiny_tokenizer, shifted=shifted, causal_context=causal_context)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def varied_pixels() -> torch.Tensor:
+    """The images the varied models were trained on: image i -> report i."""
+    from varied_models import varied_images
+
+    return torch.from_numpy(varied_images())
