@@ -9,9 +9,10 @@ fused one-step   prefill stores the KV of the first P-B prefix tokens in cache s
                  slots [past_len, past_len+B) and reads block k from the graph's `tokens`.
 autoregressive   ar_prefill stores the whole prefix and gives token 0; ar_step feeds the last
                  token at position P+i-1 and stores its KV in slot past_len.
-Both stop when every sequence of the batch has produced EOS, at max_new_tokens, or when the
-cache is full. The KV cache is one preallocated float32 array per key/value
-[L, b, kvH, CAP, dh] that the backend reads in place (IO binding).
+Both run one loop (EchoRuntime._decode over a _Mode: what a pass feeds, stores and reads) and
+stop when every sequence of the batch has produced EOS, at max_new_tokens, or when the
+cache is full. The KV cache is one preallocated array per key/value [L, b, kvH, CAP, dh], in
+the step graph's dtype, that the backend reads in place (IO binding).
 """
 from __future__ import annotations
 
@@ -86,16 +87,53 @@ class _Prompt:
     image_size: int
 
 
+@dataclass(frozen=True)
+class _Mode:
+    """What one decode mode's graphs feed and read; the loop (EchoRuntime._decode) is shared.
+
+    The prefill stores the KV of the first `cached` prefix ids. Pass j feeds `feed` ids at
+    positions `first_positions + j * width`, returns the KV of the first `width` of them and
+    `width` new ids, which the next pass feeds first. Pass 0 is fed the prefill's own `tokens`
+    (AR: token 0) or else the prefix ids the prefill did not cache (fused: the last prefix block).
+    """
+
+    prefill: str  # graph roles
+    step: str
+    cached: int
+    feed: int
+    width: int
+    first_positions: np.ndarray
+
+    @staticmethod
+    def of(mode: str, prefix_len: int, block_size: int) -> "_Mode":
+        if mode == "fused":  # [block k-1 clean, block k all mask]
+            grid = BlockLayout(prefix_len, block_size)
+            return _Mode(gio.VISION_PREFILL, gio.BLOCK_STEP, grid.fused_prefill_len, 2 * block_size, block_size,
+                         grid.fused_positions(0))
+        return _Mode(gio.AR_PREFILL, gio.AR_STEP, prefix_len, 1, 1, np.array([prefix_len], np.int64))
+
+
+def _dtype(graph, name: str, default) -> Any:
+    spec = graph.inputs.get(name) or graph.outputs.get(name)
+    return spec[1] if spec and spec[1] is not None else default
+
+
+def _ids_outputs(graph, batch: int, width: int) -> dict[str, np.ndarray]:
+    """Buffers for the per-token outputs (`tokens`, `confidence`) this graph has."""
+    defaults = {"tokens": np.int64, "confidence": np.float32}
+    return {k: np.zeros((batch, width), _dtype(graph, k, d)) for k, d in defaults.items() if k in graph.outputs}
+
+
 class _Decoder:
     """Buffers and bound graphs of one mode at one batch size."""
 
     def __init__(self, rt: "EchoRuntime", mode: str, batch: int) -> None:
-        m, B = rt.manifest, rt.block_size
+        m = rt.manifest
         self.prompt = rt._prompt(mode)
         P = len(self.prompt.prefix)
-        pre_role, step_role = (gio.VISION_PREFILL, gio.BLOCK_STEP) if mode == "fused" else (gio.AR_PREFILL, gio.AR_STEP)
-        self.prefill = rt._graph(pre_role, batch)
-        self.step = rt._graph(step_role, batch)
+        self.mode = md = _Mode.of(mode, P, rt.block_size)
+        self.prefill = rt._graph(md.prefill, batch)
+        self.step = rt._graph(md.step, batch)
         shape = self.step.shape("past_key")
         if len(shape) != 5 or not all(isinstance(d, int) for d in shape):
             lm = m.model_config.get("lm", {})
@@ -104,31 +142,24 @@ class _Decoder:
         self.cap = CAP
         if P > CAP:
             raise ManifestError(f"{rt.engine_dir}: cache capacity {CAP} is smaller than the {P}-token prefix")
-        self.n_pre = P - B if mode == "fused" else P
-        T = 2 * B if mode == "fused" else 1
-        keep = B if mode == "fused" else 1
-        f32, i64 = np.float32, np.int64
-        S = self.prompt.image_size
-        self.pixel = np.zeros((batch, 1, S, S), f32)
+        S, i64 = self.prompt.image_size, np.int64
+        self.pixel = np.zeros((batch, 1, S, S), np.float32)
         self.prefix_ids = np.ascontiguousarray(np.broadcast_to(self.prompt.prefix, (batch, P)), dtype=i64)
-        self.pre_k = np.zeros((L, batch, kvH, self.n_pre, dh), f32)
-        self.pre_v = np.zeros_like(self.pre_k)
-        self.cache_k = np.zeros((L, batch, kvH, CAP, dh), f32)
-        self.cache_v = np.zeros_like(self.cache_k)
-        self.input_ids = np.full((batch, T), rt.tokenizer.mask_id, i64)
-        self.position_ids = np.zeros((batch, T), i64)
+
+        def kv(graph, name: str, n: int) -> np.ndarray:  # in the graph's dtype: no pass converts the cache
+            return np.zeros((L, batch, kvH, n, dh), _dtype(graph, name, np.float32))
+
+        self.cache_k, self.cache_v = kv(self.step, "past_key", CAP), kv(self.step, "past_value", CAP)
+        self.input_ids = np.full((batch, md.feed), rt.tokenizer.mask_id, i64)
+        self.carry = self.input_ids[:, : md.width]  # what the next pass takes from this one's tokens
+        self.position_ids = np.zeros((batch, md.feed), i64)
         self.past_len = np.zeros((batch,), i64)
-        self.tokens = np.zeros((batch, keep), self._dtype(self.step, "tokens", i64))
-        self.present_k = np.zeros((L, batch, kvH, keep, dh), f32)
-        self.present_v = np.zeros_like(self.present_k)
-        pre_out = {"present_key": self.pre_k, "present_value": self.pre_v}
-        step_out = {"tokens": self.tokens, "present_key": self.present_k, "present_value": self.present_v}
-        if mode == "fused":
-            self.confidence = np.zeros((batch, B), f32)
-            step_out["confidence"] = self.confidence
-        else:
-            self.pre_tokens = np.zeros((batch, 1), self._dtype(self.prefill, "tokens", i64))
-            pre_out["tokens"] = self.pre_tokens
+        pre_out = {"present_key": kv(self.prefill, "present_key", md.cached),
+                   "present_value": kv(self.prefill, "present_value", md.cached), **_ids_outputs(self.prefill, batch, 1)}
+        step_out = {"present_key": kv(self.step, "present_key", md.width),
+                    "present_value": kv(self.step, "present_value", md.width), **_ids_outputs(self.step, batch, md.width)}
+        self.pre_tokens: Optional[np.ndarray] = pre_out.get("tokens")
+        self.tokens = step_out["tokens"]
         self.prefill.bind({"pixel_values": self.pixel, "prefix_ids": self.prefix_ids}, pre_out)
         self.step.bind({"input_ids": self.input_ids, "position_ids": self.position_ids, "past_key": self.cache_k,
                         "past_value": self.cache_v, "past_len": self.past_len}, step_out)
@@ -138,10 +169,28 @@ class _Decoder:
         self.step.kv_store("past_key", src, "present_key", start)
         self.step.kv_store("past_value", src, "present_value", start)
 
-    @staticmethod
-    def _dtype(graph, name, default):
-        spec = graph.outputs.get(name)
-        return spec[1] if spec and spec[1] is not None else default
+
+class _Written:
+    """The ids a batch has generated so far (one preallocated array) and who is done."""
+
+    def __init__(self, batch: int, n: int, eos_id: int) -> None:
+        self.raw = np.zeros((batch, n), np.int64)
+        self.start = self.n = 0  # the last pass's ids are raw[:, start:n]
+        self.blocks = 0
+        self.eos_id = eos_id
+        self.done = np.zeros(batch, bool)
+        self.passes = np.ones(batch, np.int64)  # the prefill
+
+    def add(self, new: np.ndarray, counts_a_pass: bool = True) -> np.ndarray:
+        """Append one pass's ids [b, w]; returns which sequences were still writing before it."""
+        writing = ~self.done
+        self.start, self.n = self.n, self.n + new.shape[1]
+        self.raw[:, self.start : self.n] = new
+        self.blocks += 1
+        if counts_a_pass:
+            self.passes = self.passes + writing  # new arrays: cheaper than in-place ufuncs this small
+        self.done = self.done | (new == self.eos_id).any(-1)
+        return writing
 
 
 class EchoRuntime:
@@ -197,7 +246,6 @@ class EchoRuntime:
         self.layout = BlockLayout(self.prefix_len, self.block_size)
         cfg_max = (m.model_config or {}).get("max_response_tokens")
         self.default_max_new_tokens = int(cfg_max) if cfg_max else DEFAULT_MAX_NEW_TOKENS
-        self._positions: list[np.ndarray] = []
         self._graphs: dict[tuple[str, int], Any] = {}
         self._decoders: dict[tuple[str, int], _Decoder] = {}
         self._graph_cls = self._backend_class()
@@ -322,8 +370,7 @@ class EchoRuntime:
             good.append((i, name, arr, time.perf_counter() - t))
         for s in range(0, len(good), batch):
             chunk = good[s : s + batch]
-            run = self._run_fused if mode == "fused" else self._run_ar
-            for r, (i, *_rest) in zip(run(dec, chunk, max_new, on_block), chunk):
+            for r, (i, *_rest) in zip(self._decode(dec, chunk, max_new, on_block), chunk):
                 reports[i] = r
         return reports  # type: ignore[return-value]
 
@@ -335,121 +382,63 @@ class EchoRuntime:
         for r in range(dec.pixel.shape[0]):
             dec.pixel[r] = chunk[min(r, len(chunk) - 1)][2]  # pad a short batch by repeating
 
-    def _finish(self, chunk, raw: np.ndarray, passes: np.ndarray, stops, timings) -> list[Report]:
-        out = []
+    def _finish(self, chunk, out: _Written, stop: str, timings) -> list[Report]:
+        reports = []
         for r, (i, name, _arr, t_pre) in enumerate(chunk):
-            ids = self.tokenizer.cut_at_eos(raw[r].tolist())
+            ids = self.tokenizer.cut_at_eos(out.raw[r, : out.n].tolist())
             tm = dict(timings, preprocess=t_pre, blocks=list(timings["blocks"]))
             tm["total"] = t_pre + tm["decode"]
-            out.append(Report(path=name, text=self.tokenizer.decode(ids), tokens=ids, timings=tm,
-                              forward_passes=int(passes[r]), stop=stops[r]))
-        return out
+            reports.append(Report(path=name, text=self.tokenizer.decode(ids), tokens=ids, timings=tm,
+                                  forward_passes=int(out.passes[r]), stop="eos" if out.done[r] else stop))
+        return reports
 
-    def _emit(self, on_block, chunk, block_no, new, hist, done_before, has_eos):
+    def _emit(self, on_block, chunk, out: _Written, writing: np.ndarray) -> None:
         if on_block is None:
             return
+        new = out.raw[:, out.start : out.n]
         for r, (i, name, *_x) in enumerate(chunk):
-            if done_before[r]:
-                continue
-            ids = self.tokenizer.cut_at_eos(np.concatenate(hist, 1)[r].tolist())
-            on_block(BlockEvent(i, name, block_no, self.tokenizer.cut_at_eos(new[r].tolist()),
-                                self.tokenizer.decode(ids), bool(has_eos[r])))
+            if writing[r]:
+                on_block(BlockEvent(i, name, out.blocks - 1, self.tokenizer.cut_at_eos(new[r].tolist()),
+                                    self.tokenizer.decode(out.raw[r, : out.n].tolist()), bool(out.done[r])))
 
-    def _fused_positions(self, k: int) -> np.ndarray:
-        while len(self._positions) <= k:
-            self._positions.append(self.layout.fused_positions(len(self._positions)))
-        return self._positions[k]
-
-    def _run_fused(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
-        B, n, eos = self.block_size, len(chunk), self.tokenizer.eos_id
-        b = dec.pixel.shape[0]
+    def _decode(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
+        """Prefill, then passes until every sequence of the chunk has produced EOS, max_new ids
+        are written, or the cache cannot hold the context of another pass."""
+        md, n, w = dec.mode, len(chunk), dec.mode.width
         self._load_pixels(dec, chunk)
         t0 = time.perf_counter()
         session = dec.prefill.run()
-        n_pre = dec.n_pre
         dec.store(dec.prefill, 0)
         t_prefill, s_prefill = time.perf_counter() - t0, session
-        past = n_pre
-        dec.input_ids[:, :B] = self.prefix[n_pre:]
-        dec.input_ids[:, B:] = self.tokenizer.mask_id
-        done = np.zeros(b, bool)
-        passes = np.ones(b, np.int64)
-        blocks: list[np.ndarray] = []
-        block_times: list[float] = []
+        past = md.cached
+        first = dec.pre_tokens  # AR: the prefill's token 0; fused: none
+        n_first = 0 if first is None else first.shape[1]
+        n_passes = -(-(max_new - n_first) // w)
+        out = _Written(dec.pixel.shape[0], n_first + n_passes * w, self.tokenizer.eos_id)
+        dec.carry[:] = dec.prefix_ids[:, past:] if first is None else first
+        if first is not None:
+            self._emit(on_block, chunk, out, out.add(first, counts_a_pass=False))
+        positions = md.first_positions + w * np.arange(n_passes)[:, None]  # pass j's, in row j
+        times: list[float] = []
         stop = "max_new_tokens"
-        n_blocks = self.layout.num_blocks(max_new)
-        for k in range(n_blocks):
+        for j in range(n_passes):
+            if out.done[:n].all():
+                break
             tb = time.perf_counter()
-            dec.position_ids[:] = self._fused_positions(k)
+            dec.position_ids[:] = positions[j]
             dec.past_len[:] = past
             session += dec.step.run()
-            stored = past + B <= dec.cap  # block k-1's KV; only the next pass needs it
+            stored = past + w <= dec.cap  # the KV of this pass's first w ids; only the next pass needs it
             if stored:
                 dec.store(dec.step, past)
-                past += B
-            new = dec.tokens.astype(np.int64)  # a copy: the next pass overwrites the buffer
-            dec.input_ids[:, :B] = new
-            blocks.append(new)
-            passes += ~done
-            has_eos = (new == eos).any(-1)
-            done_before = done.copy()
-            done |= has_eos
-            block_times.append(time.perf_counter() - tb)
-            self._emit(on_block, chunk, k, new, blocks, done_before, has_eos)
-            if done[:n].all():
-                break
-            if not stored and k < n_blocks - 1:
-                stop = "capacity"  # the cache cannot hold the context of another pass
-                break
-        decode = time.perf_counter() - t0
-        raw = np.concatenate(blocks, 1) if blocks else np.zeros((b, 0), np.int64)
-        stops = ["eos" if done[r] else stop for r in range(n)]
-        tm = {"prefill": t_prefill, "blocks": block_times, "decode": decode, "session": session,
-              "prefill_session": s_prefill}
-        return self._finish(chunk, raw, passes, stops, tm)
-
-    def _run_ar(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
-        n, eos, P = len(chunk), self.tokenizer.eos_id, len(dec.prompt.prefix)
-        b = dec.pixel.shape[0]
-        self._load_pixels(dec, chunk)
-        t0 = time.perf_counter()
-        session = dec.prefill.run()
-        dec.store(dec.prefill, 0)
-        tok = dec.pre_tokens.astype(np.int64)
-        t_prefill, s_prefill = time.perf_counter() - t0, session
-        past = P
-        out = [tok]
-        done = tok[:, 0] == eos
-        passes = np.ones(b, np.int64)
-        step_times: list[float] = []
-        stop = "max_new_tokens"
-        self._emit(on_block, chunk, 0, tok, out, np.zeros(b, bool), done)
-        for i in range(1, max_new):
-            if done[:n].all():
-                break
-            ts = time.perf_counter()
-            dec.input_ids[:] = tok
-            dec.position_ids[:] = P + i - 1
-            dec.past_len[:] = past
-            session += dec.step.run()
-            stored = past < dec.cap  # this token's KV; only the next step needs it
-            if stored:
-                dec.store(dec.step, past)
-                past += 1
-            tok = dec.tokens.astype(np.int64)
-            out.append(tok)
-            passes += ~done
-            has_eos = tok[:, 0] == eos
-            done_before = done.copy()
-            done |= has_eos
-            step_times.append(time.perf_counter() - ts)
-            self._emit(on_block, chunk, i, tok, out, done_before, has_eos)
-            if not stored and not done[:n].all() and i < max_new - 1:
+                past += w
+            dec.carry[:] = dec.tokens
+            writing = out.add(dec.tokens)
+            times.append(time.perf_counter() - tb)
+            self._emit(on_block, chunk, out, writing)
+            if not stored and j < n_passes - 1 and not out.done[:n].all():
                 stop = "capacity"
                 break
-        decode = time.perf_counter() - t0
-        raw = np.concatenate(out, 1)
-        stops = ["eos" if done[r] else stop for r in range(n)]
-        tm = {"prefill": t_prefill, "blocks": step_times, "decode": decode, "session": session,
+        tm = {"prefill": t_prefill, "blocks": times, "decode": time.perf_counter() - t0, "session": session,
               "prefill_session": s_prefill}
-        return self._finish(chunk, raw, passes, stops, tm)
+        return self._finish(chunk, out, stop, tm)
