@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .harness import NA
+
 METHOD_NAMES = {"ar": "AR", "teacher": "teacher (B steps)", "naive": "naive one-step", "dcd": "DCD one-step"}
 COLUMNS = ["method", "B", "engine", "finding F1", "SemScore", "BLEU-4", "ROUGE-L", "validity",
            "p50 ms", "p95 ms", "tok/s", "fwd/report", "tok/fwd", "speed-up vs AR", "reports/s @batch", "peak MB"]
@@ -46,20 +48,51 @@ def cell_row(c: dict) -> list[str]:
     ]
 
 
+def unavailable(c: dict) -> bool:
+    """A cell that cannot run here (missing engine, backend or graph), as opposed to one that ran or failed."""
+    return c.get("status", "").startswith(NA)
+
+
 def cell_rows(cells: list[dict]) -> list[list[str]]:
-    """One row per cell; an engine whose every cell is unavailable for one reason gets one row."""
-    rows, seen = [], set()
+    """One row per cell that ran or failed; the unavailable ones are listed under the table."""
+    return [cell_row(c) for c in cells if not unavailable(c)]
+
+
+def unavailable_lines(cells: list[dict]) -> list[str]:
+    """The cells that cannot run here, one line per reason: "- which cells: why"."""
+    by_reason: dict[str, list[dict]] = {}
     for c in cells:
-        e = c["engine"]
-        same = [x for x in cells if x["engine"] == e]
-        reasons = {x.get("status") for x in same}
-        if len(reasons) == 1 and not reasons & {"ok"} and len(same) > 1:
-            if e not in seen:
-                seen.add(e)
-                rows.append(["all methods", "–", e, c.get("status", "?")] + ["–"] * (len(COLUMNS) - 4))
-            continue
-        rows.append(cell_row(c))
-    return rows
+        if unavailable(c):
+            by_reason.setdefault(c["status"][len(NA):], []).append(c)
+    return [f"- {_which(cells, group)}: {reason}" for reason, group in by_reason.items()]
+
+
+def _which(cells: list[dict], group: list[dict]) -> str:
+    """Short names for a set of cells: whole engines first, then methods x block sizes x engines."""
+    engines = list(dict.fromkeys(c["engine"] for c in cells))
+    ids = {id(c) for c in group}
+    whole = [e for e in engines if all(id(c) in ids for c in cells if c["engine"] == e)]
+    parts = [f"every method on {', '.join(whole)}"] if whole else []
+    # the rest: methods that share their block sizes and engines are named together
+    rest = [c for c in group if c["engine"] not in whole]
+    by_method: dict[str, list[dict]] = {}
+    for c in rest:
+        by_method.setdefault(c["method"], []).append(c)
+    shared: dict[tuple, list[str]] = {}
+    for m, cs in by_method.items():
+        bs = tuple(dict.fromkeys(c.get("block_size") for c in cs))
+        es = tuple(dict.fromkeys(c["engine"] for c in cs))
+        if len(cs) == len(bs) * len(es):  # every block size on every engine
+            shared.setdefault((bs, es), []).append(METHOD_NAMES.get(m, m))
+        else:
+            parts += [f"{METHOD_NAMES.get(m, m)}{_blocks((c.get('block_size'),))} on {c['engine']}" for c in cs]
+    parts += [f"{', '.join(names)}{_blocks(bs)} on {', '.join(es)}" for (bs, es), names in shared.items()]
+    return "; ".join(parts)
+
+
+def _blocks(bs: tuple) -> str:
+    named = [str(b) for b in bs if b is not None]
+    return f" B={', '.join(named)}" if named else ""
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -141,7 +174,9 @@ def results_markdown(result: dict) -> str:
     cells = result["cells"]
     parts = ["# ECHO benchmark", "", *setup_lines(result), "",
              "## Quality and speed (batch 1 latency per report; speed-up = tokens/s over AR on the same engine)", "",
-             _table(COLUMNS, cell_rows(cells)), "",
+             _table(COLUMNS, cell_rows(cells)) if cell_rows(cells) else "No cell ran.", "",
+             *([f"Not available here ({sum(map(unavailable, cells))} of {len(cells)} cells), one line per reason:", "",
+                *unavailable_lines(cells), ""] if any(map(unavailable, cells)) else []),
              "finding F1: micro F1 of the rule labeler's findings; validity: share of sentences the synthetic "
              "grammar accepts; tok/fwd counts generated tokens (EOS included) per forward pass (prefill included); "
              "peak MB: peak RSS of the process during the cell (CUDA: max_memory_allocated).", "",

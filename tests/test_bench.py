@@ -133,7 +133,15 @@ def test_harness_writes_every_cell(bench_setup, tmp_path):
     assert ideal["pytorch-cpu"]["status"] == "ok"
     assert ideal["pytorch-cpu"]["ideal"]["8"] > 0 and ideal["pytorch-cpu"]["ideal"]["16"] > 0
     md = paths["md"].read_text()
-    assert "not available" in md and "ideal" in md and "DCD one-step" in md
+    assert "ideal" in md and "DCD one-step" in md
+    # the cells that cannot run are listed under the table, each reason once, never as table rows
+    table = md[md.index("| method | B | engine | finding F1 | SemScore"):md.index("\n\n", md.index("| method | B"))]
+    statuses = [row.split(" | ")[3] for row in table.splitlines()[2:]]  # the finding F1 column, or a status
+    assert len(statuses) == sum(c["status"] == "ok" for c in saved["cells"]) and "| AR | – | hf-cpu |" in table
+    assert not any(st.startswith("not available") for st in statuses)
+    n_na = sum(c["status"].startswith("not available: ") for c in saved["cells"])
+    assert f"Not available here ({n_na} of {len(saved['cells'])} cells)" in md
+    assert md.count("transformers generate() decodes autoregressively only") == 1
     assert "teacher rows: steps = B, unmasking rule `dynamic-ltr`, threshold 0.85" in md  # how the teacher decoded
     # every non-AR cell carries its F1 difference from AR on the same studies (n_boot=0: no CI)
     for m in ("teacher", "naive", "dcd"):
@@ -165,6 +173,55 @@ def test_harness_writes_every_cell(bench_setup, tmp_path):
     assert 0 <= ov["outside_session_of_decode"] <= 1
     # the engine decodes like the PyTorch reference
     assert cells[("dcd", "ort-fp32", 8)]["preds"] == cells[("dcd", "pytorch-cpu", 8)]["preds"]
+
+
+def _cell(method: str, engine: str, B, status: str = "ok", f1=0.5, valid=0.9, ms: float = 10.0) -> dict:
+    """A results.json cell as the harness writes it (only what the table and the plot read)."""
+    c = {"method": method, "engine": engine, "block_size": B, "status": status}
+    if status == "ok":
+        c.update(quality={"finding_f1": f1, "semscore": "not computed", "bleu4": 0.2, "rougeL": 0.4,
+                          "valid_sentence_rate": valid},
+                 latency_ms={"p50": ms, "p95": ms, "mean": ms}, tokens_per_s=100.0, forward_passes_per_report=4.0,
+                 tokens_per_forward=2.0, throughput={}, speedup_vs_ar=1.0, peak_rss_mb=100.0)
+    return c
+
+
+def _result(cells: list[dict]) -> dict:
+    machine = {"date": "d", "cpu": "c", "cpus_usable": 2, "cpu_count": 2, "gpu": None, "libraries": {}, "python": "3"}
+    config = {"data": "data/synth", "split": "test", "warmup": 1, "repeats": 1, "runtime_repeats": None,
+              "throughput_batch": 2, "throughput_n": 2, "seed": 0, "n_boot": 0, "max_new_tokens": 16}
+    return {"machine": machine, "config": config, "studies": {"n": 3}, "threads": {}, "cells": cells,
+            "ideal_speedup": [], "runtime_overhead": {}, "command": "echo-bench", "wall_s": 1.0}
+
+
+def test_markdown_lists_the_cells_that_cannot_run_once_under_the_table():
+    from benchmarks.tables import results_markdown
+
+    na = "not available: "
+    cells = [_cell("ar", "pytorch-cpu", None), _cell("dcd", "pytorch-cpu", 8),
+             _cell("dcd", "pytorch-cpu", 16, na + "runs/echo-b16 missing"),
+             _cell("ar", "ort-fp32", None), _cell("teacher", "ort-fp32", 8, na + "one-step graphs only"),
+             _cell("teacher", "ort-fp32", 16, na + "one-step graphs only"),
+             _cell("dcd", "ort-fp32", 8, "failed: RuntimeError: boom"),
+             _cell("dcd", "ort-fp32", 16, na + "engines/echo-b16 missing")]
+    cells += [_cell(m, "trt-fp16", B, na + "no TensorRT") for m, B in (("ar", None), ("teacher", 8), ("dcd", 8))]
+    md = results_markdown(_result(cells))
+    table = md[md.index("| method | B | engine"):md.index("Not available here")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    # the cells that ran, and the one that failed (a failure is news, not a missing part), as rows
+    assert [r.split(" | ")[:3] for r in rows] == [["| AR", "–", "pytorch-cpu"], ["| DCD one-step", "8", "pytorch-cpu"],
+                                                   ["| AR", "–", "ort-fp32"], ["| DCD one-step", "8", "ort-fp32"]]
+    assert "failed: RuntimeError: boom" in rows[3]
+    listing = md[md.index("Not available here"):].split("\n\n")[:2]
+    assert listing[0] == "Not available here (7 of 11 cells), one line per reason:"
+    assert listing[1].splitlines() == [
+        "- DCD one-step B=16 on pytorch-cpu: runs/echo-b16 missing",
+        "- teacher (B steps) B=8, 16 on ort-fp32: one-step graphs only",
+        "- DCD one-step B=16 on ort-fp32: engines/echo-b16 missing",
+        "- every method on trt-fp16: no TensorRT",
+    ]
+    # nothing to list: no listing
+    assert "Not available here" not in results_markdown(_result(cells[:2]))
 
 
 def test_cli_reports_missing_data(tmp_path):
