@@ -224,6 +224,31 @@ def test_markdown_lists_the_cells_that_cannot_run_once_under_the_table():
     assert "Not available here" not in results_markdown(_result(cells[:2]))
 
 
+def test_plot_shows_sentence_validity_beside_finding_f1():
+    from benchmarks.plot import quality_vs_latency_figure
+
+    cells = [_cell("ar", "pytorch-cpu", None, f1=0.52, valid=1.0, ms=150.0),
+             _cell("dcd", "pytorch-cpu", 8, f1=0.55, valid=0.7, ms=35.0),
+             _cell("naive", "pytorch-cpu", 8, f1=0.30, valid=0.01, ms=32.0),
+             _cell("dcd", "ort-fp32", 8, f1=0.56, valid="not computed: no grammar", ms=12.0),
+             _cell("dcd", "trt-fp16", 8, "not available: no TensorRT")]
+    fig = quality_vs_latency_figure(_result(cells))
+    try:
+        f1_ax, valid_ax = fig.axes[:2]
+        assert len(fig.axes) == 2
+        assert f1_ax.get_ylabel() == "finding F1 (micro)" and valid_ax.get_ylabel() == "valid sentences (share)"
+
+        def points(ax) -> list[tuple[float, float]]:
+            return sorted(tuple(map(float, xy)) for coll in ax.collections for xy in coll.get_offsets())
+
+        assert points(f1_ax) == [(12.0, 0.56), (32.0, 0.30), (35.0, 0.55), (150.0, 0.52)]
+        assert points(valid_ax) == [(32.0, 0.01), (35.0, 0.7), (150.0, 1.0)]  # validity not computed: no point
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
 def test_cli_reports_missing_data(tmp_path):
     from click.testing import CliRunner
 
