@@ -214,7 +214,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         log(f"  note: capacity {opts.capacity} allows {max_new} new tokens (< max_response_tokens "
             f"{cfg.max_response_tokens})")
 
-    ar = None
+    ar: Optional[_ArModel] = None
     if opts.ar_ckpt is not None:
         log(f"[check] AR checkpoint {opts.ar_ckpt}")
         acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt")
@@ -226,7 +226,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         if opts.capacity < aP + 1:
             raise BuildError(f"--capacity {opts.capacity} is smaller than the AR prefix ({aP} tokens) + 1")
         ar_max_new = min(opts.max_new_tokens or acfg.max_response_tokens, opts.capacity - aP + 1)
-        ar = (acfg, amodel, aP, ar_max_new)
+        ar = _ArModel(acfg, amodel, aP, ar_max_new)
 
     data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
     calib_px: list[np.ndarray] = []
@@ -261,9 +261,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        manifest_files, graphs, verify_report, verified = _build_into(
-            tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, calib_px, verify_samples, verify_px,
-            max_new, times, log, int8_info)
+        job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, times, log)
+        manifest_files, graphs, verify_report, verified = _build_into(job, calib_px, verify_samples, verify_px)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -279,8 +278,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     lm = cfg.lm
     model_config = cfg.to_dict()
     if ar is not None:
-        model_config["ar_model_config"] = ar[0].to_dict()
-        model_config["ar_prefix_len"] = ar[2]
+        model_config["ar_model_config"] = ar.cfg.to_dict()
+        model_config["ar_prefix_len"] = ar.prefix_len
     manifest = Manifest(
         model_config=model_config,
         block_size=B,
@@ -316,163 +315,210 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     return out
 
 
-def _compare_plans(tmp, files, plans, model, tok, P, capacity, pixels, max_new, log) -> dict:
-    """Polygraphy: each block_step plan (TensorRT) against its ONNX graph (onnxruntime) on real pass inputs."""
-    from .decode_loop import fused_decode, torch_runner
+@dataclass
+class _ArModel:
+    """The stage-1 model behind the AR baseline graphs."""
+    cfg: object
+    model: object
+    prefix_len: int
+    max_new: int
+
+
+@dataclass
+class _Build:
+    """What every build phase reads, and the files they have written so far."""
+    tmp: Path
+    opts: BuildOptions
+    cfg: object
+    model: object
+    tok: object
+    prefix_len: int
+    precisions: list[str]
+    batch_sizes: list[int]
+    ar: Optional[_ArModel]
+    max_new: int
+    int8_info: dict
+    times: dict[str, float]
+    log: Callable[[str], None]
+    files: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (role, precision, batch) -> file
+    plans: dict[str, str] = field(default_factory=dict)  # ONNX file -> TensorRT plan
+
+    def families(self) -> list[tuple[str, str, object, object, int, int]]:
+        """(prefill role, step role, model, config, prefix length, max new tokens) per decode family."""
+        out = [(gio.VISION_PREFILL, gio.BLOCK_STEP, self.model, self.cfg, self.prefix_len, self.max_new)]
+        if self.ar is not None:
+            out.append((gio.AR_PREFILL, gio.AR_STEP, self.ar.model, self.ar.cfg, self.ar.prefix_len, self.ar.max_new))
+        return out
+
+
+def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, max_new: int,
+                       pixels: list[np.ndarray], batch: int) -> tuple[list[dict], list[dict]]:
+    """Decode `pixels` with the PyTorch graph wrappers in chunks of `batch` (the last one padded by
+    repeating its image) and record every prefill and step feed, as int8 calibration and the
+    TensorRT comparison both need them."""
+    from .decode_loop import ar_decode, fused_decode, torch_runner
     from .graphs import make_graph
+
+    pre_role = gio.VISION_PREFILL if step_role == gio.BLOCK_STEP else gio.AR_PREFILL
+    pre_run = torch_runner(make_graph(pre_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
+    step_run = torch_runner(make_graph(step_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
+    prefix = np.array(b.tok.prefix_ids(model.n_image_tokens), np.int64)
+    lm = cfg.lm
+    pre_feeds: list[dict] = []
+    step_feeds: list[dict] = []
+    rec = lambda f: step_feeds.append({k: v.copy() for k, v in f.items()})  # noqa: E731
+    common = dict(capacity=b.opts.capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
+                  head_dim=lm.head_dim, eos_id=b.tok.eos_id, max_new_tokens=max_new, on_step=rec)
+    for i in range(0, len(pixels), batch):
+        part = pixels[i : i + batch]
+        part = part + [part[-1]] * (batch - len(part))
+        px = np.stack(part).astype(np.float32)
+        ids = np.broadcast_to(prefix, (batch, prefix.size)).copy()
+        pre_feeds.append({"pixel_values": px, "prefix_ids": ids})
+        if step_role == gio.BLOCK_STEP:
+            fused_decode(pre_run, step_run, px, ids, block_size=cfg.block_size, mask_id=b.tok.mask_id, **common)
+        else:
+            ar_decode(pre_run, step_run, px, ids, **common)
+    return pre_feeds, step_feeds
+
+
+def _export_fp32(b: _Build) -> None:
+    import onnx
+
+    from .graphs import example_inputs, export_graph, make_graph
+
+    jobs = [(role, m, c, p_len) for pre, step, m, c, p_len, _ in b.families() for role in (pre, step)]
+    t = time.perf_counter()
+    b.log(f"[export] {len(jobs) * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
+    for role, m, c, p_len in jobs:
+        for bs in b.batch_sizes:
+            name = gio.graph_filename(role, "fp32", bs)
+            t1 = time.perf_counter()
+            g = make_graph(role, m, b.opts.capacity, p_len, b.tok.mask_id)
+            export_graph(g, example_inputs(role, c, bs, b.opts.capacity, p_len), b.tmp / name, b.opts.opset)
+            onnx.checker.check_model(str(b.tmp / name), full_check=True)
+            b.files[(role, "fp32", bs)] = name
+            b.log(f"  {name:<34} {_size(b.tmp / name):>10}  {time.perf_counter() - t1:5.1f}s")
+    b.times["export"] = time.perf_counter() - t
+
+
+def _convert_fp16(b: _Build) -> None:
+    import onnx
+
+    from .precision import to_fp16
+
+    t = time.perf_counter()
+    b.log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
+    for (role, _, bs), src in list(b.files.items()):
+        name = gio.graph_filename(role, "fp16", bs)
+        to_fp16(b.tmp / src, b.tmp / name)
+        onnx.checker.check_model(str(b.tmp / name), full_check=True)
+        b.files[(role, "fp16", bs)] = name
+        b.log(f"  {name:<34} {_size(b.tmp / name):>10}")
+    b.times["fp16"] = time.perf_counter() - t
+
+
+def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
+    import onnx
+
+    from .precision import to_int8
+
+    t = time.perf_counter()
+    b.log(f"[int8] calibrating on {len(calib_px)} training images (PyTorch reference decode, recorded graph inputs)")
+    for pre_role, step_role, m, c, p_len, max_new in b.families():
+        for bs in b.batch_sizes:
+            pre_feeds, step_feeds = _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs)
+            for role, feeds in ((pre_role, pre_feeds), (step_role, step_feeds)):
+                name = gio.graph_filename(role, "int8", bs)
+                info = to_int8(b.tmp / b.files[(role, "fp32", bs)], b.tmp / name, feeds,
+                               mode=b.int8_info["mode"], workdir=b.tmp,
+                               min_weight_elements=b.opts.int8_min_weight,
+                               skip_input_dims=[c.lm.intermediate_size] if b.opts.int8_down_proj_fp32 else [])
+                onnx.checker.check_model(str(b.tmp / name), full_check=True)
+                b.files[(role, "int8", bs)] = name
+                b.log(f"  {name:<34} {_size(b.tmp / name):>10}  {info['quantized_matmuls']} weight MatMul/Gemm, "
+                      f"{info['calib_samples']} calibration feeds")
+    for pattern in ("*.pre.onnx", "*-inferred.onnx"):  # the quantiser's intermediate files
+        for leftover in b.tmp.glob(pattern):
+            leftover.unlink()
+    b.times["int8"] = time.perf_counter() - t
+
+
+def _build_plans(b: _Build) -> None:
+    from .tensorrt_build import build_all
+
+    t = time.perf_counter()
+    b.log("[tensorrt] strongly typed engines")
+    cache = b.opts.timing_cache or (Path.home() / ".cache" / "echo-export" / "trt_timing.cache")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    b.plans = build_all(b.tmp, sorted(b.files.values()), timing_cache=cache, log=b.log)
+    b.times["tensorrt"] = time.perf_counter() - t
+
+
+def _compare_plans(b: _Build, pixels: list[np.ndarray]) -> dict:
+    """Polygraphy: each block_step plan (TensorRT) against its ONNX graph (onnxruntime) on real pass inputs."""
     from .tensorrt_build import compare_with_onnxruntime, tensorrt_source_filename
 
-    lm = model.cfg.lm
     out = {}
-    for (role, prec, b), name in sorted(files.items()):
-        if role != gio.BLOCK_STEP or name not in plans:
+    for (role, prec, bs), name in sorted(b.files.items()):
+        if role != gio.BLOCK_STEP or name not in b.plans:
             continue
-        feeds: list[dict] = []
-        px = np.stack(list(pixels) * b).astype(np.float32)
-        ids = np.broadcast_to(np.array(tok.prefix_ids(model.n_image_tokens), np.int64), (b, P)).copy()
-        fused_decode(torch_runner(make_graph(gio.VISION_PREFILL, model, capacity, P, tok.mask_id)),
-                     torch_runner(make_graph(gio.BLOCK_STEP, model, capacity, P, tok.mask_id)), px, ids,
-                     block_size=model.cfg.block_size, capacity=capacity, n_layers=lm.num_hidden_layers,
-                     n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id,
-                     eos_id=tok.eos_id, max_new_tokens=max_new,
-                     on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
-        res = compare_with_onnxruntime(tmp / tensorrt_source_filename(name), tmp / plans[name], feeds[:4],
+        _, feeds = _record_step_feeds(b, role, b.model, b.cfg, b.prefix_len, b.max_new, pixels * bs, bs)
+        res = compare_with_onnxruntime(b.tmp / tensorrt_source_filename(name), b.tmp / b.plans[name], feeds[:4],
                                        atol=1e-3 if prec == "fp32" else 5e-2, rtol=1e-3 if prec == "fp32" else 5e-2)
-        out[plans[name]] = res
-        log(f"  tensorrt {plans[name]}: {'PASS' if res['passed'] else 'FAIL'} {res}")
+        out[b.plans[name]] = res
+        b.log(f"  tensorrt {b.plans[name]}: {'PASS' if res['passed'] else 'FAIL'} {res}")
     return out
 
 
-def _build_into(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, calib_px, verify_samples, verify_px,
-                max_new, times, log, int8_info):
-    import onnx
-
-    from .decode_loop import ar_decode, fused_decode, torch_runner
-    from .graphs import example_inputs, export_graph, make_graph
-    from .precision import to_fp16, to_int8
-    from .tensorrt_build import tensorrt_source_filename
+def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray]) -> dict:
     from .verify import VerifyItem, verify_ar, verify_block
     from .verify_table import print_table
 
-    jobs = [(r, model, cfg, P) for r in BLOCK_ROLES]
-    if ar is not None:
-        jobs += [(r, ar[1], ar[0], ar[2]) for r in AR_ROLES]
-    files: dict[tuple[str, str, int], str] = {}
-
-    # fp32 export
     t = time.perf_counter()
-    log(f"[export] {len(jobs) * len(batch_sizes)} fp32 graphs (opset {opts.opset}, capacity {opts.capacity})")
-    for role, m, c, p_len in jobs:
-        for b in batch_sizes:
-            name = gio.graph_filename(role, "fp32", b)
-            t1 = time.perf_counter()
-            g = make_graph(role, m, opts.capacity, p_len, tok.mask_id)
-            export_graph(g, example_inputs(role, c, b, opts.capacity, p_len), tmp / name, opts.opset)
-            onnx.checker.check_model(str(tmp / name), full_check=True)
-            files[(role, "fp32", b)] = name
-            log(f"  {name:<34} {_size(tmp / name):>10}  {time.perf_counter() - t1:5.1f}s")
-    times["export"] = time.perf_counter() - t
+    b.log(f"[verify] {len(verify_samples)} held-out images, up to {b.max_new} new tokens, onnxruntime CPU")
+    items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
+    rep = verify_block(b.tmp, b.files, b.model, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
+                       capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log)
+    if b.ar is not None:
+        rep_ar = verify_ar(b.tmp, b.files, b.ar.model, b.tok, items, precisions=b.precisions,
+                           batch_sizes=b.batch_sizes, capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log)
+        rep["variants"].update(rep_ar["variants"])
+    verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
+    rep.update({"n_images": len(items), "max_new_tokens": b.max_new, "fp32_identical": verified, "int8": b.int8_info,
+                "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})
+    if b.plans:
+        rep["tensorrt"] = _compare_plans(b, verify_px[:1])
+    print_table(rep, b.log)
+    (b.tmp / "verify.json").write_text(json.dumps(rep, indent=2, sort_keys=True))
+    b.times["verify"] = time.perf_counter() - t
+    return rep
 
-    if "fp16" in precisions:
-        t = time.perf_counter()
-        log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
-        for (role, _, b), src in list(files.items()):
-            name = gio.graph_filename(role, "fp16", b)
-            to_fp16(tmp / src, tmp / name)
-            onnx.checker.check_model(str(tmp / name), full_check=True)
-            files[(role, "fp16", b)] = name
-            log(f"  {name:<34} {_size(tmp / name):>10}")
-        times["fp16"] = time.perf_counter() - t
 
-    if "int8" in precisions:
-        t = time.perf_counter()
-        log(f"[int8] calibrating on {len(calib_px)} training images (PyTorch reference decode, recorded graph inputs)")
-        for role_pair, m, c, p_len in [((gio.VISION_PREFILL, gio.BLOCK_STEP), model, cfg, P)] + (
-                [((gio.AR_PREFILL, gio.AR_STEP), ar[1], ar[0], ar[2])] if ar is not None else []):
-            pre_role, step_role = role_pair
-            pre_mod = make_graph(pre_role, m, opts.capacity, p_len, tok.mask_id)
-            step_mod = make_graph(step_role, m, opts.capacity, p_len, tok.mask_id)
-            pre_run, step_run = torch_runner(pre_mod), torch_runner(step_mod)
-            prefix = np.array(tok.prefix_ids(m.n_image_tokens), np.int64)
-            lm = c.lm
-            for b in batch_sizes:
-                pre_feeds: list[dict] = []
-                step_feeds: list[dict] = []
-                for i in range(0, len(calib_px), b):
-                    part = calib_px[i : i + b]
-                    part = part + [part[-1]] * (b - len(part))
-                    px = np.stack(part).astype(np.float32)
-                    ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
-                    pre_feeds.append({"pixel_values": px, "prefix_ids": ids})
-                    rec = lambda f: step_feeds.append({k: v.copy() for k, v in f.items()})  # noqa: E731
-                    common = dict(capacity=opts.capacity, n_layers=lm.num_hidden_layers,
-                                  n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, eos_id=tok.eos_id,
-                                  on_step=rec)
-                    if step_role == gio.BLOCK_STEP:
-                        fused_decode(pre_run, step_run, px, ids, block_size=c.block_size, mask_id=tok.mask_id,
-                                     max_new_tokens=max_new, **common)
-                    else:
-                        ar_decode(pre_run, step_run, px, ids, max_new_tokens=ar[3], **common)
-                for role, feeds in ((pre_role, pre_feeds), (step_role, step_feeds)):
-                    name = gio.graph_filename(role, "int8", b)
-                    info = to_int8(tmp / files[(role, "fp32", b)], tmp / name, feeds,
-                                   mode=int8_info["mode"], workdir=tmp,
-                                   min_weight_elements=opts.int8_min_weight,
-                                   skip_input_dims=[lm.intermediate_size] if opts.int8_down_proj_fp32 else [])
-                    onnx.checker.check_model(str(tmp / name), full_check=True)
-                    files[(role, "int8", b)] = name
-                    log(f"  {name:<34} {_size(tmp / name):>10}  {info['quantized_matmuls']} weight MatMul/Gemm, "
-                        f"{info['calib_samples']} calibration feeds")
-        for leftover in tmp.glob("*.pre.onnx"):
-            leftover.unlink()
-        for leftover in tmp.glob("*-inferred.onnx"):
-            leftover.unlink()
-        times["int8"] = time.perf_counter() - t
+def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sample], verify_px: list[np.ndarray]):
+    """Every phase after the input checks, into b.tmp; returns (manifest files, graphs, verify report, verified)."""
+    from .tensorrt_build import tensorrt_source_filename
 
-    plans: dict[str, str] = {}
-    if opts.trt:
-        from .tensorrt_build import build_all
+    _export_fp32(b)
+    if "fp16" in b.precisions:
+        _convert_fp16(b)
+    if "int8" in b.precisions:
+        _quantise_int8(b, calib_px)
+    if b.opts.trt:
+        _build_plans(b)
+    shutil.copyfile(Path(b.opts.ckpt) / "tokenizer.json", b.tmp / "tokenizer.json")
 
-        t = time.perf_counter()
-        log("[tensorrt] strongly typed engines")
-        cache = opts.timing_cache or (Path.home() / ".cache" / "echo-export" / "trt_timing.cache")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        plans = build_all(tmp, sorted(files.values()), timing_cache=cache, log=log)
-        times["tensorrt"] = time.perf_counter() - t
-
-    shutil.copyfile(Path(opts.ckpt) / "tokenizer.json", tmp / "tokenizer.json")
-
-    verify_report = None
-    verified = False
-    if verify_samples:
-        t = time.perf_counter()
-        log(f"[verify] {len(verify_samples)} held-out images, up to {max_new} new tokens, onnxruntime CPU")
-        items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
-        rep = verify_block(tmp, files, model, tok, items, precisions=precisions, batch_sizes=batch_sizes,
-                           capacity=opts.capacity, max_new_tokens=max_new, log=log)
-        if ar is not None:
-            rep_ar = verify_ar(tmp, files, ar[1], tok, items, precisions=precisions, batch_sizes=batch_sizes,
-                               capacity=opts.capacity, max_new_tokens=ar[3], log=log)
-            rep["variants"].update(rep_ar["variants"])
-        verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
-        rep.update({"n_images": len(items), "max_new_tokens": max_new, "fp32_identical": verified, "int8": int8_info,
-                    "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})
-        if plans:
-            rep["tensorrt"] = _compare_plans(tmp, files, plans, model, tok, P, opts.capacity, verify_px[:1],
-                                             max_new, log)
-        print_table(rep, log)
-        (tmp / "verify.json").write_text(json.dumps(rep, indent=2, sort_keys=True))
-        verify_report = rep
-        times["verify"] = time.perf_counter() - t
-    else:
-        log("[verify] skipped (--verify-n 0): the manifest says verified=false")
+    verify_report = _verify(b, verify_samples, verify_px) if verify_samples else None
+    if verify_report is None:
+        b.log("[verify] skipped (--verify-n 0): the manifest says verified=false")
+    verified = bool(verify_report and verify_report["fp32_identical"])
 
     graphs: dict[str, dict[str, str]] = {}
-    for (role, prec, b), name in sorted(files.items()):
-        graphs.setdefault(role, {})[f"{prec}.b{b}"] = name
-        if name in plans:
-            graphs[role][f"trt-{prec}.b{b}"] = plans[name]
-    manifest_files = sorted(set(files.values()) | set(plans.values()) | {tensorrt_source_filename(n) for n in plans} |
-                            {"tokenizer.json"} |
+    for (role, prec, bs), name in sorted(b.files.items()):
+        graphs.setdefault(role, {})[f"{prec}.b{bs}"] = name
+        if name in b.plans:
+            graphs[role][f"trt-{prec}.b{bs}"] = b.plans[name]
+    manifest_files = sorted(set(b.files.values()) | set(b.plans.values()) |
+                            {tensorrt_source_filename(n) for n in b.plans} | {"tokenizer.json"} |
                             ({"verify.json"} if verify_report is not None else set()))
     return manifest_files, graphs, verify_report, verified
