@@ -40,11 +40,25 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_tokenizer):
         assert torch.equal(a, b), n
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU feature flags the Linux kernel reports (None elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((set(x.split(":", 1)[1].split()) for x in lines if x.startswith("flags")), None)
+
+
 def test_training_precision_is_chosen_and_recorded(tmp_path, tiny_tokenizer):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"  # decided by the device type alone
+    # auto on a CPU: bf16 exactly where the kernel reports native bf16 matmuls (AVX512-BF16 or AMX),
+    # read from /proc/cpuinfo, not from the torch probe the code itself asks
+    flags = _cpu_flags()
+    if flags is not None:
+        native = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+        assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32"), native
     with pytest.raises(StageError, match="unknown training precision"):
         resolve_precision("fp8", cpu)
     # both precisions learn (the loss falls) and keep fp32 weights; bf16 matmuls change the numbers
