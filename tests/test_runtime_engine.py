@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_runtime_graphs import BLOCK, CAPACITY, GRAPH_BATCH, MAX_NEW, images, runtime_engine  # noqa: F401
+from test_runtime_graphs import (  # noqa: F401
+    BLOCK,
+    CAPACITY,
+    GRAPH_BATCH,
+    MAX_NEW,
+    VARIED_BLOCK,
+    images,
+    runtime_engine,
+    varied_engine,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -46,22 +55,143 @@ def rt2(runtime_engine):
     return EchoRuntime(runtime_engine.path, batch_size=GRAPH_BATCH, threads=1)
 
 
-def test_fused_tokens_equal_pytorch_reference(runtime_engine, rt1, rt2):
-    px = images(6)
-    ref = _ref_fused(runtime_engine, px)
-    lens = {len(t) for t in ref.tokens}
-    assert len(lens) >= 3 and MAX_NEW in lens, "test model should end reports at different blocks"
-    for rt in (rt1, rt2):
-        reps = rt.generate(list(px))
+class GraphTap:
+    """Every graph pass the runtime makes: the graph, the inputs it was fed (the KV cache too)
+    and the outputs it wrote, copied right after the pass. It wraps OrtGraph.bind / run, the
+    backend's public calls, so it sees what onnxruntime saw whatever the engine's loop looks like."""
+
+    def __init__(self, monkeypatch) -> None:
+        from runtime.ort_backend import OrtGraph
+
+        self.runs: list[dict] = []
+        bound: dict[int, tuple[dict, dict]] = {}
+        real_bind, real_run = OrtGraph.bind, OrtGraph.run
+
+        def bind(graph, inputs, outputs):
+            bound[id(graph)] = (inputs, outputs)
+            return real_bind(graph, inputs, outputs)
+
+        def run(graph):
+            seconds = real_run(graph)
+            inputs, outputs = bound[id(graph)]
+            snap = {k: np.array(v, copy=True) for k, v in {**inputs, **outputs}.items()}
+            self.runs.append({"graph": graph.path.name.split(".")[0], **snap})
+            return seconds
+
+        monkeypatch.setattr(OrtGraph, "bind", bind)
+        monkeypatch.setattr(OrtGraph, "run", run)
+
+
+ATOL = 1e-4  # fp32 graph vs PyTorch eager, same weights: measured agreement ~1e-6
+
+
+def _stack(kv, sl=slice(None)) -> np.ndarray:
+    """PyTorch per-layer (k, v) -> the graphs' [L, b, kvH, n, dh] keys and values."""
+    return (torch.stack([k[:, :, sl] for k, _ in kv]).numpy(), torch.stack([v[:, :, sl] for _, v in kv]).numpy())
+
+
+def _close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL, err_msg=what)
+
+
+def _assert_cache_read(run: dict, past, what: str) -> None:
+    """The cache slots the pass could attend (< past_len) hold exactly PyTorch's past K/V."""
+    n = past[0][0].shape[2]
+    assert (run["past_len"] == n).all(), (what, run["past_len"], n)
+    pk, pv = _stack(past)
+    _close(run["past_key"][:, :, :, :n], pk, f"{what}: cached keys")
+    _close(run["past_value"][:, :, :, :n], pv, f"{what}: cached values")
+
+
+def _pairs(n: int):
+    return [list(range(i, min(i + GRAPH_BATCH, n))) for i in range(0, n, GRAPH_BATCH)]
+
+
+def test_fused_equals_pytorch_pass_by_pass(varied_engine, monkeypatch):
+    """Runtime fused == fused_onestep_generate: tokens, and per pass the position ids, the
+    confidence, the block's present K/V and the cache it read, to ATOL."""
+    from runtime import EchoRuntime
+    from varied_models import ForwardLog, assert_informative, varied_images
+
+    from echo_train.decoding import fused_onestep_generate
+    from echo_train.decoding.block_diffusion import fused_block_slice
+
+    eng, B = varied_engine, VARIED_BLOCK
+    model, tok = eng.model, eng.tokenizer
+    px = varied_images()
+    tap = GraphTap(monkeypatch)
+    rt = EchoRuntime(eng.path, batch_size=GRAPH_BATCH, threads=1)
+    read = fused_block_slice(B, model.cfg.shifted_prediction)
+    all_tokens = []
+    for rows in _pairs(len(px)):  # the reference decodes the same pairs, so both stop at the same pass
+        tap.runs.clear()
+        reps = rt.generate(list(px[rows]), max_new_tokens=MAX_NEW)
+        with ForwardLog(model) as fl:
+            ref = fused_onestep_generate(model, tok, torch.from_numpy(px[rows]), B, max_new_tokens=MAX_NEW)
         assert [r.tokens for r in reps] == ref.tokens
-        assert all(r.ok for r in reps)
+        all_tokens += ref.tokens
+        assert [r["graph"] for r in tap.runs] == ["vision_prefill"] + ["block_step"] * (len(fl.calls) - 1)
+        _close(tap.runs[0]["present_key"], _stack(fl.calls[0]["kv"])[0], "prefill keys")
+        _close(tap.runs[0]["present_value"], _stack(fl.calls[0]["kv"])[1], "prefill values")
+        for k, (run, c) in enumerate(zip(tap.runs[1:], fl.calls[1:])):
+            what = f"images {rows} pass {k}"
+            assert np.array_equal(run["position_ids"], c["position_ids"].numpy()), what
+            logits = c["logits"][:, read].clone()
+            logits[..., tok.mask_id] = float("-inf")
+            assert np.array_equal(run["tokens"], logits.argmax(-1).numpy()), what
+            _close(run["confidence"], torch.softmax(logits, -1).amax(-1).numpy(), f"{what}: confidence")
+            pk, pv = _stack(c["kv"], slice(0, B))
+            _close(run["present_key"], pk, f"{what}: present keys")
+            _close(run["present_value"], pv, f"{what}: present values")
+            _assert_cache_read(run, c["past"], what)
         for r, toks in zip(reps, ref.tokens):
             ended = len(toks) < MAX_NEW
             assert r.stop == ("eos" if ended else "max_new_tokens")
-            assert r.forward_passes == 1 + (len(toks) // BLOCK + 1 if ended else MAX_NEW // BLOCK)
-            assert r.text == runtime_engine.tokenizer.decode(toks)
-    # the batch's pass count is the longest sequence's
-    assert max(r.forward_passes for r in rt2.generate(list(px))) == ref.forward_passes
+            assert r.forward_passes == 1 + (len(toks) // B + 1 if ended else MAX_NEW // B)
+            assert r.text == tok.decode(toks)
+    assert_informative(all_tokens, tok.eos_id)
+    lens = {len(t) for t in all_tokens}
+    assert len(lens) >= 3 and MAX_NEW in lens, "reports should end at different blocks, one at max_new_tokens"
+    # one call over all 6 images (three padded-free batches of 2) gives the same reports
+    assert [r.tokens for r in rt.generate(list(px), max_new_tokens=MAX_NEW)] == all_tokens
+
+
+def test_ar_equals_pytorch_pass_by_pass(varied_engine, monkeypatch):
+    """Runtime AR == ar_generate: tokens, and per step the position ids, the present K/V and
+    the cache it read (the prefix and every earlier step's KV), to ATOL."""
+    from runtime import EchoRuntime
+    from varied_models import ForwardLog, as_stage, assert_informative, varied_images
+
+    from echo_train.decoding import ar_generate
+
+    eng = varied_engine
+    model, tok = as_stage(eng.model, "ar"), eng.tokenizer
+    px = varied_images()
+    tap = GraphTap(monkeypatch)
+    rt = EchoRuntime(eng.path, batch_size=GRAPH_BATCH, threads=1, mode="ar")
+    all_tokens = []
+    for rows in _pairs(len(px)):
+        tap.runs.clear()
+        reps = rt.generate_ar(list(px[rows]), max_new_tokens=MAX_NEW)
+        with ForwardLog(model) as fl:
+            ref = ar_generate(model, tok, torch.from_numpy(px[rows]), max_new_tokens=MAX_NEW)
+        assert [r.tokens for r in reps] == ref.tokens
+        all_tokens += ref.tokens
+        assert [r["graph"] for r in tap.runs] == ["ar_prefill"] + ["ar_step"] * (len(fl.calls) - 1)
+        for i, (run, c) in enumerate(zip(tap.runs, fl.calls)):
+            what = f"images {rows} AR pass {i}"
+            pk, pv = _stack(c["kv"])
+            _close(run["present_key"], pk, f"{what}: present keys")
+            _close(run["present_value"], pv, f"{what}: present values")
+            logits = c["logits"][:, -1].clone()
+            logits[..., tok.mask_id] = float("-inf")
+            assert np.array_equal(run["tokens"][:, 0], logits.argmax(-1).numpy()), what
+            if i:
+                assert np.array_equal(run["position_ids"], c["position_ids"].numpy()), what
+                _assert_cache_read(run, c["past"], what)
+        assert reps[0].forward_passes == len(reps[0].tokens) + (reps[0].stop == "eos")
+    assert_informative(all_tokens, tok.eos_id)
+    assert rt.generate(list(px[:2]), max_new_tokens=MAX_NEW, mode="ar")[1].tokens == all_tokens[1]
 
 
 def test_odd_batch_is_padded_and_order_kept(runtime_engine, rt2):
@@ -71,15 +201,6 @@ def test_odd_batch_is_padded_and_order_kept(runtime_engine, rt2):
     assert [r.tokens for r in reps] == ref.tokens
     reps = [rt2.generate([x])[0] for x in (px[4], px[0], px[3])]  # one image at a time, padded
     assert [r.tokens for r in reps] == ref.tokens
-
-
-def test_ar_tokens_equal_pytorch_reference(runtime_engine, rt1):
-    px = images(3)
-    ref = _ref_ar(runtime_engine, px, max_new=12)
-    reps = rt1.generate_ar(list(px), max_new_tokens=12)
-    assert [r.tokens for r in reps] == ref.tokens
-    assert reps[0].forward_passes == len(reps[0].tokens) + (reps[0].stop == "eos")
-    assert rt1.generate(list(px), max_new_tokens=12, mode="ar")[1].tokens == ref.tokens[1]
 
 
 def test_max_new_tokens_and_capacity(runtime_engine, rt1, rt2):

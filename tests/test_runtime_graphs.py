@@ -90,6 +90,37 @@ def runtime_engine(tmp_path_factory) -> EngineFixture:
     return shared_engine(tmp_path_factory.mktemp("engines"))
 
 
+VARIED_BLOCK = 4  # more passes per report than the trained B=8: more cache traffic to compare
+VARIED_CAPACITY = 128  # prefix (64) + the longest report (27 ids) + a block of slack
+
+
+def varied_engine_folder(root: Path) -> EngineFixture:
+    """An engine folder of the trained varied model (tests/varied_models.py: one report per image,
+    7 to 26 ids, all ending at EOS), fp32, both modes from the same weights. The parity tests of
+    test_runtime_engine.py compare it with PyTorch pass by pass; a random model could not fail them."""
+    if "varied" not in _BUILT:
+        from conftest import make_tokenizer
+        from echo_export.build import BuildOptions, build
+        from echo_train.model.checkpoint import save_checkpoint
+        from varied_models import MAX_RESPONSE, as_stage, get_varied
+
+        root = Path(root)
+        tok = make_tokenizer()
+        model = as_stage(get_varied(tok, shifted=True, causal_context=True), "dcd", block_size=VARIED_BLOCK)
+        model.cfg.max_response_tokens = MAX_RESPONSE
+        save_checkpoint(root / "ckpt", model, tok)
+        save_checkpoint(root / "ar", as_stage(model, "ar"), tok)
+        out = build(BuildOptions(ckpt=root / "ckpt", out=root / "varied", precisions=["fp32"], ar_ckpt=root / "ar",
+                                 batch_sizes=[GRAPH_BATCH], capacity=VARIED_CAPACITY, verify_n=0), log=lambda s: None)
+        _BUILT["varied"] = EngineFixture(out, model, tok)
+    return _BUILT["varied"]
+
+
+@pytest.fixture(scope="session")
+def varied_engine(tmp_path_factory) -> EngineFixture:
+    return varied_engine_folder(tmp_path_factory.mktemp("varied_engine"))
+
+
 def images(n: int, size: int = 32) -> np.ndarray:
     """Preprocessed-looking, structured inputs [n, 1, S, S] in [-1, 1] (noise all looks alike
     to a random vision tower)."""
