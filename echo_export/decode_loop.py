@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from runtime.schedule import BlockLayout
+from runtime.schedule import BlockLayout, cut_rows_at_eos
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 StepHook = Optional[Callable[[dict[str, np.ndarray]], None]]
@@ -22,13 +22,6 @@ class LoopResult:
     raw: np.ndarray  # [b, n] every generated id
     tokens: list[list[int]]  # cut before EOS
     passes: int
-
-
-def _cut(raw: np.ndarray, eos_id: int) -> list[list[int]]:
-    out = []
-    for row in raw.tolist():
-        out.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return out
 
 
 def fused_decode(
@@ -86,7 +79,7 @@ def fused_decode(
         if done.all():
             break
     raw = np.concatenate(blocks, 1)
-    return LoopResult(raw, _cut(raw, eos_id), passes)
+    return LoopResult(raw, cut_rows_at_eos(raw, eos_id), passes)
 
 
 def ar_decode(
@@ -131,7 +124,7 @@ def ar_decode(
         out.append(tok.astype(np.int64))
         done |= tok[:, 0] == eos_id
     raw = np.concatenate(out, 1)
-    return LoopResult(raw, _cut(raw, eos_id), passes)
+    return LoopResult(raw, cut_rows_at_eos(raw, eos_id), passes)
 
 
 def ort_runner(path, threads: int = 0) -> Runner:

@@ -27,7 +27,7 @@ from . import graph_io as gio
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
 from .manifest import graph_batch_sizes, load_manifest, resolve_graph
 from .preprocess import preprocess_image
-from .schedule import BlockLayout
+from .schedule import BlockLayout, cut_rows_at_eos
 from .text import ReportTokenizer
 
 BACKENDS = ("ort", "trt")
@@ -384,8 +384,8 @@ class EchoRuntime:
 
     def _finish(self, chunk, out: _Written, stop: str, timings) -> list[Report]:
         reports = []
-        for r, (i, name, _arr, t_pre) in enumerate(chunk):
-            ids = self.tokenizer.cut_at_eos(out.raw[r, : out.n].tolist())
+        tokens = cut_rows_at_eos(out.raw[: len(chunk), : out.n], self.tokenizer.eos_id)
+        for r, ((i, name, _arr, t_pre), ids) in enumerate(zip(chunk, tokens)):
             tm = dict(timings, preprocess=t_pre, blocks=list(timings["blocks"]))
             tm["total"] = t_pre + tm["decode"]
             reports.append(Report(path=name, text=self.tokenizer.decode(ids), tokens=ids, timings=tm,

@@ -20,6 +20,7 @@ first included, has the same shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -95,6 +96,17 @@ class BlockLayout:
     def fused_prefill_len(self) -> int:
         """Tokens whose KV the prefill stores before the first fused pass."""
         return self.prefix_len - self.block_size
+
+
+def cut_at_eos(ids: Iterable[int], eos_id: int) -> list[int]:
+    """The ids before the first EOS (all of them when there is none): a report's tokens."""
+    row = [int(i) for i in ids]
+    return row[: row.index(eos_id)] if eos_id in row else row
+
+
+def cut_rows_at_eos(rows: Any, eos_id: int) -> list[list[int]]:
+    """cut_at_eos per row of a [b, n] NumPy array or torch tensor."""
+    return [cut_at_eos(r, eos_id) for r in rows.tolist()]
 
 
 def first_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from tokenizers import Tokenizer
 
 from .errors import EchoRuntimeError
 from .prompt import PROMPT_TEXT, build_prefix_ids
+from .schedule import cut_at_eos
 from .special_tokens import BOS, EOS, IMAGE, MASK, PAD
 
 
@@ -54,13 +55,8 @@ class ReportTokenizer:
         )
 
     def cut_at_eos(self, ids: Iterable[int]) -> list[int]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            out.append(i)
-        return out
+        """The ids before the first EOS (runtime.schedule.cut_at_eos with this tokenizer's EOS)."""
+        return cut_at_eos(ids, self.eos_id)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids: stops at EOS, drops other special tokens."""

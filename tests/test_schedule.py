@@ -47,3 +47,13 @@ def test_every_rule_finishes_a_block_in_its_scheduled_steps(rule):
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="unknown unmask rule"):
         select_unmask(CONF, np.ones_like(CONF, dtype=bool), 1, "random")
+
+
+def test_cut_at_eos_keeps_the_ids_before_the_first_eos_of_each_row():
+    from runtime.schedule import cut_at_eos, cut_rows_at_eos
+
+    eos = 2
+    rows = np.array([[5, 6, 2, 7, 2], [2, 5, 5, 5, 5], [5, 6, 7, 8, 9]])
+    assert cut_rows_at_eos(rows, eos) == [[5, 6], [], [5, 6, 7, 8, 9]]
+    assert cut_at_eos(np.array([9, 2, 9]), eos) == [9] and cut_at_eos([], eos) == []
+    assert all(type(i) is int for i in cut_at_eos(np.array([4, 5]), eos))

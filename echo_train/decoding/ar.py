@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from runtime.schedule import cut_rows_at_eos
 from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
 from ..model.masks import causal_layout
-from .common import DecodeResult, KVCache, cut_tokens, forward_with_cache, never_predict_mask, prefix_ids_tensor
+from .common import DecodeResult, KVCache, forward_with_cache, never_predict_mask, prefix_ids_tensor
 
 
 @torch.no_grad()
@@ -33,4 +34,4 @@ def ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_values: torc
         out.append(tok)
         done |= tok == tokenizer.eos_id
     raw = torch.stack(out, 1).cpu()
-    return DecodeResult(cut_tokens(raw, tokenizer.eos_id), passes, raw)
+    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id), passes, raw)

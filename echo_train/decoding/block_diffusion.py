@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import torch
 
-from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD, BlockLayout, select_unmask, transfer_schedule
+from runtime.schedule import (
+    DEFAULT_UNMASK_RULE,
+    UNMASK_THRESHOLD,
+    BlockLayout,
+    cut_rows_at_eos,
+    select_unmask,
+    transfer_schedule,
+)
 from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
 from ..model.masks import NOISY, TokenLayout, block_layout
-from .common import DecodeResult, KVCache, cut_tokens, forward_with_cache, never_predict_mask, prefix_ids_tensor
+from .common import DecodeResult, KVCache, forward_with_cache, never_predict_mask, prefix_ids_tensor
 
 
 def denoise_step(
@@ -95,7 +102,7 @@ def multistep_generate(
         cache.append(kv, clean)
         passes += 1
     raw = torch.cat(blocks, 1).cpu()
-    return DecodeResult(cut_tokens(raw, tokenizer.eos_id), passes, raw, trajectory if keep_trajectory else None)
+    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id), passes, raw, trajectory if keep_trajectory else None)
 
 
 def fused_layout(grid: BlockLayout, k: int, context: int) -> TokenLayout:
@@ -146,4 +153,4 @@ def fused_onestep_generate(
         if bool(done.all()):
             break
     raw = torch.cat(blocks, 1).cpu()
-    return DecodeResult(cut_tokens(raw, tokenizer.eos_id), passes, raw)
+    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id), passes, raw)

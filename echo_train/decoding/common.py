@@ -63,10 +63,3 @@ def never_predict_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     logits = logits.clone()
     logits[..., mask_id] = float("-inf")
     return logits
-
-
-def cut_tokens(raw: torch.Tensor, eos_id: int) -> list[list[int]]:
-    out = []
-    for row in raw.tolist():
-        out.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return out

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD, BlockLayout, transfer_schedule
+from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD, BlockLayout, cut_rows_at_eos, transfer_schedule
 from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
 from ..model.masks import NOISY, TokenLayout, block_layout, build_attention_mask, causal_layout
 from .block_diffusion import denoise_step
-from .common import DecodeResult, cut_tokens, never_predict_mask, prefix_ids_tensor
+from .common import DecodeResult, never_predict_mask, prefix_ids_tensor
 
 
 def _run(model: EchoModel, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -34,7 +34,7 @@ def recompute_ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_va
         gen = torch.cat([gen, never_predict_mask(logits[:, -1], tokenizer.mask_id).argmax(-1, keepdim=True)], 1)
         if bool((gen == tokenizer.eos_id).any(-1).all()):
             break
-    return DecodeResult(cut_tokens(gen.cpu(), tokenizer.eos_id), gen.shape[1], gen.cpu())
+    return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), gen.shape[1], gen.cpu())
 
 
 @torch.no_grad()
@@ -72,4 +72,4 @@ def recompute_multistep_generate(
         gen = torch.cat([gen, x], 1)
         if bool((gen == tokenizer.eos_id).any(-1).all()):
             break
-    return DecodeResult(cut_tokens(gen.cpu(), tokenizer.eos_id), passes, gen.cpu())
+    return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), passes, gen.cpu())
