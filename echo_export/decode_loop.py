@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from runtime.schedule import BlockLayout, cut_rows_at_eos
+from runtime.schedule import BlockLayout, cut_rows_at_eos, holds_eos
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 StepHook = Optional[Callable[[dict[str, np.ndarray]], None]]
@@ -75,7 +75,7 @@ def fused_decode(
         past_len += B
         prev = tokens.astype(np.int64)
         blocks.append(prev)
-        done |= (prev == eos_id).any(-1)
+        done |= holds_eos(prev, eos_id)
         if done.all():
             break
     raw = np.concatenate(blocks, 1)

@@ -27,7 +27,7 @@ from . import graph_io as gio
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
 from .manifest import graph_batch_sizes, load_manifest, resolve_graph
 from .preprocess import preprocess_image
-from .schedule import BlockLayout, cut_rows_at_eos
+from .schedule import BlockLayout, cut_rows_at_eos, holds_eos
 from .text import ReportTokenizer
 
 BACKENDS = ("ort", "trt")
@@ -189,7 +189,7 @@ class _Written:
         self.blocks += 1
         if counts_a_pass:
             self.passes = self.passes + writing  # new arrays: cheaper than in-place ufuncs this small
-        self.done = self.done | (new == self.eos_id).any(-1)
+        self.done = self.done | holds_eos(new, self.eos_id)
         return writing
 
 

@@ -109,6 +109,6 @@ def cut_rows_at_eos(rows: Any, eos_id: int) -> list[list[int]]:
     return [cut_at_eos(r, eos_id) for r in rows.tolist()]
 
 
-def first_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
-    """Per row, whether the block holds EOS."""
-    return (tokens == eos_id).any(axis=-1)
+def holds_eos(tokens: Any, eos_id: int) -> Any:
+    """Per row (last axis), whether it holds EOS: [b, n] -> [b] bool, NumPy or torch."""
+    return (tokens == eos_id).any(-1)

@@ -57,3 +57,10 @@ def test_cut_at_eos_keeps_the_ids_before_the_first_eos_of_each_row():
     assert cut_rows_at_eos(rows, eos) == [[5, 6], [], [5, 6, 7, 8, 9]]
     assert cut_at_eos(np.array([9, 2, 9]), eos) == [9] and cut_at_eos([], eos) == []
     assert all(type(i) is int for i in cut_at_eos(np.array([4, 5]), eos))
+
+
+def test_holds_eos_is_per_row():
+    from runtime.schedule import holds_eos
+
+    rows = np.array([[5, 6, 2, 7], [5, 5, 5, 5], [2, 2, 2, 2]])
+    assert holds_eos(rows, 2).tolist() == [True, False, True]

@@ -11,6 +11,7 @@ from runtime.schedule import (
     UNMASK_THRESHOLD,
     BlockLayout,
     cut_rows_at_eos,
+    holds_eos,
     select_unmask,
     transfer_schedule,
 )
@@ -93,7 +94,7 @@ def multistep_generate(
         blocks.append(x)
         if keep_trajectory:
             trajectory.append(torch.stack(states, 1).cpu())  # [b, n_states, B]
-        done |= (x == tokenizer.eos_id).any(-1)
+        done |= holds_eos(x, tokenizer.eos_id)
         if bool(done.all()) or k == grid.num_blocks(max_new_tokens) - 1:
             break
         clean = block_layout(B, B, start=start, kind=ctx)
@@ -149,7 +150,7 @@ def fused_onestep_generate(
         cache.append(kv, layout, keep=slice(0, B))
         prev = never_predict_mask(logits[:, read], tokenizer.mask_id).argmax(-1)
         blocks.append(prev)
-        done |= (prev == tokenizer.eos_id).any(-1)
+        done |= holds_eos(prev, tokenizer.eos_id)
         if bool(done.all()):
             break
     raw = torch.cat(blocks, 1).cpu()

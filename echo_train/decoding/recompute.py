@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD, BlockLayout, cut_rows_at_eos, transfer_schedule
+from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD, BlockLayout, cut_rows_at_eos, holds_eos, transfer_schedule
 from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
@@ -32,7 +32,7 @@ def recompute_ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_va
         embeds = torch.cat([pre, model.embed_tokens(gen)], 1)
         logits = _run(model, embeds, causal_layout(embeds.shape[1]))
         gen = torch.cat([gen, never_predict_mask(logits[:, -1], tokenizer.mask_id).argmax(-1, keepdim=True)], 1)
-        if bool((gen == tokenizer.eos_id).any(-1).all()):
+        if bool(holds_eos(gen, tokenizer.eos_id).all()):
             break
     return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), gen.shape[1], gen.cpu())
 
@@ -70,6 +70,6 @@ def recompute_multistep_generate(
             passes += 1
             x = denoise_step(logits, x, tokenizer.mask_id, schedule[s], rule, threshold)
         gen = torch.cat([gen, x], 1)
-        if bool((gen == tokenizer.eos_id).any(-1).all()):
+        if bool(holds_eos(gen, tokenizer.eos_id).all()):
             break
     return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), passes, gen.cpu())
