@@ -1,8 +1,10 @@
 """Image reading and preprocessing: the one function training and serving both call.
 
 Any PNG (8/16-bit), JPEG or DICOM radiograph -> float32 array [1, S, S] in [-1, 1].
-Every failure is an ImageReadError naming the file and the reason; no library exception
-escapes `read_image` / `decode_image_bytes` (a fuzz test holds this).
+Every bad input is an ImageReadError naming the file and the reason: the decoders' own error
+types are caught and reworded, nothing broader, so a bug in this module (AttributeError,
+TypeError, NotImplementedError...) propagates instead of reading as "corrupt image"
+(tests/test_preprocess_fuzz.py holds both).
 
 Limits: a file over MAX_BYTES, an image over MAX_SIDE a side or MAX_PIXELS in all is
 refused before its pixels are decoded (decompression bombs).
@@ -10,7 +12,9 @@ refused before its pixels are decoded (decompression bombs).
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,15 @@ MAX_PIXELS = 64 * 1024 * 1024  # also per DICOM frame
 MAX_BYTES = 512 * 1024 * 1024
 DICOM_MAGIC_OFFSET = 128
 RASTER_FORMATS = ("PNG", "JPEG")
+# What PIL's PNG and JPEG plugins raise on damaged files. Seen in tests/test_preprocess_fuzz.py:
+# OSError (truncated, broken data stream), ValueError, struct.error / zlib.error; SyntaxError and
+# EOFError are what PngImagePlugin raises for bad chunks. Anything else (AttributeError, TypeError,
+# NotImplementedError, ...) is a bug in this module, not a bad image: it propagates.
+_PIL_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
+# The elements pydicom needs to lay out the pixel data: checked first, so a file without them gets
+# a reason that names them (pydicom itself raises AttributeError, which here means a bug).
+_DICOM_REQUIRED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+                   "PhotometricInterpretation")
 _MODES_16 = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -41,22 +54,29 @@ def _check_size(path: str, w: int, h: int, frames: int = 1) -> None:
 def _read_dicom(path: str, data: bytes) -> np.ndarray:
     try:
         import pydicom
+        from pydicom.errors import BytesLengthException, InvalidDicomError
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise ImageReadError(path, "DICOM input needs the [dicom] extra (pip install 'echo-cxr[dicom]')") from None
+    # pydicom's own types plus the builtins it raises on damaged files (ValueError and OSError seen
+    # in the fuzz test); decode failures of the pixel data itself: see _dicom_pixels
+    dicom_errors = (InvalidDicomError, BytesLengthException, ValueError, OSError, EOFError, struct.error)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data))
             if "PixelData" not in ds:
                 raise ImageReadError(path, "DICOM file has no pixel data")
+            if not ds.PixelData:  # present but empty: pydicom would fail with a TypeError on None
+                raise ImageReadError(path, "DICOM pixel data is empty")
+            _check_dicom_layout(path, ds)
             rows, cols = int(ds.Rows), int(ds.Columns)
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
             _check_size(path, cols, rows, max(frames, 1))
-            arr = np.asarray(ds.pixel_array)
+            arr = _dicom_pixels(path, ds)
             if arr.dtype.kind not in "uif":
                 raise ImageReadError(path, f"unsupported DICOM pixel type {arr.dtype}")
-            arr = arr.astype(np.float32)
+            arr = arr.astype(np.float64)  # float32 once, at the end: one rounding after LUTs and inversion
             samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
             if frames > 1 and arr.ndim == (4 if samples > 1 else 3):
                 arr = arr[0]  # multi-frame: the first frame
@@ -64,17 +84,42 @@ def _read_dicom(path: str, data: bytes) -> np.ndarray:
                 arr = arr[..., :3].mean(-1)  # colour (pydicom gives RGB): to grey
             if arr.ndim == 2:
                 try:  # Rescale Slope/Intercept, then the VOI LUT or window the file asks for
-                    arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-                    arr = np.asarray(apply_voi_lut(arr, ds), dtype=np.float32)
-                except Exception:
+                    arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+                    arr = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
+                except dicom_errors:
                     pass  # no usable LUT / window: keep the raw values
             if str(getattr(ds, "PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1" and arr.size:
-                arr = (arr.max() + arr.min()) - arr  # MONOCHROME1 stores bright as low values
-            return arr
+                # MONOCHROME1 stores bright as low values (in float32, max + min would overflow near 3e38)
+                arr = (arr.max() + arr.min()) - arr
+            with np.errstate(over="ignore"):  # beyond float32: inf, refused by decode_image_bytes
+                return arr.astype(np.float32)
     except ImageReadError:
         raise
-    except Exception as e:  # pydicom raises many types for corrupt files
+    except dicom_errors as e:
         raise ImageReadError(path, f"unreadable DICOM ({type(e).__name__}: {_short(e)})") from None
+
+
+def _check_dicom_layout(path: str, ds) -> None:
+    """Refuse a file that lacks what decoding needs, naming it."""
+    missing = [k for k in _DICOM_REQUIRED if ds.get(k) in (None, "")]
+    if not missing and int(ds.SamplesPerPixel) > 1 and ds.get("PlanarConfiguration") in (None, ""):
+        missing.append("PlanarConfiguration")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") in (None, ""):
+        missing.append("TransferSyntaxUID")
+    if missing:
+        raise ImageReadError(path, f"DICOM file lacks {', '.join(missing)}, needed to decode its pixel data")
+
+
+def _dicom_pixels(path: str, ds) -> np.ndarray:
+    try:
+        return np.asarray(ds.pixel_array)
+    except (RuntimeError, NotImplementedError, StopIteration) as e:
+        # pydicom: RuntimeError when every decoder plugin failed on this file's data, NotImplementedError
+        # for a transfer syntax or pixel layout it cannot decode, StopIteration when an encapsulated
+        # file holds fewer fragments than NumberOfFrames. Caught around this one call only, so the
+        # same types raised by this module's own code still propagate as bugs.
+        raise ImageReadError(path, f"DICOM pixel data cannot be decoded ({type(e).__name__}: {_short(e)})") from None
 
 
 def _short(e: BaseException, n: int = 200) -> str:
@@ -108,7 +153,7 @@ def _read_raster(path: str, data: bytes) -> np.ndarray:
         raise ImageReadError(path, f"refused as a possible decompression bomb ({_short(e)})") from None
     except MemoryError:
         raise ImageReadError(path, "image too large to decode in memory") from None
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error...
+    except _PIL_ERRORS as e:
         reason = "truncated or corrupt image" if "truncated" in str(e).lower() else "corrupt image"
         raise ImageReadError(path, f"{reason} ({type(e).__name__}: {_short(e)})") from None
     return arr
@@ -152,8 +197,11 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
 
 def normalize_image(arr: np.ndarray, image_size: int) -> np.ndarray:
     """Resize to image_size x image_size and scale to [-1, 1] by the image's own range."""
-    lo, hi = float(arr.min()), float(arr.max())
-    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    # float64: a float32 image spanning more than half the float32 range (a DICOM with a large
+    # Rescale Slope) overflows arr - lo to inf, and the image came out flat (all -1)
+    a = np.asarray(arr, dtype=np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     im = Image.fromarray((scaled * 255.0).round().astype(np.uint8), mode="L")
     if im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.BILINEAR)

@@ -197,3 +197,20 @@ def test_dicom_multiframe_reads_the_first_frame(tmp_path):
     ds.save_as(buf, enforce_file_format=True)
     a = read_image(_write(tmp_path, "mf.dcm", buf.getvalue()))
     assert np.allclose(a, g)
+
+
+def test_full_float32_range_keeps_its_contrast(tmp_path):
+    """Found by the fuzz: a DICOM whose Rescale Slope spreads the pixels over more than half the
+    float32 range (here -3.3e38..3.3e38) normalized to a flat image (arr - lo overflowed to inf)."""
+    pydicom = pytest.importorskip("pydicom")
+    g = (gradient(8, 8, hi=65535) - 32768).astype(np.int16)
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(g, slope=1e34)))
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1  # signed 16-bit
+    ds.PixelData = g.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    arr = read_image(_write(tmp_path, "wide.dcm", buf.getvalue()))
+    assert np.isfinite(arr).all() and arr.min() < -3e38 and arr.max() > 3e38
+    x = normalize_image(arr, 8)  # 8x8: not resized, the range maps exactly onto [-1, 1]
+    assert x.min() == -1.0 and x.max() == 1.0
+    assert np.array_equal(x, normalize_image(g.astype(np.float32), 8))  # same picture as the raw values
