@@ -30,6 +30,38 @@ def test_rad_scores_masked_positions_through_the_first_eos_only(tiny_tokenizer):
         assert set(inp.targets[scored].tolist()) <= set(range(10, 15)) | {tiny_tokenizer.eos_id}
 
 
+def test_rad_scores_exactly_the_masked_response_positions(tiny_tokenizer):
+    """The scored set is exactly {noisy-copy position whose input is MASK and whose token is the
+    report or its first EOS}, with the clean token as target; every other position of a noisy copy
+    carries its clean token. Recovered from the embeddings the model sees, not from the sampler."""
+    tok = tiny_tokenizer
+    model = make_tiny_model(tok, block_size=4)
+    batch = _batch(tok, model, n_real=9)  # 9 report ids + EOS scored, 6 EOS pads not
+    P, R = batch["prefix_ids"].shape[1], 16
+    resp, keep = batch["response_ids"], batch["response_mask"]
+    with torch.no_grad():
+        mask_row = model.embed_tokens(torch.tensor([tok.mask_id]))[0]
+        clean_rows = model.embed_tokens(resp)
+    seen = {"scored": 0, "masked_pad": 0, "unmasked_report": 0}
+    for symmetric in (False, True):
+        for seed in range(4):
+            with torch.no_grad():
+                inp = build_rad_inputs(model, batch, 4, tok.mask_id, torch.Generator().manual_seed(seed), 2, symmetric)
+            copies = [slice(P, P + R)] if symmetric else [slice(P + R * (1 + c), P + R * (2 + c)) for c in range(2)]
+            expected = torch.full_like(inp.targets, -100)
+            for sp in copies:
+                x = inp.embeds[:, sp]
+                is_mask = (x == mask_row).all(-1)
+                assert torch.equal(x[~is_mask], clean_rows[~is_mask])  # unmasked: the clean token itself
+                expected[:, sp] = torch.where(is_mask & keep, resp, torch.full_like(resp, -100))
+                seen["masked_pad"] += int((is_mask & ~keep).sum())
+                seen["unmasked_report"] += int((~is_mask & keep).sum())
+            assert torch.equal(inp.targets, expected), (symmetric, seed)
+            seen["scored"] += int((expected != -100).sum())
+    # the check is not vacuous: positions of every kind occurred
+    assert min(seen.values()) > 10, seen
+
+
 def test_rad_layout_and_positions(tiny_tokenizer):
     model = make_tiny_model(tiny_tokenizer, block_size=4)
     batch = _batch(tiny_tokenizer, model)
