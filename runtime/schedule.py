@@ -98,6 +98,13 @@ class BlockLayout:
         return self.prefix_len - self.block_size
 
 
+def fused_block_slice(block_size: int, shifted: bool) -> slice:
+    """Where fused pass [previous block, current block] holds the current block's logits:
+    with shifted prediction token j is read from position j-1 (the reference decoder and the
+    exported block_step graph read the same slice)."""
+    return slice(block_size - 1, 2 * block_size - 1) if shifted else slice(block_size, 2 * block_size)
+
+
 def cut_at_eos(ids: Iterable[int], eos_id: int) -> list[int]:
     """The ids before the first EOS (all of them when there is none): a report's tokens."""
     row = [int(i) for i in ids]

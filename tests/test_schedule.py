@@ -64,3 +64,11 @@ def test_holds_eos_is_per_row():
 
     rows = np.array([[5, 6, 2, 7], [5, 5, 5, 5], [2, 2, 2, 2]])
     assert holds_eos(rows, 2).tolist() == [True, False, True]
+
+
+def test_fused_block_slice_reads_the_current_block():
+    from runtime.schedule import fused_block_slice
+
+    pass_positions = np.arange(8)  # [previous block 0..3, current block 4..7], B = 4
+    assert pass_positions[fused_block_slice(4, shifted=False)].tolist() == [4, 5, 6, 7]
+    assert pass_positions[fused_block_slice(4, shifted=True)].tolist() == [3, 4, 5, 6]  # token j from j-1

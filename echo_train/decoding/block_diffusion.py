@@ -11,6 +11,7 @@ from runtime.schedule import (
     UNMASK_THRESHOLD,
     BlockLayout,
     cut_rows_at_eos,
+    fused_block_slice,
     holds_eos,
     select_unmask,
     transfer_schedule,
@@ -41,12 +42,6 @@ def block_logits(logits: torch.Tensor, carry: torch.Tensor, shifted: bool) -> to
     position of the pass that stored the token before the block (prefill or commit pass).
     """
     return torch.cat([carry[:, None], logits[:, :-1]], 1) if shifted else logits
-
-
-def fused_block_slice(block_size: int, shifted: bool) -> slice:
-    """Where fused pass [previous block, current block] holds the current block's logits
-    (the exported block_step graph reads the same slice)."""
-    return slice(block_size - 1, 2 * block_size - 1) if shifted else slice(block_size, 2 * block_size)
 
 
 @torch.no_grad()
