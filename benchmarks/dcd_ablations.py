@@ -20,6 +20,7 @@ from echo_train.metrics import finding_f1
 from echo_train.metrics.validity import sentence_validity
 from echo_train.model.checkpoint import load_checkpoint
 from echo_train.stages.common import load_split
+from echo_train.stages.errors import StageError
 
 
 def _quality(preds: dict[str, str], refs: dict[str, str], ids: list[str]) -> dict:
@@ -64,7 +65,10 @@ def main(data, ar_ckpt, teacher, dcd, steps, limit, threads, out_dir) -> None:
         path = str(runs / f"echo-{method}")
         _train_ablation(method, data, teacher, path, steps, threads)
         students[method] = path
-    studies = load_split(data, "test", limit)
+    try:
+        studies = load_split(data, "test", limit)
+    except StageError as e:
+        raise click.ClickException(str(e)) from None
     refs = {s.id: s.report for s in studies}
     unseen = [s.id for s in studies if s.attributes.get("unseen_combination")]
     seen = [s.id for s in studies if not s.attributes.get("unseen_combination")]

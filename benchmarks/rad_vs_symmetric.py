@@ -18,6 +18,7 @@ import torch
 
 from echo_train.model.echo_model import EchoModel
 from echo_train.stages.common import build_tokenizer, load_split, make_collate, make_dataset, preset
+from echo_train.stages.errors import StageError
 from echo_train.stages.stage2_rad import Stage2Config, make_diffusion_loss
 from echo_train.stages.trainer import TrainConfig, evaluate_loss, train
 
@@ -78,7 +79,10 @@ def compare(data: str, seconds: float, image_size: int, patch_size: int, block_s
 def main(data, seconds, image_size, patch_size, block_size, batch_size, threads, train_limit, causal_context, out_path) -> None:
     """Measure RAD vs symmetric duplication: samples/s and validation loss at equal wall time.
     Both use the diffusion loss only: the comparison is of the layouts."""
-    res = compare(data, seconds, image_size, patch_size, block_size, batch_size, threads, train_limit, causal_context)
+    try:
+        res = compare(data, seconds, image_size, patch_size, block_size, batch_size, threads, train_limit, causal_context)
+    except StageError as e:  # missing data: one line, exit 1
+        raise click.ClickException(str(e)) from None
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(res, indent=2))
     click.echo(json.dumps(res, indent=2))
