@@ -25,7 +25,7 @@ import numpy as np
 
 from . import graph_io as gio
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
-from .manifest import graph_batch_sizes, load_manifest, resolve_graph
+from .manifest import check_file, graph_batch_sizes, load_manifest, resolve_graph
 from .preprocess import preprocess_image
 from .schedule import BlockLayout, cut_rows_at_eos, holds_eos
 from .text import ReportTokenizer
@@ -197,7 +197,8 @@ class EchoRuntime:
     """Generate reports from an engine folder built by `echo-export build`.
 
     backend "ort" (onnxruntime; CUDA provider when available, else CPU) or "trt" (TensorRT
-    `.plan` engines, the [trt] extra). The folder is refused unless its manifest verifies.
+    `.plan` engines, the [trt] extra). The folder is refused unless its manifest verifies, and
+    each graph's size and sha256 are checked again whenever a graph is loaded.
     batch_size must be one the folder was built for (None: its smallest); graphs have fixed
     shapes, so a call with fewer images than the batch pads by repeating an image.
     """
@@ -228,10 +229,8 @@ class EchoRuntime:
             raise ManifestError(f"{self.engine_dir}: no {precision} graphs in this engine folder (it has {m.precisions})")
         self.backend, self.precision, self.batch_size, self.threads = backend, precision, batch_size, threads
         self.mode, self.providers = mode, providers
-        if "tokenizer.json" not in m.files:
-            raise ManifestError(f"{self.engine_dir / 'tokenizer.json'}: not listed (hashed) in the manifest")
         try:
-            self.tokenizer = ReportTokenizer.from_file(self.engine_dir / "tokenizer.json")
+            self.tokenizer = ReportTokenizer.from_file(check_file(self.engine_dir, m, "tokenizer.json"))
         except EchoRuntimeError:
             raise
         except Exception as e:  # tokenizers raises its own exception types
@@ -243,7 +242,10 @@ class EchoRuntime:
         self.prefix = np.asarray(t.prefix_ids(_n_image_tokens(m.model_config or {})), dtype=np.int64)
         if len(self.prefix) != self.prefix_len:
             raise ManifestError(f"{self.engine_dir}: prompt has {len(self.prefix)} tokens, manifest says {self.prefix_len}")
-        self.layout = BlockLayout(self.prefix_len, self.block_size)
+        try:
+            self.layout = BlockLayout(self.prefix_len, self.block_size)
+        except ValueError as e:  # a manifest whose block size does not divide its prefix
+            raise ManifestError(f"{self.engine_dir}: {e}") from None
         cfg_max = (m.model_config or {}).get("max_response_tokens")
         self.default_max_new_tokens = int(cfg_max) if cfg_max else DEFAULT_MAX_NEW_TOKENS
         self._graphs: dict[tuple[str, int], Any] = {}
@@ -278,9 +280,9 @@ class EchoRuntime:
                     fname = resolve_graph(self.manifest, role, f"trt-{prec}", batch)
                 except ManifestError:
                     fname = str(Path(fname).with_suffix(".plan"))
-            if fname not in self.manifest.files:
-                raise ManifestError(f"{self.engine_dir / fname}: graph not listed (hashed) in the manifest")
-            self._graphs[key] = self._graph_cls(self.engine_dir / fname, threads=self.threads, providers=self.providers)
+            # checked again now: a graph opened long after the folder (AR mode, ...) may have changed since
+            path = check_file(self.engine_dir, self.manifest, fname)
+            self._graphs[key] = self._graph_cls(path, threads=self.threads, providers=self.providers)
         return self._graphs[key]
 
     def _prompt(self, mode: str) -> _Prompt:

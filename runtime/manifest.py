@@ -1,4 +1,9 @@
-"""Engine folder manifest: the schema the exporter writes and the runtime checks."""
+"""Engine folder manifest: the schema the exporter writes and the runtime checks.
+
+A folder is accepted when it holds exactly the manifest's files (and manifest.json), each with
+its listed size and sha256, and manifest.json still has the checksum the build gave it. The
+runtime checks the whole folder when it opens it and each graph again whenever it loads one.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -61,6 +66,8 @@ class Manifest:
     # int8 quantisation mode and the CPU it was chosen for (see runtime/cpu_features.py); empty without int8
     int8: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # sha256 of this manifest's JSON without this field: catches hand edits (a checksum, not a signature)
+    manifest_sha256: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -83,36 +90,67 @@ class Manifest:
             raise ManifestError(f"manifest does not match the schema: {e}") from None
 
 
+def _content_sha256(d: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON object with its own checksum left out (key order does not matter)."""
+    body = {k: v for k, v in d.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(engine_dir: str | Path, manifest: Manifest, files: list[str]) -> Path:
     """Hash `files` (relative to engine_dir) into the manifest and write it atomically, last."""
     d = Path(engine_dir)
     manifest.files = {f: FileEntry(size=(d / f).stat().st_size, sha256=sha256_file(d / f)) for f in sorted(files)}
+    manifest.manifest_sha256 = ""
+    manifest.manifest_sha256 = _content_sha256(json.loads(manifest.to_json()))  # as it will read back
     tmp = d / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.to_json())
     os.replace(tmp, d / MANIFEST_NAME)
     return d / MANIFEST_NAME
 
 
+def check_file(engine_dir: str | Path, manifest: Manifest, name: str, check_hash: bool = True) -> Path:
+    """The path of `name` in the folder; ManifestError unless the manifest lists it and the file
+    has the listed size and (check_hash) sha256. Call it again whenever the file is opened."""
+    d = Path(engine_dir)
+    entry = manifest.files.get(name)
+    f = d / name
+    if entry is None:
+        raise ManifestError(f"{f}: not listed (hashed) in the manifest")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ManifestError(f"{d}: manifest lists {name!r}, which is outside the engine folder")
+    if not f.is_file():
+        raise ManifestError(f"{f}: listed in the manifest but missing")
+    size = f.stat().st_size
+    if size != entry.size:
+        raise ManifestError(f"{f}: size {size} does not match the manifest ({entry.size})")
+    if check_hash and sha256_file(f) != entry.sha256:
+        raise ManifestError(f"{f}: sha256 does not match the manifest")
+    return f
+
+
 def load_manifest(engine_dir: str | Path, check_hashes: bool = True) -> Manifest:
-    """Read the manifest and refuse the folder if any listed file is missing or altered."""
+    """Read the manifest and refuse the folder unless it holds exactly the listed files, each
+    unaltered (sizes always, sha256 with check_hashes), and manifest.json is as built."""
     d = Path(engine_dir)
     p = d / MANIFEST_NAME
     if not p.is_file():
         raise ManifestError(f"{d}: no {MANIFEST_NAME}; the build did not finish or this is not an engine folder")
     try:
-        m = Manifest.from_dict(json.loads(p.read_text()))
+        raw = json.loads(p.read_text())
+        m = Manifest.from_dict(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{p}: unreadable manifest ({e})") from None
     except ManifestError as e:
         raise ManifestError(f"{p}: {e}") from None
-    for name, entry in m.files.items():
-        f = d / name
-        if not f.is_file():
-            raise ManifestError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != entry.size:
-            raise ManifestError(f"{f}: size {f.stat().st_size} does not match the manifest ({entry.size})")
-        if check_hashes and sha256_file(f) != entry.sha256:
-            raise ManifestError(f"{f}: sha256 does not match the manifest")
+    # folders built before manifests carried a checksum have none: their files are still checked
+    if m.manifest_sha256 and m.manifest_sha256 != _content_sha256(raw):
+        raise ManifestError(f"{p}: edited after the build (its checksum does not match its content)")
+    for name in m.files:
+        check_file(d, m, name, check_hashes)
+    present = {f.relative_to(d).as_posix() for f in d.rglob("*") if not f.is_dir()}
+    extra = sorted(present - set(m.files) - {MANIFEST_NAME})
+    if extra:
+        raise ManifestError(f"{d}: holds files the manifest does not list: {', '.join(extra)}")
     return m
 
 

@@ -69,6 +69,13 @@ class OrtGraph:
                     continue
                 if not arr.flags.c_contiguous:
                     raise EchoRuntimeError(f"buffer {name} must be C-contiguous")
+                shape, dtype = self.inputs.get(name) or self.outputs[name]
+                fixed = all(isinstance(n, int) for n in shape)
+                if (fixed and tuple(arr.shape) != shape) or (dtype is not None and arr.dtype != dtype):
+                    # e.g. a manifest whose block size, batch or capacity is not the graph's
+                    want = np.dtype(dtype).name if dtype is not None else ""
+                    raise EchoRuntimeError(f"{self.path}: {name} is {want}{list(shape)} in the graph, "
+                                           f"the runtime made {arr.dtype.name}{list(arr.shape)} from the manifest")
                 ov = ort.OrtValue.ortvalue_from_numpy(arr)  # CPU: shares the array's memory
                 bind(name, ov)
                 keep.append((ov, arr))
