@@ -68,6 +68,9 @@ class BuildOptions:
     # int8: keep the MLP down projections fp32 (see echo_export/precision.py)
     int8_down_proj_fp32: bool = True
     timing_cache: Optional[Path] = None
+    # every graph of one precision reads its weights from one weights.<precision>.bin, each tensor
+    # once (echo_export/external_weights.py); tensors under this many bytes stay inside the graphs
+    weights_min_bytes: int = 1024
 
 
 @dataclass
@@ -342,6 +345,7 @@ class _Build:
     log: Callable[[str], None]
     files: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (role, precision, batch) -> file
     plans: dict[str, str] = field(default_factory=dict)  # ONNX file -> TensorRT plan
+    data_files: list[str] = field(default_factory=list)  # external weights, one per precision
 
     def families(self) -> list[tuple[str, str, object, object, int, int]]:
         """(prefill role, step role, model, config, prefix length, max new tokens) per decode family."""
@@ -444,6 +448,20 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
     b.times["int8"] = time.perf_counter() - t
 
 
+def _share_weights(b: _Build) -> None:
+    from .external_weights import share_weights, weights_filename
+
+    t = time.perf_counter()
+    b.log(f"[weights] one external data file per precision (tensors of at least {b.opts.weights_min_bytes} bytes)")
+    for prec in b.precisions:
+        graphs = [name for (_, p, _), name in sorted(b.files.items()) if p == prec]
+        res = share_weights(b.tmp, graphs, weights_filename(prec), b.opts.weights_min_bytes)
+        b.data_files.append(res.data_file)
+        b.log(f"  {res.data_file:<34} {_size(b.tmp / res.data_file):>10}  {res.tensors_stored} tensors for "
+              f"{len(graphs)} graphs ({res.bytes_referenced / max(res.bytes_stored, 1):.2f}x deduplicated)")
+    b.times["weights"] = time.perf_counter() - t
+
+
 def _build_plans(b: _Build) -> None:
     from .tensorrt_build import build_all
 
@@ -504,6 +522,7 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
         _convert_fp16(b)
     if "int8" in b.precisions:
         _quantise_int8(b, calib_px)
+    _share_weights(b)
     if b.opts.trt:
         _build_plans(b)
     shutil.copyfile(Path(b.opts.ckpt) / "tokenizer.json", b.tmp / "tokenizer.json")
@@ -518,7 +537,7 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
         graphs.setdefault(role, {})[f"{prec}.b{bs}"] = name
         if name in b.plans:
             graphs[role][f"trt-{prec}.b{bs}"] = b.plans[name]
-    manifest_files = sorted(set(b.files.values()) | set(b.plans.values()) |
+    manifest_files = sorted(set(b.files.values()) | set(b.plans.values()) | set(b.data_files) |
                             {tensorrt_source_filename(n) for n in b.plans} | {"tokenizer.json"} |
                             ({"verify.json"} if verify_report is not None else set()))
     return manifest_files, graphs, verify_report, verified

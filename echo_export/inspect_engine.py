@@ -49,6 +49,14 @@ def inspect_engine(engine_dir: str | Path, log: Callable[[str], None] = print) -
     log(f"  precisions {', '.join(m.precisions)}; opset {m.opset}; exporter {m.exporter}")
     log(f"  versions: " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))
     log(f"  verified: {m.verified}")
+    if m.int8:
+        log(f"  int8: mode {m.int8.get('mode')}, made for CPUs of kind {m.int8.get('chosen_for')} "
+            f"(built on {m.int8.get('build_cpu', {}).get('int8_kind')})")
+    data = sorted(f for f in m.files if f.endswith(".bin"))
+    if data:
+        log("  weights (external data, one file read by every graph of its precision):")
+        for f in data:
+            log(f"    {f} ({m.files[f].size / 1e6:.2f} MB)")
     for role, entries in sorted(m.graphs.items()):
         log(f"  {role}:")
         for key, fname in sorted(entries.items()):

@@ -351,6 +351,8 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
 
     from runtime.cpu_features import INT8_MODES
 
+    from .external_weights import external_data_files
+
     if mode not in INT8_MODES:
         raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
     signed_act = mode == "s8s8"
@@ -359,7 +361,15 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
     dst = Path(dst)
     work = Path(workdir) if workdir else dst.parent
     pre = work / (dst.stem + ".pre.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    if external_data_files(Path(src)):
+        # quant_pre_process copies the graph to a temporary folder where a relative external data
+        # file (weights.fp32.bin) is not found: hand it a self-contained copy
+        inline = work / (dst.stem + ".inline.onnx")
+        onnx.save(onnx.load(str(src)), str(inline))
+        quant_pre_process(str(inline), str(pre), skip_symbolic_shape=True)
+        inline.unlink()
+    else:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     model = onnx.load(str(pre))
     _name_nodes(model)
     onnx.save(model, str(pre))

@@ -257,6 +257,8 @@ def test_inspect_cli(built):
     assert r.exit_code == 0, r.output
     assert "every sha256 matches" in r.output and "past_key f32[2,1,2,96,16]" in r.output
     assert "block.fp16.b1" in r.output and "per-pass" in r.output  # the verification, pass by pass too
+    assert "int8: mode u8s7, made for CPUs of kind avx2-no-vnni" in r.output
+    assert all(f"weights.{p}.bin (" in r.output for p in ("fp32", "fp16", "int8"))
 
 
 def _cli(args):
@@ -394,6 +396,70 @@ def test_int8_engine_on_the_other_kind_of_cpu_is_warned(built):
     assert ("warning:" in r.stderr) == (expected is not None)
     r = CliRunner().invoke(main, ["--engine-dir", str(out), str(out.parent / "data" / "img" / "test0.png")])
     assert r.exit_code == 0 and "warning:" not in r.stderr  # fp32: nothing to warn about
+
+
+def test_each_precision_stores_its_weights_once(built, setup):
+    """Every graph of one precision reads weights.<precision>.bin, in which each distinct tensor is
+    stored once; the manifest hashes the data files; the fp32 file is at most 1.2x the two models'
+    fp32 parameter bytes (the AR and the one-step model: four graphs, two models)."""
+    from echo_export.external_weights import external_data_files, weights_filename
+    from echo_train.model.checkpoint import load_checkpoint
+    from runtime.manifest import load_manifest
+
+    out, _ = built
+    root = setup[0]
+    m = load_manifest(out)
+    for prec in ("fp32", "fp16", "int8"):
+        data = weights_filename(prec)
+        assert data in m.files and m.files[data].size == (out / data).stat().st_size
+        graphs = sorted(out.glob(f"*.{prec}.b1.onnx"))
+        assert len(graphs) == 4 and all(external_data_files(g) == {data} for g in graphs)
+        seen: dict[bytes, tuple[int, int]] = {}
+        blob = (out / data).read_bytes()
+        for g in graphs:
+            for t in onnx.load(str(g), load_external_data=False).graph.initializer:
+                if t.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in t.external_data}
+                where = (int(info["offset"]), int(info["length"]))
+                content = blob[where[0]:where[0] + where[1]]
+                assert seen.setdefault(content, where) == where, f"{t.name} stored twice in {data}"
+        assert len(seen) > 10
+    n_params = sum(p.numel() for d in ("ckpt", "ar") for p in load_checkpoint(root / d)[0].parameters())
+    assert (out / "weights.fp32.bin").stat().st_size <= 1.2 * 4 * n_params
+
+
+def test_shared_weights_compute_the_same_and_altered_data_is_refused(built, setup, tmp_path):
+    """A graph reading weights.fp32.bin gives exactly the outputs of its self-contained copy; an
+    engine folder whose data file was altered, truncated or removed is refused."""
+    from echo_export.decode_loop import ort_runner
+    from runtime.errors import ManifestError
+    from runtime.manifest import load_manifest
+
+    out, _ = built
+    _, model, tok, _ = setup
+    inline = tmp_path / "vision_prefill.inline.onnx"
+    onnx.save(onnx.load(str(out / "vision_prefill.fp32.b1.onnx")), str(inline))  # loads the external weights
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(inline)).graph.initializer)
+    rng = np.random.default_rng(0)
+    feed = {"pixel_values": rng.uniform(-1, 1, (1, 1, 32, 32)).astype(np.float32),
+            "prefix_ids": np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)}
+    shared, alone = ort_runner(out / "vision_prefill.fp32.b1.onnx")(feed), ort_runner(inline)(feed)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, alone)) and np.abs(shared[0]).max() > 0
+    for damage in ("flip", "truncate", "remove"):
+        eng = tmp_path / damage
+        shutil.copytree(out, eng)
+        data = eng / "weights.fp32.bin"
+        blob = bytearray(data.read_bytes())
+        if damage == "flip":
+            blob[len(blob) // 2] ^= 0xFF
+            data.write_bytes(bytes(blob))
+        elif damage == "truncate":
+            data.write_bytes(bytes(blob[:-100]))
+        else:
+            data.unlink()
+        with pytest.raises(ManifestError, match="weights.fp32.bin"):
+            load_manifest(eng)
 
 
 def test_fp16_graph_has_no_fp16_overflowing_constants(built):
