@@ -82,7 +82,7 @@ class GraphTap:
         monkeypatch.setattr(OrtGraph, "run", run)
 
 
-ATOL = 1e-4  # fp32 graph vs PyTorch eager, same weights: measured agreement ~1e-6
+ATOL = 1e-4  # fp32 graph vs PyTorch eager, same weights: present keys differ by ~1.8e-6 (measured)
 
 
 def _stack(kv, sl=slice(None)) -> np.ndarray:
@@ -272,6 +272,9 @@ def test_batch_with_bad_files_still_reports_the_rest(runtime_engine, rt2, tmp_pa
     assert reps[1].tokens == ref.tokens[0] and reps[1].path == str(good)
 
 
+FP16_MIN_AGREEMENT = 0.95  # fp16 may flip near-tied argmaxes of this random model; measured 70 of 70 here
+
+
 def test_fp16_graphs_run_and_mostly_agree(runtime_engine):
     from runtime import EchoRuntime
 
@@ -279,8 +282,15 @@ def test_fp16_graphs_run_and_mostly_agree(runtime_engine):
     px = images(4)
     ref = _ref_fused(runtime_engine, px)
     reps = rt.generate(list(px))
-    agree = np.mean([a == b for r, t in zip(reps, ref.tokens) for a, b in zip(r.tokens, t)] or [0])
-    assert all(r.ok for r in reps) and agree >= 0.5
+    assert len(reps) == len(ref.tokens) and all(r.ok for r in reps)
+    # position by position over the longer of the two reports: a report that stops early (or runs
+    # on) disagrees on every position the other one has
+    hits = total = 0
+    for r, t in zip(reps, ref.tokens):
+        n = max(len(r.tokens), len(t))
+        hits += sum(i < len(r.tokens) and i < len(t) and r.tokens[i] == t[i] for i in range(n))
+        total += n
+    assert total >= 4 * BLOCK and hits / total >= FP16_MIN_AGREEMENT, (hits, total)
 
 
 def _copy_engine(src: Path, dst: Path) -> Path:
