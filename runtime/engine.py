@@ -416,14 +416,15 @@ class EchoRuntime:
         first = dec.pre_tokens  # AR: the prefill's token 0; fused: none
         n_first = 0 if first is None else first.shape[1]
         n_passes = -(-(max_new - n_first) // w)
-        out = _Written(dec.pixel.shape[0], n_first + n_passes * w, self.tokenizer.eos_id)
+        n_fit = min(n_passes, (dec.cap - past) // w + 1)  # the first pass that cannot store its KV is the last
+        out = _Written(dec.pixel.shape[0], n_first + n_fit * w, self.tokenizer.eos_id)
         dec.carry[:] = dec.prefix_ids[:, past:] if first is None else first
         if first is not None:
             self._emit(on_block, chunk, out, out.add(first, counts_a_pass=False))
-        positions = md.first_positions + w * np.arange(n_passes)[:, None]  # pass j's, in row j
+        positions = md.first_positions + w * np.arange(n_fit)[:, None]  # pass j's, in row j
         times: list[float] = []
         stop = "max_new_tokens"
-        for j in range(n_passes):
+        for j in range(n_fit):
             if out.done[:n].all():
                 break
             tb = time.perf_counter()
