@@ -273,7 +273,14 @@ def test_report_dataset_and_collate(tmp_path, tiny_tokenizer):
     assert item["response_ids"].tolist() == tok.encode_response(studies[0].report)
     long = ds[1]["response_ids"]
     assert len(long) == 72 and long[-1] == tok.eos_id and (long[:-1] != tok.eos_id).all()
-    assert ds[0]["pixel_values"] is ds[0]["pixel_values"] or torch.equal(ds[0]["pixel_values"], item["pixel_values"])
+    # pixels: the runtime's preprocessing, value for value (training and serving share it)
+    from runtime.preprocess import preprocess_image
+
+    for i in range(3):
+        assert torch.equal(ds[i]["pixel_values"], torch.from_numpy(preprocess_image(paths[i], 32))), i
+    # cached in memory (the module's promise): with the file gone, the same pixels come back
+    paths[0].unlink()
+    assert torch.equal(ds[0]["pixel_values"], item["pixel_values"])
 
     batch = collate_reports([ds[0], ds[1], ds[2]], pad_to_multiple=16, eos_id=tok.eos_id)
     B, L = batch["response_ids"].shape

@@ -95,9 +95,14 @@ def test_bad_engine_dir_is_one_clear_line(runtime_engine, pngs, tmp_path):
     assert r.exit_code == 2 and "no manifest.json" in r.stderr and "Traceback" not in r.output
     r = run("--engine-dir", runtime_engine.path, "--precision", "int8", good[0])
     assert r.exit_code == 2 and "no int8 graphs" in r.stderr
+    # This folder has no TensorRT plans. Without the [trt] extra the error names the extra; with it,
+    # the missing plan. Either way exit 2, one line, no report: never a silent fallback to ORT.
+    from runtime.trt_backend import trt_available
+
+    ok, why = trt_available()
     r = run("--engine-dir", runtime_engine.path, "--backend", "trt", good[0])
-    if r.exit_code == 2:
-        assert "[trt] extra" in r.stderr or "TensorRT" in r.stderr
+    assert r.exit_code == 2 and r.stdout == "" and "Traceback" not in r.output, r.output
+    assert ("[trt] extra" if "[trt] extra" in why else ".plan") in r.stderr, r.stderr
 
 
 def test_installed_console_script_runs_ar_mode(runtime_engine, pngs):
@@ -109,4 +114,18 @@ def test_installed_console_script_runs_ar_mode(runtime_engine, pngs):
                        timeout=120)
     assert p.returncode == 0, p.stderr
     o = json.loads(p.stdout)
-    assert len(o["tokens"]) <= 6 and o["path"] == good[2]
+    # what a correct AR run must print: the PyTorch AR reference's first 6 greedy tokens for this
+    # image, preprocessed as the runtime does (the fixture's reports run past 6 tokens)
+    import torch
+
+    from echo_train.decoding import ar_generate, fused_onestep_generate
+    from runtime.preprocess import preprocess_image
+    from test_runtime_graphs import BLOCK
+
+    eng = runtime_engine
+    px = torch.from_numpy(preprocess_image(good[2], eng.model.cfg.vision.image_size)[None])
+    ref = ar_generate(eng.model, eng.tokenizer, px, max_new_tokens=6).tokens[0]
+    fused = fused_onestep_generate(eng.model, eng.tokenizer, px, BLOCK, max_new_tokens=6).tokens[0]
+    assert len(ref) == 6 and ref != fused  # informative: 6 tokens, and the fused mode would print others
+    assert o == {"path": good[2], "text": eng.tokenizer.decode(ref), "tokens": ref, "forward_passes": 6,
+                 "stop": "max_new_tokens", "error": None}
