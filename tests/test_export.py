@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import make_tiny_model, make_tokenizer, write_tiny_dataset
+from tests.conftest import make_tokenizer, write_tiny_dataset
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -21,19 +21,46 @@ REPORTS = [
 ]
 
 
+def write_varied_dataset(root, n_train: int = 4, n_test: int = 3):
+    """train.json / test.json whose PNGs are the images the varied models were trained on (test
+    image i = varied image i, train images the next ones), so that the exported graphs write
+    distinct reports that vary within and across images."""
+    import json as _json
+
+    from PIL import Image
+    from varied_models import N_IMAGES, varied_images
+
+    (root / "img").mkdir(parents=True)
+    px = varied_images(N_IMAGES)
+    for split, ids in (("test", range(n_test)), ("train", range(n_test, n_test + n_train))):
+        recs = []
+        for k, i in enumerate(ids):
+            name = f"img/{split}{k}.png"
+            Image.fromarray(((px[i % N_IMAGES, 0] + 1) * 127.5).round().astype(np.uint8), mode="L").save(root / name)
+            f, imp = REPORTS[i % len(REPORTS)].split(" IMPRESSION: ")
+            recs.append({"id": f"{split}{k}", "images": [name], "split": split,
+                         "ground_truth": {"findings": f.replace("FINDINGS: ", ""), "impression": imp}})
+        (root / f"{split}.json").write_text(_json.dumps(recs))
+    return root
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """A trained model whose reports vary (tests/varied_models.py): as the one-step student at
+    block 4 and, with the same weights, as the AR baseline."""
     from echo_train.model.checkpoint import save_checkpoint
+    from varied_models import as_stage, get_varied
 
     root = tmp_path_factory.mktemp("export")
     tok = make_tokenizer()
-    model = make_tiny_model(tok, stage="dcd", block_size=4)
+    base = get_varied(tok, shifted=True, causal_context=True)
+    model = as_stage(base, "dcd", block_size=4)
     model.cfg.max_response_tokens = 24
     save_checkpoint(root / "ckpt", model, tok)
-    ar = make_tiny_model(tok, stage="ar", block_size=4, seed=1)
+    ar = as_stage(base, "ar")
     ar.cfg.max_response_tokens = 12
     save_checkpoint(root / "ar", ar, tok)
-    data = write_tiny_dataset(root / "data", 4, 3, REPORTS)
+    data = write_varied_dataset(root / "data", 4, 3)
     return root, model, tok, data
 
 
@@ -82,6 +109,7 @@ def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
 
 def test_fp32_tokens_identical_to_reference(built, setup):
     from echo_export.decode_loop import fused_decode, ort_runner
+    from varied_models import assert_informative
     from echo_train.decoding import fused_onestep_generate
     from runtime.preprocess import preprocess_image
 
@@ -91,29 +119,40 @@ def test_fp32_tokens_identical_to_reference(built, setup):
     assert rep["fp32_identical"] is True
     assert rep["variants"]["block.fp32.b1"]["exact_match"] == 1.0
     assert rep["variants"]["ar.fp32.b1"]["exact_match"] == 1.0
+    # The varied model is confident (median fp32 confidence 0.97), so rounding should flip almost
+    # nothing: measured 100% free-running and per-pass agreement for fp16 and for int8 (u8s7 and
+    # u8s8 alike) on the 3 test images; 0.95 leaves room for one flip in 72 tokens.
+    for k in ("block.fp16.b1", "block.int8.b1", "ar.fp16.b1", "ar.int8.b1"):
+        assert rep["variants"][k]["token_agreement"] >= 0.95, (k, rep["variants"][k]["token_agreement"])
     for k in ("block.fp16.b1", "block.int8.b1"):
-        assert 0.0 <= rep["variants"][k]["token_agreement"] <= 1.0
         # each variant's block step re-run on the fp32 run's own pass inputs
         v = rep["variants"][k]
-        assert 0.0 < v["per_pass_token_agreement"] <= 1.0
+        assert v["per_pass_token_agreement"] >= 0.95
         # flips counted consistently with the agreement; fp32's confidence reported where they happen
         f = v["per_pass_flips"]
         assert (f["flips"] == 0) == (v["per_pass_token_agreement"] == 1.0)
-        assert 0.0 < f["fp32_confidence_median_all"] <= 1.0
+        assert 0.5 < f["fp32_confidence_median_all"] <= 1.0
         assert f["fp32_confidence_median_at_flips"] is None if f["flips"] == 0 else 0.0 < f["fp32_confidence_median_at_flips"] <= 1.0
-        # the F1 change with its paired bootstrap interval, which holds the change itself
+        # the F1 change with its paired bootstrap interval: zero where every report is the same
         lo, hi = v["finding_f1_change_ci95"]
         assert lo - 1e-9 <= v["finding_f1_change"] <= hi + 1e-9
-    # independent check on one image, here rather than through verify.py
-    px = preprocess_image(data / "img" / "test0.png", model.cfg.vision.image_size)[None]
-    prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
+        if v["exact_match"] == 1.0:
+            assert v["finding_f1_change"] == 0.0 and lo == hi == 0.0
+    # independent check on every test image, here rather than through verify.py
+    px = np.concatenate([preprocess_image(data / "img" / f"test{i}.png", model.cfg.vision.image_size)[None]
+                         for i in range(3)])
     lm = model.cfg.lm
-    r = fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
-                     px, prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
-                     n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id,
-                     eos_id=tok.eos_id, max_new_tokens=24)
-    ref = fused_onestep_generate(model, tok, torch.from_numpy(px), 4, 24)
-    assert r.raw.tolist() == ref.raw.tolist()
+    raws = []
+    for i in range(3):
+        prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
+        r = fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
+                         px[i:i + 1], prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
+                         n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id,
+                         eos_id=tok.eos_id, max_new_tokens=24)
+        ref = fused_onestep_generate(model, tok, torch.from_numpy(px[i:i + 1]), 4, 24)
+        assert r.raw.tolist() == ref.raw.tolist()
+        raws.append(r.raw[0].tolist())
+    assert_informative(raws, tok.eos_id)  # reports that differ per image and within a report
 
 
 def test_int8_tensorrt_form_is_symmetric_and_as_close_to_fp32(built, setup, tmp_path):
