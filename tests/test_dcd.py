@@ -97,8 +97,6 @@ def test_dcd_student_learns_the_teacher_and_a_shuffled_control_does_not(tmp_path
     """A student trained on the teacher's blocks writes them in one step; the same training on
     the teacher's blocks of OTHER images (shuffled targets) does not. The teacher writes a
     different report per image, so a student that collapses to one token cannot pass."""
-    import shutil
-
     from varied_models import N_IMAGES, as_stage, assert_informative
 
     tok, B, R = tiny_tokenizer, 4, 32
@@ -147,4 +145,3 @@ def test_dcd_student_learns_the_teacher_and_a_shuffled_control_does_not(tmp_path
     control = train_student("control", tmp_path / "traj_shuffled")
     print(f"agreement with the teacher: student {learned:.3f}, shuffled control {control:.3f}")
     assert learned >= 0.9 and control <= learned - 0.3, (learned, control)
-    shutil.rmtree(tmp_path / "traj")
