@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from echo_train.decoding.block_diffusion import fused_layout
 from echo_train.model.backbone import KV, MASK_VALUE
 from echo_train.model.echo_model import EchoModel
-from echo_train.model.masks import block_layout, build_attention_mask, causal_layout
+from echo_train.model.masks import block_layout, build_attention_mask, causal_layout, fused_layout
 from runtime import graph_io
 from runtime.schedule import BlockLayout, fused_block_slice
 

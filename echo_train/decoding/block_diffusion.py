@@ -19,7 +19,7 @@ from runtime.schedule import (
 from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
-from ..model.masks import NOISY, TokenLayout, block_layout
+from ..model.masks import NOISY, block_layout, fused_layout
 from .common import DecodeResult, KVCache, forward_with_cache, never_predict_mask, prefix_ids_tensor
 
 
@@ -99,14 +99,6 @@ def multistep_generate(
         passes += 1
     raw = torch.cat(blocks, 1).cpu()
     return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id), passes, raw, trajectory if keep_trajectory else None)
-
-
-def fused_layout(grid: BlockLayout, k: int, context: int) -> TokenLayout:
-    """[block k-1 clean (of kind `context`), block k noisy] of fused pass k."""
-    b = grid.block_size
-    prev = block_layout(b, b, start=int(grid.block_positions(k - 1)[0]), kind=context)
-    cur = block_layout(b, b, start=int(grid.block_positions(k)[0]), kind=NOISY, copy=1)
-    return TokenLayout.cat([prev, cur])
 
 
 @torch.no_grad()

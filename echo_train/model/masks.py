@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.schedule import BlockLayout
+
 CAUSAL, CLEAN, NOISY = 0, 1, 2
 
 
@@ -112,3 +114,11 @@ def symmetric_layout(prefix_len: int, response_len: int, block_size: int, contex
     """BD3-style ablation: a noisy copy of the WHOLE sequence (x_t) followed by the clean one (x_0)."""
     n = prefix_len + response_len
     return TokenLayout.cat([block_layout(n, block_size, kind=NOISY, copy=1), block_layout(n, block_size, kind=context)])
+
+
+def fused_layout(grid: BlockLayout, k: int, context: int) -> TokenLayout:
+    """[block k-1 clean (of kind `context`), block k noisy] of fused one-step pass k."""
+    b = grid.block_size
+    prev = block_layout(b, b, start=int(grid.block_positions(k - 1)[0]), kind=context)
+    cur = block_layout(b, b, start=int(grid.block_positions(k)[0]), kind=NOISY, copy=1)
+    return TokenLayout.cat([prev, cur])
