@@ -155,19 +155,14 @@ def test_fp32_tokens_identical_to_reference(built, setup):
     assert_informative(raws, tok.eos_id)  # reports that differ per image and within a report
 
 
-def test_int8_tensorrt_form_is_symmetric_and_as_close_to_fp32(built, setup, tmp_path):
-    """The int8 graphs are tuned for onnxruntime (uint8 activations, int32 biases), which
-    TensorRT refuses; their TensorRT form has only symmetric int8 Q/DQ, passes the full ONNX
-    check, and is about as close to fp32 as the onnxruntime graph (checked here on onnxruntime)."""
-    from onnx import helper, numpy_helper
-
+def _fp32_block_feeds(out, setup, image: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode one dataset image with the engine's fp32 graphs; the prefill inputs and every
+    block-step feed, as int8 calibration and the closeness checks use them."""
     from echo_export.decode_loop import fused_decode, ort_runner
-    from echo_export.precision import check_int8_qdq_for_tensorrt, int8_qdq_for_tensorrt
     from runtime.preprocess import preprocess_image
 
-    out, _ = built
     _, model, tok, data = setup
-    px = preprocess_image(data / "img" / "test0.png", model.cfg.vision.image_size)[None]
+    px = preprocess_image(data / "img" / image, model.cfg.vision.image_size)[None]
     prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
     lm = model.cfg.lm
     feeds: list[dict] = []
@@ -175,6 +170,20 @@ def test_int8_tensorrt_form_is_symmetric_and_as_close_to_fp32(built, setup, tmp_
                  px, prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
                  n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id, eos_id=tok.eos_id,
                  max_new_tokens=24, on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+    return px, prefix, feeds
+
+
+def test_int8_tensorrt_form_is_symmetric_and_as_close_to_fp32(built, setup, tmp_path):
+    """The int8 graphs are tuned for onnxruntime (uint8 activations, int32 biases), which
+    TensorRT refuses; their TensorRT form has only symmetric int8 Q/DQ, passes the full ONNX
+    check, and is about as close to fp32 as the onnxruntime graph (checked here on onnxruntime)."""
+    from onnx import helper, numpy_helper
+
+    from echo_export.decode_loop import ort_runner
+    from echo_export.precision import check_int8_qdq_for_tensorrt, int8_qdq_for_tensorrt
+
+    out, _ = built
+    px, prefix, feeds = _fp32_block_feeds(out, setup, "test0.png")
     role_feeds = {"vision_prefill": {"pixel_values": px, "prefix_ids": prefix}, "block_step": feeds[1]}
     for role, feed in role_feeds.items():
         src = out / f"{role}.int8.b1.onnx"
@@ -391,24 +400,14 @@ def test_u8s7_weights_cannot_saturate_avx2_and_u8s8_weights_can(built, setup, tm
     """AVX2 without VNNI sums pairs of u8 x s8 products in int16: only 7-bit weights (|q| <= 64) keep
     2 * 255 * |q| below 32767. Every int8 graph of the (u8s7) engine passes that check; the same graph
     quantised as u8s8 fails it."""
-    from echo_export.decode_loop import fused_decode, ort_runner
     from echo_export.precision import check_int8_avx2_safe, to_int8
-    from runtime.preprocess import preprocess_image
 
     out, _ = built
-    _, model, tok, data = setup
     int8_graphs = sorted(out.glob("*.int8.*.onnx"))
     assert len(int8_graphs) == 4
     for g in int8_graphs:
         assert check_int8_avx2_safe(onnx.load(str(g))) == [], g.name
-    px = preprocess_image(data / "img" / "train0.png", model.cfg.vision.image_size)[None]
-    prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
-    lm = model.cfg.lm
-    feeds: list[dict] = []
-    fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
-                 px, prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
-                 n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id, eos_id=tok.eos_id,
-                 max_new_tokens=24, on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+    _, _, feeds = _fp32_block_feeds(out, setup, "train0.png")
     info = to_int8(out / "block_step.fp32.b1.onnx", tmp_path / "u8s8.onnx", feeds, mode="u8s8", workdir=tmp_path)
     assert info["mode"] == "u8s8"
     bad = check_int8_avx2_safe(onnx.load(str(tmp_path / "u8s8.onnx")))
