@@ -321,4 +321,4 @@ def engine_manifest_info(engine_dir: Path) -> dict:
     """What results.json records of an engine folder ({} without a usable manifest)."""
     m = engine_manifest(engine_dir)
     return {} if m is None else {k: getattr(m, k) for k in ("block_size", "capacity", "batch_sizes", "precisions",
-                                                            "verified", "versions")}
+                                                            "verified", "versions", "int8")}

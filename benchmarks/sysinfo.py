@@ -46,6 +46,8 @@ def gpu_info() -> Optional[dict]:
 
 
 def machine_info() -> dict:
+    from runtime.cpu_features import detect_cpu_features
+
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -56,6 +58,8 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        # which int8 kernels onnxruntime runs here (VNNI or saturating AVX2): int8 results depend on it
+        "cpu_features": detect_cpu_features().to_dict(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "gpu": gpu_info(),

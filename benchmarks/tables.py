@@ -154,7 +154,10 @@ def setup_lines(result: dict) -> list[str]:
     libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
     return [
         f"- date: {m['date']}; machine: {m['cpu']} ({m['cpus_usable']} usable of {m['cpu_count']} CPUs)"
+        + (f", int8 kernels: {m['cpu_features']['int8_kind']}" if m.get("cpu_features") else "")
         + (f"; GPU: {gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']})" if gpu else "; no GPU"),
+        *[f"- engine `{d}`: int8 mode {e['int8']['mode']} (made for {e['int8']['chosen_for']} CPUs)"
+          for d, e in result.get("engine_folders", {}).items() if e.get("int8")],
         f"- studies: {result['studies']['n']} from `{cfg['data']}` split `{cfg['split']}`; "
         f"max {result['cells'][0].get('max_new_tokens', cfg.get('max_new_tokens')) if result['cells'] else '?'} new tokens, greedy",
         f"- batch-1 latency: {cfg['warmup']} warm-up reports, {cfg['repeats']} timed pass(es)"

@@ -105,6 +105,11 @@ def test_harness_writes_every_cell(bench_setup, tmp_path):
         assert p.is_file() and p.stat().st_size > 0
     saved = json.loads(paths["json"].read_text())
     cells = {(c["method"], c["engine"], c["block_size"]): c for c in saved["cells"]}
+    # the int8 kernels onnxruntime runs on this CPU are part of the setup a result is read with
+    from runtime.cpu_features import detect_cpu_features
+
+    assert saved["machine"]["cpu_features"] == detect_cpu_features().to_dict()
+    assert f"int8 kernels: {detect_cpu_features().int8_kind}" in paths["md"].read_text()
     # every requested cell is present: 4 methods (AR once) x 5 engines, block sizes 8 and 16
     assert len(cells) == 5 * (1 + 3 * 2)
 
