@@ -64,6 +64,8 @@ class DemoConfig:
     # 5. export
     precisions: str = "fp32,fp16,int8"
     export_batch_sizes: str = "1,8"  # 8: the batched throughput of echo-bench
+    # the published demo runs used 256 slots; the build's default (what the model needs) is a little less
+    export_capacity: int = 256
     export_calib_size: int = 32
     export_verify_n: int = 20
     export_budget_s: int = 150
@@ -259,7 +261,8 @@ class Demo:
             return self.skip("5 export engines/echo", done)
         self.run("5 export engines/echo", _bin("echo-export") + [
             "build", "--ckpt", str(c.path("runs/echo")), "--ar-ckpt", str(c.path("runs/ar")), "--out", str(engine),
-            "--precision", c.precisions, "--batch-sizes", c.export_batch_sizes, "--calib-size", str(c.export_calib_size),
+            "--precision", c.precisions, "--batch-sizes", c.export_batch_sizes, "--capacity", str(c.export_capacity),
+            "--calib-size", str(c.export_calib_size),
             "--verify-n", str(c.export_verify_n), "--data", str(c.path("data/synth")), "--force"], c.export_budget_s)
 
     def step_reports(self) -> None:

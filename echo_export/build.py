@@ -20,7 +20,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,7 +49,7 @@ class BuildOptions:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
     ar_ckpt: Optional[Path] = None
     batch_sizes: list[int] = field(default_factory=lambda: [1])
-    capacity: int = 256
+    capacity: Optional[int] = None  # KV cache slots; None: what the prefix and max_response_tokens need
     calib_size: int = 32
     verify_n: int = 50
     data: Optional[Path] = None
@@ -98,6 +98,17 @@ def parse_batch_sizes(text: str | list[int]) -> list[int]:
     if not items or any(b < 1 for b in items):
         raise BuildError(f"batch sizes must be positive integers, got {text!r}")
     return sorted(set(items))
+
+
+def required_capacity(prefix_len: int, block_size: int, max_new: int, ar: Optional[tuple[int, int]] = None) -> int:
+    """KV slots the graphs need for reports of up to `max_new` tokens. Fused one-step decoding
+    stores the prefix's first P - B tokens at prefill, then one block per pass, and never the last
+    block's; AR (prefix length, max new tokens) stores every token but the last."""
+    n_blocks = -(-max_new // block_size)
+    need = max(prefix_len, prefix_len + (n_blocks - 2) * block_size)
+    if ar is not None:
+        need = max(need, ar[0] + ar[1] - 1)
+    return need
 
 
 def resolve_int8_mode(requested: str, cpu: Optional[CpuFeatures] = None) -> dict:
@@ -208,28 +219,34 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     P = len(prefix)
     if P % B:
         raise BuildError(f"prefix length {P} is not a multiple of block size {B}")
-    if opts.capacity < P:
-        raise BuildError(f"--capacity {opts.capacity} is smaller than the prefix ({P} tokens); it needs at least "
-                         f"{P - B + cfg.max_response_tokens} for {cfg.max_response_tokens} new tokens")
-    block_max_new = ((opts.capacity - (P - B)) // B + 1) * B
-    max_new = min(opts.max_new_tokens or cfg.max_response_tokens, block_max_new)
-    if max_new < cfg.max_response_tokens:
-        log(f"  note: capacity {opts.capacity} allows {max_new} new tokens (< max_response_tokens "
-            f"{cfg.max_response_tokens})")
-
-    ar: Optional[_ArModel] = None
+    want_new = opts.max_new_tokens or cfg.max_response_tokens
+    ar_load = None
     if opts.ar_ckpt is not None:
         log(f"[check] AR checkpoint {opts.ar_ckpt}")
-        acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt")
+        ar_load = _load_model(Path(opts.ar_ckpt), "--ar-ckpt")
+    ar_need = (len(ar_load[2].prefix_ids(ar_load[1].n_image_tokens)), opts.max_new_tokens or ar_load[0].max_response_tokens) \
+        if ar_load is not None else None
+    need = required_capacity(P, B, want_new, ar_need)
+    if opts.capacity is None:
+        opts = replace(opts, capacity=need)
+        log(f"  capacity {need} KV slots: prefix {P} + {want_new} new tokens"
+            + (f"; AR prefix {ar_need[0]} + {ar_need[1]}" if ar_need else ""))
+    elif opts.capacity < need:
+        raise BuildError(f"--capacity {opts.capacity} cannot hold these reports: the prefix takes {P} slots and the "
+                         f"model writes up to {want_new} new tokens"
+                         + (f" (the AR model {ar_need[1]} after its {ar_need[0]}-token prefix)" if ar_need else "")
+                         + f"; pass --capacity {need} or more (or leave it out: it follows the model), or "
+                         "--max-new-tokens N for shorter reports")
+    max_new = want_new
+
+    ar: Optional[_ArModel] = None
+    if ar_load is not None:
+        acfg, amodel, atok = ar_load
         if acfg.stage != "ar":
             raise BuildError(f"--ar-ckpt {opts.ar_ckpt} has stage {acfg.stage!r}; the AR graphs need a stage-1 'ar' checkpoint")
         if atok.tok.to_str() != tok.tok.to_str():
             raise BuildError("--ar-ckpt uses a different tokenizer than --ckpt; both must share tokenizer.json")
-        aP = len(atok.prefix_ids(amodel.n_image_tokens))
-        if opts.capacity < aP + 1:
-            raise BuildError(f"--capacity {opts.capacity} is smaller than the AR prefix ({aP} tokens) + 1")
-        ar_max_new = min(opts.max_new_tokens or acfg.max_response_tokens, opts.capacity - aP + 1)
-        ar = _ArModel(acfg, amodel, aP, ar_max_new)
+        ar = _ArModel(acfg, amodel, *ar_need)
 
     data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
     calib_px: list[np.ndarray] = []

@@ -22,7 +22,9 @@ def main() -> None:
               help="comma-separated: fp32, fp16, int8 (fp32 is always built)")
 @click.option("--ar-ckpt", type=click.Path(path_type=Path), default=None, help="stage-1 AR checkpoint: adds ar_prefill/ar_step")
 @click.option("--batch-sizes", default="1", show_default=True, help="comma-separated fixed batch sizes")
-@click.option("--capacity", default=256, show_default=True, type=int, help="KV cache slots (CAP)")
+@click.option("--capacity", default=None, type=click.IntRange(min=1),
+              help="KV cache slots (CAP). Default: what the models need (image + prompt tokens + max_response_tokens); "
+                   "a smaller value is refused before any work")
 @click.option("--calib-size", default=32, show_default=True, type=int, help="training images for int8 calibration")
 @click.option("--verify-n", default=50, show_default=True, type=int, help="held-out images for verification (0: skip)")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -30,7 +32,9 @@ def main() -> None:
 @click.option("--verify-data", type=click.Path(path_type=Path), default=None,
               help="dataset whose test split (else val) verifies the build, e.g. a large fresh one to resolve "
                    "a 1-point F1 change; default: --data's. int8 still calibrates on --data's train split")
-@click.option("--max-new-tokens", type=int, default=None, help="verification length (default: model max_response_tokens)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="the longest report to build for: sizes the default capacity and the verification "
+                   "(default: the model's max_response_tokens)")
 @click.option("--opset", default=18, show_default=True, type=int)
 @click.option("--int8-mode", type=click.Choice([INT8_AUTO, *INT8_MODES]), default="auto", show_default=True,
               help="int8 quantisation: u8s8 = uint8 activations x 8-bit weights (exact only on CPUs with VNNI); "

@@ -332,6 +332,10 @@ def test_bad_inputs(setup, tmp_path):
     # unknown precision
     r = _cli(["--ckpt", str(root / "ckpt"), "--out", str(tmp_path / "e3"), "--precision", "fp32,bf8", *base])
     assert r.exit_code == 2 and "unknown precision bf8" in r.output
+    # a capacity the reports do not fit in (prefix 64 + 24 new tokens at B=4 need 80 slots), refused
+    # before any work; with shorter reports asked for it is enough
+    r = _cli(["--ckpt", str(root / "ckpt"), "--out", str(tmp_path / "e6"), *base, "--capacity", "79"])
+    assert r.exit_code == 2 and "pass --capacity 80 or more" in r.output and not (tmp_path / "e6").exists()
     # output folder exists
     (tmp_path / "e4").mkdir()
     r = _cli(["--ckpt", str(root / "ckpt"), "--out", str(tmp_path / "e4"), *base])
@@ -346,6 +350,25 @@ def test_bad_inputs(setup, tmp_path):
     # nothing half-written anywhere
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["bad_data", "broken", "e4"] and not any((tmp_path / "e4").iterdir())
+
+
+def test_capacity_follows_the_model(setup, tmp_path):
+    """Without --capacity the cache holds exactly what the prefix and the longest report need:
+    fused decoding stores the prefix's first P - B tokens and one block per pass but the last,
+    AR every token but the last. The engine built that way reproduces the reference."""
+    from echo_export.build import BuildOptions, build, required_capacity
+    from runtime.manifest import load_manifest
+
+    assert required_capacity(64, 4, 24) == 64 + 4 * 4  # 6 blocks: 5 stored, the first one's slots in the prefix
+    assert required_capacity(64, 4, 4) == required_capacity(64, 4, 8) == 64  # one or two blocks: the prefix
+    assert required_capacity(64, 4, 24, ar=(64, 12)) == 80 and required_capacity(64, 4, 24, ar=(64, 40)) == 103
+    root, _, _, data = setup
+    logs: list[str] = []
+    out = build(BuildOptions(ckpt=root / "ckpt", out=tmp_path / "e", precisions=["fp32"], ar_ckpt=root / "ar",
+                             verify_n=2, data=data), log=logs.append)
+    m = load_manifest(out)
+    assert m.capacity == 80 and m.verified
+    assert any("capacity 80 KV slots: prefix 64 + 24 new tokens; AR prefix 64 + 12" in line for line in logs)
 
 
 def test_verify_data_verifies_on_another_dataset(setup, tmp_path):
