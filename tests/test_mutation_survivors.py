@@ -1,0 +1,227 @@
+"""Tests written to kill mutants that survived `make mutation` (benchmarks/results/mutation/).
+
+Each test names the mutant it kills and asserts what a correct implementation must produce.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.schedule import select_unmask, transfer_schedule
+
+
+# ---- runtime/schedule.py ------------------------------------------------------------------
+
+def test_transfer_schedule_splits_the_block_evenly_earliest_steps_first():
+    """Kills transfer_schedule mutants 13-16 (`or True`, 2 for 1, `<=`, `else 1`): a schedule
+    that accepts more than B positions still finishes every block, so only exact counts fail."""
+    assert transfer_schedule(8, 3) == [3, 3, 2]
+    assert transfer_schedule(16, 5) == [4, 3, 3, 3, 3]
+    assert transfer_schedule(8, 8) == [1] * 8
+    assert transfer_schedule(4, 1) == [4]
+    for B, steps in [(8, 3), (16, 5), (16, 16), (8, 1)]:
+        assert sum(transfer_schedule(B, steps)) == B
+
+
+@pytest.mark.parametrize("steps", [0, 9])
+def test_transfer_schedule_refusal_says_what_is_allowed(steps):
+    """Kills transfer_schedule mutant 5 (the error message dropped)."""
+    with pytest.raises(ValueError, match=rf"steps must be in \[1, 8\], got {steps}"):
+        transfer_schedule(8, steps)
+
+
+@pytest.mark.parametrize("rule", ["dynamic-ltr", "dynamic"])
+def test_a_confidence_equal_to_the_threshold_is_not_above_it(rule):
+    """Kills select_unmask mutants 38 and 84 (`>` -> `>=`): "above threshold" is strict, and the
+    runtime and the PyTorch decoders must agree on the boundary. 0.5 is exact in binary."""
+    conf = np.array([[0.10, 0.50, 0.75, 0.20]])
+    still = np.ones_like(conf, dtype=bool)
+    got = np.flatnonzero(select_unmask(conf, still, 1, rule, threshold=0.5)[0]).tolist()
+    assert got == ([0, 2] if rule == "dynamic-ltr" else [2])
+
+
+def test_ties_break_toward_the_lower_position_on_a_16_token_block():
+    """Kills select_unmask mutants 42 and 45 (argsort without kind="stable": quicksort, whose
+    order among equal confidences differs from the stable one for 16 positions and more)."""
+    B = 16
+    conf = np.full((1, B), 0.5)
+    conf[0, 8] = 0.4
+    still = np.ones_like(conf, dtype=bool)
+    for rule in ("static", "dynamic"):
+        got = np.flatnonzero(select_unmask(conf, still, 13, rule, threshold=0.9)[0]).tolist()
+        assert got == [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13], rule
+
+
+# ---- echo_train/stages/dcd_targets.py: the two ablations no covering test called -----------
+
+def _gt_batch(tok, model, r: int = 12, n_real: int = 5):
+    """One report of n_real ids + EOS, EOS-padded to r = 3 blocks of 4: blocks 0-1 scored, block 2 not."""
+    import torch
+
+    resp = torch.full((1, r), tok.eos_id)
+    resp[0, :n_real] = torch.arange(10, 10 + n_real)
+    keep = torch.zeros(1, r, dtype=torch.bool)
+    keep[0, : n_real + 1] = True
+    return {"pixel_values": torch.zeros(1, 1, 32, 32),
+            "prefix_ids": torch.tensor(tok.prefix_ids(model.n_image_tokens))[None],
+            "response_ids": resp, "response_mask": keep}
+
+
+@pytest.mark.parametrize("p_intermediate", [0.0, 1.0])
+def test_gt_onestep_targets_are_the_report_blocks_on_all_positions(tiny_tokenizer, p_intermediate):
+    """build_gt_onestep_inputs (ablation): copy 1 all-mask, copy 2 (p_intermediate > 0) a partly
+    masked report; both scored on ALL positions of the blocks up to the one holding the EOS."""
+    import torch
+
+    from conftest import make_tiny_model
+    from echo_train.model.masks import build_attention_mask, rad_layout
+    from echo_train.stages.dcd_targets import build_gt_onestep_inputs
+
+    tok = tiny_tokenizer
+    model = make_tiny_model(tok, stage="dcd", block_size=4)
+    batch = _gt_batch(tok, model)
+    resp = batch["response_ids"][0]
+    P, R = batch["prefix_ids"].shape[1], 12
+    n_copies = 2 if p_intermediate > 0 else 1
+    with torch.no_grad():
+        inp = build_gt_onestep_inputs(model, batch, tok.mask_id, torch.Generator().manual_seed(0), p_intermediate)
+        mask_row = model.embed_tokens(torch.tensor([tok.mask_id]))[0]
+        clean_rows = model.embed_tokens(resp)
+    assert inp.targets.shape == (1, P + R * (1 + n_copies))
+    assert torch.equal(inp.mask[0], build_attention_mask(rad_layout(P, R, 4, n_copies)))
+    tg = inp.targets[0]
+    assert (tg[: P + R] == -100).all()  # prefix and clean copy never scored
+    want = torch.cat([resp[:8], torch.full((4,), -100)])  # blocks 0-1 on all positions; block 2 (pads) not
+    for c in range(n_copies):
+        assert torch.equal(tg[P + R * (1 + c) : P + R * (2 + c)], want), c
+    assert torch.equal(inp.embeds[0, P + R : P + 2 * R], mask_row.expand(R, -1))  # copy 1: all-mask
+    assert torch.equal(inp.embeds[0, P : P + R], clean_rows)  # the clean copy is the report
+    if n_copies == 2:
+        x = inp.embeds[0, P + 2 * R :]
+        is_mask = (x == mask_row).all(-1)
+        assert torch.equal(x[~is_mask], clean_rows[~is_mask]) and is_mask.any() and (~is_mask).any()
+    pos = inp.position_ids[0]
+    for c in range(n_copies):
+        assert torch.equal(pos[P + R * (1 + c) : P + R * (2 + c)], pos[P : P + R])
+    assert inp.sources is not None  # a shifted model reads token j from j-1
+
+
+def test_factorised_loss_is_the_cross_entropy_to_the_teachers_mask_free_distribution(tiny_tokenizer):
+    """factorised_distillation_loss (ablation) from its definition: at the all-mask state, on the
+    scored positions of valid blocks, -sum softmax(teacher, MASK excluded) * log_softmax(student),
+    averaged over positions; gradients reach the student only."""
+    import torch
+    import torch.nn.functional as F
+
+    from conftest import make_tiny_model
+    from echo_train.model.masks import build_attention_mask, prediction_sources, rad_layout
+    from echo_train.stages.dcd_targets import factorised_distillation_loss
+
+    tok = tiny_tokenizer
+    B, R = 4, 12
+    teacher = make_tiny_model(tok, stage="rad", block_size=B, seed=1)
+    student = make_tiny_model(tok, stage="dcd", block_size=B, seed=2)
+    ids = torch.tensor([[10, 11, 12, 13, 14, tok.eos_id] + [tok.eos_id] * 6])
+    batch = {"pixel_values": torch.zeros(1, 1, 32, 32), "prefix_ids": torch.tensor(tok.prefix_ids(teacher.n_image_tokens))[None],
+             "teacher_ids": ids, "block_valid": torch.tensor([[True, True, False]])}
+    P = batch["prefix_ids"].shape[1]
+    loss = factorised_distillation_loss(student, teacher, batch, tok.mask_id)
+
+    def logits_at_scored(model):
+        layout = rad_layout(P, R, B, 1, model.cfg.context_kind)
+        emb = torch.cat([model.embed_prefix(batch["pixel_values"], batch["prefix_ids"]), model.embed_tokens(ids),
+                         model.embed_tokens(torch.full_like(ids, tok.mask_id))], 1)
+        h, _ = model.lm(emb, layout.position[None], build_attention_mask(layout)[None])
+        src = prediction_sources(layout)[P + R : P + R + 8]  # the 8 positions of the two valid blocks
+        return model.lm.lm_head(h[0, src]).float()
+
+    with torch.no_grad():
+        t = logits_at_scored(teacher)
+        t[:, tok.mask_id] = float("-inf")
+        p = F.softmax(t, -1)
+    want = -(p * F.log_softmax(logits_at_scored(student), -1)).sum(-1).mean()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert all(q.grad is None for q in teacher.parameters())
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in student.parameters())
+
+
+def test_dcd_intermediate_states_are_drawn_strictly_between_all_mask_and_final(tiny_tokenizer):
+    """build_dcd_inputs with p_intermediate > 0 (stage 3 defaults to 0, so only this test draws
+    intermediate states). Kills build_dcd_inputs mutants 1, 37, 41-43, 45, 49-58, 60, 64-73, 85:
+    copy 2 of a block holds one of the states strictly between all-mask and final (each of them
+    occurs), a block without such a state stays all-mask, p in (0, 1) mixes both, a second study
+    in the batch gets its own trajectory, the draw follows the generator, and the defaults add
+    neither a second copy nor the AR loss."""
+    import torch
+
+    from conftest import make_tiny_model
+    from echo_train.stages.dcd_targets import build_dcd_inputs
+    from echo_train.stages.stage3_dcd import make_trajectory_collate
+
+    tok = tiny_tokenizer
+    m, eos = tok.mask_id, tok.eos_id
+    model = make_tiny_model(tok, stage="rad", block_size=4, causal_context=True)
+    prefix = torch.tensor(tok.prefix_ids(model.n_image_tokens))
+    final0 = [7, 8, 9, 10]
+    mids = [[7, m, m, m], [7, 8, m, m], [7, 8, m, 10]]  # three states strictly between
+
+    def item(i, block1):
+        states = [torch.tensor([[m] * 4, *mids, final0]), torch.tensor([[m] * 4, block1])]
+        return {"pixel_values": torch.zeros(1, 32, 32), "prefix_ids": prefix, "response_ids": torch.tensor([7, eos]),
+                "id": str(i), "teacher": {"tokens": torch.tensor(final0 + block1), "states": states}}
+
+    batch = make_trajectory_collate(tok, 4)([item(0, [11, 12, eos, eos]), item(1, [13, eos, eos, eos])])
+    P, R = prefix.shape[0], batch["teacher_ids"].shape[1]
+    assert R == 8
+    with torch.no_grad():
+        emb = model.embed_tokens
+        mask_block = emb(torch.tensor([m] * 4))
+        mid_rows = [emb(torch.tensor(s)) for s in mids]
+
+        def copy2_blocks(p, seed):
+            inp = build_dcd_inputs(model, batch, m, torch.Generator().manual_seed(seed), p_intermediate=p)
+            assert inp.targets.shape[1] == P + 3 * R  # prefix, clean, copy 1, copy 2
+            x = inp.embeds[:, P + 2 * R :]
+            return inp, [(x[r, :4], x[r, 4:]) for r in range(2)]
+
+        def which(block0):
+            hits = [k for k, rows in enumerate(mid_rows) if torch.equal(block0, rows)]
+            return hits[0] if hits else ("mask" if torch.equal(block0, mask_block) else None)
+
+        seen = set()
+        for seed in range(16):
+            inp, rows = copy2_blocks(1.0, seed)
+            for b0, b1 in rows:
+                k = which(b0)
+                assert k in (0, 1, 2), (seed, k)  # never all-mask, never the final state
+                seen.add(k)
+                assert torch.equal(b1, mask_block)  # no state strictly between: all-mask
+            assert torch.equal(inp.targets[:, P + 2 * R :], inp.targets[:, P + R : P + 2 * R])  # same targets
+        assert seen == {0, 1, 2}
+        mixed = {which(b0) == "mask" for seed in range(16) for b0, _ in copy2_blocks(0.5, seed)[1]}
+        assert mixed == {True, False}
+        a, _ = copy2_blocks(0.5, 5)
+        b, _ = copy2_blocks(0.5, 5)
+        assert torch.equal(a.embeds, b.embeds)  # the draw follows the generator
+        plain = build_dcd_inputs(model, batch, m, torch.Generator().manual_seed(0))
+    assert plain.targets.shape[1] == P + 2 * R and plain.aux_targets is None  # defaults: one copy, no AR loss
+
+
+# ---- echo_train/model/masks.py --------------------------------------------------------------
+
+def test_symmetric_layout_keeps_a_causal_context_causal():
+    """Kills symmetric_layout mutant 18 (`kind=context` dropped): with a causal context (the
+    causal-context teacher's ablation) the clean half is the AR model's causal attention, not
+    block-causal; the noisy half is unchanged."""
+    import torch
+
+    from echo_train.model.masks import CAUSAL, NOISY, build_attention_mask, causal_layout, symmetric_layout
+
+    P, R, B = 4, 8, 4
+    lay = symmetric_layout(P, R, B, context=CAUSAL)
+    n = P + R
+    assert (lay.kind[:n] == NOISY).all() and (lay.kind[n:] == CAUSAL).all()
+    mask = build_attention_mask(lay)
+    assert torch.equal(mask[n:, n:], build_attention_mask(causal_layout(n)))
+    assert not mask[n:, :n].any()  # the clean half never reads the noisy one
