@@ -225,3 +225,102 @@ def test_symmetric_layout_keeps_a_causal_context_causal():
     mask = build_attention_mask(lay)
     assert torch.equal(mask[n:, n:], build_attention_mask(causal_layout(n)))
     assert not mask[n:, :n].any()  # the clean half never reads the noisy one
+
+
+def test_prediction_sources_with_one_token_blocks_and_a_gap():
+    """Kills prediction_sources mutants 43 (`position > 1`), 61 (missing-source sentinel +1),
+    74 and 75 (`found > 0`, `found >= 1`): with B = 1 the first noisy token can sit at position 1
+    and read the clean token at index 0; a noisy block whose previous position holds no clean
+    token reads itself (the docstring's "tokens without such a source map to themselves")."""
+    import torch
+
+    from echo_train.model.masks import CLEAN, NOISY, TokenLayout, block_layout, prediction_sources, rad_layout
+
+    # P = 1, R = 3, B = 1: clean tokens 0..3 at positions 0..3, noisy tokens 4..6 at positions 1..3
+    assert prediction_sources(rad_layout(1, 3, 1)).tolist() == [0, 1, 2, 3, 0, 1, 2]
+    # clean positions 0-1, then a noisy block at positions 4-5: position 3 is absent
+    gap = TokenLayout.cat([block_layout(2, 2, kind=CLEAN), block_layout(2, 2, start=4, kind=NOISY, copy=1)])
+    assert prediction_sources(gap).tolist() == [0, 1, 2, 2]
+    assert (gap.kind == torch.tensor([CLEAN, CLEAN, NOISY, NOISY])).all()
+
+
+# ---- echo_train/stages/batches.py -----------------------------------------------------------
+
+def _rad_batch(tok, model, b=2, r=16, n_real=9):
+    import torch
+
+    resp = torch.full((b, r), tok.eos_id)
+    resp[:, :n_real] = torch.arange(10, 10 + n_real)
+    keep = torch.zeros(b, r, dtype=torch.bool)
+    keep[:, : n_real + 1] = True
+    return {"pixel_values": torch.zeros(b, 1, 32, 32),
+            "prefix_ids": torch.tensor(tok.prefix_ids(model.n_image_tokens))[None].expand(b, -1),
+            "response_ids": resp, "response_mask": keep}
+
+
+def test_rad_inputs_default_to_one_noisy_copy_and_follow_the_generator(tiny_tokenizer):
+    """Kills build_rad_inputs mutants 1 (default n_noisy 2) and 79 (the symmetric noise drawn
+    without the generator): the default is one noisy copy, and the same seed gives the same input."""
+    import torch
+
+    from conftest import make_tiny_model
+    from echo_train.stages.batches import build_rad_inputs
+
+    tok = tiny_tokenizer
+    model = make_tiny_model(tok, block_size=4)
+    batch = _rad_batch(tok, model)
+    P, R = batch["prefix_ids"].shape[1], 16
+    with torch.no_grad():
+        one = build_rad_inputs(model, batch, 4, tok.mask_id, torch.Generator().manual_seed(0))
+        assert one.targets.shape == (2, P + 2 * R)
+        for symmetric in (False, True):
+            a = build_rad_inputs(model, batch, 4, tok.mask_id, torch.Generator().manual_seed(3), 1, symmetric)
+            torch.manual_seed(123)  # the global RNG moves between the calls: only `gen` may matter
+            torch.rand(7)
+            b = build_rad_inputs(model, batch, 4, tok.mask_id, torch.Generator().manual_seed(3), 1, symmetric)
+            assert torch.equal(a.embeds, b.embeds) and torch.equal(a.targets, b.targets), symmetric
+
+
+def test_symmetric_inputs_use_the_symmetric_layout_of_the_models_context(tiny_tokenizer):
+    """Kills build_rad_inputs mutants 126-129 (symmetric_layout called with wrong arguments or
+    without the model's context kind): mask, positions and sources are those of
+    symmetric_layout(P, R, B, context) for a block-causal and for a causal-context model."""
+    import torch
+
+    from conftest import make_tiny_model
+    from echo_train.model.masks import build_attention_mask, prediction_sources, symmetric_layout
+    from echo_train.stages.batches import build_rad_inputs
+
+    tok = tiny_tokenizer
+    for causal in (False, True):
+        model = make_tiny_model(tok, block_size=4, causal_context=causal)
+        batch = _rad_batch(tok, model)
+        P, R = batch["prefix_ids"].shape[1], 16
+        with torch.no_grad():
+            inp = build_rad_inputs(model, batch, 4, tok.mask_id, torch.Generator().manual_seed(0), 1, True)
+        lay = symmetric_layout(P, R, 4, model.cfg.context_kind)
+        assert inp.embeds.shape[1] == len(lay) == 2 * (P + R)
+        assert torch.equal(inp.mask[0], build_attention_mask(lay)), causal
+        assert torch.equal(inp.position_ids[1], lay.position)
+        assert torch.equal(inp.sources, prediction_sources(lay))
+
+
+def test_block_noise_masks_half_on_average_and_each_row_on_its_own():
+    """Kills sample_block_noise mutants 14 (t ~ U(eps, 2): most blocks fully masked) and 27 (one
+    noise row shared by the whole batch). t ~ U(eps, 1] per block, so the mean masked share is
+    1/2 and within a block positions are masked independently at the block's rate."""
+    import torch
+
+    from echo_train.stages.batches import sample_block_noise
+
+    resp = torch.arange(10, 10 + 64).repeat(256, 1)  # 256 identical rows of 16 blocks of 4
+    noisy, masked = sample_block_noise(resp, 4, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy, torch.where(masked, torch.full_like(resp, 3), resp))
+    share = masked.float().mean().item()
+    assert 0.47 < share < 0.53, share  # 16384 blocks: sd of the mean ~0.003
+    full = masked.reshape(256, 16, 4).all(-1).float().mean().item()
+    assert full < 0.3, full  # E[t^4] = 1/5 for t ~ U(0, 1]; 0.6 if t ~ U(0, 2) capped at 1
+    # each position is masked in about half of the rows; a noise row shared by the batch would
+    # mask position j wherever t > u_j, i.e. in a share 1 - u_j of the rows, spread over [0, 1]
+    per_position = masked.float().mean(0)
+    assert (per_position - 0.5).abs().max().item() < 0.15, per_position  # sd 0.031 per position
