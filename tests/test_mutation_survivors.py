@@ -324,3 +324,83 @@ def test_block_noise_masks_half_on_average_and_each_row_on_its_own():
     # mask position j wherever t > u_j, i.e. in a share 1 - u_j of the rows, spread over [0, 1]
     per_position = masked.float().mean(0)
     assert (per_position - 0.5).abs().max().item() < 0.15, per_position  # sd 0.031 per position
+
+
+def test_rad_layout_defaults_to_one_noisy_copy():
+    """Kills rad_layout mutant 1 (default n_noisy 2): the existing length checks pass n_noisy."""
+    from echo_train.model.masks import NOISY, rad_layout
+
+    lay = rad_layout(8, 12, 4)
+    assert len(lay) == 8 + 2 * 12
+    assert (lay.kind == NOISY).sum().item() == 12 and set(lay.copy[lay.kind == NOISY].tolist()) == {1}
+
+
+# ---- echo_train/decoding/run.py: decode_batch, which no covering test called -------------------
+
+@pytest.mark.parametrize("spec_kw, want", [
+    ({"mode": "ar", "max_new_tokens": 24}, ("ar", 24)),
+    ({"mode": "onestep", "block_size": 4, "max_new_tokens": 24}, ("fused", 4, 24)),
+    ({"mode": "onestep-unfused", "block_size": 4, "steps": 3, "max_new_tokens": 24, "rule": "static"},
+     ("multistep", 4, 1, 24, "static", True)),
+    ({"mode": "multistep", "block_size": 8, "max_new_tokens": 16, "rule": "dynamic"},
+     ("multistep", 8, 8, 16, "dynamic", True)),
+    ({"mode": "multistep", "block_size": 8, "steps": 2, "max_new_tokens": 16}, ("multistep", 8, 2, 16, "dynamic-ltr", True)),
+])
+def test_decode_batch_calls_the_decoder_of_its_mode_with_the_specs_settings(monkeypatch, spec_kw, want):
+    """Kills decode_batch's mutants: each mode reaches its decoder with the spec's block size, steps
+    (multistep default = B; onestep-unfused = 1), rule and length; keep_trajectory is passed on."""
+    import echo_train.decoding.run as run
+
+    calls = []
+    monkeypatch.setattr(run, "ar_generate", lambda m, t, px, n: calls.append(("ar", n)) or "r")
+    monkeypatch.setattr(run, "fused_onestep_generate", lambda m, t, px, B, n: calls.append(("fused", B, n)) or "r")
+    monkeypatch.setattr(run, "multistep_generate", lambda m, t, px, B, steps, n, rule, keep_trajectory=False:
+                        calls.append(("multistep", B, steps, n, rule, keep_trajectory)) or "r")
+    model, tok, px = object(), object(), object()
+    assert run.decode_batch(model, tok, px, run.DecodeSpec(**spec_kw), keep_trajectory=True) == "r"
+    assert calls == [want]
+
+
+def test_decode_spec_refuses_an_unknown_mode():
+    from echo_train.decoding.run import MODES, DecodeSpec
+
+    with pytest.raises(ValueError, match="unknown decode mode 'fast'; choose from"):
+        DecodeSpec(mode="fast")
+    assert [DecodeSpec(mode=m).mode for m in MODES] == list(MODES)
+
+
+# ---- echo_train/decoding/block_diffusion.py and common.py -------------------------------------
+
+def test_denoise_step_applies_the_threshold_it_is_given():
+    """Kills denoise_step mutant 28 (threshold dropped: the default 0.85 used instead). The
+    decoders always pass the default, so no decoding test can tell."""
+    import torch
+
+    from echo_train.decoding.block_diffusion import denoise_step
+
+    mask_id = 0
+    logits = torch.full((1, 3, 5), -10.0)
+    logits[0, 0, 1] = 10.0  # position 0: token 1, confidence ~1
+    logits[0, 1, 2], logits[0, 1, 3] = 1.0, 0.0  # position 1: token 2 at confidence ~0.73
+    logits[0, 2, 4] = 10.0
+    x = torch.full((1, 3), mask_id)
+    x[0, 2] = 9  # already committed: kept
+    assert denoise_step(logits, x, mask_id, 1, "static", 0.5).tolist() == [[1, 0, 9]]
+    assert denoise_step(logits, x, mask_id, 1, "dynamic", 0.5).tolist() == [[1, 2, 9]]
+    assert denoise_step(logits, x, mask_id, 1, "dynamic", 0.85).tolist() == [[1, 0, 9]]
+
+
+def test_kv_cache_length_counts_the_stored_tokens():
+    """Kills KVCache.__len__'s mutants (no covering test read the length)."""
+    import torch
+
+    from echo_train.decoding.common import KVCache
+    from echo_train.model.masks import causal_layout
+
+    cache = KVCache()
+    assert len(cache) == 0
+    kv = [(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4)) for _ in range(2)]
+    cache.append(kv, causal_layout(5))
+    assert len(cache) == 5
+    cache.append(kv, causal_layout(5, start=5), keep=slice(1, 3))
+    assert len(cache) == 7 and len(cache.layout) == 7
