@@ -54,16 +54,18 @@ def test_ties_break_toward_the_lower_position_on_a_16_token_block():
 
 # ---- echo_train/stages/dcd_targets.py: the two ablations no covering test called -----------
 
-def _gt_batch(tok, model, r: int = 12, n_real: int = 5):
-    """One report of n_real ids + EOS, EOS-padded to r = 3 blocks of 4: blocks 0-1 scored, block 2 not."""
+def _gt_batch(tok, model, r: int = 12, n_real: tuple = (5, 2)):
+    """Reports of n_real ids + EOS, EOS-padded to r = 3 blocks of 4: row 0 scores blocks 0-1,
+    row 1 block 0 only."""
     import torch
 
-    resp = torch.full((1, r), tok.eos_id)
-    resp[0, :n_real] = torch.arange(10, 10 + n_real)
-    keep = torch.zeros(1, r, dtype=torch.bool)
-    keep[0, : n_real + 1] = True
-    return {"pixel_values": torch.zeros(1, 1, 32, 32),
-            "prefix_ids": torch.tensor(tok.prefix_ids(model.n_image_tokens))[None],
+    resp = torch.full((len(n_real), r), tok.eos_id)
+    keep = torch.zeros(len(n_real), r, dtype=torch.bool)
+    for i, n in enumerate(n_real):
+        resp[i, :n] = torch.arange(10 + i, 10 + i + n)
+        keep[i, : n + 1] = True
+    return {"pixel_values": torch.zeros(len(n_real), 1, 32, 32),
+            "prefix_ids": torch.tensor(tok.prefix_ids(model.n_image_tokens))[None].expand(len(n_real), -1),
             "response_ids": resp, "response_mask": keep}
 
 
@@ -80,26 +82,32 @@ def test_gt_onestep_targets_are_the_report_blocks_on_all_positions(tiny_tokenize
     tok = tiny_tokenizer
     model = make_tiny_model(tok, stage="dcd", block_size=4)
     batch = _gt_batch(tok, model)
-    resp = batch["response_ids"][0]
     P, R = batch["prefix_ids"].shape[1], 12
     n_copies = 2 if p_intermediate > 0 else 1
     with torch.no_grad():
+        torch.manual_seed(7)
         inp = build_gt_onestep_inputs(model, batch, tok.mask_id, torch.Generator().manual_seed(0), p_intermediate)
+        torch.manual_seed(8)  # only the generator may decide the draw
+        again = build_gt_onestep_inputs(model, batch, tok.mask_id, torch.Generator().manual_seed(0), p_intermediate)
         mask_row = model.embed_tokens(torch.tensor([tok.mask_id]))[0]
-        clean_rows = model.embed_tokens(resp)
-    assert inp.targets.shape == (1, P + R * (1 + n_copies))
+    assert torch.equal(inp.embeds, again.embeds)
+    assert inp.targets.shape == (2, P + R * (1 + n_copies))
     assert torch.equal(inp.mask[0], build_attention_mask(rad_layout(P, R, 4, n_copies)))
-    tg = inp.targets[0]
-    assert (tg[: P + R] == -100).all()  # prefix and clean copy never scored
-    want = torch.cat([resp[:8], torch.full((4,), -100)])  # blocks 0-1 on all positions; block 2 (pads) not
-    for c in range(n_copies):
-        assert torch.equal(tg[P + R * (1 + c) : P + R * (2 + c)], want), c
-    assert torch.equal(inp.embeds[0, P + R : P + 2 * R], mask_row.expand(R, -1))  # copy 1: all-mask
-    assert torch.equal(inp.embeds[0, P : P + R], clean_rows)  # the clean copy is the report
-    if n_copies == 2:
-        x = inp.embeds[0, P + 2 * R :]
-        is_mask = (x == mask_row).all(-1)
-        assert torch.equal(x[~is_mask], clean_rows[~is_mask]) and is_mask.any() and (~is_mask).any()
+    for row, n_ok in ((0, 8), (1, 4)):  # blocks up to the one holding the EOS, on all their positions
+        resp = batch["response_ids"][row]
+        with torch.no_grad():
+            clean_rows = model.embed_tokens(resp)
+        tg = inp.targets[row]
+        assert (tg[: P + R] == -100).all()  # prefix and clean copy never scored
+        want = torch.cat([resp[:n_ok], torch.full((R - n_ok,), -100)])
+        for c in range(n_copies):
+            assert torch.equal(tg[P + R * (1 + c) : P + R * (2 + c)], want), (row, c)
+        assert torch.equal(inp.embeds[row, P + R : P + 2 * R], mask_row.expand(R, -1))  # copy 1: all-mask
+        assert torch.equal(inp.embeds[row, P : P + R], clean_rows)  # the clean copy is the report
+        if n_copies == 2:
+            x = inp.embeds[row, P + 2 * R :]
+            is_mask = (x == mask_row).all(-1)
+            assert torch.equal(x[~is_mask], clean_rows[~is_mask]) and is_mask.any() and (~is_mask).any()
     pos = inp.position_ids[0]
     for c in range(n_copies):
         assert torch.equal(pos[P + R * (1 + c) : P + R * (2 + c)], pos[P : P + R])
@@ -121,9 +129,11 @@ def test_factorised_loss_is_the_cross_entropy_to_the_teachers_mask_free_distribu
     B, R = 4, 12
     teacher = make_tiny_model(tok, stage="rad", block_size=B, seed=1)
     student = make_tiny_model(tok, stage="dcd", block_size=B, seed=2)
-    ids = torch.tensor([[10, 11, 12, 13, 14, tok.eos_id] + [tok.eos_id] * 6])
-    batch = {"pixel_values": torch.zeros(1, 1, 32, 32), "prefix_ids": torch.tensor(tok.prefix_ids(teacher.n_image_tokens))[None],
-             "teacher_ids": ids, "block_valid": torch.tensor([[True, True, False]])}
+    ids = torch.tensor([[10, 11, 12, 13, 14, tok.eos_id] + [tok.eos_id] * 6,
+                        [20, 21, tok.eos_id] + [tok.eos_id] * 9])
+    batch = {"pixel_values": torch.zeros(2, 1, 32, 32),
+             "prefix_ids": torch.tensor(tok.prefix_ids(teacher.n_image_tokens))[None].expand(2, -1),
+             "teacher_ids": ids, "block_valid": torch.tensor([[True, True, False], [True, False, False]])}
     P = batch["prefix_ids"].shape[1]
     loss = factorised_distillation_loss(student, teacher, batch, tok.mask_id)
 
@@ -131,9 +141,10 @@ def test_factorised_loss_is_the_cross_entropy_to_the_teachers_mask_free_distribu
         layout = rad_layout(P, R, B, 1, model.cfg.context_kind)
         emb = torch.cat([model.embed_prefix(batch["pixel_values"], batch["prefix_ids"]), model.embed_tokens(ids),
                          model.embed_tokens(torch.full_like(ids, tok.mask_id))], 1)
-        h, _ = model.lm(emb, layout.position[None], build_attention_mask(layout)[None])
-        src = prediction_sources(layout)[P + R : P + R + 8]  # the 8 positions of the two valid blocks
-        return model.lm.lm_head(h[0, src]).float()
+        h, _ = model.lm(emb, layout.position[None].expand(2, -1), build_attention_mask(layout)[None])
+        src = prediction_sources(layout)[P + R :]
+        # row 0: its two valid blocks (8 positions), row 1: its one valid block (4), in row order
+        return model.lm.lm_head(torch.cat([h[0, src[:8]], h[1, src[:4]]])).float()
 
     with torch.no_grad():
         t = logits_at_scored(teacher)
@@ -148,11 +159,11 @@ def test_factorised_loss_is_the_cross_entropy_to_the_teachers_mask_free_distribu
 
 def test_dcd_intermediate_states_are_drawn_strictly_between_all_mask_and_final(tiny_tokenizer):
     """build_dcd_inputs with p_intermediate > 0 (stage 3 defaults to 0, so only this test draws
-    intermediate states). Kills build_dcd_inputs mutants 1, 37, 41-43, 45, 49-58, 60, 64-73, 85:
+    intermediate states). Kills build_dcd_inputs mutants 1, 37, 41-43, 45, 49-58, 60, 64-67, 85:
     copy 2 of a block holds one of the states strictly between all-mask and final (each of them
-    occurs), a block without such a state stays all-mask, p in (0, 1) mixes both, a second study
-    in the batch gets its own trajectory, the draw follows the generator, and the defaults add
-    neither a second copy nor the AR loss."""
+    occurs, a lone one too), a block without such a state stays all-mask, p in (0, 1) mixes both,
+    two studies of a batch draw on their own, the draw follows the generator only, and the
+    defaults add neither a second copy nor the AR loss."""
     import torch
 
     from conftest import make_tiny_model
@@ -163,47 +174,51 @@ def test_dcd_intermediate_states_are_drawn_strictly_between_all_mask_and_final(t
     m, eos = tok.mask_id, tok.eos_id
     model = make_tiny_model(tok, stage="rad", block_size=4, causal_context=True)
     prefix = torch.tensor(tok.prefix_ids(model.n_image_tokens))
-    final0 = [7, 8, 9, 10]
-    mids = [[7, m, m, m], [7, 8, m, m], [7, 8, m, 10]]  # three states strictly between
+    final0, final1, final2 = [7, 8, 9, 10], [11, 12, 13, 14], [15, eos, eos, eos]
+    mids = [[7, m, m, m], [7, 8, m, m], [7, 8, m, 10]]  # block 0: three states strictly between
+    mid1 = [11, m, 13, m]  # block 1: exactly one; block 2: none
 
-    def item(i, block1):
-        states = [torch.tensor([[m] * 4, *mids, final0]), torch.tensor([[m] * 4, block1])]
+    def item(i):
+        states = [torch.tensor([[m] * 4, *mids, final0]), torch.tensor([[m] * 4, mid1, final1]),
+                  torch.tensor([[m] * 4, final2])]
         return {"pixel_values": torch.zeros(1, 32, 32), "prefix_ids": prefix, "response_ids": torch.tensor([7, eos]),
-                "id": str(i), "teacher": {"tokens": torch.tensor(final0 + block1), "states": states}}
+                "id": str(i), "teacher": {"tokens": torch.tensor(final0 + final1 + final2), "states": states}}
 
-    batch = make_trajectory_collate(tok, 4)([item(0, [11, 12, eos, eos]), item(1, [13, eos, eos, eos])])
+    batch = make_trajectory_collate(tok, 4)([item(0), item(1)])  # two studies, three blocks each
     P, R = prefix.shape[0], batch["teacher_ids"].shape[1]
-    assert R == 8
+    assert R == 12
     with torch.no_grad():
         emb = model.embed_tokens
         mask_block = emb(torch.tensor([m] * 4))
         mid_rows = [emb(torch.tensor(s)) for s in mids]
+        mid1_row = emb(torch.tensor(mid1))
 
-        def copy2_blocks(p, seed):
+        def copy2(p, seed):
+            torch.manual_seed(1000 + seed)  # the global RNG differs per call: only `gen` may matter
             inp = build_dcd_inputs(model, batch, m, torch.Generator().manual_seed(seed), p_intermediate=p)
             assert inp.targets.shape[1] == P + 3 * R  # prefix, clean, copy 1, copy 2
-            x = inp.embeds[:, P + 2 * R :]
-            return inp, [(x[r, :4], x[r, 4:]) for r in range(2)]
+            return inp, inp.embeds[:, P + 2 * R :]
 
         def which(block0):
             hits = [k for k, rows in enumerate(mid_rows) if torch.equal(block0, rows)]
             return hits[0] if hits else ("mask" if torch.equal(block0, mask_block) else None)
 
-        seen = set()
+        seen, rows_differ = set(), False
         for seed in range(16):
-            inp, rows = copy2_blocks(1.0, seed)
-            for b0, b1 in rows:
-                k = which(b0)
-                assert k in (0, 1, 2), (seed, k)  # never all-mask, never the final state
-                seen.add(k)
-                assert torch.equal(b1, mask_block)  # no state strictly between: all-mask
+            inp, x = copy2(1.0, seed)
+            picks = [which(x[r, :4]) for r in range(2)]
+            assert all(k in (0, 1, 2) for k in picks), (seed, picks)  # never all-mask, never final
+            seen |= set(picks)
+            rows_differ |= picks[0] != picks[1]
+            for r in range(2):
+                assert torch.equal(x[r, 4:8], mid1_row)  # the lone intermediate state
+                assert torch.equal(x[r, 8:], mask_block)  # no state strictly between: all-mask
             assert torch.equal(inp.targets[:, P + 2 * R :], inp.targets[:, P + R : P + 2 * R])  # same targets
-        assert seen == {0, 1, 2}
-        mixed = {which(b0) == "mask" for seed in range(16) for b0, _ in copy2_blocks(0.5, seed)[1]}
+        assert seen == {0, 1, 2} and rows_differ
+        mixed = {which(x[r, :4]) == "mask" for seed in range(16) for r in range(2) for x in [copy2(0.5, seed)[1]]}
         assert mixed == {True, False}
-        a, _ = copy2_blocks(0.5, 5)
-        b, _ = copy2_blocks(0.5, 5)
-        assert torch.equal(a.embeds, b.embeds)  # the draw follows the generator
+        for seed in range(4):
+            assert torch.equal(copy2(0.5, seed)[1], copy2(0.5, seed)[1])  # the draw follows the generator
         plain = build_dcd_inputs(model, batch, m, torch.Generator().manual_seed(0))
     assert plain.targets.shape[1] == P + 2 * R and plain.aux_targets is None  # defaults: one copy, no AR loss
 
