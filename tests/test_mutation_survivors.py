@@ -367,13 +367,23 @@ def test_decode_batch_calls_the_decoder_of_its_mode_with_the_specs_settings(monk
     import echo_train.decoding.run as run
 
     calls = []
-    monkeypatch.setattr(run, "ar_generate", lambda m, t, px, n: calls.append(("ar", n)) or "r")
-    monkeypatch.setattr(run, "fused_onestep_generate", lambda m, t, px, B, n: calls.append(("fused", B, n)) or "r")
-    monkeypatch.setattr(run, "multistep_generate", lambda m, t, px, B, steps, n, rule, keep_trajectory=False:
-                        calls.append(("multistep", B, steps, n, rule, keep_trajectory)) or "r")
-    model, tok, px = object(), object(), object()
-    assert run.decode_batch(model, tok, px, run.DecodeSpec(**spec_kw), keep_trajectory=True) == "r"
+    args = (object(), object(), object())  # model, tokenizer, pixels: passed on as they are
+
+    def seen(*a):
+        assert a[:3] == args
+        return a[3:]
+
+    monkeypatch.setattr(run, "ar_generate", lambda m, t, px, n: calls.append(("ar", *seen(m, t, px, n))) or "r")
+    monkeypatch.setattr(run, "fused_onestep_generate",
+                        lambda m, t, px, B, n: calls.append(("fused", *seen(m, t, px, B, n))) or "r")
+    monkeypatch.setattr(run, "multistep_generate", lambda m, t, px, B, steps, n, rule, keep_trajectory=None:
+                        calls.append(("multistep", *seen(m, t, px, B, steps, n, rule), keep_trajectory)) or "r")
+    spec = run.DecodeSpec(**spec_kw)
+    assert run.decode_batch(*args, spec, keep_trajectory=True) == "r"
     assert calls == [want]
+    calls.clear()
+    assert run.decode_batch(*args, spec) == "r"  # keep_trajectory defaults to False
+    assert calls == [want[:-1] + (False,) if want[0] == "multistep" else want]
 
 
 def test_decode_spec_refuses_an_unknown_mode():
