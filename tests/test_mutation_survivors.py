@@ -429,3 +429,22 @@ def test_kv_cache_length_counts_the_stored_tokens():
     assert len(cache) == 5
     cache.append(kv, causal_layout(5, start=5), keep=slice(1, 3))
     assert len(cache) == 7 and len(cache.layout) == 7
+
+
+# ---- runtime/engine.py ----------------------------------------------------------------------
+
+def test_generate_ar_streams_its_blocks_too(tmp_path_factory):
+    """Kills EchoRuntime.generate_ar mutant 3 (on_block not passed on): the AR mode streams each
+    pass's ids, and the events add up to the final report."""
+    from runtime import EchoRuntime
+    from test_runtime_graphs import GRAPH_BATCH, images, shared_engine
+
+    eng = shared_engine(tmp_path_factory.mktemp("engines"))  # the session's engine folder (cached)
+    rt = EchoRuntime(eng.path, batch_size=GRAPH_BATCH, threads=1)
+    events = []
+    reps = rt.generate_ar(list(images(2)), on_block=events.append)
+    assert events
+    for i, r in enumerate(reps):
+        mine = [e for e in events if e.index == i]
+        assert mine and sum((e.tokens for e in mine), []) == r.tokens
+        assert mine[-1].text == r.text
