@@ -461,7 +461,7 @@ def test_int8_engine_on_the_other_kind_of_cpu_is_warned(built):
 
 def test_each_precision_stores_its_weights_once(built, setup):
     """Every graph of one precision reads weights.<precision>.bin, in which each distinct tensor is
-    stored once; the manifest hashes the data files; the fp32 file is at most 1.2x the two models'
+    stored once; the manifest hashes the data files; the fp32 file is at most 1.1x the two models'
     fp32 parameter bytes (the AR and the one-step model: four graphs, two models)."""
     from echo_export.external_weights import external_data_files, weights_filename
     from echo_train.model.checkpoint import load_checkpoint
@@ -487,7 +487,7 @@ def test_each_precision_stores_its_weights_once(built, setup):
                 assert seen.setdefault(content, where) == where, f"{t.name} stored twice in {data}"
         assert len(seen) > 10
     n_params = sum(p.numel() for d in ("ckpt", "ar") for p in load_checkpoint(root / d)[0].parameters())
-    assert (out / "weights.fp32.bin").stat().st_size <= 1.2 * 4 * n_params
+    assert (out / "weights.fp32.bin").stat().st_size <= 1.1 * 4 * n_params  # measured 1.04x
 
 
 def test_shared_weights_compute_the_same_and_altered_data_is_refused(built, setup, tmp_path):

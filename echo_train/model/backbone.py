@@ -91,7 +91,9 @@ class Attention(nn.Module):
         q = q.reshape(b, self.n_kv, rep * t, self.dh)
         scores = torch.matmul(q, keys.transpose(-1, -2)) * (self.dh ** -0.5)
         grouped_mask = mask.repeat(1, rep, 1)[:, None]  # [b|1, 1, rep*t, S]: query row r*t + i is query i
-        scores = torch.where(grouped_mask, scores, torch.full_like(scores, MASK_VALUE))
+        # a scalar fill: full_like(scores) would be folded by the exporter into a constant of the
+        # scores' whole shape ([b, kv, rep*t, S]), stored in every graph and read by every layer
+        scores = torch.where(grouped_mask, scores, scores.new_tensor(MASK_VALUE))
         probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, values).reshape(b, self.n_heads, t, self.dh)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.dh)
