@@ -456,3 +456,12 @@ def test_generate_ar_streams_its_blocks_too(tmp_path_factory):
         mine = [e for e in events if e.index == i]
         assert mine and sum((e.tokens for e in mine), []) == r.tokens
         assert mine[-1].text == r.text
+
+
+def test_report_to_dict_holds_every_field():
+    """Kills Report.to_dict mutant 1 (`asdict(None)`): no covering test serialised a Report."""
+    from runtime.engine import Report
+
+    r = Report(path="a.png", text="No effusion.", tokens=[5, 6], timings={"total": 0.5}, forward_passes=3, stop="eos")
+    assert r.to_dict() == {"path": "a.png", "text": "No effusion.", "tokens": [5, 6], "timings": {"total": 0.5},
+                           "forward_passes": 3, "error": None, "stop": "eos"}
