@@ -22,22 +22,21 @@ def _run(model: EchoModel, embeds: torch.Tensor, layout: TokenLayout) -> torch.T
     return model(embeds, pos, mask)[0]
 
 
-@torch.no_grad()
 def recompute_ar_generate(model: EchoModel, tokenizer: ReportTokenizer, pixel_values: torch.Tensor, max_new_tokens: int = 128) -> DecodeResult:
-    b, dev = pixel_values.shape[0], pixel_values.device
-    prefix = prefix_ids_tensor(tokenizer, model, b, dev)
-    pre = model.embed_prefix(pixel_values, prefix)
-    gen = torch.zeros(b, 0, dtype=torch.long, device=dev)
-    for _ in range(max_new_tokens):
-        embeds = torch.cat([pre, model.embed_tokens(gen)], 1)
-        logits = _run(model, embeds, causal_layout(embeds.shape[1]))
-        gen = torch.cat([gen, never_predict_mask(logits[:, -1], tokenizer.mask_id).argmax(-1, keepdim=True)], 1)
-        if bool(holds_eos(gen, tokenizer.eos_id).all()):
-            break
-    return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), gen.shape[1], gen.cpu())
+    with torch.no_grad():
+        b, dev = pixel_values.shape[0], pixel_values.device
+        prefix = prefix_ids_tensor(tokenizer, model, b, dev)
+        pre = model.embed_prefix(pixel_values, prefix)
+        gen = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        for _ in range(max_new_tokens):
+            embeds = torch.cat([pre, model.embed_tokens(gen)], 1)
+            logits = _run(model, embeds, causal_layout(embeds.shape[1]))
+            gen = torch.cat([gen, never_predict_mask(logits[:, -1], tokenizer.mask_id).argmax(-1, keepdim=True)], 1)
+            if bool(holds_eos(gen, tokenizer.eos_id).all()):
+                break
+        return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), gen.shape[1], gen.cpu())
 
 
-@torch.no_grad()
 def recompute_multistep_generate(
     model: EchoModel,
     tokenizer: ReportTokenizer,
@@ -48,28 +47,29 @@ def recompute_multistep_generate(
     rule: str = DEFAULT_UNMASK_RULE,
     threshold: float = UNMASK_THRESHOLD,
 ) -> DecodeResult:
-    b, dev, B = pixel_values.shape[0], pixel_values.device, block_size
-    prefix = prefix_ids_tensor(tokenizer, model, b, dev)
-    grid = BlockLayout(prefix.shape[1], B)
-    schedule = transfer_schedule(B, steps)
-    pre = model.embed_prefix(pixel_values, prefix)
-    gen = torch.zeros(b, 0, dtype=torch.long, device=dev)
-    passes = 0
-    for k in range(grid.num_blocks(max_new_tokens)):
-        n_clean = grid.prefix_len + gen.shape[1]
-        ctx = block_layout(n_clean, B, kind=model.cfg.context_kind)
-        layout = TokenLayout.cat([ctx, block_layout(B, B, start=n_clean, kind=NOISY, copy=1)])
-        x = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
-        for s in range(steps):
-            if not bool((x == tokenizer.mask_id).any()):
+    with torch.no_grad():
+        b, dev, B = pixel_values.shape[0], pixel_values.device, block_size
+        prefix = prefix_ids_tensor(tokenizer, model, b, dev)
+        grid = BlockLayout(prefix.shape[1], B)
+        schedule = transfer_schedule(B, steps)
+        pre = model.embed_prefix(pixel_values, prefix)
+        gen = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        passes = 0
+        for k in range(grid.num_blocks(max_new_tokens)):
+            n_clean = grid.prefix_len + gen.shape[1]
+            ctx = block_layout(n_clean, B, kind=model.cfg.context_kind)
+            layout = TokenLayout.cat([ctx, block_layout(B, B, start=n_clean, kind=NOISY, copy=1)])
+            x = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
+            for s in range(steps):
+                if not bool((x == tokenizer.mask_id).any()):
+                    break
+                embeds = torch.cat([pre, model.embed_tokens(torch.cat([gen, x], 1))], 1)
+                # shifted prediction: token j of the block from position j-1 (token 0 from the last clean one)
+                logits = _run(model, embeds, layout)
+                logits = logits[:, -B - 1 : -1] if model.cfg.shifted_prediction else logits[:, -B:]
+                passes += 1
+                x = denoise_step(logits, x, tokenizer.mask_id, schedule[s], rule, threshold)
+            gen = torch.cat([gen, x], 1)
+            if bool(holds_eos(gen, tokenizer.eos_id).all()):
                 break
-            embeds = torch.cat([pre, model.embed_tokens(torch.cat([gen, x], 1))], 1)
-            # shifted prediction: token j of the block from position j-1 (token 0 from the last clean one)
-            logits = _run(model, embeds, layout)
-            logits = logits[:, -B - 1 : -1] if model.cfg.shifted_prediction else logits[:, -B:]
-            passes += 1
-            x = denoise_step(logits, x, tokenizer.mask_id, schedule[s], rule, threshold)
-        gen = torch.cat([gen, x], 1)
-        if bool(holds_eos(gen, tokenizer.eos_id).all()):
-            break
-    return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), passes, gen.cpu())
+        return DecodeResult(cut_rows_at_eos(gen.cpu(), tokenizer.eos_id), passes, gen.cpu())

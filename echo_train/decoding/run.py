@@ -47,33 +47,33 @@ def load_pixels(studies: list[Study], image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([preprocess_image(s.image_paths[0], image_size) for s in studies]))
 
 
-@torch.no_grad()
 def decode_studies(
     model: EchoModel, tok: ReportTokenizer, studies: list[Study], spec: DecodeSpec, batch_size: int = 16,
     device: torch.device = torch.device("cpu"), progress: bool = True,
 ) -> tuple[dict[str, str], dict]:
     """Reports for every study, and per-report pass / token counts."""
-    model.to(device).eval()
-    preds: dict[str, str] = {}
-    passes = tokens = 0
-    t0 = time.time()
-    it = range(0, len(studies), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    with torch.no_grad():
+        model.to(device).eval()
+        preds: dict[str, str] = {}
+        passes = tokens = 0
+        t0 = time.time()
+        it = range(0, len(studies), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"decode {spec.mode}", unit="batch", dynamic_ncols=True, mininterval=2.0)
-    for i in it:
-        chunk = studies[i : i + batch_size]
-        res = decode_batch(model, tok, load_pixels(chunk, model.cfg.vision.image_size).to(device), spec)
-        passes += res.forward_passes * len(chunk)
-        for s, ids, raw in zip(chunk, res.tokens, res.raw.tolist()):
-            preds[s.id] = tok.decode(ids)
-            tokens += len(ids) + int(tok.eos_id in raw)  # the EOS is a generated token too
-    n = max(1, len(studies))
-    return preds, {
-        "reports": len(studies),
-        "forward_passes_per_report": passes / n,
-        "tokens_per_report": tokens / n,
-        "tokens_per_forward": tokens / max(1, passes),
-        "seconds": time.time() - t0,
-    }
+            it = tqdm(it, desc=f"decode {spec.mode}", unit="batch", dynamic_ncols=True, mininterval=2.0)
+        for i in it:
+            chunk = studies[i : i + batch_size]
+            res = decode_batch(model, tok, load_pixels(chunk, model.cfg.vision.image_size).to(device), spec)
+            passes += res.forward_passes * len(chunk)
+            for s, ids, raw in zip(chunk, res.tokens, res.raw.tolist()):
+                preds[s.id] = tok.decode(ids)
+                tokens += len(ids) + int(tok.eos_id in raw)  # the EOS is a generated token too
+        n = max(1, len(studies))
+        return preds, {
+            "reports": len(studies),
+            "forward_passes_per_report": passes / n,
+            "tokens_per_report": tokens / n,
+            "tokens_per_forward": tokens / max(1, passes),
+            "seconds": time.time() - t0,
+        }
