@@ -465,3 +465,43 @@ def test_report_to_dict_holds_every_field():
     r = Report(path="a.png", text="No effusion.", tokens=[5, 6], timings={"total": 0.5}, forward_passes=3, stop="eos")
     assert r.to_dict() == {"path": "a.png", "text": "No effusion.", "tokens": [5, 6], "timings": {"total": 0.5},
                            "forward_passes": 3, "error": None, "stop": "eos"}
+
+
+# ---- decoder loops (echo_train/decoding: multistep_generate, recompute_*_generate) -------------
+# Survivors of the decoder-loop mutants: the pass count, the EOS cut of `.tokens` and the stop at
+# max_new_tokens were never checked (the equivalence tests compare `.raw`, and the varied
+# reports end at EOS well before the limit).
+
+
+@pytest.mark.parametrize("max_new", [10, 48])  # 10: stops at the length limit mid-report; 48: at EOS
+def test_decoders_count_their_passes_cut_at_eos_and_stop_at_the_limit(varied_model, varied_pixels,
+                                                                      tiny_tokenizer, max_new):
+    from echo_train.decoding import multistep_generate
+    from echo_train.decoding.recompute import recompute_ar_generate, recompute_multistep_generate
+    from varied_models import ForwardLog, as_stage
+
+    tok = tiny_tokenizer
+    eos = tok.eos_id
+    px = varied_pixels[:2]
+    model = as_stage(varied_model(True, True), "rad", block_size=4)
+    ar = as_stage(model, "ar")
+    runs = {
+        "multistep": (model, lambda: multistep_generate(model, tok, px, 4, 2, max_new)),
+        "recompute_multistep": (model, lambda: recompute_multistep_generate(model, tok, px, 4, 2, max_new)),
+        "recompute_ar": (ar, lambda: recompute_ar_generate(ar, tok, px, max_new)),
+    }
+    for name, (m, run) in runs.items():
+        with ForwardLog(m) as log:
+            r = run()
+        assert r.forward_passes == len(log.calls), (name, r.forward_passes, len(log.calls))  # every forward counted once
+        raw = r.raw.tolist()
+        # .tokens is .raw cut before the first EOS, row by row
+        assert [list(t) for t in r.tokens] == [row[: row.index(eos)] if eos in row else row for row in raw], name
+        if max_new == 10:  # no report ends within 10 tokens: each stops at the limit, in whole blocks
+            assert all(eos not in row for row in raw), name
+            assert r.raw.shape[1] == (10 if name == "recompute_ar" else 12), (name, r.raw.shape)
+        else:
+            assert all(len(t) < 48 for t in r.tokens), name  # ended at EOS
+    r = multistep_generate(model, tok, px, 4, 2, 10)
+    assert r.trajectories is None  # only recorded when asked
+    assert multistep_generate(model, tok, px, 4, 2, 10, keep_trajectory=True).trajectories is not None
