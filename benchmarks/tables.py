@@ -1,7 +1,7 @@
 """results.json -> results.md: quality and speed side by side, ideal vs achieved, overhead, setup."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .harness import NA
 

@@ -116,7 +116,6 @@ def main(engine_dir, images, fmt, stream, backend, precision, mode, batch_size, 
     failed = 0
     try:
         if stream:
-            reports = []
             for img in images:
                 s = _Streamer(fmt)
                 r = rt.generate([img], max_new_tokens=max_new_tokens, on_block=s)[0]
