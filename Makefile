@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# PRECISION=fp32 trains every stage in fp32, as on a CPU without native bf16
+PRECISION ?= auto
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks.demo
+	$(BIN)/python -m benchmarks.demo --precision $(PRECISION)
 
 # pytest exits 5 when it collects nothing: not a failure, but every other code is.
 test: $(STAMP)

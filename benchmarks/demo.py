@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +39,9 @@ class StageConfig:
 class DemoConfig:
     root: str = "."  # data/, runs/, engines/ and benchmarks/out/ are relative to this
     threads: int = 2  # training and export
+    # training matmul precision for every stage: auto = bf16 where the CPU has native bf16, else fp32
+    # (`--precision fp32` reproduces a CPU without it)
+    training_precision: str = "auto"
     # The benchmark runs every engine on ONE thread: the demo model's ops are too small to split,
     # and a second thread only adds synchronisation (measured on 2 cores: onnxruntime AR 30 ms
     # per report on 1 thread against 57 ms on 2). Every engine gets the same setting.
@@ -235,7 +238,7 @@ class Demo:
         c = self.cfg
         cmd = _bin("echo-train") + [command, "--data", str(c.path("data/synth")), "--out", str(out), "--steps", str(sc.steps),
                                     "--batch-size", str(sc.batch_size), "--lr", str(sc.lr), "--threads", str(c.threads),
-                                    "--device", "cpu", *extra]
+                                    "--device", "cpu", "--precision", c.training_precision, *extra]
         if command != "stage3":  # validation loss once, at the end: the stage budgets are tight (stage 3 has none)
             cmd += ["--eval-every", str(sc.steps)]
         self.run(name, cmd, sc.budget_s)
@@ -308,8 +311,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast", action="store_true", help="tiny steps and 10 test studies, under benchmarks/out/demo-fast")
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="training matmul precision for every stage (auto: bf16 on CPUs with native bf16, else fp32)")
     args = ap.parse_args(argv)
-    cfg = FAST if args.fast else DEMO
+    cfg = replace(FAST if args.fast else DEMO, training_precision=args.precision)
     print(f"[demo] {'FAST smoke run' if args.fast else 'full demo'} in {Path(cfg.root).resolve()}; "
           f"budgets assume 2 CPU cores", flush=True)
     try:
