@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,eval,dicom,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,eval,dicom,dev,serve-test]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

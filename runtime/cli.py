@@ -1,24 +1,30 @@
 """`echo-report`: chest X-ray reports from an engine folder, without PyTorch.
 
-    echo-report --engine-dir engines/echo a.png b.dcm [--format text|json] [--stream] [--verbose]
+    echo-report --engine-dir engines/echo a.png b.dcm [--format text|json|dicom-sr|fhir] [--stream] [--verbose]
 
 Text output: a "==> path <==" header, then the report. JSON output: one object per line
 (JSON Lines): {"path", "text", "tokens", "forward_passes", "stop", "error"[, "timings"]};
 with --stream, block events {"path", "block", "tokens", "text"} come first.
+fhir: one FHIR R4 DiagnosticReport per line (NDJSON). dicom-sr: one DICOM Basic Text SR file
+per image, written to --out-dir as <image name>.sr.dcm (its path printed); a DICOM input's SR
+joins that image's study and references its UIDs (runtime/report_formats.py).
 Errors go to stderr. Exit status: 0 all reports written, 1 some input failed (the others
 are still printed), 2 the engine folder or the options are unusable.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Optional
 
 import click
 
 from .cpu_features import VNNI, int8_cpu_mismatch
 from .errors import EchoRuntimeError
+from .report_formats import FORMATS, NEEDS_DICOM, EngineInfo, ReportFormatError, SourceStudy, render, report_dict
 
 
 def _err(msg: str) -> None:
@@ -42,11 +48,33 @@ def _timing_line(r) -> str:
 
 
 def _report_json(r, verbose: bool) -> str:
-    d = {"path": r.path, "text": r.text, "tokens": r.tokens, "forward_passes": r.forward_passes, "stop": r.stop,
-         "error": r.error}
-    if verbose:
-        d["timings"] = r.timings
-    return json.dumps(d)
+    return json.dumps(report_dict(r, timings=verbose))
+
+
+class _Documents:
+    """--format dicom-sr / fhir: the clinical document of each report."""
+
+    def __init__(self, fmt: str, out_dir: str, engine: EngineInfo) -> None:
+        self.fmt, self.out_dir, self.engine, self.used = fmt, Path(out_dir), engine, set()
+        if fmt == "dicom-sr" and importlib.util.find_spec("pydicom") is None:
+            raise ReportFormatError(NEEDS_DICOM)  # before any report is decoded
+
+    def emit(self, r) -> None:
+        doc = render(self.fmt, r, SourceStudy.from_path(r.path), self.engine)
+        if self.fmt == "fhir":
+            click.echo(doc.decode("utf-8"))
+            return
+        stem, n = Path(r.path).name, 0
+        while (name := f"{stem}{f'-{n}' if n else ''}.sr.dcm") in self.used:  # a.png in two folders
+            n += 1
+        self.used.add(name)
+        out = self.out_dir / name
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(doc)
+        except OSError as e:
+            raise ReportFormatError(f"{out}: cannot write ({e.strerror or e})") from None
+        click.echo(str(out))
 
 
 class _Streamer:
@@ -85,7 +113,10 @@ class _Streamer:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine-dir", required=True, type=click.Path(), help="engine folder built by `echo-export build`")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="text", show_default=True,
+              help="text, JSON Lines, DICOM Basic Text SR files (to --out-dir) or FHIR R4 DiagnosticReport NDJSON")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="where --format dicom-sr writes <image name>.sr.dcm")
 @click.option("--stream", is_flag=True, help="print each report block by block as it is decoded")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
@@ -96,8 +127,12 @@ class _Streamer:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="default: the model's max_response_tokens")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads")
 @click.option("--verbose", "-v", is_flag=True, help="print timings (stderr)")
-def main(engine_dir, images, fmt, stream, backend, precision, mode, batch_size, max_new_tokens, threads, verbose) -> None:
+def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, batch_size, max_new_tokens, threads,
+         verbose) -> None:
     """Write a report for each IMAGE (PNG, JPEG or DICOM)."""
+    if stream and fmt not in ("text", "json"):
+        _err(f"error: --stream prints text or json, not {fmt}")
+        sys.exit(2)
     try:
         from .engine import EchoRuntime
 
@@ -115,6 +150,9 @@ def main(engine_dir, images, fmt, stream, backend, precision, mode, batch_size, 
         _err(f"note: {engine_dir} was not verified against the PyTorch reference (manifest verified=false)")
     failed = 0
     try:
+        docs = None
+        if fmt in ("dicom-sr", "fhir"):
+            docs = _Documents(fmt, out_dir, EngineInfo.of_engine_dir(engine_dir, precision))
         if stream:
             for img in images:
                 s = _Streamer(fmt)
@@ -122,7 +160,7 @@ def main(engine_dir, images, fmt, stream, backend, precision, mode, batch_size, 
                 failed += _emit(r, fmt, verbose, s)
         else:
             for r in rt.generate(list(images), max_new_tokens=max_new_tokens):
-                failed += _emit(r, fmt, verbose, None)
+                failed += _emit(r, fmt, verbose, None, docs)
     except EchoRuntimeError as e:
         _err(f"error: {e}")
         sys.exit(2)
@@ -134,7 +172,7 @@ def main(engine_dir, images, fmt, stream, backend, precision, mode, batch_size, 
     sys.exit(1 if failed else 0)
 
 
-def _emit(r, fmt: str, verbose: bool, streamer: Optional[_Streamer]) -> int:
+def _emit(r, fmt: str, verbose: bool, streamer: Optional[_Streamer], docs: Optional[_Documents] = None) -> int:
     if r.error is not None:
         _err(r.error)
         if fmt == "json":
@@ -142,6 +180,8 @@ def _emit(r, fmt: str, verbose: bool, streamer: Optional[_Streamer]) -> int:
         return 1
     if streamer is not None:
         streamer.finish(r, verbose)
+    elif docs is not None:
+        docs.emit(r)
     elif fmt == "json":
         click.echo(_report_json(r, verbose))
     else:
