@@ -16,15 +16,26 @@ from .stages.train_options import train_config_from_options, train_options
 _STAGE2_DEFAULTS = Stage2Config()
 
 
+class Refused(click.ClickException):
+    """A Hugging Face folder the model cannot take in: one line, exit status 2, nothing written."""
+
+    exit_code = 2
+
+
 class _Group(click.Group):
-    """Every command's StageError becomes click's one-line error and exit status 1: the stages
-    raise, only the CLI exits."""
+    """Every command's StageError becomes click's one-line error and exit status 1, a refused
+    pretrained folder (PretrainedError) one line and exit status 2: the stages raise, only the
+    CLI exits."""
 
     def invoke(self, ctx: click.Context):
+        from .model.pretrained import PretrainedError
+
         try:
             return super().invoke(ctx)
         except StageError as e:
             raise click.ClickException(str(e)) from None
+        except PretrainedError as e:
+            raise Refused(str(e)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,13 +71,22 @@ _register_synth()
 @click.option("--preset", default="tiny", show_default=True, help="Model size preset: tiny or test.")
 @click.option("--vision", "vision_family", default="vit", show_default=True, type=click.Choice(["vit", "siglip", "dinov2"]))
 @click.option("--vocab-size", type=int, default=1024, show_default=True)
+@click.option("--init-lm", default=None, type=click.Path(file_okay=False),
+              help="Local Hugging Face folder of a Qwen2 / Qwen2.5 / Qwen3 causal LM: its weights and its own "
+                   "tokenizer.json (our special tokens added) replace the preset's LM and trained BPE.")
+@click.option("--init-vision", default=None, type=click.Path(file_okay=False),
+              help="Local Hugging Face folder of a SigLIP, ViT or DINOv2 vision model: its weights, and the image "
+                   "size and mean/std of its preprocessor_config.json, replace the preset's tower.")
 @train_options
-def stage1(data, out, preset, vision_family, vocab_size, **kw) -> None:
-    """Stage 1: train the autoregressive VLM (response-only next-token loss)."""
+def stage1(data, out, preset, vision_family, vocab_size, init_lm, init_vision, **kw) -> None:
+    """Stage 1: train the autoregressive VLM (response-only next-token loss).
+
+    With --init-lm / --init-vision it starts from pretrained parts; a folder that does not fit is
+    refused with one message and exit status 2, before anything is written."""
     from .stages.stage1_ar import Stage1Config, run_stage1
 
     cfg = Stage1Config(data=data, out=out, preset=preset, vocab_size=vocab_size, vision_family=vision_family,
-                       train_limit=kw["train_limit"])
+                       init_lm=init_lm, init_vision=init_vision, train_limit=kw["train_limit"])
     cfg.train = train_config_from_options(cfg.train, kw)
     run_stage1(cfg)
 

@@ -68,3 +68,25 @@ def load_tokenizer(path: str | Path, add_missing: bool = True) -> ReportTokenize
     rt = ReportTokenizer(tok)
     rt.added_special_tokens = missing
     return rt
+
+
+def tokenizer_rows(tokenizer: ReportTokenizer) -> int:
+    """Embedding rows a model needs for this tokenizer: its largest id + 1 (added tokens included).
+
+    Not `vocab_size`: a real tokenizer's ids need not be contiguous."""
+    return max(tokenizer.tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def lost_prompt_text(tokenizer: ReportTokenizer) -> str:
+    """The part of the prompt this tokenizer cannot encode and decode back (empty when it can).
+
+    A byte-level BPE (Qwen's) round-trips any text; a word-level or character tokenizer without
+    byte fallback turns unknown words into an unknown token, and then the prompt the model is
+    trained on is not the prompt the text says."""
+    want = " " + PROMPT_TEXT
+    got = tokenizer.tok.decode(tokenizer.encode(want), skip_special_tokens=False)
+    if got == want or got.strip() == PROMPT_TEXT:
+        return ""
+    words_got = set(got.split())
+    return " ".join(w for w in PROMPT_TEXT.split() if w not in words_got) or PROMPT_TEXT
+

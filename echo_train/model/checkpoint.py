@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_model, save_model
 
 from runtime.text import ReportTokenizer
 
 from .backbone import QwenDecoder
-from .config import EchoConfig, LMConfig
+from .config import EchoConfig
 from .echo_model import EchoModel
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -86,25 +86,15 @@ def load_training_state(ckpt_dir: str | Path) -> Optional[dict[str, Any]]:
 
 
 def load_qwen_decoder(hf_dir: str | Path) -> QwenDecoder:
-    """A Qwen2/Qwen3 causal LM from a local Hugging Face folder (config.json + *.safetensors)."""
-    d = Path(hf_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{d}: no config.json")
-    cfg = LMConfig.from_hf(json.loads(cfg_path.read_text()))
+    """A Qwen2/Qwen3 causal LM from a local Hugging Face folder (config.json + *.safetensors).
+
+    Refusals (PretrainedError, a CheckpointError): an unsupported architecture, a missing shard,
+    tensors that do not map onto the decoder."""
+    from .pretrained import check_folder, lm_config_from_folder, load_lm_state, load_mapped
+
+    d = check_folder(hf_dir, "Qwen folder")
+    cfg, _ = lm_config_from_folder(d)
     model = QwenDecoder(cfg)
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{d}: no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
-    unexpected = [u for u in unexpected if "rotary_emb" not in u]
-    if missing or unexpected:
-        raise CheckpointError(f"{d}: weights do not match a {cfg.num_hidden_layers}-layer Qwen decoder "
-                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    own = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    load_mapped(own, load_lm_state(d, cfg, cfg.vocab_size), d, f"a {cfg.num_hidden_layers}-layer Qwen decoder")
     return model.eval()

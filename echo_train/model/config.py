@@ -67,6 +67,16 @@ class VisionConfig:
     intermediate_size: int = 256
     num_channels: int = 1
     pretrained_path: Optional[str] = None
+    # A pretrained tower's own `transformers` config (its config.json, vision part), so that the
+    # checkpoint rebuilds exactly that architecture with no access to the original folder; the
+    # weights come from model.safetensors. None: the tower is built from the fields above.
+    hf_config: Optional[dict[str, Any]] = None
+    # Per-channel normalisation the tower was trained with (its processor's image_mean / image_std,
+    # on pixels scaled to [0, 1]). Applied inside the model to the [-1, 1] grey image that
+    # runtime/preprocess.py gives every caller, so training, the exported graphs and the runtime
+    # all follow it. None: the [-1, 1] pixels go in as they are (mean = std = 0.5).
+    image_mean: Optional[list[float]] = None
+    image_std: Optional[list[float]] = None
 
     @property
     def n_image_tokens(self) -> int:
