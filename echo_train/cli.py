@@ -120,6 +120,33 @@ def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, causal_cont
     run_stage2(cfg)
 
 
+@main.command("import-hf")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", required=True, help="ECHO checkpoint folder to write (e.g. runs/echo_block8).")
+@click.option("--stage", type=click.Choice(["ar", "rad", "dcd"]), default="dcd", show_default=True,
+              help="What the folder holds: an AR VLM, a multi-step block-diffusion model (ECHO Base) or a one-step "
+                   "student (ECHO).")
+@click.option("--block-size", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
+@click.option("--image-size", type=int, default=448, show_default=True,
+              help="The one square image size the model runs at (a multiple of 28: 448 px -> 256 image tokens).")
+@click.option("--mask-token", default=None,
+              help="The mask token, when neither config.json (mask_token_id) nor the tokenizer names one.")
+@click.option("--max-response-tokens", type=int, default=256, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+def import_hf(folder, out, stage, block_size, image_size, mask_token, max_response_tokens, force) -> None:
+    """Import a Qwen2.5-VL-architecture Hugging Face FOLDER (e.g. a downloaded ECHO_block8) as an ECHO
+    checkpoint that the decoders, `echo-export build` and the runtime take like a trained one.
+
+    A folder that does not fit is refused with one message and exit status 2, nothing written."""
+    from .model.qwen2_5_vl import ImportOptions, import_qwen2_5_vl
+
+    if Path(out).exists() and not force:
+        raise click.UsageError(f"--out {out} exists; pass --force to replace it")
+    import_qwen2_5_vl(ImportOptions(folder=folder, out=out, stage=stage, block_size=int(block_size),
+                                    image_size=image_size, mask_token=mask_token,
+                                    max_response_tokens=max_response_tokens), log=click.echo)
+
+
 def _register_stage3() -> None:
     try:
         from .stages.stage3_cli import stage3_command

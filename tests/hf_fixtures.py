@@ -106,3 +106,63 @@ def rewrite_config(folder: Path, **changes) -> None:
     d.update(changes)
     p.write_text(json.dumps(d))
 
+
+# Qwen2.5-VL's added tokens, in its order (ids after the BPE vocabulary)
+QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def write_qwen_vl(folder: Path, mask: str = "config", image_size: int = 32, seed: int = 0, tie: bool = False):
+    """A tiny random Qwen2.5-VL folder as the hub ships one: config.json, model.safetensors,
+    tokenizer.json with Qwen's special tokens (+ "<|MASK|>" as ECHO's checkpoints add it),
+    tokenizer_config.json, generation_config.json, preprocessor_config.json.
+
+    mask: where the mask token is named: "config" (mask_token_id), "tokenizer" (tokenizer_config
+    mask_token) or "none" (only --mask-token can give it)."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    write_qwen_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([t for t in QWEN_VL_SPECIALS if tok.token_to_id(t) is None] + ["<|MASK|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in QWEN_VL_SPECIALS + ["<|MASK|>"]}
+    n_ids = tok.get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=n_ids + 24, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random non-trivial norms and biases, and weights large enough to matter
+        for n, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if ("norm" in n or n.endswith("bias")) else 0.05))
+        # peaked attention: each masked position of a block then reads its own part of the context
+        # (image, prompt), so that a random model's reports vary between images and positions
+        for n, p in model.named_parameters():
+            if "language_model" in n and ("q_proj" in n or "k_proj" in n):
+                p.mul_(4.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    d = json.loads((folder / "config.json").read_text())
+    d.pop("mask_token_id", None)
+    if mask == "config":
+        d["mask_token_id"] = ids["<|MASK|>"]
+    (folder / "config.json").write_text(json.dumps(d, indent=1))
+    tcfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 1024}
+    if mask == "tokenizer":
+        tcfg["mask_token"] = "<|MASK|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}))
+    px = image_size * image_size
+    processor = transformers.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                   min_pixels=px, max_pixels=px)
+    processor.save_pretrained(folder)
+    return model, ids

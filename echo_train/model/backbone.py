@@ -42,6 +42,33 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, section: list[int],
+                  image_grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's multimodal rotary cos, sin [b, T, head_dim] for ECHO's layout: the image's
+    rows x cols tokens at indices 0.. , then text.
+
+    As `transformers`' get_rope_index computes them for one image followed by text: image token
+    (r, c) sits at (time, row, column) = (0, r, c); text after the image continues from
+    max(rows, cols), so index i >= rows*cols has all three at i - rows*cols + max(rows, cols). The
+    frequency j of the head rotates by the component its section names (time, row, column, in
+    turn). Text tokens, whose three components agree, get exactly plain RoPE at the shifted index."""
+    rows, cols = int(image_grid[0]), int(image_grid[1])
+    n_image = rows * cols
+    is_image = position_ids < n_image
+    text = position_ids + (max(rows, cols) - n_image)
+    t = torch.where(is_image, torch.zeros_like(position_ids), text)
+    h = torch.where(is_image, torch.div(position_ids, cols, rounding_mode="floor"), text)
+    w = torch.where(is_image, torch.remainder(position_ids, cols), text)
+    pos = torch.stack([t, h, w], dim=-1).float()  # [b, T, 3]
+    component = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
+    if component.numel() != head_dim // 2:
+        raise ValueError(f"mrope_section {section} sums to {component.numel()}, not head_dim / 2 = {head_dim // 2}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    freqs = pos[..., component.to(position_ids.device)] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
@@ -163,13 +190,20 @@ class QwenDecoder(nn.Module):
         past: Optional[list[KV]] = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Final hidden states [b,T,d] and per-layer (k, v) of these T tokens."""
-        cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         new_kv: list[KV] = []
         for i, layer in enumerate(self.model.layers):
             x, kv = layer(x, cos, sin, mask, None if past is None else past[i])
             new_kv.append(kv)
         return self.model.norm(x), new_kv
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of token indices: plain RoPE, or MRoPE where the config says (Qwen2.5-VL)."""
+        c = self.cfg
+        if c.mrope_section:
+            return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, dtype, c.mrope_section, c.mrope_image_grid)
+        return rotary_cos_sin(position_ids, c.head_dim, c.rope_theta, dtype)
 
     def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Plain causal LM logits, as `transformers` computes them (the compatibility test)."""

@@ -26,6 +26,12 @@ class LMConfig:
     attention_bias: bool = True  # Qwen2 has q/k/v biases, Qwen3 none
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 2048
+    # Qwen2.5-VL's multimodal rotary positions (MRoPE): the rotary frequencies split into sections
+    # that rotate by the (time, row, column) position of a token instead of its index. None: plain
+    # RoPE. For ECHO's layout (one image first, then text) the positions follow from the index and
+    # the image's token grid [rows, columns] alone (backbone.mrope_cos_sin).
+    mrope_section: Optional[list[int]] = None
+    mrope_image_grid: Optional[list[int]] = None
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "LMConfig":
@@ -51,7 +57,7 @@ class LMConfig:
         )
 
 
-VISION_FAMILIES = ("vit", "siglip", "dinov2")
+VISION_FAMILIES = ("vit", "siglip", "dinov2", "qwen2_5_vl")
 
 
 @dataclass
@@ -77,10 +83,12 @@ class VisionConfig:
     # all follow it. None: the [-1, 1] pixels go in as they are (mean = std = 0.5).
     image_mean: Optional[list[float]] = None
     image_std: Optional[list[float]] = None
+    # Patches merged into one image token a side (Qwen2.5-VL's patch merger: 2); 1 elsewhere.
+    merge_size: int = 1
 
     @property
     def n_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return (self.image_size // self.patch_size // self.merge_size) ** 2
 
 
 @dataclass
@@ -115,7 +123,9 @@ class EchoConfig:
         return self.stage in ("rad", "dcd")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": "echo", **asdict(self)}
+        # n_image_tokens is derived, written for readers without this class (the runtime's
+        # manifest reader, runtime/engine.py), and ignored by from_dict
+        return {"model_type": "echo", **asdict(self), "n_image_tokens": self.n_image_tokens}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EchoConfig":

@@ -72,24 +72,37 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, lm_width: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tower = build_vision_tower(cfg)
-        width = self.tower.config.hidden_size
-        self.projector = nn.Sequential(nn.Linear(width, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
+        # Qwen2.5-VL's tower ends in its own patch merger, already at the LM width: no projector
+        self.merged = cfg.family == "qwen2_5_vl"
+        if self.merged:
+            from .qwen2_5_vl_vision import Qwen25VisionTower
+
+            if cfg.hf_config is None:
+                raise ValueError("a qwen2_5_vl vision tower needs its hf_config (echo-train import-hf writes it)")
+            self.tower = Qwen25VisionTower(cfg.hf_config, cfg.image_size)
+            self.projector = nn.Identity()
+            self.channels = self.tower.patch_embed.proj.in_channels
+        else:
+            self.tower = build_vision_tower(cfg)
+            width = self.tower.config.hidden_size
+            self.projector = nn.Sequential(nn.Linear(width, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
+            self.channels = self.tower.config.num_channels
         # ViT and DINOv2 prepend a CLS token; SigLIP has none. Image tokens are the patches only.
-        self.n_skip = 0 if cfg.family == "siglip" else 1
+        self.n_skip = 0 if cfg.family in ("siglip", "qwen2_5_vl") else 1
         self.normalize = cfg.image_mean is not None
         if self.normalize:
-            scale, shift = channel_affine(cfg.image_mean, cfg.image_std or [1.0], self.tower.config.num_channels)
+            scale, shift = channel_affine(cfg.image_mean, cfg.image_std or [1.0], self.channels)
             # not persistent: constants of the config, so checkpoints without them still load strictly
             self.register_buffer("pixel_scale", scale, persistent=False)
             self.register_buffer("pixel_shift", shift, persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        want = self.tower.config.num_channels
-        if pixel_values.shape[1] != want:  # grayscale radiograph into an RGB tower
-            pixel_values = pixel_values.expand(-1, want, -1, -1)
+        if pixel_values.shape[1] != self.channels:  # grayscale radiograph into an RGB tower
+            pixel_values = pixel_values.expand(-1, self.channels, -1, -1)
         if self.normalize:
             pixel_values = pixel_values * self.pixel_scale + self.pixel_shift
+        if self.merged:
+            return self.tower(pixel_values)
         h = self.tower(pixel_values=pixel_values).last_hidden_state[:, self.n_skip :]
         return self.projector(h)
 

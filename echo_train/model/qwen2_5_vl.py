@@ -1,0 +1,355 @@
+"""Import a Qwen2.5-VL-architecture Hugging Face folder (ECHO's published checkpoints, Lingshu,
+Qwen2.5-VL itself) as an ECHO checkpoint: `echo-train import-hf`.
+
+The folder's safetensors load by name into ECHO's model: the decoder (backbone.QwenDecoder with
+Qwen2.5-VL's multimodal rotary positions, backbone.mrope_cos_sin) and the vision tower
+(qwen2_5_vl_vision.Qwen25VisionTower). Both checkpoint layouts are read: the hub's
+(`model.layers.*`, `visual.*`) and the one newer `transformers` keeps in memory
+(`model.language_model.*`, `model.visual.*`).
+
+Export needs fixed shapes, so the image is resized to one square grid chosen here (default
+448 px -> 32 x 32 patches -> 16 x 16 = 256 image tokens), recorded in the config.
+
+Special tokens. ECHO's decoders and runtime read the roles pad / eos / mask / image / bos from the
+tokenizer by the names in runtime/special_tokens.py. The imported model already has tokens for
+most roles; those tokens take our names in the checkpoint's tokenizer.json, so the model keeps its
+own ids and embedding rows:
+- mask: config.json `mask_token_id`, else the tokenizer's mask token (tokenizer_config.json
+  `mask_token`), else the --mask-token option, as the official inference code resolves it;
+- eos: generation_config.json `eos_token_id` (its first), else config.json's;
+- image: config.json `image_token_id` (`<|image_pad|>`);
+- pad: config.json / tokenizer_config.json pad token, else added;
+- bos: Qwen has none; added as a new special token (a new embedding row at the mean of the others).
+
+Decode conventions (recorded in the config, so every decoder and graph follows): the new block is
+read from its own positions (shifted_prediction=False) and the clean context is block-causal
+(causal_context=False), as in the official inference code.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from runtime.prompt import SUPPORTED_BLOCK_SIZES
+from runtime.special_tokens import BOS, EOS, IMAGE, MASK, PAD
+from runtime.text import ReportTokenizer
+
+from .config import STAGES, EchoConfig, LMConfig, VisionConfig
+from .pretrained import PretrainedError, check_folder, grow_rows, names_preview, read_json, weight_files
+
+MODEL_TYPES = ("qwen2_5_vl",)
+DEFAULT_IMAGE_SIZE = 448  # 32 x 32 patches of 14 px -> 256 image tokens after the 2 x 2 merger
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2-VL's processor defaults
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class ImportOptions:
+    folder: str
+    out: str
+    stage: str = "dcd"
+    block_size: int = 8
+    image_size: int = DEFAULT_IMAGE_SIZE
+    mask_token: Optional[str] = None  # a token (string) to use when the folder names none
+    max_response_tokens: int = 256
+
+
+# ---------------------------------------------------------------------------- configuration
+def _text_config(d: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's settings: hub configs keep them at the top level, newer ones in text_config."""
+    return {**d, **(d.get("text_config") or {})}
+
+
+def _rope(text: dict[str, Any]) -> tuple[float, list[int]]:
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    theta = float(text.get("rope_theta") or rope.get("rope_theta") or 1000000.0)
+    section = rope.get("mrope_section")
+    if not section:
+        raise PretrainedError("config.json: no mrope_section (rope_scaling / rope_parameters): not a Qwen2.5-VL decoder")
+    return theta, [int(x) for x in section]
+
+
+def configs_from_folder(folder: Path, opts: ImportOptions) -> tuple[EchoConfig, dict[str, Any]]:
+    d = read_json(folder / "config.json", "the model's configuration")
+    mt = d.get("model_type")
+    if mt not in MODEL_TYPES:
+        arch = ", ".join(d.get("architectures") or []) or "no architectures listed"
+        hint = " (a Qwen2 / Qwen3 LM: echo-train stage1 --init-lm)" if mt in ("qwen2", "qwen3") else ""
+        raise PretrainedError(f"{folder}: unsupported architecture {mt!r} ({arch}); import-hf takes Qwen2.5-VL "
+                              f"(model_type qwen2_5_vl){hint}")
+    vision = d.get("vision_config")
+    if not isinstance(vision, dict):
+        raise PretrainedError(f"{folder / 'config.json'}: no vision_config")
+    text = _text_config(d)
+    theta, section = _rope(text)
+    try:
+        heads = int(text["num_attention_heads"])
+        lm = LMConfig(
+            vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
+            intermediate_size=int(text["intermediate_size"]), num_hidden_layers=int(text["num_hidden_layers"]),
+            num_attention_heads=heads, num_key_value_heads=int(text.get("num_key_value_heads", heads)),
+            head_dim=int(text["hidden_size"]) // heads, rope_theta=theta, rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            qk_norm=False, attention_bias=True, tie_word_embeddings=bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)), mrope_section=section)
+        patch, merge = int(vision.get("patch_size", 14)), int(vision.get("spatial_merge_size", 2))
+        hidden = int(vision["hidden_size"])
+        out_width = int(vision["out_hidden_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PretrainedError(f"{folder / 'config.json'}: incomplete Qwen2.5-VL configuration ({e!r})") from None
+    if out_width != lm.hidden_size:
+        raise PretrainedError(f"{folder}: the vision merger writes width {out_width}, the decoder takes {lm.hidden_size}")
+    if opts.image_size % (patch * merge):
+        raise PretrainedError(f"--image-size {opts.image_size} is not a multiple of patch x merge = {patch * merge} px")
+    llm_grid = opts.image_size // patch // merge
+    lm.mrope_image_grid = [llm_grid, llm_grid]
+    mean, std = _mean_std(folder)
+    vcfg = VisionConfig(family="qwen2_5_vl", image_size=opts.image_size, patch_size=patch, merge_size=merge,
+                        hidden_size=hidden, num_hidden_layers=int(vision.get("depth", 32)),
+                        num_attention_heads=int(vision.get("num_heads", 16)),
+                        intermediate_size=int(vision.get("intermediate_size", hidden * 4)),
+                        num_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
+                        hf_config={k: v for k, v in vision.items() if k not in ("dtype", "torch_dtype")},
+                        image_mean=mean, image_std=std)
+    cfg = EchoConfig(lm=lm, vision=vcfg, stage=opts.stage, block_size=opts.block_size,
+                     max_response_tokens=opts.max_response_tokens,
+                     shifted_prediction=False, causal_context=False)
+    return cfg, d
+
+
+def _mean_std(folder: Path) -> tuple[list[float], list[float]]:
+    p = folder / "preprocessor_config.json"
+    if not p.is_file():
+        raise PretrainedError(f"{folder}: no preprocessor_config.json (the image processor's mean and std are read "
+                              "from it)")
+    pre = read_json(p, "the image processor's configuration")
+    mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def _token_name(value: Any) -> Optional[str]:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _first_id(value: Any) -> Optional[int]:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) else None
+
+
+def _first_of(*ids: Optional[int]) -> Optional[int]:
+    """The first id that is given (0 is an id, not a missing one)."""
+    return next((i for i in ids if i is not None), None)
+
+
+def roles_of(folder: Path, cfg: dict[str, Any], tok_json: dict[str, Any], mask_option: Optional[str]) -> dict[str, Any]:
+    """Our role name -> the folder's token (its id), or None where the role gets a new token."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(json.dumps(tok_json))
+    tcfg = read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").is_file() else {}
+    gen = read_json(folder / "generation_config.json", "") if (folder / "generation_config.json").is_file() else {}
+    text = _text_config(cfg)
+
+    def by_name(name: Optional[str]) -> Optional[int]:
+        return None if name is None else tokenizer.token_to_id(name)
+
+    mask = _first_id(cfg.get("mask_token_id"))
+    if mask is None:
+        mask = by_name(_token_name(tcfg.get("mask_token")))
+    if mask is None and mask_option:
+        mask = by_name(mask_option)
+        if mask is None:
+            mask = mask_option  # a new token, added under our name
+    if mask is None:
+        raise PretrainedError(f"{folder}: no mask token: config.json has no mask_token_id, the tokenizer no "
+                              "mask_token; pass --mask-token TOKEN")
+    eos = _first_of(_first_id(gen.get("eos_token_id")), _first_id(cfg.get("eos_token_id")),
+                    _first_id(text.get("eos_token_id")), by_name(_token_name(tcfg.get("eos_token"))))
+    if eos is None:
+        raise PretrainedError(f"{folder}: the tokenizer lacks an end-of-text token: no eos_token_id in "
+                              "generation_config.json or config.json, no eos_token in tokenizer_config.json")
+    image = _first_id(cfg.get("image_token_id"))
+    if image is None:
+        image = by_name("<|image_pad|>")
+    if image is None:
+        raise PretrainedError(f"{folder}: the tokenizer lacks the image placeholder token (config.json image_token_id, "
+                              "<|image_pad|>)")
+    pad = _first_of(_first_id(cfg.get("pad_token_id")), _first_id(text.get("pad_token_id")),
+                    by_name(_token_name(tcfg.get("pad_token"))))
+    return {MASK: mask, EOS: eos, IMAGE: image, PAD: pad, BOS: None}
+
+
+def rename_roles(folder: Path, tok_json: dict[str, Any], roles: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer.json with each role's token renamed to our role name, keeping every id.
+
+    Only added (special) tokens can take a role. `tokenizers` gives an added token the id of its
+    text in the model's vocabulary when it is there, so a token is renamed in both places."""
+    out = json.loads(json.dumps(tok_json))
+    added = {int(t["id"]): t for t in out.get("added_tokens", [])}
+    vocab = (out.get("model") or {}).get("vocab")
+    ids = [v for v in roles.values() if isinstance(v, int)]
+    if len(ids) != len(set(ids)):
+        raise PretrainedError(f"{folder}: one token plays two roles ({roles}); ECHO needs distinct pad, eos, mask, "
+                              "image tokens")
+    for role, tid in roles.items():
+        if not isinstance(tid, int):
+            continue
+        entry = added.get(tid)
+        if entry is None:
+            raise PretrainedError(f"{folder}: the {role} token (id {tid}) is not an added special token of "
+                                  "tokenizer.json; it cannot take that role")
+        old = entry["content"]
+        entry["content"], entry["special"] = role, True
+        if isinstance(vocab, dict) and vocab.get(old) == tid:
+            vocab[role] = vocab.pop(old)
+    return out
+
+
+def check_ids_kept(folder: Path, tokenizer, tok_json: dict[str, Any]) -> None:
+    """Every added token still has the id the folder gave it (the model's embedding rows)."""
+    moved = [f"{t['content']} {t['id']}->{tokenizer.token_to_id(t['content'])}" for t in tok_json.get("added_tokens", [])
+             if tokenizer.token_to_id(t["content"]) != int(t["id"])]
+    if moved:
+        raise PretrainedError(f"{folder / 'tokenizer.json'}: added tokens do not keep their ids: {names_preview(moved)}")
+
+
+def import_tokenizer(folder: Path, cfg: dict[str, Any], mask_option: Optional[str]) -> tuple[ReportTokenizer, dict]:
+    from tokenizers import Tokenizer
+
+    from ..data.tokenizer import lost_prompt_text
+
+    p = folder / "tokenizer.json"
+    if not p.is_file():
+        raise PretrainedError(f"{folder}: no tokenizer.json")
+    try:
+        tok_json = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PretrainedError(f"{p}: not valid JSON ({e})") from None
+    roles = roles_of(folder, cfg, tok_json, mask_option)
+    renamed = rename_roles(folder, tok_json, roles)
+    tmp = Tokenizer.from_str(json.dumps(renamed))
+    check_ids_kept(folder, tmp, renamed)
+    missing = [r for r in (PAD, EOS, MASK, IMAGE, BOS) if tmp.token_to_id(r) is None]
+    if missing:
+        tmp.add_special_tokens(missing)
+    tok = ReportTokenizer(tmp)
+    tok.added_special_tokens = missing
+    lost = lost_prompt_text(tok)
+    if lost:
+        raise PretrainedError(f"{p}: the tokenizer lacks the tokens to encode the prompt (lost: {lost!r})")
+    return tok, {r: (v if isinstance(v, int) else None) for r, v in roles.items()}
+
+
+# ---------------------------------------------------------------------------- weights
+def our_name(name: str) -> Optional[str]:
+    """A checkpoint tensor's name in EchoModel, or None when it has no place there."""
+    for prefix, ours in (("model.visual.", "vision.tower."), ("visual.", "vision.tower."),
+                         ("model.language_model.", "lm.model."), ("lm_head.", "lm.lm_head."), ("model.", "lm.model.")):
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
+    return None
+
+
+def tensor_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """name -> (file, shape) of every tensor, from the headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    out[name] = (f, tuple(st.get_slice(name).get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise PretrainedError(f"{f}: unreadable safetensors file ({e})") from None
+    return out
+
+
+def plan_weights(folder: Path, model, index: dict[str, tuple[Path, tuple[int, ...]]]) -> dict[str, str]:
+    """Checkpoint name -> our name for every tensor; refused when any does not map."""
+    own = model.state_dict()
+    tied = model.cfg.lm.tie_word_embeddings
+    rows = model.cfg.lm.vocab_size
+    mapping, unexpected, wrong = {}, [], []
+    for name, (_, shape) in sorted(index.items()):
+        if "rotary_emb" in name:
+            continue
+        ours = our_name(name)
+        if ours == "lm.lm_head.weight" and tied:
+            continue
+        if ours is None or ours not in own:
+            unexpected.append(name)
+            continue
+        want = tuple(own[ours].shape)
+        grown = ours in ("lm.model.embed_tokens.weight", "lm.lm_head.weight") and shape[0] <= rows and shape[1:] == want[1:]
+        if shape != want and not grown:
+            wrong.append(f"{name} {shape} vs {want}")
+            continue
+        mapping[name] = ours
+    skip = {"lm.lm_head.weight"} if tied else set()
+    missing = sorted(set(own) - set(mapping.values()) - skip)
+    if unexpected or missing or wrong:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors without a place: {names_preview(unexpected)}")
+        if missing:
+            parts.append(f"{len(missing)} parameters not in the folder: {names_preview(missing)}")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape: {names_preview(wrong)}")
+        raise PretrainedError(f"{folder}: tensors do not map onto a Qwen2.5-VL model: " + "; ".join(parts))
+    return mapping
+
+
+@torch.no_grad()
+def copy_weights(model, index: dict[str, tuple[Path, tuple[int, ...]]], mapping: dict[str, str]) -> None:
+    """One tensor at a time from the files into the model (peak memory: the model + one tensor)."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    by_file: dict[Path, list[str]] = {}
+    for name in mapping:
+        by_file.setdefault(index[name][0], []).append(name)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as st:
+            for name in names:
+                target = own[mapping[name]]
+                t = st.get_tensor(name)
+                if t.shape[0] != target.shape[0]:  # the embedding (or head), grown to our tokens
+                    t = grow_rows(t, target.shape[0])
+                target.copy_(t.to(target.dtype))
+
+
+# ---------------------------------------------------------------------------- the import
+def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
+    """Check everything, then write the ECHO checkpoint folder opts.out (nothing written on refusal)."""
+    from ..data.tokenizer import tokenizer_rows
+    from .checkpoint import save_checkpoint
+    from .echo_model import EchoModel
+
+    if opts.stage not in STAGES:
+        raise PretrainedError(f"--stage {opts.stage!r}: choose from {', '.join(STAGES)}")
+    if opts.block_size not in SUPPORTED_BLOCK_SIZES:
+        raise PretrainedError(f"--block-size {opts.block_size}: choose from {SUPPORTED_BLOCK_SIZES}")
+    folder = check_folder(opts.folder, "import-hf")
+    cfg, raw = configs_from_folder(folder, opts)
+    files = weight_files(folder)
+    index = tensor_index(files)
+    tok, roles = import_tokenizer(folder, raw, opts.mask_token)
+    cfg.lm.vocab_size = max(cfg.lm.vocab_size, tokenizer_rows(tok))
+    model = EchoModel(cfg)
+    mapping = plan_weights(folder, model, index)
+    copy_weights(model, index, mapping)
+    out = save_checkpoint(opts.out, model.eval(), tok)
+    roles_txt = ", ".join(f"{r}={tok.tok.token_to_id(r)}" + ("" if roles.get(r) is not None else " (added)")
+                          for r in (PAD, EOS, MASK, IMAGE, BOS))
+    log(f"[import-hf] {folder} -> {out}: stage {cfg.stage}, block {cfg.block_size}, {opts.image_size} px -> "
+        f"{cfg.n_image_tokens} image tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{len(mapping)} tensors; special tokens {roles_txt}")
+    return out
