@@ -126,9 +126,12 @@ class _Streamer:
               help="images per forward pass, a size the engine was built for (default: its smallest)")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="default: the model's max_response_tokens")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads")
+@click.option("--no-share-weights", "no_share", is_flag=True,
+              help="each onnxruntime graph holds its own copy of the weights (default: the graphs of one "
+                   "precision share one copy; fp32 on a CPU)")
 @click.option("--verbose", "-v", is_flag=True, help="print timings (stderr)")
 def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, batch_size, max_new_tokens, threads,
-         verbose) -> None:
+         no_share, verbose) -> None:
     """Write a report for each IMAGE (PNG, JPEG or DICOM)."""
     if stream and fmt not in ("text", "json"):
         _err(f"error: --stream prints text or json, not {fmt}")
@@ -137,7 +140,7 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, bat
         from .engine import EchoRuntime
 
         rt = EchoRuntime(engine_dir, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
-                         mode=mode)
+                         mode=mode, share_weights=not no_share)
     except EchoRuntimeError as e:
         _err(f"error: {e}")
         sys.exit(2)

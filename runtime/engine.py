@@ -193,6 +193,13 @@ class _Written:
         return writing
 
 
+# Precisions whose graphs share weights (share_weights=True). fp16 on a CPU: onnxruntime casts each
+# fp16 weight to fp32 at load (a Cast reads it, not the MatMul), so there is nothing shared to pack and
+# the C library only adds its own ~30 MB (measured: README, runtime). int8: the weights are read by
+# DequantizeLinear nodes that onnxruntime fuses away; not measured yet, so left to the default.
+SHARED_PRECISIONS = ("fp32",)
+
+
 class EchoRuntime:
     """Generate reports from an engine folder built by `echo-export build`.
 
@@ -201,6 +208,10 @@ class EchoRuntime:
     each graph's size and sha256 are checked again whenever a graph is loaded.
     batch_size must be one the folder was built for (None: its smallest); graphs have fixed
     shapes, so a call with fewer images than the batch pads by repeating an image.
+    share_weights (onnxruntime, CPU, fp32): the graphs of one precision share one copy of its
+    weights (one map of weights.<precision>.bin, one set of packed MatMul weights:
+    runtime/ort_capi.py) instead of each holding its own; False: onnxruntime's default, one packed
+    copy per graph. fp16 and int8 graphs always take the default (SHARED_PRECISIONS).
     """
 
     def __init__(
@@ -212,6 +223,7 @@ class EchoRuntime:
         threads: Optional[int] = None,
         mode: str = "fused",
         providers: Optional[list[str]] = None,
+        share_weights: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise EchoRuntimeError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -229,6 +241,9 @@ class EchoRuntime:
             raise ManifestError(f"{self.engine_dir}: no {precision} graphs in this engine folder (it has {m.precisions})")
         self.backend, self.precision, self.batch_size, self.threads = backend, precision, batch_size, threads
         self.mode, self.providers = mode, providers
+        # onnxruntime CPU: the graphs of one precision share one copy of the weights (runtime/ort_capi.py)
+        self.share_weights = share_weights
+        self._weights_map: dict[str, Any] = {}
         try:
             self.tokenizer = ReportTokenizer.from_file(check_file(self.engine_dir, m, "tokenizer.json"))
         except EchoRuntimeError:
@@ -282,8 +297,23 @@ class EchoRuntime:
                     fname = str(Path(fname).with_suffix(".plan"))
             # checked again now: a graph opened long after the folder (AR mode, ...) may have changed since
             path = check_file(self.engine_dir, self.manifest, fname)
-            self._graphs[key] = self._graph_cls(path, threads=self.threads, providers=self.providers)
+            kw = {}
+            if self.backend == "ort" and self.share_weights and prec in SHARED_PRECISIONS:
+                kw["shared_weights"] = self._shared_weights(prec)
+            self._graphs[key] = self._graph_cls(path, threads=self.threads, providers=self.providers, **kw)
         return self._graphs[key]
+
+    def _shared_weights(self, precision: str):
+        """The SharedWeights of weights.<precision>.bin (mapped once, checked before use), or None:
+        a folder whose graphs carry their own weights, or an onnxruntime without a usable C API."""
+        from . import ort_capi
+
+        name = f"weights.{precision}.bin"
+        if name not in self.manifest.files or ort_capi.api() is None:
+            return None
+        if name not in self._weights_map:
+            self._weights_map[name] = ort_capi.SharedWeights(check_file(self.engine_dir, self.manifest, name))
+        return self._weights_map[name]
 
     def _prompt(self, mode: str) -> _Prompt:
         """Prefix and image size of a mode. The AR baseline may come from another checkpoint
