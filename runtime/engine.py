@@ -195,9 +195,8 @@ class _Written:
 
 # Precisions whose graphs share weights (share_weights=True). fp16 on a CPU: onnxruntime casts each
 # fp16 weight to fp32 at load (a Cast reads it, not the MatMul), so there is nothing shared to pack and
-# the C library only adds its own ~30 MB (measured: README, runtime). int8: the weights are read by
-# DequantizeLinear nodes that onnxruntime fuses away; not measured yet, so left to the default.
-SHARED_PRECISIONS = ("fp32",)
+# the C library only adds its own ~30 MB (measured: README, runtime).
+SHARED_PRECISIONS = ("fp32", "int8")
 
 
 class EchoRuntime:
@@ -208,10 +207,10 @@ class EchoRuntime:
     each graph's size and sha256 are checked again whenever a graph is loaded.
     batch_size must be one the folder was built for (None: its smallest); graphs have fixed
     shapes, so a call with fewer images than the batch pads by repeating an image.
-    share_weights (onnxruntime, CPU, fp32): the graphs of one precision share one copy of its
+    share_weights (onnxruntime, CPU, fp32 and int8): the graphs of one precision share one copy of its
     weights (one map of weights.<precision>.bin, one set of packed MatMul weights:
     runtime/ort_capi.py) instead of each holding its own; False: onnxruntime's default, one packed
-    copy per graph. fp16 and int8 graphs always take the default (SHARED_PRECISIONS).
+    copy per graph. fp16 graphs always take the default (SHARED_PRECISIONS).
     """
 
     def __init__(

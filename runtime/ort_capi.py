@@ -9,8 +9,9 @@ to CreateSessionWithPrepackedWeightsContainer; the Python bindings expose neithe
 nor that call, so this module calls the C library that ships inside the onnxruntime wheel
 (capi/libonnxruntime.so*) with ctypes. Measured numbers: README, runtime section.
 
-What is shared: each large initializer that the graph stores in weights.<precision>.bin and that
-only MatMul / Gemm (as B) or Gather (as the table) read. They are views of one read-only map of
+What is shared: each initializer of at least a page that the graph stores in
+weights.<precision>.bin and that only MatMul / Gemm (as B), Gather (as the table) or
+DequantizeLinear (an int8 weight) read. They are views of one read-only map of
 the file (the same OrtValue for every session of the process), and their packed forms live in one
 container. Initializers that other nodes read are left to onnxruntime (its graph optimisers may
 rewrite them, and a shared initializer must stay as stored). After each session starts, the map's
@@ -35,7 +36,9 @@ from .errors import EchoRuntimeError
 
 API_VERSION = 13  # the C API functions used here all exist since onnxruntime 1.10
 SHARE_MIN_BYTES = 4096  # smaller initializers are left to onnxruntime (a page: nothing to share)
-SHAREABLE = {("MatMul", 1), ("Gemm", 1), ("Gather", 0)}  # (consumer op, input index)
+# (consumer op, input index) of a shareable initializer: a MatMul / Gemm weight, an embedding table, an
+# int8 weight (its DequantizeLinear is fused into onnxruntime's int8 MatMul, which packs the weight)
+SHAREABLE = {("MatMul", 1), ("Gemm", 1), ("Gather", 0), ("DequantizeLinear", 0)}
 
 # ---- a minimal ONNX protobuf reader: initializers and their consumers -------------------------
 _ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16}

@@ -72,6 +72,45 @@ def test_sharing_sessions_decode_exactly_like_sessions_with_their_own_weights(va
     assert not any(g._capi for g in own._graphs.values())
 
 
+@pytest.fixture(scope="module")
+def varied_int8_engine(tmp_path_factory) -> Path:
+    """The varied model as fp32 + int8 graphs (int8 calibrated on a few tiny PNGs): the int8
+    weights are read by DequantizeLinear nodes, which onnxruntime fuses into its int8 MatMuls."""
+    from conftest import make_tokenizer, write_tiny_dataset
+    from echo_export.build import BuildOptions, build
+    from echo_train.model.checkpoint import save_checkpoint
+    from test_runtime_graphs import VARIED_BLOCK, VARIED_CAPACITY
+    from varied_models import MAX_RESPONSE, as_stage, get_varied
+
+    root = tmp_path_factory.mktemp("varied_int8")
+    tok = make_tokenizer()
+    model = as_stage(get_varied(tok, shifted=True, causal_context=True), "dcd", block_size=VARIED_BLOCK)
+    model.cfg.max_response_tokens = MAX_RESPONSE
+    save_checkpoint(root / "ckpt", model, tok)
+    write_tiny_dataset(root / "data", n_train=6)
+    return build(BuildOptions(ckpt=root / "ckpt", out=root / "engine", precisions=["fp32", "int8"],
+                              batch_sizes=[GRAPH_BATCH], capacity=VARIED_CAPACITY, verify_n=0, data=root / "data",
+                              calib_size=6), log=lambda s: None)
+
+
+def test_int8_sessions_sharing_weights_decode_exactly_like_their_own(varied_int8_engine):
+    from runtime import EchoRuntime
+    from varied_models import assert_informative
+
+    px = list(_pixels())
+    shared = EchoRuntime(varied_int8_engine, precision="int8", batch_size=GRAPH_BATCH, threads=1)
+    own = EchoRuntime(varied_int8_engine, precision="int8", batch_size=GRAPH_BATCH, threads=1, share_weights=False)
+    got, want = [r.tokens for r in shared.generate(px)], [r.tokens for r in own.generate(px)]
+    assert_informative(got, shared.tokenizer.eos_id, min_reports=4)
+    assert got == want
+    graphs = list(shared._graphs.values())
+    assert graphs and all(g._capi is not None and g._capi.shared_bytes > 0 for g in graphs)
+    lent = sum(view.nbytes for _, view in shared._weights_map["weights.int8.bin"]._values.values())
+    assert lent > 0  # the int8 weights (read by DequantizeLinear) are among them
+    assert any(view.dtype == np.int8 or view.dtype == np.uint8
+               for _, view in shared._weights_map["weights.int8.bin"]._values.values())
+
+
 def test_sharing_and_own_sessions_compute_bit_identical_tensors(varied_engine):  # noqa: F811
     """Float outputs, not only argmax tokens: the prefill KV and a block step's confidences."""
     from runtime.manifest import load_manifest, resolve_graph
