@@ -265,7 +265,9 @@ class EchoRuntime:
         self._graphs: dict[tuple[str, int], Any] = {}
         self._decoders: dict[tuple[str, int], _Decoder] = {}
         self._graph_cls = self._backend_class()
+        self._opening = True  # load_manifest has just hashed every file: a weights file is not hashed twice
         self._decoder(mode, self._batch_for(mode))  # load now: errors surface at construction
+        self._opening = False
 
     # -- graphs ----------------------------------------------------------------------
     def _backend_class(self):
@@ -303,15 +305,19 @@ class EchoRuntime:
         return self._graphs[key]
 
     def _shared_weights(self, precision: str):
-        """The SharedWeights of weights.<precision>.bin (mapped once, checked before use), or None:
+        """The SharedWeights of weights.<precision>.bin (mapped once; checked whenever a graph that
+        reads it loads: its size, and its sha256 unless the folder was verified a moment ago, at
+        construction), or None:
         a folder whose graphs carry their own weights, or an onnxruntime without a usable C API."""
         from . import ort_capi
 
         name = f"weights.{precision}.bin"
         if name not in self.manifest.files or ort_capi.api() is None:
             return None
+        # checked whenever a graph reading it loads, like the graph itself (a stat once stamped)
+        path = check_file(self.engine_dir, self.manifest, name, check_hash=not getattr(self, "_opening", False))
         if name not in self._weights_map:
-            self._weights_map[name] = ort_capi.SharedWeights(check_file(self.engine_dir, self.manifest, name))
+            self._weights_map[name] = ort_capi.SharedWeights(path)
         return self._weights_map[name]
 
     def _prompt(self, mode: str) -> _Prompt:

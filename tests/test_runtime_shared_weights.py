@@ -224,21 +224,14 @@ def test_a_damaged_weights_file_is_refused(folder, damage):
         EchoRuntime(folder, batch_size=GRAPH_BATCH, threads=1)
 
 
-def test_weights_damaged_after_the_folder_was_opened_are_refused_when_mapped(folder, monkeypatch):
-    """The weights file is checked again when the first graph of its precision loads."""
-    import runtime.engine as engine_mod
+def test_weights_damaged_after_the_runtime_opened_are_refused_when_a_graph_loads(folder):
+    """The AR graphs load on first use; the weights file they read is checked again then."""
     from runtime import EchoRuntime, ManifestError
 
-    real = engine_mod.load_manifest
-
-    def load_then_damage(d):
-        m = real(d)
-        _flip(folder / WEIGHTS)
-        return m
-
-    monkeypatch.setattr(engine_mod, "load_manifest", load_then_damage)
+    rt = EchoRuntime(folder, batch_size=GRAPH_BATCH, threads=1)  # fused graphs loaded, weights mapped
+    _flip(folder / WEIGHTS)
     with pytest.raises(ManifestError, match=rf"{WEIGHTS}: sha256 does not match the manifest"):
-        EchoRuntime(folder, batch_size=GRAPH_BATCH, threads=1)
+        rt.generate_ar(list(_pixels(GRAPH_BATCH)))
 
 
 @pytest.fixture
