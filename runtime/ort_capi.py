@@ -3,7 +3,7 @@
 Why the C API: on the CPU, onnxruntime copies every constant MatMul weight into its own blocked
 layout when a session starts ("prepacking"), so two sessions that read the same weights file each
 hold a private packed copy (the decoder twice for vision_prefill + block_step). Turning prepacking
-off keeps one copy but made the block step 2.3x slower. onnxruntime shares packed weights between
+off keeps one copy but made the block step 1.8-2.3x slower here. onnxruntime shares packed weights between
 sessions only for initializers handed in with AddInitializer and a PrepackedWeightsContainer given
 to CreateSessionWithPrepackedWeightsContainer; the Python bindings expose neither the container
 nor that call, so this module calls the C library that ships inside the onnxruntime wheel
