@@ -156,6 +156,7 @@ _FUNCS = {  # name: (index in OrtApi, restype, argtypes); indices are fixed (the
     "ReleaseValue": (96, None, [_P]),
     "ReleaseTypeInfo": (98, None, [_P]),
     "ReleaseSessionOptions": (100, None, [_P]),
+    "ReleasePrepackedWeightsContainer": (167, None, [_P]),
     "AddSessionConfigEntry": (130, _P, [_P, C.c_char_p, C.c_char_p]),
     "AddInitializer": (150, _P, [_P, C.c_char_p, _P]),
     "CreatePrepackedWeightsContainer": (166, _P, [C.POINTER(_P)]),
@@ -229,9 +230,36 @@ def unavailable() -> Optional[str]:
     return _API_ERROR
 
 
+class _Container:
+    """The packed-weights container and the OrtValues lent to sessions, released once both the
+    SharedWeights that made them and every session that uses them are gone (onnxruntime requires
+    the container to outlive its sessions; finalizers of objects collected together run in any order)."""
+
+    def __init__(self, a: _Api) -> None:
+        self.a, self.p, self.values = a, _P(), []
+        a.check(a.f["CreatePrepackedWeightsContainer"](C.byref(self.p)))
+        self.sessions, self.owner = 0, True
+
+    def session_gone(self) -> None:
+        self.sessions -= 1
+        self._release_if_done()
+
+    def owner_gone(self) -> None:
+        self.owner = False
+        self._release_if_done()
+
+    def _release_if_done(self) -> None:
+        if self.sessions <= 0 and not self.owner and self.p:
+            for v in self.values:
+                self.a.f["ReleaseValue"](v)
+            self.values = []
+            self.a.f["ReleasePrepackedWeightsContainer"](self.p)
+            self.p = None
+
+
 class SharedWeights:
     """One precision's weights file, mapped once, with the OrtValues and the packed-weights
-    container that every session of that precision shares. Keep it alive as long as they run."""
+    container that every session of that precision shares. Sessions keep it alive."""
 
     def __init__(self, path: str | Path) -> None:
         a = api()
@@ -242,11 +270,14 @@ class SharedWeights:
             self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as e:
             raise EchoRuntimeError(f"{path}: cannot map the weights file ({e})") from None
-        self.container = _P()
-        a.check(a.f["CreatePrepackedWeightsContainer"](C.byref(self.container)))
+        self._container = _Container(a)
+        self.container = self._container.p
         self._values: dict[tuple, tuple] = {}  # (offset, length, dtype, dims) -> (OrtValue, view)
-        # The container is never released: onnxruntime requires it to outlive every session made with
-        # it, and sessions can outlive this object in the caller's hands (a few KB for the process).
+
+    def __del__(self) -> None:
+        c = getattr(self, "_container", None)
+        if c is not None:
+            c.owner_gone()
 
     def value(self, offset: int, length: int, dtype: int, dims: list[int]):
         key = (offset, length, dtype, tuple(dims))
@@ -255,7 +286,9 @@ class SharedWeights:
             if np_dtype is None or offset < 0 or offset + length > self.map.size:
                 return None
             view = self.map[offset:offset + length].view(np_dtype).reshape(dims)
-            self._values[key] = (api().value(view), view)
+            v = api().value(view)
+            self._container.values.append(v)
+            self._values[key] = (v, view)
         return self._values[key][0]
 
     def release_pages(self) -> None:
@@ -317,6 +350,8 @@ class CapiSession:
             self.session = _P()
             a.check(a.f["CreateSessionWithPrepackedWeightsContainer"](a.env, str(path).encode(), so, weights.container,
                                                                        C.byref(self.session)))
+            self._container = weights._container
+            self._container.sessions += 1
         finally:
             a.f["ReleaseSessionOptions"](so)
         weights.release_pages()
@@ -376,5 +411,6 @@ class CapiSession:
             if getattr(self, "session", None):
                 self._a.f["ReleaseSession"](self.session)
                 self.session = None
+                self._container.session_gone()
         except Exception:
             pass

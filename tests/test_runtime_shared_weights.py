@@ -340,3 +340,30 @@ def test_an_unwritable_cache_only_means_hashing_again(folder, stamps, monkeypatc
     stamps.clear()
     load_manifest(folder)
     assert WEIGHTS in stamps
+
+
+def test_the_packed_weights_go_with_the_last_session(varied_engine):  # noqa: F811
+    """The container (the packed weights) is released once its SharedWeights and every session that
+    uses it are gone, in either order, not before (onnxruntime requires it to outlive its sessions)."""
+    import gc
+
+    from runtime.manifest import load_manifest, resolve_graph
+    from runtime.ort_backend import OrtGraph
+    from runtime.ort_capi import SharedWeights
+
+    eng = varied_engine
+    m = load_manifest(eng.path)
+    paths = [eng.path / resolve_graph(m, role, "fp32", GRAPH_BATCH) for role in ("vision_prefill", "block_step")]
+    shared = SharedWeights(eng.path / WEIGHTS)
+    graphs = [OrtGraph(p, threads=1, shared_weights=shared) for p in paths]
+    c = shared._container
+    assert c.sessions == 2 and c.p
+    del shared
+    gc.collect()
+    assert c.p  # the sessions still hold it (and the map)
+    graphs.pop()
+    gc.collect()
+    assert c.p and c.sessions == 1
+    graphs.clear()
+    gc.collect()
+    assert c.p is None and c.sessions == 0 and c.values == []
