@@ -312,7 +312,8 @@ class EchoRuntime:
         from . import ort_capi
 
         name = f"weights.{precision}.bin"
-        if name not in self.manifest.files or ort_capi.api() is None:
+        entry = self.manifest.files.get(name)
+        if entry is None or entry.size == 0 or ort_capi.api() is None:  # size 0: every tensor inside the graphs
             return None
         # checked whenever a graph reading it loads, like the graph itself (a stat once stamped)
         path = check_file(self.engine_dir, self.manifest, name, check_hash=not getattr(self, "_opening", False))

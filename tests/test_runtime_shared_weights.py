@@ -367,3 +367,27 @@ def test_the_packed_weights_go_with_the_last_session(varied_engine):  # noqa: F8
     graphs.clear()
     gc.collect()
     assert c.p is None and c.sessions == 0 and c.values == []
+
+
+def test_a_folder_whose_graphs_keep_their_weights_inside_is_not_shared(tmp_path):
+    """weights.fp32.bin is empty when every tensor stays inside its graph (a high threshold):
+    nothing to map, and the runtime decodes as onnxruntime loads it."""
+    from conftest import make_tokenizer
+    from echo_export.build import BuildOptions, build
+    from echo_train.model.checkpoint import save_checkpoint
+    from runtime import EchoRuntime
+    from test_runtime_graphs import VARIED_BLOCK, VARIED_CAPACITY
+    from varied_models import MAX_RESPONSE, as_stage, get_varied
+
+    tok = make_tokenizer()
+    model = as_stage(get_varied(tok, shifted=True, causal_context=True), "dcd", block_size=VARIED_BLOCK)
+    model.cfg.max_response_tokens = MAX_RESPONSE
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    out = build(BuildOptions(ckpt=tmp_path / "ckpt", out=tmp_path / "inline", precisions=["fp32"],
+                             batch_sizes=[GRAPH_BATCH], capacity=VARIED_CAPACITY, verify_n=0,
+                             weights_min_bytes=1 << 40), log=lambda s: None)
+    if (out / WEIGHTS).exists():
+        assert (out / WEIGHTS).stat().st_size == 0
+    rt = EchoRuntime(out, batch_size=GRAPH_BATCH, threads=1)
+    assert not rt._weights_map and all(g._capi is None for g in rt._graphs.values())
+    assert all(r.ok for r in rt.generate(list(_pixels(GRAPH_BATCH))))
