@@ -31,12 +31,13 @@ STUDY = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1001", "SeriesInstanceUI
          "StudyDate": "20261201", "StudyTime": "083015", "AccessionNumber": "ACC-7", "StudyID": "S7"}
 
 
-def cxr_dicom(seed: int = 0, **fields) -> bytes:
-    """One of the DICOM test images (tests/test_preprocess.py) inside a study: UIDs, patient, dates."""
+def cxr_dicom(seed: int = 0, pixels=None, **fields) -> bytes:
+    """One of the DICOM test images (tests/test_preprocess.py) inside a study: UIDs, patient, dates.
+    pixels: an image in [-1, 1] (test_runtime_graphs.images) as 12-bit values, else noise."""
     from test_preprocess import dicom_bytes
 
-    rng = np.random.default_rng(seed)
-    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(rng.integers(0, 4096, (48, 48)))))
+    arr = np.random.default_rng(seed).integers(0, 4096, (48, 48)) if pixels is None else (pixels + 1) * 2047.5
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(arr)))
     for k, v in {**STUDY, **fields}.items():
         setattr(ds, k, v)
     buf = io.BytesIO()

@@ -1,0 +1,184 @@
+"""`echo-serve`: an engine folder on Triton Inference Server (PyTriton), torch-free.
+
+    echo-serve --engine-dir engines/echo [--precision fp32] [--instances 2] [--port 8000]
+               [--grpc-port 8001] [--metrics-port 8002] [--host 127.0.0.1]
+
+Loads N runtimes of the folder (every graph's sha256 checked against its manifest, every built
+batch size decoded once) before Triton starts, so the KServe v2 readiness endpoints
+(/v2/health/ready, /v2/models/echo/ready) answer 200 only once the engines are loaded and
+verified. Then serves models `echo` (dynamic batching) and `echo_stream` (decoupled, one
+response per block; gRPC streaming) over HTTP and gRPC, and Prometheus metrics on --metrics-port.
+Binds 127.0.0.1 unless --host says otherwise. Prints one
+"echo-serve: ready ..." line when it serves (on stderr, like its other messages; Triton logs to
+stdout); SIGINT or SIGTERM stop it, and Triton with it. Exit status: 2 when the engine folder,
+the options or a port are unusable.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from runtime.errors import EchoRuntimeError
+
+
+def _err(msg: str) -> None:
+    """echo-serve's own lines go to stderr, whole: stdout carries Triton's log, which PyTriton
+    relays in unbuffered chunks that may end mid-line."""
+    click.echo(f"echo-serve: {msg}", err=True)
+    sys.stderr.flush()
+
+
+def libpython_first() -> Optional[str]:
+    """Put this interpreter's libpython first on LD_LIBRARY_PATH, for Triton's Python-backend stub.
+
+    The stub loads libpython3.X.so from the library path; under an interpreter whose standard
+    library is another patch release than the system's libpython (pyenv 3.11.7 beside Debian's
+    3.11.2) the model then fails to load ("'_thread.RLock' object has no attribute
+    '_recursion_count'"). Returns the folder put first, or None when there is no shared libpython."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
+    if not libdir or not ldlib.endswith(".so") and ".so." not in ldlib or not (Path(libdir) / ldlib).exists():
+        return None
+    parts = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p and p != libdir]
+    os.environ["LD_LIBRARY_PATH"] = ":".join([libdir] + parts)
+    return libdir
+
+
+START_ATTEMPTS = 3
+_ATTEMPT_ENV = "ECHO_SERVE_START_ATTEMPT"
+
+
+def _children(name: str) -> set[int]:
+    """PIDs of this process's children called `name` (Linux /proc)."""
+    me, out = os.getpid(), set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if comm == name and int(rest[1]) == me:
+            out.add(int(d.name))
+    return out
+
+
+def restart_if_triton_dies_starting(ready: threading.Event, workspace: Path) -> threading.Thread:
+    """Start this command again if the Triton server exits before it is ready (at most
+    START_ATTEMPTS starts in all).
+
+    PyTriton 0.7's proxy model has a start-up race between the instances of one model: instance
+    0 opens a handshake socket that the others connect to as soon as its file exists, which can
+    be before it listens (ConnectionRefusedError in get_config_from_handshake_server; with two
+    instances, 3 of 27 starts failed here, none with one). The model then fails to load, Triton
+    exits, and PyTriton waits 120 s before it says so. Triton's own --model-load-retry-count does
+    not help (the retries find the first attempt's socket file and fail at once), so the whole
+    start is redone: the engines load again (their hashes checked again), in a fresh workspace."""
+
+    def watch() -> None:
+        seen: set[int] = set()
+        while not ready.wait(0.25):
+            now = _children("tritonserver")
+            if seen and not now:  # it was there and is gone, and we are not ready
+                break
+            seen |= now
+        else:
+            return
+        attempt = int(os.environ.get(_ATTEMPT_ENV, "1"))
+        if attempt >= START_ATTEMPTS:
+            _err(f"error: Triton exited while loading the models, {attempt} times; its log is above")
+            os._exit(1)
+        _err(f"Triton exited while loading the models (start {attempt} of {START_ATTEMPTS}); starting again")
+        shutil.rmtree(workspace, ignore_errors=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.environ[_ATTEMPT_ENV] = str(attempt + 1)
+        os.execv(sys.executable, [sys.executable, "-m", "echo_serve", *sys.argv[1:]])
+
+    t = threading.Thread(target=watch, name="echo-serve-start-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine-dir", required=True, type=click.Path(), help="engine folder built by `echo-export build`")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="model instances: runtimes decoding in parallel")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address HTTP, gRPC and metrics bind to")
+@click.option("--port", "http_port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="HTTP port")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime threads per instance (default: CPU cores / instances)")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="how long Triton's dynamic batcher may hold a request to fill a batch")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="default: the model's max_response_tokens")
+@click.option("--allow-unverified", is_flag=True, help="serve an engine whose manifest says verified=false")
+def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_port, threads, max_queue_delay_us,
+         max_new_tokens, allow_unverified) -> None:
+    """Serve ENGINE_DIR's reports on Triton Inference Server (KServe v2 HTTP/gRPC)."""
+    try:
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+    except ImportError as e:
+        _err(f"error: echo-serve needs the [serve] extra (pip install 'echo-cxr[serve]'): {e}")
+        sys.exit(2)
+    from .pool import EnginePool
+    from .triton_models import STREAM, UNARY, bind
+
+    threads = threads or max(1, (os.cpu_count() or 1) // instances)
+    try:
+        pool = EnginePool(engine_dir, precision=precision, instances=instances, threads=threads,
+                          allow_unverified=allow_unverified, max_new_tokens=max_new_tokens)
+    except EchoRuntimeError as e:
+        _err(f"error: {e}")
+        sys.exit(2)
+    _err(f"engines loaded and verified in {pool.load_seconds:.1f} s ({engine_dir}, {precision}, "
+         f"{instances} instance(s), batch sizes {pool.built}); starting Triton")
+    libpython_first()
+    _stop_on_sigterm()
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          allow_metrics=True, allow_cpu_metrics=True, allow_gpu_metrics=False,
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=10, log_verbose=0)
+    # the models go into the server's own repository and load at its start: the server is not
+    # ready (nor even listening) before they are
+    workspace = Path(tempfile.mkdtemp(prefix="echo-serve-"))  # PyTriton's model store and sockets, in triton/
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    triton = Triton(config=config, workspace=workspace / "triton", triton_lifecycle_policy=policy)
+    ready = threading.Event()
+    restart_if_triton_dies_starting(ready, workspace)
+    try:
+        bind(triton, pool, max_queue_delay_us=max_queue_delay_us)
+        triton.run()
+        ready.set()
+        _err(f"ready http://{host}:{http_port} grpc {host}:{grpc_port} metrics http://{host}:{metrics_port}/metrics"
+             + f"; models {UNARY} (batch sizes {pool.built}) {STREAM}; {instances} instance(s), "
+             f"{threads} thread(s) each")
+        triton.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        triton.stop()
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
