@@ -10,10 +10,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,eval,dicom,dev,serve-test]"
-	@# echo-serve's own torch-free environment (nvidia-pytriton pins numpy<2: not in the one above).
-	@# Where it cannot be installed the serve tests skip, saying why.
+	@# echo-serve's own torch-free environment (nvidia-pytriton pins numpy<2: not in the one above) and
+	@# Debian's chromium for the report-page test. Where one cannot be installed its tests skip, saying why.
 	@test -x $(VENV)/serve/bin/python || $(PY) -m venv $(VENV)/serve
 	-$(VENV)/serve/bin/python -m pip install -q -c constraints.txt -e ".[serve,dicom]"
+	-@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@touch $(STAMP)
 
 venv: $(STAMP)

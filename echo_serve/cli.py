@@ -1,14 +1,14 @@
 """`echo-serve`: an engine folder on Triton Inference Server (PyTriton), torch-free.
 
     echo-serve --engine-dir engines/echo [--precision fp32] [--instances 2] [--port 8000]
-               [--grpc-port 8001] [--metrics-port 8002] [--host 127.0.0.1]
+               [--grpc-port 8001] [--metrics-port 8002] [--host 127.0.0.1] [--ui --ui-port 8080]
 
 Loads N runtimes of the folder (every graph's sha256 checked against its manifest, every built
 batch size decoded once) before Triton starts, so the KServe v2 readiness endpoints
 (/v2/health/ready, /v2/models/echo/ready) answer 200 only once the engines are loaded and
 verified. Then serves models `echo` (dynamic batching) and `echo_stream` (decoupled, one
-response per block; gRPC streaming) over HTTP and gRPC, and Prometheus metrics on --metrics-port.
-Binds 127.0.0.1 unless --host says otherwise. Prints one
+response per block; gRPC streaming) over HTTP and gRPC, Prometheus metrics on --metrics-port,
+and with --ui the report page. Binds 127.0.0.1 unless --host says otherwise. Prints one
 "echo-serve: ready ..." line when it serves (on stderr, like its other messages; Triton logs to
 stdout); SIGINT or SIGTERM stop it, and Triton with it. Exit status: 2 when the engine folder,
 the options or a port are unusable.
@@ -122,7 +122,7 @@ def _stop_on_sigterm() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="model instances: runtimes decoding in parallel")
-@click.option("--host", default="127.0.0.1", show_default=True, help="address HTTP, gRPC and metrics bind to")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address HTTP, gRPC, metrics and the UI bind to")
 @click.option("--port", "http_port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="HTTP port")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
@@ -133,8 +133,10 @@ def _stop_on_sigterm() -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
               help="default: the model's max_response_tokens")
 @click.option("--allow-unverified", is_flag=True, help="serve an engine whose manifest says verified=false")
+@click.option("--ui", is_flag=True, help="also serve the report page (a browser front that talks to Triton)")
+@click.option("--ui-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_port, threads, max_queue_delay_us,
-         max_new_tokens, allow_unverified) -> None:
+         max_new_tokens, allow_unverified, ui, ui_port) -> None:
     """Serve ENGINE_DIR's reports on Triton Inference Server (KServe v2 HTTP/gRPC)."""
     try:
         from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
@@ -144,6 +146,15 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
     from .pool import EnginePool
     from .triton_models import STREAM, UNARY, bind
 
+    ui_srv = None
+    if ui:
+        from .ui import ui_server
+
+        try:  # taken first, so that a busy port is an error and not a half-started server
+            ui_srv = ui_server(host, ui_port, f"http://{host}:{http_port}")
+        except OSError as e:
+            _err(f"error: cannot serve the report page on {host}:{ui_port}: {e.strerror or e}")
+            sys.exit(2)
     threads = threads or max(1, (os.cpu_count() or 1) // instances)
     try:
         pool = EnginePool(engine_dir, precision=precision, instances=instances, threads=threads,
@@ -165,17 +176,27 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
     triton = Triton(config=config, workspace=workspace / "triton", triton_lifecycle_policy=policy)
     ready = threading.Event()
     restart_if_triton_dies_starting(ready, workspace)
+    ui_thread = None
     try:
         bind(triton, pool, max_queue_delay_us=max_queue_delay_us)
         triton.run()
         ready.set()
+        if ui_srv is not None:
+            from .ui import serve_in_thread
+
+            ui_thread = serve_in_thread(ui_srv)
         _err(f"ready http://{host}:{http_port} grpc {host}:{grpc_port} metrics http://{host}:{metrics_port}/metrics"
+             + (f" ui http://{host}:{ui_port}/" if ui_srv else "")
              + f"; models {UNARY} (batch sizes {pool.built}) {STREAM}; {instances} instance(s), "
              f"{threads} thread(s) each")
         triton.serve()
     except KeyboardInterrupt:
         pass
     finally:
+        if ui_thread is not None:
+            ui_srv.shutdown()  # waits for serve_forever: only once it runs
+        if ui_srv is not None:
+            ui_srv.server_close()
         triton.stop()
         shutil.rmtree(workspace, ignore_errors=True)
 

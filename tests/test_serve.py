@@ -1,9 +1,10 @@
 """echo-serve end to end: a real Triton Inference Server (PyTriton) started from the serve
 environment (.venv/serve: the base package + the [serve] extra, no torch) on the shared test
 engine folder, called over plain HTTP (KServe v2 JSON, as curl does; curl itself where it is
-installed) and with tritonclient over HTTP and gRPC streaming. The server is started and
-stopped here; EnginePool is also tested in-process. Skips, saying why, only where the serve
-environment is missing (`make test` builds it)."""
+installed), with tritonclient over HTTP and gRPC streaming, and from headless Chromium through
+the report page (Playwright). The server is started and stopped here; EnginePool is also tested
+in-process. Skips, saying why, only where the serve environment or Chromium is missing
+(`make test` installs both)."""
 from __future__ import annotations
 
 import base64
@@ -33,6 +34,7 @@ from test_runtime_graphs import images, runtime_engine  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PY = Path(os.environ.get("ECHO_SERVE_PYTHON", ROOT / ".venv" / "serve" / "bin" / "python"))
+SCREENSHOT = ROOT / "benchmarks" / "results" / "serve" / "report_page.png"
 INSTANCES = 2
 
 
@@ -76,10 +78,10 @@ class Server:
     """`python -m echo_serve` in the serve environment, on free ports, its output collected."""
 
     def __init__(self, engine_dir, *extra: str, wait: bool = True) -> None:
-        self.http, self.grpc, self.metrics = (free_port() for _ in range(3))
+        self.http, self.grpc, self.metrics, self.ui = (free_port() for _ in range(4))
         self.url = f"http://127.0.0.1:{self.http}"
         cmd = [str(SERVE_PY), "-m", "echo_serve", "--engine-dir", str(engine_dir), "--port", str(self.http),
-               "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra]
+               "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--ui-port", str(self.ui), *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.lines: list[str] = []  # echo-serve's own lines (stderr)
         self.triton_lines: list[str] = []  # Triton's log (stdout)
@@ -253,11 +255,11 @@ def server(runtime_engine):
     if why:
         pytest.skip(why)
     s = Server(runtime_engine.path, "--allow-unverified", "--instances", str(INSTANCES), "--threads", "1",
-               "--max-queue-delay-us", "20000")
+               "--max-queue-delay-us", "20000", "--ui")
     yield s
     assert s.stop() == 0, s.log
     # Triton went with it: nothing answers on its ports any more
-    for port in (s.http, s.grpc, s.metrics):
+    for port in (s.http, s.grpc, s.metrics, s.ui):
         with socket.socket() as c, pytest.raises(OSError):
             c.settimeout(1)
             c.connect(("127.0.0.1", port))
@@ -436,3 +438,55 @@ def test_fhir_and_dicom_sr_from_the_server(server, inputs, expected):
     assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.Modality == "SR"
     ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+
+
+# ----------------------------------------------------------------------------- the report page, in Chromium
+def _chromium() -> Optional[str]:
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_page_streams_the_report_in_headless_chromium(server, inputs, expected):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the serve-test extra)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (`make test` runs apt-get install -y chromium as root)")
+    png = inputs[1]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 560})
+            page.goto(f"http://127.0.0.1:{server.ui}/")
+            assert "ECHO" in page.title()
+            page.set_input_files("#file", png)
+            page.wait_for_selector('#status[data-state="done"], #status[data-state="error"]', timeout=60_000)
+            state = page.evaluate("window.echo")
+            assert state["error"] is None, state["error"]
+            assert page.inner_text("#report") == expected[png]["text"]
+            assert page.evaluate("document.getElementById('preview').naturalWidth") == 64  # the image is shown
+            blocks = [e for e in state["events"] if np.ravel(e["final"])[0] == 0]
+            assert len(blocks) == state["blocks"] == expected[png]["forward_passes"] - 1 >= 2  # block by block
+            meta = page.inner_text("#meta")
+            assert f"{expected[png]['forward_passes']} forward passes" in meta and " ms" in meta
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            assert 0 < SCREENSHOT.stat().st_size < 5_000_000
+        finally:
+            browser.close()
+
+
+
+def test_a_busy_report_page_port_is_an_error_before_triton_starts(runtime_engine):
+    if _serve_env_problem():
+        pytest.skip(_serve_env_problem())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        s = Server(runtime_engine.path, "--allow-unverified", "--ui", "--ui-port", str(port), wait=False)
+        assert s.exit_code() == 2, s.log
+    err = "\n".join(s.lines)
+    assert f"cannot serve the report page on 127.0.0.1:{port}" in err and "Traceback" not in err, s.log
+    assert "starting Triton" not in err and not s.triton_lines
