@@ -33,6 +33,8 @@ from runtime.errors import ImageReadError
 from runtime.manifest import Manifest, write_manifest
 from runtime.preprocess import preprocess_image
 
+from .phase_meter import PhaseMeter, process_peak_bytes
+
 BLOCK_ROLES = (gio.VISION_PREFILL, gio.BLOCK_STEP)
 AR_ROLES = (gio.AR_PREFILL, gio.AR_STEP)
 DEFAULT_DATA = Path("data/synth")
@@ -71,6 +73,8 @@ class BuildOptions:
     # every graph of one precision reads its weights from one weights.<precision>.bin, each tensor
     # once (echo_export/external_weights.py); tensors under this many bytes stay inside the graphs
     weights_min_bytes: int = 1024
+    # where to write the build's phases (seconds, peak RSS), file sizes and weight bytes as JSON
+    summary_json: Optional[Path] = None
 
 
 @dataclass
@@ -180,15 +184,18 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__, "transformers": transformers.__version__}
 
 
-def _size(p: Path) -> str:
+def _size(p: Path, data: bool = False) -> str:
+    """A file's size; `data`: with the `<file>.data` external data beside it, if any."""
     n = p.stat().st_size
+    if data and p.with_name(p.name + ".data").is_file():
+        n += p.with_name(p.name + ".data").stat().st_size
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     """Build and verify an engine folder; returns its path. Raises BuildError on bad input or failure."""
     t_all = time.perf_counter()
-    times: dict[str, float] = {}
+    meter = PhaseMeter()
     out = Path(opts.out)
     precisions = parse_precisions(opts.precisions)
     batch_sizes = parse_batch_sizes(opts.batch_sizes)
@@ -202,7 +209,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         raise BuildError("--verify-n must be >= 0")
 
     # ---- phase 0: inputs (nothing written yet)
-    t = time.perf_counter()
+    meter.start("check")
     log(f"[check] checkpoint {opts.ckpt}")
     cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt")
     if cfg.stage == "ar":
@@ -273,7 +280,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         if not verify_samples:
             raise BuildError(f"{option} {vdata}: no test or val images for verification")
     verify_px = _pixels(verify_samples, cfg.vision.image_size, "verification image")
-    times["check"] = time.perf_counter() - t
+    meter.stop()
 
     # ---- build into a hidden sibling
     tmp = out.with_name(f".{out.name}.building")
@@ -281,11 +288,16 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, times, log)
+        job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, meter, log)
         manifest_files, graphs, verify_report, verified = _build_into(job, calib_px, verify_samples, verify_px)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(e, (BuildError, KeyboardInterrupt, SystemExit)) or not isinstance(e, Exception):
+            raise
+        # a converter, the exporter or onnxruntime failing (protobuf limits, memory, an unsupported
+        # op): one message naming the phase, and nothing written
+        raise BuildError(f"the {meter.current or 'build'} phase failed ({type(e).__name__}: {e}); "
+                         f"nothing was written to {out}") from e
     if verify_report is not None and not verified:
         failed = out.with_name(out.name + ".failed")
         if failed.exists():
@@ -326,9 +338,16 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
 
     total = time.perf_counter() - t_all
     log("[summary]")
-    for k, v in times.items():
-        log(f"  {k:<10} {v:7.1f} s")
-    log(f"  {'total':<10} {total:7.1f} s")
+    for line in meter.lines(total):
+        log(line)
+    if opts.summary_json:
+        weights = {f: (out / f).stat().st_size for f in manifest_files if f.startswith("weights.")}
+        summary = {"engine_dir": str(out), "verified": bool(verified), "total_s": round(total, 2),
+                   "process_peak_rss_bytes": process_peak_bytes(), "phases": meter.to_dict(),
+                   "folder_bytes": sum((out / f).stat().st_size for f in manifest_files),
+                   "weights_bytes": weights, "precisions": precisions, "batch_sizes": batch_sizes,
+                   "capacity": opts.capacity, "prefix_len": P}
+        Path(opts.summary_json).write_text(json.dumps(summary, indent=2))
     for f in sorted(manifest_files):
         log(f"  {f:<40} {_size(out / f)}")
     log(f"engine folder: {out} ({'verified' if verified else 'NOT verified'})")
@@ -358,7 +377,7 @@ class _Build:
     ar: Optional[_ArModel]
     max_new: int
     int8_info: dict
-    times: dict[str, float]
+    meter: PhaseMeter
     log: Callable[[str], None]
     files: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (role, precision, batch) -> file
     plans: dict[str, str] = field(default_factory=dict)  # ONNX file -> TensorRT plan
@@ -409,7 +428,7 @@ def _export_fp32(b: _Build) -> None:
     from .graphs import example_inputs, export_graph, make_graph
 
     jobs = [(role, m, c, p_len) for pre, step, m, c, p_len, _ in b.families() for role in (pre, step)]
-    t = time.perf_counter()
+    b.meter.start("export")
     b.log(f"[export] {len(jobs) * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
     for role, m, c, p_len in jobs:
         for bs in b.batch_sizes:
@@ -418,9 +437,9 @@ def _export_fp32(b: _Build) -> None:
             g = make_graph(role, m, b.opts.capacity, p_len, b.tok.mask_id)
             export_graph(g, example_inputs(role, c, bs, b.opts.capacity, p_len), b.tmp / name, b.opts.opset)
             onnx.checker.check_model(str(b.tmp / name), full_check=True)
-            b.files[(role, "fp32", bs)] = name
-            b.log(f"  {name:<34} {_size(b.tmp / name):>10}  {time.perf_counter() - t1:5.1f}s")
-    b.times["export"] = time.perf_counter() - t
+            b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
+            _add_graph(b, (role, "fp32", bs), name)
+    b.meter.stop()
 
 
 def _convert_fp16(b: _Build) -> None:
@@ -428,15 +447,15 @@ def _convert_fp16(b: _Build) -> None:
 
     from .precision import to_fp16
 
-    t = time.perf_counter()
+    b.meter.start("fp16")
     b.log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
-    for (role, _, bs), src in list(b.files.items()):
+    for (role, _, bs), src in [(k, v) for k, v in b.files.items() if k[1] == "fp32"]:
         name = gio.graph_filename(role, "fp16", bs)
         to_fp16(b.tmp / src, b.tmp / name)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
-        b.files[(role, "fp16", bs)] = name
-        b.log(f"  {name:<34} {_size(b.tmp / name):>10}")
-    b.times["fp16"] = time.perf_counter() - t
+        b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}")
+        _add_graph(b, (role, "fp16", bs), name)
+    b.meter.stop()
 
 
 def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
@@ -444,7 +463,7 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
 
     from .precision import to_int8
 
-    t = time.perf_counter()
+    b.meter.start("int8")
     b.log(f"[int8] calibrating on {len(calib_px)} training images (PyTorch reference decode, recorded graph inputs)")
     for pre_role, step_role, m, c, p_len, max_new in b.families():
         for bs in b.batch_sizes:
@@ -456,38 +475,40 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
                                min_weight_elements=b.opts.int8_min_weight,
                                skip_input_dims=[c.lm.intermediate_size] if b.opts.int8_down_proj_fp32 else [])
                 onnx.checker.check_model(str(b.tmp / name), full_check=True)
-                b.files[(role, "int8", bs)] = name
-                b.log(f"  {name:<34} {_size(b.tmp / name):>10}  {info['quantized_matmuls']} weight MatMul/Gemm, "
-                      f"{info['calib_samples']} calibration feeds")
-    for pattern in ("*.pre.onnx", "*-inferred.onnx"):  # the quantiser's intermediate files
+                b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {info['quantized_matmuls']} weight "
+                      f"MatMul/Gemm, {info['calib_samples']} calibration feeds")
+                _add_graph(b, (role, "int8", bs), name)
+    for pattern in ("*.pre.onnx", "*.pre.onnx.data", "*-inferred.onnx"):  # the quantiser's intermediate files
         for leftover in b.tmp.glob(pattern):
             leftover.unlink()
-    b.times["int8"] = time.perf_counter() - t
+    b.meter.stop()
 
 
-def _share_weights(b: _Build) -> None:
+def _add_graph(b: _Build, key: tuple[str, str, int], name: str) -> None:
+    """Record a new graph and move its weights into its precision's weights.<precision>.bin at
+    once: the folder never holds more than one graph's own copy of the weights (at 0.5B each
+    graph's export data is 2.3 GB), and the next phase reads the shared file."""
     from .external_weights import share_weights, weights_filename
 
-    t = time.perf_counter()
-    b.log(f"[weights] one external data file per precision (tensors of at least {b.opts.weights_min_bytes} bytes)")
-    for prec in b.precisions:
-        graphs = [name for (_, p, _), name in sorted(b.files.items()) if p == prec]
-        res = share_weights(b.tmp, graphs, weights_filename(prec), b.opts.weights_min_bytes)
+    b.files[key] = name
+    prec = key[1]
+    graphs = [n for (_, p, _), n in sorted(b.files.items()) if p == prec]
+    res = share_weights(b.tmp, graphs, weights_filename(prec), b.opts.weights_min_bytes)
+    if res.data_file not in b.data_files:
         b.data_files.append(res.data_file)
-        b.log(f"  {res.data_file:<34} {_size(b.tmp / res.data_file):>10}  {res.tensors_stored} tensors for "
-              f"{len(graphs)} graphs ({res.bytes_referenced / max(res.bytes_stored, 1):.2f}x deduplicated)")
-    b.times["weights"] = time.perf_counter() - t
+    b.log(f"  {'':<2}-> {res.data_file:<29} {_size(b.tmp / res.data_file):>10}  {res.tensors_stored} tensors for "
+          f"{len(graphs)} graph(s), {res.bytes_referenced / max(res.bytes_stored, 1):.2f}x deduplicated")
 
 
 def _build_plans(b: _Build) -> None:
     from .tensorrt_build import build_all
 
-    t = time.perf_counter()
+    b.meter.start("tensorrt")
     b.log("[tensorrt] strongly typed engines")
     cache = b.opts.timing_cache or (Path.home() / ".cache" / "echo-export" / "trt_timing.cache")
     cache.parent.mkdir(parents=True, exist_ok=True)
     b.plans = build_all(b.tmp, sorted(b.files.values()), timing_cache=cache, log=b.log)
-    b.times["tensorrt"] = time.perf_counter() - t
+    b.meter.stop()
 
 
 def _compare_plans(b: _Build, pixels: list[np.ndarray]) -> dict:
@@ -510,7 +531,7 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     from .verify import VerifyItem, verify_ar, verify_block
     from .verify_table import print_table
 
-    t = time.perf_counter()
+    b.meter.start("verify")
     b.log(f"[verify] {len(verify_samples)} held-out images, up to {b.max_new} new tokens, onnxruntime CPU")
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
     rep = verify_block(b.tmp, b.files, b.model, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
@@ -526,7 +547,7 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
         rep["tensorrt"] = _compare_plans(b, verify_px[:1])
     print_table(rep, b.log)
     (b.tmp / "verify.json").write_text(json.dumps(rep, indent=2, sort_keys=True))
-    b.times["verify"] = time.perf_counter() - t
+    b.meter.stop()
     return rep
 
 
@@ -539,7 +560,6 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
         _convert_fp16(b)
     if "int8" in b.precisions:
         _quantise_int8(b, calib_px)
-    _share_weights(b)
     if b.opts.trt:
         _build_plans(b)
     shutil.copyfile(Path(b.opts.ckpt) / "tokenizer.json", b.tmp / "tokenizer.json")

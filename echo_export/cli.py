@@ -48,8 +48,14 @@ def main() -> None:
                    "have tails that one uint8 range cannot hold)")
 @click.option("--trt", is_flag=True, help="also build TensorRT plans (needs the [trt] extra and a GPU)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--weights-min-bytes", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="tensors of at least this many bytes go to weights.<precision>.bin, stored once for every graph of "
+                   "that precision; smaller ones stay inside the graphs. A huge value keeps every graph self-contained "
+                   "(only below protobuf's 2 GB limit)")
+@click.option("--summary-json", type=click.Path(path_type=Path), default=None,
+              help="also write the build summary (seconds and peak RSS per phase, folder and weight bytes) as JSON here")
 def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, verify_data, max_new_tokens, opset,
-          int8_mode, int8_min_weight, int8_down_proj, trt, force) -> None:
+          int8_mode, int8_min_weight, int8_down_proj, trt, force, weights_min_bytes, summary_json) -> None:
     """Trace, convert, quantise, verify, and write manifest.json last."""
     from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precisions
     from .tensorrt_build import TensorRTUnavailable
@@ -65,7 +71,8 @@ def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, veri
                             batch_sizes=parse_batch_sizes(batch_sizes), capacity=capacity, calib_size=calib_size,
                             verify_n=verify_n, data=data, verify_data=verify_data, trt=trt, force=force, opset=opset,
                             max_new_tokens=max_new_tokens, int8_mode=int8_mode, int8_min_weight=int8_min_weight,
-                            int8_down_proj_fp32=not int8_down_proj)
+                            int8_down_proj_fp32=not int8_down_proj, weights_min_bytes=weights_min_bytes,
+                            summary_json=summary_json)
         run_build(opts, log=lambda s: click.echo(s))
     except (BuildError, TensorRTUnavailable, ManifestError) as e:
         click.echo(f"echo-export build: error: {e}", err=True)

@@ -273,11 +273,42 @@ def remove_fp16_round_trips(graph: onnx.GraphProto) -> int:
     return rewired
 
 
+def has_external_data(path: str | Path) -> bool:
+    """Whether a graph file keeps (some of) its initializers in external data files."""
+    m = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+
+
+def save_graph(model: onnx.ModelProto, dst: str | Path, external: bool) -> None:
+    """Save a graph; `external`: its initializers of at least 1 KiB go to `<dst>.data`, as the
+    exporter does for big models. Protobuf cannot serialise a model over 2 GB in one piece, and
+    the build's weight sharing moves them into weights.<precision>.bin afterwards anyway."""
+    dst = Path(dst)
+    if not external:
+        onnx.save(model, str(dst))
+        return
+    data = dst.with_name(dst.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data.name, size_threshold=1024, convert_attribute=False)
+
+
 def to_fp16(src: str | Path, dst: str | Path) -> dict:
-    """Convert an fp32 graph to fp16 with fp32 IO. Returns what was kept fp32."""
+    """Convert an fp32 graph to fp16 with fp32 IO. Returns what was kept fp32.
+
+    Works on graphs of any size: shape inference runs on the file (`infer_shapes_path`; the
+    in-memory form serialises the whole model, which fails past protobuf's 2 GB), and a graph
+    whose weights are external is written with external weights."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(src))
+    src, dst = Path(src), Path(dst)
+    external = has_external_data(src)
+    inferred = src.with_name(dst.stem + ".shapes.onnx")  # beside src: its external data paths stay valid
+    try:
+        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+        model = onnx.load(str(inferred))
+    finally:
+        inferred.unlink(missing_ok=True)
     _name_nodes(model)
     clamp_mask_fill_constants(model)
     bad = check_fp16_constants(model)
@@ -286,12 +317,12 @@ def to_fp16(src: str | Path, dst: str | Path) -> dict:
     keep_nodes = sorted(set(fp32_islands(model)) | set(output_head_nodes(model)) | set(attention_score_nodes(model)))
     op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK))
     out = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=op_block, node_block_list=keep_nodes, disable_shape_infer=False
+        model, keep_io_types=True, op_block_list=op_block, node_block_list=keep_nodes, disable_shape_infer=True
     )
     rewired = remove_fp16_round_trips(out.graph)
     topo_sort(out.graph)
     del out.graph.value_info[:]  # stale fp32 annotations; onnxruntime and the checker re-infer them
-    onnx.save(out, str(dst))
+    save_graph(out, dst, external)
     return {"op_block_list": FP16_OP_BLOCK, "fp32_nodes": len(keep_nodes), "fp16_round_trips_removed": rewired}
 
 
@@ -351,8 +382,6 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
 
     from runtime.cpu_features import INT8_MODES
 
-    from .external_weights import external_data_files
-
     if mode not in INT8_MODES:
         raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
     signed_act = mode == "s8s8"
@@ -361,16 +390,12 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
     dst = Path(dst)
     work = Path(workdir) if workdir else dst.parent
     pre = work / (dst.stem + ".pre.onnx")
-    if external_data_files(Path(src)):
-        # quant_pre_process copies the graph to a temporary folder where a relative external data
-        # file (weights.fp32.bin) is not found: hand it a self-contained copy
-        inline = work / (dst.stem + ".inline.onnx")
-        onnx.save(onnx.load(str(src)), str(inline))
-        quant_pre_process(str(inline), str(pre), skip_symbolic_shape=True)
-        inline.unlink()
-    else:
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    model = onnx.load(str(pre))
+    # big graphs keep their weights external at every step (protobuf's 2 GB limit); the optimiser
+    # inside quant_pre_process reads src's external data from src's own folder
+    external = has_external_data(src)
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
+                      all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
+    model = onnx.load(str(pre), load_external_data=False)  # names and shapes are all this step needs
     _name_nodes(model)
     onnx.save(model, str(pre))
     nodes = weight_matmuls(model, min_weight_elements, skip_input_dims)
@@ -393,9 +418,11 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
         activation_type=QuantType.QInt8 if signed_act else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
         extra_options={"ActivationSymmetric": signed_act, "WeightSymmetric": True},
     )
     pre.unlink(missing_ok=True)
+    pre.with_name(pre.name + ".data").unlink(missing_ok=True)
     if mode == "u8s7":
         bad = check_int8_avx2_safe(onnx.load(str(dst)))
         if bad:
@@ -424,9 +451,10 @@ def check_int8_avx2_safe(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
-def check_int8_qdq_for_tensorrt(model: onnx.ModelProto) -> list[str]:
+def check_int8_qdq_for_tensorrt(model: onnx.ModelProto, base_dir: str = "") -> list[str]:
     """Q/DQ nodes TensorRT would refuse: it takes int8 with a zero point of 0 (symmetric) only.
-    Returns '<node>: <why>' strings; empty when every Q/DQ node is fine."""
+    Returns '<node>: <why>' strings; empty when every Q/DQ node is fine. `base_dir`: the graph's
+    folder, where a model loaded without its external data finds it."""
     consts = _constant_tensors(model)
     bad = []
     for n in model.graph.node:
@@ -437,18 +465,21 @@ def check_int8_qdq_for_tensorrt(model: onnx.ModelProto) -> list[str]:
             bad.append(f"{n.name}: no constant zero point (uint8 by default)")
         elif zp.data_type != onnx.TensorProto.INT8:
             bad.append(f"{n.name}: zero point of type {onnx.TensorProto.DataType.Name(zp.data_type)}, not INT8")
-        elif np.any(numpy_helper.to_array(zp) != 0):
+        elif np.any(numpy_helper.to_array(zp, base_dir=base_dir) != 0):
             bad.append(f"{n.name}: nonzero zero point (asymmetric)")
     return bad
-
-
 
 
 def int8_qdq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
     """Rewrite an onnxruntime-style int8 QDQ graph (uint8 asymmetric activations, int32 biases)
     into the form TensorRT parses: symmetric int8 activations covering the same calibrated
-    range, float biases. Weights (per-channel symmetric int8) are left as they are."""
-    model = onnx.load(str(src))
+    range, float biases. Weights (per-channel symmetric int8) are left as they are, where they
+    are: the graph is read without its external data, so the TensorRT form refers to the same
+    weights.int8.bin, and only the small tensors it reads (scales, zero points, biases) are loaded."""
+    src = Path(src)
+    base = str(src.parent)
+    model = onnx.load(str(src), load_external_data=False)
+    arr = lambda t: numpy_helper.to_array(t, base_dir=base)  # noqa: E731  (reads external data too)
     g = model.graph
     consts = _constant_tensors(model)
     new_inits: list[onnx.TensorProto] = []
@@ -466,16 +497,16 @@ def int8_qdq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
             continue
         if zp.data_type == onnx.TensorProto.INT32 and n.op_type == "DequantizeLinear" and n.input[0] in consts:
             # int32 bias: fold to the float it stands for
-            q = numpy_helper.to_array(consts[n.input[0]]).astype(np.float64)
-            val = (q - numpy_helper.to_array(zp)) * numpy_helper.to_array(consts[s_name])
+            q = arr(consts[n.input[0]]).astype(np.float64)
+            val = (q - arr(zp)) * arr(consts[s_name])
             new_inits.append(numpy_helper.from_array(val.astype(np.float32), n.output[0]))
             folded += 1
             continue
         if zp.data_type == onnx.TensorProto.UINT8:
             key = (s_name, z_name)
             if key not in renamed:
-                s = numpy_helper.to_array(consts[s_name]).astype(np.float64)
-                z = numpy_helper.to_array(zp).astype(np.float64)
+                s = arr(consts[s_name]).astype(np.float64)
+                z = arr(zp).astype(np.float64)
                 amax = np.maximum(z * s, (255.0 - z) * s)  # the calibrated [min, max], either side of 0
                 ns, nz = s_name + "_sym", z_name + "_sym"
                 new_inits.append(numpy_helper.from_array((amax / 127.0).astype(np.float32), ns))
@@ -492,8 +523,12 @@ def int8_qdq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
     del g.initializer[:]
     g.initializer.extend(still)
     del g.value_info[:]
-    bad = check_int8_qdq_for_tensorrt(model)
+    bad = check_int8_qdq_for_tensorrt(model, base)
     if bad:
         raise PrecisionError(f"{src}: Q/DQ left that TensorRT cannot take: {bad[:3]}")
-    onnx.save(model, str(dst))
+    if Path(dst).resolve().parent != src.resolve().parent:  # elsewhere: take the weights along
+        onnx.external_data_helper.load_external_data_for_model(model, base)
+        save_graph(model, dst, has_external_data(src))
+    else:
+        onnx.save(model, str(dst))
     return {"requantised_ranges": requantised, "folded_biases": folded}

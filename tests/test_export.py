@@ -696,3 +696,36 @@ def test_export_prints_no_exporter_registry_noise(setup, tmp_path):
     assert (tmp_path / "g.onnx").stat().st_size > 0
     assert not [m for m in seen if "torchvision" in m]
     assert registry.level == before
+
+
+def test_external_weights_build_decodes_like_a_self_contained_one(built, setup, tmp_path):
+    """The default build moves every tensor of at least 1 KiB into weights.<precision>.bin right
+    after each graph is written, so fp16 conversion and int8 quantisation run on graphs whose
+    weights are external (the path a >2 GB model takes). A build whose threshold keeps every
+    tensor inside its graph takes the in-memory path; both decode the same tokens in every
+    precision, and its summary JSON reports each phase's time and peak memory."""
+    import json
+
+    from echo_export.build import BuildOptions, build
+    from echo_export.precision import has_external_data
+    from runtime.engine import EchoRuntime
+    from varied_models import assert_informative
+
+    root, _, tok, data = setup
+    out, _ = built
+    summary = tmp_path / "summary.json"
+    inline = build(BuildOptions(ckpt=root / "ckpt", out=tmp_path / "inline", precisions=["fp32", "fp16", "int8"],
+                                capacity=CAP, calib_size=3, verify_n=0, data=data, int8_mode="u8s7",
+                                weights_min_bytes=1 << 40, summary_json=summary), log=lambda s: None)
+    images = sorted(str(p) for p in (data / "img").glob("test*.png"))
+    for prec in ("fp32", "fp16", "int8"):
+        assert has_external_data(out / f"block_step.{prec}.b1.onnx")
+        assert not has_external_data(inline / f"block_step.{prec}.b1.onnx")
+        want = [r.tokens for r in EchoRuntime(inline, precision=prec).generate(images)]
+        got = [r.tokens for r in EchoRuntime(out, precision=prec).generate(images)]
+        assert got == want, prec
+        assert_informative(got, tok.eos_id)
+    s = json.loads(summary.read_text())
+    assert set(s["phases"]) >= {"check", "export", "fp16", "int8"} and s["verified"] is False
+    assert all(p["seconds"] > 0 and p["peak_rss_bytes"] > 50e6 for p in s["phases"].values())
+    assert s["folder_bytes"] == sum(f.stat().st_size for f in inline.iterdir() if f.name != "manifest.json")
