@@ -47,11 +47,15 @@ def build_engine(
     workspace_bytes: int = 4 << 30,
     opt_level: int = 3,
     verbose: bool = False,
+    strip_weights: bool = True,
 ) -> Path:
     """Parse `onnx_path` into a strongly typed network, build, and write the serialized `.plan`.
 
     The timing cache (if given) is loaded before and saved after the build, so later builds
-    of the same graphs on the same GPU skip kernel timing.
+    of the same graphs on the same GPU skip kernel timing. `strip_weights` (TensorRT >= 10):
+    a weight-stripped plan (STRIP_PLAN + REFIT_IDENTICAL) that the runtime refits from the ONNX
+    graph it was built from, whose weights are the folder's weights.<precision>.bin: the plans
+    of every batch size do not each carry another copy of the model.
     """
     trt = _import_trt()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
@@ -67,6 +71,9 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     config.builder_optimization_level = int(opt_level)
+    if strip_weights and hasattr(trt.BuilderFlag, "STRIP_PLAN"):
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)  # refit with the very weights it was built from
     cache_path = Path(timing_cache) if timing_cache else None
     blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(blob)
@@ -99,15 +106,17 @@ def compare_with_onnxruntime(
     summary dict; `passed` is Polygraphy's verdict.
     """
     try:
-        from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.backend.trt import TrtRunner
         from polygraphy.comparator import Comparator, CompareFunc
     except ImportError as e:
         raise TensorRTUnavailable(f"{TRT_HINT}; polygraphy is missing ({e})") from None
-    _import_trt()
+    from runtime.trt_backend import load_engine
+
+    trt = _import_trt()
+    engine, _runtime = load_engine(trt, trt.Logger(trt.Logger.WARNING), Path(plan_path), Path(onnx_path))  # refits a stripped plan
     runners = [
-        TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path)))),
+        TrtRunner(engine),
         OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])),
     ]
     results = Comparator.run(runners, data_loader=list(feeds))

@@ -60,6 +60,34 @@ def plan_path(onnx_path: str | Path) -> Path:
     return p.with_suffix(".plan")
 
 
+def plan_source(onnx_path: str | Path) -> Path:
+    """The ONNX graph a plan was built from: an int8 graph's TensorRT form
+    (block_step.int8.b1.tensorrt.onnx) when there is one, else the graph itself."""
+    p = Path(onnx_path)
+    trt_form = p.with_name(p.stem + ".tensorrt.onnx")
+    return trt_form if trt_form.is_file() else p
+
+
+def load_engine(trt, logger, plan: Path, onnx_source: Path) -> tuple:
+    """Deserialize a plan; a weight-stripped (refittable) one is refitted from the ONNX graph it
+    was built from, whose weights live in the folder's weights.<precision>.bin. Returns
+    (engine, runtime)."""
+    rt = trt.Runtime(logger)
+    engine = rt.deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise EchoRuntimeError(f"{plan}: TensorRT could not deserialize the engine (built with another version or GPU?)")
+    if getattr(engine, "refittable", False):
+        refitter = trt.Refitter(engine, logger)
+        parser = trt.OnnxParserRefitter(refitter, logger)
+        if not parser.refit_from_file(str(onnx_source)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise EchoRuntimeError(f"{plan}: cannot refit its weights from {onnx_source.name}: {errors[:3]}")
+        if not refitter.refit_cuda_engine():
+            missing = refitter.get_missing_weights()
+            raise EchoRuntimeError(f"{plan}: refit from {onnx_source.name} left weights missing: {list(missing)[:5]}")
+    return engine, rt  # the caller keeps the runtime alive as long as the engine
+
+
 class TrtGraph:
     def __init__(self, onnx_path: str | Path, threads=None, providers=None) -> None:
         self.trt, self.cudart = _import()
@@ -68,10 +96,7 @@ class TrtGraph:
         if not self.path.is_file():
             raise EchoRuntimeError(f"{self.path}: no TensorRT engine; build it with echo-export on this GPU")
         self._logger = trt.Logger(trt.Logger.ERROR)
-        self._rt = trt.Runtime(self._logger)
-        self.engine = self._rt.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise EchoRuntimeError(f"{self.path}: TensorRT could not deserialize the engine (built with another version or GPU?)")
+        self.engine, self._rt = load_engine(trt, self._logger, self.path, plan_source(onnx_path))
         self.context = self.engine.create_execution_context()
         self.stream = _check(cudart.cudaStreamCreate())
         self.inputs, self.outputs = {}, {}
@@ -97,6 +122,11 @@ class TrtGraph:
             if name not in group:
                 raise EchoRuntimeError(f"{self.path}: engine expects tensor {name!r} that the runtime does not provide")
             arr = group[name]
+            shape, dtype = (self.inputs.get(name) or self.outputs[name])
+            fixed = all(isinstance(n, int) and n >= 0 for n in shape)
+            if (fixed and tuple(arr.shape) != shape) or arr.dtype != dtype or not arr.flags.c_contiguous:
+                raise EchoRuntimeError(f"{self.path}: {name} is {dtype.name}{list(shape)} in the engine, the runtime "
+                                       f"made {arr.dtype.name}{list(arr.shape)} (C-contiguous: {arr.flags.c_contiguous})")
             ptr = _check(cudart.cudaMalloc(max(arr.nbytes, 1)))
             self._dev[name], self._host[name] = ptr, arr
             if name in RESIDENT_INPUTS:  # masked slots are multiplied by zero weights: keep them finite
