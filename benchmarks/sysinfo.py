@@ -9,6 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from echo_export.phase_meter import reset_peak_rss  # noqa: F401  (one implementation, used and re-exported here)
+
 LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "transformers", "numpy", "tokenizers", "onnx", "tensorrt")
 
 
@@ -68,16 +70,6 @@ def machine_info() -> dict:
 
 
 # ----------------------------------------------------------------------------- memory
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0). False when not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_rss_mb() -> float:
     """Peak resident set size (VmHWM) since the last reset, in MiB."""
     try:

@@ -27,7 +27,8 @@ def _status_kib(key: str) -> Optional[int]:
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0); False when not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -61,7 +62,7 @@ class PhaseMeter:
         return self._open[0] if self._open else None
 
     def start(self, name: str) -> None:
-        self.per_phase = _reset_peak() and self.per_phase
+        self.per_phase = reset_peak_rss() and self.per_phase
         self._open = (name, time.perf_counter())
 
     def stop(self) -> None:

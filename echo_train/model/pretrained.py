@@ -42,6 +42,21 @@ class PretrainedError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------- folders and shards
+
+def refuse_unmapped(folder, what: str, unexpected: list[str], missing: list[str], wrong: list[str]) -> None:
+    """One PretrainedError naming the first few tensors that do not map onto `what`, if any."""
+    if not (unexpected or missing or wrong):
+        return
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors without a place in {what}: {names_preview(unexpected)}")
+    if missing:
+        parts.append(f"{len(missing)} parameters of {what} not in the folder: {names_preview(missing)}")
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape: {names_preview(wrong)}")
+    raise PretrainedError(f"{folder}: tensors do not map onto {what}: " + "; ".join(parts))
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise PretrainedError(f"{path.parent}: no {path.name} ({what})")
@@ -109,15 +124,7 @@ def load_mapped(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], fo
     missing = sorted(k for k in own if k not in state)
     wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
                    if k in own and state[k].shape != own[k].shape)
-    if unexpected or missing or wrong:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} tensors without a place in {what}: {names_preview(unexpected)}")
-        if missing:
-            parts.append(f"{len(missing)} parameters of {what} not in the folder: {names_preview(missing)}")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape: {names_preview(wrong)}")
-        raise PretrainedError(f"{folder}: tensors do not map onto {what}: " + "; ".join(parts))
+    refuse_unmapped(folder, what, unexpected, missing, wrong)
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -248,15 +255,7 @@ def load_vision_weights(tower: nn.Module, folder: Path, what: str) -> None:
     unexpected = sorted(k for k in info.get("unexpected_keys", []) if not k.startswith(UNUSED_VISION_PARTS))
     missing = sorted(info.get("missing_keys", []))
     wrong = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys", []))
-    if unexpected or missing or wrong:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} tensors without a place in {what}: {names_preview(unexpected)}")
-        if missing:
-            parts.append(f"{len(missing)} parameters of {what} not in the folder: {names_preview(missing)}")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape: {names_preview(wrong)}")
-        raise PretrainedError(f"{folder}: tensors do not map onto {what}: " + "; ".join(parts))
+    refuse_unmapped(folder, what, unexpected, missing, wrong)
     tower.load_state_dict(loaded.state_dict())
 
 
