@@ -39,7 +39,7 @@ from runtime.special_tokens import BOS, EOS, IMAGE, MASK, PAD
 from runtime.text import ReportTokenizer
 
 from .config import STAGES, EchoConfig, LMConfig, VisionConfig
-from .pretrained import PretrainedError, check_folder, grow_rows, names_preview, read_json, weight_files
+from .pretrained import PretrainedError, check_folder, grow_rows, names_preview, read_json, refuse_unmapped, weight_files
 
 MODEL_TYPES = ("qwen2_5_vl",)
 DEFAULT_IMAGE_SIZE = 448  # 32 x 32 patches of 14 px -> 256 image tokens after the 2 x 2 merger
@@ -295,15 +295,7 @@ def plan_weights(folder: Path, model, index: dict[str, tuple[Path, tuple[int, ..
         mapping[name] = ours
     skip = {"lm.lm_head.weight"} if tied else set()
     missing = sorted(set(own) - set(mapping.values()) - skip)
-    if unexpected or missing or wrong:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} tensors without a place: {names_preview(unexpected)}")
-        if missing:
-            parts.append(f"{len(missing)} parameters not in the folder: {names_preview(missing)}")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape: {names_preview(wrong)}")
-        raise PretrainedError(f"{folder}: tensors do not map onto a Qwen2.5-VL model: " + "; ".join(parts))
+    refuse_unmapped(folder, "a Qwen2.5-VL model", unexpected, missing, wrong)
     return mapping
 
 
