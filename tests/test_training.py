@@ -13,7 +13,7 @@ from training_fixtures import RandomReports, collate
 from echo_train.model.checkpoint import load_checkpoint, load_training_state
 from echo_train.stages.errors import StageError
 from echo_train.stages.stage2_rad import make_diffusion_loss
-from echo_train.stages.trainer import TrainConfig, resolve_precision, train
+from echo_train.stages.trainer import TrainConfig, lr_at, plan_budgeted_steps, resolve_precision, train
 
 
 def _run(tok, out, stop_after=None, freeze=(), precision="auto", steps=6):
@@ -85,6 +85,42 @@ def test_finished_run_is_reused(tmp_path, tiny_tokenizer):
     before = (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns
     _, st = _run(tiny_tokenizer, tmp_path / "r")
     assert st["finished"] and (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_plan_budgeted_steps_fits_the_time_left_within_bounds():
+    assert plan_budgeted_steps(600, 11, step_s=0.5, remaining_s=100.0, min_fraction=0.25) == 211
+    assert plan_budgeted_steps(600, 11, step_s=0.1, remaining_s=1000.0, min_fraction=0.25) == 600  # all fit
+    assert plan_budgeted_steps(600, 11, step_s=1.0, remaining_s=-5.0, min_fraction=0.25) == 150  # the floor
+    assert plan_budgeted_steps(8, 7, step_s=1.0, remaining_s=0.0, min_fraction=0.25) == 7  # never below done
+
+
+def _budgeted(tok, out, steps, budget_s, started_ago_s):
+    import time
+
+    model = make_tiny_model(tok, stage="rad", block_size=4)
+    data = RandomReports(tok, model.n_image_tokens)
+    cfg = TrainConfig(steps=steps, batch_size=4, save_every=100, eval_every=100, threads=1, warmup_steps=2,
+                      time_budget_s=budget_s, budget_start=time.time() - started_ago_s, budget_probe_steps=2)
+    return cfg, train(model, tok, data, collate, make_diffusion_loss(4, tok.mask_id, n_noisy=2), cfg, out,
+                      val_set=data, desc="t")
+
+
+def test_time_budget_shrinks_the_run_and_its_schedule(tmp_path, tiny_tokenizer):
+    # a budget already spent: the run keeps the floor, a quarter of its steps, with a whole schedule
+    cfg, st = _budgeted(tiny_tokenizer, tmp_path / "r", steps=40, budget_s=10.0, started_ago_s=1000.0)
+    assert st["finished"] and st["step"] == 10 and st["planned_steps"] == 10 and st["requested_steps"] == 40
+    saved = load_training_state(tmp_path / "r")
+    assert saved["finished"] and saved["planned_steps"] == 10
+    last_lr = saved["optimizer"]["param_groups"][0]["lr"]
+    short = TrainConfig(steps=10, lr=cfg.lr, warmup_steps=2)
+    assert last_lr == pytest.approx(lr_at(short, 9)) and last_lr < 0.2 * cfg.lr  # decayed, not cut mid-schedule
+    # the same command again reuses the finished, budgeted run
+    before = (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns
+    _, again = _budgeted(tiny_tokenizer, tmp_path / "r", steps=40, budget_s=10.0, started_ago_s=1000.0)
+    assert again["step"] == 10 and (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns == before
+    # a budget with room runs every step
+    _, st = _budgeted(tiny_tokenizer, tmp_path / "wide", steps=12, budget_s=1e6, started_ago_s=0.0)
+    assert st["step"] == 12 and st["planned_steps"] == 12
 
 
 def test_ddp_two_cpu_processes(tmp_path):

@@ -1,6 +1,8 @@
 """The training options of every `echo-train` stage command, and the TrainConfig they make."""
 from __future__ import annotations
 
+import time
+
 import click
 
 from .trainer import PRECISIONS, TrainConfig
@@ -20,6 +22,10 @@ def train_options(f):
                           "bf16, else fp32."),
         click.option("--save-every", type=int, default=100, show_default=True),
         click.option("--eval-every", type=int, default=100, show_default=True),
+        click.option("--time-budget", type=float, default=None, metavar="SECONDS",
+                     help="Fit the whole command into this wall time: after a few timed steps the step count "
+                          "shrinks to what is left (never below a quarter of --steps) and the learning-rate "
+                          "schedule follows it. The plan is printed and kept for a resume."),
         click.option("--stop-after", type=int, default=None, help="Stop (with a checkpoint) at this step."),
         click.option("--train-limit", type=int, default=None, help="Use only the first N training studies."),
         click.option("--freeze", default=None,
@@ -39,6 +45,9 @@ def train_config_from_options(default: TrainConfig, kw: dict) -> TrainConfig:
             setattr(cfg, k, kw[k])
     cfg.seed, cfg.device, cfg.threads, cfg.precision = kw["seed"], kw["device"], kw["threads"], kw["precision"]
     cfg.save_every, cfg.eval_every, cfg.stop_after = kw["save_every"], kw["eval_every"], kw["stop_after"]
+    if kw.get("time_budget") is not None:
+        # counted from here, so a stage's own set-up (stage 3's teacher trajectories) is inside it
+        cfg.time_budget_s, cfg.budget_start = kw["time_budget"], time.time()
     if kw.get("freeze") is not None:
         names = [x.strip() for x in kw["freeze"].split(",") if x.strip()]
         cfg.freeze = () if names == ["none"] else tuple(names)

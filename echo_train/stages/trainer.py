@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -48,6 +48,15 @@ class TrainConfig:
     threads: Optional[int] = None
     stop_after: Optional[int] = None  # stop (with a checkpoint) at this step: tests use it to interrupt
     time_limit_s: Optional[float] = None  # stop (with a checkpoint) after this much training time
+    # Fit the whole run into this many seconds, counted from budget_start (default: the start of
+    # train()): after budget_probe_steps steps the step count shrinks to what the measured step
+    # time leaves, and the learning-rate schedule follows the new count, so a slow CPU (fp32
+    # matmuls, no AVX-512) trains a shorter, complete schedule instead of overrunning. Never below
+    # budget_min_fraction of `steps`; the plan is kept in the training state, so a resume follows it.
+    time_budget_s: Optional[float] = None
+    budget_start: Optional[float] = None  # time.time() when the stage command started
+    budget_probe_steps: int = 10
+    budget_min_fraction: float = 0.25
     freeze: tuple[str, ...] = ()  # parameter-name prefixes kept fixed, e.g. "vision" (tower + projector)
     # Matmul precision of forward and backward (weights and optimiser stay fp32): "bf16" autocast,
     # "fp32", or "auto" = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32.
@@ -109,6 +118,14 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
 
+def plan_budgeted_steps(requested: int, done: int, step_s: float, remaining_s: float, min_fraction: float) -> int:
+    """The step count that fits `remaining_s` at `step_s` per step after `done` steps, within
+    [max(done, min_fraction * requested), requested]."""
+    fit = done + int(max(0.0, remaining_s) // max(step_s, 1e-9))
+    floor = max(done, math.ceil(min_fraction * requested))
+    return max(floor, min(requested, fit))
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -160,9 +177,12 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     start, history = 0, []
+    budget_t0 = cfg.budget_start if cfg.budget_start is not None else time.time()
+    planned: Optional[int] = None  # the step count a time budget chose
     state = load_training_state(out)
     if state is not None:
-        if state.get("finished") and state["step"] >= cfg.steps:
+        budget_done = state.get("planned_steps") is not None and state.get("requested_steps") == cfg.steps
+        if state.get("finished") and (state["step"] >= cfg.steps or (budget_done and state["step"] >= state["planned_steps"])):
             if rank == 0:
                 print(f"[{desc}] {out} already finished at step {state['step']}; reusing it")
             return state
@@ -171,6 +191,8 @@ def train(
         load_model(model, str(out / "model.safetensors"), device=str(device))
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state.get("history", [])
+        if budget_done:
+            planned = int(state["planned_steps"])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
@@ -185,6 +207,7 @@ def train(
             "step": step, "finished": finished, "optimizer": opt.state_dict(), "train_config": asdict(cfg),
             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
             "history": history, "world_size": world, "stage": model.cfg.stage, "precision": precision,
+            "requested_steps": cfg.steps, "planned_steps": planned,
         }
 
     def checkpoint(step: int, finished: bool) -> None:
@@ -208,13 +231,33 @@ def train(
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0)
     t0, seen = time.time(), 0
     step = start
+    run_cfg = cfg if planned is None else replace(cfg, steps=planned)  # the schedule follows the plan
+    probe: Optional[tuple[int, float]] = None  # (step, time) where the step-time probe began
     try:
         model.train()
-        while step < cfg.steps:
+        while step < run_cfg.steps:
+            if cfg.time_budget_s is not None and planned is None:
+                # the first step after a (re)start is slow (allocation, caches): time the next ones
+                if probe is None and step > start:
+                    probe = (step, time.time())
+                elif probe is not None and step - probe[0] >= cfg.budget_probe_steps:
+                    step_s = (time.time() - probe[1]) / (step - probe[0])
+                    remaining = cfg.time_budget_s - (time.time() - budget_t0) - 2 * step_s  # room to save
+                    planned = _agree(plan_budgeted_steps(cfg.steps, step, step_s, remaining, cfg.budget_min_fraction),
+                                     device, world)
+                    run_cfg = replace(cfg, steps=planned)
+                    if bar is not None:
+                        bar.total = planned
+                        bar.refresh()
+                        verdict = "all fit" if planned == cfg.steps else f"training {planned} of {cfg.steps} steps"
+                        print(f"\n[{desc}] time budget {cfg.time_budget_s:.0f} s: {step_s:.2f} s/step measured, "
+                              f"{max(0.0, remaining):.0f} s left -> {verdict}", flush=True)
+                    if step >= planned:
+                        break
             idx = batch_indices(len(train_set), step, cfg.batch_size, cfg.seed, rank, world)
             batch = _to_device(collate([train_set[i] for i in idx]), device)
             for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
+                g["lr"] = lr_at(run_cfg, step)
             with amp:
                 loss = loss_module(batch, step_generator(cfg.seed, step, rank))
             opt.zero_grad(set_to_none=True)
@@ -225,15 +268,15 @@ def train(
             seen += len(idx) * world
             if bar is not None:
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or step == run_cfg.steps:
                     rate = seen / max(1e-9, time.time() - t0)
                     bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}")
             rec = {"step": step, "loss": float(loss.item()), "time": time.time() - t0}
-            if val_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if val_set is not None and (step % cfg.eval_every == 0 or step == run_cfg.steps):
                 rec["val_loss"] = evaluate_loss(model, val_set, collate, loss_fn, cfg, device)
                 model.train()
             history.append(rec)
-            if step % cfg.save_every == 0 and step < cfg.steps:
+            if step % cfg.save_every == 0 and step < run_cfg.steps:
                 checkpoint(step, False)
             out_of_time = cfg.time_limit_s is not None and time.time() - t0 >= cfg.time_limit_s
             if stop["flag"] or out_of_time or (cfg.stop_after is not None and step >= cfg.stop_after):
@@ -251,7 +294,16 @@ def train(
     model.eval()
     if rank == 0:
         (out / "train_log.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
-    return training_state(step, step >= cfg.steps)
+    return training_state(step, step >= run_cfg.steps)
+
+
+def _agree(n: int, device: torch.device, world: int) -> int:
+    """Rank 0's value of n on every process (DDP ranks must run the same number of steps)."""
+    if world == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
 
 
 @torch.no_grad()
