@@ -144,7 +144,7 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
         _err(f"error: echo-serve needs the [serve] extra (pip install 'echo-cxr[serve]'): {e}")
         sys.exit(2)
     from .pool import EnginePool
-    from .triton_models import STREAM, UNARY, bind
+    from .triton_models import STREAM, UNARY, bind, per_request_errors
 
     ui_srv = None
     if ui:
@@ -179,6 +179,11 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
     ui_thread = None
     try:
         bind(triton, pool, max_queue_delay_us=max_queue_delay_us)
+        try:
+            per_request_errors(workspace)  # a bad image fails its own request (400), not its batch
+        except RuntimeError as e:
+            _err(f"error: {e}")
+            sys.exit(2)
         triton.run()
         ready.set()
         if ui_srv is not None:

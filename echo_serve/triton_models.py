@@ -6,7 +6,10 @@ echo         unary, dynamic batching: Triton gathers concurrent requests into ba
              of several images), forward_passes, stop, error ("" when fine: one bad image does not
              fail the requests batched with it), timings (JSON), document (the report in the
              asked `format`), and how it was batched: batch_items (images decoded together),
-             graph_batch (the engine batch size) and instance.
+             graph_batch (the engine batch size) and instance. A request whose image cannot be
+             used (corrupt bytes, not an image, an unknown format) fails alone with HTTP 400 / gRPC
+             INVALID_ARGUMENT carrying the runtime's message; its batch-mates are answered as usual
+             (PyTriton 0.7 fails whole batches only: see per_request_errors).
 echo_stream  decoupled: one response per decoded block ({text so far, this block's tokens, block,
              final=0}), then the finished report (final=1, with every field of `echo`). A bad
              image ends the stream with an error that carries the runtime's message.
@@ -23,6 +26,7 @@ import binascii
 import json
 import queue
 import threading
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -31,6 +35,7 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from .pool import EnginePool, Item, Result
 
 UNARY, STREAM = "echo", "echo_stream"
+ERROR_KEY = "__echo_error__"  # a hidden output: the request's input error, turned into a 400 by the proxy patch
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff")
 
 
@@ -119,7 +124,15 @@ def unary_infer(pool: EnginePool, instance: int):
             items += mine
             owners += [r] * len(mine)
         results = pool.decode(items, instance=instance)
-        return [_report_outputs([res for res, o in zip(results, owners) if o == r]) for r in range(len(requests))]
+        out = []
+        for r in range(len(requests)):
+            mine = [res for res, o in zip(results, owners) if o == r]
+            answer = _report_outputs(mine)
+            errors = [res.report.error for res in mine if res.report.error]
+            if errors:  # this request alone fails, with the runtime's message (per_request_errors)
+                answer[ERROR_KEY] = np.array(["; ".join(errors).encode("utf-8")], dtype=object)
+            out.append(answer)
+        return out
 
     infer.__name__ = f"echo_infer_{instance}"
     return infer
@@ -168,6 +181,47 @@ def stream_infer(pool: EnginePool, instance: int):
 
     infer.__name__ = f"echo_stream_infer_{instance}"
     return infer
+
+
+_PROXY_PATCH = f"""
+
+# --- added by echo-serve (echo_serve/triton_models.py, per_request_errors) ---
+# One request of a dynamic batch fails alone, as INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT),
+# when the inference callable answers it with the {ERROR_KEY} output; the others are answered.
+_pytriton_wrap_response = _wrap_response
+
+
+def _wrap_response(response, requested_outputs_names, model_outputs_dict):
+    data = response.data or {{}}
+    if "{ERROR_KEY}" in data:
+        msg = data["{ERROR_KEY}"].reshape(-1)[0]
+        msg = bytes(msg).decode("utf-8", "replace") if not isinstance(msg, str) else msg
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, pb_utils.TritonError.INVALID_ARG))
+    return _pytriton_wrap_response(response, requested_outputs_names, model_outputs_dict)
+"""
+_WRAP_DEF = "\ndef _wrap_response("
+
+
+def per_request_errors(workspace: Path, model_name: str = UNARY) -> Path:
+    """Let one request of a batch fail alone, with a 4xx and the runtime's message.
+
+    PyTriton 0.7's proxy model (the Python-backend model.py it copies into the model store at
+    bind time) can only fail a whole batch, as an internal error (HTTP 500): an exception of the
+    inference callable fails every request Triton batched with the bad one. Triton's Python
+    backend itself answers each request of a batch on its own (InferenceResponse(error=
+    TritonError(msg, INVALID_ARG)) -> HTTP 400), so the model's copy of model.py gets a wrapper
+    around PyTriton's _wrap_response that does that for answers carrying ERROR_KEY. Called after
+    bind and before Triton starts; raises RuntimeError when the file is not the expected one
+    (another PyTriton), rather than serve 500s."""
+    found = [p for p in Path(workspace).rglob("model.py") if p.parent.name == "1" and p.parent.parent.name == model_name]
+    if len(found) != 1:
+        raise RuntimeError(f"PyTriton's proxy model.py of {model_name!r} not found once under {workspace}: {found}")
+    src = found[0].read_text()
+    if src.count(_WRAP_DEF) != 1 or "pb_utils.InferenceResponse" not in src:
+        raise RuntimeError(f"{found[0]} is not PyTriton 0.7's proxy model (no def _wrap_response); cannot patch it")
+    if _PROXY_PATCH not in src:
+        found[0].write_text(src + _PROXY_PATCH)
+    return found[0]
 
 
 def bind(triton, pool: EnginePool, max_queue_delay_us: int = 2000, model_name: str = UNARY,

@@ -393,10 +393,22 @@ def test_bad_inputs_get_the_runtimes_message_and_the_server_keeps_serving(server
     broken = Path(inputs[0]).read_bytes()[:100]
     with pytest.raises(ImageReadError) as e:
         decode_image_bytes(broken, "broken.png")
-    code, resp = server.infer(broken, name="broken.png")
-    assert code == 200 and outputs(resp)["error"] == str(e.value) and outputs(resp)["text"] == ""
+    code, resp = server.infer(broken, name="broken.png")  # a 400 with the runtime's message (per_request_errors)
+    assert code == 400 and resp == {"error": str(e.value)}, (code, resp)
     code, resp = server.infer(Path(inputs[0]).read_bytes(), fmt="hl7v2")
-    assert "unknown report format 'hl7v2'" in outputs(resp)["error"]
+    assert code == 400 and "unknown report format 'hl7v2'" in resp["error"]
+    # in one dynamic batch with good requests, the bad one fails alone: its batch-mates are answered
+    good = Path(inputs[1]).read_bytes()
+    before = _metrics(server)
+    with cf.ThreadPoolExecutor(5) as ex:
+        futs = [ex.submit(server.infer, broken, name="broken.png", rid="mix-2") if k == 2
+                else ex.submit(server.infer, good, rid=f"mix-{k}") for k in range(5)]
+        answers = [f.result() for f in futs]
+    after = _metrics(server)
+    assert [c for c, _ in answers] == [200, 200, 400, 200, 200], answers
+    assert all(outputs(r)["text"] == expected[inputs[1]]["text"] for c, r in answers if c == 200)
+    assert answers[2][1]["error"] == str(e.value)
+    assert after["nv_inference_exec_count"] - before["nv_inference_exec_count"] < 5  # they were batched
     code, raw, _ = _post(f"{server.url}/v2/models/echo/infer", b"")
     assert 400 <= code < 500, raw
     code, raw, _ = _post(f"{server.url}/v2/models/no_such_model/infer", b'{"inputs": []}')
