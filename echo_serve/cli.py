@@ -10,7 +10,8 @@ verified. Then serves models `echo` (dynamic batching) and `echo_stream` (decoup
 response per block; gRPC streaming) over HTTP and gRPC, Prometheus metrics on --metrics-port,
 and with --ui the report page. Binds 127.0.0.1 unless --host says otherwise. Prints one
 "echo-serve: ready ..." line when it serves (on stderr, like its other messages; Triton logs to
-stdout); SIGINT or SIGTERM stop it, and Triton with it. Exit status: 2 when the engine folder,
+stdout); SIGINT or SIGTERM stop it, and Triton with it. When a model instance (a Triton
+Python-backend stub) dies while serving, it stops and starts again (restart_if_a_stub_dies). Exit status: 2 when the engine folder,
 the options or a port are unusable.
 """
 from __future__ import annotations
@@ -57,9 +58,10 @@ START_ATTEMPTS = 3
 _ATTEMPT_ENV = "ECHO_SERVE_START_ATTEMPT"
 
 
-def _children(name: str) -> set[int]:
-    """PIDs of this process's children called `name` (Linux /proc)."""
-    me, out = os.getpid(), set()
+def _children(name: str, parent: Optional[int] = None) -> set[int]:
+    """PIDs of the children called `name` (Linux /proc, comm: at most 15 characters) of `parent`
+    (default: this process). Zombies do not count."""
+    me, out = parent or os.getpid(), set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -68,7 +70,7 @@ def _children(name: str) -> set[int]:
         except OSError:
             continue
         comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        if comm == name and int(rest[1]) == me:
+        if comm == name and int(rest[1]) == me and rest[0] != "Z":
             out.add(int(d.name))
     return out
 
@@ -110,11 +112,59 @@ def restart_if_triton_dies_starting(ready: threading.Event, workspace: Path) -> 
     return t
 
 
-def _stop_on_sigterm() -> None:
+STUB = "triton_python_backend_stub"[:15]  # its /proc comm
+MAX_RESTARTS = 5
+_RESTARTS_ENV = "ECHO_SERVE_RESTARTS"
+
+
+def restart_if_a_stub_dies(ready: threading.Event, stopping: threading.Event,
+                           restart: threading.Event) -> threading.Thread:
+    """Once serving: when a Python-backend stub of Triton dies, stop and start again (at most
+    MAX_RESTARTS times in the life of the command), rather than serve errors while ready.
+
+    Measured (benchmarks/results/serve/load.md): Triton does not restart a model instance whose
+    stub died (SIGKILL, out of memory); it keeps the model and the server ready (200) and keeps
+    sending batches to that instance, which fail at once ("Stub process 'echo_0_1' is not
+    healthy", HTTP 500), so the dead instance takes most of the traffic; requests that were in it
+    never get an answer; and the stub of instance 0 also holds PyTriton's shared tensor store,
+    so when that one dies the other instances fail too (BrokenPipeError). Reloading the model
+    through the repository API is refused (403). So the whole command starts again: SIGTERM to
+    itself (the normal stop: Triton stopped, the workspace removed), then main() execs itself."""
+
+    def watch() -> None:
+        ready.wait()
+        triton = _children("tritonserver")
+        stubs = {pid for t in triton for pid in _children(STUB, t)}
+        while not stopping.wait(0.5):
+            alive = {pid for t in triton for pid in _children(STUB, t)}
+            gone = stubs - alive
+            if not gone:
+                continue
+            if stopping.wait(1.0):  # a stop under way (Ctrl-C reaches the stubs too): not a failure
+                return
+            n = int(os.environ.get(_RESTARTS_ENV, "0"))
+            if n >= MAX_RESTARTS:
+                _err(f"error: a Triton model instance (stub pid {sorted(gone)}) died and echo-serve has restarted "
+                     f"{n} times already; stopping")
+            else:
+                _err(f"a Triton model instance died (stub pid {sorted(gone)}); Triton neither restarts nor "
+                     f"retires it, so echo-serve stops and starts again (restart {n + 1} of {MAX_RESTARTS})")
+                restart.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    t = threading.Thread(target=watch, name="echo-serve-stub-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _stop_on_signals(stopping: threading.Event) -> None:
     def handler(signum, _frame):
+        stopping.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -165,7 +215,8 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
     _err(f"engines loaded and verified in {pool.load_seconds:.1f} s ({engine_dir}, {precision}, "
          f"{instances} instance(s), batch sizes {pool.built}); starting Triton")
     libpython_first()
-    _stop_on_sigterm()
+    stopping, restart = threading.Event(), threading.Event()
+    _stop_on_signals(stopping)
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           allow_metrics=True, allow_cpu_metrics=True, allow_gpu_metrics=False,
                           metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=10, log_verbose=0)
@@ -176,6 +227,7 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
     triton = Triton(config=config, workspace=workspace / "triton", triton_lifecycle_policy=policy)
     ready = threading.Event()
     restart_if_triton_dies_starting(ready, workspace)
+    restart_if_a_stub_dies(ready, stopping, restart)
     ui_thread = None
     try:
         bind(triton, pool, max_queue_delay_us=max_queue_delay_us)
@@ -204,6 +256,12 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
             ui_srv.server_close()
         triton.stop()
         shutil.rmtree(workspace, ignore_errors=True)
+    if restart.is_set():  # a model instance died (restart_if_a_stub_dies): the whole command again
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.environ[_RESTARTS_ENV] = str(int(os.environ.get(_RESTARTS_ENV, "0")) + 1)
+        os.environ[_ATTEMPT_ENV] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "echo_serve", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
