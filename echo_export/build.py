@@ -16,6 +16,7 @@ built, e.g. graphs["block_step"]["int8.b8"] = "block_step.int8.b8.onnx". TensorR
 """
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
@@ -289,6 +290,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     tmp.mkdir(parents=True)
     try:
         job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, meter, log)
+        model = ar_load = amodel = None  # the job holds the models now, so a phase can let one go
         manifest_files, graphs, verify_report, verified = _build_into(job, calib_px, verify_samples, verify_px)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -536,6 +538,9 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
     rep = verify_block(b.tmp, b.files, b.model, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
                        capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log)
+    if b.ar is not None and not b.plans:
+        b.model = None  # nothing reads the student any more: at 1.5B that is 6 GB less beside the AR model
+        gc.collect()
     if b.ar is not None:
         rep_ar = verify_ar(b.tmp, b.files, b.ar.model, b.tok, items, precisions=b.precisions,
                            batch_sizes=b.batch_sizes, capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log)
@@ -543,7 +548,7 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
     rep.update({"n_images": len(items), "max_new_tokens": b.max_new, "fp32_identical": verified, "int8": b.int8_info,
                 "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})
-    if b.plans:
+    if b.plans:  # b.model was kept for this
         rep["tensorrt"] = _compare_plans(b, verify_px[:1])
     print_table(rep, b.log)
     (b.tmp / "verify.json").write_text(json.dumps(rep, indent=2, sort_keys=True))

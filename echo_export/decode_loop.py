@@ -127,7 +127,13 @@ def ar_decode(
     return LoopResult(raw, cut_rows_at_eos(raw, eos_id), passes)
 
 
-def ort_runner(path, threads: int = 0) -> Runner:
+def ort_runner(path, threads: int = 0, weights=None) -> Runner:
+    """An onnxruntime CPU session as a runner. `weights` (a runtime.ort_capi.SharedWeights of the
+    graph's weights file, see shared_weights_of) makes it the way the runtime opens graphs: every
+    session of that precision borrows one map of the file and one set of packed weights, so a
+    verification that opens prefill and step graphs side by side holds the weights once."""
+    if weights is not None:
+        return _shared_runner(path, weights, threads)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -139,6 +145,38 @@ def ort_runner(path, threads: int = 0) -> Runner:
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return sess.run(None, {n: feeds[n] for n in names})
+
+    run.session = sess  # type: ignore[attr-defined]
+    return run
+
+
+def shared_weights_of(engine_dir, precision: str):
+    """The runtime's SharedWeights of `engine_dir`/weights.<precision>.bin, or None where the runtime
+    would not share either (no such file, fp16, an onnxruntime without a usable C API)."""
+    from pathlib import Path
+
+    from runtime import ort_capi
+    from runtime.engine import SHARED_PRECISIONS
+
+    path = Path(engine_dir) / f"weights.{precision}.bin"
+    if precision not in SHARED_PRECISIONS or not path.is_file() or path.stat().st_size == 0 or ort_capi.api() is None:
+        return None
+    return ort_capi.SharedWeights(path)
+
+
+def _shared_runner(path, weights, threads: int) -> Runner:
+    from runtime.ort_capi import CapiSession
+
+    sess = CapiSession(path, weights, threads or None)
+    if any(d is None for shape, _ in sess.outputs.values() for d in shape):
+        raise ValueError(f"{path}: an output without a fixed shape cannot be preallocated")
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ins = {n: np.ascontiguousarray(feeds[n], dtype=dt) for n, (_, dt) in sess.inputs.items()}
+        outs = {n: np.empty(shape, dt) for n, (shape, dt) in sess.outputs.items()}
+        sess.bind(ins, outs)
+        sess.run()
+        return list(outs.values())
 
     run.session = sess  # type: ignore[attr-defined]
     return run

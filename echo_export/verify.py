@@ -21,7 +21,7 @@ import torch
 
 from runtime import graph_io as gio
 
-from .decode_loop import ar_decode, fused_decode, ort_runner, torch_runner
+from .decode_loop import ar_decode, fused_decode, ort_runner, shared_weights_of, torch_runner
 from .timing import alternating_run_medians
 
 
@@ -109,7 +109,8 @@ def _f1_change(texts: dict[str, str], ref_texts: dict[str, str], refs: dict[str,
 def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: int = 100, threads: int = 0) -> dict[str, float]:
     """Median milliseconds of one run of each graph on the same feeds, timed in alternating back-to-back runs
     (so that a busy machine slows every variant alike and their ratio stays meaningful)."""
-    runners = {name: ort_runner(path, threads) for name, path in paths.items()}
+    runners = {name: ort_runner(path, threads, weights=shared_weights_of(Path(path).parent, name))
+               for name, path in paths.items()}
     fns = {name: (lambda run=run: run(feeds)) for name, run in runners.items()}
     return {name: 1e3 * t for name, t in alternating_run_medians(fns, repeat, warmup=10).items()}
 
@@ -151,8 +152,9 @@ def verify_block(
         # step is re-run on exactly these inputs (per-pass agreement, no divergence carried over)
         fp32_passes: list[tuple[dict, np.ndarray, np.ndarray]] = []
         for p in precisions:
-            pre = ort_runner(engine_dir / files[(gio.VISION_PREFILL, p, b)])
-            step = ort_runner(engine_dir / files[(gio.BLOCK_STEP, p, b)])
+            weights = shared_weights_of(engine_dir, p)  # prefill and step hold the weights once
+            pre = ort_runner(engine_dir / files[(gio.VISION_PREFILL, p, b)], weights=weights)
+            step = ort_runner(engine_dir / files[(gio.BLOCK_STEP, p, b)], weights=weights)
             t0 = time.perf_counter()
             got: dict[str, list[int]] = {}
             passes = 0
@@ -197,6 +199,7 @@ def verify_block(
                 entry["per_pass_token_agreement"] = pp.pop("agreement")
                 entry["per_pass_flips"] = pp
             out["variants"][f"block.{p}.b{b}"] = entry
+            pre = step = weights = None  # this precision's sessions go before the next one's open
             per_pass = entry.get("per_pass_token_agreement")
             flips = entry.get("per_pass_flips") or {}
             log(f"  block {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%  "
@@ -207,6 +210,8 @@ def verify_block(
                 + (f" (change {100 * change['delta']:+.2f} [{100 * change['ci95'][0]:+.2f}, {100 * change['ci95'][1]:+.2f}] points)"
                    if change and change["ci95"] and p != "fp32" else "")
                 + f" ({secs:.1f}s)")
+        fp32_step = None
+        fp32_passes.clear()
         if first_feed:
             speed = time_graphs({p: engine_dir / files[(gio.BLOCK_STEP, p, b)] for p in precisions}, first_feed["f"])
             if "fp32" in speed and "int8" in speed:
@@ -255,8 +260,9 @@ def verify_ar(
         ids_ = [it.id for it in items]
         info_agree, _ = _agreement([ref[i] for i in ids_], [hf[i] for i in ids_])
         for p in precisions:
-            pre = ort_runner(engine_dir / files[(gio.AR_PREFILL, p, b)])
-            step = ort_runner(engine_dir / files[(gio.AR_STEP, p, b)])
+            weights = shared_weights_of(engine_dir, p)
+            pre = ort_runner(engine_dir / files[(gio.AR_PREFILL, p, b)], weights=weights)
+            step = ort_runner(engine_dir / files[(gio.AR_STEP, p, b)], weights=weights)
             got = {}
             for part, padded in _chunks(items, b):
                 px = np.stack([it.pixels for it in padded]).astype(np.float32)
