@@ -437,7 +437,7 @@ def kill_instance(server: EchoServe, images: list[tuple[str, bytes]], reference:
     out["serve_lines_after_kill"] = [x for x in server.lines[killed.get("serve_from", 0):]
                                      if x.startswith("echo-serve:")][:6]
     out["triton_log_after_kill"] = [_short(x, 100, 300) for x in server.triton_lines[killed.get("log_from", 0):]
-                                    if x[:1] in "EW" or "healthy" in x or "Stub" in x][:6]
+                                    if x[:1] and x[0] in "EW" or "healthy" in x or "Stub" in x][:6]
     return out
 
 
@@ -513,8 +513,9 @@ def write_markdown(res: dict, path: Path) -> None:
                          + f". Probes after the reload: {p2}.")
         if k.get("serve_lines_after_kill"):
             L += ["", "echo-serve said after the kill:", "", "```"] + k["serve_lines_after_kill"] + ["```"]
-        if k.get("triton_log_after_kill"):
-            L += ["", "Triton's log after the kill (first lines):", "", "```"] + k["triton_log_after_kill"] + ["```"]
+        log = [x for x in k.get("triton_log_after_kill", []) if x.strip()]
+        if log:
+            L += ["", "Triton's log after the kill (first lines):", "", "```"] + log + ["```"]
     if res.get("kill_note"):
         L += ["", res["kill_note"]]
     path.write_text("\n".join(L) + "\n")
