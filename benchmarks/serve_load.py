@@ -16,9 +16,13 @@ together) and graph_batch (the engine batch size).
 On the last server (the most instances) it then sends bad inputs (corrupt image bytes, a text
 file, a 50 MB body, an empty image, an empty body, an unknown model name, and a corrupt image
 batched with good ones), each checked for a 4xx answer carrying the runtime's message and
-followed by a good request; then kills the Python-backend stub of one `echo` instance during a
-concurrency-16 run and reports how many requests failed and whether (and when) the server
-answered again from every instance. Writes load.json and load.md under --out.
+followed by a good request. Then, for each of --kill (default echo_0_1,echo_0_0), on a fresh
+server of that instance count: SIGKILL to that instance's Python-backend stub during a
+concurrency-16 run; it reports how many requests failed and whether (and when) the server
+answered again from every instance (echo-serve restarts itself when a stub dies; where it does
+not recover, one model reload through Triton's repository API is tried and reported). Writes
+load.json and load.md under --out; exits 1 when a load answer was lost, duplicated, foreign or
+failed, or a bad input was not a 4xx.
 
 Standard library only on the client side (http.client), so tests in either environment can
 import it; the server side needs the serve environment (.venv/serve).
