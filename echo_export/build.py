@@ -34,7 +34,7 @@ from runtime.errors import ImageReadError
 from runtime.manifest import Manifest, write_manifest
 from runtime.preprocess import preprocess_image
 
-from .phase_meter import PhaseMeter, process_peak_bytes
+from .phase_meter import PhaseMeter
 
 BLOCK_ROLES = (gio.VISION_PREFILL, gio.BLOCK_STEP)
 AR_ROLES = (gio.AR_PREFILL, gio.AR_STEP)
@@ -345,7 +345,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     if opts.summary_json:
         weights = {f: (out / f).stat().st_size for f in manifest_files if f.startswith("weights.")}
         summary = {"engine_dir": str(out), "verified": bool(verified), "total_s": round(total, 2),
-                   "process_peak_rss_bytes": process_peak_bytes(), "phases": meter.to_dict(),
+                   "process_peak_rss_bytes": meter.peak_bytes(), "phases": meter.to_dict(),
                    "folder_bytes": sum((out / f).stat().st_size for f in manifest_files),
                    "weights_bytes": weights, "precisions": precisions, "batch_sizes": batch_sizes,
                    "capacity": opts.capacity, "prefix_len": P}

@@ -88,10 +88,15 @@ class PhaseMeter:
     def lines(self, total_s: float) -> list[str]:
         gib = 1024 ** 3
         out = [f"  {'phase':<10} {'seconds':>8} {'peak RSS':>10}"]
-        out += [f"  {k:<10} {r.seconds:8.1f} {r.peak_rss_bytes / gib:8.2f} GB" for k, r in self.phases.items()]
-        out.append(f"  {'total':<10} {total_s:8.1f} {process_peak_bytes() / gib:8.2f} GB"
+        out += [f"  {k:<10} {r.seconds:8.1f} {r.peak_rss_bytes / gib:8.2f} GiB" for k, r in self.phases.items()]
+        out.append(f"  {'total':<10} {total_s:8.1f} {self.peak_bytes() / gib:8.2f} GiB"
                    + ("" if self.per_phase else "  (peaks are the process peak so far)"))
         return out
+
+    def peak_bytes(self) -> int:
+        """The whole run's peak RSS: the largest phase peak (each phase resets the kernel's high-water
+        mark, and ru_maxrss with it, so the process peak read at the end is only the last phase's)."""
+        return max([process_peak_bytes(), *(r.peak_rss_bytes for r in self.phases.values())])
 
     def to_dict(self) -> dict:
         return {k: {"seconds": round(r.seconds, 2), "peak_rss_bytes": r.peak_rss_bytes} for k, r in self.phases.items()}

@@ -728,4 +728,6 @@ def test_external_weights_build_decodes_like_a_self_contained_one(built, setup, 
     s = json.loads(summary.read_text())
     assert set(s["phases"]) >= {"check", "export", "fp16", "int8"} and s["verified"] is False
     assert all(p["seconds"] > 0 and p["peak_rss_bytes"] > 50e6 for p in s["phases"].values())
+    # each phase resets the kernel's high-water mark: the whole build's peak is the largest phase peak
+    assert s["process_peak_rss_bytes"] >= max(p["peak_rss_bytes"] for p in s["phases"].values())
     assert s["folder_bytes"] == sum(f.stat().st_size for f in inline.iterdir() if f.name != "manifest.json")
