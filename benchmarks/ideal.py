@@ -63,6 +63,7 @@ def torch_pass_times(model, tok, token_counts: Sequence[int], image_path: Option
 def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequence[int], image_path: Optional[str],
                    threads: Optional[int], repeats: int = 50, providers: Optional[list[str]] = None) -> dict:
     """Seconds inside one `ar_step` (T=1) and one `block_step` (T=2B) session run, batch 1."""
+    from echo_export.decode_loop import shared_weights_of
     from runtime import graph_io as gio
     from runtime.manifest import load_manifest, resolve_graph
     from runtime.ort_backend import OrtGraph
@@ -74,15 +75,18 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
     tok = ReportTokenizer.from_file(d / "tokenizer.json")
     B = m.block_size
     graphs = {}
+    weights = {}  # precision -> SharedWeights: the graphs hold the weights once, as in the runtime
 
     def graph(role, prec):
         key = (role, prec)
         if key not in graphs:
             try:
-                fname = resolve_graph(m, role, prec, 1)
+                fname, fprec = resolve_graph(m, role, prec, 1), prec
             except Exception:
-                fname = resolve_graph(m, role, "fp32", 1)  # prefill graphs are fp32 only
-            graphs[key] = OrtGraph(d / fname, threads=threads, providers=providers)
+                fname, fprec = resolve_graph(m, role, "fp32", 1), "fp32"  # prefill graphs are fp32 only
+            if fprec not in weights:
+                weights[fprec] = shared_weights_of(d, fprec)
+            graphs[key] = OrtGraph(d / fname, threads=threads, providers=providers, shared_weights=weights[fprec])
         return graphs[key]
 
     pre = graph(gio.VISION_PREFILL, precision)
