@@ -232,7 +232,9 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
     try:
         bind(triton, pool, max_queue_delay_us=max_queue_delay_us)
         try:
-            per_request_errors(workspace)  # a bad image fails its own request (400), not its batch
+            # a bad image fails its own request (400), not its batch; a stream ends with the message alone
+            for name in (UNARY, STREAM):
+                per_request_errors(workspace, name)
         except RuntimeError as e:
             _err(f"error: {e}")
             sys.exit(2)

@@ -170,8 +170,9 @@ def stream_infer(pool: EnginePool, instance: int):
                         "tokens": np.array(x.tokens or [-1], np.int64), "block": np.array([x.block], np.int32),
                         "final": np.array([0], np.int32)}]
             elif kind == "done":
-                if x.report.error is not None:
-                    raise ValueError(x.report.error)
+                if x.report.error is not None:  # the runtime's message as the stream's error, no traceback
+                    yield [{ERROR_KEY: np.array([x.report.error.encode("utf-8")], dtype=object)}]
+                    return
                 out = _squeeze(_report_outputs([x]))
                 out.update(block=np.array([-1], np.int32), final=np.array([1], np.int32))
                 yield [out]
