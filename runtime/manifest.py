@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
+from .prompt import PromptTemplate, PromptTemplateError, template_of
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -87,6 +88,15 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @property
+    def prompt_template(self) -> "PromptTemplate | None":
+        """The model's own prompt template (model_config["prompt"], runtime/prompt.py), or None:
+        ECHO's own prefix."""
+        try:
+            return template_of(self.model_config)
+        except PromptTemplateError as e:
+            raise ManifestError(f"manifest model_config: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":

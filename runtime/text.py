@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from tokenizers import Tokenizer
 
 from .errors import EchoRuntimeError
-from .prompt import PROMPT_TEXT, build_prefix_ids
+from .prompt import PROMPT_TEXT, PromptTemplate, build_prefix_ids
 from .schedule import cut_at_eos
 from .special_tokens import BOS, EOS, IMAGE, MASK, PAD
 
 
 class ReportTokenizer:
-    """Encodes reports, builds prefixes, and decodes generated ids up to EOS."""
+    """Encodes reports, builds prefixes, and decodes generated ids up to EOS.
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    `template`: the checkpoint's own prompt (runtime/prompt.py), from its config / the engine
+    manifest; None builds ECHO's own prefix."""
+
+    def __init__(self, tokenizer: Tokenizer, template: Optional[PromptTemplate] = None) -> None:
         self.tok = tokenizer
+        self.template = template
         ids = {}
         for name in (PAD, EOS, MASK, IMAGE, BOS):
             i = tokenizer.token_to_id(name)
@@ -27,13 +31,13 @@ class ReportTokenizer:
         self.image_id, self.bos_id = ids[IMAGE], ids[BOS]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ReportTokenizer":
+    def from_file(cls, path: str | Path, template: Optional[PromptTemplate] = None) -> "ReportTokenizer":
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
         if not p.is_file():
             raise EchoRuntimeError(f"{p}: tokenizer.json not found")
-        return cls(Tokenizer.from_file(str(p)))
+        return cls(Tokenizer.from_file(str(p)), template)
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
@@ -50,6 +54,8 @@ class ReportTokenizer:
         return self.encode(text) + [self.eos_id]
 
     def prefix_ids(self, n_image_tokens: int) -> list[int]:
+        if self.template is not None:
+            return self.template.prefix_ids(n_image_tokens, self.image_id, self.pad_id)
         return build_prefix_ids(
             self.encode(" " + PROMPT_TEXT), n_image_tokens, self.image_id, self.pad_id, self.bos_id
         )
