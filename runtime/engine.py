@@ -244,7 +244,8 @@ class EchoRuntime:
         self.share_weights = share_weights
         self._weights_map: dict[str, Any] = {}
         try:
-            self.tokenizer = ReportTokenizer.from_file(check_file(self.engine_dir, m, "tokenizer.json"))
+            self.tokenizer = ReportTokenizer.from_file(check_file(self.engine_dir, m, "tokenizer.json"),
+                                                    m.prompt_template)
         except EchoRuntimeError:
             raise
         except Exception as e:  # tokenizers raises its own exception types
