@@ -132,8 +132,17 @@ def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, causal_cont
 @click.option("--mask-token", default=None,
               help="The mask token, when neither config.json (mask_token_id) nor the tokenizer names one.")
 @click.option("--max-response-tokens", type=int, default=256, show_default=True)
+@click.option("--chat-template/--no-chat-template", default=True, show_default=True,
+              help="Prompt with the folder's chat template (system turn, user turn with the image and the "
+                   "instruction, assistant header), as the model was trained; without: ECHO's own prefix.")
+@click.option("--instruction", default=None,
+              help="The user turn's text after the image [default: ECHO's 'Write the findings and impression of "
+                   "this chest X-ray.']. Use the instruction the checkpoint was trained with.")
+@click.option("--system", default=None,
+              help="A system turn's text [default: none given, so the chat template's own default system prompt].")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-def import_hf(folder, out, stage, block_size, image_size, mask_token, max_response_tokens, force) -> None:
+def import_hf(folder, out, stage, block_size, image_size, mask_token, max_response_tokens, chat_template, instruction,
+              system, force) -> None:
     """Import a Qwen2.5-VL-architecture Hugging Face FOLDER (e.g. a downloaded ECHO_block8) as an ECHO
     checkpoint that the decoders, `echo-export build` and the runtime take like a trained one.
 
@@ -144,7 +153,8 @@ def import_hf(folder, out, stage, block_size, image_size, mask_token, max_respon
         raise click.UsageError(f"--out {out} exists; pass --force to replace it")
     import_qwen2_5_vl(ImportOptions(folder=folder, out=out, stage=stage, block_size=int(block_size),
                                     image_size=image_size, mask_token=mask_token,
-                                    max_response_tokens=max_response_tokens), log=click.echo)
+                                    max_response_tokens=max_response_tokens, chat_template=chat_template,
+                                    instruction=instruction, system=system), log=click.echo)
 
 
 def _register_stage3() -> None:

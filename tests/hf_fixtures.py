@@ -113,13 +113,29 @@ QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref
                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def write_qwen_vl(folder: Path, mask: str = "config", image_size: int = 32, seed: int = 0, tie: bool = False):
+# Qwen2-VL / Qwen2.5-VL's chat template (as the hub's tokenizer_config.json carries it)
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+def write_qwen_vl(folder: Path, mask: str = "config", image_size: int = 32, seed: int = 0, tie: bool = False,
+                  chat_template: bool = False):
     """A tiny random Qwen2.5-VL folder as the hub ships one: config.json, model.safetensors,
     tokenizer.json with Qwen's special tokens (+ "<|MASK|>" as ECHO's checkpoints add it),
     tokenizer_config.json, generation_config.json, preprocessor_config.json.
 
     mask: where the mask token is named: "config" (mask_token_id), "tokenizer" (tokenizer_config
-    mask_token) or "none" (only --mask-token can give it)."""
+    mask_token) or "none" (only --mask-token can give it). chat_template: tokenizer_config.json
+    carries Qwen's chat template."""
     import transformers
     from tokenizers import Tokenizer
 
@@ -158,6 +174,8 @@ def write_qwen_vl(folder: Path, mask: str = "config", image_size: int = 32, seed
     tcfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 1024}
     if mask == "tokenizer":
         tcfg["mask_token"] = "<|MASK|>"
+    if chat_template:
+        tcfg["chat_template"] = QWEN_VL_CHAT_TEMPLATE
     (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
     (folder / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}))

@@ -42,24 +42,33 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, section: list[int],
-                  image_grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2.5-VL's multimodal rotary cos, sin [b, T, head_dim] for ECHO's layout: the image's
-    rows x cols tokens at indices 0.. , then text.
+def mrope_positions(position_ids: torch.Tensor, image_grid: list[int], image_start: int = 0) -> torch.Tensor:
+    """Qwen2.5-VL's multimodal positions [b, T, 3] (time, row, column) of token indices [b, T] in a
+    prefix with one image: text at indices 0 .. s-1, the image's rows x cols tokens from index
+    s = image_start, then text.
 
-    As `transformers`' get_rope_index computes them for one image followed by text: image token
-    (r, c) sits at (time, row, column) = (0, r, c); text after the image continues from
-    max(rows, cols), so index i >= rows*cols has all three at i - rows*cols + max(rows, cols). The
-    frequency j of the head rotates by the component its section names (time, row, column, in
-    turn). Text tokens, whose three components agree, get exactly plain RoPE at the shifted index."""
+    As `transformers`' get_rope_index computes them for text, one image, text: text before the
+    image has all three components at its index i; image token (r, c) sits at (s, s + r, s + c);
+    text after the image continues from s + max(rows, cols), so index i >= s + rows*cols has all
+    three at i - rows*cols + max(rows, cols)."""
     rows, cols = int(image_grid[0]), int(image_grid[1])
-    n_image = rows * cols
-    is_image = position_ids < n_image
-    text = position_ids + (max(rows, cols) - n_image)
-    t = torch.where(is_image, torch.zeros_like(position_ids), text)
-    h = torch.where(is_image, torch.div(position_ids, cols, rounding_mode="floor"), text)
-    w = torch.where(is_image, torch.remainder(position_ids, cols), text)
-    pos = torch.stack([t, h, w], dim=-1).float()  # [b, T, 3]
+    s, n_image = int(image_start), rows * cols
+    rel = position_ids - s
+    is_image = (rel >= 0) & (rel < n_image)
+    text = torch.where(rel < 0, position_ids, position_ids + (max(rows, cols) - n_image))
+    t = torch.where(is_image, torch.full_like(position_ids, s), text)
+    h = torch.where(is_image, torch.div(rel, cols, rounding_mode="floor") + s, text)
+    w = torch.where(is_image, torch.remainder(rel, cols) + s, text)
+    return torch.stack([t, h, w], dim=-1)
+
+
+def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, section: list[int],
+                  image_grid: list[int], image_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's multimodal rotary cos, sin [b, T, head_dim] of token indices (mrope_positions).
+
+    The frequency j of the head rotates by the component its section names (time, row, column, in
+    turn). Text tokens, whose three components agree, get exactly plain RoPE at the shifted index."""
+    pos = mrope_positions(position_ids, image_grid, image_start).float()  # [b, T, 3]
     component = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
     if component.numel() != head_dim // 2:
         raise ValueError(f"mrope_section {section} sums to {component.numel()}, not head_dim / 2 = {head_dim // 2}")
@@ -202,7 +211,8 @@ class QwenDecoder(nn.Module):
         """cos, sin of token indices: plain RoPE, or MRoPE where the config says (Qwen2.5-VL)."""
         c = self.cfg
         if c.mrope_section:
-            return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, dtype, c.mrope_section, c.mrope_image_grid)
+            return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, dtype, c.mrope_section, c.mrope_image_grid,
+                                 c.mrope_image_start)
         return rotary_cos_sin(position_ids, c.head_dim, c.rope_theta, dtype)
 
     def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -72,12 +72,12 @@ def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> tuple[Ec
     d = check_checkpoint_dir(ckpt_dir)
     try:
         cfg = EchoConfig.load(d / "config.json")
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:  # ValueError: a bad prompt template
         raise CheckpointError(f"{d / 'config.json'}: not an ECHO config ({e})") from None
     model = EchoModel(cfg)
     load_model(model, str(d / "model.safetensors"), device=map_location)
     model.eval()
-    return model, ReportTokenizer.from_file(d / "tokenizer.json")
+    return model, ReportTokenizer.from_file(d / "tokenizer.json", cfg.prompt_template)
 
 
 def load_training_state(ckpt_dir: str | Path) -> Optional[dict[str, Any]]:

@@ -28,10 +28,12 @@ class LMConfig:
     max_position_embeddings: int = 2048
     # Qwen2.5-VL's multimodal rotary positions (MRoPE): the rotary frequencies split into sections
     # that rotate by the (time, row, column) position of a token instead of its index. None: plain
-    # RoPE. For ECHO's layout (one image first, then text) the positions follow from the index and
-    # the image's token grid [rows, columns] alone (backbone.mrope_cos_sin).
+    # RoPE. For a prefix with one image (text, image, text) the positions follow from the index,
+    # the image's token grid [rows, columns] and its first index alone (backbone.mrope_cos_sin).
+    # mrope_image_start is the prompt template's (EchoConfig.prompt), kept in step by EchoConfig.
     mrope_section: Optional[list[int]] = None
     mrope_image_grid: Optional[list[int]] = None
+    mrope_image_start: int = 0
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "LMConfig":
@@ -106,6 +108,27 @@ class EchoConfig:
     # attention instead of turning block-causal, so stage 2 can keep training it as the AR model
     # (see Stage2Config.ar_weight). Set by stage 2; older checkpoints load as block-causal.
     causal_context: bool = False
+    # The model's own prompt template (runtime/prompt.PromptTemplate.to_dict(): the ids before and
+    # after the image, where the pads go), as import-hf renders it from a folder's chat template.
+    # None: ECHO's own prefix (image first, pads, BOS, instruction).
+    prompt: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        # the decoder's rotary positions follow the template's image start (one source: the template)
+        if self.lm.mrope_section:
+            self.lm.mrope_image_start = self.image_start
+
+    @property
+    def prompt_template(self):
+        from runtime.prompt import template_of
+
+        return template_of({"prompt": self.prompt})
+
+    @property
+    def image_start(self) -> int:
+        """Index of the first image token in the prefix (0 in ECHO's own prefix)."""
+        t = self.prompt_template
+        return 0 if t is None else t.image_start(self.n_image_tokens)
 
     @property
     def context_kind(self) -> int:

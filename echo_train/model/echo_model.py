@@ -1,7 +1,8 @@
 """The ECHO vision-language model: vision encoder + Qwen-compatible decoder.
 
-The prefix is [image tokens][pads][BOS prompt] (runtime/prompt.py); image placeholders are
-replaced by projected patch embeddings. Everything after the prefix is text.
+The prefix is [image tokens][pads][BOS prompt], or an imported model's own template with the image
+inside the prompt (runtime/prompt.py); image placeholders are replaced by projected patch
+embeddings. Everything after the prefix is text.
 """
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ class EchoModel(nn.Module):
         return self.lm.model.embed_tokens(ids)
 
     def embed_prefix(self, pixel_values: torch.Tensor, prefix_ids: torch.Tensor) -> torch.Tensor:
-        """[b, P, d]: image embeddings first, then the embedded prompt ids."""
+        """[b, P, d]: the embedded prompt ids with the image embeddings in place of the image
+        placeholders (at the template's image start; first in ECHO's own prefix)."""
         img = self.vision(pixel_values)
-        return torch.cat([img, self.embed_tokens(prefix_ids[:, self.n_image_tokens :])], dim=1)
+        s, e = self.cfg.image_start, self.cfg.image_start + self.n_image_tokens
+        parts = ([self.embed_tokens(prefix_ids[:, :s])] if s else []) + [img, self.embed_tokens(prefix_ids[:, e:])]
+        return torch.cat(parts, dim=1)
 
     def forward(
         self,

@@ -21,6 +21,10 @@ own ids and embedding rows:
 - pad: config.json / tokenizer_config.json pad token, else added;
 - bos: Qwen has none; added as a new special token (a new embedding row at the mean of the others).
 
+The prompt: the folder's chat template rendered for one image and the instruction
+(qwen2_5_vl_prompt.py), recorded in the config as a runtime.prompt.PromptTemplate; ECHO's own prefix
+where the folder has no chat template (or with --no-chat-template).
+
 Decode conventions (recorded in the config, so every decoder and graph follows): the new block is
 read from its own positions (shifted_prediction=False) and the clean context is block-causal
 (causal_context=False), as in the official inference code.
@@ -28,7 +32,7 @@ read from its own positions (shifted_prediction=False) and the clean context is 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,6 +60,12 @@ class ImportOptions:
     image_size: int = DEFAULT_IMAGE_SIZE
     mask_token: Optional[str] = None  # a token (string) to use when the folder names none
     max_response_tokens: int = 256
+    # The prompt (qwen2_5_vl_prompt.py): the folder's chat template rendered for one image and the
+    # instruction (None: runtime.prompt.PROMPT_TEXT), with the system turn `system` (None: the
+    # template's own default). chat_template=False, or a folder without one: ECHO's own prefix.
+    chat_template: bool = True
+    instruction: Optional[str] = None
+    system: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -247,6 +257,21 @@ def import_tokenizer(folder: Path, cfg: dict[str, Any], mask_option: Optional[st
     return tok, {r: (v if isinstance(v, int) else None) for r, v in roles.items()}
 
 
+def prompt_template(folder: Path, opts: ImportOptions, image_id: int):
+    """The folder's chat prompt as a template (None: ECHO's own prefix), ids of its own tokenizer."""
+    from tokenizers import Tokenizer
+
+    from .qwen2_5_vl_prompt import chat_prompt_template
+
+    if not opts.chat_template:
+        if opts.instruction is not None or opts.system is not None:
+            raise PretrainedError("--instruction / --system shape the chat prompt; they do not apply with "
+                                  "--no-chat-template")
+        return None
+    original = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return chat_prompt_template(folder, original, original.id_to_token(image_id), opts.instruction, opts.system)
+
+
 # ---------------------------------------------------------------------------- weights
 def our_name(name: str) -> Optional[str]:
     """A checkpoint tensor's name in EchoModel, or None when it has no place there."""
@@ -334,14 +359,20 @@ def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
     files = weight_files(folder)
     index = tensor_index(files)
     tok, roles = import_tokenizer(folder, raw, opts.mask_token)
+    template = prompt_template(folder, opts, roles[IMAGE])
+    cfg = replace(cfg, prompt=None if template is None else template.to_dict())
+    tok.template = template
     cfg.lm.vocab_size = max(cfg.lm.vocab_size, tokenizer_rows(tok))
     model = EchoModel(cfg)
     mapping = plan_weights(folder, model, index)
     copy_weights(model, index, mapping)
     out = save_checkpoint(opts.out, model.eval(), tok)
+    prompt_txt = "ECHO's own prompt (no chat template)" if template is None else (
+        f"the chat prompt of {template.info['source']} ({len(tok.prefix_ids(cfg.n_image_tokens))} tokens, image at "
+        f"{cfg.image_start})")
     roles_txt = ", ".join(f"{r}={tok.tok.token_to_id(r)}" + ("" if roles.get(r) is not None else " (added)")
                           for r in (PAD, EOS, MASK, IMAGE, BOS))
     log(f"[import-hf] {folder} -> {out}: stage {cfg.stage}, block {cfg.block_size}, {opts.image_size} px -> "
         f"{cfg.n_image_tokens} image tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{len(mapping)} tensors; special tokens {roles_txt}")
+        f"{len(mapping)} tensors; special tokens {roles_txt}; {prompt_txt}")
     return out
