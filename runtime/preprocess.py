@@ -195,20 +195,63 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return arr
 
 
-def normalize_image(arr: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize to image_size x image_size and scale to [-1, 1] by the image's own range."""
+# How a model's images are prepared (its config's vision.preprocess, the manifest's model_config):
+# "echo": every image stretched to its own intensity range, bilinear resize (models trained here);
+# "processor": as Qwen2-VL's image processor prepares an 8-bit image at a fixed square grid (the
+# published Qwen2.5-VL-family checkpoints, `echo-train import-hf`). Both give [1, S, S] in [-1, 1];
+# the model applies its processor's mean / std to that inside (VisionConfig.image_mean / std).
+PREPROCESS_MODES = ("echo", "processor")
+
+
+def preprocess_mode_of(model_config: dict | None) -> str:
+    """The preprocessing a model config records (configs without the field: "echo")."""
+    mode = ((model_config or {}).get("vision") or {}).get("preprocess") or "echo"
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"unknown image preprocessing {mode!r}; expected one of {PREPROCESS_MODES}")
+    return mode
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """The image's own range stretched to 0..255."""
     # float64: a float32 image spanning more than half the float32 range (a DICOM with a large
     # Rescale Slope) overflows arr - lo to inf, and the image came out flat (all -1)
-    a = np.asarray(arr, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
     lo, hi = float(a.min()), float(a.max())
     scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    im = Image.fromarray((scaled * 255.0).round().astype(np.uint8), mode="L")
+    return (scaled * 255.0).round().astype(np.uint8)
+
+
+def _as_8bit(a: np.ndarray) -> np.ndarray:
+    """An 8-bit image's own values (whole numbers in 0..255: PNG / JPEG L or RGB read as grey);
+    anything else (16-bit PNG, DICOM) stretched to its own range, as the processor only takes 8-bit."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.size and a.min() >= 0 and a.max() <= 255 and np.array_equal(a, np.round(a)):
+        return a.astype(np.uint8)
+    return _to_uint8(a)
+
+
+def normalize_image(arr: np.ndarray, image_size: int, mode: str = "echo") -> np.ndarray:
+    """Resize to image_size x image_size and scale to [-1, 1] (see PREPROCESS_MODES).
+
+    echo: stretched to the image's own range, bilinear resize.
+    processor: Qwen2-VL's image processor at min_pixels = max_pixels = image_size**2 on the image
+    converted to RGB: an 8-bit image keeps its values, bicubic resize (PIL, as its PIL backend),
+    rescale by 1/255; its mean / std follow inside the model. A grey image is the same in all three
+    RGB channels, so one channel is kept. The grid is square and fixed (the graphs' shapes): a
+    non-square image is resized to it (the processor would keep its aspect ratio, a different grid)."""
+    if mode == "processor":
+        grey, resample = _as_8bit(arr), Image.BICUBIC
+    elif mode == "echo":
+        grey, resample = _to_uint8(arr), Image.BILINEAR
+    else:
+        raise ValueError(f"unknown image preprocessing {mode!r}; expected one of {PREPROCESS_MODES}")
+    im = Image.fromarray(grey, mode="L")
     if im.size != (image_size, image_size):
-        im = im.resize((image_size, image_size), Image.BILINEAR)
+        im = im.resize((image_size, image_size), resample)
     out = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return out[None, :, :]
 
 
-def preprocess_image(path: str | Path, image_size: int) -> np.ndarray:
+def preprocess_image(path: str | Path, image_size: int, mode: str = "echo") -> np.ndarray:
     """Read and preprocess one image: float32 [1, image_size, image_size]."""
-    return normalize_image(read_image(path), image_size)
+    return normalize_image(read_image(path), image_size, mode)
