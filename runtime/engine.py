@@ -26,7 +26,7 @@ import numpy as np
 from . import graph_io as gio
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
 from .manifest import check_file, graph_batch_sizes, load_manifest, resolve_graph
-from .preprocess import preprocess_image
+from .preprocess import preprocess_image, preprocess_mode_of
 from .schedule import BlockLayout, cut_rows_at_eos, holds_eos
 from .text import ReportTokenizer
 
@@ -254,6 +254,10 @@ class EchoRuntime:
         if (t.eos_id, t.mask_id, t.pad_id) != (m.eos_id, m.mask_id, m.pad_id):
             raise ManifestError(f"{self.engine_dir}: tokenizer special ids do not match the manifest")
         self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
+        try:
+            self.preprocess_mode = preprocess_mode_of(m.model_config)
+        except ValueError as e:
+            raise ManifestError(f"{self.engine_dir}: manifest model_config: {e}") from None
         self.prefix = np.asarray(t.prefix_ids(_n_image_tokens(m.model_config or {})), dtype=np.int64)
         if len(self.prefix) != self.prefix_len:
             raise ManifestError(f"{self.engine_dir}: prompt has {len(self.prefix)} tokens, manifest says {self.prefix_len}")
@@ -375,7 +379,7 @@ class EchoRuntime:
             if not np.isfinite(a).all():
                 raise ImageReadError(name, "array values are not finite")
             return a
-        return preprocess_image(image, S)
+        return preprocess_image(image, S, self.preprocess_mode)
 
     # -- decoding --------------------------------------------------------------------
     def generate(
