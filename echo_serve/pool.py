@@ -74,7 +74,7 @@ class EnginePool:
             raise EchoRuntimeError(f"{engine_dir}: the manifest says verified=false (the build's token agreement with "
                                    "the PyTorch reference failed or was skipped); --allow-unverified serves it anyway")
         self.built = sorted(rt.built_batch_sizes())
-        self.image_size = rt.image_size
+        self.image_size, self.preprocess_mode = rt.image_size, rt.preprocess_mode
         self.max_new_tokens = max_new_tokens
         self.engine = EngineInfo.of_engine_dir(engine_dir, precision)
         self._next = 0
@@ -117,7 +117,8 @@ class EnginePool:
                                                                f"choose from {list(FORMATS)}"))
                 continue
             try:
-                arrays.append(normalize_image(decode_image_bytes(it.data, it.name), self.image_size))
+                arrays.append(normalize_image(decode_image_bytes(it.data, it.name), self.image_size,
+                                              self.preprocess_mode))
                 good.append(k)
             except ImageReadError as e:
                 results[k] = Result(Report(path=it.name, error=str(e), timings={"preprocess": time.perf_counter() - t}))
