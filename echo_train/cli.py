@@ -140,9 +140,12 @@ def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, causal_cont
                    "this chest X-ray.']. Use the instruction the checkpoint was trained with.")
 @click.option("--system", default=None,
               help="A system turn's text [default: none given, so the chat template's own default system prompt].")
+@click.option("--preprocess", type=click.Choice(["processor", "echo"]), default="processor", show_default=True,
+              help="Image preparation: as Qwen2-VL's image processor at the fixed grid (8-bit values kept, bicubic), "
+                   "or ECHO's own (each image stretched to its own range, bilinear).")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 def import_hf(folder, out, stage, block_size, image_size, mask_token, max_response_tokens, chat_template, instruction,
-              system, force) -> None:
+              system, preprocess, force) -> None:
     """Import a Qwen2.5-VL-architecture Hugging Face FOLDER (e.g. a downloaded ECHO_block8) as an ECHO
     checkpoint that the decoders, `echo-export build` and the runtime take like a trained one.
 
@@ -154,7 +157,7 @@ def import_hf(folder, out, stage, block_size, image_size, mask_token, max_respon
     import_qwen2_5_vl(ImportOptions(folder=folder, out=out, stage=stage, block_size=int(block_size),
                                     image_size=image_size, mask_token=mask_token,
                                     max_response_tokens=max_response_tokens, chat_template=chat_template,
-                                    instruction=instruction, system=system), log=click.echo)
+                                    instruction=instruction, system=system, preprocess=preprocess), log=click.echo)
 
 
 def _register_stage3() -> None:

@@ -182,7 +182,8 @@ def test_imported_student_exports_and_runs_in_the_runtime(vl, tmp_path):
     assert r.exit_code == 0, (r.output[-3000:], r.exception)
     got = [json.loads(x)["tokens"] for x in r.output.strip().splitlines()]
     model, tok = load_checkpoint(tmp_path / "ck")
-    px = torch.from_numpy(np.stack([preprocess_image(tmp_path / n, 32) for n in ("a.png", "b.dcm")]))
+    px = torch.from_numpy(np.stack([preprocess_image(tmp_path / n, 32, model.cfg.vision.preprocess)
+                                    for n in ("a.png", "b.dcm")]))
     want = fused_onestep_generate(model, tok, px, 4, 16).tokens
     print(f"\n[import-hf] runtime fp32 tokens {got} == PyTorch {want}")
     assert got == want and got[0] != got[1]

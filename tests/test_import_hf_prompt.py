@@ -161,14 +161,15 @@ def test_chat_prompt_import_exports_and_runs_in_the_runtime(vl, tmp_path):
     rt = EchoRuntime(tmp_path / "engine")
     assert rt.prefix.tolist() == tok.prefix_ids(N_IMAGE)
 
+    assert manifest["model_config"]["vision"]["preprocess"] == model.cfg.vision.preprocess == "processor"
     names = []
-    for seed in (2, 5, 7):
-        Image.fromarray(_grey(seed), mode="L").save(tmp_path / f"{seed}.png")
+    for seed in (2, 5, 7):  # 40 px, not the full 0..255 range: processor and echo preprocessing differ
+        Image.fromarray((_grey(seed, 40) // 2 + 40).astype(np.uint8), mode="L").save(tmp_path / f"{seed}.png")
         names.append(tmp_path / f"{seed}.png")
     r = CliRunner().invoke(report_main, ["--engine-dir", str(tmp_path / "engine"), "--format", "json", *map(str, names)])
     assert r.exit_code == 0, (r.output[-3000:], r.exception)
     got = [json.loads(x)["tokens"] for x in r.output.strip().splitlines()]
-    px = torch.from_numpy(np.stack([preprocess_image(n, 32) for n in names]))
+    px = torch.from_numpy(np.stack([preprocess_image(n, 32, "processor") for n in names]))
     want = fused_onestep_generate(model, tok, px, 4, 16).tokens
     print(f"\n[import-hf chat prompt] runtime fp32 tokens {got} == PyTorch {want}")
     assert got == want and len({tuple(t) for t in got}) > 1

@@ -35,6 +35,7 @@ class ReportDataset(Dataset):
         n_image_tokens: int,
         max_response_tokens: int,
         cache_images: bool = True,
+        preprocess: str = "echo",
     ) -> None:
         if max_response_tokens < 1:
             raise ValueError("max_response_tokens must be at least 1")
@@ -43,6 +44,7 @@ class ReportDataset(Dataset):
         self.image_size = int(image_size)
         self.max_response_tokens = int(max_response_tokens)
         self.cache_images = cache_images
+        self.preprocess = preprocess  # runtime/preprocess.PREPROCESS_MODES: the model's vision.preprocess
         self.prefix = torch.tensor(tokenizer.prefix_ids(n_image_tokens), dtype=torch.long)
         self._responses = [
             torch.tensor(truncate_response(tokenizer.encode_response(s.report), self.max_response_tokens,
@@ -57,7 +59,7 @@ class ReportDataset(Dataset):
     def image(self, i: int) -> np.ndarray:
         arr = self._images.get(i)
         if arr is None:
-            arr = preprocess_image(self.studies[i].image_paths[0], self.image_size).astype(np.float32)
+            arr = preprocess_image(self.studies[i].image_paths[0], self.image_size, self.preprocess).astype(np.float32)
             if self.cache_images:
                 self._images[i] = arr
         return arr

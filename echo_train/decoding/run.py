@@ -43,8 +43,9 @@ def decode_batch(model: EchoModel, tok: ReportTokenizer, px: torch.Tensor, spec:
                               keep_trajectory=keep_trajectory)
 
 
-def load_pixels(studies: list[Study], image_size: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([preprocess_image(s.image_paths[0], image_size) for s in studies]))
+def load_pixels(studies: list[Study], image_size: int, mode: str = "echo") -> torch.Tensor:
+    """[n, 1, S, S] pixels of each study's first image (mode: the model's vision.preprocess)."""
+    return torch.from_numpy(np.stack([preprocess_image(s.image_paths[0], image_size, mode) for s in studies]))
 
 
 def decode_studies(
@@ -64,7 +65,7 @@ def decode_studies(
             it = tqdm(it, desc=f"decode {spec.mode}", unit="batch", dynamic_ncols=True, mininterval=2.0)
         for i in it:
             chunk = studies[i : i + batch_size]
-            res = decode_batch(model, tok, load_pixels(chunk, model.cfg.vision.image_size).to(device), spec)
+            res = decode_batch(model, tok, load_pixels(chunk, model.cfg.vision.image_size, model.cfg.vision.preprocess).to(device), spec)
             passes += res.forward_passes * len(chunk)
             for s, ids, raw in zip(chunk, res.tokens, res.raw.tolist()):
                 preds[s.id] = tok.decode(ids)

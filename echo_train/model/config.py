@@ -87,6 +87,10 @@ class VisionConfig:
     image_std: Optional[list[float]] = None
     # Patches merged into one image token a side (Qwen2.5-VL's patch merger: 2); 1 elsewhere.
     merge_size: int = 1
+    # How images are prepared before the model (runtime/preprocess.PREPROCESS_MODES): "echo" (each
+    # image stretched to its own range, bilinear) or "processor" (Qwen2-VL's image processor at
+    # the fixed grid: 8-bit values kept, bicubic; set by import-hf).
+    preprocess: str = "echo"
 
     @property
     def n_image_tokens(self) -> int:

@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 
+from runtime.preprocess import PREPROCESS_MODES
 from runtime.prompt import SUPPORTED_BLOCK_SIZES
 from runtime.special_tokens import BOS, EOS, IMAGE, MASK, PAD
 from runtime.text import ReportTokenizer
@@ -64,6 +65,9 @@ class ImportOptions:
     # instruction (None: runtime.prompt.PROMPT_TEXT), with the system turn `system` (None: the
     # template's own default). chat_template=False, or a folder without one: ECHO's own prefix.
     chat_template: bool = True
+    # runtime/preprocess.PREPROCESS_MODES: "processor" prepares images as Qwen2-VL's image processor
+    # does at the fixed grid (how the published checkpoints saw them); "echo": ECHO's own.
+    preprocess: str = "processor"
     instruction: Optional[str] = None
     system: Optional[str] = None
 
@@ -123,7 +127,7 @@ def configs_from_folder(folder: Path, opts: ImportOptions) -> tuple[EchoConfig, 
                         intermediate_size=int(vision.get("intermediate_size", hidden * 4)),
                         num_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
                         hf_config={k: v for k, v in vision.items() if k not in ("dtype", "torch_dtype")},
-                        image_mean=mean, image_std=std)
+                        image_mean=mean, image_std=std, preprocess=opts.preprocess)
     cfg = EchoConfig(lm=lm, vision=vcfg, stage=opts.stage, block_size=opts.block_size,
                      max_response_tokens=opts.max_response_tokens,
                      shifted_prediction=False, causal_context=False)
@@ -352,6 +356,8 @@ def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
 
     if opts.stage not in STAGES:
         raise PretrainedError(f"--stage {opts.stage!r}: choose from {', '.join(STAGES)}")
+    if opts.preprocess not in PREPROCESS_MODES:
+        raise PretrainedError(f"--preprocess {opts.preprocess!r}: choose from {', '.join(PREPROCESS_MODES)}")
     if opts.block_size not in SUPPORTED_BLOCK_SIZES:
         raise PretrainedError(f"--block-size {opts.block_size}: choose from {SUPPORTED_BLOCK_SIZES}")
     folder = check_folder(opts.folder, "import-hf")
@@ -373,6 +379,6 @@ def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
     roles_txt = ", ".join(f"{r}={tok.tok.token_to_id(r)}" + ("" if roles.get(r) is not None else " (added)")
                           for r in (PAD, EOS, MASK, IMAGE, BOS))
     log(f"[import-hf] {folder} -> {out}: stage {cfg.stage}, block {cfg.block_size}, {opts.image_size} px -> "
-        f"{cfg.n_image_tokens} image tokens, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{cfg.n_image_tokens} image tokens ({opts.preprocess} preprocessing), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{len(mapping)} tensors; special tokens {roles_txt}; {prompt_txt}")
     return out

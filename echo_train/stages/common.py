@@ -62,7 +62,8 @@ def build_tokenizer(studies: list[Study], vocab_size: int) -> ReportTokenizer:
 def make_dataset(studies: list[Study], tokenizer: ReportTokenizer, cfg: EchoConfig):
     from ..data.dataset import ReportDataset
 
-    return ReportDataset(studies, tokenizer, cfg.vision.image_size, cfg.n_image_tokens, cfg.max_response_tokens)
+    return ReportDataset(studies, tokenizer, cfg.vision.image_size, cfg.n_image_tokens, cfg.max_response_tokens,
+                         preprocess=cfg.vision.preprocess)
 
 
 def make_collate(tokenizer: ReportTokenizer):

@@ -56,7 +56,7 @@ def generate_trajectories(
         records = {}
         for j in range(0, len(chunk), batch_size):
             sub = chunk[j : j + batch_size]
-            res = multistep_generate(teacher, tok, load_pixels(sub, teacher.cfg.vision.image_size).to(device), block_size,
+            res = multistep_generate(teacher, tok, load_pixels(sub, teacher.cfg.vision.image_size, teacher.cfg.vision.preprocess).to(device), block_size,
                                      steps, teacher.cfg.max_response_tokens, keep_trajectory=True)
             for r, s in enumerate(sub):
                 records[s.id] = _per_sample(res.raw, res.trajectories, r, tok.eos_id, block_size)
