@@ -39,7 +39,7 @@ def _torch_inputs(model, paths: Sequence[str], device: str, bf16: bool):
     from runtime.preprocess import preprocess_image
 
     S = model.cfg.vision.image_size
-    px = torch.from_numpy(np.stack([preprocess_image(p, S) for p in paths])).to(device)
+    px = torch.from_numpy(np.stack([preprocess_image(p, S, model.cfg.vision.preprocess) for p in paths])).to(device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.startswith("cuda")) else contextlib.nullcontext()
     return px, ctx
 

@@ -32,7 +32,7 @@ def torch_pass_times(model, tok, token_counts: Sequence[int], image_path: Option
 
     S = model.cfg.vision.image_size
     if image_path:
-        px = torch.from_numpy(preprocess_image(image_path, S))[None].to(device)
+        px = torch.from_numpy(preprocess_image(image_path, S, model.cfg.vision.preprocess))[None].to(device)
     else:
         px = torch.zeros(1, 1, S, S, device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.startswith("cuda")) else contextlib.nullcontext()
@@ -67,12 +67,12 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
     from runtime import graph_io as gio
     from runtime.manifest import load_manifest, resolve_graph
     from runtime.ort_backend import OrtGraph
-    from runtime.preprocess import preprocess_image
+    from runtime.preprocess import preprocess_image, preprocess_mode_of
     from runtime.text import ReportTokenizer
 
     d = Path(engine_dir)
     m = load_manifest(d)
-    tok = ReportTokenizer.from_file(d / "tokenizer.json")
+    tok = ReportTokenizer.from_file(d / "tokenizer.json", m.prompt_template)  # the engine's own prompt
     B = m.block_size
     graphs = {}
     weights = {}  # precision -> SharedWeights: the graphs hold the weights once, as in the runtime
@@ -93,7 +93,7 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
     L, _, kvH, npre, dh = pre.shape("present_key")
     step_roles = {2 * B: gio.BLOCK_STEP, 1: gio.AR_STEP}
     S = m.image_size
-    px = (preprocess_image(image_path, S) if image_path else np.zeros((1, S, S), np.float32))[None].astype(np.float32)
+    px = (preprocess_image(image_path, S, preprocess_mode_of(m.model_config)) if image_path else np.zeros((1, S, S), np.float32))[None].astype(np.float32)
     prefix = np.asarray(tok.prefix_ids(_n_image_tokens(m)), np.int64)[None]
     pk = np.zeros((L, 1, kvH, npre, dh), np.float32)
     pv = np.zeros_like(pk)
