@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects nothing: not a failure, but every other code is.
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q tests; rc=$$?; \
+	@$(BIN)/python -m pytest -q -rs tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 clean:
