@@ -41,8 +41,9 @@ int8 for TensorRT: TensorRT takes int8 Q/DQ with a zero point of 0 only, and no 
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -355,29 +356,100 @@ def weight_matmuls(model: onnx.ModelProto, min_weight_elements: int = 0, skip_in
 
 
 class ListDataReader:
-    """An onnxruntime CalibrationDataReader over recorded feeds (name -> array dicts)."""
+    """An onnxruntime CalibrationDataReader over recorded feeds (name -> array dicts), taken one at a
+    time from any iterable: a FeedStore's lazily read feeds are never all in memory."""
 
     def __init__(self, feeds: Iterable[dict[str, np.ndarray]], input_names: list[str]) -> None:
-        self.feeds = [{k: f[k] for k in input_names} for f in feeds]
+        self._feeds = feeds
+        self._names = input_names
         self._it: Optional[Iterator] = None
         self.rewind()
 
     def get_next(self):
-        return next(self._it, None)
+        f = next(self._it, None)
+        return None if f is None else {k: f[k] for k in self._names}
 
     def rewind(self) -> None:
-        self._it = iter(self.feeds)
+        self._it = iter(self._feeds)
+
+
+class FeedStore:
+    """Recorded graph feeds in a folder, one .npz file per feed, read back one at a time.
+
+    int8 calibration records every prefill and step feed of a decode, each with the whole KV
+    cache: at 0.5B with batch 8 that is 63 AR step feeds of 56 MB. Kept on disk, the calibrator
+    holds one feed at a time, and the PyTorch model that recorded them can go before the
+    quantiser runs (echo_export/build.py)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._n = len(list(self.folder.glob("feed-*.npz")))
+
+    def append(self, feed: dict[str, np.ndarray]) -> None:
+        np.savez(self.folder / f"feed-{self._n:06d}.npz", **feed)
+        self._n += 1
 
     def __len__(self) -> int:
-        return len(self.feeds)
+        return self._n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        with np.load(self.folder / f"feed-{i:06d}.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (self[i] for i in range(self._n))
 
 
-def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *, per_channel: bool = True,
+def calibration_indices(n: int, max_feeds: int) -> list[int]:
+    """Which of `n` recorded feeds calibrate: all, or `max_feeds` evenly spaced (every image and
+    every block position stays represented)."""
+    if n <= max_feeds:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, max_feeds).round().astype(int)]
+
+
+def minmax_ranges(model_path: str | Path, feeds: Sequence[dict[str, np.ndarray]], indices: list[int],
+                  input_names: list[str], *, external: bool, workdir: Path, chunk: int = 16):
+    """MinMax calibration ranges of every MatMul/Gemm tensor, as `quantize_static` computes them
+    (same calibrator, same tensors, same options), fed `chunk` feeds per `collect_data` call.
+
+    onnxruntime 1.32's MinMaxCalibrater reduces each feed's tensors to one min and one max in the
+    graph, and `collect_data` merges its call's ranges into the running ones (min of mins, max of
+    maxes; calibrate.py `merge_range`), so chunked calls give exactly the all-at-once ranges while
+    only a chunk's feeds are read. The calibrator's own copy of the model (it loads the weights to
+    augment the graph) is dropped once the augmented graph is saved and its session made."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, create_calibrator
+
+    with tempfile.TemporaryDirectory(prefix="calib.", dir=workdir) as d:
+        cal = create_calibrator(Path(model_path), ["MatMul", "Gemm"],
+                                augmented_model_path=str(Path(d) / "augmented_model.onnx"),
+                                calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
+                                providers=None, extra_options={})
+        cal.model = None  # read by augment_graph only (done); collect/compute use the session
+        for start in range(0, len(indices), chunk):
+            cal.collect_data(ListDataReader((feeds[i] for i in indices[start : start + chunk]), input_names))
+        ranges = cal.compute_data()
+        if not isinstance(ranges, TensorsData):
+            raise PrecisionError(f"{model_path}: the calibrator returned no ranges")
+        del cal
+    return ranges
+
+
+def to_int8(src: str | Path, dst: str | Path, feeds: Sequence[dict[str, np.ndarray]], *, per_channel: bool = True,
             mode: str = "u8s8", workdir: Optional[Path] = None, max_feeds: int = 256,
-            min_weight_elements: int = 0, skip_input_dims: Iterable[int] = ()) -> dict:
+            min_weight_elements: int = 0, skip_input_dims: Iterable[int] = (), calib_chunk: int = 16) -> dict:
     """Static QDQ quantisation of the weight MatMuls in `mode` (runtime.cpu_features.INT8_MODES),
-    calibrated on `feeds`."""
+    calibrated on `feeds` (a list, or a FeedStore read one feed at a time).
+
+    Calibration and quantisation run one after the other, not nested: `minmax_ranges` computes
+    the ranges (the calibrator's session holds the weights once), then `quantize_static` reads them
+    from a calibration cache file and loads its own copy of the model only after that session has
+    gone. Ranges and graph are those of one `quantize_static` call over all the feeds (tested)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from runtime.cpu_features import INT8_MODES
@@ -385,11 +457,12 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
     if mode not in INT8_MODES:
         raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
     signed_act = mode == "s8s8"
-    if not feeds:
+    if not len(feeds):
         raise PrecisionError("int8 needs calibration data: no block inputs were recorded")
     dst = Path(dst)
     work = Path(workdir) if workdir else dst.parent
     pre = work / (dst.stem + ".pre.onnx")
+    cache = work / (dst.stem + ".calib.json")
     # big graphs keep their weights external at every step (protobuf's 2 GB limit); the optimiser
     # inside quant_pre_process reads src's external data from src's own folder
     external = has_external_data(src)
@@ -403,31 +476,38 @@ def to_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]
         raise PrecisionError(f"{src}: no weight MatMul of at least {min_weight_elements} values "
                              f"(input dimension not in {sorted(skip_input_dims)}) found to quantise")
     names = [i.name for i in model.graph.input]
-    if len(feeds) > max_feeds:  # evenly spaced: every image and every block position stays represented
-        idx = np.linspace(0, len(feeds) - 1, max_feeds).round().astype(int)
-        feeds = [feeds[i] for i in idx]
-    quantize_static(
-        str(pre),
-        str(dst),
-        ListDataReader(feeds, names),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_quantize=nodes,
-        per_channel=per_channel,
-        reduce_range=mode == "u8s7",
-        activation_type=QuantType.QInt8 if signed_act else QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=external,
-        extra_options={"ActivationSymmetric": signed_act, "WeightSymmetric": True},
-    )
-    pre.unlink(missing_ok=True)
-    pre.with_name(pre.name + ".data").unlink(missing_ok=True)
+    del model
+    idx = calibration_indices(len(feeds), max_feeds)
+    try:
+        ranges = minmax_ranges(pre, feeds, idx, names, external=external, workdir=work, chunk=calib_chunk)
+        cache.unlink(missing_ok=True)
+        save_tensors_data(ranges, cache)
+        del ranges
+        quantize_static(
+            str(pre),
+            str(dst),
+            None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_quantize=nodes,
+            per_channel=per_channel,
+            reduce_range=mode == "u8s7",
+            activation_type=QuantType.QInt8 if signed_act else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=external,
+            calibration_cache_path=str(cache),
+            extra_options={"ActivationSymmetric": signed_act, "WeightSymmetric": True},
+        )
+    finally:
+        cache.unlink(missing_ok=True)
+        pre.unlink(missing_ok=True)
+        pre.with_name(pre.name + ".data").unlink(missing_ok=True)
     if mode == "u8s7":
         bad = check_int8_avx2_safe(onnx.load(str(dst)))
         if bad:
             raise PrecisionError(f"{dst}: int8 weights that saturate on AVX2 without VNNI: {bad[:3]}")
-    return {"quantized_matmuls": len(nodes), "calib_samples": len(feeds), "per_channel": per_channel,
+    return {"quantized_matmuls": len(nodes), "calib_samples": len(idx), "per_channel": per_channel,
             "mode": mode, "min_weight_elements": min_weight_elements,
             "fp32_input_dims": sorted(skip_input_dims)}
 

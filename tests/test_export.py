@@ -731,3 +731,70 @@ def test_external_weights_build_decodes_like_a_self_contained_one(built, setup, 
     # each phase resets the kernel's high-water mark: the whole build's peak is the largest phase peak
     assert s["process_peak_rss_bytes"] >= max(p["peak_rss_bytes"] for p in s["phases"].values())
     assert s["folder_bytes"] == sum(f.stat().st_size for f in inline.iterdir() if f.name != "manifest.json")
+
+
+def _old_to_int8(src, dst, feeds, work):
+    """The int8 path before calibration was chunked: one quantize_static call that calibrates on
+    every feed at once (what `to_int8` did), for comparison."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from echo_export.precision import ListDataReader, _name_nodes, has_external_data, weight_matmuls
+
+    pre = work / "old.pre.onnx"
+    external = has_external_data(src)
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
+                      all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
+    model = onnx.load(str(pre), load_external_data=False)
+    _name_nodes(model)
+    onnx.save(model, str(pre))
+    quantize_static(str(pre), str(dst), ListDataReader(feeds, [i.name for i in model.graph.input]),
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+                    nodes_to_quantize=weight_matmuls(model), per_channel=True, reduce_range=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def test_int8_calibration_in_chunks_from_disk_equals_all_at_once(built, setup, tmp_path):
+    """int8 calibration reads its feeds from disk a few at a time (FeedStore, `calib_chunk` feeds
+    per collect_data call) and hands the ranges to the quantiser: the MinMax ranges, and so every
+    scale, zero point and int8 weight of the graph, are exactly those of one quantize_static call
+    over all the feeds in memory."""
+    from onnx import numpy_helper
+
+    from echo_export.precision import FeedStore, minmax_ranges, to_int8
+
+    out, _ = built
+    feeds = []
+    for image in ("train0.png", "train1.png"):
+        feeds += _fp32_block_feeds(out, setup, image)[2]
+    assert len(feeds) >= 8
+    store = FeedStore(tmp_path / "feeds")
+    for f in feeds:
+        store.append(f)
+    assert len(store) == len(feeds) and all(np.array_equal(store[3][k], feeds[3][k]) for k in feeds[3])
+    src = out / "block_step.fp32.b1.onnx"
+    _old_to_int8(src, tmp_path / "old.onnx", feeds, tmp_path)
+    to_int8(src, tmp_path / "new.onnx", store, mode="u8s7", workdir=tmp_path, calib_chunk=3)
+    old, new = (onnx.load(str(tmp_path / f"{n}.onnx"), load_external_data=False) for n in ("old", "new"))
+    old_init = {t.name: numpy_helper.to_array(t, str(tmp_path)) for t in old.graph.initializer}
+    new_init = {t.name: numpy_helper.to_array(t, str(tmp_path)) for t in new.graph.initializer}
+    assert old_init.keys() == new_init.keys()
+    scales = [k for k in old_init if k.endswith("_scale")]
+    assert len(scales) > 10
+    for k, v in old_init.items():
+        assert v.dtype == new_init[k].dtype and np.array_equal(v, new_init[k]), k
+    assert [n.op_type for n in old.graph.node] == [n.op_type for n in new.graph.node]
+    assert not list(tmp_path.glob("*.calib.json")) and not list(tmp_path.glob("new.pre.onnx*"))
+    # the ranges themselves: chunks of 3 merge to the single-call ranges, and a chunk alone does not
+    pre = out / "block_step.fp32.b1.onnx"  # the calibrator reads it (and its weights) as it is
+    names = [i.name for i in onnx.load(str(pre)).graph.input]
+    idx = list(range(len(store)))
+    whole = minmax_ranges(pre, store, idx, names, external=False, workdir=tmp_path, chunk=len(idx)).data
+    chunked = minmax_ranges(pre, store, idx, names, external=False, workdir=tmp_path, chunk=3).data
+    first = minmax_ranges(pre, store, idx[:3], names, external=False, workdir=tmp_path, chunk=3).data
+    assert whole.keys() == chunked.keys()
+    assert all(np.array_equal(whole[k].range_value, chunked[k].range_value) for k in whole)
+    assert any(not np.array_equal(whole[k].range_value, first[k].range_value) for k in whole)
+
