@@ -1,8 +1,13 @@
 """`echo-export build`: checkpoint -> verified engine folder with a manifest written last.
 
-Phases: check inputs (nothing is written before all pass) -> export fp32 -> fp16 -> int8
-(calibrated on real training images) -> optional TensorRT plans -> verify against the
-PyTorch reference -> manifest. The folder is built as a hidden sibling and renamed into
+Phases: check inputs (nothing is written before all pass) -> export fp32 -> reference (the
+PyTorch decodes: verification tokens and int8 calibration feeds) -> fp16 -> int8 (calibrated
+on real training images) -> optional TensorRT plans -> verify against the PyTorch reference
+-> manifest. Memory: one PyTorch model at a time, and none after the reference phase. The
+student is exported and decoded, then let go; the AR model is loaded again (the input checks
+loaded it once and let it go), exported and decoded, then let go. Calibration feeds (each
+with its KV cache) wait on disk, so the fp16, int8 and verify phases hold only ONNX graphs
+and onnxruntime sessions (with --trt the student stays for the TensorRT comparison). The folder is built as a hidden sibling and renamed into
 place at the end, so an interrupted build never leaves a folder the runtime accepts.
 
 Checkpoint stages: `dcd` (the one-step student) is what block_step is for. `rad` (the
@@ -254,7 +259,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
             raise BuildError(f"--ar-ckpt {opts.ar_ckpt} has stage {acfg.stage!r}; the AR graphs need a stage-1 'ar' checkpoint")
         if atok.tok.to_str() != tok.tok.to_str():
             raise BuildError("--ar-ckpt uses a different tokenizer than --ckpt; both must share tokenizer.json")
-        ar = _ArModel(acfg, amodel, *ar_need)
+        ar = _ArModel(acfg, None, *ar_need, ckpt=Path(opts.ar_ckpt))
+        amodel = ar_load = None  # loaded again after the student is exported and let go
+        gc.collect()
 
     data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
     calib_px: list[np.ndarray] = []
@@ -292,6 +299,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, meter, log)
         model = ar_load = amodel = None  # the job holds the models now, so a phase can let one go
         manifest_files, graphs, verify_report, verified = _build_into(job, calib_px, verify_samples, verify_px)
+        job = None
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (BuildError, KeyboardInterrupt, SystemExit)) or not isinstance(e, Exception):
@@ -360,9 +368,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
 class _ArModel:
     """The stage-1 model behind the AR baseline graphs."""
     cfg: object
-    model: object
+    model: object  # None while not loaded: the build loads it for its export and reference decodes only
     prefix_len: int
     max_new: int
+    ckpt: Optional[Path] = None
 
 
 @dataclass
@@ -384,20 +393,25 @@ class _Build:
     files: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (role, precision, batch) -> file
     plans: dict[str, str] = field(default_factory=dict)  # ONNX file -> TensorRT plan
     data_files: list[str] = field(default_factory=list)  # external weights, one per precision
+    # the PyTorch decodes' results, kept for the phases that run without the models
+    block_ref: object = None  # verify.BlockReference
+    ar_ref: object = None  # verify.ArReference
+    calib: dict[tuple[str, int], object] = field(default_factory=dict)  # (role, batch) -> precision.FeedStore
 
-    def families(self) -> list[tuple[str, str, object, object, int, int]]:
-        """(prefill role, step role, model, config, prefix length, max new tokens) per decode family."""
-        out = [(gio.VISION_PREFILL, gio.BLOCK_STEP, self.model, self.cfg, self.prefix_len, self.max_new)]
+    def families(self) -> list[tuple[str, str, object, int, int]]:
+        """(prefill role, step role, config, prefix length, max new tokens) per decode family."""
+        out = [(gio.VISION_PREFILL, gio.BLOCK_STEP, self.cfg, self.prefix_len, self.max_new)]
         if self.ar is not None:
-            out.append((gio.AR_PREFILL, gio.AR_STEP, self.ar.model, self.ar.cfg, self.ar.prefix_len, self.ar.max_new))
+            out.append((gio.AR_PREFILL, gio.AR_STEP, self.ar.cfg, self.ar.prefix_len, self.ar.max_new))
         return out
 
 
 def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, max_new: int,
-                       pixels: list[np.ndarray], batch: int) -> tuple[list[dict], list[dict]]:
+                       pixels: list[np.ndarray], batch: int, pre_feeds=None, step_feeds=None):
     """Decode `pixels` with the PyTorch graph wrappers in chunks of `batch` (the last one padded by
     repeating its image) and record every prefill and step feed, as int8 calibration and the
-    TensorRT comparison both need them."""
+    TensorRT comparison both need them: into `pre_feeds` / `step_feeds` (lists, or FeedStores
+    that write each feed to disk as it comes), new lists where not given."""
     from .decode_loop import ar_decode, fused_decode, torch_runner
     from .graphs import make_graph
 
@@ -406,8 +420,8 @@ def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, m
     step_run = torch_runner(make_graph(step_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
     prefix = np.array(b.tok.prefix_ids(model.n_image_tokens), np.int64)
     lm = cfg.lm
-    pre_feeds: list[dict] = []
-    step_feeds: list[dict] = []
+    pre_feeds = [] if pre_feeds is None else pre_feeds
+    step_feeds = [] if step_feeds is None else step_feeds
     rec = lambda f: step_feeds.append({k: v.copy() for k, v in f.items()})  # noqa: E731
     common = dict(capacity=b.opts.capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
                   head_dim=lm.head_dim, eos_id=b.tok.eos_id, max_new_tokens=max_new, on_step=rec)
@@ -424,15 +438,15 @@ def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, m
     return pre_feeds, step_feeds
 
 
-def _export_fp32(b: _Build) -> None:
+def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> None:
+    """One decode family's fp32 graphs, every batch size."""
     import onnx
 
-    from .graphs import example_inputs, export_graph, make_graph
+    from .graphs import example_inputs, export_graph, make_graph, release_exporter_references
 
-    jobs = [(role, m, c, p_len) for pre, step, m, c, p_len, _ in b.families() for role in (pre, step)]
     b.meter.start("export")
-    b.log(f"[export] {len(jobs) * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
-    for role, m, c, p_len in jobs:
+    b.log(f"[export] {2 * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
+    for role in (pre_role, step_role):
         for bs in b.batch_sizes:
             name = gio.graph_filename(role, "fp32", bs)
             t1 = time.perf_counter()
@@ -441,7 +455,50 @@ def _export_fp32(b: _Build) -> None:
             onnx.checker.check_model(str(b.tmp / name), full_check=True)
             b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
             _add_graph(b, (role, "fp32", bs), name)
+    release_exporter_references()  # else the last graph keeps the model's weights after the model goes
     b.meter.stop()
+
+
+def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_new: int,
+               calib_px: list[np.ndarray], items: list) -> None:
+    """Everything later phases need from one family's PyTorch model: the verification reference
+    tokens and (for int8) the calibration feeds, on disk. The model can go after this."""
+    from .precision import FeedStore
+    from .verify import ar_reference, block_reference
+
+    b.meter.start("reference")
+    if items:
+        b.log(f"[reference] {step_role}: PyTorch reference tokens on {len(items)} verification images")
+        if step_role == gio.BLOCK_STEP:
+            b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
+        else:
+            b.ar_ref = ar_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, max_new)
+    if "int8" in b.precisions:
+        b.log(f"[reference] {step_role}: int8 calibration feeds of {len(calib_px)} training images (to disk)")
+        for bs in b.batch_sizes:
+            stores = [FeedStore(b.tmp / ".calib" / f"{role}.b{bs}") for role in (pre_role, step_role)]
+            _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs, *stores)
+            b.calib[(pre_role, bs)], b.calib[(step_role, bs)] = stores
+    b.meter.stop()
+
+
+def _export_and_reference(b: _Build, calib_px: list[np.ndarray], items: list) -> None:
+    """Each family in turn: load its model (the student is already loaded), export its graphs,
+    run its PyTorch decodes, let it go. One PyTorch model is in memory at a time."""
+    for pre_role, step_role, c, p_len, max_new in b.families():
+        if step_role == gio.BLOCK_STEP:
+            m = b.model
+        else:
+            b.meter.start("export")
+            b.log(f"[export] loading the AR model again: {b.ar.ckpt}")
+            _, m, _ = _load_model(b.ar.ckpt, "--ar-ckpt")
+            b.meter.stop()
+        _export_fp32(b, pre_role, step_role, m, c, p_len)
+        _reference(b, pre_role, step_role, m, c, p_len, max_new, calib_px, items)
+        if step_role == gio.BLOCK_STEP and not b.opts.trt:  # --trt compares plans with PyTorch later
+            b.model = None
+        m = None
+        gc.collect()
 
 
 def _convert_fp16(b: _Build) -> None:
@@ -466,12 +523,12 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
     from .precision import to_int8
 
     b.meter.start("int8")
-    b.log(f"[int8] calibrating on {len(calib_px)} training images (PyTorch reference decode, recorded graph inputs)")
-    for pre_role, step_role, m, c, p_len, max_new in b.families():
+    b.log(f"[int8] calibrating on {len(calib_px)} training images (graph inputs recorded by the PyTorch reference decodes)")
+    for pre_role, step_role, c, _, _ in b.families():
         for bs in b.batch_sizes:
-            pre_feeds, step_feeds = _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs)
-            for role, feeds in ((pre_role, pre_feeds), (step_role, step_feeds)):
+            for role in (pre_role, step_role):
                 name = gio.graph_filename(role, "int8", bs)
+                feeds = b.calib.pop((role, bs))
                 info = to_int8(b.tmp / b.files[(role, "fp32", bs)], b.tmp / name, feeds,
                                mode=b.int8_info["mode"], workdir=b.tmp,
                                min_weight_elements=b.opts.int8_min_weight,
@@ -480,9 +537,11 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
                 b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {info['quantized_matmuls']} weight "
                       f"MatMul/Gemm, {info['calib_samples']} calibration feeds")
                 _add_graph(b, (role, "int8", bs), name)
+                shutil.rmtree(feeds.folder, ignore_errors=True)
     for pattern in ("*.pre.onnx", "*.pre.onnx.data", "*-inferred.onnx"):  # the quantiser's intermediate files
         for leftover in b.tmp.glob(pattern):
             leftover.unlink()
+    shutil.rmtree(b.tmp / ".calib", ignore_errors=True)
     b.meter.stop()
 
 
@@ -536,14 +595,12 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     b.meter.start("verify")
     b.log(f"[verify] {len(verify_samples)} held-out images, up to {b.max_new} new tokens, onnxruntime CPU")
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
-    rep = verify_block(b.tmp, b.files, b.model, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
-                       capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log)
-    if b.ar is not None and not b.plans:
-        b.model = None  # nothing reads the student any more: at 1.5B that is 6 GB less beside the AR model
-        gc.collect()
+    # the PyTorch references were computed in the reference phase: no PyTorch model is loaded here
+    rep = verify_block(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
+                       capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log, reference=b.block_ref)
     if b.ar is not None:
-        rep_ar = verify_ar(b.tmp, b.files, b.ar.model, b.tok, items, precisions=b.precisions,
-                           batch_sizes=b.batch_sizes, capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log)
+        rep_ar = verify_ar(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
+                           capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log, reference=b.ar_ref)
         rep["variants"].update(rep_ar["variants"])
     verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
     rep.update({"n_images": len(items), "max_new_tokens": b.max_new, "fp32_identical": verified, "int8": b.int8_info,
@@ -559,8 +616,10 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
 def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sample], verify_px: list[np.ndarray]):
     """Every phase after the input checks, into b.tmp; returns (manifest files, graphs, verify report, verified)."""
     from .tensorrt_build import tensorrt_source_filename
+    from .verify import VerifyItem
 
-    _export_fp32(b)
+    items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
+    _export_and_reference(b, calib_px, items)
     if "fp16" in b.precisions:
         _convert_fp16(b)
     if "int8" in b.precisions:

@@ -115,6 +115,71 @@ def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: in
     return {name: 1e3 * t for name, t in alternating_run_medians(fns, repeat, warmup=10).items()}
 
 
+@dataclass
+class BlockReference:
+    """`fused_onestep_generate`'s tokens for every verification image at every batch size, computed
+    while the PyTorch model is loaded, so that verification itself runs without it."""
+    cfg: object
+    n_image_tokens: int
+    tokens: dict  # batch -> image id -> token ids
+
+
+def block_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], max_new_tokens: int) -> BlockReference:
+    """The PyTorch reference tokens `verify_block` compares every block variant with."""
+    from echo_train.decoding import fused_onestep_generate
+
+    B = model.cfg.block_size
+    tokens: dict = {}
+    for b in batch_sizes:
+        ref_tokens: dict[str, list[int]] = {}
+        for part, padded in _chunks(items, b):
+            px = torch.from_numpy(np.stack([it.pixels for it in padded]))
+            r = fused_onestep_generate(model, tokenizer, px, B, max_new_tokens)
+            for it, toks in zip(part, r.tokens):
+                ref_tokens[it.id] = toks
+        tokens[b] = ref_tokens
+    return BlockReference(model.cfg, model.n_image_tokens, tokens)
+
+
+@dataclass
+class ArReference:
+    """The AR graphs' PyTorch reference (the same wrapper modules through the same loop) and, for
+    information, `ar_generate`'s tokens, per batch size and image."""
+    cfg: object
+    n_image_tokens: int
+    tokens: dict  # batch -> image id -> token ids (the wrappers)
+    ar_generate: dict  # batch -> image id -> token ids
+
+
+def ar_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
+                 max_new_tokens: int) -> ArReference:
+    """What `verify_ar` compares the AR graphs with, computed with the PyTorch model."""
+    from echo_train.decoding import ar_generate
+
+    from .graphs import make_graph
+
+    lm = model.cfg.lm
+    P = len(tokenizer.prefix_ids(model.n_image_tokens))
+    prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
+    kw = dict(capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
+              head_dim=lm.head_dim, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+    t_pre = torch_runner(make_graph(gio.AR_PREFILL, model, capacity, P, tokenizer.mask_id))
+    t_step = torch_runner(make_graph(gio.AR_STEP, model, capacity, P, tokenizer.mask_id))
+    tokens: dict = {}
+    hf_tokens: dict = {}
+    for b in batch_sizes:
+        ref, hf = {}, {}
+        for part, padded in _chunks(items, b):
+            px = np.stack([it.pixels for it in padded]).astype(np.float32)
+            ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
+            r = ar_decode(t_pre, t_step, px, ids, **kw)
+            g = ar_generate(model, tokenizer, torch.from_numpy(px), max_new_tokens)
+            for it, toks, gt in zip(part, r.tokens, g.tokens):
+                ref[it.id], hf[it.id] = toks, gt
+        tokens[b], hf_tokens[b] = ref, hf
+    return ArReference(model.cfg, model.n_image_tokens, tokens, hf_tokens)
+
+
 def verify_block(
     engine_dir: Path,
     files: dict[tuple[str, str, int], str],
@@ -127,24 +192,21 @@ def verify_block(
     capacity: int,
     max_new_tokens: int,
     log: Callable[[str], None] = print,
+    reference: Optional[BlockReference] = None,
 ) -> dict:
-    """Token agreement of every (precision, batch) block variant with `fused_onestep_generate`."""
-    from echo_train.decoding import fused_onestep_generate
-
-    cfg, lm = model.cfg, model.cfg.lm
+    """Token agreement of every (precision, batch) block variant with `fused_onestep_generate`:
+    its tokens from `reference` (block_reference), else computed here with `model`."""
+    if reference is None:
+        reference = block_reference(model, tokenizer, items, batch_sizes, max_new_tokens)
+    cfg, lm = reference.cfg, reference.cfg.lm
     B = cfg.block_size
-    prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
+    prefix = np.array(tokenizer.prefix_ids(reference.n_image_tokens), np.int64)
     kw = dict(block_size=B, capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
               head_dim=lm.head_dim, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
     refs = {it.id: it.report for it in items if it.report}
     out: dict = {"variants": {}, "speed": {}}
     for b in batch_sizes:
-        ref_tokens: dict[str, list[int]] = {}
-        for part, padded in _chunks(items, b):
-            px = torch.from_numpy(np.stack([it.pixels for it in padded]))
-            r = fused_onestep_generate(model, tokenizer, px, B, max_new_tokens)
-            for it, toks in zip(part, r.tokens):
-                ref_tokens[it.id] = toks
+        ref_tokens = reference.tokens[b]
         ref_texts = {i: tokenizer.decode(t) for i, t in ref_tokens.items()}
         ref_f1, _ = _f1(ref_texts, refs)
         first_feed: dict = {}
@@ -234,29 +296,19 @@ def verify_ar(
     capacity: int,
     max_new_tokens: int,
     log: Callable[[str], None] = print,
+    reference: Optional[ArReference] = None,
 ) -> dict:
-    """AR graphs against the same wrapper modules in PyTorch (and, for information, ar_generate)."""
-    from echo_train.decoding import ar_generate
-
-    from .graphs import make_graph
-
-    lm = model.cfg.lm
-    P = len(tokenizer.prefix_ids(model.n_image_tokens))
-    prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
+    """AR graphs against the same wrapper modules in PyTorch (and, for information, ar_generate):
+    their tokens from `reference` (ar_reference), else computed here with `model`."""
+    if reference is None:
+        reference = ar_reference(model, tokenizer, items, batch_sizes, capacity, max_new_tokens)
+    lm = reference.cfg.lm
+    prefix = np.array(tokenizer.prefix_ids(reference.n_image_tokens), np.int64)
     kw = dict(capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
               head_dim=lm.head_dim, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
-    t_pre = torch_runner(make_graph(gio.AR_PREFILL, model, capacity, P, tokenizer.mask_id))
-    t_step = torch_runner(make_graph(gio.AR_STEP, model, capacity, P, tokenizer.mask_id))
     out: dict = {"variants": {}}
     for b in batch_sizes:
-        ref, hf = {}, {}
-        for part, padded in _chunks(items, b):
-            px = np.stack([it.pixels for it in padded]).astype(np.float32)
-            ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
-            r = ar_decode(t_pre, t_step, px, ids, **kw)
-            g = ar_generate(model, tokenizer, torch.from_numpy(px), max_new_tokens)
-            for it, toks, gt in zip(part, r.tokens, g.tokens):
-                ref[it.id], hf[it.id] = toks, gt
+        ref, hf = reference.tokens[b], reference.ar_generate[b]
         ids_ = [it.id for it in items]
         info_agree, _ = _agreement([ref[i] for i in ids_], [hf[i] for i in ids_])
         for p in precisions:
