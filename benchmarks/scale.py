@@ -88,6 +88,7 @@ class ScaleConfig:
     pass_repeats: int = 20  # timed runs of each graph for t(1), t(2B)
     threads: int = 2
     allow_7b: bool = False
+    work: Path = WORK  # checkpoints, engines and logs per rung
 
 
 def _python() -> str:
@@ -246,9 +247,9 @@ def run_rung(name: str, cfg: ScaleConfig) -> dict:
     rung = RUNGS[name]
     if rung.big and not cfg.allow_7b:
         raise SystemExit(f"[scale] {name} needs a bigger machine (see RUNGS); pass --allow-7b to run it anyway")
-    out = WORK / name
+    out = cfg.work / name
     out.mkdir(parents=True, exist_ok=True)
-    data = make_data(WORK)
+    data = make_data(cfg.work)
     t = time.perf_counter()
     dcd, ar = make_checkpoints(rung, cfg.block_size, data, out)
     ckpt_s = time.perf_counter() - t
@@ -359,6 +360,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--pass-repeats", type=int, default=d.pass_repeats)
     ap.add_argument("--allow-7b", action="store_true", help="run the 7B rung (needs >= 64 GB memory, ~100 GB disk)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, default=WORK,
+                    help="folder for the rungs' checkpoints, engines and logs (a rung whose build.json exists there is not rebuilt)")
     # internal: the runtime probe, run in its own process
     ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--probe-precision", help=argparse.SUPPRESS)
@@ -371,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     cfg = ScaleConfig(rungs=[r.strip() for r in a.rungs.split(",") if r.strip()], precisions=a.precisions,
                       batch_sizes=a.batch_sizes, max_new_tokens=a.max_new_tokens, verify_n=a.verify_n,
-                      threads=a.threads, pass_repeats=a.pass_repeats, allow_7b=a.allow_7b)
+                      threads=a.threads, pass_repeats=a.pass_repeats, allow_7b=a.allow_7b, work=a.work)
     unknown = [r for r in cfg.rungs if r not in RUNGS]
     if unknown:
         raise SystemExit(f"unknown rung(s) {unknown}; choose from {list(RUNGS)}")
@@ -384,7 +387,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta = {"machine": machine_info(), "versions": library_versions(), "threads": cfg.threads,
             "command": "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
             "block_size": cfg.block_size, "max_new_tokens": cfg.max_new_tokens, "verify_n": cfg.verify_n,
-            "n_reports": cfg.n_reports, "config": asdict(cfg), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "n_reports": cfg.n_reports, "config": {**asdict(cfg), "work": str(cfg.work)}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps({"meta": meta, "rungs": rows}, indent=2))
     (a.out / "results.md").write_text(markdown(rows, meta))
