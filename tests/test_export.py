@@ -73,11 +73,56 @@ def built(setup):
     # int8 forced into the mode made for CPUs without VNNI (u8s7), whatever CPU runs the tests: it
     # computes the same numbers on both kinds, so every int8 assertion below holds on both. The
     # default (u8s8) on an AVX2 CPU without VNNI puts the prefill's keys 11% off fp32 (saturation).
-    out = build(BuildOptions(ckpt=root / "ckpt", out=root / "engine", precisions=["fp32", "fp16", "int8"],
-                             ar_ckpt=root / "ar", capacity=CAP, calib_size=3, verify_n=3, data=data,
-                             int8_mode="u8s7"),
-                log=logs.append)
+    with pytest.MonkeyPatch.context() as mp:
+        _observe_models(mp)  # for test_no_pytorch_model_is_held_in_the_int8_and_verify_phases
+        out = build(BuildOptions(ckpt=root / "ckpt", out=root / "engine", precisions=["fp32", "fp16", "int8"],
+                                 ar_ckpt=root / "ar", capacity=CAP, calib_size=3, verify_n=3, data=data,
+                                 int8_mode="u8s7"),
+                    log=logs.append)
     return out, logs
+
+
+# what the `built` fixture's build had alive when int8 and verify ran (filled by _observe_models)
+MODEL_OBSERVATIONS: dict[str, list] = {"loaded": [], "int8": [], "verify": []}
+
+
+def _observe_models(mp) -> None:
+    """Wrap the build's model loading, to_int8 and verify_block: record a weak reference to every
+    model the build loads (and to one of its weights: an exported graph wraps the weights, not the
+    model), and how many of them are alive when each int8 quantisation and the verification start."""
+    import gc
+    import weakref
+
+    from echo_export import build as build_mod
+    from echo_export import precision, verify
+    from echo_train.model.echo_model import EchoModel
+
+    obs = MODEL_OBSERVATIONS
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if issubclass(type(o), EchoModel)}
+    real_load, real_int8, real_verify = build_mod._load_model, precision.to_int8, verify.verify_block
+
+    def load(path, what):
+        cfg, model, tok = real_load(path, what)
+        obs["loaded"] += [weakref.ref(model), weakref.ref(model.lm.model.embed_tokens.weight)]
+        return cfg, model, tok
+
+    def alive() -> int:
+        gc.collect()
+        return sum(1 for r in obs["loaded"] if r() is not None) + sum(
+            1 for o in gc.get_objects() if issubclass(type(o), EchoModel) and id(o) not in before)
+
+    def int8(src, dst, feeds, **kw):
+        obs["int8"].append((alive(), type(feeds).__name__))
+        return real_int8(src, dst, feeds, **kw)
+
+    def verify_block(*a, **kw):
+        obs["verify"].append((alive(), a[2]))
+        return real_verify(*a, **kw)
+
+    mp.setattr(build_mod, "_load_model", load)
+    mp.setattr(precision, "to_int8", int8)
+    mp.setattr(verify, "verify_block", verify_block)
 
 
 def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
@@ -799,53 +844,15 @@ def test_int8_calibration_in_chunks_from_disk_equals_all_at_once(built, setup, t
     assert any(not np.array_equal(whole[k].range_value, first[k].range_value) for k in whole)
 
 
-def test_no_pytorch_model_is_held_in_the_int8_and_verify_phases(setup, tmp_path, monkeypatch):
+def test_no_pytorch_model_is_held_in_the_int8_and_verify_phases(built):
     """The build runs its PyTorch decodes (verification references, int8 calibration feeds) right
     after each family's export and lets each model go: while int8 quantises and verify runs, no
     EchoModel the build loaded is alive, nor its weights (the exporter's rewriter kept the last
-    graph, which wraps them), and the feeds come from disk. Same verify results as a
-    build that held the models is checked by the other tests (identical fp32 tokens, agreement)."""
-    import gc
-    import weakref
-
-    from echo_export import build as build_mod
-    from echo_export import precision, verify
-    from echo_export.build import BuildOptions, build
-    from echo_train.model.echo_model import EchoModel
-
-    root, _, _, data = setup
-    gc.collect()
-    before = {id(o) for o in gc.get_objects() if issubclass(type(o), EchoModel)}
-    loaded: list = []
-    seen: dict[str, list] = {"int8": [], "verify": []}
-    real_load, real_int8, real_verify = build_mod._load_model, precision.to_int8, verify.verify_block
-
-    def load(path, what):
-        cfg, model, tok = real_load(path, what)
-        # the model, and a weight of it: an exported graph wraps the weights, not the model
-        loaded.extend([weakref.ref(model), weakref.ref(model.lm.model.embed_tokens.weight)])
-        return cfg, model, tok
-
-    def alive() -> int:
-        gc.collect()
-        return sum(1 for r in loaded if r() is not None) + sum(
-            1 for o in gc.get_objects() if issubclass(type(o), EchoModel) and id(o) not in before)
-
-    def int8(src, dst, feeds, **kw):
-        seen["int8"].append((alive(), type(feeds).__name__))
-        return real_int8(src, dst, feeds, **kw)
-
-    def verify_block(*a, **kw):
-        seen["verify"].append((alive(), a[2]))
-        return real_verify(*a, **kw)
-
-    monkeypatch.setattr(build_mod, "_load_model", load)
-    monkeypatch.setattr(precision, "to_int8", int8)
-    monkeypatch.setattr(verify, "verify_block", verify_block)
-    out = build(BuildOptions(ckpt=root / "ckpt", out=tmp_path / "e", precisions=["fp32", "int8"], ar_ckpt=root / "ar",
-                             capacity=CAP, calib_size=1, verify_n=1, data=data, int8_mode="u8s7"), log=lambda s: None)
-    assert len(loaded) == 2 * 3  # the student, the AR model for the checks, the AR model again for its export
-    assert seen["int8"] == [(0, "FeedStore")] * 4
-    assert seen["verify"] == [(0, None)]
-    assert json.loads((out / "verify.json").read_text())["fp32_identical"] is True
+    graph, which wraps them), and the feeds come from disk. (Observed in the `built` fixture's
+    build; that its verify results are those of a build holding the models: the other tests.)"""
+    out, _ = built
+    obs = MODEL_OBSERVATIONS
+    assert len(obs["loaded"]) == 2 * 3  # the student, the AR model for the checks, the AR model again for its export
+    assert obs["int8"] == [(0, "FeedStore")] * 4
+    assert obs["verify"] == [(0, None)]
     assert not (out / ".calib").exists() and not list(out.glob("*.npz"))
