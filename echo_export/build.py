@@ -216,6 +216,16 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
 
     # ---- phase 0: inputs (nothing written yet)
     meter.start("check")
+    ar_load = None
+    ar_image_tokens = 0
+    if opts.ar_ckpt is not None:
+        # the AR model first, let go once it has loaded: the checks hold one model at a time (it is
+        # loaded again for its export, after the student's export and decodes)
+        log(f"[check] AR checkpoint {opts.ar_ckpt}")
+        acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt")
+        ar_load, ar_image_tokens = (acfg, None, atok), amodel.n_image_tokens
+        amodel = None
+        gc.collect()
     log(f"[check] checkpoint {opts.ckpt}")
     cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt")
     if cfg.stage == "ar":
@@ -233,11 +243,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     if P % B:
         raise BuildError(f"prefix length {P} is not a multiple of block size {B}")
     want_new = opts.max_new_tokens or cfg.max_response_tokens
-    ar_load = None
-    if opts.ar_ckpt is not None:
-        log(f"[check] AR checkpoint {opts.ar_ckpt}")
-        ar_load = _load_model(Path(opts.ar_ckpt), "--ar-ckpt")
-    ar_need = (len(ar_load[2].prefix_ids(ar_load[1].n_image_tokens)), opts.max_new_tokens or ar_load[0].max_response_tokens) \
+    ar_need = (len(ar_load[2].prefix_ids(ar_image_tokens)), opts.max_new_tokens or ar_load[0].max_response_tokens) \
         if ar_load is not None else None
     need = required_capacity(P, B, want_new, ar_need)
     if opts.capacity is None:
@@ -260,8 +266,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         if atok.tok.to_str() != tok.tok.to_str():
             raise BuildError("--ar-ckpt uses a different tokenizer than --ckpt; both must share tokenizer.json")
         ar = _ArModel(acfg, None, *ar_need, ckpt=Path(opts.ar_ckpt))
-        amodel = ar_load = None  # loaded again after the student is exported and let go
-        gc.collect()
+        ar_load = None
 
     data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
     calib_px: list[np.ndarray] = []

@@ -98,11 +98,13 @@ def _observe_models(mp) -> None:
     from echo_train.model.echo_model import EchoModel
 
     obs = MODEL_OBSERVATIONS
+    obs["alive_at_load"] = []
     gc.collect()
     before = {id(o) for o in gc.get_objects() if issubclass(type(o), EchoModel)}
     real_load, real_int8, real_verify = build_mod._load_model, precision.to_int8, verify.verify_block
 
     def load(path, what):
+        obs["alive_at_load"].append(alive())
         cfg, model, tok = real_load(path, what)
         obs["loaded"] += [weakref.ref(model), weakref.ref(model.lm.model.embed_tokens.weight)]
         return cfg, model, tok
@@ -845,14 +847,16 @@ def test_int8_calibration_in_chunks_from_disk_equals_all_at_once(built, setup, t
 
 
 def test_no_pytorch_model_is_held_in_the_int8_and_verify_phases(built):
-    """The build runs its PyTorch decodes (verification references, int8 calibration feeds) right
-    after each family's export and lets each model go: while int8 quantises and verify runs, no
+    """The build holds one PyTorch model at a time (none while it loads the next), runs its PyTorch
+    decodes (verification references, int8 calibration feeds) right after each family's export
+    and lets each model go: while int8 quantises and verify runs, no
     EchoModel the build loaded is alive, nor its weights (the exporter's rewriter kept the last
     graph, which wraps them), and the feeds come from disk. (Observed in the `built` fixture's
     build; that its verify results are those of a build holding the models: the other tests.)"""
     out, _ = built
     obs = MODEL_OBSERVATIONS
-    assert len(obs["loaded"]) == 2 * 3  # the student, the AR model for the checks, the AR model again for its export
+    # the AR model for the checks, the student, the AR model again for its export: one at a time
+    assert len(obs["loaded"]) == 2 * 3 and obs["alive_at_load"] == [0, 0, 0]
     assert obs["int8"] == [(0, "FeedStore")] * 4
     assert obs["verify"] == [(0, None)]
     assert not (out / ".calib").exists() and not list(out.glob("*.npz"))
