@@ -166,11 +166,12 @@ def _split_samples(data: Path, split: str, n: int, strict: bool, option: str = "
     return out[:n]
 
 
-def _pixels(samples: list[_Sample], image_size: int, what: str) -> list[np.ndarray]:
+def _pixels(samples: list[_Sample], image_size: int, what: str, mode: str = "echo") -> list[np.ndarray]:
+    """Images prepared as the model's config says (vision.preprocess), as the runtime will."""
     out = []
     for s in samples:
         try:
-            out.append(preprocess_image(s.path, image_size))
+            out.append(preprocess_image(s.path, image_size, mode))
         except ImageReadError as e:
             raise BuildError(f"{what}: {e}") from None
     return out
@@ -280,7 +281,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         calib = _split_samples(data, "train", opts.calib_size, strict=True)
         if not calib:
             raise BuildError(f"--data {data}: no training images for int8 calibration")
-        calib_px = _pixels(calib, cfg.vision.image_size, "calibration image")
+        calib_px = _pixels(calib, cfg.vision.image_size, "calibration image", cfg.vision.preprocess)
         log(f"  calibration: {len(calib_px)} training images")
     verify_samples: list[_Sample] = []
     if opts.verify_n > 0:
@@ -292,7 +293,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
             _split_samples(vdata, "val", opts.verify_n, strict=False, option=option)
         if not verify_samples:
             raise BuildError(f"{option} {vdata}: no test or val images for verification")
-    verify_px = _pixels(verify_samples, cfg.vision.image_size, "verification image")
+    verify_px = _pixels(verify_samples, cfg.vision.image_size, "verification image", cfg.vision.preprocess)
     meter.stop()
 
     # ---- build into a hidden sibling
