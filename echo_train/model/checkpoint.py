@@ -2,22 +2,30 @@
 
 Writes go to a sibling temp folder that is renamed into place, so an interrupted save never
 leaves a folder that looks complete.
+
+Loading builds the model with its parameters as shapes only (device "meta": no memory, no random
+initialisation) and fills them one tensor at a time from model.safetensors, each converted to the
+parameter's dtype (an imported bf16 file loads into fp32 parameters): the peak is the model plus
+one read chunk, not the model twice (a second state dict) as through safetensors' load_model.
 """
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
+from torch import nn
 
 from runtime.text import ReportTokenizer
 
 from .backbone import QwenDecoder
 from .config import EchoConfig
 from .echo_model import EchoModel
+from .safetensors_stream import SafetensorsFormatError, read_header, read_into
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -32,16 +40,33 @@ def save_checkpoint(
     tokenizer: ReportTokenizer,
     training_state: Optional[dict[str, Any]] = None,
 ) -> Path:
+    return write_checkpoint(out_dir, model.cfg, lambda p: save_model(model, str(p)), tokenizer, training_state)
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    cfg: EchoConfig,
+    write_weights: Callable[[Path], None],
+    tokenizer: ReportTokenizer,
+    training_state: Optional[dict[str, Any]] = None,
+) -> Path:
+    """A checkpoint folder whose model.safetensors `write_weights(path)` writes (from a model, or
+    streamed from another file by import-hf), built in a sibling folder and renamed into place.
+    On any error the half-written sibling is removed and `out_dir` is as it was."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.cfg.save(tmp / "config.json")
-    save_model(model, str(tmp / "model.safetensors"))
-    tokenizer.save(tmp / "tokenizer.json")
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
+    try:
+        cfg.save(tmp / "config.json")
+        write_weights(tmp / "model.safetensors")
+        tokenizer.save(tmp / "tokenizer.json")
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return swap_into_place(tmp, out)
 
 
@@ -69,15 +94,120 @@ def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
 
 
 def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> tuple[EchoModel, ReportTokenizer]:
+    """The model (in eval mode, on `map_location`) and tokenizer of a checkpoint folder.
+
+    Refusals (CheckpointError): missing files, a config that is not ECHO's, a model.safetensors
+    that is damaged or whose tensors do not match the config's model (named, first few)."""
     d = check_checkpoint_dir(ckpt_dir)
     try:
         cfg = EchoConfig.load(d / "config.json")
     except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:  # ValueError: a bad prompt template
         raise CheckpointError(f"{d / 'config.json'}: not an ECHO config ({e})") from None
-    model = EchoModel(cfg)
-    load_model(model, str(d / "model.safetensors"), device=map_location)
+    with parameters_on_meta():
+        model = EchoModel(cfg)
+    load_weights(model, d / "model.safetensors", device=map_location)
     model.eval()
     return model, ReportTokenizer.from_file(d / "tokenizer.json", cfg.prompt_template)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters as shapes only (device "meta"); load_weights
+    gives them storage. Buffers stay real: the non-persistent ones (rotary tables, window masks,
+    pixel normalisation, position ids) are computed from the config in the constructors and never
+    stored in a checkpoint, so they must come out of construction with their values, which
+    building the whole model under torch.device("meta") would not give.
+
+    A parameter is created on the CPU by its module's constructor (torch.empty: no pages touched)
+    and replaced by its meta twin as it is registered, so random initialisation then runs on meta
+    tensors, at no cost. Tied parameters (lm_head = embed_tokens) stay one object. The patch is
+    process-wide while inside: build nothing on another thread meanwhile."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _state_slots(model: nn.Module) -> list[tuple[list[str], list[tuple[nn.Module, str]], torch.Tensor]]:
+    """The model's state_dict entries grouped by the tensor they are: (names, (module, attribute)
+    holding it, the tensor). Tied weights are one group of two names (safetensors files keep one)."""
+    groups: dict[int, tuple[list[str], list[tuple[nn.Module, str]], torch.Tensor]] = {}
+    for name in model.state_dict(keep_vars=True):
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        t = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+        names, holders, _ = groups.setdefault(id(t), ([], [], t))
+        names.append(name)
+        holders.append((module, attr))
+    return list(groups.values())
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str | Path, device: str | torch.device | None = None) -> None:
+    """Fill every state_dict entry of `model` from the safetensors file `path`, one tensor at a time.
+
+    Meta parameters (parameters_on_meta) get new storage on `device` (default the CPU); real ones
+    are overwritten in place, on their own device. Each tensor is converted to the entry's dtype.
+    Everything is checked before anything is read: a tensor the model lacks, an entry the file
+    lacks, another shape, a tied pair stored twice -> CheckpointError naming them."""
+    from .pretrained import names_preview
+
+    p = Path(path)
+    try:
+        entries = read_header(p)
+    except (SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+    slots = _state_slots(model)
+    plan, missing, unexpected, wrong = [], [], set(entries), []
+    for names, holders, t in slots:
+        stored = [n for n in names if n in entries]
+        unexpected.difference_update(stored)
+        if not stored:
+            missing.append(names[0])
+            continue
+        if len(stored) > 1:  # one tensor in the model, two in the file: which one is meant?
+            unexpected.update(stored[1:])
+        e = entries[stored[0]]
+        if e.shape != tuple(t.shape):
+            wrong.append(f"{stored[0]} {list(e.shape)} vs {list(t.shape)}")
+            continue
+        plan.append((e, holders, t))
+    if missing or unexpected or wrong:
+        what = type(model).__name__
+        parts = [f"{len(missing)} tensors of the {what} not in the file: {names_preview(sorted(missing))}"] if missing else []
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors without a place in the {what}: {names_preview(sorted(unexpected))}")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape: {names_preview(sorted(wrong))}")
+        raise CheckpointError(f"{p}: does not match the model of its config: " + "; ".join(parts))
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        with open(p, "rb", buffering=0) as f:
+            for entry, holders, t in plan:
+                if t.device.type == "meta":
+                    new = torch.empty(t.shape, dtype=t.dtype, device=target)
+                    read_into(f, entry, new)
+                    if isinstance(t, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=t.requires_grad)
+                    for module, attr in holders:  # every holder of a tied weight gets the one new tensor
+                        getattr(module, "_parameters" if isinstance(t, nn.Parameter) else "_buffers")[attr] = new
+                else:
+                    read_into(f, entry, t)
+    except (SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    left = [n for n, v in (*model.named_parameters(), *model.named_buffers()) if v.device.type == "meta"]
+    if left:  # a parameter outside the state_dict (no module of ours has one): never leave it shapes-only
+        raise CheckpointError(f"{p}: {names_preview(left)} not loaded (not in the model's state_dict)")
+    if device is not None:
+        model.to(target)  # the buffers built on the CPU
 
 
 def load_training_state(ckpt_dir: str | Path) -> Optional[dict[str, Any]]:

@@ -186,9 +186,9 @@ def train(
             if rank == 0:
                 print(f"[{desc}] {out} already finished at step {state['step']}; reusing it")
             return state
-        from safetensors.torch import load_model
+        from ..model.checkpoint import load_weights
 
-        load_model(model, str(out / "model.safetensors"), device=str(device))
+        load_weights(model, out / "model.safetensors")  # in place, one tensor at a time
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state.get("history", [])
         if budget_done:
