@@ -399,6 +399,7 @@ class _Build:
     files: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (role, precision, batch) -> file
     plans: dict[str, str] = field(default_factory=dict)  # ONNX file -> TensorRT plan
     data_files: list[str] = field(default_factory=list)  # external weights, one per precision
+    stores: dict[str, object] = field(default_factory=dict)  # precision -> external_weights.WeightsFile
     # the PyTorch decodes' results, kept for the phases that run without the models
     block_ref: object = None  # verify.BlockReference
     ar_ref: object = None  # verify.ArReference
@@ -457,7 +458,8 @@ def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> 
             name = gio.graph_filename(role, "fp32", bs)
             t1 = time.perf_counter()
             g = make_graph(role, m, b.opts.capacity, p_len, b.tok.mask_id)
-            export_graph(g, example_inputs(role, c, bs, b.opts.capacity, p_len), b.tmp / name, b.opts.opset)
+            export_graph(g, example_inputs(role, c, bs, b.opts.capacity, p_len), b.tmp / name, b.opts.opset,
+                         weights=_store(b, "fp32"), min_bytes=b.opts.weights_min_bytes)
             onnx.checker.check_model(str(b.tmp / name), full_check=True)
             b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
             _add_graph(b, (role, "fp32", bs), name)
@@ -516,7 +518,7 @@ def _convert_fp16(b: _Build) -> None:
     b.log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
     for (role, _, bs), src in [(k, v) for k, v in b.files.items() if k[1] == "fp32"]:
         name = gio.graph_filename(role, "fp16", bs)
-        to_fp16(b.tmp / src, b.tmp / name)
+        to_fp16(b.tmp / src, b.tmp / name, weights=_store(b, "fp16"))
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
         b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}")
         _add_graph(b, (role, "fp16", bs), name)
@@ -551,20 +553,32 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
     b.meter.stop()
 
 
+def _store(b: _Build, precision: str):
+    """The precision's weights.<precision>.bin, open for appending for the whole build."""
+    from .external_weights import WeightsFile, weights_filename
+
+    if precision not in b.stores:
+        b.stores[precision] = WeightsFile(b.tmp, weights_filename(precision))
+        b.data_files.append(b.stores[precision].name)
+    return b.stores[precision]
+
+
+def _close_stores(b: _Build) -> None:
+    for store in b.stores.values():
+        store.close()
+
+
 def _add_graph(b: _Build, key: tuple[str, str, int], name: str) -> None:
-    """Record a new graph and move its weights into its precision's weights.<precision>.bin at
-    once: the folder never holds more than one graph's own copy of the weights (at 0.5B each
-    graph's export data is 2.3 GB), and the next phase reads the shared file."""
-    from .external_weights import share_weights, weights_filename
+    """Record a new graph and move any weights it still holds itself (a converter's own data file)
+    into its precision's weights.<precision>.bin at once: the folder never holds more than one
+    graph's own copy of the weights, and the next phase reads the shared file."""
+    from .external_weights import share_weights
 
     b.files[key] = name
-    prec = key[1]
-    graphs = [n for (_, p, _), n in sorted(b.files.items()) if p == prec]
-    res = share_weights(b.tmp, graphs, weights_filename(prec), b.opts.weights_min_bytes)
-    if res.data_file not in b.data_files:
-        b.data_files.append(res.data_file)
-    b.log(f"  {'':<2}-> {res.data_file:<29} {_size(b.tmp / res.data_file):>10}  {res.tensors_stored} tensors for "
-          f"{len(graphs)} graph(s), {res.bytes_referenced / max(res.bytes_stored, 1):.2f}x deduplicated")
+    store = _store(b, key[1])
+    res = share_weights(b.tmp, [name], store, b.opts.weights_min_bytes)
+    b.log(f"  {'':<2}-> {store.name:<29} {_size(store.path):>10}  {res.tensors_referenced} tensors, "
+          f"{res.tensors_stored} new ({store.tensors_stored} stored for {sum(k[1] == key[1] for k in b.files)} graph(s))")
 
 
 def _build_plans(b: _Build) -> None:
@@ -630,6 +644,7 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
         _convert_fp16(b)
     if "int8" in b.precisions:
         _quantise_int8(b, calib_px)
+    _close_stores(b)  # every graph is in: the weights files are complete
     if b.opts.trt:
         _build_plans(b)
     shutil.copyfile(Path(b.opts.ckpt) / "tokenizer.json", b.tmp / "tokenizer.json")

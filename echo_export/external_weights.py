@@ -10,7 +10,10 @@ maps from the file on its own pages; small ones on 64 bytes (SIMD loads), so tha
 small for tiny models too.
 
 The graphs are read without their external data (`load_external_data=False`) and the tensors
-are streamed one at a time, so a graph bigger than protobuf's 2 GB limit passes through too.
+are streamed one at a time, so a graph bigger than protobuf's 2 GB limit passes through too. The
+build keeps one WeightsFile per precision open and appends each graph as it is made; the exporter
+writes its graphs' tensors straight into it (graphs.export_graph), and the fp16 conversion writes
+converted tensors into its own one tensor at a time (precision.to_fp16).
 """
 from __future__ import annotations
 
@@ -64,68 +67,141 @@ def _tensor_bytes(t: onnx.TensorProto, base: Path) -> bytes:
     return onnx.numpy_helper.to_array(t).tobytes()  # typed fields (float_data, ...): rare after export
 
 
-def _pad(f: BinaryIO, n_bytes: int) -> int:
-    pos = f.tell()
-    gap = (-pos) % (ALIGN if n_bytes >= PAGE_ALIGN_FROM else SMALL_ALIGN)
-    if gap:
-        f.write(b"\0" * gap)
-    return pos + gap
+class WeightsFile:
+    """An append-only weights.<precision>.bin: `add` writes a tensor's bytes unless equal bytes are
+    already there, and returns (offset, length). One per precision for a whole build, so every
+    graph of that precision (each family, each batch size) goes in as it is made, without the file
+    being rewritten: at real size the file is the weights (15 GB at 3.75B parameters in fp32)."""
+
+    def __init__(self, folder: Path, name: str, staged: bool = False) -> None:
+        """`staged`: write to `name`.tmp and move it over `name` at close, so that graphs still
+        reading an older `name` stay readable until then."""
+        self.folder, self.name = Path(folder), name
+        self.path = self.folder / (name + ".tmp" if staged else name)
+        self.path.unlink(missing_ok=True)
+        self._f: BinaryIO = open(self.path, "wb")
+        # sha256 of the bytes -> (offset, length): a tensor's type and shape live in the graph, so
+        # equal bytes are stored once whatever they are viewed as
+        self._stored: dict[str, tuple[int, int]] = {}
+        self.tensors_stored = 0
+        self.bytes_stored = 0
+
+    def add(self, data: bytes | memoryview) -> tuple[int, int]:
+        key = hashlib.sha256(data).hexdigest()
+        if key not in self._stored:
+            n = len(data)
+            pos = self._f.tell()
+            gap = (-pos) % (ALIGN if n >= PAGE_ALIGN_FROM else SMALL_ALIGN)
+            if gap:
+                self._f.write(b"\0" * gap)
+            self._f.write(data)
+            self._stored[key] = (pos + gap, n)
+            self.tensors_stored += 1
+            self.bytes_stored += n
+        return self._stored[key]
+
+    def flush(self) -> None:
+        """Make what was added readable by other readers of the file (graphs, sessions)."""
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        final = self.folder / self.name
+        if self.path != final:
+            self.path.replace(final)
+            self.path = final
+
+    def file_bytes(self) -> int:
+        if not self._f.closed:
+            self.flush()
+        return self.path.stat().st_size
 
 
-def share_weights(folder: Path, graph_files: Iterable[str], data_file: str,
+def _point_to(t: onnx.TensorProto, data_file: str, offset: int, length: int) -> None:
+    """Make initializer `t` read its bytes from `data_file` at offset."""
+    t.ClearField("raw_data")
+    for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(typed)
+    del t.external_data[:]
+    for k, v in (("location", data_file), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def store_initializers(model, store: WeightsFile, min_bytes: int = DEFAULT_MIN_BYTES) -> int:
+    """Move the initializers of an in-memory graph (an onnx_ir Model, as the exporter returns it)
+    of at least `min_bytes` into `store`, one tensor at a time, and make them read it. Returns the
+    bytes referenced. The exporter's tensors wrap the PyTorch parameters (or views of them), so
+    the only copy is one tensor's bytes in flight."""
+    import onnx_ir as ir
+
+    referenced = 0
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if t is None or t.nbytes < min_bytes or isinstance(t, ir.StringTensor):
+            continue
+        if isinstance(t, ir.ExternalTensor) and str(t.location) == store.name:
+            referenced += t.nbytes
+            continue
+        offset, length = store.add(t.tobytes())
+        value.const_value = ir.ExternalTensor(store.name, offset, length, t.dtype, shape=t.shape, name=value.name,
+                                              base_dir=str(store.folder))
+        referenced += length
+    store.flush()
+    return referenced
+
+
+def share_weights(folder: Path, graph_files: Iterable[str], data_file: str | WeightsFile,
                   min_bytes: int = DEFAULT_MIN_BYTES) -> SharedWeights:
     """Move every initializer of at least `min_bytes` of `graph_files` (in `folder`) into one
-    data file, each distinct tensor once, and rewrite the graphs to read it. Per-graph external
-    data files that no graph refers to any more are deleted. Returns what was written."""
+    data file, each distinct tensor once, and rewrite the graphs to read it. `data_file`: a file
+    name (written anew) or an open WeightsFile (appended to: the graphs already in it stay valid).
+    Per-graph external data files that no graph refers to any more are deleted."""
     folder = Path(folder)
     graph_files = list(graph_files)
-    res = SharedWeights(data_file=data_file, graphs=graph_files)
-    # sha256 of the bytes -> (offset, length): a tensor's type and shape live in the graph, so equal
-    # bytes are stored once whatever they are viewed as
-    stored: dict[str, tuple[int, int]] = {}
+    own = not isinstance(data_file, WeightsFile)
+    store = WeightsFile(folder, data_file, staged=True) if own else data_file
+    res = SharedWeights(data_file=store.name, graphs=graph_files)
+    before = (store.tensors_stored, store.bytes_stored)
     old_files: set[str] = set()
-    tmp = folder / (data_file + ".tmp")
     models: list[tuple[str, onnx.ModelProto]] = []
-    with open(tmp, "wb") as out:
-        for name in graph_files:
-            model = onnx.load(str(folder / name), load_external_data=False)
-            for t in model.graph.initializer:
-                ext = t.data_location == onnx.TensorProto.EXTERNAL
-                if ext:
-                    old_files.add(_external_info(t)["location"])
-                data = _tensor_bytes(t, folder)
-                if len(data) < min_bytes:
-                    if ext:  # a small tensor the exporter put outside: bring it back inline
-                        t.raw_data = data
-                        del t.external_data[:]
-                        t.data_location = onnx.TensorProto.DEFAULT
+    for name in graph_files:
+        model = onnx.load(str(folder / name), load_external_data=False)
+        for t in model.graph.initializer:
+            ext = t.data_location == onnx.TensorProto.EXTERNAL
+            if ext:
+                location = _external_info(t)["location"]
+                if location == store.name and not own:  # already in the store (exported straight into it)
+                    res.tensors_referenced += 1
+                    res.bytes_referenced += int(_external_info(t)["length"])
                     continue
-                key = hashlib.sha256(data).hexdigest()
-                if key not in stored:
-                    offset = _pad(out, len(data))
-                    out.write(data)
-                    stored[key] = (offset, len(data))
-                    res.tensors_stored += 1
-                    res.bytes_stored += len(data)
-                offset, length = stored[key]
-                t.ClearField("raw_data")
-                for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-                    t.ClearField(typed)
-                del t.external_data[:]
-                for k, v in (("location", data_file), ("offset", str(offset)), ("length", str(length))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-                t.data_location = onnx.TensorProto.EXTERNAL
-                res.tensors_referenced += 1
-                res.bytes_referenced += length
-            models.append((name, model))
-    tmp.replace(folder / data_file)
-    for name, model in models:  # the graphs change only once the data file is complete
+                old_files.add(location)
+            data = _tensor_bytes(t, folder)
+            if len(data) < min_bytes:
+                if ext:  # a small tensor the exporter put outside: bring it back inline
+                    t.raw_data = data
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+                continue
+            offset, length = store.add(data)
+            _point_to(t, store.name, offset, length)
+            res.tensors_referenced += 1
+            res.bytes_referenced += length
+        models.append((name, model))
+    if own:
+        store.close()
+    else:
+        store.flush()
+    for name, model in models:  # the graphs change only once their data is in the file
         onnx.save(model, str(folder / name))
-    for f in sorted(old_files - {data_file}):
+    for f in sorted(old_files - {store.name}):
         (folder / f).unlink(missing_ok=True)
         res.replaced_files.append(f)
-    res.file_bytes = (folder / data_file).stat().st_size
+    res.tensors_stored = store.tensors_stored - before[0]
+    res.bytes_stored = store.bytes_stored - before[1]
+    res.file_bytes = store.file_bytes()
     return res
 
 

@@ -175,10 +175,20 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
     raise ValueError(f"unknown graph role {role!r}; choose from {graph_io.GRAPH_ROLES}")
 
 
-def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opset: int = 18) -> None:
-    """Fixed-shape export with the dynamo exporter; the weights live inside the file."""
+def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opset: int = 18, weights=None,
+                 min_bytes: int = 1024) -> None:
+    """Fixed-shape export with the dynamo exporter. `weights` (an external_weights.WeightsFile):
+    initializers of at least `min_bytes` go straight into it, one at a time, and the graph file
+    holds the rest; else the weights live inside the file (or beside it, past 2 GB).
+
+    Straight into the shared file because at real size each graph's own data file is the weights
+    again (about 14 GB per graph at 3.75B parameters in fp32) and would then be copied once more."""
     import logging
     import warnings
+
+    import onnx_ir as ir
+
+    from echo_export.external_weights import store_initializers
 
     # the exporter's op registry logs 4 lines per graph about torchvision ops, which no ECHO graph uses
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -187,20 +197,25 @@ def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opse
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
+            program = torch.onnx.export(
                 module,
                 inputs,
-                str(path),
+                None,
                 dynamo=True,
                 opset_version=opset,
                 input_names=list(module.input_names),
                 output_names=list(module.output_names),
-                external_data=False,
                 optimize=True,
                 verbose=False,
             )
     finally:
         registry_log.setLevel(level)
+    if weights is None:
+        program.save(str(path), external_data=False)
+    else:
+        store_initializers(program.model, weights, min_bytes)
+        ir.save(program.model, str(path))
+    del program
 
 
 def release_exporter_references() -> int:

@@ -42,6 +42,7 @@ int8 for TensorRT: TensorRT takes int8 Q/DQ with a zero point of 0 only, and no 
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -163,7 +164,8 @@ def check_fp16_constants(model: onnx.ModelProto) -> list[str]:
     """Names of float constants/initializers whose values would overflow (or are inf/nan) in fp16."""
     bad = []
     for name, t in _constant_tensors(model).items():
-        if t.data_type != onnx.TensorProto.FLOAT:
+        # external initializers are the weights: to_fp16 checks them as it converts them
+        if t.data_type != onnx.TensorProto.FLOAT or t.data_location == onnx.TensorProto.EXTERNAL:
             continue
         a = numpy_helper.to_array(t)
         if a.size and (not np.isfinite(a).all() or np.abs(a).max() > FP16_MAX):
@@ -215,7 +217,7 @@ def clamp_mask_fill_constants(model: onnx.ModelProto, fill: float = -30000.0) ->
 
     fixed = []
     for t in model.graph.initializer:
-        if safe_to_clamp(t, t.name):
+        if t.data_location != onnx.TensorProto.EXTERNAL and safe_to_clamp(t, t.name):
             t.CopyFrom(clamped(t))
             fixed.append(t.name)
     for n in model.graph.node:
@@ -294,22 +296,79 @@ def save_graph(model: onnx.ModelProto, dst: str | Path, external: bool) -> None:
               location=data.name, size_threshold=1024, convert_attribute=False)
 
 
-def to_fp16(src: str | Path, dst: str | Path) -> dict:
+def _external_location(t: onnx.TensorProto) -> Optional[tuple[str, int, int]]:
+    """(file, offset, length) of an initializer kept in an external data file, else None."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+FP16_CHUNK = 1 << 20  # elements converted at a time: the clamping's temporaries stay ~20 MB
+
+
+def _fp16_bytes(src: Path, offset: int, length: int) -> memoryview:
+    """fp32 bytes of an external tensor as fp16 bytes, clamped as the converter clamps its
+    inline tensors (convert_np_to_float16), read and converted a chunk at a time."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    out = np.empty(length // 4, np.float16)
+    with open(src, "rb") as f:
+        f.seek(offset)
+        for i in range(0, out.size, FP16_CHUNK):
+            part = np.fromfile(f, np.float32, count=min(FP16_CHUNK, out.size - i))
+            if not np.isfinite(part).all() or np.abs(part).max(initial=0.0) > FP16_MAX:
+                raise PrecisionError(f"{src}: weights at offset {offset} overflow fp16 (inf/nan or |x| > {FP16_MAX})")
+            out[i : i + part.size] = convert_np_to_float16(part)
+    return memoryview(out.view(np.uint8))
+
+
+def _raw_bytes(src: Path, offset: int, length: int) -> bytes:
+    with open(src, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+@contextmanager
+def _shapes_from_dims() -> Iterator[None]:
+    """The converter reads each converted initializer's whole data only to learn its shape
+    (`make_value_info_from_tensor`: numpy_helper.to_array(t).shape), which for an external tensor
+    not loaded means reading it from disk, relative to the working directory. The shape is the
+    tensor's dims: use them while the converter runs."""
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def to_fp16(src: str | Path, dst: str | Path, weights=None) -> dict:
     """Convert an fp32 graph to fp16 with fp32 IO. Returns what was kept fp32.
 
     Works on graphs of any size: shape inference runs on the file (`infer_shapes_path`; the
-    in-memory form serialises the whole model, which fails past protobuf's 2 GB), and a graph
-    whose weights are external is written with external weights."""
+    in-memory form serialises the whole model, which fails past protobuf's 2 GB), the graph is
+    converted without its external weights, and those are converted afterwards one tensor at a
+    time into `weights` (an external_weights.WeightsFile; default: `<dst>.data`). At 3.75B
+    parameters the fp32 weights are 15 GB, which a converter holding the whole model cannot take."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    from .external_weights import WeightsFile
+
     src, dst = Path(src), Path(dst)
-    external = has_external_data(src)
     inferred = src.with_name(dst.stem + ".shapes.onnx")  # beside src: its external data paths stay valid
     try:
         onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-        model = onnx.load(str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
     finally:
         inferred.unlink(missing_ok=True)
+    # the converter only retypes an external initializer (its bytes are not loaded): remember where
+    # each one's fp32 bytes are and what type it had
+    outside = {t.name: (_external_location(t), t.data_type) for t in model.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL}
     _name_nodes(model)
     clamp_mask_fill_constants(model)
     bad = check_fp16_constants(model)
@@ -317,13 +376,33 @@ def to_fp16(src: str | Path, dst: str | Path) -> dict:
         raise PrecisionError(f"{src}: constants overflow fp16 (inf/-inf or |x| > {FP16_MAX}): {bad[:5]}")
     keep_nodes = sorted(set(fp32_islands(model)) | set(output_head_nodes(model)) | set(attention_score_nodes(model)))
     op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK))
-    out = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=op_block, node_block_list=keep_nodes, disable_shape_infer=True
-    )
+    with _shapes_from_dims():
+        out = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=op_block, node_block_list=keep_nodes, disable_shape_infer=True
+        )
     rewired = remove_fp16_round_trips(out.graph)
     topo_sort(out.graph)
     del out.graph.value_info[:]  # stale fp32 annotations; onnxruntime and the checker re-infer them
-    save_graph(out, dst, external)
+    if outside:
+        store = weights if weights is not None else WeightsFile(dst.parent, dst.name + ".data")
+        for t in out.graph.initializer:
+            if t.name not in outside:
+                continue
+            (location, offset, length), was = outside[t.name]
+            path = src.parent / location
+            retyped = was == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16
+            data = _fp16_bytes(path, offset, length) if retyped else _raw_bytes(path, offset, length)
+            new_offset, new_length = store.add(data)
+            del data
+            del t.external_data[:]
+            for k, v in (("location", store.name), ("offset", str(new_offset)), ("length", str(new_length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+        if weights is None:
+            store.close()
+        else:
+            store.flush()
+    onnx.save(out, str(dst))
     return {"op_block_list": FP16_OP_BLOCK, "fp32_nodes": len(keep_nodes), "fp16_round_trips_removed": rewired}
 
 

@@ -50,9 +50,11 @@ def _agreement(pred: list[list[int]], ref: list[list[int]]) -> tuple[float, floa
     return (same / total if total else 1.0), (exact / len(pred) if pred else 1.0)
 
 
-def _per_pass_agreement(step, ref_step, passes: list[tuple[dict, np.ndarray, np.ndarray]]) -> dict:
+def _per_pass_agreement(step, passes: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]) -> dict:
     """Share of block tokens a variant's block step gives on exactly the fp32 run's inputs, and
-    how sure fp32 itself was where they differ.
+    how sure fp32 itself was where they differ. `passes`: (feeds, fp32 tokens, rows still
+    writing, fp32 confidence) of every fp32 pass, recorded as the fp32 graph ran, so the fp32
+    session is gone before the variant's opens (at real size they do not fit side by side).
 
     Free-running agreement (`token_agreement`) counts every token after a report's first
     difference as a miss, so one near-tie flip early in a report weighs like dozens of errors;
@@ -63,9 +65,8 @@ def _per_pass_agreement(step, ref_step, passes: list[tuple[dict, np.ndarray, np.
     same = total = 0
     conf_all: list[np.ndarray] = []
     conf_flip: list[np.ndarray] = []
-    for feeds, ref, active in passes:
+    for feeds, ref, active, ref_conf in passes:
         got = np.asarray(step(feeds)[0])
-        ref_conf = np.asarray(ref_step(feeds)[1])  # outputs: tokens, confidence, present_key, present_value
         same += int((got[active] == ref[active]).sum())
         total += int(active.sum()) * ref.shape[1]
         conf_all.append(ref_conf[active].ravel())
@@ -104,6 +105,56 @@ def _f1_change(texts: dict[str, str], ref_texts: dict[str, str], refs: dict[str,
         return None
     d = paired_micro_f1_difference({i: texts[i] for i in ids}, ref_texts, refs, n_boot=1000, seed=0)
     return {"delta": float(d["delta"]), "ci95": [float(x) for x in d["ci95"]] if d["ci95"] else None}
+
+
+def _recording_confidence(step, out: list[np.ndarray]):
+    """The block step runner, also keeping each pass's confidence output (outputs: tokens,
+    confidence, present_key, present_value)."""
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = step(feeds)
+        out.append(np.array(res[1], copy=True))
+        return res
+
+    return run
+
+
+def _timing_memory(engine_dir: Path, precisions: list[str]) -> int:
+    """About what sessions of every precision side by side hold: each weights file once, fp16's
+    three times over (on a CPU onnxruntime casts its weights to fp32 at load)."""
+    total = 0
+    for p in precisions:
+        f = Path(engine_dir) / f"weights.{p}.bin"
+        total += (f.stat().st_size if f.is_file() else 0) * (3 if p == "fp16" else 1)
+    return total
+
+
+def _fits_optimised(engine_dir: Path, precision: str, log: Callable[[str], None]) -> bool:
+    """Whether this precision's prefill and step sessions fit in memory the way the runtime opens
+    them. fp16 on a CPU does not share weights, and onnxruntime folds a cast to fp32 of every fp16
+    weight at load: each session holds the fp32 weights (a 3.75B model: about 14 GB per session).
+    Where two of those do not fit, verification runs fp16 unoptimised (ort_runner optimize=False),
+    which casts each weight as its node runs: slower, fp16-sized sessions."""
+    if precision != "fp16":
+        return True
+    f = Path(engine_dir) / f"weights.{precision}.bin"
+    avail = _available_bytes()
+    if not f.is_file() or avail is None or 2 * 2 * f.stat().st_size < 0.7 * avail:
+        return True
+    log(f"  fp16 sessions unoptimised: two sessions with fp32 copies of {f.stat().st_size / 1e9:.1f} GB of fp16 "
+        f"weights do not fit in {avail / 1e9:.1f} GB available (each weight is cast to fp32 as its node runs)")
+    return False
+
+
+def _available_bytes() -> Optional[int]:
+    """MemAvailable of this machine (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: int = 100, threads: int = 0) -> dict[str, float]:
@@ -210,13 +261,18 @@ def verify_block(
         ref_texts = {i: tokenizer.decode(t) for i, t in ref_tokens.items()}
         ref_f1, _ = _f1(ref_texts, refs)
         first_feed: dict = {}
-        # every fp32 pass's inputs and the rows still writing there: each other precision's block
-        # step is re-run on exactly these inputs (per-pass agreement, no divergence carried over)
-        fp32_passes: list[tuple[dict, np.ndarray, np.ndarray]] = []
+        # every fp32 pass's inputs, the rows still writing there and fp32's confidence: each other
+        # precision's block step is re-run on exactly these inputs (per-pass agreement, no
+        # divergence carried over)
+        fp32_passes: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]] = []
         for p in precisions:
-            weights = shared_weights_of(engine_dir, p)  # prefill and step hold the weights once
-            pre = ort_runner(engine_dir / files[(gio.VISION_PREFILL, p, b)], weights=weights)
-            step = ort_runner(engine_dir / files[(gio.BLOCK_STEP, p, b)], weights=weights)
+            # fp32/int8: prefill and step hold the weights once; fp16 unoptimised where it must be
+            weights, optimize = shared_weights_of(engine_dir, p), _fits_optimised(engine_dir, p, log)
+            pre = ort_runner(engine_dir / files[(gio.VISION_PREFILL, p, b)], weights=weights, optimize=optimize)
+            step = ort_runner(engine_dir / files[(gio.BLOCK_STEP, p, b)], weights=weights, optimize=optimize)
+            confidence: list[np.ndarray] = []
+            if p == "fp32":
+                step = _recording_confidence(step, confidence)
             t0 = time.perf_counter()
             got: dict[str, list[int]] = {}
             passes = 0
@@ -234,7 +290,8 @@ def verify_block(
                 r = fused_decode(pre, step, px, ids, on_step=hook, **kw)
                 for k, f in enumerate(recorded):  # rows still writing at pass k (through the EOS block)
                     active = np.array([k * B <= len(t) for t in r.tokens[: len(part)]] + [False] * (b - len(part)))
-                    fp32_passes.append((f, r.raw[:, k * B : (k + 1) * B], active))
+                    fp32_passes.append((f, r.raw[:, k * B : (k + 1) * B], active, confidence[k]))
+                confidence.clear()
                 passes += r.passes
                 for it, toks in zip(part, r.tokens):
                     got[it.id] = toks
@@ -250,14 +307,12 @@ def verify_block(
                 "finding_f1": f1, "finding_f1_reference": ref_f1,
                 "finding_f1_change": (None if f1 is None or ref_f1 is None else f1 - ref_f1),
                 "finding_f1_change_ci95": change["ci95"] if change else None,
-                "decode_seconds": secs, "passes": passes,
+                "decode_seconds": secs, "passes": passes, "onnxruntime_graph_optimisation": optimize,
             }
             if why:
                 entry["finding_f1_note"] = why
-            if p == "fp32":
-                fp32_step = step
-            elif fp32_passes:
-                pp = _per_pass_agreement(step, fp32_step, fp32_passes)
+            if p != "fp32" and fp32_passes:
+                pp = _per_pass_agreement(step, fp32_passes)
                 entry["per_pass_token_agreement"] = pp.pop("agreement")
                 entry["per_pass_flips"] = pp
             out["variants"][f"block.{p}.b{b}"] = entry
@@ -272,9 +327,14 @@ def verify_block(
                 + (f" (change {100 * change['delta']:+.2f} [{100 * change['ci95'][0]:+.2f}, {100 * change['ci95'][1]:+.2f}] points)"
                    if change and change["ci95"] and p != "fp32" else "")
                 + f" ({secs:.1f}s)")
-        fp32_step = None
         fp32_passes.clear()
-        if first_feed:
+        need, avail = _timing_memory(engine_dir, precisions), _available_bytes()
+        if first_feed and avail is not None and need > 0.7 * avail:
+            out["speed"][f"block_step.b{b}.ms"] = {
+                "not_timed": f"the {len(precisions)} block_step graphs side by side need about {need / 1e9:.1f} GB, "
+                             f"{avail / 1e9:.1f} GB available (echo-bench times each precision on its own)"}
+            log(f"  block_step b{b} speed not timed: {out['speed'][f'block_step.b{b}.ms']['not_timed']}")
+        elif first_feed:
             speed = time_graphs({p: engine_dir / files[(gio.BLOCK_STEP, p, b)] for p in precisions}, first_feed["f"])
             if "fp32" in speed and "int8" in speed:
                 speed["int8_over_fp32"] = speed["int8"] / speed["fp32"]
@@ -312,9 +372,10 @@ def verify_ar(
         ids_ = [it.id for it in items]
         info_agree, _ = _agreement([ref[i] for i in ids_], [hf[i] for i in ids_])
         for p in precisions:
-            weights = shared_weights_of(engine_dir, p)
-            pre = ort_runner(engine_dir / files[(gio.AR_PREFILL, p, b)], weights=weights)
-            step = ort_runner(engine_dir / files[(gio.AR_STEP, p, b)], weights=weights)
+            # fp32/int8: prefill and step hold the weights once; fp16 unoptimised where it must be
+            weights, optimize = shared_weights_of(engine_dir, p), _fits_optimised(engine_dir, p, log)
+            pre = ort_runner(engine_dir / files[(gio.AR_PREFILL, p, b)], weights=weights, optimize=optimize)
+            step = ort_runner(engine_dir / files[(gio.AR_STEP, p, b)], weights=weights, optimize=optimize)
             got = {}
             for part, padded in _chunks(items, b):
                 px = np.stack([it.pixels for it in padded]).astype(np.float32)
@@ -326,6 +387,8 @@ def verify_ar(
             out["variants"][f"ar.{p}.b{b}"] = {
                 "role": "ar", "precision": p, "batch": b, "n_images": len(items), "token_agreement": agree,
                 "exact_match": exact, "identical": exact == 1.0, "reference_vs_ar_generate": info_agree,
+                "onnxruntime_graph_optimisation": optimize,
             }
+            pre = step = weights = None
             log(f"  ar    {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
     return out

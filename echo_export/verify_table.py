@@ -22,4 +22,5 @@ def print_table(report: dict, log: Callable[[str], None] = print) -> None:
     for r in rows:
         log("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
     for k, sp in report.get("speed", {}).items():
-        log("  " + k + ": " + ", ".join(f"{p} {v:.3f}" for p, v in sp.items()))
+        log("  " + k + ": " + ", ".join(f"{p} {v:.3f}" if isinstance(v, (int, float)) else f"{p}: {v}"
+                                        for p, v in sp.items()))
