@@ -149,6 +149,77 @@ def test_import_refusals(vl, tmp_path):
     _refused(_cli("import-hf", folder, "--out", out, "--image-size", "36"), out, "not a multiple of")
 
 
+# ---------------------------------------------------------------------------- streamed weights
+@pytest.mark.parametrize("tie", [False, True])
+def test_import_streams_the_source_tensors_in_their_dtype(tmp_path, tie):
+    """model.safetensors holds each source tensor under our name, in its own dtype (a bf16 folder in
+    two shards: bf16), the embedding grown by mean rows, a tied head not at all; load_checkpoint
+    gives the model the whole-model import gave (a model built, each tensor copied in as fp32, the
+    embedding grown by grow_rows)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from echo_train.model.checkpoint import load_checkpoint
+    from echo_train.model.echo_model import EchoModel
+    from echo_train.model.pretrained import grow_rows
+    from echo_train.model.qwen2_5_vl import our_name
+
+    folder = tmp_path / "vl"
+    write_qwen_vl(folder, tie=tie)
+    src = {k: v.to(torch.bfloat16) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    (folder / "model.safetensors").unlink()
+    # rows for exactly the tokenizer's ids, so that ours (+ BOS) grow them
+    from tokenizers import Tokenizer
+
+    n_ids = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    for k in src:
+        if k.endswith("embed_tokens.weight") or k == "lm_head.weight":
+            src[k] = src[k][:n_ids].clone()
+    d = json.loads((folder / "config.json").read_text())
+    d["text_config"]["vocab_size"] = n_ids
+    (folder / "config.json").write_text(json.dumps(d))
+    names = sorted(src)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, keys in shards.items():
+        save_file({k: src[k] for k in keys}, str(folder / fname), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    lines = []
+    import_qwen2_5_vl(ImportOptions(folder=str(folder), out=str(tmp_path / "ck"), image_size=32), log=lines.append)
+    model, _ = load_checkpoint(tmp_path / "ck")
+
+    mapped = {our_name(k): k for k in src if not (tie and k == "lm_head.weight") and "rotary_emb" not in k}
+    assert len(lines) == 1 and f"{len(mapped)} tensors" in lines[0]
+    assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters" in lines[0]
+    rows = model.cfg.lm.vocab_size
+    got = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert set(got) == set(mapped) and ("lm.lm_head.weight" in got) != tie
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), framework="pt") as st:
+        assert (st.metadata().get("lm.lm_head.weight") == "lm.model.embed_tokens.weight") == tie
+    grown = 0
+    for ours, theirs in mapped.items():
+        assert got[ours].dtype == torch.bfloat16, ours
+        want = src[theirs]
+        if got[ours].shape != want.shape:  # the embedding (and an untied head): our tokens' rows
+            grown += 1
+            assert got[ours].shape[0] == rows > want.shape[0]
+            want = grow_rows(want, rows)
+        assert torch.equal(got[ours], want), ours
+    assert grown == (1 if tie else 2)
+
+    ref = EchoModel(model.cfg)  # the import as it was: the whole model in memory, fp32
+    own = ref.state_dict()
+    with torch.no_grad():
+        for ours, theirs in mapped.items():
+            t = src[theirs]
+            own[ours].copy_((grow_rows(t, rows) if t.shape != own[ours].shape else t).float())
+    for (n, a), (m, b) in zip(ref.eval().state_dict().items(), model.state_dict().items()):
+        assert n == m and a.dtype == b.dtype == torch.float32 and torch.equal(a, b), n
+    for (n, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
+        assert torch.equal(a, b), n
+    assert (model.lm.lm_head.weight is model.lm.model.embed_tokens.weight) == tie
+
+
 # ---------------------------------------------------------------------------- export and runtime
 def test_imported_student_exports_and_runs_in_the_runtime(vl, tmp_path):
     """import-hf (stage dcd) -> echo-export build -> echo-report on a PNG and a DICOM: the runtime's

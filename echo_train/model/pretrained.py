@@ -145,12 +145,41 @@ def lm_config_from_folder(folder: Path) -> tuple[LMConfig, dict[str, Any]]:
         raise PretrainedError(f"{folder / 'config.json'}: incomplete {mt} configuration (missing {e})") from None
 
 
+ROW_BLOCK_ELEMENTS = 1 << 22  # the rows summed at a time by row_mean (32 MB of float64)
+
+
+def row_block(width: int) -> int:
+    """Rows per block of a row_mean over rows of `width` (the same blocks everywhere: the same sum)."""
+    return max(1, ROW_BLOCK_ELEMENTS // max(width, 1))
+
+
+class RowMean:
+    """The mean of a matrix's rows from blocks of rows (row_block at a time), summed in float64: a
+    bf16 embedding of 152k rows is never copied whole to a wider type, and streamed rows give the
+    same mean as the whole matrix."""
+
+    def __init__(self, width: int) -> None:
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.sum += rows.to(torch.float64).sum(0)
+        self.n += rows.shape[0]
+
+    def mean(self, dtype: torch.dtype) -> torch.Tensor:
+        """[1, width] in `dtype` (through float32, the precision the rows are used in)."""
+        return (self.sum / max(self.n, 1)).to(torch.float32).to(dtype)[None]
+
+
 def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` [n, d] with rows n..rows-1 appended, each the mean of the existing rows."""
     n = weight.shape[0]
     if rows <= n:
         return weight
-    return torch.cat([weight, weight.float().mean(0, keepdim=True).to(weight.dtype).expand(rows - n, -1)], 0)
+    acc, step = RowMean(weight.shape[1]), row_block(weight.shape[1])
+    for a in range(0, n, step):
+        acc.add(weight[a:a + step])
+    return torch.cat([weight, acc.mean(weight.dtype).expand(rows - n, -1)], 0)
 
 
 def load_lm_state(folder: Path, cfg: LMConfig, rows: int) -> dict[str, torch.Tensor]:

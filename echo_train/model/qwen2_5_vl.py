@@ -36,15 +36,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from runtime.preprocess import PREPROCESS_MODES
 from runtime.prompt import SUPPORTED_BLOCK_SIZES
 from runtime.special_tokens import BOS, EOS, IMAGE, MASK, PAD
 from runtime.text import ReportTokenizer
 
 from .config import STAGES, EchoConfig, LMConfig, VisionConfig
-from .pretrained import PretrainedError, check_folder, grow_rows, names_preview, read_json, refuse_unmapped, weight_files
+from .pretrained import (PretrainedError, RowMean, check_folder, names_preview, read_json, refuse_unmapped, row_block,
+                         weight_files)
+from .safetensors_stream import (SafetensorsFormatError, SafetensorsWriter, TensorEntry, TensorSpec, byte_view,
+                                 copy_bytes, read_header, read_rows)
 
 MODEL_TYPES = ("qwen2_5_vl",)
 DEFAULT_IMAGE_SIZE = 448  # 32 x 32 patches of 14 px -> 256 image tokens after the 2 x 2 merger
@@ -286,28 +287,28 @@ def our_name(name: str) -> Optional[str]:
     return None
 
 
-def tensor_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """name -> (file, shape) of every tensor, from the headers alone."""
-    from safetensors import SafetensorError, safe_open
+SourceIndex = dict[str, tuple[Path, TensorEntry]]  # checkpoint name -> (its file, its header entry)
 
-    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+
+def tensor_index(files: list[Path]) -> SourceIndex:
+    """name -> (file, header entry: dtype, shape, bytes) of every tensor, from the headers alone."""
+    out: SourceIndex = {}
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    out[name] = (f, tuple(st.get_slice(name).get_shape()))
-        except (SafetensorError, OSError) as e:
+            out.update((name, (f, e)) for name, e in read_header(f).items())
+        except (SafetensorsFormatError, OSError) as e:
             raise PretrainedError(f"{f}: unreadable safetensors file ({e})") from None
     return out
 
 
-def plan_weights(folder: Path, model, index: dict[str, tuple[Path, tuple[int, ...]]]) -> dict[str, str]:
-    """Checkpoint name -> our name for every tensor; refused when any does not map."""
+def plan_weights(folder: Path, model, index: SourceIndex) -> dict[str, str]:
+    """Checkpoint name -> our name for every tensor; refused when any does not map. `model` may
+    hold meta parameters (shapes only): nothing is read here."""
     own = model.state_dict()
     tied = model.cfg.lm.tie_word_embeddings
     rows = model.cfg.lm.vocab_size
     mapping, unexpected, wrong = {}, [], []
-    for name, (_, shape) in sorted(index.items()):
+    for name, (_, entry) in sorted(index.items()):
         if "rotary_emb" in name:
             continue
         ours = our_name(name)
@@ -316,7 +317,7 @@ def plan_weights(folder: Path, model, index: dict[str, tuple[Path, tuple[int, ..
         if ours is None or ours not in own:
             unexpected.append(name)
             continue
-        want = tuple(own[ours].shape)
+        shape, want = entry.shape, tuple(own[ours].shape)
         grown = ours in ("lm.model.embed_tokens.weight", "lm.lm_head.weight") and shape[0] <= rows and shape[1:] == want[1:]
         if shape != want and not grown:
             wrong.append(f"{name} {shape} vs {want}")
@@ -328,30 +329,49 @@ def plan_weights(folder: Path, model, index: dict[str, tuple[Path, tuple[int, ..
     return mapping
 
 
-@torch.no_grad()
-def copy_weights(model, index: dict[str, tuple[Path, tuple[int, ...]]], mapping: dict[str, str]) -> None:
-    """One tensor at a time from the files into the model (peak memory: the model + one tensor)."""
-    from safetensors import safe_open
-
-    own = model.state_dict()
-    by_file: dict[Path, list[str]] = {}
-    for name in mapping:
-        by_file.setdefault(index[name][0], []).append(name)
-    for f, names in by_file.items():
-        with safe_open(str(f), framework="pt") as st:
-            for name in names:
-                target = own[mapping[name]]
-                t = st.get_tensor(name)
-                if t.shape[0] != target.shape[0]:  # the embedding (or head), grown to our tokens
-                    t = grow_rows(t, target.shape[0])
-                target.copy_(t.to(target.dtype))
+def write_weights(path: Path, model, index: SourceIndex, mapping: dict[str, str]) -> int:
+    """model.safetensors straight from the source files: each tensor under our name in its own
+    dtype (bf16 stays bf16; loading converts), its bytes copied a chunk at a time, the embedding
+    (and an untied head) grown to our rows with the mean row (grow_rows). Memory: one chunk, never
+    a whole tensor or model. A tied head is not written (it is the embedding), as save_model
+    leaves one name of a tied pair and records the other in the metadata. Returns the bytes written."""
+    own = model.state_dict()  # shapes only
+    by_ours = {ours: name for name, ours in mapping.items()}
+    specs = [TensorSpec(ours, index[by_ours[ours]][1].dtype, tuple(own[ours].shape)) for ours in sorted(by_ours)]
+    meta = {"format": "pt"}
+    if model.cfg.lm.tie_word_embeddings:
+        meta["lm.lm_head.weight"] = "lm.model.embed_tokens.weight"
+    files: dict[Path, object] = {}
+    try:
+        with SafetensorsWriter(path, specs, meta) as w:
+            for spec in specs:
+                src, entry = index[by_ours[spec.name]]
+                if src not in files:
+                    files[src] = open(src, "rb", buffering=0)
+                f = files[src]
+                w.start(spec.name)
+                if entry.shape == spec.shape:
+                    for chunk in copy_bytes(f, entry):
+                        w.write_bytes(chunk)
+                    continue
+                width = entry.shape[1]  # grown rows: copy the rows, summing them, then the mean row
+                acc, step = RowMean(width), row_block(width)
+                for a in range(0, entry.shape[0], step):
+                    block = read_rows(f, entry, a, min(a + step, entry.shape[0]))
+                    acc.add(block)
+                    w.write_bytes(byte_view(block))
+                w.write_bytes(byte_view(acc.mean(entry.dtype).expand(spec.shape[0] - entry.shape[0], -1).contiguous()))
+    finally:
+        for f in files.values():
+            f.close()
+    return w.total
 
 
 # ---------------------------------------------------------------------------- the import
 def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
     """Check everything, then write the ECHO checkpoint folder opts.out (nothing written on refusal)."""
     from ..data.tokenizer import tokenizer_rows
-    from .checkpoint import save_checkpoint
+    from .checkpoint import parameters_on_meta, write_checkpoint
     from .echo_model import EchoModel
 
     if opts.stage not in STAGES:
@@ -369,10 +389,10 @@ def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
     cfg = replace(cfg, prompt=None if template is None else template.to_dict())
     tok.template = template
     cfg.lm.vocab_size = max(cfg.lm.vocab_size, tokenizer_rows(tok))
-    model = EchoModel(cfg)
+    with parameters_on_meta():  # shapes only: the weights go from the source files to ours unloaded
+        model = EchoModel(cfg)
     mapping = plan_weights(folder, model, index)
-    copy_weights(model, index, mapping)
-    out = save_checkpoint(opts.out, model.eval(), tok)
+    out = write_checkpoint(opts.out, cfg, lambda p: write_weights(p, model, index, mapping), tok)
     prompt_txt = "ECHO's own prompt (no chat template)" if template is None else (
         f"the chat prompt of {template.info['source']} ({len(tok.prefix_ids(cfg.n_image_tokens))} tokens, image at "
         f"{cfg.image_start})")
