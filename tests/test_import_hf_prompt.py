@@ -173,3 +173,17 @@ def test_chat_prompt_import_exports_and_runs_in_the_runtime(vl, tmp_path):
     want = fused_onestep_generate(model, tok, px, 4, 16).tokens
     print(f"\n[import-hf chat prompt] runtime fp32 tokens {got} == PyTorch {want}")
     assert got == want and len({tuple(t) for t in got}) > 1
+
+
+def test_cli_renders_the_chat_template_in_a_fresh_process(vl, tmp_path):
+    """`echo-train import-hf` as its own process: rendering the chat template must not rely on a
+    module another import happened to load (jinja2.ext, which transformers loads in the tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "echo_train.cli", "import-hf", str(vl[0]), "--out", str(tmp_path / "ck"),
+                        "--image-size", "32", "--block-size", "4"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[import-hf]" in r.stdout and "the chat prompt of tokenizer_config.json" in r.stdout

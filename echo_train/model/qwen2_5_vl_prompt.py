@@ -42,6 +42,7 @@ def find_chat_template(folder: Path) -> Optional[tuple[str, str]]:
 def render_chat_template(template: str, messages: list[dict[str, Any]], **context: Any) -> str:
     try:
         import jinja2
+        import jinja2.ext  # a submodule `import jinja2` does not load: the CLI crashed where nothing else had
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise PretrainedError("rendering the folder's chat template needs jinja2 (pip install jinja2)") from None
