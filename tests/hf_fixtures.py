@@ -10,34 +10,16 @@ import torch
 
 from conftest import SAMPLE_REPORTS
 
-# Qwen's own special tokens (in its tokenizer.json as added tokens); ours are added after them
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# A Qwen2.5-VL folder's files other than its weights: the benchmark's random full-size folders
+# and the tiny ones here share one implementation. (CLIP_MEAN, CLIP_STD, QWEN_SPECIALS: for the tests.)
+from benchmarks.random_qwen_vl import (CLIP_MEAN, CLIP_STD, QWEN_SPECIALS, add_qwen_vl_specials,  # noqa: F401
+                                       qwen_vl_config, train_qwen_tokenizer, write_qwen_vl_files)
 
 
 def write_qwen_tokenizer(folder: Path, texts=SAMPLE_REPORTS, vocab_size: int = 400) -> int:
-    """A byte-level BPE in the layout of Qwen2's tokenizer.json (NFC normaliser, split regex then
-    ByteLevel, Qwen's special tokens). Returns its number of ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    from runtime.prompt import PROMPT_TEXT
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    qwen_split = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qwen_split), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # the prompt is deliberately NOT in the corpus: a real LM's tokenizer has never seen it
-    tok.train_from_iterator(list(texts) * 4 + ["Write a report. " + PROMPT_TEXT[:20]], trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return tok.get_vocab_size(with_added_tokens=True)
+    """A byte-level BPE in the layout of Qwen2's tokenizer.json (benchmarks/random_qwen_vl.py).
+    Returns its number of ids."""
+    return train_qwen_tokenizer(folder, texts, vocab_size)
 
 
 def perturb_norms_and_biases(model: torch.nn.Module, scale: float = 0.1, weights: float = 0.05) -> None:
@@ -107,26 +89,6 @@ def rewrite_config(folder: Path, **changes) -> None:
     p.write_text(json.dumps(d))
 
 
-# Qwen2.5-VL's added tokens, in its order (ids after the BPE vocabulary)
-QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-# Qwen2-VL / Qwen2.5-VL's chat template (as the hub's tokenizer_config.json carries it)
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}")
-
-
 def write_qwen_vl(folder: Path, mask: str = "config", image_size: int = 32, seed: int = 0, tie: bool = False,
                   chat_template: bool = False):
     """A tiny random Qwen2.5-VL folder as the hub ships one: config.json, model.safetensors,
@@ -137,25 +99,17 @@ def write_qwen_vl(folder: Path, mask: str = "config", image_size: int = 32, seed
     mask_token) or "none" (only --mask-token can give it). chat_template: tokenizer_config.json
     carries Qwen's chat template."""
     import transformers
-    from tokenizers import Tokenizer
 
     write_qwen_tokenizer(folder)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.add_special_tokens([t for t in QWEN_VL_SPECIALS if tok.token_to_id(t) is None] + ["<|MASK|>"])
-    tok.save(str(folder / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in QWEN_VL_SPECIALS + ["<|MASK|>"]}
-    n_ids = tok.get_vocab_size(with_added_tokens=True)
+    ids, n_ids = add_qwen_vl_specials(folder)
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=n_ids + 24, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie)
+    cfg = qwen_vl_config(
+        text=dict(vocab_size=n_ids + 24, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, mrope_section=[2, 3, 3]),
+        vision=dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, patch_size=4,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]),
+        ids=ids, tie=tie)
     model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # random non-trivial norms and biases, and weights large enough to matter
         for n, p in model.named_parameters():
@@ -166,21 +120,7 @@ def write_qwen_vl(folder: Path, mask: str = "config", image_size: int = 32, seed
             if "language_model" in n and ("q_proj" in n or "k_proj" in n):
                 p.mul_(4.0)
     model.save_pretrained(folder, safe_serialization=True)
-    d = json.loads((folder / "config.json").read_text())
-    d.pop("mask_token_id", None)
-    if mask == "config":
-        d["mask_token_id"] = ids["<|MASK|>"]
-    (folder / "config.json").write_text(json.dumps(d, indent=1))
-    tcfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 1024}
-    if mask == "tokenizer":
-        tcfg["mask_token"] = "<|MASK|>"
-    if chat_template:
-        tcfg["chat_template"] = QWEN_VL_CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}))
     px = image_size * image_size
-    processor = transformers.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                                   min_pixels=px, max_pixels=px)
-    processor.save_pretrained(folder)
+    write_qwen_vl_files(folder, ids, mask=mask, chat_template=chat_template, patch_size=4, merge_size=2,
+                        temporal_patch_size=2, min_pixels=px, max_pixels=px)
     return model, ids
