@@ -259,7 +259,10 @@ def run_rung(name: str, cfg: ScaleConfig) -> dict:
     images = [s.image_paths[0] for s in load_split(data, "test", cfg.n_reports)]
     runtime = {p: probe(engine, p, images, cfg, out) for p in build["precisions"]}
     cfg_json = json.loads((dcd / "config.json").read_text())
-    n_params = (dcd / "model.safetensors").stat().st_size // 4  # fp32 safetensors
+    from echo_train.model.safetensors_stream import read_header
+
+    # from the header: an imported checkpoint keeps its source dtype (bf16), so bytes / 4 would not do
+    n_params = sum(e.numel for e in read_header(dcd / "model.safetensors").values())
     row = {"rung": name, "note": rung.note, "parameters": n_params, "config": cfg_json, "checkpoint_s": ckpt_s,
            "build": build, "runtime": runtime,
            "verify": {k: {kk: v.get(kk) for kk in ("identical", "token_agreement", "per_pass_token_agreement", "passes")}
