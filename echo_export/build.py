@@ -577,8 +577,8 @@ def _add_graph(b: _Build, key: tuple[str, str, int], name: str) -> None:
     b.files[key] = name
     store = _store(b, key[1])
     res = share_weights(b.tmp, [name], store, b.opts.weights_min_bytes)
-    b.log(f"  {'':<2}-> {store.name:<29} {_size(store.path):>10}  {res.tensors_referenced} tensors, "
-          f"{res.tensors_stored} new ({store.tensors_stored} stored for {sum(k[1] == key[1] for k in b.files)} graph(s))")
+    b.log(f"  {'':<2}-> {store.name:<29} {_size(store.path):>10}  {res.tensors_referenced} tensors; the file holds "
+          f"{store.tensors_stored} distinct ones for {sum(k[1] == key[1] for k in b.files)} graph(s)")
 
 
 def _build_plans(b: _Build) -> None:

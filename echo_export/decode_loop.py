@@ -127,21 +127,16 @@ def ar_decode(
     return LoopResult(raw, cut_rows_at_eos(raw, eos_id), passes)
 
 
-def ort_runner(path, threads: int = 0, weights=None, optimize: bool = True) -> Runner:
+def ort_runner(path, threads: int = 0, weights=None) -> Runner:
     """An onnxruntime CPU session as a runner. `weights` (a runtime.ort_capi.SharedWeights of the
     graph's weights file, see shared_weights_of) makes it the way the runtime opens graphs: every
     session of that precision borrows one map of the file and one set of packed weights, so a
-    verification that opens prefill and step graphs side by side holds the weights once.
-    optimize=False: no graph optimisations, so no folded constants: an fp16 graph's weights stay
-    fp16 in memory and each is cast to fp32 as its node runs (onnxruntime CPU has no fp16 MatMul)
-    instead of all at load, a session about the fp16 weights' size instead of twice it in fp32."""
+    verification that opens prefill and step graphs side by side holds the weights once."""
     if weights is not None:
         return _shared_runner(path, weights, threads)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3

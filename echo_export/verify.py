@@ -128,21 +128,62 @@ def _timing_memory(engine_dir: Path, precisions: list[str]) -> int:
     return total
 
 
-def _fits_optimised(engine_dir: Path, precision: str, log: Callable[[str], None]) -> bool:
-    """Whether this precision's prefill and step sessions fit in memory the way the runtime opens
-    them. fp16 on a CPU does not share weights, and onnxruntime folds a cast to fp32 of every fp16
-    weight at load: each session holds the fp32 weights (a 3.75B model: about 14 GB per session).
-    Where two of those do not fit, verification runs fp16 unoptimised (ort_runner optimize=False),
-    which casts each weight as its node runs: slower, fp16-sized sessions."""
+def _side_by_side(engine_dir: Path, precision: str, log: Callable[[str], None]) -> bool:
+    """Whether this precision's prefill and step sessions fit in memory together, as the runtime
+    opens them. fp16 on a CPU does not share weights, and onnxruntime folds a cast to fp32 of every
+    fp16 weight at load: each session holds about the fp32 weights (a 3.75B model: about 15 GB
+    each). Where two do not fit, verification opens one at a time (`_prefill_first`)."""
     if precision != "fp16":
         return True
     f = Path(engine_dir) / f"weights.{precision}.bin"
     avail = _available_bytes()
     if not f.is_file() or avail is None or 2 * 2 * f.stat().st_size < 0.7 * avail:
         return True
-    log(f"  fp16 sessions unoptimised: two sessions with fp32 copies of {f.stat().st_size / 1e9:.1f} GB of fp16 "
-        f"weights do not fit in {avail / 1e9:.1f} GB available (each weight is cast to fp32 as its node runs)")
+    log(f"  {precision}: one session at a time (two sessions, each with an fp32 copy of {f.stat().st_size / 1e9:.1f} "
+        f"GB of fp16 weights, do not fit in {avail / 1e9:.1f} GB available): every prefill first, then the steps")
     return False
+
+
+def _feed_key(feeds: dict[str, np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(feeds):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(feeds[k]).tobytes())
+    return h.hexdigest()
+
+
+def _prefill_first(path: Path, feeds: list[dict[str, np.ndarray]]):
+    """Run a prefill graph on every chunk's feeds now, let its session go, and return a runner that
+    hands the outputs back in the same order (checking that each feed is the one computed), so the
+    step session opens alone. The outputs are KV caches of the prefix (a 3.75B model: 23 MB per
+    image)."""
+    from collections import deque
+
+    run = ort_runner(path)
+    done = deque((_feed_key(f), run(f)) for f in feeds)
+    run = None
+
+    def replay(f: dict[str, np.ndarray]) -> list[np.ndarray]:
+        key, out = done.popleft()
+        if key != _feed_key(f):
+            raise RuntimeError(f"{path}: prefill outputs replayed for another input")
+        return out
+
+    return replay
+
+
+def _open_pair(engine_dir: Path, pre_file: str, step_file: str, precision: str, prefill_feeds: list[dict],
+               log: Callable[[str], None]):
+    """(prefill runner, step runner) of one precision: side by side where they fit (fp32/int8
+    sharing one copy of the weights), else the prefill run first on `prefill_feeds`."""
+    weights = shared_weights_of(engine_dir, precision)  # fp32/int8: prefill and step hold the weights once
+    if _side_by_side(engine_dir, precision, log):
+        pre = ort_runner(engine_dir / pre_file, weights=weights)
+    else:
+        pre = _prefill_first(engine_dir / pre_file, prefill_feeds)
+    return pre, ort_runner(engine_dir / step_file, weights=weights)
 
 
 def _available_bytes() -> Optional[int]:
@@ -265,20 +306,19 @@ def verify_block(
         # precision's block step is re-run on exactly these inputs (per-pass agreement, no
         # divergence carried over)
         fp32_passes: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]] = []
+        chunks = [(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
+                          "prefix_ids": np.broadcast_to(prefix, (b, prefix.size)).copy()})
+                  for part, padded in _chunks(items, b)]
         for p in precisions:
-            # fp32/int8: prefill and step hold the weights once; fp16 unoptimised where it must be
-            weights, optimize = shared_weights_of(engine_dir, p), _fits_optimised(engine_dir, p, log)
-            pre = ort_runner(engine_dir / files[(gio.VISION_PREFILL, p, b)], weights=weights, optimize=optimize)
-            step = ort_runner(engine_dir / files[(gio.BLOCK_STEP, p, b)], weights=weights, optimize=optimize)
+            pre, step = _open_pair(engine_dir, files[(gio.VISION_PREFILL, p, b)], files[(gio.BLOCK_STEP, p, b)], p,
+                                   [f for _, f in chunks], log)
             confidence: list[np.ndarray] = []
             if p == "fp32":
                 step = _recording_confidence(step, confidence)
             t0 = time.perf_counter()
             got: dict[str, list[int]] = {}
             passes = 0
-            for part, padded in _chunks(items, b):
-                px = np.stack([it.pixels for it in padded]).astype(np.float32)
-                ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
+            for part, feeds in chunks:
                 recorded: list[dict] = []
 
                 def hook(f, recorded=recorded):
@@ -287,7 +327,7 @@ def verify_block(
                     if p == "fp32":
                         recorded.append({k: v.copy() for k, v in f.items()})
 
-                r = fused_decode(pre, step, px, ids, on_step=hook, **kw)
+                r = fused_decode(pre, step, feeds["pixel_values"], feeds["prefix_ids"], on_step=hook, **kw)
                 for k, f in enumerate(recorded):  # rows still writing at pass k (through the EOS block)
                     active = np.array([k * B <= len(t) for t in r.tokens[: len(part)]] + [False] * (b - len(part)))
                     fp32_passes.append((f, r.raw[:, k * B : (k + 1) * B], active, confidence[k]))
@@ -307,7 +347,7 @@ def verify_block(
                 "finding_f1": f1, "finding_f1_reference": ref_f1,
                 "finding_f1_change": (None if f1 is None or ref_f1 is None else f1 - ref_f1),
                 "finding_f1_change_ci95": change["ci95"] if change else None,
-                "decode_seconds": secs, "passes": passes, "onnxruntime_graph_optimisation": optimize,
+                "decode_seconds": secs, "passes": passes,
             }
             if why:
                 entry["finding_f1_note"] = why
@@ -316,7 +356,7 @@ def verify_block(
                 entry["per_pass_token_agreement"] = pp.pop("agreement")
                 entry["per_pass_flips"] = pp
             out["variants"][f"block.{p}.b{b}"] = entry
-            pre = step = weights = None  # this precision's sessions go before the next one's open
+            pre = step = None  # this precision's sessions go before the next one's open
             per_pass = entry.get("per_pass_token_agreement")
             flips = entry.get("per_pass_flips") or {}
             log(f"  block {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%  "
@@ -371,24 +411,22 @@ def verify_ar(
         ref, hf = reference.tokens[b], reference.ar_generate[b]
         ids_ = [it.id for it in items]
         info_agree, _ = _agreement([ref[i] for i in ids_], [hf[i] for i in ids_])
+        chunks = [(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
+                          "prefix_ids": np.broadcast_to(prefix, (b, prefix.size)).copy()})
+                  for part, padded in _chunks(items, b)]
         for p in precisions:
-            # fp32/int8: prefill and step hold the weights once; fp16 unoptimised where it must be
-            weights, optimize = shared_weights_of(engine_dir, p), _fits_optimised(engine_dir, p, log)
-            pre = ort_runner(engine_dir / files[(gio.AR_PREFILL, p, b)], weights=weights, optimize=optimize)
-            step = ort_runner(engine_dir / files[(gio.AR_STEP, p, b)], weights=weights, optimize=optimize)
+            pre, step = _open_pair(engine_dir, files[(gio.AR_PREFILL, p, b)], files[(gio.AR_STEP, p, b)], p,
+                                   [f for _, f in chunks], log)
             got = {}
-            for part, padded in _chunks(items, b):
-                px = np.stack([it.pixels for it in padded]).astype(np.float32)
-                ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
-                r = ar_decode(pre, step, px, ids, **kw)
+            for part, feeds in chunks:
+                r = ar_decode(pre, step, feeds["pixel_values"], feeds["prefix_ids"], **kw)
                 for it, toks in zip(part, r.tokens):
                     got[it.id] = toks
             agree, exact = _agreement([got[i] for i in ids_], [ref[i] for i in ids_])
             out["variants"][f"ar.{p}.b{b}"] = {
                 "role": "ar", "precision": p, "batch": b, "n_images": len(items), "token_agreement": agree,
                 "exact_match": exact, "identical": exact == 1.0, "reference_vs_ar_generate": info_agree,
-                "onnxruntime_graph_optimisation": optimize,
             }
-            pre = step = weights = None
+            pre = step = None
             log(f"  ar    {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
     return out

@@ -215,36 +215,51 @@ def test_fp16_conversion_holds_about_one_tensor_not_the_model(tmp_path):
     assert (tmp_path / "weights.fp16.bin").stat().st_size >= 64e6
 
 
-def test_fp16_runs_unoptimised_where_two_fp32_cast_sessions_do_not_fit(student, pixels, tmp_path, monkeypatch):
-    """onnxruntime CPU folds an fp32 copy of every fp16 weight at load (a 3.75B model: ~14 GB per
-    session). Verification then opens fp16 unoptimised: each weight is cast as its node runs. The
-    reports must not change, and the choice follows the memory there is."""
+def test_verification_opens_one_session_at_a_time_where_two_do_not_fit(student, tmp_path, monkeypatch):
+    """onnxruntime CPU folds an fp32 copy of every fp16 weight at load (a 3.75B model: ~15 GB per
+    session), so fp16's prefill and step sessions cannot sit side by side on 24 GB. Verification
+    then runs every prefill first, lets that session go, and opens the step: the same tokens, the
+    same report, and the choice follows the memory there is."""
+    from conftest import write_tiny_dataset
     from echo_export import verify
-    from echo_export.decode_loop import fused_decode, ort_runner
-    from echo_export.precision import to_fp16
-    from varied_models import assert_informative
+    from echo_export.build import BuildOptions, build
+    from echo_train.model.checkpoint import save_checkpoint
+    from runtime.manifest import load_manifest
 
     model, tok = student
-    pre, step = _export_pair(model, tok, tmp_path)
-    graphs = []
-    for g in (pre, step):
-        to_fp16(g, g.with_name(g.stem + ".fp16.onnx"))
-        graphs.append(g.with_name(g.stem + ".fp16.onnx"))
-    lm = model.cfg.lm
-    prefix = np.array(tok.prefix_ids(model.n_image_tokens), np.int64)
-    ids = np.broadcast_to(prefix, (pixels.shape[0], prefix.size)).copy()
-    kw = dict(block_size=model.cfg.block_size, capacity=CAP, n_layers=lm.num_hidden_layers,
-              n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id, eos_id=tok.eos_id,
-              max_new_tokens=32)
-    runs = {opt: fused_decode(ort_runner(graphs[0], optimize=opt), ort_runner(graphs[1], optimize=opt), pixels, ids,
-                              **kw).raw for opt in (True, False)}
-    assert_informative(runs[True], tok.eos_id)
-    assert np.array_equal(runs[True], runs[False])
-    # the choice: a 1 MB fp16 weights file fits in 1 GB, not in 3 MB
-    (tmp_path / "weights.fp16.bin").write_bytes(b"\0" * 1_000_000)
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    data = write_tiny_dataset(tmp_path / "data", n_test=5)
+    engine = build(BuildOptions(ckpt=tmp_path / "ckpt", out=tmp_path / "engine", precisions=["fp32", "fp16"],
+                                batch_sizes=[2], verify_n=5, data=data, max_new_tokens=24), log=lambda s: None)
+    m = load_manifest(engine)
+    files = {(role, key.split(".")[0], int(key.split(".b")[1])): f for role, d in m.graphs.items() for key, f in d.items()}
+    items = [verify.VerifyItem(f"i{i}", px, None) for i, px in enumerate(_pixels_for(model, 5))]
+    ref = verify.block_reference(model, tok, items, [2], 24)
+    kw = dict(precisions=["fp32", "fp16"], batch_sizes=[2], capacity=m.capacity, max_new_tokens=24, reference=ref)
     lines: list[str] = []
-    monkeypatch.setattr(verify, "_available_bytes", lambda: 1_000_000_000)
-    assert verify._fits_optimised(tmp_path, "fp16", lines.append) and not lines
-    monkeypatch.setattr(verify, "_available_bytes", lambda: 3_000_000)
-    assert not verify._fits_optimised(tmp_path, "fp16", lines.append) and "unoptimised" in lines[0]
-    assert verify._fits_optimised(tmp_path, "fp32", lines.append)
+    together = verify.verify_block(engine, files, None, tok, items, log=lines.append, **kw)
+    assert not any("one session at a time" in s for s in lines)
+    monkeypatch.setattr(verify, "_available_bytes", lambda: 10_000)  # nothing fits side by side
+    lines.clear()
+    alone = verify.verify_block(engine, files, None, tok, items, log=lines.append, **kw)
+    assert any("fp16: one session at a time" in s for s in lines)
+    assert not any("fp32: one session" in s for s in lines)  # fp32 shares its weights: always together
+    for name, v in together["variants"].items():
+        w = alone["variants"][name]
+        for k in ("token_agreement", "exact_match", "per_pass_token_agreement"):
+            assert v.get(k) == w.get(k), (name, k)
+    assert together["variants"]["block.fp32.b2"]["identical"]
+    assert "not_timed" in alone["speed"]["block_step.b2.ms"] and "fp16" in together["speed"]["block_step.b2.ms"]
+    # a replayed prefill refuses an input it did not compute
+    prefix = np.array(tok.prefix_ids(model.n_image_tokens), np.int64)
+    ids = np.broadcast_to(prefix, (2, prefix.size)).copy()
+    pre = verify._prefill_first(engine / files[("vision_prefill", "fp16", 2)],
+                                [{"pixel_values": np.stack([items[0].pixels] * 2), "prefix_ids": ids}])
+    with pytest.raises(RuntimeError, match="another input"):
+        pre({"pixel_values": np.stack([items[1].pixels] * 2), "prefix_ids": ids})
+
+
+def _pixels_for(model, n: int) -> list[np.ndarray]:
+    from varied_models import varied_images
+
+    return list(varied_images(n))
