@@ -193,6 +193,19 @@ class _Written:
         return writing
 
 
+def memory_available_bytes() -> Optional[int]:
+    """Memory a new allocation can get without the kernel killing something: MemAvailable plus free
+    swap (Linux /proc/meminfo); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in info:
+        return None
+    return info["MemAvailable"] + info.get("SwapFree", 0)
+
+
 # Precisions whose graphs share weights (share_weights=True). fp16 on a CPU: onnxruntime casts each
 # fp16 weight to fp32 at load (a Cast reads it, not the MatMul), so there is nothing shared to pack and
 # the C library only adds its own ~30 MB (measured: README, runtime).
@@ -270,11 +283,34 @@ class EchoRuntime:
         self._graphs: dict[tuple[str, int], Any] = {}
         self._decoders: dict[tuple[str, int], _Decoder] = {}
         self._graph_cls = self._backend_class()
+        self._check_fp16_fits_on_cpu()
         self._opening = True  # load_manifest has just hashed every file: a weights file is not hashed twice
         self._decoder(mode, self._batch_for(mode))  # load now: errors surface at construction
         self._opening = False
 
     # -- graphs ----------------------------------------------------------------------
+    def _check_fp16_fits_on_cpu(self) -> None:
+        """fp16 on onnxruntime's CPU provider: each session folds an fp32 copy of every fp16 weight
+        at load (there is no fp16 MatMul kernel), so a prefill and a step graph hold about twice
+        the fp32 weights (a 3.75B model: about 30 GB). Refused before loading, with the way out,
+        where that exceeds the memory there is, instead of being killed by the kernel mid-load."""
+        if self.backend != "ort" or self.precision != "fp16":
+            return
+        from .ort_backend import ort_providers
+
+        if "CUDAExecutionProvider" in (self.providers or ort_providers()):
+            return
+        entry = self.manifest.files.get("weights.fp16.bin")
+        free = memory_available_bytes()
+        if entry is None or free is None:
+            return
+        need = 2 * 2 * entry.size  # two sessions, each an fp32 copy (2x the fp16 bytes)
+        if need > free:
+            raise EchoRuntimeError(
+                f"{self.engine_dir}: fp16 on a CPU needs about {need / 1e9:.1f} GB (onnxruntime casts the "
+                f"{entry.size / 1e9:.1f} GB of fp16 weights to fp32 in each of two sessions); {free / 1e9:.1f} GB "
+                "is available. Use --precision fp32 (its graphs share one copy of the weights) or int8, or a GPU")
+
     def _backend_class(self):
         if self.backend == "trt":
             from .trt_backend import TrtGraph, _import

@@ -293,6 +293,23 @@ def test_fp16_graphs_run_and_mostly_agree(runtime_engine):
     assert total >= 4 * BLOCK and hits / total >= FP16_MIN_AGREEMENT, (hits, total)
 
 
+def test_fp16_on_a_cpu_is_refused_when_two_fp32_copies_do_not_fit(runtime_engine, monkeypatch):
+    """onnxruntime CPU casts fp16 weights to fp32 in every session: where a prefill and a step
+    session (about 4x the fp16 bytes) exceed the memory there is, the runtime says so before
+    loading instead of being killed mid-load; fp32 shares its weights and is not refused."""
+    from runtime import EchoRuntime, engine
+    from runtime.errors import EchoRuntimeError
+
+    size = (runtime_engine.path / "weights.fp16.bin").stat().st_size
+    assert size > 0
+    monkeypatch.setattr(engine, "memory_available_bytes", lambda: 3 * size)
+    with pytest.raises(EchoRuntimeError, match=r"fp16 on a CPU needs about .*--precision fp32"):
+        EchoRuntime(runtime_engine.path, precision="fp16", batch_size=GRAPH_BATCH)
+    EchoRuntime(runtime_engine.path, precision="fp32", batch_size=GRAPH_BATCH)
+    monkeypatch.setattr(engine, "memory_available_bytes", lambda: 5 * size)
+    assert EchoRuntime(runtime_engine.path, precision="fp16", batch_size=GRAPH_BATCH).generate(list(images(1)))[0].ok
+
+
 def _copy_engine(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
