@@ -59,8 +59,10 @@ def _read_dicom(path: str, data: bytes) -> np.ndarray:
     except ImportError:
         raise ImageReadError(path, "DICOM input needs the [dicom] extra (pip install 'echo-cxr[dicom]')") from None
     # pydicom's own types plus the builtins it raises on damaged files (ValueError and OSError seen
-    # in the fuzz test); decode failures of the pixel data itself: see _dicom_pixels
-    dicom_errors = (InvalidDicomError, BytesLengthException, ValueError, OSError, EOFError, struct.error)
+    # in the fuzz test; NotImplementedError for a damaged value representation, 'NB' for 'OB');
+    # decode failures of the pixel data itself: see _dicom_pixels
+    dicom_errors = (InvalidDicomError, BytesLengthException, ValueError, OSError, EOFError, struct.error,
+                    NotImplementedError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -177,6 +177,12 @@ def test_dicom_without_pixel_data_and_corrupt_dicom(tmp_path):
     data = dicom_bytes(g)
     _bad(_write(tmp_path, "cut.dcm", data[: len(data) - 500]), "cut.dcm: unreadable DICOM")
     _bad(_write(tmp_path, "head.dcm", data[:140]), "head.dcm: ")
+    # a damaged value representation of the pixel data (pydicom: NotImplementedError on reading it;
+    # the fuzz test met it as 'NB')
+    tag = b"\xe0\x7f\x10\x00"
+    at = data.rindex(tag) + len(tag)
+    assert data[at : at + 2] in (b"OW", b"OB")
+    _bad(_write(tmp_path, "vr.dcm", data[:at] + b"NB" + data[at + 2 :]), "vr.dcm: unreadable DICOM")
 
 
 def test_dicom_without_pydicom_names_the_extra(tmp_path, monkeypatch):
