@@ -21,9 +21,10 @@ from runtime.schedule import BlockLayout, fused_block_slice
 
 def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
     """The mask token is never predicted: its logit becomes MASK_VALUE (finite, fp16-safe)."""
-    onehot = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    # made on the logits' device: no host-to-device copy inside a captured CUDA graph
+    onehot = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     onehot[token_id] = True
-    return torch.where(onehot.to(logits.device), torch.full_like(logits, MASK_VALUE), logits)
+    return torch.where(onehot, torch.full_like(logits, MASK_VALUE), logits)
 
 
 def _split_past(past_key: torch.Tensor, past_value: torch.Tensor) -> list[KV]:
