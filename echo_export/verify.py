@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from runtime import graph_io as gio
+from runtime.engine import fp16_cpu_session_bytes, memory_available_bytes
 
 from .decode_loop import ar_decode, fused_decode, ort_runner, shared_weights_of, torch_runner
 from .timing import alternating_run_medians
@@ -119,12 +120,13 @@ def _recording_confidence(step, out: list[np.ndarray]):
 
 
 def _timing_memory(engine_dir: Path, precisions: list[str]) -> int:
-    """About what sessions of every precision side by side hold: each weights file once, fp16's
-    three times over (on a CPU onnxruntime casts its weights to fp32 at load)."""
+    """About what block_step sessions of every precision side by side hold: the fp32 / int8 weights
+    once, fp16's file and its fp32 copy (fp16_cpu_session_bytes)."""
     total = 0
     for p in precisions:
         f = Path(engine_dir) / f"weights.{p}.bin"
-        total += (f.stat().st_size if f.is_file() else 0) * (3 if p == "fp16" else 1)
+        size = f.stat().st_size if f.is_file() else 0
+        total += size + (fp16_cpu_session_bytes(size) if p == "fp16" else 0)
     return total
 
 
@@ -136,12 +138,19 @@ def _side_by_side(engine_dir: Path, precision: str, log: Callable[[str], None]) 
     if precision != "fp16":
         return True
     f = Path(engine_dir) / f"weights.{precision}.bin"
-    avail = _available_bytes()
-    if not f.is_file() or avail is None or 2 * 2 * f.stat().st_size < 0.7 * avail:
+    avail = memory_available_bytes()
+    if not f.is_file() or avail is None or fp16_cpu_session_bytes(f.stat().st_size, sessions=2) < 0.7 * avail:
         return True
     log(f"  {precision}: one session at a time (two sessions, each with an fp32 copy of {f.stat().st_size / 1e9:.1f} "
         f"GB of fp16 weights, do not fit in {avail / 1e9:.1f} GB available): every prefill first, then the steps")
     return False
+
+
+def _prefill_chunks(items: list[VerifyItem], b: int, prefix: np.ndarray) -> list[tuple[list, dict]]:
+    """(the chunk's items, its prefill feeds) for every chunk of `b` images (the last one padded)."""
+    return [(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
+                    "prefix_ids": np.broadcast_to(prefix, (b, prefix.size)).copy()})
+            for part, padded in _chunks(items, b)]
 
 
 def _feed_key(feeds: dict[str, np.ndarray]) -> str:
@@ -184,18 +193,6 @@ def _open_pair(engine_dir: Path, pre_file: str, step_file: str, precision: str, 
     else:
         pre = _prefill_first(engine_dir / pre_file, prefill_feeds)
     return pre, ort_runner(engine_dir / step_file, weights=weights)
-
-
-def _available_bytes() -> Optional[int]:
-    """MemAvailable of this machine (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: int = 100, threads: int = 0) -> dict[str, float]:
@@ -306,9 +303,7 @@ def verify_block(
         # precision's block step is re-run on exactly these inputs (per-pass agreement, no
         # divergence carried over)
         fp32_passes: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]] = []
-        chunks = [(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
-                          "prefix_ids": np.broadcast_to(prefix, (b, prefix.size)).copy()})
-                  for part, padded in _chunks(items, b)]
+        chunks = _prefill_chunks(items, b, prefix)
         for p in precisions:
             pre, step = _open_pair(engine_dir, files[(gio.VISION_PREFILL, p, b)], files[(gio.BLOCK_STEP, p, b)], p,
                                    [f for _, f in chunks], log)
@@ -368,7 +363,7 @@ def verify_block(
                    if change and change["ci95"] and p != "fp32" else "")
                 + f" ({secs:.1f}s)")
         fp32_passes.clear()
-        need, avail = _timing_memory(engine_dir, precisions), _available_bytes()
+        need, avail = _timing_memory(engine_dir, precisions), memory_available_bytes()
         if first_feed and avail is not None and need > 0.7 * avail:
             out["speed"][f"block_step.b{b}.ms"] = {
                 "not_timed": f"the {len(precisions)} block_step graphs side by side need about {need / 1e9:.1f} GB, "
@@ -411,9 +406,7 @@ def verify_ar(
         ref, hf = reference.tokens[b], reference.ar_generate[b]
         ids_ = [it.id for it in items]
         info_agree, _ = _agreement([ref[i] for i in ids_], [hf[i] for i in ids_])
-        chunks = [(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
-                          "prefix_ids": np.broadcast_to(prefix, (b, prefix.size)).copy()})
-                  for part, padded in _chunks(items, b)]
+        chunks = _prefill_chunks(items, b, prefix)
         for p in precisions:
             pre, step = _open_pair(engine_dir, files[(gio.AR_PREFILL, p, b)], files[(gio.AR_STEP, p, b)], p,
                                    [f for _, f in chunks], log)

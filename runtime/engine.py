@@ -206,6 +206,12 @@ def memory_available_bytes() -> Optional[int]:
     return info["MemAvailable"] + info.get("SwapFree", 0)
 
 
+def fp16_cpu_session_bytes(fp16_weights_bytes: int, sessions: int = 1) -> int:
+    """About what `sessions` onnxruntime CPU sessions of an engine's fp16 graphs hold: there is no
+    fp16 MatMul kernel, so each session folds an fp32 copy (2x the bytes) of the fp16 weights."""
+    return sessions * 2 * fp16_weights_bytes
+
+
 # Precisions whose graphs share weights (share_weights=True). fp16 on a CPU: onnxruntime casts each
 # fp16 weight to fp32 at load (a Cast reads it, not the MatMul), so there is nothing shared to pack and
 # the C library only adds its own ~30 MB (measured: README, runtime).
@@ -304,7 +310,7 @@ class EchoRuntime:
         free = memory_available_bytes()
         if entry is None or free is None:
             return
-        need = 2 * 2 * entry.size  # two sessions, each an fp32 copy (2x the fp16 bytes)
+        need = fp16_cpu_session_bytes(entry.size, sessions=2)
         if need > free:
             raise EchoRuntimeError(
                 f"{self.engine_dir}: fp16 on a CPU needs about {need / 1e9:.1f} GB (onnxruntime casts the "

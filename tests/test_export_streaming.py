@@ -239,7 +239,7 @@ def test_verification_opens_one_session_at_a_time_where_two_do_not_fit(student, 
     lines: list[str] = []
     together = verify.verify_block(engine, files, None, tok, items, log=lines.append, **kw)
     assert not any("one session at a time" in s for s in lines)
-    monkeypatch.setattr(verify, "_available_bytes", lambda: 10_000)  # nothing fits side by side
+    monkeypatch.setattr(verify, "memory_available_bytes", lambda: 10_000)  # nothing fits side by side
     lines.clear()
     alone = verify.verify_block(engine, files, None, tok, items, log=lines.append, **kw)
     assert any("fp16: one session at a time" in s for s in lines)
