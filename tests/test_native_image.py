@@ -1,6 +1,7 @@
-"""Native-resolution images (runtime/native_image.py) against transformers: the processor's pixels
-and grid, smart_resize, the vision windows and get_rope_index's positions. Tiny random configs
-built here; nothing is downloaded."""
+"""Native-resolution images (runtime/native_image.py, Qwen25VisionTower.forward_native) against
+transformers: the processor's pixels and grid, smart_resize, the vision tower's image features,
+get_rope_index's positions, and one exported tower graph serving two grid sizes in onnxruntime.
+Tiny random configs built here; nothing is downloaded."""
 from __future__ import annotations
 
 import numpy as np
@@ -176,3 +177,99 @@ def test_mrope_positions_equal_get_rope_index(hf_model, prefix_len, image_start,
     assert np.array_equal(got, pos[:, 0].numpy()) and got_delta == int(delta)
     # a decoded token at canvas index i: i + delta on every axis, after the prompt's largest position
     assert prefix_len + got_delta == got.max() + 1
+
+
+# ---------------------------------------------------------------------------- the tower
+def _tower(hf_model):
+    from echo_train.model.qwen2_5_vl_vision import Qwen25VisionTower
+
+    tower = Qwen25VisionTower(hf_model.config.vision_config.to_dict(), None).eval()
+    missing, unexpected = tower.load_state_dict(hf_model.visual.state_dict(), strict=False)
+    assert not missing and all("rotary" in k for k in unexpected), (missing, unexpected)
+    return tower
+
+
+def _native_inputs(pixels: np.ndarray, grid: tuple[int, int], spec: VisionGridSpec) -> tuple[torch.Tensor, ...]:
+    gather, valid, inverse = window_layout(*grid, spec.merge_size, spec.window_tokens)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                 (pixels, patch_rows_cols(*grid, spec.merge_size), gather, valid, inverse))
+
+
+TOWER_SPEC = VisionGridSpec(patch_size=PATCH, window_size=32, max_pixels=300_000)
+TOWER_CASES = [(53, 97), (120, 64), (64, 64), (30, 260), (256, 288)]  # the last: 32 x 36 = 1152 LM tokens
+
+
+@pytest.mark.parametrize("h,w", TOWER_CASES)
+def test_native_tower_equals_transformers(hf_model, h, w):
+    """forward_native on the processor's pixels == transformers' get_image_features."""
+    tower = _tower(hf_model)
+    pixels, grid = _hf_pixels(_image(h, w, seed=w), TOWER_SPEC)
+    inputs = _native_inputs(pixels, grid, TOWER_SPEC)
+    with torch.no_grad():
+        want = hf_model.get_image_features(torch.from_numpy(pixels), torch.tensor([[1, *grid]])).pooler_output[0]
+        got = tower.forward_native(*inputs)
+        tower.native_heads_per_pass = None  # full-attention blocks with every head in one pass
+        all_heads = tower.forward_native(*inputs)
+    diff = (want - got).abs().max().item()
+    assert (all_heads - got).abs().max().item() < 1e-5
+    n_win = -(-grid[0] // 8) * -(-grid[1] // 8)
+    print(f"\n[tower] {h}x{w} px -> grid {grid}, {want.shape[0]} LM tokens, {n_win} windows: max |diff| {diff:.1e} "
+          f"(features up to {want.abs().max().item():.2f})")
+    assert got.shape == want.shape and diff < 1e-4
+    assert want.std(0).mean() > 0.05  # features that vary over the image
+
+
+def test_fixed_grid_forward_is_the_native_one_on_a_square(hf_model):
+    """The existing fixed-grid forward and forward_native agree on a square image's grid."""
+    from echo_train.model.qwen2_5_vl_vision import Qwen25VisionTower
+
+    tower = Qwen25VisionTower(hf_model.config.vision_config.to_dict(), 64).eval()
+    tower.load_state_dict(_tower(hf_model).state_dict())
+    spec = VisionGridSpec(patch_size=PATCH, window_size=32, min_pixels=64 * 64, max_pixels=64 * 64)
+    pixels, grid = _hf_pixels(_image(64, 64, seed=1), spec)
+    x = torch.from_numpy(pixels).view(-1, 3, 2, PATCH, PATCH)[:, :, 0]  # the patches back into an image
+    img = x.view(8, 8, 2, 2, 3, PATCH, PATCH).permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, 64, 64)
+    with torch.no_grad():
+        fixed = tower(img)[0]
+        native = tower.forward_native(*_native_inputs(pixels, grid, spec))
+    assert (fixed - native).abs().max().item() < 1e-4
+
+
+def test_native_tower_in_fp16_stays_finite(hf_model):
+    """fp16 weights (padded windows masked with a finite value): finite and close to fp32."""
+    tower = _tower(hf_model)
+    inputs = _native_inputs(*_hf_pixels(_image(53, 97, seed=5), TOWER_SPEC), TOWER_SPEC)
+    with torch.no_grad():
+        want = tower.forward_native(*inputs)
+        got = tower.half().forward_native(*inputs).float()
+    diff = (want - got).abs().max().item()
+    print(f"\n[fp16] tower fp16 vs fp32 max |diff| {diff:.1e}")
+    assert torch.isfinite(got).all() and diff < 0.02
+
+
+def test_native_tower_exports_with_a_dynamic_grid(hf_model, tmp_path):
+    """One ONNX graph (dynamo, dynamic patches and windows) on other grids than it was traced at,
+    including a single window, equals PyTorch."""
+    import onnxruntime as ort
+
+    from echo_train.model.qwen2_5_vl_vision import NativeTowerExport, native_dynamic_shapes
+
+    module = NativeTowerExport(_tower(hf_model)).eval()
+    traced = _hf_pixels(_image(100, 150, seed=2), TOWER_SPEC)
+    with torch.no_grad():
+        program = torch.onnx.export(module, _native_inputs(*traced, TOWER_SPEC), None, dynamo=True, opset_version=18,
+                                    input_names=list(NativeTowerExport.INPUT_NAMES), output_names=["image_embeds"],
+                                    dynamic_shapes=native_dynamic_shapes(MERGE, 1 << 16), optimize=True, verbose=False)
+    program.save(str(tmp_path / "tower.onnx"), external_data=False)
+    sess = ort.InferenceSession(str(tmp_path / "tower.onnx"), providers=["CPUExecutionProvider"])
+    small = VisionGridSpec(patch_size=PATCH, window_size=32, min_pixels=16 * 16)  # a picture under one window
+    for h, w, spec in [(53, 97, TOWER_SPEC), (300, 220, TOWER_SPEC), (30, 20, small)]:
+        pixels, grid = _hf_pixels(_image(h, w, seed=h), spec)
+        inputs = _native_inputs(pixels, grid, spec)
+        (got,) = sess.run(None, {k: v.numpy() for k, v in zip(NativeTowerExport.INPUT_NAMES, inputs)})
+        with torch.no_grad():
+            want = module(*inputs).numpy()
+        diff = float(np.abs(got - want).max())
+        print(f"\n[export] one graph, grid {grid} ({inputs[2].shape[0]} windows, {want.shape[0]} LM tokens): "
+              f"onnxruntime vs PyTorch max |diff| {diff:.1e}")
+        assert got.shape == want.shape and diff < 1e-4
