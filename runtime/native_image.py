@@ -204,7 +204,8 @@ def patch_rows_cols(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
     return np.stack([rows, cols], axis=1).astype(np.int64)
 
 
-def window_layout(grid_h: int, grid_w: int, merge: int, window_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_layout(grid_h: int, grid_w: int, merge: int,
+                  window_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gather [n_win, W], valid [n_win, W], inverse [n]) of transformers' Qwen2.5-VL windows.
 
     Windows are window_tokens x window_tokens LM tokens counted from the top-left corner, the grid

@@ -245,7 +245,8 @@ class NativeTowerExport(nn.Module):
         super().__init__()
         self.tower = tower
 
-    def forward(self, patches, patch_rc, window_gather, window_valid, window_inverse):
+    def forward(self, patches: torch.Tensor, patch_rc: torch.Tensor, window_gather: torch.Tensor,
+                window_valid: torch.Tensor, window_inverse: torch.Tensor) -> torch.Tensor:
         return self.tower.forward_native(patches, patch_rc, window_gather, window_valid, window_inverse)
 
 
