@@ -38,6 +38,7 @@ from runtime.cpu_features import (INT8_AUTO, INT8_MODE_FOR_KIND, INT8_MODES, Cpu
 from runtime.errors import ImageReadError
 from runtime.manifest import Manifest, write_manifest
 from runtime.preprocess import preprocess_image
+from runtime.schedule import BlockLayout
 
 from .phase_meter import PhaseMeter
 
@@ -114,8 +115,8 @@ def required_capacity(prefix_len: int, block_size: int, max_new: int, ar: Option
     """KV slots the graphs need for reports of up to `max_new` tokens. Fused one-step decoding
     stores the prefix's first P - B tokens at prefill, then one block per pass, and never the last
     block's; AR (prefix length, max new tokens) stores every token but the last."""
-    n_blocks = -(-max_new // block_size)
-    need = max(prefix_len, prefix_len + (n_blocks - 2) * block_size)
+    grid = BlockLayout(prefix_len, block_size)
+    need = max(prefix_len, grid.fused_prefill_len + (grid.num_blocks(max_new) - 1) * block_size)
     if ar is not None:
         need = max(need, ar[0] + ar[1] - 1)
     return need
@@ -166,15 +167,45 @@ def _split_samples(data: Path, split: str, n: int, strict: bool, option: str = "
     return out[:n]
 
 
-def _pixels(samples: list[_Sample], image_size: int, what: str, mode: str = "echo") -> list[np.ndarray]:
-    """Images prepared as the model's config says (vision.preprocess), as the runtime will."""
+def _pixels(samples: list[_Sample], cfg, what: str) -> list:
+    """Images prepared as the model's config says, as the runtime will: at the fixed grid
+    (vision.preprocess), or each at its own grid (vision.native: runtime/native_image.NativeImage)."""
+    from runtime.native_image import VisionGridSpec, native_image_from_path
+
+    v = cfg.vision
+    spec = VisionGridSpec.from_config(cfg.to_dict()["vision"]) if v.native else None
     out = []
     for s in samples:
         try:
-            out.append(preprocess_image(s.path, image_size, mode))
+            out.append(native_image_from_path(s.path, spec) if spec else preprocess_image(s.path, v.image_size,
+                                                                                         v.preprocess))
         except ImageReadError as e:
             raise BuildError(f"{what}: {e}") from None
     return out
+
+
+def _native_capacity(cfg, tok, max_new: int, log: Callable[[str], None]) -> tuple[int, int]:
+    """(the longest prompt, the KV slots it and max_new tokens need) of a native-resolution model: an
+    image takes at most max_pixels / (patch x merge)^2 tokens."""
+    from runtime.native_image import VisionGridSpec
+
+    spec = VisionGridSpec.from_config(cfg.to_dict()["vision"])
+    most = spec.max_pixels // spec.factor ** 2
+    P = len(tok.prefix_ids(most))
+    log(f"  native resolution: up to {spec.max_pixels} pixels -> {most} image tokens, a {P}-token prompt")
+    return P, required_capacity(P, cfg.block_size, max_new)
+
+
+def _check_native(cfg, precisions: list[str], batch_sizes: list[int], ar_load) -> None:
+    """What a native-resolution build cannot do yet, refused before anything is written."""
+    if batch_sizes != [1]:
+        raise BuildError(f"--batch-sizes {','.join(map(str, batch_sizes))}: a native-resolution model decodes one "
+                         "image at a time (each image has its own prompt length); build with --batch-sizes 1")
+    if "int8" in precisions:
+        raise BuildError("int8 of a native-resolution model is not built yet (its calibration feeds have per-image "
+                         "shapes); build fp32 / fp16")
+    if ar_load is not None:
+        raise BuildError("--ar-ckpt with a native-resolution model is not built yet; build the AR baseline apart")
 
 
 # ------------------------------------------------------------------ the build
@@ -241,12 +272,17 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     B = cfg.block_size
     prefix = tok.prefix_ids(model.n_image_tokens)
     P = len(prefix)
-    if P % B:
-        raise BuildError(f"prefix length {P} is not a multiple of block size {B}")
+    try:
+        BlockLayout(P, B)
+    except ValueError as e:
+        raise BuildError(f"--ckpt: {e}") from None
     want_new = opts.max_new_tokens or cfg.max_response_tokens
     ar_need = (len(ar_load[2].prefix_ids(ar_image_tokens)), opts.max_new_tokens or ar_load[0].max_response_tokens) \
         if ar_load is not None else None
     need = required_capacity(P, B, want_new, ar_need)
+    if cfg.vision.native:
+        _check_native(cfg, precisions, batch_sizes, ar_load)
+        _, need = _native_capacity(cfg, tok, want_new, log)
     if opts.capacity is None:
         opts = replace(opts, capacity=need)
         log(f"  capacity {need} KV slots: prefix {P} + {want_new} new tokens"
@@ -281,7 +317,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         calib = _split_samples(data, "train", opts.calib_size, strict=True)
         if not calib:
             raise BuildError(f"--data {data}: no training images for int8 calibration")
-        calib_px = _pixels(calib, cfg.vision.image_size, "calibration image", cfg.vision.preprocess)
+        calib_px = _pixels(calib, cfg, "calibration image")
         log(f"  calibration: {len(calib_px)} training images")
     verify_samples: list[_Sample] = []
     if opts.verify_n > 0:
@@ -293,7 +329,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
             _split_samples(vdata, "val", opts.verify_n, strict=False, option=option)
         if not verify_samples:
             raise BuildError(f"{option} {vdata}: no test or val images for verification")
-    verify_px = _pixels(verify_samples, cfg.vision.image_size, "verification image", cfg.vision.preprocess)
+    verify_px = _pixels(verify_samples, cfg, "verification image")
     meter.stop()
 
     # ---- build into a hidden sibling
@@ -449,7 +485,7 @@ def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> 
     """One decode family's fp32 graphs, every batch size."""
     import onnx
 
-    from .graphs import example_inputs, export_graph, make_graph, release_exporter_references
+    from .graphs import example_inputs, export_graph, make_graph, native_dynamic_shapes, release_exporter_references
 
     b.meter.start("export")
     b.log(f"[export] {2 * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
@@ -458,8 +494,10 @@ def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> 
             name = gio.graph_filename(role, "fp32", bs)
             t1 = time.perf_counter()
             g = make_graph(role, m, b.opts.capacity, p_len, b.tok.mask_id)
+            native = role == gio.VISION_PREFILL and c.vision.native  # its shapes follow each image
             export_graph(g, example_inputs(role, c, bs, b.opts.capacity, p_len), b.tmp / name, b.opts.opset,
-                         weights=_store(b, "fp32"), min_bytes=b.opts.weights_min_bytes)
+                         weights=_store(b, "fp32"), min_bytes=b.opts.weights_min_bytes,
+                         dynamic_shapes=native_dynamic_shapes() if native else None)
             onnx.checker.check_model(str(b.tmp / name), full_check=True)
             b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
             _add_graph(b, (role, "fp32", bs), name)

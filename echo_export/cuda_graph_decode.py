@@ -108,6 +108,9 @@ class StaticFusedDecoder(_Static):
     def __init__(self, model: EchoModel, tokenizer: ReportTokenizer, cfg: StaticDecodeConfig) -> None:
         B = model.cfg.block_size
         grid = BlockLayout(len(tokenizer.prefix_ids(model.n_image_tokens)), B)
+        if grid.tail or model.cfg.decode_layout != "echo":
+            raise NotImplementedError("the CUDA-graph decoder follows ECHO's own layout (a prompt in whole blocks, the "
+                                      "mask token excluded); decode imported checkpoints with fused_onestep_generate")
         self.grid, self.B, self.n_blocks = grid, B, grid.num_blocks(cfg.max_new_tokens)
         super().__init__(model, tokenizer, cfg, grid.fused_prefill_len + self.n_blocks * B)
         b, dev = cfg.batch, self.device

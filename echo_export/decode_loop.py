@@ -39,29 +39,34 @@ def fused_decode(
     eos_id: int,
     max_new_tokens: int,
     on_step: StepHook = None,
+    prefill_feeds: Optional[dict[str, np.ndarray]] = None,
+    position_offset: int = 0,
 ) -> LoopResult:
-    """Fused one-step decoding, the semantics of `fused_onestep_generate`, over fixed-shape graphs."""
+    """Fused one-step decoding, the semantics of `fused_onestep_generate`, over fixed-shape graphs.
+    A native-resolution prefill takes `prefill_feeds` (its image arrays and ids) instead of
+    pixel_values; its passes sit at their canvas index + `position_offset` (the image's rope delta)."""
     b, P = prefix_ids.shape
     B = block_size
     grid = BlockLayout(P, B)
-    n_pre = grid.fused_prefill_len
+    n_pre, t = grid.fused_prefill_len, grid.tail
     n_blocks = grid.num_blocks(max_new_tokens)
     need = n_pre + (n_blocks - 1) * B
     if need > capacity:
         raise ValueError(f"cache capacity {capacity} holds fewer than the {need} tokens {max_new_tokens} new tokens need")
     kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
     vc = np.zeros_like(kc)
-    pk, pv = prefill({"pixel_values": pixel_values, "prefix_ids": prefix_ids})[:2]
+    pk, pv = prefill(prefill_feeds or {"pixel_values": pixel_values, "prefix_ids": prefix_ids})[:2]
     kc[:, :, :, :n_pre], vc[:, :, :, :n_pre] = pk, pv
     past_len = n_pre
-    prev = prefix_ids[:, n_pre:].astype(np.int64)
+    prev = prefix_ids[:, n_pre : grid.aligned_len].astype(np.int64)
     masks = np.full((b, B), mask_id, np.int64)
+    cur = np.concatenate([prefix_ids[:, grid.aligned_len :].astype(np.int64), masks[:, t:]], 1)  # block 0: tail + masks
     blocks, done = [], np.zeros(b, bool)
     passes = 1
     for k in range(n_blocks):
         feeds = {
-            "input_ids": np.concatenate([prev, masks], 1),
-            "position_ids": np.broadcast_to(grid.fused_positions(k), (b, 2 * B)).astype(np.int64).copy(),
+            "input_ids": np.concatenate([prev, cur], 1),
+            "position_ids": np.broadcast_to(grid.fused_positions(k) + position_offset, (b, 2 * B)).astype(np.int64).copy(),
             "past_key": kc,
             "past_value": vc,
             "past_len": np.full((b,), past_len, np.int64),
@@ -73,13 +78,14 @@ def fused_decode(
         if past_len + B <= capacity:
             kc[:, :, :, past_len : past_len + B], vc[:, :, :, past_len : past_len + B] = pk, pv
         past_len += B
-        prev = tokens.astype(np.int64)
+        prev = np.where(cur == mask_id, tokens.astype(np.int64), cur)  # the prompt's tail ids are kept
         blocks.append(prev)
-        done |= holds_eos(prev, eos_id)
+        done |= holds_eos(prev[:, t if k == 0 else 0 :], eos_id)  # generated positions only
         if done.all():
             break
-    raw = np.concatenate(blocks, 1)
-    return LoopResult(raw, cut_rows_at_eos(raw, eos_id), passes)
+        cur = masks
+    raw = np.concatenate(blocks, 1)[:, t:]
+    return LoopResult(raw, cut_rows_at_eos(raw, eos_id, mask_id), passes)
 
 
 def ar_decode(

@@ -16,7 +16,7 @@ from echo_train.model.backbone import KV, MASK_VALUE
 from echo_train.model.echo_model import EchoModel
 from echo_train.model.masks import block_layout, build_attention_mask, causal_layout, fused_layout
 from runtime import graph_io
-from runtime.schedule import BlockLayout, fused_block_slice
+from runtime.schedule import BlockLayout, excludes_mask_token, fused_block_slice
 
 
 def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -45,10 +45,11 @@ def _cache_mask(past_len: torch.Tensor, capacity: int, n_query: int, device) -> 
 
 
 class VisionPrefillGraph(nn.Module):
-    """pixel_values f32[b,1,S,S], prefix_ids i64[b,P] -> present_key/value f32[L,b,kvH,P-B,dh].
+    """pixel_values f32[b,1,S,S], prefix_ids i64[b,P] -> present_key/value f32[L,b,kvH,c-B,dh].
 
-    Over the prefix minus its last block (that block is the first fused pass's previous block,
-    fed again as token ids), block-causal or causal as the model's context (cfg.causal_context).
+    Over the prompt's whole blocks (c = floor(P/B)*B) minus the last one (that block is the first
+    fused pass's previous block, fed again as token ids; the prompt's tail after c is decoded in
+    response block 0), block-causal or causal as the model's context (cfg.causal_context).
     """
 
     input_names = graph_io.PREFILL_INPUTS
@@ -68,6 +69,56 @@ class VisionPrefillGraph(nn.Module):
         embeds = self.model.embed_prefix(pixel_values, prefix_ids)[:, : self.n_pre]
         _, kv = self.model.lm(embeds, self.positions.expand(b, -1), self.mask)
         return _stack_present(kv)
+
+
+class NativePrefillGraph(nn.Module):
+    """One image at its own grid + the prompt ids before the last whole block -> their KV
+    (graph_io: the native vision_prefill). Block-causal over the grid from position 0 (the official
+    layout), built from the token count in the graph, so every shape stays dynamic."""
+
+    input_names = graph_io.NATIVE_PREFILL_INPUTS
+    output_names = graph_io.PREFILL_OUTPUTS
+
+    def __init__(self, model: EchoModel) -> None:
+        super().__init__()
+        self.model, self.B = model, model.cfg.block_size
+
+    def forward(self, pixel_patches, patch_rc, window_gather, window_valid, window_inverse, prefix_ids, position_ids):
+        embeds = self.model.embed_prefix_native(prefix_ids, pixel_patches, patch_rc, window_gather, window_valid,
+                                                window_inverse)
+        block = torch.arange(prefix_ids.shape[1], device=prefix_ids.device) // self.B
+        mask = (block[None, :] <= block[:, None])[None]
+        _, kv = self.model.lm(embeds, position_ids, mask)
+        return _stack_present(kv)
+
+
+def native_example_inputs(cfg, capacity: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of a real image at a non-square grid of several windows, for the dynamic export."""
+    import numpy as np
+
+    from runtime.native_image import VisionGridSpec, mrope_position_ids, native_image
+
+    spec = VisionGridSpec.from_config(cfg.to_dict()["vision"])
+    side = spec.window_size * 2 + spec.factor  # 2 windows and a partial one a side: padded windows live
+    spec = VisionGridSpec(**{**spec.__dict__, "min_pixels": side * side // 2, "max_pixels": side * side})
+    img = native_image((np.arange(side * (side - spec.factor)) % 251).reshape(side - spec.factor, side).astype(np.float32), spec)
+    t = cfg.prompt_template
+    P = len(t.before) + img.n_tokens + len(t.after)
+    n_pre = BlockLayout(P, cfg.block_size).fused_prefill_len
+    ids = torch.tensor([list(t.before) + [0] * img.n_tokens + list(t.after)])[:, :n_pre]
+    pos, _ = mrope_position_ids(P, len(t.before), *img.llm_grid)
+    arrays = (img.patches, img.patch_rc, img.window_gather, img.window_valid, img.window_inverse)
+    return (*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays), ids,
+            torch.from_numpy(pos[:, None, :n_pre].copy()))
+
+
+def native_dynamic_shapes() -> dict[str, dict[int, object]]:
+    """torch.export dims of the native prefill's inputs: patches n, windows w, tokens T."""
+    from torch.export import Dim
+
+    n, w, t = Dim("patches", min=4), Dim("windows", min=1), Dim("tokens", min=1)
+    return {"pixel_patches": {0: n}, "patch_rc": {0: n}, "window_gather": {0: w}, "window_valid": {0: w},
+            "window_inverse": {0: n}, "prefix_ids": {1: t}, "position_ids": {2: t}}
 
 
 class BlockStepGraph(nn.Module):
@@ -96,7 +147,9 @@ class BlockStepGraph(nn.Module):
         )
         h, kv = self.model.lm(self.model.embed_tokens(input_ids), position_ids, mask, _split_past(past_key, past_value))
         read = fused_block_slice(B, self.model.cfg.shifted_prediction)
-        logits = exclude_token(self.model.lm.lm_head(h[:, read]).float(), self.mask_id)
+        logits = self.model.lm.lm_head(h[:, read]).float()
+        if excludes_mask_token(self.model.cfg.decode_layout):  # the official layout's argmax takes every id
+            logits = exclude_token(logits, self.mask_id)
         tokens = logits.argmax(-1)
         confidence = torch.softmax(logits, -1).amax(-1)
         pk, pv = _stack_present(kv, slice(0, B))
@@ -151,6 +204,8 @@ def example_inputs(role: str, cfg, batch: int, capacity: int, prefix_len: int) -
     """Dummy inputs of the fixed export shapes (values chosen so every code path is live)."""
     lm = cfg.lm
     S = cfg.vision.image_size
+    if role == graph_io.VISION_PREFILL and cfg.vision.native:
+        return native_example_inputs(cfg, capacity)
     if role in (graph_io.VISION_PREFILL, graph_io.AR_PREFILL):
         return (torch.zeros(batch, 1, S, S), torch.zeros(batch, prefix_len, dtype=torch.long))
     t = 2 * cfg.block_size if role == graph_io.BLOCK_STEP else 1
@@ -165,6 +220,8 @@ def example_inputs(role: str, cfg, batch: int, capacity: int, prefix_len: int) -
 
 
 def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask_id: int) -> nn.Module:
+    if role == graph_io.VISION_PREFILL and model.cfg.vision.native:
+        return NativePrefillGraph(model).eval()
     if role == graph_io.VISION_PREFILL:
         return VisionPrefillGraph(model, prefix_len).eval()
     if role == graph_io.BLOCK_STEP:
@@ -177,7 +234,7 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
 
 
 def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opset: int = 18, weights=None,
-                 min_bytes: int = 1024) -> None:
+                 min_bytes: int = 1024, dynamic_shapes: dict | None = None) -> None:
     """Fixed-shape export with the dynamo exporter. `weights` (an external_weights.WeightsFile):
     initializers of at least `min_bytes` go straight into it, one at a time, and the graph file
     holds the rest; else the weights live inside the file (or beside it, past 2 GB).
@@ -208,6 +265,7 @@ def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opse
                 output_names=list(module.output_names),
                 optimize=True,
                 verbose=False,
+                dynamic_shapes=dynamic_shapes,
             )
     finally:
         registry_log.setLevel(level)

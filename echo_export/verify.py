@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .timing import alternating_run_medians
 @dataclass
 class VerifyItem:
     id: str
-    pixels: np.ndarray  # [1, S, S] float32
+    pixels: Any  # [1, S, S] float32; a runtime.native_image.NativeImage at native resolution
     report: Optional[str] = None
 
 
@@ -146,11 +146,42 @@ def _side_by_side(engine_dir: Path, precision: str, log: Callable[[str], None]) 
     return False
 
 
-def _prefill_chunks(items: list[VerifyItem], b: int, prefix: np.ndarray) -> list[tuple[list, dict]]:
-    """(the chunk's items, its prefill feeds) for every chunk of `b` images (the last one padded)."""
-    return [(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
-                    "prefix_ids": np.broadcast_to(prefix, (b, prefix.size)).copy()})
-            for part, padded in _chunks(items, b)]
+@dataclass
+class _Chunk:
+    """One decode of the verification loop: its items, the prefill's feeds, the prompt ids of every
+    row and the rope delta of its passes (a native-resolution image's; 0 at a fixed grid)."""
+    part: list
+    feeds: dict
+    prompt_ids: np.ndarray
+    offset: int = 0
+
+
+def _prefill_chunks(items: list[VerifyItem], b: int, prefix: np.ndarray) -> list[_Chunk]:
+    """Every chunk of `b` images (the last one padded) at the fixed grid."""
+    out = []
+    for part, padded in _chunks(items, b):
+        ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
+        out.append(_Chunk(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
+                                 "prefix_ids": ids}, ids))
+    return out
+
+
+def _native_chunks(items: list[VerifyItem], model_cfg, tokenizer) -> list[_Chunk]:
+    """One chunk per image at its own grid (native resolution decodes at batch 1)."""
+    from runtime.native_image import mrope_position_ids
+    from runtime.schedule import BlockLayout
+
+    out = []
+    for it in items:
+        img = it.pixels
+        ids = np.asarray([tokenizer.prefix_ids(img.n_tokens)], np.int64)
+        pos, delta = mrope_position_ids(ids.shape[1], model_cfg.image_start, *img.llm_grid)
+        n = BlockLayout(ids.shape[1], model_cfg.block_size).fused_prefill_len
+        feeds = {"pixel_patches": img.patches, "patch_rc": img.patch_rc, "window_gather": img.window_gather,
+                 "window_valid": img.window_valid, "window_inverse": img.window_inverse,
+                 "prefix_ids": np.ascontiguousarray(ids[:, :n]), "position_ids": np.ascontiguousarray(pos[:, None, :n])}
+        out.append(_Chunk([it], feeds, ids, delta))
+    return out
 
 
 def _feed_key(feeds: dict[str, np.ndarray]) -> str:
@@ -188,7 +219,8 @@ def _open_pair(engine_dir: Path, pre_file: str, step_file: str, precision: str, 
     """(prefill runner, step runner) of one precision: side by side where they fit (fp32/int8
     sharing one copy of the weights), else the prefill run first on `prefill_feeds`."""
     weights = shared_weights_of(engine_dir, precision)  # fp32/int8: prefill and step hold the weights once
-    if _side_by_side(engine_dir, precision, log):
+    native = any("pixel_patches" in f for f in prefill_feeds)  # dynamic shapes: no preallocated shared session
+    if not native and _side_by_side(engine_dir, precision, log):
         pre = ort_runner(engine_dir / pre_file, weights=weights)
     else:
         pre = _prefill_first(engine_dir / pre_file, prefill_feeds)
@@ -219,6 +251,11 @@ def block_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list
 
     B = model.cfg.block_size
     tokens: dict = {}
+    if model.cfg.vision.native:
+        from echo_train.decoding.native import native_onestep_generate
+
+        one = {it.id: native_onestep_generate(model, tokenizer, it.pixels, max_new_tokens).tokens[0] for it in items}
+        return BlockReference(model.cfg, model.n_image_tokens, {b: one for b in batch_sizes})
     for b in batch_sizes:
         ref_tokens: dict[str, list[int]] = {}
         for part, padded in _chunks(items, b):
@@ -303,17 +340,18 @@ def verify_block(
         # precision's block step is re-run on exactly these inputs (per-pass agreement, no
         # divergence carried over)
         fp32_passes: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]] = []
-        chunks = _prefill_chunks(items, b, prefix)
+        chunks = _native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
         for p in precisions:
             pre, step = _open_pair(engine_dir, files[(gio.VISION_PREFILL, p, b)], files[(gio.BLOCK_STEP, p, b)], p,
-                                   [f for _, f in chunks], log)
+                                   [c.feeds for c in chunks], log)
             confidence: list[np.ndarray] = []
             if p == "fp32":
                 step = _recording_confidence(step, confidence)
             t0 = time.perf_counter()
             got: dict[str, list[int]] = {}
             passes = 0
-            for part, feeds in chunks:
+            for chunk in chunks:
+                part = chunk.part
                 recorded: list[dict] = []
 
                 def hook(f, recorded=recorded):
@@ -322,7 +360,8 @@ def verify_block(
                     if p == "fp32":
                         recorded.append({k: v.copy() for k, v in f.items()})
 
-                r = fused_decode(pre, step, feeds["pixel_values"], feeds["prefix_ids"], on_step=hook, **kw)
+                r = fused_decode(pre, step, None, chunk.prompt_ids, on_step=hook, prefill_feeds=chunk.feeds,
+                                 position_offset=chunk.offset, **kw)
                 for k, f in enumerate(recorded):  # rows still writing at pass k (through the EOS block)
                     active = np.array([k * B <= len(t) for t in r.tokens[: len(part)]] + [False] * (b - len(part)))
                     fp32_passes.append((f, r.raw[:, k * B : (k + 1) * B], active, confidence[k]))
@@ -409,11 +448,11 @@ def verify_ar(
         chunks = _prefill_chunks(items, b, prefix)
         for p in precisions:
             pre, step = _open_pair(engine_dir, files[(gio.AR_PREFILL, p, b)], files[(gio.AR_STEP, p, b)], p,
-                                   [f for _, f in chunks], log)
+                                   [c.feeds for c in chunks], log)
             got = {}
-            for part, feeds in chunks:
-                r = ar_decode(pre, step, feeds["pixel_values"], feeds["prefix_ids"], **kw)
-                for it, toks in zip(part, r.tokens):
+            for c in chunks:
+                r = ar_decode(pre, step, c.feeds["pixel_values"], c.prompt_ids, **kw)
+                for it, toks in zip(c.part, r.tokens):
                     got[it.id] = toks
             agree, exact = _agreement([got[i] for i in ids_], [ref[i] for i in ids_])
             out["variants"][f"ar.{p}.b{b}"] = {

@@ -19,7 +19,7 @@ import numpy as np
 
 from runtime.engine import BlockEvent, EchoRuntime, Report
 from runtime.errors import EchoRuntimeError, ImageReadError
-from runtime.preprocess import decode_image_bytes, normalize_image
+from runtime.preprocess import decode_image_bytes
 from runtime.report_formats import FORMATS, EngineInfo, ReportFormatError, SourceStudy, render
 
 
@@ -75,6 +75,7 @@ class EnginePool:
                                    "the PyTorch reference failed or was skipped); --allow-unverified serves it anyway")
         self.built = sorted(rt.built_batch_sizes())
         self.image_size, self.preprocess_mode = rt.image_size, rt.preprocess_mode
+        self.prepare = rt.prepare_decoded  # every instance reads one manifest: one preparation
         self.max_new_tokens = max_new_tokens
         self.engine = EngineInfo.of_engine_dir(engine_dir, precision)
         self._next = 0
@@ -110,6 +111,7 @@ class EnginePool:
         results: list[Optional[Result]] = [None] * len(items)
         good: list[int] = []
         arrays: list[np.ndarray] = []
+        rt_prepare = self.prepare
         for k, it in enumerate(items):
             t = time.perf_counter()
             if it.fmt and it.fmt not in FORMATS:
@@ -117,8 +119,8 @@ class EnginePool:
                                                                f"choose from {list(FORMATS)}"))
                 continue
             try:
-                arrays.append(normalize_image(decode_image_bytes(it.data, it.name), self.image_size,
-                                              self.preprocess_mode))
+                # the fixed grid's pixels, or the decoded image itself for a native-resolution engine
+                arrays.append(rt_prepare(decode_image_bytes(it.data, it.name), it.name))
                 good.append(k)
             except ImageReadError as e:
                 results[k] = Result(Report(path=it.name, error=str(e), timings={"preprocess": time.perf_counter() - t}))

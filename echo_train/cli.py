@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_RULES
+from runtime.prompt import DEFAULT_IMPORT_PROMPT, PROMPT_PRESETS
+from runtime.schedule import DECODE_LAYOUTS, DEFAULT_UNMASK_RULE, LAYOUT_OFFICIAL, UNMASK_RULES
 
 from .stages.errors import StageError
 from .stages.stage2_rad import Stage2Config
@@ -127,25 +128,40 @@ def stage2(data, init, out, block_size, n_noisy, symmetric, shifted, causal_cont
               help="What the folder holds: an AR VLM, a multi-step block-diffusion model (ECHO Base) or a one-step "
                    "student (ECHO).")
 @click.option("--block-size", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
+@click.option("--native/--fixed-grid", default=None,
+              help="native: each image at the processor's own grid (aspect ratio kept, --max-pixels), as the "
+                   "official code runs; fixed grid: every image squeezed to --image-size. [default: native in the "
+                   "official layout]")
+@click.option("--max-pixels", type=int, default=2_250_000, show_default=True,
+              help="Native resolution: an image larger than this is scaled down to it (the official code's value).")
+@click.option("--min-pixels", type=int, default=None,
+              help="Native resolution: an image smaller than this is scaled up [default: the folder's processor's].")
 @click.option("--image-size", type=int, default=448, show_default=True,
-              help="The one square image size the model runs at (a multiple of 28: 448 px -> 256 image tokens).")
+              help="--fixed-grid: the one square image size (a multiple of 28: 448 px -> 256 image tokens).")
 @click.option("--mask-token", default=None,
               help="The mask token, when neither config.json (mask_token_id) nor the tokenizer names one.")
 @click.option("--max-response-tokens", type=int, default=256, show_default=True)
 @click.option("--chat-template/--no-chat-template", default=True, show_default=True,
               help="Prompt with the folder's chat template (system turn, user turn with the image and the "
                    "instruction, assistant header), as the model was trained; without: ECHO's own prefix.")
+@click.option("--prompt", "prompt_preset", type=click.Choice(list(PROMPT_PRESETS)), default=DEFAULT_IMPORT_PROMPT,
+              show_default=True,
+              help="The user turn's instruction by name: the official ECHO code's Chinese (its scripts' default) or "
+                   "English one (its README's), or ECHO's own. Use the one the checkpoint was trained with.")
 @click.option("--instruction", default=None,
-              help="The user turn's text after the image [default: ECHO's 'Write the findings and impression of "
-                   "this chest X-ray.']. Use the instruction the checkpoint was trained with.")
+              help="The user turn's text after the image, instead of a --prompt preset.")
+@click.option("--layout", type=click.Choice(list(DECODE_LAYOUTS)), default=LAYOUT_OFFICIAL, show_default=True,
+              help="official: decode as the official ECHO inference code does (prompt unpadded, the block grid "
+                   "from its first token, its last partial block decoded with the first masks); echo: the prompt "
+                   "left-padded to whole blocks (earlier versions of this tool).")
 @click.option("--system", default=None,
               help="A system turn's text [default: none given, so the chat template's own default system prompt].")
 @click.option("--preprocess", type=click.Choice(["processor", "echo"]), default="processor", show_default=True,
               help="Image preparation: as Qwen2-VL's image processor at the fixed grid (8-bit values kept, bicubic), "
                    "or ECHO's own (each image stretched to its own range, bilinear).")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-def import_hf(folder, out, stage, block_size, image_size, mask_token, max_response_tokens, chat_template, instruction,
-              system, preprocess, force) -> None:
+def import_hf(folder, out, stage, block_size, native, max_pixels, min_pixels, image_size, mask_token, max_response_tokens,
+              chat_template, prompt_preset, instruction, layout, system, preprocess, force) -> None:
     """Import a Qwen2.5-VL-architecture Hugging Face FOLDER (e.g. a downloaded ECHO_block8) as an ECHO
     checkpoint that the decoders, `echo-export build` and the runtime take like a trained one.
 
@@ -157,7 +173,9 @@ def import_hf(folder, out, stage, block_size, image_size, mask_token, max_respon
     import_qwen2_5_vl(ImportOptions(folder=folder, out=out, stage=stage, block_size=int(block_size),
                                     image_size=image_size, mask_token=mask_token,
                                     max_response_tokens=max_response_tokens, chat_template=chat_template,
-                                    instruction=instruction, system=system, preprocess=preprocess), log=click.echo)
+                                    instruction=instruction, system=system, preprocess=preprocess,
+                                    prompt=prompt_preset, layout=layout, native=native, max_pixels=max_pixels,
+                                    min_pixels=min_pixels), log=click.echo)
 
 
 def _register_stage3() -> None:

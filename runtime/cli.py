@@ -44,7 +44,8 @@ def _timing_line(r) -> str:
     per = f" (mean {_ms(sum(blocks) / len(blocks))})" if blocks else ""
     return (f"{r.path}: preprocess {_ms(t.get('preprocess', 0.0))}, prefill {_ms(t.get('prefill', 0.0))}, "
             f"{len(blocks)} decode passes {_ms(sum(blocks))}{per}, session.run {_ms(session)}{over}, "
-            f"total {_ms(t.get('total', 0.0))}, {r.forward_passes} forward passes, {len(r.tokens)} tokens, stop: {r.stop}")
+            f"total {_ms(t.get('total', 0.0))}, {r.forward_passes} forward passes, {len(r.tokens)} tokens, stop: {r.stop}"
+            + (f", prompt {r.prompt_tokens} tokens ({r.image_tokens} of the image)" if r.prompt_tokens else ""))
 
 
 def _report_json(r, verbose: bool) -> str:

@@ -17,7 +17,7 @@ the step graph's dtype, that the backend reads in place (IO binding).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -26,7 +26,9 @@ import numpy as np
 from . import graph_io as gio
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
 from .manifest import check_file, graph_batch_sizes, load_manifest, resolve_graph
-from .preprocess import preprocess_image, preprocess_mode_of
+from .native_image import VisionGridSpec, mrope_position_ids, native_image, native_image_from_path
+from .preprocess import normalize_image, preprocess_image, preprocess_mode_of
+from .prompt import image_start_of
 from .schedule import BlockLayout, cut_rows_at_eos, holds_eos
 from .text import ReportTokenizer
 
@@ -48,6 +50,8 @@ class Report:
     forward_passes: int = 0  # passes this sequence needed (prefill included)
     error: Optional[str] = None
     stop: str = ""  # "eos", "max_new_tokens" or "capacity"
+    image_tokens: int = 0  # the image's tokens in the prompt (native resolution: they follow its size)
+    prompt_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -103,13 +107,14 @@ class _Mode:
     feed: int
     width: int
     first_positions: np.ndarray
+    tail: int = 0  # prompt ids at the start of the first pass's new block (kept, not generated)
 
     @staticmethod
     def of(mode: str, prefix_len: int, block_size: int) -> "_Mode":
         if mode == "fused":  # [block k-1 clean, block k all mask]
             grid = BlockLayout(prefix_len, block_size)
             return _Mode(gio.VISION_PREFILL, gio.BLOCK_STEP, grid.fused_prefill_len, 2 * block_size, block_size,
-                         grid.fused_positions(0))
+                         grid.fused_positions(0), grid.tail)
         return _Mode(gio.AR_PREFILL, gio.AR_STEP, prefix_len, 1, 1, np.array([prefix_len], np.int64))
 
 
@@ -160,7 +165,9 @@ class _Decoder:
                     "present_value": kv(self.step, "present_value", md.width), **_ids_outputs(self.step, batch, md.width)}
         self.pre_tokens: Optional[np.ndarray] = pre_out.get("tokens")
         self.tokens = step_out["tokens"]
-        self.prefill.bind({"pixel_values": self.pixel, "prefix_ids": self.prefix_ids}, pre_out)
+        self.kv = kv
+        if not rt.native:  # a native prefill's shapes follow each image: bound per image (_native_prefill)
+            self.prefill.bind({"pixel_values": self.pixel, "prefix_ids": self.prefix_ids}, pre_out)
         self.step.bind({"input_ids": self.input_ids, "position_ids": self.position_ids, "past_key": self.cache_k,
                         "past_value": self.cache_v, "past_len": self.past_len}, step_out)
 
@@ -181,15 +188,16 @@ class _Written:
         self.done = np.zeros(batch, bool)
         self.passes = np.ones(batch, np.int64)  # the prefill
 
-    def add(self, new: np.ndarray, counts_a_pass: bool = True) -> np.ndarray:
-        """Append one pass's ids [b, w]; returns which sequences were still writing before it."""
+    def add(self, new: np.ndarray, counts_a_pass: bool = True, skip: int = 0) -> np.ndarray:
+        """Append one pass's ids [b, w] (the first `skip` of them prompt ids, not checked for EOS);
+        returns which sequences were still writing before it."""
         writing = ~self.done
         self.start, self.n = self.n, self.n + new.shape[1]
         self.raw[:, self.start : self.n] = new
         self.blocks += 1
         if counts_a_pass:
             self.passes = self.passes + writing  # new arrays: cheaper than in-place ufuncs this small
-        self.done = self.done | holds_eos(new, self.eos_id)
+        self.done = self.done | holds_eos(new[:, skip:], self.eos_id)
         return writing
 
 
@@ -216,6 +224,16 @@ def fp16_cpu_session_bytes(fp16_weights_bytes: int, sessions: int = 1) -> int:
 # fp16 weight to fp32 at load (a Cast reads it, not the MatMul), so there is nothing shared to pack and
 # the C library only adds its own ~30 MB (measured: README, runtime).
 SHARED_PRECISIONS = ("fp32", "int8")
+
+
+def native_image_of_array(arr: np.ndarray, spec: VisionGridSpec, name: str):
+    """A decoded 2-D image (read_image / decode_image_bytes) at its own grid; ImageReadError if unusable."""
+    if arr.ndim != 2 or not np.isfinite(arr).all():
+        raise ImageReadError(name, f"expected a finite 2-D image array, got shape {arr.shape}")
+    try:
+        return native_image(arr, spec)
+    except ValueError as e:  # an aspect ratio the processor refuses
+        raise ImageReadError(name, str(e)) from None
 
 
 class EchoRuntime:
@@ -273,6 +291,14 @@ class EchoRuntime:
         if (t.eos_id, t.mask_id, t.pad_id) != (m.eos_id, m.mask_id, m.pad_id):
             raise ManifestError(f"{self.engine_dir}: tokenizer special ids do not match the manifest")
         self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
+        vision = (m.model_config or {}).get("vision") or {}
+        # native resolution: each image at its own grid, so its prompt length P follows the image; the
+        # manifest's prefix_len and image_size are those of the nominal square grid of the import
+        self.native = bool(vision.get("native"))
+        self.grid_spec = VisionGridSpec.from_config(vision) if self.native else None
+        if self.native and batch_size not in (None, 1):
+            raise EchoRuntimeError(f"{self.engine_dir}: native-resolution engines decode one image at a time "
+                                   f"(batch 1), not {batch_size}")
         try:
             self.preprocess_mode = preprocess_mode_of(m.model_config)
         except ValueError as e:
@@ -284,6 +310,7 @@ class EchoRuntime:
             self.layout = BlockLayout(self.prefix_len, self.block_size)
         except ValueError as e:  # a manifest whose block size does not divide its prefix
             raise ManifestError(f"{self.engine_dir}: {e}") from None
+        self.template_image_start = image_start_of(m.model_config, 0)  # native: unpadded, the same for every image
         cfg_max = (m.model_config or {}).get("max_response_tokens")
         self.default_max_new_tokens = int(cfg_max) if cfg_max else DEFAULT_MAX_NEW_TOKENS
         self._graphs: dict[tuple[str, int], Any] = {}
@@ -405,8 +432,13 @@ class EchoRuntime:
         return self._decoders[key]
 
     # -- inputs ----------------------------------------------------------------------
-    def preprocess(self, image: ImageInput, index: int = 0, image_size: Optional[int] = None) -> np.ndarray:
-        """float32 [1, S, S]; ImageReadError for anything unusable."""
+    def preprocess(self, image: ImageInput, index: int = 0, image_size: Optional[int] = None):
+        """float32 [1, S, S] (a native-resolution engine: a NativeImage, from a path or a decoded 2-D
+        image array); ImageReadError for anything unusable."""
+        if self.native:
+            if isinstance(image, np.ndarray):
+                return native_image_of_array(np.squeeze(image), self.grid_spec, f"<array {index}>")
+            return native_image_from_path(image, self.grid_spec)
         S = image_size or self.image_size
         if isinstance(image, np.ndarray):
             name = f"<array {index}>"
@@ -422,6 +454,13 @@ class EchoRuntime:
                 raise ImageReadError(name, "array values are not finite")
             return a
         return preprocess_image(image, S, self.preprocess_mode)
+
+    def prepare_decoded(self, image: np.ndarray, name: str = "<image>") -> np.ndarray:
+        """A decoded image (preprocess.decode_image_bytes / read_image) as generate() takes it: the fixed
+        grid's [1, S, S] pixels, or the image itself where each image keeps its own grid (native)."""
+        if self.native:
+            return np.asarray(image, dtype=np.float32)
+        return normalize_image(image, self.image_size, self.preprocess_mode)
 
     # -- decoding --------------------------------------------------------------------
     def generate(
@@ -455,7 +494,8 @@ class EchoRuntime:
             good.append((i, name, arr, time.perf_counter() - t))
         for s in range(0, len(good), batch):
             chunk = good[s : s + batch]
-            for r, (i, *_rest) in zip(self._decode(dec, chunk, max_new, on_block), chunk):
+            decode = self._decode_native if self.native else self._decode
+            for r, (i, *_rest) in zip(decode(dec, chunk, max_new, on_block), chunk):
                 reports[i] = r
         return reports  # type: ignore[return-value]
 
@@ -467,9 +507,9 @@ class EchoRuntime:
         for r in range(dec.pixel.shape[0]):
             dec.pixel[r] = chunk[min(r, len(chunk) - 1)][2]  # pad a short batch by repeating
 
-    def _finish(self, chunk, out: _Written, stop: str, timings) -> list[Report]:
+    def _finish(self, chunk, out: _Written, stop: str, timings, skip: int) -> list[Report]:
         reports = []
-        tokens = cut_rows_at_eos(out.raw[: len(chunk), : out.n], self.tokenizer.eos_id)
+        tokens = cut_rows_at_eos(out.raw[: len(chunk), skip : out.n], self.tokenizer.eos_id, self.tokenizer.mask_id)
         for r, ((i, name, _arr, t_pre), ids) in enumerate(zip(chunk, tokens)):
             tm = dict(timings, preprocess=t_pre, blocks=list(timings["blocks"]))
             tm["total"] = t_pre + tm["decode"]
@@ -477,32 +517,68 @@ class EchoRuntime:
                                   forward_passes=int(out.passes[r]), stop="eos" if out.done[r] else stop))
         return reports
 
-    def _emit(self, on_block, chunk, out: _Written, writing: np.ndarray) -> None:
+    def _emit(self, on_block, chunk, out: _Written, writing: np.ndarray, skip: int = 0) -> None:
+        """skip: the prompt ids at the start of the written ids (the official layout's tail)."""
         if on_block is None:
             return
-        new = out.raw[:, out.start : out.n]
+        new = out.raw[:, max(out.start, skip) : out.n]
         for r, (i, name, *_x) in enumerate(chunk):
             if writing[r]:
                 on_block(BlockEvent(i, name, out.blocks - 1, self.tokenizer.cut_at_eos(new[r].tolist()),
-                                    self.tokenizer.decode(out.raw[r, : out.n].tolist()), bool(out.done[r])))
+                                    self.tokenizer.decode(out.raw[r, skip : out.n].tolist()), bool(out.done[r])))
 
     def _decode(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
         """Prefill, then passes until every sequence of the chunk has produced EOS, max_new ids
         are written, or the cache cannot hold the context of another pass."""
-        md, n, w = dec.mode, len(chunk), dec.mode.width
         self._load_pixels(dec, chunk)
         t0 = time.perf_counter()
         session = dec.prefill.run()
         dec.store(dec.prefill, 0)
+        return self._passes(dec, dec.mode, chunk, max_new, on_block, t0, session)
+
+    def _decode_native(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
+        """One image at its own grid (batch 1): its own prompt length, prefill shapes and rope delta."""
+        image = chunk[0][2]
+        ids = np.asarray([self.tokenizer.prefix_ids(image.n_tokens)], np.int64)
+        md = _Mode.of("fused", ids.shape[1], self.block_size)
+        if md.cached + md.width * -(-(max_new + md.tail) // md.width) > dec.cap + md.width:
+            need = md.cached + md.width * (-(-(max_new + md.tail) // md.width) - 1)
+            return [Report(path=chunk[0][1], error=f"{chunk[0][1]}: the image takes {image.n_tokens} tokens; the "
+                           f"prompt and {max_new} new tokens need {need} cache slots, the engine has {dec.cap} "
+                           "(a smaller --max-pixels at build time, or fewer new tokens)")]
+        pos, delta = mrope_position_ids(ids.shape[1], self.template_image_start, *image.llm_grid)
+        n = md.cached
+        feeds = {"pixel_patches": image.patches, "patch_rc": image.patch_rc, "window_gather": image.window_gather,
+                 "window_valid": image.window_valid, "window_inverse": image.window_inverse,
+                 "prefix_ids": np.ascontiguousarray(ids[:, :n]), "position_ids": np.ascontiguousarray(pos[:, None, :n])}
+        outs = {k: dec.kv(dec.prefill, k, n) for k in ("present_key", "present_value")}
+        t0 = time.perf_counter()
+        dec.prefill.bind({k: np.ascontiguousarray(v) for k, v in feeds.items()}, outs)
+        session = dec.prefill.run()
+        dec.store(dec.prefill, 0)
+        dec.prefix_ids = ids
+        md = replace(md, first_positions=md.first_positions + delta)
+        reports = self._passes(dec, md, chunk, max_new, on_block, t0, session)
+        for r in reports:
+            r.image_tokens, r.prompt_tokens = image.n_tokens, ids.shape[1]
+        return reports
+
+    def _passes(self, dec: _Decoder, md: _Mode, chunk, max_new: int, on_block, t0: float,
+                session: float) -> list[Report]:
+        """The step passes after a prefill that stored the KV of the first md.cached prompt ids."""
+        n, w = len(chunk), md.width
         t_prefill, s_prefill = time.perf_counter() - t0, session
         past = md.cached
         first = dec.pre_tokens  # AR: the prefill's token 0; fused: none
         n_first = 0 if first is None else first.shape[1]
-        n_passes = -(-(max_new - n_first) // w)
+        tail = md.tail  # official layout: the prompt's last ids open the first new block
+        n_passes = -(-(max_new + tail - n_first) // w)
         n_fit = min(n_passes, (dec.cap - past) // w + 1)  # the first pass that cannot store its KV is the last
         out = _Written(dec.pixel.shape[0], n_first + n_fit * w, self.tokenizer.eos_id)
-        dec.carry[:] = dec.prefix_ids[:, past:] if first is None else first
-        if first is not None:
+        if first is None:  # fused: the last whole prompt block, then the prompt's tail before the masks
+            dec.input_ids[:, : dec.prefix_ids.shape[1] - past] = dec.prefix_ids[:, past:]
+        else:
+            dec.carry[:] = first
             self._emit(on_block, chunk, out, out.add(first, counts_a_pass=False))
         positions = md.first_positions + w * np.arange(n_fit)[:, None]  # pass j's, in row j
         times: list[float] = []
@@ -518,13 +594,17 @@ class EchoRuntime:
             if stored:
                 dec.store(dec.step, past)
                 past += w
+            skip = tail if j == 0 else 0
+            if skip:  # the tail's ids are kept, whatever the graph read there; later passes start all mask
+                dec.tokens[:, :skip] = dec.input_ids[:, w : w + skip]
+                dec.input_ids[:, w : w + skip] = self.tokenizer.mask_id
             dec.carry[:] = dec.tokens
-            writing = out.add(dec.tokens)
+            writing = out.add(dec.tokens, skip=skip)
             times.append(time.perf_counter() - tb)
-            self._emit(on_block, chunk, out, writing)
+            self._emit(on_block, chunk, out, writing, tail)
             if not stored and j < n_passes - 1 and not out.done[:n].all():
                 stop = "capacity"
                 break
         tm = {"prefill": t_prefill, "blocks": times, "decode": time.perf_counter() - t0, "session": session,
               "prefill_session": s_prefill}
-        return self._finish(chunk, out, stop, tm)
+        return self._finish(chunk, out, stop, tm, tail)

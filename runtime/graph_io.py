@@ -16,6 +16,14 @@ ar_prefill      pixel_values, prefix_ids -> tokens i64[b,1], present_key/value f
 ar_step         input_ids i64[b,1], position_ids i64[b,1], past_key/past_value, past_len
                 -> tokens i64[b,1], present_key/value f32[L,b,kvH,1,dh]
 
+Native resolution (model_config.vision.native, Qwen2.5-VL): vision_prefill takes one image at its
+own grid, batch 1, its shapes dynamic (n patches, w windows, T tokens; runtime/native_image.py):
+vision_prefill  pixel_patches f32[n,C*T*p*p], patch_rc i64[n,2], window_gather i64[w,W],
+                window_valid bool[w,W], window_inverse i64[n], prefix_ids i64[1,T],
+                position_ids i64[3,1,T] -> present_key/present_value f32[L,1,kvH,T,dh]
+                (T = the prompt's whole blocks minus the last: BlockLayout.fused_prefill_len)
+and block_step's position_ids are rotary positions (canvas index + the image's rope delta).
+
 Cache slots j < past_len hold valid KV; the graphs mask the rest. The mask token is never
 predicted (its logit is excluded before argmax).
 """
@@ -28,6 +36,8 @@ AR_STEP = "ar_step"
 GRAPH_ROLES = (VISION_PREFILL, BLOCK_STEP, AR_PREFILL, AR_STEP)
 
 PREFILL_INPUTS = ("pixel_values", "prefix_ids")
+NATIVE_PREFILL_INPUTS = ("pixel_patches", "patch_rc", "window_gather", "window_valid", "window_inverse", "prefix_ids",
+                         "position_ids")
 STEP_INPUTS = ("input_ids", "position_ids", "past_key", "past_value", "past_len")
 BLOCK_STEP_OUTPUTS = ("tokens", "confidence", "present_key", "present_value")
 PREFILL_OUTPUTS = ("present_key", "present_value")

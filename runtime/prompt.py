@@ -19,7 +19,9 @@ renders for one image and the instruction, e.g. for Qwen2.5-VL
     <|vision_end|> instruction <|im_end|> <|im_start|>assistant \\n
 
 with its pads at the start (pad="start"): the text after the image ends the prefix exactly as
-the model saw it in training. The image's first index (`image_start`) is what Qwen2.5-VL's
+the model saw it in training; or with none (pad="none", the official ECHO layout that import-hf
+records: the prompt unpadded at position 0, its length P anything; runtime/schedule.BlockLayout
+decodes the ids after its last whole block inside the first response block). The image's first index (`image_start`) is what Qwen2.5-VL's
 multimodal rotary positions need (echo_train backbone.mrope_cos_sin).
 """
 from __future__ import annotations
@@ -28,11 +30,21 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 PROMPT_TEXT = "Write the findings and impression of this chest X-ray."
+# The instructions of the official ECHO inference code, by name (import-hf --prompt): its scripts'
+# default is the Chinese one, its README uses the English one. A checkpoint writes the reports it
+# was trained to write for the instruction it was trained with, so the name travels in the manifest.
+PROMPT_PRESETS = {
+    "official-zh": "这是一组胸部X光图像，请生成一份医学报告，包括所见和结论。以以下格式返回报告：所见：{} 结论：{}。",
+    "official-en": "Review this chest X-ray and write a report.Use this format: Findings: {}, Impression: {}.",
+    "echo": PROMPT_TEXT,
+}
+DEFAULT_IMPORT_PROMPT = "official-zh"
 PREFIX_ALIGN = 16  # least common multiple of the supported block sizes
 SUPPORTED_BLOCK_SIZES = (4, 8, 16)
 PAD_AFTER_IMAGE = "after_image"  # ECHO's own layout: pads between the image and the text
 PAD_START = "start"  # pads before everything (left padding)
-PAD_PLACES = (PAD_AFTER_IMAGE, PAD_START)
+PAD_NONE = "none"  # no pads: the official ECHO layout (the block grid from the first prompt token)
+PAD_PLACES = (PAD_AFTER_IMAGE, PAD_START, PAD_NONE)
 
 
 class PromptTemplateError(ValueError):
@@ -62,6 +74,8 @@ class PromptTemplate:
                 f"{PREFIX_ALIGN} (its last block carried as token ids): use a longer instruction")
 
     def n_pad(self, n_image: int) -> int:
+        if self.pad == PAD_NONE:
+            return 0
         n = len(self.before) + n_image + len(self.after)
         total = -(-n // PREFIX_ALIGN) * PREFIX_ALIGN
         if self.pad == PAD_AFTER_IMAGE:  # keep at least one whole aligned block of text after the image

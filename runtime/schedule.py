@@ -14,17 +14,37 @@ sentence before the word that carries the finding is chosen, and the teacher und
 findings. The leftmost position instead sees everything before it, as in AR.
 
 Fused one-step: pass t feeds [block t-1 (clean), block t (all mask)] = 2B tokens. Block -1
-is the last block of the prefix, so prefill covers P - B tokens and every pass, the
-first included, has the same shape.
+is the last whole block of the prefix, so prefill covers c - B tokens (c = floor(P/B)*B) and
+every pass, the first included, has the same shape.
+
+The block grid starts at the first prompt token (the official ECHO inference code's layout).
+When P is not a multiple of B, block 0 holds the prompt's P - c tail ids (kept, never
+replaced) and then masks, so the response starts mid-block; the models trained here pad their
+prefix to a multiple of 16 (runtime/prompt.py), so their tail is empty and block 0 is all mask.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
 UNMASK_THRESHOLD = 0.85
+
+# Decode layouts (EchoConfig.decode_layout, the manifest's model_config). Both use the grid above.
+# "echo": the models trained here; the mask token is never an answer (its logit is excluded).
+# "official": imported ECHO checkpoints, as the official inference code decodes them: the prompt
+# unpadded, argmax over every id (a position the model leaves masked cuts the report there).
+LAYOUT_ECHO = "echo"
+LAYOUT_OFFICIAL = "official"
+DECODE_LAYOUTS = (LAYOUT_ECHO, LAYOUT_OFFICIAL)
+
+
+def excludes_mask_token(layout: str) -> bool:
+    """Whether a decode layout takes the mask token out of every argmax."""
+    if layout not in DECODE_LAYOUTS:
+        raise ValueError(f"unknown decode layout {layout!r}; expected one of {DECODE_LAYOUTS}")
+    return layout == LAYOUT_ECHO
 UNMASK_RULES = ("dynamic-ltr", "dynamic", "static")
 DEFAULT_UNMASK_RULE = "dynamic-ltr"
 
@@ -69,23 +89,40 @@ def select_unmask(
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where blocks sit for a prefix of length `prefix_len` and block size `block_size`."""
+    """Where blocks sit for a prompt of `prefix_len` ids and block size `block_size`.
+
+    The grid starts at position 0. The prompt's whole blocks end at `aligned_len` (c); block 0
+    of the response is [c, c + B) and begins with the prompt's `tail` = P - c ids."""
 
     prefix_len: int
     block_size: int
 
     def __post_init__(self) -> None:
-        if self.prefix_len % self.block_size or self.prefix_len < self.block_size:
-            raise ValueError(
-                f"prefix length {self.prefix_len} must be a positive multiple of block size {self.block_size}"
-            )
+        if self.block_size < 1 or self.prefix_len < self.block_size:
+            raise ValueError(f"prompt length {self.prefix_len} is shorter than block size {self.block_size}: the fused "
+                             "decoder carries the prompt's last whole block as its first pass's previous block")
+
+    @property
+    def aligned_len(self) -> int:
+        """c: the prompt tokens in whole blocks (the official code crops its prefill cache to this)."""
+        return self.prefix_len // self.block_size * self.block_size
+
+    @property
+    def tail(self) -> int:
+        """Prompt ids at the start of response block 0 (0 when P is a multiple of B)."""
+        return self.prefix_len - self.aligned_len
 
     def num_blocks(self, max_new_tokens: int) -> int:
-        return -(-max_new_tokens // self.block_size)
+        """Blocks decoded for up to max_new_tokens: the canvas is P + max_new rounded up to blocks."""
+        return -(-(self.tail + max_new_tokens) // self.block_size)
+
+    def generated_len(self, max_new_tokens: int) -> int:
+        """Generated positions of the whole canvas (>= max_new_tokens: the last block is whole)."""
+        return self.num_blocks(max_new_tokens) * self.block_size - self.tail
 
     def block_positions(self, k: int) -> np.ndarray:
-        """Absolute positions of response block k (k = -1 is the last prefix block)."""
-        start = self.prefix_len + k * self.block_size
+        """Absolute positions of response block k (k = -1 is the last whole prompt block)."""
+        start = self.aligned_len + k * self.block_size
         return np.arange(start, start + self.block_size, dtype=np.int64)
 
     def fused_positions(self, k: int) -> np.ndarray:
@@ -95,7 +132,7 @@ class BlockLayout:
     @property
     def fused_prefill_len(self) -> int:
         """Tokens whose KV the prefill stores before the first fused pass."""
-        return self.prefix_len - self.block_size
+        return self.aligned_len - self.block_size
 
 
 def fused_block_slice(block_size: int, shifted: bool) -> slice:
@@ -105,15 +142,20 @@ def fused_block_slice(block_size: int, shifted: bool) -> slice:
     return slice(block_size - 1, 2 * block_size - 1) if shifted else slice(block_size, 2 * block_size)
 
 
-def cut_at_eos(ids: Iterable[int], eos_id: int) -> list[int]:
-    """The ids before the first EOS (all of them when there is none): a report's tokens."""
+def cut_at_eos(ids: Iterable[int], eos_id: int, mask_id: Optional[int] = None) -> list[int]:
+    """A report's tokens: the ids before the first EOS (all of them when there is none), then,
+    given `mask_id`, before the first mask id (a position the model left masked: the official
+    decoders' rule, in that order)."""
     row = [int(i) for i in ids]
-    return row[: row.index(eos_id)] if eos_id in row else row
+    row = row[: row.index(eos_id)] if eos_id in row else row
+    if mask_id is not None and mask_id in row:
+        row = row[: row.index(mask_id)]
+    return row
 
 
-def cut_rows_at_eos(rows: Any, eos_id: int) -> list[list[int]]:
+def cut_rows_at_eos(rows: Any, eos_id: int, mask_id: Optional[int] = None) -> list[list[int]]:
     """cut_at_eos per row of a [b, n] NumPy array or torch tensor."""
-    return [cut_at_eos(r, eos_id) for r in rows.tolist()]
+    return [cut_at_eos(r, eos_id, mask_id) for r in rows.tolist()]
 
 
 def holds_eos(tokens: Any, eos_id: int) -> Any:

@@ -102,9 +102,15 @@ def test_mask_token_from_config_else_tokenizer_else_option(tmp_path):
     for where in ("config", "tokenizer"):
         _, tok = _import(tmp_path / where, tmp_path / f"ck-{where}")
         assert tok.mask_id == ids[where]["<|MASK|>"]
-    r = _cli("import-hf", tmp_path / "none", "--out", tmp_path / "ck-none", "--image-size", "32")
-    _refused(r, tmp_path / "ck-none", "no mask token", "--mask-token")
-    _, tok = _import(tmp_path / "none", tmp_path / "ck-none", mask_token="<|MASK|>")
+    # named nowhere: the official code's last resort, the id of <|MASK|>
+    _, tok = _import(tmp_path / "none", tmp_path / "ck-none")
+    assert tok.mask_id == ids["none"]["<|MASK|>"]
+    # without <|MASK|> in the vocabulary only --mask-token can give it
+    tj = tmp_path / "none" / "tokenizer.json"
+    tj.write_text(tj.read_text().replace("<|MASK|>", "<|extra_mask|>"))
+    r = _cli("import-hf", tmp_path / "none", "--out", tmp_path / "ck-none2", "--image-size", "32")
+    _refused(r, tmp_path / "ck-none2", "no mask token", "--mask-token")
+    _, tok = _import(tmp_path / "none", tmp_path / "ck-none3", mask_token="<|extra_mask|>")
     assert tok.mask_id == ids["none"]["<|MASK|>"]
     # the decode conventions of the official inference code are recorded in the checkpoint
     cfg = json.loads((tmp_path / "ck-none" / "config.json").read_text())

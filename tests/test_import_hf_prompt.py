@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from hf_fixtures import write_qwen_vl
 
 from echo_train.model.qwen2_5_vl import ImportOptions, import_qwen2_5_vl
-from runtime.prompt import PREFIX_ALIGN, PROMPT_TEXT
+from runtime.prompt import PREFIX_ALIGN, PROMPT_PRESETS, PROMPT_TEXT
 from runtime.preprocess import normalize_image
 
 transformers = pytest.importorskip("transformers")
@@ -45,22 +45,35 @@ def _grey(seed: int = 0, size: int = 32) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-def _messages(instruction=PROMPT_TEXT, system=None):
+def _messages(instruction=PROMPT_PRESETS["official-zh"], system=None):
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
     return ([{"role": "system", "content": system}] if system else []) + [user]
 
 
 def test_prompt_is_the_folders_chat_template(vl, tmp_path):
     """The prefix is `transformers`' own rendering and tokenisation of the chat template for one image
-    and the instruction, left-padded to the block grid, recorded in config.json."""
+    and the official code's default instruction, unpadded (the official layout), recorded in
+    config.json; `--layout echo` left-pads it to the block grid instead."""
     folder, _, ids = vl
     model, tok = _import(folder, tmp_path / "ck")
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     text = hf_tok.apply_chat_template(_messages(), tokenize=False, add_generation_prompt=True)
     assert tok.template.info["text"] == text and "You are a helpful assistant." in text
+    assert tok.template.info["preset"] == "official-zh" and model.cfg.decode_layout == "official"
     want = hf_tok(text, add_special_tokens=False)["input_ids"]
     at = want.index(ids["<|image_pad|>"])
     want = want[:at] + [ids["<|image_pad|>"]] * N_IMAGE + want[at + 1:]  # the processor's expansion
+    assert tok.prefix_ids(N_IMAGE) == want  # exactly the official code's input_ids: no pads
+    assert model.cfg.image_start == at
+    header = hf_tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["prompt"]["before"] == want[:at] and cfg["prompt"]["after"] == want[at + N_IMAGE:]
+    assert cfg["lm"]["mrope_image_start"] == at and cfg["decode_layout"] == "official"
+
+    model, tok = _import(folder, tmp_path / "ck-echo", layout="echo", prompt="echo")
+    text = hf_tok.apply_chat_template(_messages(PROMPT_TEXT), tokenize=False, add_generation_prompt=True)
+    want = hf_tok(text, add_special_tokens=False)["input_ids"]
+    want = want[:at] + [ids["<|image_pad|>"]] * N_IMAGE + want[at + 1:]
     prefix = tok.prefix_ids(N_IMAGE)
     n_pad = len(prefix) - len(want)
     assert len(prefix) % PREFIX_ALIGN == 0 and 0 <= n_pad < PREFIX_ALIGN
@@ -68,11 +81,8 @@ def test_prompt_is_the_folders_chat_template(vl, tmp_path):
     s = model.cfg.image_start
     assert s == n_pad + at and prefix[s: s + N_IMAGE] == [ids["<|image_pad|>"]] * N_IMAGE
     assert ids["<|image_pad|>"] not in prefix[-PREFIX_ALIGN:]  # the carried last block is text
-    header = hf_tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     assert prefix[-len(header):] == header  # the prefix ends with the assistant header
-    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert cfg["prompt"]["before"] == want[:at] and cfg["prompt"]["after"] == want[at + N_IMAGE:]
-    assert cfg["lm"]["mrope_image_start"] == s
+    assert model.cfg.decode_layout == "echo"
 
     # --system / --instruction shape the rendered prompt; --no-chat-template keeps ECHO's own prefix
     from echo_train.cli import main
@@ -108,7 +118,7 @@ def test_positions_and_logits_match_transformers_with_the_image_inside_the_promp
     from echo_train.model.masks import build_attention_mask, causal_layout
 
     folder, ref, ids = vl
-    model, tok = _import(folder, tmp_path / "ck", stage="ar")
+    model, tok = _import(folder, tmp_path / "ck", stage="ar", native=False)  # the fixed grid's index positions
     prefix = tok.prefix_ids(N_IMAGE)
     response = torch.randint(3, 390, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     hf_in, input_ids, mm, px = _hf_inputs(folder, ids, prefix, response)
@@ -150,7 +160,7 @@ def test_chat_prompt_import_exports_and_runs_in_the_runtime(vl, tmp_path):
     from runtime.preprocess import preprocess_image
 
     folder = vl[0]
-    model, tok = _import(folder, tmp_path / "ck", max_response_tokens=16)
+    model, tok = _import(folder, tmp_path / "ck", max_response_tokens=16, prompt="official-en", native=False)
     data = write_tiny_dataset(tmp_path / "data", n_train=2, n_test=2)
     r = CliRunner().invoke(export_main, ["build", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "engine"),
                                          "--precision", "fp32", "--data", str(data), "--verify-n", "2"])

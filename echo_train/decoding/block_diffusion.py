@@ -11,6 +11,7 @@ from runtime.schedule import (
     UNMASK_THRESHOLD,
     BlockLayout,
     cut_rows_at_eos,
+    excludes_mask_token,
     fused_block_slice,
     holds_eos,
     select_unmask,
@@ -20,14 +21,19 @@ from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
 from ..model.masks import NOISY, block_layout, fused_layout
-from .common import DecodeResult, KVCache, forward_with_cache, never_predict_mask, prefix_ids_tensor
+from .common import (DecodeResult, KVCache, answer_logits, first_block, forward_with_cache, never_predict_mask,
+                     prefix_ids_tensor)
 
 
 def denoise_step(
-    logits: torch.Tensor, x: torch.Tensor, mask_id: int, min_count: int, rule: str, threshold: float
+    logits: torch.Tensor, x: torch.Tensor, mask_id: int, min_count: int, rule: str, threshold: float,
+    exclude_mask: bool = True,
 ) -> torch.Tensor:
-    """One unmasking step on a block: accept positions by the shared rule, return the new block."""
-    probs = torch.softmax(never_predict_mask(logits.float(), mask_id), -1)
+    """One unmasking step on a block: accept positions by the shared rule, return the new block.
+    exclude_mask False (the official layout): the mask token may be the argmax; accepting it
+    leaves that position masked."""
+    logits = logits.float()
+    probs = torch.softmax(never_predict_mask(logits, mask_id) if exclude_mask else logits, -1)
     conf, pred = probs.max(-1)
     still = x == mask_id
     accept = select_unmask(conf.cpu().numpy(), still.cpu().numpy(), min_count, rule, threshold)
@@ -67,38 +73,44 @@ def multistep_generate(
         schedule = transfer_schedule(B, steps)
         cache = KVCache()
         ctx = model.cfg.context_kind
-        pre_layout = block_layout(grid.prefix_len, B, kind=ctx)
-        logits, kv = forward_with_cache(model, model.embed_prefix(pixel_values, prefix), pre_layout, cache)
+        # the prompt's whole blocks; its tail (if any) is decoded inside response block 0
+        pre_layout = block_layout(grid.aligned_len, B, kind=ctx)
+        embeds = model.embed_prefix(pixel_values, prefix)[:, : grid.aligned_len]
+        logits, kv = forward_with_cache(model, embeds, pre_layout, cache)
         cache.append(kv, pre_layout)
         carry, shifted = logits[:, -1], model.cfg.shifted_prediction
         passes = 1
         blocks, trajectory = [], []
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        for k in range(grid.num_blocks(max_new_tokens)):
+        n_blocks = grid.num_blocks(max_new_tokens)
+        for k in range(n_blocks):
             start = int(grid.block_positions(k)[0])
             noisy = block_layout(B, B, start=start, kind=NOISY, copy=1)
-            x = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
+            x = first_block(prefix, grid, tokenizer.mask_id) if k == 0 else \
+                torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
             states = [x.clone()]
             for s in range(steps):
                 if not bool((x == tokenizer.mask_id).any()):
                     break
                 logits, _ = forward_with_cache(model, model.embed_tokens(x), noisy, cache)
                 passes += 1
-                x = denoise_step(block_logits(logits, carry, shifted), x, tokenizer.mask_id, schedule[s], rule, threshold)
+                x = denoise_step(block_logits(logits, carry, shifted), x, tokenizer.mask_id, schedule[s], rule,
+                                 threshold, excludes_mask_token(model.cfg.decode_layout))
                 states.append(x.clone())
             blocks.append(x)
             if keep_trajectory:
                 trajectory.append(torch.stack(states, 1).cpu())  # [b, n_states, B]
-            done |= holds_eos(x, tokenizer.eos_id)
-            if bool(done.all()) or k == grid.num_blocks(max_new_tokens) - 1:
+            done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
+            if bool(done.all()) or k == n_blocks - 1:
                 break
             clean = block_layout(B, B, start=start, kind=ctx)
             logits, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache)
             carry = logits[:, -1]
             cache.append(kv, clean)
             passes += 1
-        raw = torch.cat(blocks, 1).cpu()
-        return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id), passes, raw, trajectory if keep_trajectory else None)
+        raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
+        return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw,
+                            trajectory if keep_trajectory else None)
 
 
 def fused_onestep_generate(
@@ -124,21 +136,34 @@ def fused_onestep_generate(
         embeds = model.embed_prefix(pixel_values, prefix)
         _, kv = forward_with_cache(model, embeds[:, :n_pre], pre_layout, cache)
         cache.append(kv, pre_layout)
-        passes = 1
-        prev = prefix[:, n_pre:]
-        masks = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
-        blocks = []
-        read = fused_block_slice(B, model.cfg.shifted_prediction)
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        for k in range(grid.num_blocks(max_new_tokens)):
-            layout = fused_layout(grid, k, model.cfg.context_kind)
-            logits, kv = forward_with_cache(model, model.embed_tokens(torch.cat([prev, masks], 1)), layout, cache)
-            passes += 1
-            cache.append(kv, layout, keep=slice(0, B))
-            prev = never_predict_mask(logits[:, read], tokenizer.mask_id).argmax(-1)
-            blocks.append(prev)
-            done |= holds_eos(prev, tokenizer.eos_id)
-            if bool(done.all()):
-                break
-        raw = torch.cat(blocks, 1).cpu()
-        return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id), passes, raw)
+        return fused_passes(model, tokenizer, prefix, grid, cache, max_new_tokens)
+
+
+def fused_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch.Tensor, grid: BlockLayout,
+                 cache: KVCache, max_new_tokens: int, position_offset: int = 0) -> DecodeResult:
+    """The fused passes after a prefill that stored the KV of the first grid.fused_prefill_len prompt
+    tokens: pass k feeds [block k-1 clean, block k], stores block k-1's KV and reads block k (block 0
+    opens with the prompt's tail ids, which are kept)."""
+    b, dev, B = prefix.shape[0], prefix.device, grid.block_size
+    passes = 1
+    prev = prefix[:, grid.fused_prefill_len : grid.aligned_len]
+    cur = first_block(prefix, grid, tokenizer.mask_id)
+    masks = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
+    blocks = []
+    read = fused_block_slice(B, model.cfg.shifted_prediction)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    for k in range(grid.num_blocks(max_new_tokens)):
+        layout = fused_layout(grid, k, model.cfg.context_kind)
+        logits, kv = forward_with_cache(model, model.embed_tokens(torch.cat([prev, cur], 1)), layout, cache,
+                                        position_offset)
+        passes += 1
+        cache.append(kv, layout, keep=slice(0, B))
+        pred = answer_logits(model, logits[:, read], tokenizer.mask_id).argmax(-1)
+        prev = torch.where(cur == tokenizer.mask_id, pred, cur)  # the prompt's tail ids are kept
+        blocks.append(prev)
+        done |= holds_eos(prev[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
+        if bool(done.all()):
+            break
+        cur = masks
+    raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
+    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw)

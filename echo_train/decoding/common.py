@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from runtime.schedule import BlockLayout, excludes_mask_token
 from runtime.text import ReportTokenizer
 
 from ..model.backbone import KV
@@ -49,12 +50,13 @@ class KVCache:
 
 
 def forward_with_cache(
-    model: EchoModel, embeds: torch.Tensor, layout: TokenLayout, cache: KVCache
+    model: EchoModel, embeds: torch.Tensor, layout: TokenLayout, cache: KVCache, position_offset: int = 0
 ) -> tuple[torch.Tensor, list[KV]]:
-    """Run tokens described by `layout` against everything in `cache`."""
+    """Run tokens described by `layout` against everything in `cache`. Their rotary positions are
+    their grid positions plus `position_offset` (a native-resolution image's rope delta)."""
     keys = layout if cache.layout is None else TokenLayout.cat([cache.layout, layout])
     mask = build_attention_mask(layout, keys).to(embeds.device)[None]
-    pos = layout.position.to(embeds.device)[None].expand(embeds.shape[0], -1)
+    pos = (layout.position + position_offset).to(embeds.device)[None].expand(embeds.shape[0], -1)
     return model(embeds, pos, mask, cache.layers)
 
 
@@ -63,3 +65,16 @@ def never_predict_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     logits = logits.clone()
     logits[..., mask_id] = float("-inf")
     return logits
+
+
+def answer_logits(model: EchoModel, logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The logits a block's argmax reads under the model's decode layout: without the mask token
+    (the models trained here), or all of them (the official layout of imported checkpoints)."""
+    return never_predict_mask(logits, mask_id) if excludes_mask_token(model.cfg.decode_layout) else logits
+
+
+def first_block(prefix: torch.Tensor, grid: BlockLayout, mask_id: int) -> torch.Tensor:
+    """Response block 0 before decoding: the prompt's tail ids, then masks."""
+    b = prefix.shape[0]
+    masks = torch.full((b, grid.block_size - grid.tail), mask_id, dtype=torch.long, device=prefix.device)
+    return torch.cat([prefix[:, grid.aligned_len:], masks], 1)

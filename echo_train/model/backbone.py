@@ -64,11 +64,20 @@ def mrope_positions(position_ids: torch.Tensor, image_grid: list[int], image_sta
 
 def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, section: list[int],
                   image_grid: list[int], image_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2.5-VL's multimodal rotary cos, sin [b, T, head_dim] of token indices (mrope_positions).
+    """Qwen2.5-VL's multimodal rotary cos, sin [b, T, head_dim] of token indices (mrope_positions)."""
+    pos = mrope_positions(position_ids, image_grid, image_start)  # [b, T, 3]
+    return mrope_cos_sin_explicit(pos.permute(2, 0, 1), head_dim, theta, dtype, section)
+
+
+def mrope_cos_sin_explicit(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                           section: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's multimodal rotary cos, sin [b, T, head_dim] of (time, row, column) positions
+    [3, b, T] (transformers' position_ids, runtime/native_image.mrope_position_ids).
 
     The frequency j of the head rotates by the component its section names (time, row, column, in
-    turn). Text tokens, whose three components agree, get exactly plain RoPE at the shifted index."""
-    pos = mrope_positions(position_ids, image_grid, image_start).float()  # [b, T, 3]
+    turn). Text tokens, whose three components agree, get exactly plain RoPE at that position."""
+    position_ids = positions[0]
+    pos = positions.permute(1, 2, 0).float()  # [b, T, 3]
     component = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
     if component.numel() != head_dim // 2:
         raise ValueError(f"mrope_section {section} sums to {component.numel()}, not head_dim / 2 = {head_dim // 2}")
@@ -208,9 +217,13 @@ class QwenDecoder(nn.Module):
         return self.model.norm(x), new_kv
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of token indices: plain RoPE, or MRoPE where the config says (Qwen2.5-VL)."""
+        """cos, sin of the positions: plain RoPE; MRoPE (Qwen2.5-VL) of token indices where the config
+        fixes the image grid; of explicit (time, row, column) positions [3, b, T] where it does not
+        (native resolution: each image its own grid), plain RoPE of [b, T] text positions then."""
         c = self.cfg
-        if c.mrope_section:
+        if c.mrope_section and position_ids.dim() == 3:
+            return mrope_cos_sin_explicit(position_ids, c.head_dim, c.rope_theta, dtype, c.mrope_section)
+        if c.mrope_section and c.mrope_image_grid is not None:
             return mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, dtype, c.mrope_section, c.mrope_image_grid,
                                  c.mrope_image_start)
         return rotary_cos_sin(position_ids, c.head_dim, c.rope_theta, dtype)

@@ -91,6 +91,12 @@ class VisionConfig:
     # image stretched to its own range, bilinear) or "processor" (Qwen2-VL's image processor at
     # the fixed grid: 8-bit values kept, bicubic; set by import-hf).
     preprocess: str = "echo"
+    # Native resolution (Qwen2.5-VL, import-hf): each image at the processor's own grid (aspect ratio
+    # kept, its pixel count within [min_pixels, max_pixels]), so the number of image tokens follows
+    # the image (runtime/native_image.py). image_size then only sizes the fixed-grid graphs' buffers.
+    native: bool = False
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
 
     @property
     def n_image_tokens(self) -> int:
@@ -116,6 +122,10 @@ class EchoConfig:
     # after the image, where the pads go), as import-hf renders it from a folder's chat template.
     # None: ECHO's own prefix (image first, pads, BOS, instruction).
     prompt: Optional[dict[str, Any]] = None
+    # How the block decoders lay out and read a report (runtime/schedule.DECODE_LAYOUTS): "echo" for
+    # the models trained here, "official" for imported ECHO checkpoints (the official inference
+    # code's rules: argmax over every id, the mask included; the prompt unpadded).
+    decode_layout: str = "echo"
 
     def __post_init__(self) -> None:
         # the decoder's rotary positions follow the template's image start (one source: the template)

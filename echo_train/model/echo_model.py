@@ -38,6 +38,21 @@ class EchoModel(nn.Module):
         parts = ([self.embed_tokens(prefix_ids[:, :s])] if s else []) + [img, self.embed_tokens(prefix_ids[:, e:])]
         return torch.cat(parts, dim=1)
 
+    def embed_prefix_native(self, prefix_ids: torch.Tensor, patches: torch.Tensor, patch_rc: torch.Tensor,
+                            window_gather: torch.Tensor, window_valid: torch.Tensor,
+                            window_inverse: torch.Tensor) -> torch.Tensor:
+        """[1, T, d]: one image at its own grid (runtime/native_image.NativeImage's arrays) in place of
+        the placeholders that start at the template's image start. The ids may stop anywhere after
+        the image. Every shape follows the inputs (no data-dependent Python), so this exports with the
+        patch and token counts dynamic."""
+        img = self.vision.tower.forward_native(patches, patch_rc, window_gather, window_valid, window_inverse)
+        s = self.cfg.image_start
+        pos = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)
+        inside = (pos >= s) & (pos < s + img.shape[0])
+        rows = torch.clamp(pos - s, min=0, max=img.shape[0] - 1)
+        text = self.embed_tokens(prefix_ids)
+        return torch.where(inside[None, :, None], img[rows][None].to(text.dtype), text)
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,

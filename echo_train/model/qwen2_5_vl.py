@@ -36,8 +36,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from runtime.native_image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from runtime.preprocess import PREPROCESS_MODES
-from runtime.prompt import SUPPORTED_BLOCK_SIZES
+from runtime.prompt import DEFAULT_IMPORT_PROMPT, PAD_NONE, PAD_START, PROMPT_PRESETS, SUPPORTED_BLOCK_SIZES
+from runtime.schedule import DECODE_LAYOUTS, LAYOUT_ECHO, LAYOUT_OFFICIAL
 from runtime.special_tokens import BOS, EOS, IMAGE, MASK, PAD
 from runtime.text import ReportTokenizer
 
@@ -48,6 +50,7 @@ from .safetensors_stream import (SafetensorsFormatError, SafetensorsWriter, Tens
                                  copy_bytes, read_header, read_rows)
 
 MODEL_TYPES = ("qwen2_5_vl",)
+OFFICIAL_MASK_TOKEN = "<|MASK|>"
 DEFAULT_IMAGE_SIZE = 448  # 32 x 32 patches of 14 px -> 256 image tokens after the 2 x 2 merger
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2-VL's processor defaults
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -69,8 +72,20 @@ class ImportOptions:
     # runtime/preprocess.PREPROCESS_MODES: "processor" prepares images as Qwen2-VL's image processor
     # does at the fixed grid (how the published checkpoints saw them); "echo": ECHO's own.
     preprocess: str = "processor"
-    instruction: Optional[str] = None
+    instruction: Optional[str] = None  # the user turn's text; None: the `prompt` preset's
     system: Optional[str] = None
+    # runtime/prompt.PROMPT_PRESETS: the official inference code's instructions by name
+    prompt: str = DEFAULT_IMPORT_PROMPT
+    # runtime/schedule.DECODE_LAYOUTS: "official" (the official inference code's: prompt unpadded, the
+    # block grid from its first token, argmax over every id) or "echo" (the prompt left-padded to
+    # whole blocks of 16, the mask token never an answer: how the engines of earlier versions decoded)
+    layout: str = LAYOUT_OFFICIAL
+    # Native resolution: each image at the processor's grid for it (aspect ratio kept, its pixels
+    # within [min_pixels, max_pixels]), as the official code runs; False: every image at the one
+    # square image_size grid. min_pixels None: the folder's preprocessor_config.json's.
+    native: Optional[bool] = None  # None: native in the official layout with a chat template
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_pixels: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -88,12 +103,32 @@ def _rope(text: dict[str, Any]) -> tuple[float, list[int]]:
     return theta, [int(x) for x in section]
 
 
+# What only a Qwen2.5-VL vision tower's config has (Qwen2-VL's has none of them)
+QWEN2_5_VL_VISION_KEYS = ("fullatt_block_indexes", "window_size", "out_hidden_size")
+
+
+def _is_qwen2_5_vl_shaped(d: dict[str, Any]) -> bool:
+    """A folder whose own model class is remote code (the released ECHO checkpoints: `auto_map`, their
+    own architecture names) but whose config is Qwen2.5-VL's: its vision tower's settings and the
+    decoder's mrope_section. Recognised from the config alone: no remote code is ever executed."""
+    return bool(d.get("auto_map")) and not _missing_qwen2_5_vl(d)
+
+
+def _missing_qwen2_5_vl(d: dict[str, Any]) -> list[str]:
+    vision = d.get("vision_config") if isinstance(d.get("vision_config"), dict) else {}
+    rope = _text_config(d).get("rope_parameters") or _text_config(d).get("rope_scaling") or {}
+    missing = [f"vision_config.{k}" for k in QWEN2_5_VL_VISION_KEYS if k not in vision]
+    return missing + ([] if rope.get("mrope_section") else ["rope_parameters.mrope_section"])
+
+
 def configs_from_folder(folder: Path, opts: ImportOptions) -> tuple[EchoConfig, dict[str, Any]]:
     d = read_json(folder / "config.json", "the model's configuration")
     mt = d.get("model_type")
-    if mt not in MODEL_TYPES:
+    if mt not in MODEL_TYPES and not _is_qwen2_5_vl_shaped(d):
         arch = ", ".join(d.get("architectures") or []) or "no architectures listed"
         hint = " (a Qwen2 / Qwen3 LM: echo-train stage1 --init-lm)" if mt in ("qwen2", "qwen3") else ""
+        if d.get("auto_map"):  # remote code (never run): say which Qwen2.5-VL setting its config lacks
+            hint = f" (its model class is remote code; its config lacks {', '.join(_missing_qwen2_5_vl(d))})"
         raise PretrainedError(f"{folder}: unsupported architecture {mt!r} ({arch}); import-hf takes Qwen2.5-VL "
                               f"(model_type qwen2_5_vl){hint}")
     vision = d.get("vision_config")
@@ -120,7 +155,10 @@ def configs_from_folder(folder: Path, opts: ImportOptions) -> tuple[EchoConfig, 
     if opts.image_size % (patch * merge):
         raise PretrainedError(f"--image-size {opts.image_size} is not a multiple of patch x merge = {patch * merge} px")
     llm_grid = opts.image_size // patch // merge
-    lm.mrope_image_grid = [llm_grid, llm_grid]
+    # at a fixed grid the rotary positions follow from the token index; natively each image has its
+    # own grid, so the graphs take explicit (time, row, column) positions instead (backbone.rotary)
+    lm.mrope_image_grid = None if opts.native else [llm_grid, llm_grid]
+    lo, hi = _pixel_bounds(folder, opts) if opts.native else (None, None)
     mean, std = _mean_std(folder)
     vcfg = VisionConfig(family="qwen2_5_vl", image_size=opts.image_size, patch_size=patch, merge_size=merge,
                         hidden_size=hidden, num_hidden_layers=int(vision.get("depth", 32)),
@@ -128,21 +166,37 @@ def configs_from_folder(folder: Path, opts: ImportOptions) -> tuple[EchoConfig, 
                         intermediate_size=int(vision.get("intermediate_size", hidden * 4)),
                         num_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
                         hf_config={k: v for k, v in vision.items() if k not in ("dtype", "torch_dtype")},
-                        image_mean=mean, image_std=std, preprocess=opts.preprocess)
+                        image_mean=mean, image_std=std, preprocess=opts.preprocess, native=opts.native,
+                        min_pixels=lo, max_pixels=hi)
     cfg = EchoConfig(lm=lm, vision=vcfg, stage=opts.stage, block_size=opts.block_size,
                      max_response_tokens=opts.max_response_tokens,
                      shifted_prediction=False, causal_context=False)
     return cfg, d
 
 
-def _mean_std(folder: Path) -> tuple[list[float], list[float]]:
+def _processor_config(folder: Path) -> dict[str, Any]:
     p = folder / "preprocessor_config.json"
     if not p.is_file():
-        raise PretrainedError(f"{folder}: no preprocessor_config.json (the image processor's mean and std are read "
-                              "from it)")
-    pre = read_json(p, "the image processor's configuration")
+        raise PretrainedError(f"{folder}: no preprocessor_config.json (the image processor's mean, std and pixel "
+                              "bounds are read from it)")
+    return read_json(p, "the image processor's configuration")
+
+
+def _mean_std(folder: Path) -> tuple[list[float], list[float]]:
+    pre = _processor_config(folder)
     mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
     return [float(x) for x in mean], [float(x) for x in std]
+
+
+def _pixel_bounds(folder: Path, opts: ImportOptions) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of native resolution: --min-pixels, else the folder's processor's
+    (`min_pixels`, or `size.shortest_edge` as newer processors write it); --max-pixels (the official
+    code passes 2,250,000 whatever the folder says)."""
+    pre = _processor_config(folder)
+    lo = opts.min_pixels or pre.get("min_pixels") or (pre.get("size") or {}).get("shortest_edge") or DEFAULT_MIN_PIXELS
+    if not 0 < int(lo) <= opts.max_pixels:
+        raise PretrainedError(f"--max-pixels {opts.max_pixels} is below the processor's min_pixels {lo}")
+    return int(lo), int(opts.max_pixels)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -183,10 +237,13 @@ def roles_of(folder: Path, cfg: dict[str, Any], tok_json: dict[str, Any], mask_o
         if mask is None:
             mask = mask_option  # a new token, added under our name
     if mask is None:
+        mask = by_name(OFFICIAL_MASK_TOKEN)  # the official code's last resort: the id of <|MASK|>
+    if mask is None:
         raise PretrainedError(f"{folder}: no mask token: config.json has no mask_token_id, the tokenizer no "
-                              "mask_token; pass --mask-token TOKEN")
-    eos = _first_of(_first_id(gen.get("eos_token_id")), _first_id(cfg.get("eos_token_id")),
-                    _first_id(text.get("eos_token_id")), by_name(_token_name(tcfg.get("eos_token"))))
+                              f"mask_token and no {OFFICIAL_MASK_TOKEN}; pass --mask-token TOKEN")
+    # the official decoders stop at the tokenizer's eos_token: it comes first
+    eos = _first_of(by_name(_token_name(tcfg.get("eos_token"))), _first_id(gen.get("eos_token_id")),
+                    _first_id(cfg.get("eos_token_id")), _first_id(text.get("eos_token_id")))
     if eos is None:
         raise PretrainedError(f"{folder}: the tokenizer lacks an end-of-text token: no eos_token_id in "
                               "generation_config.json or config.json, no eos_token in tokenizer_config.json")
@@ -262,6 +319,16 @@ def import_tokenizer(folder: Path, cfg: dict[str, Any], mask_option: Optional[st
     return tok, {r: (v if isinstance(v, int) else None) for r, v in roles.items()}
 
 
+def _check_image_before_last_blocks(template, cfg: EchoConfig) -> None:
+    """The fused decoder feeds the prompt's last whole block and its tail as token ids: the image
+    must end before them, whatever the prompt's length modulo the block size."""
+    need = 2 * cfg.block_size - 1
+    if len(template.after) < need:
+        raise PretrainedError(f"the prompt has {len(template.after)} tokens after the image; block size {cfg.block_size} "
+                              f"needs at least {need} there (its last whole block and tail are decoded as token ids): "
+                              "use a longer --instruction")
+
+
 def prompt_template(folder: Path, opts: ImportOptions, image_id: int):
     """The folder's chat prompt as a template (None: ECHO's own prefix), ids of its own tokenizer."""
     from tokenizers import Tokenizer
@@ -273,8 +340,15 @@ def prompt_template(folder: Path, opts: ImportOptions, image_id: int):
             raise PretrainedError("--instruction / --system shape the chat prompt; they do not apply with "
                                   "--no-chat-template")
         return None
+    if opts.prompt not in PROMPT_PRESETS:
+        raise PretrainedError(f"--prompt {opts.prompt!r}: choose from {', '.join(PROMPT_PRESETS)}")
+    instruction = PROMPT_PRESETS[opts.prompt] if opts.instruction is None else opts.instruction
+    pad = PAD_NONE if opts.layout == LAYOUT_OFFICIAL else PAD_START
     original = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return chat_prompt_template(folder, original, original.id_to_token(image_id), opts.instruction, opts.system)
+    template = chat_prompt_template(folder, original, original.id_to_token(image_id), instruction, opts.system, pad)
+    if template is not None and opts.instruction is None:
+        template = replace(template, info={**template.info, "preset": opts.prompt})
+    return template
 
 
 # ---------------------------------------------------------------------------- weights
@@ -381,12 +455,25 @@ def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
     if opts.block_size not in SUPPORTED_BLOCK_SIZES:
         raise PretrainedError(f"--block-size {opts.block_size}: choose from {SUPPORTED_BLOCK_SIZES}")
     folder = check_folder(opts.folder, "import-hf")
+    if opts.native is None:  # native where the official layout applies: the folder's chat prompt
+        from .qwen2_5_vl_prompt import find_chat_template
+
+        has_template = opts.chat_template and find_chat_template(folder) is not None
+        opts = replace(opts, native=opts.layout == LAYOUT_OFFICIAL and has_template)
     cfg, raw = configs_from_folder(folder, opts)
     files = weight_files(folder)
     index = tensor_index(files)
     tok, roles = import_tokenizer(folder, raw, opts.mask_token)
     template = prompt_template(folder, opts, roles[IMAGE])
-    cfg = replace(cfg, prompt=None if template is None else template.to_dict())
+    if opts.layout not in DECODE_LAYOUTS:
+        raise PretrainedError(f"--layout {opts.layout!r}: choose from {', '.join(DECODE_LAYOUTS)}")
+    layout = opts.layout if template is not None else LAYOUT_ECHO  # ECHO's own prefix: ECHO's own layout
+    if opts.native and layout != LAYOUT_OFFICIAL:
+        raise PretrainedError("native resolution decodes in the official layout (the chat template, --layout "
+                              "official); pass --fixed-grid with --layout echo or --no-chat-template")
+    cfg = replace(cfg, prompt=None if template is None else template.to_dict(), decode_layout=layout)
+    if template is not None:
+        _check_image_before_last_blocks(template, cfg)
     tok.template = template
     cfg.lm.vocab_size = max(cfg.lm.vocab_size, tokenizer_rows(tok))
     with parameters_on_meta():  # shapes only: the weights go from the source files to ours unloaded
@@ -398,7 +485,9 @@ def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
         f"{cfg.image_start})")
     roles_txt = ", ".join(f"{r}={tok.tok.token_to_id(r)}" + ("" if roles.get(r) is not None else " (added)")
                           for r in (PAD, EOS, MASK, IMAGE, BOS))
-    log(f"[import-hf] {folder} -> {out}: stage {cfg.stage}, block {cfg.block_size}, {opts.image_size} px -> "
-        f"{cfg.n_image_tokens} image tokens ({opts.preprocess} preprocessing), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{len(mapping)} tensors; special tokens {roles_txt}; {prompt_txt}")
+    images = (f"native resolution ({cfg.vision.min_pixels}..{cfg.vision.max_pixels} pixels an image)" if opts.native
+              else f"{opts.image_size} px -> {cfg.n_image_tokens} image tokens ({opts.preprocess} preprocessing)")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"[import-hf] {folder} -> {out}: stage {cfg.stage}, block {cfg.block_size}, {cfg.decode_layout} layout, "
+        f"{images}, {n_params:.1f}M parameters, {len(mapping)} tensors; special tokens {roles_txt}; {prompt_txt}")
     return out

@@ -68,7 +68,7 @@ def chat_messages(instruction: str, system: Optional[str]) -> list[dict[str, Any
 
 
 def chat_prompt_template(folder: Path, tokenizer, image_token: str, instruction: Optional[str] = None,
-                         system: Optional[str] = None) -> Optional[PromptTemplate]:
+                         system: Optional[str] = None, pad: str = PAD_START) -> Optional[PromptTemplate]:
     """The folder's chat prompt for one image + the instruction as ids around the image, or None
     when the folder has no chat template. `tokenizer`: the folder's own (`tokenizers`) tokenizer,
     before any token takes one of ECHO's role names."""
@@ -94,6 +94,6 @@ def chat_prompt_template(folder: Path, tokenizer, image_token: str, instruction:
                                   f"faithfully ({part!r} -> {back!r})")
     info = {"source": source, "text": text, "instruction": instruction, "system": system}
     try:
-        return PromptTemplate(before=tuple(before), after=tuple(after), pad=PAD_START, info=info)
+        return PromptTemplate(before=tuple(before), after=tuple(after), pad=pad, info=info)
     except PromptTemplateError as e:
         raise PretrainedError(f"{folder}: {e}") from None
