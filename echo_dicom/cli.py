@@ -31,7 +31,8 @@ COMPLETE_HELP = ("quiet: a study is complete once no image of it arrived for --q
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s echo-dicom %(levelname)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for noisy in ("pynetdicom", "dicomweb_client"):  # their INFO is one line per PDU or request
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _die(msg: str) -> None:

@@ -157,3 +157,41 @@ def test_cstore_round_trip_with_a_kill_mid_study(runtime_engine, expected_text, 
         print("\n" + count_line("C-STORE round trip (node SIGKILLed mid-study, restarted)", 3,
                                 sum(len(v) for v in found.values()), 3, dups))
     assert dups == 0 and all(len(v) == 1 for v in found.values())
+
+
+def test_dicomweb_round_trip_qido_wado_stow(runtime_engine, expected_text, tmp_path, capsys):  # noqa: F811
+    """The node polls Orthanc's DICOMweb plugin, fetches the images and STOWs the SR; a restart
+    of the node (a fresh poll of every study) adds no second SR."""
+    from benchmarks.pacs_orthanc import dicomweb_plugin
+
+    if dicomweb_plugin() is None:
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (Debian: orthanc-dicomweb)")
+    o = Orthanc(tmp_path / "orthanc", dicomweb=True)
+    o.start()
+    studies = [Study(11, [("PA", 2, "DX")], tmp_path), Study(12, [("LL", 5, "CR"), ("AP", 3, "CR")], tmp_path)]
+    for s in studies:
+        for f in s.files:
+            o.upload(f.read_bytes())
+    args = ["poll", "--engine-dir", str(runtime_engine.path), "--state-dir", str(tmp_path / "state"),
+            "--dicomweb-url", o.dicomweb_url, "--poll-seconds", "0.5", "--quiet-seconds", str(QUIET_S),
+            "--threads", "1"]
+    try:
+        node = NodeProcess(args, tmp_path / "node.log")
+        node.wait_ready()
+        wait_for(lambda: all(o.sr_instances(s.uid) for s in studies), 60, "the SRs of both studies")
+        assert node.stop() == 0, node.log[-3000:]
+        node = NodeProcess(args, tmp_path / "node.log")  # same state: nothing to do
+        node.wait_ready()
+        time.sleep(QUIET_S + 2)
+        assert node.stop() == 0, node.log[-3000:]
+        found = {s.uid: o.srs(s.uid) for s in studies}
+    finally:
+        node.stop()
+        o.stop()
+    dups = sum(len(v) - 1 for v in found.values())
+    for s in studies:
+        check_sr(found[s.uid][0], s, expected_text(s.frontal), "fp32")
+    with capsys.disabled():
+        print("\n" + count_line("DICOMweb round trip (QIDO-RS, WADO-RS, STOW-RS; node restarted)", len(studies),
+                                sum(len(v) for v in found.values()), len(studies), dups))
+    assert dups == 0
