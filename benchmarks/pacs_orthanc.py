@@ -112,8 +112,8 @@ class Orthanc:
             self.proc.kill()
             self.proc.wait(10)
 
-    def restart(self, down_s: float = 0.0) -> None:
-        self.stop()
+    def restart(self, down_s: float = 0.0, kill: bool = False) -> None:
+        self.stop(kill=kill)
         time.sleep(down_s)
         self.start()
 

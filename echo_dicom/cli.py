@@ -107,7 +107,11 @@ def main() -> None:
               "unless --allow-any-aet")
 @click.option("--allow-any-aet", is_flag=True, help="accept associations from any calling AE title")
 @click.option("--pacs", required=True, help="where reports go, AET@HOST:PORT (C-STORE), e.g. ORTHANC@127.0.0.1:4242")
-def listen(ae_title, host, port, allow_aet, allow_any_aet, pacs, **kw) -> None:
+@click.option("--send-associations", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="parallel associations to --pacs when several SRs are due (each takes --batch of them)")
+@click.option("--pacs-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+              help="seconds to wait for the PACS to answer an association or a C-STORE")
+def listen(ae_title, host, port, allow_aet, allow_any_aet, pacs, send_associations, pacs_timeout, **kw) -> None:
     """C-STORE SCP: receive studies, send each report to --pacs with C-STORE."""
     from .scp import StoreHandler, make_ae, start_scp
     from .senders import CStoreSender, PacsAddress
@@ -116,7 +120,8 @@ def listen(ae_title, host, port, allow_aet, allow_any_aet, pacs, **kw) -> None:
     if not allow_aet and not allow_any_aet:
         _die("name the senders with --allow-aet (or accept anyone with --allow-any-aet)")
     try:
-        sender = CStoreSender(PacsAddress.parse(pacs), ae_title)
+        sender = CStoreSender(PacsAddress.parse(pacs), ae_title, associations=send_associations,
+                              timeout_s=pacs_timeout)
     except ValueError as e:
         _die(str(e))
     node = _make_node(kw, sender)

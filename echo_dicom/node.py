@@ -62,7 +62,7 @@ class Node:
 
     def flush_outbox(self) -> int:
         """Send the due SRs in one batch; how many the PACS took."""
-        due = self.store.due(self.opts.batch)
+        due = self.store.due(self.opts.batch * getattr(self.sender, "associations", 1))
         if not due:
             return 0
         results = self.sender.send([p.sr_path for p in due])
@@ -75,7 +75,7 @@ class Node:
             else:
                 wait = backoff(p.attempts, self.opts.retry_base_s, self.opts.retry_cap_s)
                 self.store.mark_failed(p, err, wait)
-                log.warning("study %s: SR not stored (%s); attempt %d, next in %.0f s", p.study_uid, err,
+                log.warning("study %s: SR not stored (%s); attempt %d, next in %.1f s", p.study_uid, err,
                             p.attempts + 1, wait)
         return sent
 
