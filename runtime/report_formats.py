@@ -10,7 +10,9 @@ Study / Series / SOP Instance UIDs, and the FHIR resource names the study and th
 dicom-sr   a Basic Text SR (DICOM PS3.3 A.35.1) following TID 2000 "Basic Diagnostic Imaging
            Report": a FINDINGS and an IMPRESSION section, the text split at the report's own
            "FINDINGS:" / "IMPRESSION:" headings; the observer is a device (this engine), the
-           document UNVERIFIED and PRELIMINARY. Needs pydicom (the [dicom] extra).
+           document UNVERIFIED and PRELIMINARY. Needs pydicom (the [dicom] extra). SROptions adds
+           what a DICOM node filing it into a PACS needs (echo_dicom): a series description,
+           fixed UIDs, the engine as Contributing Equipment.
 fhir       a FHIR R4 (4.0.1) DiagnosticReport, status "preliminary", the whole text in
            presentedForm (base64 text/plain), the impression in conclusion, marked
            machine-generated twice: meta.security AIAST ("Artificial Intelligence asserted",

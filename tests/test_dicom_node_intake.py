@@ -178,3 +178,41 @@ def test_outbox_waits_for_a_pacs_that_is_down_survives_a_restart_and_stores_once
         node.shutdown()
     finally:
         o.stop()
+
+
+def test_explicit_trigger_completes_a_study_and_status_counts_it(runtime_engine, tmp_path):  # noqa: F811
+    """--complete-on trigger: no quiet time ever completes a study; `echo-dicom trigger` does."""
+    import json
+
+    from click.testing import CliRunner
+
+    from echo_dicom.cli import main
+
+    state = tmp_path / "state"
+    node = Node(NodeOptions(engine_dir=str(runtime_engine.path), state_dir=str(state), quiet_s=None, threads=1),
+                NoPacs())
+    try:
+        intake.save_instance(node.store, instance(30), node.check_pixels, now=time.time() - 3600)
+        assert node.reporter.report_ready() == 0  # an hour of quiet is not a trigger
+        r = CliRunner().invoke(main, ["trigger", "--state-dir", str(state), uid(30), uid(31)])
+        assert r.exit_code == 1 and f"no image of study {uid(31)}" in r.output  # the unknown one is named
+        assert node.reporter.report_ready() == 1 and node.reporter.report_ready() == 0  # once
+        r = CliRunner().invoke(main, ["status", "--state-dir", str(state), "--reports"])
+        counts, report = map(json.loads, r.output.splitlines())
+        assert counts == {"instances": 1, "studies": 1, "refusals": 0, "reports_outbox": 1}
+        assert (report["study_uid"], report["state"], report["image_sop_uid"]) == (uid(30), "outbox", uid(30, 1, 1))
+    finally:
+        node.shutdown()
+
+
+def test_cli_refuses_to_listen_without_an_allow_list(runtime_engine, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from echo_dicom.cli import main
+
+    r = CliRunner().invoke(main, ["listen", "--engine-dir", str(runtime_engine.path), "--state-dir",
+                                  str(tmp_path / "s"), "--pacs", "ORTHANC@127.0.0.1:4242"])
+    assert r.exit_code == 2 and "--allow-aet" in r.output
+    r = CliRunner().invoke(main, ["listen", "--engine-dir", str(runtime_engine.path), "--state-dir",
+                                  str(tmp_path / "s"), "--allow-aet", "X", "--pacs", "ORTHANC:4242"])
+    assert r.exit_code == 2 and "AET@HOST:PORT" in r.output
