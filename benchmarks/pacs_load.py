@@ -225,8 +225,8 @@ def write_results(res: dict[str, Any], out: Path) -> None:
         f"EchoRuntime.generate on each study's PA image ({res['distinct_texts']} distinct texts among the studies). "
         f"The node's outbox made {n['send_attempts']} send attempts for {n['reports']} reports "
         f"(at most {n['max_attempts_one_report']} for one). First SR in Orthanc {w.get('first_sr_s')} s after the "
-        f"first push (the push itself, then the quiet time); Orthanc was stopped (SIG{res['args']['restart_signal'].upper()}) "
-        f"at {r.get('at_s')} s.",
+        f"first push (the push itself, then the quiet time); Orthanc was stopped "
+        f"(SIG{res['args']['restart_signal'].upper()}) at {r.get('at_s')} s.",
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 

@@ -43,7 +43,8 @@ def _die(msg: str) -> None:
 def node_options(f: Callable) -> Callable:
     """The options `listen` and `poll` share: the engine, the state, the study-complete rule, retries."""
     opts = [
-        click.option("--engine-dir", required=True, type=click.Path(), help="engine folder built by `echo-export build`"),
+        click.option("--engine-dir", required=True, type=click.Path(),
+                     help="engine folder built by `echo-export build`"),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True),
         click.option("--state-dir", required=True, type=click.Path(file_okay=False),
                      help="the node's received images, outbox and sqlite state; keep it across restarts"),
@@ -116,7 +117,6 @@ def listen(ae_title, host, port, allow_aet, allow_any_aet, pacs, send_associatio
     from .scp import StoreHandler, make_ae, start_scp
     from .senders import CStoreSender, PacsAddress
 
-    _setup_logging(kw["verbose"])
     if not allow_aet and not allow_any_aet:
         _die("name the senders with --allow-aet (or accept anyone with --allow-any-aet)")
     try:
@@ -124,6 +124,7 @@ def listen(ae_title, host, port, allow_aet, allow_any_aet, pacs, send_associatio
                               timeout_s=pacs_timeout)
     except ValueError as e:
         _die(str(e))
+    _setup_logging(kw["verbose"])  # after the option checks: those errors are one plain line
     node = _make_node(kw, sender)
     ae = make_ae(ae_title, [] if allow_any_aet else list(allow_aet))
     try:

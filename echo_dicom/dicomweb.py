@@ -11,7 +11,7 @@ no new image of it has been seen for quiet_s.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 from .intake import CXR_MODALITIES, CXR_SOP_CLASSES, Refused, save_instance
 from .store import Store
@@ -93,6 +93,6 @@ class WebSource:
             return False
 
 
-def describe_error(e: Exception) -> Optional[str]:
+def describe_error(e: Exception) -> str:
     """One line for a failed poll (the server down, a bad answer): the next poll tries again."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

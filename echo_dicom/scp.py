@@ -9,7 +9,7 @@ C-ECHO (verification) answers Success, so a PACS can test the node.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from .intake import CXR_SOP_CLASSES, UNDECODABLE, Refused, decodable_transfer_syntaxes, is_own_report, save_instance
 from .store import Store
@@ -95,7 +95,7 @@ def on_accepted(event) -> None:
                     ", ".join(str(t) for t in ctx.transfer_syntax))
 
 
-def start_scp(ae, host: str, port: int, handler: StoreHandler) -> Optional[object]:
+def start_scp(ae, host: str, port: int, handler: StoreHandler):
     """Listen in pynetdicom's own threads; returns the server (shutdown() stops it)."""
     from pynetdicom import evt
 

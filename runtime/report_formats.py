@@ -395,5 +395,5 @@ def render(fmt: str, report, source: Optional[SourceStudy] = None, engine: Optio
     raise ReportFormatError(f"unknown report format {fmt!r}; choose from {FORMATS}")
 
 
-__all__ = ["FORMATS", "SourceStudy", "EngineInfo", "SROptions", "ReportFormatError", "sections", "report_dict", "dicom_sr",
-           "fhir_diagnostic_report", "render", "MACHINE_GENERATED"]
+__all__ = ["FORMATS", "SourceStudy", "EngineInfo", "SROptions", "ReportFormatError", "sections", "report_dict",
+           "dicom_sr", "fhir_diagnostic_report", "render", "MACHINE_GENERATED"]

@@ -122,8 +122,8 @@ def listen_args(engine, state: Path, port: int, o: Orthanc) -> list[str]:
             "--quiet-seconds", str(QUIET_S), "--retry-base", "0.5", "--retry-cap", "2", "--threads", "1"]
 
 
-def test_cstore_round_trip_with_a_kill_mid_study(runtime_engine, expected_text, orthanc_and_node_port, tmp_path,  # noqa: F811
-                                                 capsys):
+def test_cstore_round_trip_with_a_kill_mid_study(runtime_engine, expected_text,  # noqa: F811
+                                                 orthanc_and_node_port, tmp_path, capsys):
     """Orthanc -> node -> Orthanc over C-STORE; SIGKILL after half of study B, restart, B resent whole."""
     o, port = orthanc_and_node_port
     a = Study(1, [("PA", 2, "DX")], tmp_path)

@@ -216,3 +216,29 @@ def test_cli_refuses_to_listen_without_an_allow_list(runtime_engine, tmp_path): 
     r = CliRunner().invoke(main, ["listen", "--engine-dir", str(runtime_engine.path), "--state-dir",
                                   str(tmp_path / "s"), "--allow-aet", "X", "--pacs", "ORTHANC:4242"])
     assert r.exit_code == 2 and "AET@HOST:PORT" in r.output
+
+
+def test_sr_options_give_the_device_the_flags_and_fixed_uids():
+    """Without Orthanc: what the node asks of runtime.report_formats.dicom_sr."""
+    from runtime.engine import Report
+    from runtime.report_formats import EngineInfo, SourceStudy, SROptions, dicom_sr
+
+    from echo_dicom.reporter import SERIES_DESCRIPTION
+
+    engine = EngineInfo("echo-test", "fp32", "ab" * 32)
+    series, sop = sr_uids(uid(40), engine.version())
+    assert (series, sop) == sr_uids(uid(40), engine.version()) and series != sop  # fixed by the pair
+    assert sr_uids(uid(40), "other:fp32:0") != (series, sop) and sr_uids(uid(41), engine.version()) != (series, sop)
+    src = SourceStudy.from_bytes(cxr_instance(PIXELS[2, 0], uid(40), uid(40, 1), uid(40, 1, 1)))
+    opts = SROptions(series_description=SERIES_DESCRIPTION, sop_uid=sop, series_uid=series,
+                     contributing_equipment=True, software_version=engine.version())
+    rep = Report(path="x.dcm", text="FINDINGS: Clear. IMPRESSION: Normal.")
+    ds = pydicom.dcmread(io.BytesIO(dicom_sr(rep, src, engine, options=opts)))
+    assert (ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID, ds.SeriesInstanceUID) == (sop, sop, series)
+    assert (ds.StudyInstanceUID, ds.VerificationFlag, ds.SeriesDescription) == (uid(40), "UNVERIFIED",
+                                                                                "machine-generated, not for diagnostic use")
+    eq = ds.ContributingEquipmentSequence[0]
+    assert (eq.Manufacturer, eq.ManufacturerModelName, eq.SoftwareVersions, eq.DeviceUID) == (
+        "echo-cxr", "echo-test", "echo-test:fp32:abababababababab", engine.device_uid())
+    plain = pydicom.dcmread(io.BytesIO(dicom_sr(rep, src, engine)))  # no options: as before
+    assert "ContributingEquipmentSequence" not in plain and plain.SeriesDescription == "ECHO machine-generated report"
