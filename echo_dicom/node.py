@@ -53,6 +53,9 @@ class Node:
         self.engine = EngineInfo.of_engine_dir(opts.engine_dir, opts.precision)
         self.version = self.engine.version()
         self.reporter = Reporter(self.rt, self.engine, self.store, opts.quiet_s, batch=opts.batch)
+        waiting = self.store.restart_quiet_time(self.version)
+        if waiting:
+            log.info("%d unreported studies from before this start wait their quiet time again", waiting)
         self.stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

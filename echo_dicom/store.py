@@ -136,6 +136,17 @@ class Store:
             (quiet_cut, engine, limit))
         return [r[0] for r in rows]
 
+    def restart_quiet_time(self, engine: str, now: Optional[float] = None) -> int:
+        """At start-up: the unreported studies' quiet time starts again now. While the node was down
+        a sender may have been cut off mid-study; without this, a study whose last image came before
+        the downtime would be reported at once from the part that had arrived. Returns how many."""
+        now = time.time() if now is None else now
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE studies SET last_seen=? WHERE last_seen < ? AND NOT EXISTS "
+                "(SELECT 1 FROM reports r WHERE r.study_uid=studies.study_uid AND r.engine=?)", (now, now, engine))
+            return cur.rowcount
+
     def study_instances(self, study_uid: str) -> list[Instance]:
         rows = self._run("SELECT sop_uid, study_uid, series_uid, path, view, series_no, instance_no FROM instances "
                          "WHERE study_uid=?", (study_uid,))

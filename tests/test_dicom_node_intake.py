@@ -242,3 +242,19 @@ def test_sr_options_give_the_device_the_flags_and_fixed_uids():
         "echo-cxr", "echo-test", "echo-test:fp32:abababababababab", engine.device_uid())
     plain = pydicom.dcmread(io.BytesIO(dicom_sr(rep, src, engine)))  # no options: as before
     assert "ContributingEquipmentSequence" not in plain and plain.SeriesDescription == "ECHO machine-generated report"
+
+
+def test_a_restart_gives_unreported_studies_their_quiet_time_again(runtime_engine, tmp_path):  # noqa: F811
+    """A study cut off mid-transfer by the node's own downtime is not reported at once on restart
+    from the part that had arrived: its sender gets the quiet time to resume."""
+    opts = NodeOptions(engine_dir=str(runtime_engine.path), state_dir=str(tmp_path / "state"), quiet_s=30.0,
+                       threads=1)
+    node = Node(opts, NoPacs())
+    intake.save_instance(node.store, instance(50, view="LL"), node.check_pixels, now=time.time() - 3600)
+    node.shutdown()
+    node = Node(opts, NoPacs())  # an hour later
+    try:
+        assert node.reporter.report_ready() == 0  # waits: the PA may still come
+        assert node.store.ready_studies(node.version, 30.0, 8, now=time.time() + 31) == [uid(50)]
+    finally:
+        node.shutdown()
