@@ -167,13 +167,20 @@ class NodeProcess:
     """`python -m echo_dicom listen|poll ...` in its own session, its log collected, ready when it says so."""
 
     def __init__(self, args: list[str], log_path: str | Path, python: Optional[str] = None,
-                 root: Optional[Path] = None) -> None:
+                 root: Optional[Path] = None, block_torch: bool = False) -> None:
         import sys
 
         root = root or Path(__file__).resolve().parents[1]
         self.log_path = Path(log_path)
         self._start = self.log_path.stat().st_size if self.log_path.exists() else 0  # this run's lines begin here
-        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        path = [str(root)]
+        if block_torch:  # a torch that cannot be imported, first on the path: the node must run as on an edge box
+            blocker = self.log_path.parent / "torch_blocker"
+            (blocker / "torch").mkdir(parents=True, exist_ok=True)
+            (blocker / "torch" / "__init__.py").write_text(
+                "raise ImportError('torch is blocked here: echo-dicom must run without PyTorch')\n")
+            path.insert(0, str(blocker))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([python or sys.executable, "-m", "echo_dicom", *args], stdout=log,
                                      stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)

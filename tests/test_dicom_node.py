@@ -7,7 +7,8 @@ tests' structured images, uploaded to Orthanc over REST; Orthanc sends them to t
 the node sends the SR back (C-STORE) or, in DICOMweb mode, finds them (QIDO-RS), fetches them
 (WADO-RS) and stores the SR (STOW-RS). Each SR is read back from Orthanc with pydicom: same
 StudyInstanceUID, its texts equal to what EchoRuntime.generate gives for the study's frontal
-image, one SR per study, even when the node is SIGKILLed mid-study and restarted.
+image, one SR per study, even when the node is SIGKILLed mid-study and restarted. The node runs
+with torch made unimportable, as on an edge box with the base package and [dicom-node] only.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def test_cstore_round_trip_with_a_kill_mid_study(runtime_engine, expected_text, 
     c = Study(3, [("AP", 3, "CR")], tmp_path)
     ids = {s.uid: [o.upload(f.read_bytes())["ID"] for f in s.files] for s in (a, b, c)}
     state, log = tmp_path / "state", tmp_path / "node.log"
-    node = NodeProcess(listen_args(runtime_engine.path, state, port, o), log)
+    node = NodeProcess(listen_args(runtime_engine.path, state, port, o), log, block_torch=True)
     try:
         node.wait_ready()
         o.send_to_node(ids[a.uid] + ids[c.uid])
@@ -139,7 +140,7 @@ def test_cstore_round_trip_with_a_kill_mid_study(runtime_engine, expected_text, 
         o.send_to_node(ids[b.uid][:1])  # B's lateral only: B is not complete yet
         node.kill()  # mid-study, within B's quiet time
         assert not o.sr_instances(b.uid)
-        node = NodeProcess(listen_args(runtime_engine.path, state, port, o), log)
+        node = NodeProcess(listen_args(runtime_engine.path, state, port, o), log, block_torch=True)
         node.wait_ready()
         o.send_to_node([o.study_id(b.uid), o.study_id(a.uid)])  # the PACS resends B whole, and A again
         wait_for(lambda: o.sr_instances(b.uid), 60, "the SR of study B")
@@ -176,11 +177,11 @@ def test_dicomweb_round_trip_qido_wado_stow(runtime_engine, expected_text, tmp_p
             "--dicomweb-url", o.dicomweb_url, "--poll-seconds", "0.5", "--quiet-seconds", str(QUIET_S),
             "--threads", "1"]
     try:
-        node = NodeProcess(args, tmp_path / "node.log")
+        node = NodeProcess(args, tmp_path / "node.log", block_torch=True)
         node.wait_ready()
         wait_for(lambda: all(o.sr_instances(s.uid) for s in studies), 60, "the SRs of both studies")
         assert node.stop() == 0, node.log[-3000:]
-        node = NodeProcess(args, tmp_path / "node.log")  # same state: nothing to do
+        node = NodeProcess(args, tmp_path / "node.log", block_torch=True)  # same state: nothing to do
         node.wait_ready()
         time.sleep(QUIET_S + 2)
         assert node.stop() == 0, node.log[-3000:]
