@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	-$(VENV)/serve/bin/python -m pip install -q -c constraints.txt -e ".[serve,dicom]"
 	-@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@# Debian's Orthanc and its DICOMweb plugin: the PACS the DICOM node's tests (issue 35) start on loopback ports.
-	-@command -v Orthanc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null)
+	-@(command -v Orthanc && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so) >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null)
 	@touch $(STAMP)
 
 venv: $(STAMP)
