@@ -9,12 +9,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,eval,dicom,dev,serve-test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[train,eval,dicom,dicom-node,dev,serve-test]"
 	@# echo-serve's own torch-free environment (nvidia-pytriton pins numpy<2: not in the one above) and
 	@# Debian's chromium for the report-page test. Where one cannot be installed its tests skip, saying why.
 	@test -x $(VENV)/serve/bin/python || $(PY) -m venv $(VENV)/serve
 	-$(VENV)/serve/bin/python -m pip install -q -c constraints.txt -e ".[serve,dicom]"
 	-@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@# Debian's Orthanc and its DICOMweb plugin: the PACS the DICOM node's tests (issue 35) start on loopback ports.
+	-@(command -v Orthanc && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so) >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null)
 	@touch $(STAMP)
 
 venv: $(STAMP)

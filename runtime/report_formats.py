@@ -10,7 +10,9 @@ Study / Series / SOP Instance UIDs, and the FHIR resource names the study and th
 dicom-sr   a Basic Text SR (DICOM PS3.3 A.35.1) following TID 2000 "Basic Diagnostic Imaging
            Report": a FINDINGS and an IMPRESSION section, the text split at the report's own
            "FINDINGS:" / "IMPRESSION:" headings; the observer is a device (this engine), the
-           document UNVERIFIED and PRELIMINARY. Needs pydicom (the [dicom] extra).
+           document UNVERIFIED and PRELIMINARY. Needs pydicom (the [dicom] extra). SROptions adds
+           what a DICOM node filing it into a PACS needs (echo_dicom): a series description,
+           fixed UIDs, the engine as Contributing Equipment.
 fhir       a FHIR R4 (4.0.1) DiagnosticReport, status "preliminary", the whole text in
            presentedForm (base64 text/plain), the impression in conclusion, marked
            machine-generated twice: meta.security AIAST ("Artificial Intelligence asserted",
@@ -51,6 +53,7 @@ _DEVICE_UID = ("121012", "DCM", "Device Observer UID")
 _DEVICE_NAME = ("121013", "DCM", "Device Observer Name")
 _DEVICE_MAKER = ("121014", "DCM", "Device Observer Manufacturer")
 _DEVICE_MODEL = ("121015", "DCM", "Device Observer Model Name")
+_PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
 
 _FHIR_AI = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST",
             "display": "Artificial Intelligence asserted"}
@@ -145,6 +148,26 @@ class EngineInfo:
 
         return generate_uid(entropy_srcs=[SOFTWARE, self.name, self.manifest_sha256 or self.name])
 
+    def version(self) -> str:
+        """The engine's version: name, precision and the manifest's hash (what a report is unique on)."""
+        return f"{self.name}:{self.precision}:{(self.manifest_sha256 or 'unhashed')[:16]}"
+
+
+@dataclass
+class SROptions:
+    """Optional parts of the SR for a node that files it into a PACS (echo_dicom).
+
+    sop_uid / series_uid: fixed UIDs (None: new random ones). A node that derives them from the
+    study and the engine version makes a re-sent SR the same instance, so a PACS keeps one copy.
+    contributing_equipment: the engine as Contributing Equipment (0018,A001): manufacturer, model,
+    software version and device UID, purpose "Processing Equipment" (DCM 109102)."""
+
+    series_description: str = "ECHO machine-generated report"
+    sop_uid: Optional[str] = None
+    series_uid: Optional[str] = None
+    contributing_equipment: bool = False
+    software_version: str = ""
+
 
 def sections(text: str) -> tuple[str, str]:
     """(findings, impression) from a report's "FINDINGS: ... IMPRESSION: ..." text.
@@ -186,15 +209,28 @@ def _item(ds_cls, relationship: str, value_type: str, concept: Optional[tuple[st
     return it
 
 
+def _contributing_equipment(ds_cls, engine: EngineInfo, opts: SROptions, date: str, time_: str):
+    """One Contributing Equipment item naming the engine that wrote the document."""
+    eq = ds_cls()
+    eq.PurposeOfReferenceCodeSequence = [_code(ds_cls, _PROCESSING_EQUIPMENT)]
+    eq.Manufacturer = SOFTWARE
+    eq.ManufacturerModelName = engine.name
+    eq.SoftwareVersions = opts.software_version or engine.version()
+    eq.DeviceUID = engine.device_uid()
+    eq.ContributionDateTime = date + time_
+    eq.ContributionDescription = MACHINE_GENERATED
+    return eq
+
+
 def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[EngineInfo] = None,
-             now: Optional[_dt.datetime] = None) -> bytes:
+             now: Optional[_dt.datetime] = None, options: Optional[SROptions] = None) -> bytes:
     """The report as a DICOM Basic Text SR file (bytes, Part 10, explicit VR little endian)."""
     try:
         from pydicom.dataset import Dataset, FileMetaDataset
         from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
     except ImportError:
         raise ReportFormatError(NEEDS_DICOM) from None
-    engine = engine or EngineInfo()
+    engine, opts = engine or EngineInfo(), options or SROptions()
     now = now or _dt.datetime.now(_dt.timezone.utc)
     date, time_ = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     findings, impression = sections(report.text)
@@ -202,7 +238,7 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = BasicTextSRStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = opts.sop_uid or generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -225,13 +261,15 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
         ds.StudyDescription = src.study_description
     # SR Document Series, General Equipment
     ds.Modality = "SR"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = opts.series_uid or generate_uid()
     ds.SeriesNumber = 9001
-    ds.SeriesDescription = "ECHO machine-generated report"
+    ds.SeriesDescription = opts.series_description
     ds.ReferencedPerformedProcedureStepSequence = []
     ds.Manufacturer = SOFTWARE
     ds.ManufacturerModelName = engine.name
     ds.SoftwareVersions = f"{SOFTWARE} {engine.precision}"
+    if opts.contributing_equipment:
+        ds.ContributingEquipmentSequence = [_contributing_equipment(D, engine, opts, date, time_)]
     # SR Document General
     ds.InstanceNumber = 1
     ds.CompletionFlag = "COMPLETE"
@@ -357,5 +395,5 @@ def render(fmt: str, report, source: Optional[SourceStudy] = None, engine: Optio
     raise ReportFormatError(f"unknown report format {fmt!r}; choose from {FORMATS}")
 
 
-__all__ = ["FORMATS", "SourceStudy", "EngineInfo", "ReportFormatError", "sections", "report_dict", "dicom_sr",
-           "fhir_diagnostic_report", "render", "MACHINE_GENERATED"]
+__all__ = ["FORMATS", "SourceStudy", "EngineInfo", "SROptions", "ReportFormatError", "sections", "report_dict",
+           "dicom_sr", "fhir_diagnostic_report", "render", "MACHINE_GENERATED"]

@@ -17,6 +17,8 @@ FORBIDDEN = {
     "runtime": {"echo_serve", "echo_train", "echo_export", "benchmarks", "torch", "torchvision", "transformers"},
     # serving sits beside the runtime and imports it alone: an edge box installs no torch
     "echo_serve": {"echo_train", "echo_export", "benchmarks", "torch", "torchvision", "transformers"},
+    # the DICOM node too: runtime only (not even echo_serve: it needs no Triton)
+    "echo_dicom": {"echo_serve", "echo_train", "echo_export", "benchmarks", "torch", "torchvision", "transformers"},
     "echo_train": {"echo_export", "benchmarks"},
     "echo_export": {"benchmarks"},
 }
