@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from runtime.graph_io import AR_STEP
+from runtime.graph_io import AR_STEP, BLOCK_DENOISE
 from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD
 
 from .engines import (DEFAULT_BLOCK, METHODS, Decoded, ModelCache, Paths, RuntimeCache, RuntimeRunner, TorchRunner, HFRunner,
@@ -198,20 +198,21 @@ class Harness:
         # runtime engines
         if kind == "trt" and self.trt_reason:
             raise Unavailable(self.trt_reason)
-        if method == "teacher":
-            raise Unavailable("engine folders hold one-step graphs (block_step); multi-step decoding runs on PyTorch only")
         backend = "trt" if kind == "trt" else "ort"
         if method == "ar":
             d, mode = self._ar_engine_dir(), "ar"
-        elif method == "naive":
-            d, mode = Paths.for_block(p.naive_engine_dir, B), "fused"
+        elif method in ("naive", "teacher"):  # the teacher's engine: its fused one-step and multi-step graphs
+            d, mode = Paths.for_block(p.naive_engine_dir, B), ("fused" if method == "naive" else "multistep")
             if not d.exists():
                 raise Unavailable(f"{d} missing (build it: echo-export build --ckpt {Paths.for_block(p.teacher_ckpt, B)} "
                                   f"--out {d})")
         else:
             d, mode = Paths.for_block(p.engine_dir, B), "fused"
         rt = self.runtimes.get(d, backend, sub, batch, mode)
-        if mode == "fused" and rt.block_size != B:
+        if mode == "multistep" and not (rt.manifest.graphs.get(BLOCK_DENOISE) or {}).get(f"{sub}.b{batch}"):
+            raise Unavailable(f"{d} has no {sub} block_denoise graph at batch {batch} (built before the teacher "
+                              "graphs existed, or at int8, which the teacher graphs are not built at)")
+        if mode != "ar" and rt.block_size != B:
             raise Unavailable(f"{d} has block size {rt.block_size}, not {B}")
         return RuntimeRunner(rt, mode, self.max_new)
 

@@ -438,6 +438,7 @@ class _Build:
     stores: dict[str, object] = field(default_factory=dict)  # precision -> external_weights.WeightsFile
     # the PyTorch decodes' results, kept for the phases that run without the models
     block_ref: object = None  # verify.BlockReference
+    teacher_ref: object = None  # verify.BlockReference of the multi-step teacher (stage rad)
     ar_ref: object = None  # verify.ArReference
     calib: dict[tuple[str, int], object] = field(default_factory=dict)  # (role, batch) -> precision.FeedStore
 
@@ -487,9 +488,11 @@ def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> 
 
     from .graphs import example_inputs, export_graph, make_graph, native_dynamic_shapes, release_exporter_references
 
+    # a multi-step teacher (stage rad) also gets its denoise and commit passes
+    roles = (pre_role, step_role) + (gio.MULTISTEP_ROLES if step_role == gio.BLOCK_STEP and c.stage == "rad" else ())
     b.meter.start("export")
-    b.log(f"[export] {2 * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
-    for role in (pre_role, step_role):
+    b.log(f"[export] {len(roles) * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
+    for role in roles:
         for bs in b.batch_sizes:
             name = gio.graph_filename(role, "fp32", bs)
             t1 = time.perf_counter()
@@ -510,13 +513,16 @@ def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_n
     """Everything later phases need from one family's PyTorch model: the verification reference
     tokens and (for int8) the calibration feeds, on disk. The model can go after this."""
     from .precision import FeedStore
-    from .verify import ar_reference, block_reference
+    from .verify import ar_reference, block_reference, teacher_reference
 
     b.meter.start("reference")
     if items:
         b.log(f"[reference] {step_role}: PyTorch reference tokens on {len(items)} verification images")
         if step_role == gio.BLOCK_STEP:
             b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
+            if c.stage == "rad":
+                b.log(f"[reference] the multi-step teacher ({c.block_size} steps per block) on the same images")
+                b.teacher_ref = teacher_reference(m, b.tok, items, b.batch_sizes, b.max_new)
         else:
             b.ar_ref = ar_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, max_new)
     if "int8" in b.precisions:
@@ -647,7 +653,7 @@ def _compare_plans(b: _Build, pixels: list[np.ndarray]) -> dict:
 
 
 def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray]) -> dict:
-    from .verify import VerifyItem, verify_ar, verify_block
+    from .verify import VerifyItem, verify_ar, verify_block, verify_teacher
     from .verify_table import print_table
 
     b.meter.start("verify")
@@ -656,6 +662,10 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     # the PyTorch references were computed in the reference phase: no PyTorch model is loaded here
     rep = verify_block(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
                        capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log, reference=b.block_ref)
+    if b.teacher_ref is not None:
+        rep["variants"].update(verify_teacher(b.tmp, b.files, b.tok, items, precisions=b.precisions,
+                                              capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log,
+                                              reference=b.teacher_ref))
     if b.ar is not None:
         rep_ar = verify_ar(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
                            capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log, reference=b.ar_ref)

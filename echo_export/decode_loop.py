@@ -200,3 +200,70 @@ def torch_runner(module) -> Runner:
         return [o.numpy() for o in outs]
 
     return run
+
+
+@dataclass(frozen=True)
+class TeacherDecode:
+    """The multi-step teacher's settings for `multistep_decode` (runtime/multistep.MultistepOptions)."""
+    steps: int
+    rule: str
+    threshold: float
+    shifted: bool
+
+
+def multistep_decode(prefill: Runner, denoise: Runner, commit: Runner, prefix_ids: np.ndarray, *,
+                     teacher: TeacherDecode, block_size: int, capacity: int, n_layers: int, n_kv_heads: int,
+                     head_dim: int, mask_id: int, eos_id: int, max_new_tokens: int,
+                     prefill_feeds: dict[str, np.ndarray], position_offset: int = 0) -> LoopResult:
+    """The teacher over block_denoise / block_commit graphs: the semantics of `multistep_generate`.
+    The prefill stores the prompt's whole blocks but the last; a commit pass stores that one (and
+    gives the carry, token 0's prediction, of a shifted-prediction model)."""
+    from runtime.schedule import select_unmask, transfer_schedule
+
+    b, P = prefix_ids.shape
+    B = block_size
+    grid = BlockLayout(P, B)
+    kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
+    vc = np.zeros_like(kc)
+    pk, pv = prefill(prefill_feeds)[:2]
+    past = grid.fused_prefill_len
+    kc[:, :, :, :past], vc[:, :, :, :past] = pk, pv
+
+    def run(graph: Runner, ids: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
+        return graph({"input_ids": ids.astype(np.int64), "past_key": kc, "past_value": vc,
+                      "position_ids": np.broadcast_to(positions + position_offset, (b, B)).astype(np.int64).copy(),
+                      "past_len": np.full((b,), past, np.int64)})
+
+    def store(out: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal past
+        kc[:, :, :, past : past + B], vc[:, :, :, past : past + B] = out[2], out[3]
+        past += B
+        return out[0][:, -1], out[1][:, -1]
+
+    carry = store(run(commit, prefix_ids[:, past : grid.aligned_len], grid.block_positions(-1)))
+    schedule = transfer_schedule(B, teacher.steps)
+    x = np.full((b, B), mask_id, np.int64)
+    x[:, : grid.tail] = prefix_ids[:, grid.aligned_len :]
+    blocks, done, passes = [], np.zeros(b, bool), 2
+    n_blocks = grid.num_blocks(max_new_tokens)
+    for k in range(n_blocks):
+        pos = grid.block_positions(k)
+        for s in range(teacher.steps):
+            still = x == mask_id
+            if not still.any():
+                break
+            tok, conf = run(denoise, x, pos)[:2]
+            if teacher.shifted:
+                tok = np.concatenate([carry[0][:, None], tok[:, :-1]], 1)
+                conf = np.concatenate([carry[1][:, None], conf[:, :-1]], 1)
+            x = np.where(select_unmask(conf, still, schedule[s], teacher.rule, teacher.threshold), tok, x)
+            passes += 1
+        blocks.append(x.copy())
+        done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], eos_id)
+        if done.all() or k == n_blocks - 1:
+            break
+        carry = store(run(commit, x, pos))
+        passes += 1
+        x = np.full((b, B), mask_id, np.int64)
+    raw = np.concatenate(blocks, 1)[:, grid.tail :]
+    return LoopResult(raw, cut_rows_at_eos(raw, eos_id, mask_id), passes)

@@ -14,7 +14,7 @@ from torch import nn
 
 from echo_train.model.backbone import KV, MASK_VALUE
 from echo_train.model.echo_model import EchoModel
-from echo_train.model.masks import block_layout, build_attention_mask, causal_layout, fused_layout
+from echo_train.model.masks import NOISY, block_layout, build_attention_mask, causal_layout, fused_layout
 from runtime import graph_io
 from runtime.schedule import BlockLayout, excludes_mask_token, fused_block_slice
 
@@ -156,6 +156,36 @@ class BlockStepGraph(nn.Module):
         return tokens, confidence, pk.float(), pv.float()
 
 
+class BlockPassGraph(nn.Module):
+    """One multi-step pass over a single block of B tokens against the cache (graph_io block_denoise /
+    block_commit): a noisy block (denoise: its KV is not kept) or a finished one in the model's
+    context attention (commit). Outputs each position's own argmax and confidence; the runtime reads
+    them shifted where the model predicts token j from position j-1."""
+
+    input_names = graph_io.STEP_INPUTS
+    output_names = graph_io.BLOCK_PASS_OUTPUTS
+
+    def __init__(self, model: EchoModel, capacity: int, mask_id: int, commit: bool) -> None:
+        super().__init__()
+        self.model, self.capacity, self.mask_id = model, capacity, mask_id
+        B = model.cfg.block_size
+        kind = model.cfg.context_kind if commit else NOISY
+        layout = block_layout(B, B, start=B, kind=kind, copy=0 if commit else 1)  # relative positions suffice
+        self.register_buffer("self_mask", build_attention_mask(layout)[None], persistent=False)
+
+    def forward(self, input_ids, position_ids, past_key, past_value, past_len):
+        b, t = input_ids.shape
+        mask = torch.cat(
+            [_cache_mask(past_len, self.capacity, t, input_ids.device), self.self_mask.expand(b, t, t)], -1
+        )
+        h, kv = self.model.lm(self.model.embed_tokens(input_ids), position_ids, mask, _split_past(past_key, past_value))
+        logits = self.model.lm.lm_head(h).float()
+        if excludes_mask_token(self.model.cfg.decode_layout):
+            logits = exclude_token(logits, self.mask_id)
+        pk, pv = _stack_present(kv)
+        return logits.argmax(-1), torch.softmax(logits, -1).amax(-1), pk.float(), pv.float()
+
+
 class ArPrefillGraph(nn.Module):
     """pixel_values, prefix_ids -> tokens i64[b,1], present_key/value f32[L,b,kvH,P,dh] (causal)."""
 
@@ -208,7 +238,8 @@ def example_inputs(role: str, cfg, batch: int, capacity: int, prefix_len: int) -
         return native_example_inputs(cfg, capacity)
     if role in (graph_io.VISION_PREFILL, graph_io.AR_PREFILL):
         return (torch.zeros(batch, 1, S, S), torch.zeros(batch, prefix_len, dtype=torch.long))
-    t = 2 * cfg.block_size if role == graph_io.BLOCK_STEP else 1
+    t = {graph_io.BLOCK_STEP: 2 * cfg.block_size, graph_io.BLOCK_DENOISE: cfg.block_size,
+         graph_io.BLOCK_COMMIT: cfg.block_size}.get(role, 1)
     kv = torch.zeros(lm.num_hidden_layers, batch, lm.num_key_value_heads, capacity, lm.head_dim)
     return (
         torch.zeros(batch, t, dtype=torch.long),
@@ -230,6 +261,8 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
         return ArPrefillGraph(model, prefix_len, mask_id).eval()
     if role == graph_io.AR_STEP:
         return ArStepGraph(model, capacity, mask_id).eval()
+    if role in graph_io.MULTISTEP_ROLES:
+        return BlockPassGraph(model, capacity, mask_id, commit=role == graph_io.BLOCK_COMMIT).eval()
     raise ValueError(f"unknown graph role {role!r}; choose from {graph_io.GRAPH_ROLES}")
 
 

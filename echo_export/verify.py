@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from runtime import graph_io as gio
+from runtime.schedule import BlockLayout
 from runtime.engine import fp16_cpu_session_bytes, memory_available_bytes
 
 from .decode_loop import ar_decode, fused_decode, ort_runner, shared_weights_of, torch_runner
@@ -108,12 +109,12 @@ def _f1_change(texts: dict[str, str], ref_texts: dict[str, str], refs: dict[str,
     return {"delta": float(d["delta"]), "ci95": [float(x) for x in d["ci95"]] if d["ci95"] else None}
 
 
-def _recording_confidence(step, out: list[np.ndarray]):
-    """The block step runner, also keeping each pass's confidence output (outputs: tokens,
+def _recording_confidence(step, out: list[tuple[np.ndarray, np.ndarray]]):
+    """The block step runner, also keeping each pass's tokens and confidence outputs (outputs: tokens,
     confidence, present_key, present_value)."""
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         res = step(feeds)
-        out.append(np.array(res[1], copy=True))
+        out.append((np.array(res[0], copy=True), np.array(res[1], copy=True)))
         return res
 
     return run
@@ -267,6 +268,78 @@ def block_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list
     return BlockReference(model.cfg, model.n_image_tokens, tokens)
 
 
+def _teacher_run(cfg):
+    """The teacher's verification settings: B steps, the layout's default rule (the official code's for
+    imported checkpoints, ours for ours), the default threshold."""
+    from echo_train.decoding.block_diffusion import MultistepRun
+    from runtime.multistep import MultistepOptions
+
+    o = MultistepOptions().resolved(cfg.block_size, cfg.decode_layout)
+    return MultistepRun(o.steps, o.rule, o.threshold)
+
+
+def teacher_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int],
+                      max_new_tokens: int) -> BlockReference:
+    """`multistep_generate`'s tokens (B steps per block) that `verify_teacher` compares the
+    block_denoise / block_commit graphs with."""
+    from echo_train.decoding import multistep_generate
+
+    run = _teacher_run(model.cfg)
+    tokens: dict = {}
+    if model.cfg.vision.native:
+        from echo_train.decoding.native import native_multistep_generate
+
+        one = {it.id: native_multistep_generate(model, tokenizer, it.pixels, run, max_new_tokens).tokens[0]
+               for it in items}
+        return BlockReference(model.cfg, model.n_image_tokens, {b: one for b in batch_sizes})
+    for b in batch_sizes:
+        tokens[b] = {}
+        for part, padded in _chunks(items, b):
+            px = torch.from_numpy(np.stack([it.pixels for it in padded]))
+            r = multistep_generate(model, tokenizer, px, model.cfg.block_size, run.steps, max_new_tokens, run.rule,
+                                   run.threshold)
+            tokens[b].update({it.id: t for it, t in zip(part, r.tokens)})
+    return BlockReference(model.cfg, model.n_image_tokens, tokens)
+
+
+def verify_teacher(engine_dir: Path, files: dict, tokenizer, items: list[VerifyItem], *, precisions: list[str],
+                   capacity: int, max_new_tokens: int, log: Callable[[str], None],
+                   reference: BlockReference) -> dict:
+    """Token agreement of the teacher's graphs (vision_prefill + block_denoise + block_commit, run by
+    decode_loop.multistep_decode) with `multistep_generate`, per precision and batch."""
+    from .decode_loop import TeacherDecode, multistep_decode
+
+    cfg, lm = reference.cfg, reference.cfg.lm
+    run = _teacher_run(cfg)
+    teacher = TeacherDecode(run.steps, run.rule, run.threshold, bool(cfg.shifted_prediction))
+    prefix = np.array(tokenizer.prefix_ids(reference.n_image_tokens), np.int64)
+    kw = dict(teacher=teacher, block_size=cfg.block_size, capacity=capacity, n_layers=lm.num_hidden_layers,
+              n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tokenizer.mask_id,
+              eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+    out: dict = {}
+    for (role, p, b), name in sorted(files.items()):
+        if role != gio.BLOCK_DENOISE:
+            continue
+        chunks = _native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
+        pre = _prefill_first(engine_dir / files[(gio.VISION_PREFILL, p, b)], [c.feeds for c in chunks])
+        denoise, commit = ort_runner(engine_dir / name), ort_runner(engine_dir / files[(gio.BLOCK_COMMIT, p, b)])
+        got: dict[str, list[int]] = {}
+        t0 = time.perf_counter()
+        for c in chunks:
+            r = multistep_decode(pre, denoise, commit, c.prompt_ids, prefill_feeds=c.feeds, position_offset=c.offset,
+                                 **kw)
+            got.update({it.id: t for it, t in zip(c.part, r.tokens)})
+        ids_ = [it.id for it in items]
+        agree, exact = _agreement([got[i] for i in ids_], [reference.tokens[b][i] for i in ids_])
+        out[f"multistep.{p}.b{b}"] = {"role": "multistep", "precision": p, "batch": b, "n_images": len(items),
+                                      "steps": run.steps, "rule": run.rule, "token_agreement": agree,
+                                      "exact_match": exact, "identical": exact == 1.0,
+                                      "decode_seconds": time.perf_counter() - t0}
+        log(f"  multistep {p:>4} b{b} ({run.steps} steps, {run.rule}): agreement {100 * agree:6.2f}%  "
+            f"exact {100 * exact:6.2f}%")
+    return out
+
+
 @dataclass
 class ArReference:
     """The AR graphs' PyTorch reference (the same wrapper modules through the same loop) and, for
@@ -344,7 +417,7 @@ def verify_block(
         for p in precisions:
             pre, step = _open_pair(engine_dir, files[(gio.VISION_PREFILL, p, b)], files[(gio.BLOCK_STEP, p, b)], p,
                                    [c.feeds for c in chunks], log)
-            confidence: list[np.ndarray] = []
+            confidence: list[tuple[np.ndarray, np.ndarray]] = []
             if p == "fp32":
                 step = _recording_confidence(step, confidence)
             t0 = time.perf_counter()
@@ -362,9 +435,11 @@ def verify_block(
 
                 r = fused_decode(pre, step, None, chunk.prompt_ids, on_step=hook, prefill_feeds=chunk.feeds,
                                  position_offset=chunk.offset, **kw)
+                tail = BlockLayout(chunk.prompt_ids.shape[1], B).tail  # prompt ids opening the first block
                 for k, f in enumerate(recorded):  # rows still writing at pass k (through the EOS block)
-                    active = np.array([k * B <= len(t) for t in r.tokens[: len(part)]] + [False] * (b - len(part)))
-                    fp32_passes.append((f, r.raw[:, k * B : (k + 1) * B], active, confidence[k]))
+                    active = np.array([k * B - tail <= len(t) for t in r.tokens[: len(part)]]
+                                      + [False] * (b - len(part)))
+                    fp32_passes.append((f, confidence[k][0], active, confidence[k][1]))
                 confidence.clear()
                 passes += r.passes
                 for it, toks in zip(part, r.tokens):

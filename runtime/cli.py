@@ -25,6 +25,7 @@ import click
 from .cpu_features import VNNI, int8_cpu_mismatch
 from .errors import EchoRuntimeError
 from .report_formats import FORMATS, NEEDS_DICOM, EngineInfo, ReportFormatError, SourceStudy, render, report_dict
+from .schedule import OFFICIAL_RULES, UNMASK_RULES, UNMASK_THRESHOLD
 
 
 def _err(msg: str) -> None:
@@ -121,8 +122,16 @@ class _Streamer:
 @click.option("--stream", is_flag=True, help="print each report block by block as it is decoded")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
-@click.option("--mode", type=click.Choice(["fused", "ar"]), default="fused", show_default=True,
-              help="fused one-step block decoding (ECHO) or the AR baseline graphs")
+@click.option("--mode", type=click.Choice(["fused", "ar", "multistep"]), default="fused", show_default=True,
+              help="fused one-step block decoding (ECHO), the AR baseline graphs, or the multi-step teacher "
+                   "(an ECHO_Base / stage-rad engine: --steps, --rule, --threshold)")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="multistep: denoising passes per block, 1..B [default: B, the official default]")
+@click.option("--rule", type=click.Choice(list(dict.fromkeys(UNMASK_RULES + tuple(OFFICIAL_RULES)))), default=None,
+              help="multistep: which masked positions each step accepts [default: low_confidence_dynamic for "
+                   "imported checkpoints, dynamic-ltr for ours]")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=UNMASK_THRESHOLD, show_default=True,
+              help="multistep: the dynamic rules accept every masked position above this confidence")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="images per forward pass, a size the engine was built for (default: its smallest)")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="default: the model's max_response_tokens")
@@ -131,14 +140,15 @@ class _Streamer:
               help="each onnxruntime graph holds its own copy of the weights (default: the graphs of one "
                    "precision share one copy; fp32 on a CPU)")
 @click.option("--verbose", "-v", is_flag=True, help="print timings (stderr)")
-def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, batch_size, max_new_tokens, threads,
-         no_share, verbose) -> None:
+def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, steps, rule, threshold, batch_size,
+         max_new_tokens, threads, no_share, verbose) -> None:
     """Write a report for each IMAGE (PNG, JPEG or DICOM)."""
     if stream and fmt not in ("text", "json"):
         _err(f"error: --stream prints text or json, not {fmt}")
         sys.exit(2)
     try:
         from .engine import EchoRuntime
+        from .multistep import MultistepOptions
 
         rt = EchoRuntime(engine_dir, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
                          mode=mode, share_weights=not no_share)
@@ -153,6 +163,7 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, bat
     if verbose and not rt.manifest.verified:
         _err(f"note: {engine_dir} was not verified against the PyTorch reference (manifest verified=false)")
     failed = 0
+    teacher = MultistepOptions(steps, rule, threshold) if mode == "multistep" else None
     try:
         docs = None
         if fmt in ("dicom-sr", "fhir"):
@@ -160,10 +171,10 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, bat
         if stream:
             for img in images:
                 s = _Streamer(fmt)
-                r = rt.generate([img], max_new_tokens=max_new_tokens, on_block=s)[0]
+                r = rt.generate([img], max_new_tokens=max_new_tokens, on_block=s, multistep=teacher)[0]
                 failed += _emit(r, fmt, verbose, s)
         else:
-            for r in rt.generate(list(images), max_new_tokens=max_new_tokens):
+            for r in rt.generate(list(images), max_new_tokens=max_new_tokens, multistep=teacher):
                 failed += _emit(r, fmt, verbose, None, docs)
     except EchoRuntimeError as e:
         _err(f"error: {e}")

@@ -26,6 +26,7 @@ import numpy as np
 from . import graph_io as gio
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
 from .manifest import check_file, graph_batch_sizes, load_manifest, resolve_graph
+from .multistep import BlockPasses, MultistepOptions, multistep_blocks
 from .native_image import VisionGridSpec, mrope_position_ids, native_image, native_image_from_path
 from .preprocess import normalize_image, preprocess_image, preprocess_mode_of
 from .prompt import image_start_of
@@ -33,7 +34,8 @@ from .schedule import BlockLayout, cut_rows_at_eos, holds_eos
 from .text import ReportTokenizer
 
 BACKENDS = ("ort", "trt")
-MODES = ("fused", "ar")
+MODES = ("fused", "ar", "multistep")
+MODE_STEP_ROLE = {"fused": gio.BLOCK_STEP, "ar": gio.AR_STEP, "multistep": gio.BLOCK_DENOISE}
 DEFAULT_MAX_NEW_TOKENS = 128
 
 ImageInput = Union[str, Path, np.ndarray]
@@ -145,6 +147,7 @@ class _Decoder:
             shape = (lm["num_hidden_layers"], batch, lm["num_key_value_heads"], m.capacity, lm["head_dim"])
         L, _, kvH, CAP, dh = shape
         self.cap = CAP
+        self.block_size = rt.block_size
         if P > CAP:
             raise ManifestError(f"{rt.engine_dir}: cache capacity {CAP} is smaller than the {P}-token prefix")
         S, i64 = self.prompt.image_size, np.int64
@@ -371,6 +374,10 @@ class EchoRuntime:
                 except ManifestError:
                     fname = str(Path(fname).with_suffix(".plan"))
             # checked again now: a graph opened long after the folder (AR mode, ...) may have changed since
+            same = next((g for (r, b), g in self._graphs.items() if b == batch and g.path.name == Path(fname).name), None)
+            if same is not None:  # two roles of one file (a teacher's denoise and commit passes): one session
+                self._graphs[key] = same
+                return same
             path = check_file(self.engine_dir, self.manifest, fname)
             kw = {}
             if self.backend == "ort" and self.share_weights and prec in SHARED_PRECISIONS:
@@ -409,13 +416,13 @@ class EchoRuntime:
 
     def built_batch_sizes(self, mode: Optional[str] = None) -> list[int]:
         """Batch sizes this folder has graphs for, in `mode` (default: the runtime's mode)."""
-        role = gio.BLOCK_STEP if (mode or self.mode) == "fused" else gio.AR_STEP
+        role = MODE_STEP_ROLE[mode or self.mode]
         return graph_batch_sizes(self.manifest, role, self.precision) or graph_batch_sizes(self.manifest, role, "fp32")
 
     def _batch_for(self, mode: str) -> int:
         """The graph batch a call runs at: batch_size, which must be built (None: the smallest
         built). A call with fewer images pads its last batch by repeating an image."""
-        role = gio.BLOCK_STEP if mode == "fused" else gio.AR_STEP
+        role = MODE_STEP_ROLE[mode]
         built = self.built_batch_sizes(mode)
         if not built:
             raise ManifestError(f"{self.engine_dir}: no {role} graph in this engine folder")
@@ -428,7 +435,14 @@ class EchoRuntime:
     def _decoder(self, mode: str, batch: int) -> _Decoder:
         key = (mode, batch)
         if key not in self._decoders:
-            self._decoders[key] = _Decoder(self, mode, batch)
+            if mode == "multistep":  # the fused decoder's prefill and cache, with the teacher's block passes
+                if self.backend != "ort":
+                    raise EchoRuntimeError("multi-step decoding runs on onnxruntime (its passes share one host cache)")
+                dec = _Decoder(self, "fused", batch)
+                dec.passes = BlockPasses(self, dec, batch)
+            else:
+                dec = _Decoder(self, mode, batch)
+            self._decoders[key] = dec
         return self._decoders[key]
 
     # -- inputs ----------------------------------------------------------------------
@@ -469,11 +483,15 @@ class EchoRuntime:
         max_new_tokens: Optional[int] = None,
         on_block: Optional[Callable[[BlockEvent], None]] = None,
         mode: Optional[str] = None,
+        multistep: Optional[MultistepOptions] = None,
     ) -> list[Report]:
-        """One Report per image, in order. An unreadable image gets Report.error; the rest decode."""
+        """One Report per image, in order. An unreadable image gets Report.error; the rest decode.
+        mode "multistep" (a teacher's engine): `multistep` gives steps, rule and threshold."""
         mode = mode or self.mode
         if mode not in MODES:
             raise EchoRuntimeError(f"unknown mode {mode!r}; choose from {MODES}")
+        layout = (self.manifest.model_config or {}).get("decode_layout", "echo")
+        opts = (multistep or MultistepOptions()).resolved(self.block_size, layout) if mode == "multistep" else None
         if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim < 4):
             images = [images]
         max_new = int(self.default_max_new_tokens if max_new_tokens is None else max_new_tokens)
@@ -494,10 +512,42 @@ class EchoRuntime:
             good.append((i, name, arr, time.perf_counter() - t))
         for s in range(0, len(good), batch):
             chunk = good[s : s + batch]
-            decode = self._decode_native if self.native else self._decode
-            for r, (i, *_rest) in zip(decode(dec, chunk, max_new, on_block), chunk):
+            if opts is not None:
+                decoded = self._decode_multistep(dec, chunk, max_new, on_block, opts)
+            else:
+                decoded = (self._decode_native if self.native else self._decode)(dec, chunk, max_new, on_block)
+            for r, (i, *_rest) in zip(decoded, chunk):
                 reports[i] = r
         return reports  # type: ignore[return-value]
+
+    def _decode_multistep(self, dec: _Decoder, chunk, max_new: int, on_block, opts: MultistepOptions) -> list[Report]:
+        """The teacher: prefill, then per block opts.steps denoise passes and a commit pass."""
+        delta = 0
+        if self.native:
+            got = self._native_prefill(dec, chunk, max_new)
+            if isinstance(got, list):
+                return got
+            _, session, t0, delta = got
+        else:
+            self._load_pixels(dec, chunk)
+            t0 = time.perf_counter()
+            session = dec.prefill.run()
+            dec.store(dec.prefill, 0)
+        t_prefill = time.perf_counter() - t0
+        grid = BlockLayout(dec.prefix_ids.shape[1], self.block_size)
+        out = _Written(dec.pixel.shape[0], grid.num_blocks(max_new) * self.block_size, self.tokenizer.eos_id)
+
+        def add(x: np.ndarray, skip: int, writing: np.ndarray) -> None:
+            out.add(x, counts_a_pass=False, skip=skip)
+            self._emit(on_block, chunk, out, writing, grid.tail)
+
+        trace = multistep_blocks(dec.passes, dec, dec.prefix_ids, grid, len(chunk), max_new, opts,
+                                 self.tokenizer.mask_id, self.tokenizer.eos_id, delta, add)
+        out.passes = trace.passes
+        tm = {"prefill": t_prefill, "blocks": trace.times, "decode": time.perf_counter() - t0,
+              "session": session + trace.session, "prefill_session": session}
+        reports = self._finish(chunk, out, "max_new_tokens", tm, grid.tail)
+        return self._tagged(reports, chunk[0][2], dec) if self.native else reports
 
     def generate_ar(self, images, max_new_tokens: Optional[int] = None, on_block=None) -> list[Report]:
         """The AR baseline (ar_prefill / ar_step graphs) through the same runtime."""
@@ -536,8 +586,9 @@ class EchoRuntime:
         dec.store(dec.prefill, 0)
         return self._passes(dec, dec.mode, chunk, max_new, on_block, t0, session)
 
-    def _decode_native(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
-        """One image at its own grid (batch 1): its own prompt length, prefill shapes and rope delta."""
+    def _native_prefill(self, dec: _Decoder, chunk, max_new: int):
+        """Prefill one image at its own grid (batch 1); (its _Mode with positions at index + rope delta,
+        session seconds, start time, rope delta) or an error Report when the cache cannot hold it."""
         image = chunk[0][2]
         ids = np.asarray([self.tokenizer.prefix_ids(image.n_tokens)], np.int64)
         md = _Mode.of("fused", ids.shape[1], self.block_size)
@@ -557,10 +608,20 @@ class EchoRuntime:
         session = dec.prefill.run()
         dec.store(dec.prefill, 0)
         dec.prefix_ids = ids
-        md = replace(md, first_positions=md.first_positions + delta)
-        reports = self._passes(dec, md, chunk, max_new, on_block, t0, session)
+        return replace(md, first_positions=md.first_positions + delta), session, t0, delta
+
+    def _decode_native(self, dec: _Decoder, chunk, max_new: int, on_block) -> list[Report]:
+        """One image at its own grid (batch 1): its own prompt length, prefill shapes and rope delta."""
+        got = self._native_prefill(dec, chunk, max_new)
+        if isinstance(got, list):
+            return got
+        md, session, t0, _ = got
+        return self._tagged(self._passes(dec, md, chunk, max_new, on_block, t0, session), chunk[0][2], dec)
+
+    @staticmethod
+    def _tagged(reports: list[Report], image, dec: _Decoder) -> list[Report]:
         for r in reports:
-            r.image_tokens, r.prompt_tokens = image.n_tokens, ids.shape[1]
+            r.image_tokens, r.prompt_tokens = image.n_tokens, dec.prefix_ids.shape[1]
         return reports
 
     def _passes(self, dec: _Decoder, md: _Mode, chunk, max_new: int, on_block, t0: float,

@@ -12,6 +12,12 @@ block_step      input_ids i64[b,2B], position_ids i64[b,2B], past_key/past_value
                 f32[L,b,kvH,CAP,dh], past_len i64[b]
                 -> tokens i64[b,B], confidence f32[b,B],
                    present_key/present_value f32[L,b,kvH,B,dh] (the first B inputs' KV)
+block_denoise   input_ids i64[b,B], position_ids, past_key/past_value, past_len
+block_commit    -> tokens i64[b,B], confidence f32[b,B] (each position's own argmax and its probability),
+                   present_key/present_value f32[L,b,kvH,B,dh]
+                (the multi-step teacher's passes over one block: denoise reads a noisy block and
+                 stores nothing; commit stores a finished block's KV. With a block-causal context
+                 both are the same graph.)
 ar_prefill      pixel_values, prefix_ids -> tokens i64[b,1], present_key/value f32[L,b,kvH,P,dh]
 ar_step         input_ids i64[b,1], position_ids i64[b,1], past_key/past_value, past_len
                 -> tokens i64[b,1], present_key/value f32[L,b,kvH,1,dh]
@@ -33,7 +39,10 @@ VISION_PREFILL = "vision_prefill"
 BLOCK_STEP = "block_step"
 AR_PREFILL = "ar_prefill"
 AR_STEP = "ar_step"
-GRAPH_ROLES = (VISION_PREFILL, BLOCK_STEP, AR_PREFILL, AR_STEP)
+BLOCK_DENOISE = "block_denoise"
+BLOCK_COMMIT = "block_commit"
+GRAPH_ROLES = (VISION_PREFILL, BLOCK_STEP, AR_PREFILL, AR_STEP, BLOCK_DENOISE, BLOCK_COMMIT)
+MULTISTEP_ROLES = (BLOCK_DENOISE, BLOCK_COMMIT)
 
 PREFILL_INPUTS = ("pixel_values", "prefix_ids")
 NATIVE_PREFILL_INPUTS = ("pixel_patches", "patch_rc", "window_gather", "window_valid", "window_inverse", "prefix_ids",
@@ -43,6 +52,7 @@ BLOCK_STEP_OUTPUTS = ("tokens", "confidence", "present_key", "present_value")
 PREFILL_OUTPUTS = ("present_key", "present_value")
 AR_PREFILL_OUTPUTS = ("tokens", "present_key", "present_value")
 AR_STEP_OUTPUTS = ("tokens", "present_key", "present_value")
+BLOCK_PASS_OUTPUTS = ("tokens", "confidence", "present_key", "present_value")
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

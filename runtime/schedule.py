@@ -45,8 +45,23 @@ def excludes_mask_token(layout: str) -> bool:
     if layout not in DECODE_LAYOUTS:
         raise ValueError(f"unknown decode layout {layout!r}; expected one of {DECODE_LAYOUTS}")
     return layout == LAYOUT_ECHO
-UNMASK_RULES = ("dynamic-ltr", "dynamic", "static")
+UNMASK_RULES = ("dynamic-ltr", "dynamic", "static", "sequential")
 DEFAULT_UNMASK_RULE = "dynamic-ltr"
+# The official inference code's remasking strategies are these rules under other names: its
+# low_confidence_dynamic (every masked position above the threshold if there are at least k of
+# them, else the k most confident) accepts exactly what "dynamic" (the k most confident and every
+# one above the threshold) accepts, as the k most confident are then all above it; its
+# low_confidence_static is "static", its sequential (the k leftmost masked positions) "sequential".
+OFFICIAL_RULES = {"low_confidence_dynamic": "dynamic", "low_confidence_static": "static", "sequential": "sequential"}
+OFFICIAL_DEFAULT_RULE = "dynamic"
+
+
+def rule_named(name: str) -> str:
+    """A rule by our name or the official code's."""
+    rule = OFFICIAL_RULES.get(name, name)
+    if rule not in UNMASK_RULES:
+        raise ValueError(f"unknown unmask rule {name!r}; choose from {UNMASK_RULES + tuple(OFFICIAL_RULES)}")
+    return rule
 
 
 def transfer_schedule(block_size: int, steps: int) -> list[int]:
@@ -70,10 +85,11 @@ def select_unmask(
     Returns a [b, B] bool array, a subset of still_masked. Ties break toward the lower
     position so that every implementation picks the same set.
     """
-    if rule not in UNMASK_RULES:
-        raise ValueError(f"unknown unmask rule {rule!r}; choose from {UNMASK_RULES}")
+    rule = rule_named(rule)
     conf = np.where(still_masked, confidence.astype(np.float64), -np.inf)
     n_masked = still_masked.sum(-1, keepdims=True)
+    if rule == "sequential":
+        return still_masked & (np.cumsum(still_masked, -1) <= np.minimum(min_count, n_masked))
     if rule == "dynamic-ltr":
         leftmost = still_masked & (np.cumsum(still_masked, -1) <= np.minimum(min_count, n_masked))
         return still_masked & (leftmost | (conf > threshold))

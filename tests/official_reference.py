@@ -127,3 +127,60 @@ def official_onestep_uncached(model, inputs: dict, *, mask_id: int, eos_id: int,
         if _stops(cv, start, eos_id):
             break
     return report_ids(cv, eos_id, mask_id)
+
+
+def transfer_counts(block: int, steps: int) -> list[int]:
+    base, extra = divmod(block, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def remask(cur: torch.Tensor, masked: torch.Tensor, x0: torch.Tensor, p: torch.Tensor, n: int, rule: str,
+           threshold: float) -> torch.Tensor:
+    """The official `_remask` for one row: which masked positions take their prediction this step."""
+    take = torch.zeros_like(masked)
+    conf = torch.where(masked, p, torch.tensor(-torch.inf))
+    k = min(n, int(masked.sum()))
+    if rule == "sequential":
+        take[masked.nonzero(as_tuple=True)[0][:k]] = True
+    elif rule == "low_confidence_static":
+        if k > 0:
+            take[torch.topk(conf, k).indices] = True
+    elif rule == "low_confidence_dynamic":
+        high = conf > threshold
+        if int(high.sum()) >= n:
+            take = high
+        elif k > 0:
+            take[torch.topk(conf, k).indices] = True
+    else:
+        raise ValueError(rule)
+    return take
+
+
+@torch.no_grad()
+def official_multistep(model, inputs: dict, *, mask_id: int, eos_id: int, image_id: int, block: int, gen_length: int,
+                       steps: int, rule: str, threshold: float = 0.85) -> list[int]:
+    """generate_echo.py's multi-step decode (generate_vl_block.py's loop): per block up to `steps`
+    denoising passes storing nothing, then, once no mask is left, a pass storing the block's KV."""
+    from transformers import DynamicCache
+
+    cv = make_canvas(model, inputs, mask_id, image_id, block, gen_length)
+    P, B = cv.prompt_len, block
+    cache = DynamicCache(config=model.config)
+    run_pass(model, cv, inputs, 0, P, cache, store=P // B * B)
+    counts = transfer_counts(B, steps)
+    for start in range(P // B * B, cv.x.shape[1], B):
+        cur = cv.x[:, start : start + B].clone()
+        for step in range(steps + 1):
+            cv.x[:, start : start + B] = cur  # each pass reads the block as it stands
+            masked = cur == mask_id
+            if not bool(masked.any()):
+                run_pass(model, cv, inputs, start, start + B, cache, store=B)
+                break
+            logits = run_pass(model, cv, inputs, start, start + B, cache, store=0)
+            p, x0 = torch.softmax(logits, -1).max(-1)
+            take = remask(cur[0], masked[0], x0[0], p[0], counts[step], rule, threshold)[None]
+            cur[take] = x0[take]
+        cv.x[:, start : start + B] = cur
+        if _stops(cv, start, eos_id):
+            break
+    return report_ids(cv, eos_id, mask_id)

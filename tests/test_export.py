@@ -133,7 +133,7 @@ def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
 
     out, _ = built
     m = load_manifest(out)
-    assert set(m.graphs) == set(gio.GRAPH_ROLES)
+    assert set(m.graphs) == set(gio.GRAPH_ROLES) - set(gio.MULTISTEP_ROLES)  # a student: no teacher passes
     for role, entries in m.graphs.items():
         assert set(entries) == {f"{p}.b1" for p in ("fp32", "fp16", "int8")}
         for key, fname in entries.items():

@@ -93,12 +93,13 @@ def _reference(folder: Path, ids: dict, instruction: str, pngs: list[Path], bloc
     return out
 
 
-def _engine(folder: Path, out: Path, instruction: str, block: int) -> Path:
+def _engine(folder: Path, out: Path, instruction: str, block: int, stage: str = "dcd") -> Path:
     from echo_export.build import BuildOptions, build
     from echo_train.model.qwen2_5_vl import ImportOptions, import_qwen2_5_vl
 
     import_qwen2_5_vl(ImportOptions(folder=str(folder), out=str(out / "ck"), image_size=IMAGE_PX, block_size=block,
-                                    instruction=instruction, max_response_tokens=GEN), log=lambda *a: None)
+                                    instruction=instruction, max_response_tokens=GEN, stage=stage),
+                      log=lambda *a: None)
     return build(BuildOptions(ckpt=out / "ck", out=out / "engine", precisions=["fp32"], verify_n=0),
                  log=lambda *a: None)
 

@@ -4,6 +4,8 @@ Semantics (unmask rule, block positions) come from runtime/schedule.py, shared w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from runtime.schedule import (
@@ -70,47 +72,67 @@ def multistep_generate(
         b, dev, B = pixel_values.shape[0], pixel_values.device, block_size
         prefix = prefix_ids_tensor(tokenizer, model, b, dev)
         grid = BlockLayout(prefix.shape[1], B)
-        schedule = transfer_schedule(B, steps)
         cache = KVCache()
-        ctx = model.cfg.context_kind
         # the prompt's whole blocks; its tail (if any) is decoded inside response block 0
-        pre_layout = block_layout(grid.aligned_len, B, kind=ctx)
+        pre_layout = block_layout(grid.aligned_len, B, kind=model.cfg.context_kind)
         embeds = model.embed_prefix(pixel_values, prefix)[:, : grid.aligned_len]
         logits, kv = forward_with_cache(model, embeds, pre_layout, cache)
         cache.append(kv, pre_layout)
-        carry, shifted = logits[:, -1], model.cfg.shifted_prediction
-        passes = 1
-        blocks, trajectory = [], []
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        n_blocks = grid.num_blocks(max_new_tokens)
-        for k in range(n_blocks):
-            start = int(grid.block_positions(k)[0])
-            noisy = block_layout(B, B, start=start, kind=NOISY, copy=1)
-            x = first_block(prefix, grid, tokenizer.mask_id) if k == 0 else \
-                torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
-            states = [x.clone()]
-            for s in range(steps):
-                if not bool((x == tokenizer.mask_id).any()):
-                    break
-                logits, _ = forward_with_cache(model, model.embed_tokens(x), noisy, cache)
-                passes += 1
-                x = denoise_step(block_logits(logits, carry, shifted), x, tokenizer.mask_id, schedule[s], rule,
-                                 threshold, excludes_mask_token(model.cfg.decode_layout))
-                states.append(x.clone())
-            blocks.append(x)
-            if keep_trajectory:
-                trajectory.append(torch.stack(states, 1).cpu())  # [b, n_states, B]
-            done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
-            if bool(done.all()) or k == n_blocks - 1:
+        opts = MultistepRun(steps, rule, threshold, keep_trajectory)
+        return multistep_passes(model, tokenizer, prefix, grid, cache, logits[:, -1], max_new_tokens, opts)
+
+
+@dataclass(frozen=True)
+class MultistepRun:
+    """How the teacher decodes: steps per block, the unmask rule and threshold, and whether to keep
+    every intermediate state (DCD's trajectories)."""
+    steps: int
+    rule: str = DEFAULT_UNMASK_RULE
+    threshold: float = UNMASK_THRESHOLD
+    keep_trajectory: bool = False
+
+
+def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch.Tensor, grid: BlockLayout,
+                     cache: KVCache, carry: torch.Tensor, max_new_tokens: int, run: MultistepRun,
+                     position_offset: int = 0) -> DecodeResult:
+    """The blocks after a prefill that stored the prompt's whole blocks; `carry`: the logits of its last
+    position (token 0 of block 0 under shifted prediction)."""
+    b, dev, B = prefix.shape[0], prefix.device, grid.block_size
+    schedule = transfer_schedule(B, run.steps)
+    ctx, shifted = model.cfg.context_kind, model.cfg.shifted_prediction
+    exclude = excludes_mask_token(model.cfg.decode_layout)
+    passes = 1
+    blocks, trajectory = [], []
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    n_blocks = grid.num_blocks(max_new_tokens)
+    for k in range(n_blocks):
+        start = int(grid.block_positions(k)[0])
+        noisy = block_layout(B, B, start=start, kind=NOISY, copy=1)
+        x = first_block(prefix, grid, tokenizer.mask_id) if k == 0 else \
+            torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
+        states = [x.clone()]
+        for s in range(run.steps):
+            if not bool((x == tokenizer.mask_id).any()):
                 break
-            clean = block_layout(B, B, start=start, kind=ctx)
-            logits, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache)
-            carry = logits[:, -1]
-            cache.append(kv, clean)
+            logits, _ = forward_with_cache(model, model.embed_tokens(x), noisy, cache, position_offset)
             passes += 1
-        raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
-        return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw,
-                            trajectory if keep_trajectory else None)
+            x = denoise_step(block_logits(logits, carry, shifted), x, tokenizer.mask_id, schedule[s], run.rule,
+                             run.threshold, exclude)
+            states.append(x.clone())
+        blocks.append(x)
+        if run.keep_trajectory:
+            trajectory.append(torch.stack(states, 1).cpu())  # [b, n_states, B]
+        done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
+        if bool(done.all()) or k == n_blocks - 1:
+            break
+        clean = block_layout(B, B, start=start, kind=ctx)
+        logits, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache, position_offset)
+        carry = logits[:, -1]
+        cache.append(kv, clean)
+        passes += 1
+    raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
+    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw,
+                        trajectory if run.keep_trajectory else None)
 
 
 def fused_onestep_generate(

@@ -16,7 +16,7 @@ from runtime.text import ReportTokenizer
 
 from ..model.echo_model import EchoModel
 from ..model.masks import block_layout, build_attention_mask
-from .block_diffusion import fused_passes
+from .block_diffusion import MultistepRun, fused_passes, multistep_passes
 from .common import DecodeResult, KVCache
 
 
@@ -47,3 +47,20 @@ def native_onestep_generate(model: EchoModel, tokenizer: ReportTokenizer, image:
         cache = KVCache()
         cache.append(kv, layout)
         return fused_passes(model, tokenizer, prefix, grid, cache, max_new_tokens, position_offset=delta)
+
+
+def native_multistep_generate(model: EchoModel, tokenizer: ReportTokenizer, image: NativeImage, run: MultistepRun,
+                              max_new_tokens: int = 128) -> DecodeResult:
+    """The multi-step teacher on one image at its own grid (batch 1)."""
+    with torch.no_grad():
+        ids, pos, delta = native_prompt(model, tokenizer, image)
+        grid = BlockLayout(len(ids), model.cfg.block_size)
+        n = grid.aligned_len
+        prefix = torch.tensor([ids])
+        embeds = model.embed_prefix_native(prefix[:, :n], *native_tensors(image))
+        layout = block_layout(n, grid.block_size, kind=model.cfg.context_kind)
+        logits, kv = model(embeds, torch.from_numpy(pos[:, None, :n].copy()), build_attention_mask(layout)[None])
+        cache = KVCache()
+        cache.append(kv, layout)
+        return multistep_passes(model, tokenizer, prefix, grid, cache, logits[:, -1], max_new_tokens, run,
+                                position_offset=delta)

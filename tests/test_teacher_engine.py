@@ -1,0 +1,45 @@
+"""The multi-step teacher (ECHO Base) as an engine writes the official multi-step decoder's tokens
+(issue 29): tiny random Qwen2.5-VL folders imported as stage rad -> echo-export build (fp32, its
+block_denoise / block_commit graphs) -> EchoRuntime in multistep mode, against
+`official_reference.official_multistep` around transformers' Qwen2_5_VLForConditionalGeneration,
+for block 4 and 8, steps B, B/2 and 1, and the three official remasking rules."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from official_reference import official_multistep
+from test_official_layout import GEN, _engine, _hf_inputs, _instruction_for, folder, images  # noqa: F401
+
+transformers = pytest.importorskip("transformers")
+RULES = ("sequential", "low_confidence_static", "low_confidence_dynamic")
+CASES: list[str] = []
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_teacher_engine_writes_the_official_multistep_tokens(folder, images, block, tmp_path):  # noqa: F811
+    from runtime.engine import EchoRuntime
+    from runtime.multistep import MultistepOptions
+
+    path, ids = folder
+    instruction = _instruction_for(path, ids, images[0], block, block - 1)
+    rt = EchoRuntime(_engine(path, tmp_path, instruction, block, stage="rad"), mode="multistep")
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    mask_id = json.loads((path / "config.json").read_text())["mask_token_id"]
+    inputs = [_hf_inputs(path, ids, instruction, p) for p in images]
+    for steps in sorted({block, block // 2, 1}, reverse=True):
+        for rule in RULES:
+            want = [official_multistep(model, x, mask_id=mask_id, eos_id=ids["<|im_end|>"],
+                                       image_id=ids["<|image_pad|>"], block=block, gen_length=GEN, steps=steps,
+                                       rule=rule) for x in inputs]
+            got = [r.tokens for r in rt.generate([str(p) for p in images], max_new_tokens=GEN, mode="multistep",
+                                                 multistep=MultistepOptions(steps, rule))]
+            CASES.append(f"B={block} steps={steps} {rule}")
+            assert got == want, f"block {block}, {steps} steps, {rule}"
+    assert len({tuple(t) for t in got}) > 1
+
+
+def test_print_teacher_cases():
+    print(f"\n[teacher engine] engine tokens == official multi-step reference in {len(CASES)} cases "
+          f"({len(CASES) * 4} image decodes): " + "; ".join(CASES))
