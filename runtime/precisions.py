@@ -2,7 +2,7 @@
 about a precision, in one entry per precision.
 
 A precision is how the weights (and some arithmetic) of the exported graphs are stored: fp32,
-fp16, int8 (static QDQ) and int4 (weight-only MatMulNBits). Every layer asks this module
+fp16, int8 (static QDQ) and int4 (weight-only MatMulNBits, echo_export/int4.py). Every layer asks this module
 instead of spelling the list out: `echo-export build --precision`, `echo-report --precision`,
 `echo-serve --precision`, `echo-bench`'s engine names, the runtime's shared-weights choice and
 its CPU memory check, verification's tolerances and the TensorRT form a plan is built from.
@@ -60,8 +60,6 @@ class Precision:
     # "module:function(src, dst) -> dict" that rewrites an onnxruntime graph of this precision into
     # the form TensorRT parses (written beside it as <graph>.tensorrt.onnx); None: parsed as it is
     tensorrt_form: Optional[str] = None
-    # ONNX operator domains its onnxruntime graphs may use besides the default one
-    extra_domains: tuple[str, ...] = ()
 
     def cpu_session_bytes(self, weights_bytes: int, sessions: int = 1) -> int:
         """About what `sessions` onnxruntime CPU sessions of this precision hold for its weights."""
@@ -81,6 +79,10 @@ PRECISIONS: dict[str, Precision] = {
         "int8", "static QDQ of the weight MatMuls, calibrated on training images (CPU int8 kernels)",
         converter="echo_export.build:_quantise_int8", needs_calibration=True,
         tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.precision:int8_qdq_for_tensorrt"),
+    "int4": Precision(
+        "int4", "weight-only 4-bit MatMulNBits of the decoder's linear layers (blocks of 32/64/128, RTN or AWQ)",
+        converter="echo_export.int4:build_int4", needs_calibration=True,  # AWQ's activation statistics
+        tolerances=Tolerances(min_per_pass_agreement=0.90), tensorrt_form="echo_export.int4:int4_dq_for_tensorrt"),
 }
 
 NAMES: tuple[str, ...] = tuple(PRECISIONS)
