@@ -617,6 +617,22 @@ def _add_graph(b: _Build, key: tuple[str, str, int], name: str) -> None:
           f"{store.tensors_stored} distinct ones for {sum(k[1] == key[1] for k in b.files)} graph(s)")
 
 
+def _check_tensorrt_ready(b: _Build) -> None:
+    """Every graph's TensorRT form against the ONNX-TensorRT operator matrix (echo_export/trt_ops.py),
+    with or without TensorRT here; a node TensorRT would refuse fails the build by name."""
+    from .trt_ops import TensorRTNotReady, check_engine_folder
+
+    b.meter.start("trt-check")
+    b.log("[trt-check] each precision's TensorRT form against the ONNX-TensorRT operator matrix")
+    try:
+        ready = check_engine_folder(b.tmp, b.files, b.log)
+    except TensorRTNotReady as e:
+        raise BuildError(f"TensorRT readiness: {e}") from None
+    for precision, info in ready.items():
+        b.precision_info.setdefault(precision, {}).update(info)
+    b.meter.stop()
+
+
 def _build_plans(b: _Build) -> None:
     from .tensorrt_build import build_all
 
@@ -672,6 +688,7 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
 
 def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sample], verify_px: list[np.ndarray]):
     """Every phase after the input checks, into b.tmp; returns (manifest files, graphs, verify report, verified)."""
+    from .external_weights import external_data_files
     from .tensorrt_build import tensorrt_source_filename
     from .verify import VerifyItem
 
@@ -686,6 +703,7 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
     b.calib.clear()
     shutil.rmtree(b.tmp / ".calib", ignore_errors=True)
     _close_stores(b)  # every graph is in: the weights files are complete
+    _check_tensorrt_ready(b)
     if b.opts.trt:
         _build_plans(b)
     shutil.copyfile(Path(b.opts.ckpt) / "tokenizer.json", b.tmp / "tokenizer.json")
@@ -702,5 +720,6 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
             graphs[role][f"trt-{prec}.b{bs}"] = b.plans[name]
     manifest_files = sorted(set(b.files.values()) | set(b.plans.values()) | set(b.data_files) |
                             {tensorrt_source_filename(n) for n in b.plans} | {"tokenizer.json"} |
+                            {f for n in b.plans for f in external_data_files(b.tmp / tensorrt_source_filename(n))} |
                             ({"verify.json"} if verify_report is not None else set()))
     return manifest_files, graphs, verify_report, verified
