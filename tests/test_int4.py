@@ -221,3 +221,18 @@ def test_asymmetric_int4_has_no_tensorrt_form(engine, tmp_path):
     store.close()
     with pytest.raises(PrecisionError, match="asymmetric int4.*zero point of 0"):
         int4.int4_dq_for_tensorrt(d / "block_step.asym.onnx", d / "block_step.asym.tensorrt.onnx")
+
+
+def test_int4_sessions_share_one_copy_of_the_weights(engine):
+    """runtime/ort_capi.py lends MatMulNBits' packed weights and scales from one map of
+    weights.int4.bin to both sessions, and they decode exactly like sessions with their own."""
+    from runtime.engine import EchoRuntime
+
+    out, data, _ = engine
+    images = sorted(str(p) for p in (data / "img").glob("test*.png"))
+    shared = EchoRuntime(out, precision="int4")
+    own = EchoRuntime(out, precision="int4", share_weights=False)
+    assert [r.tokens for r in shared.generate(images)] == [r.tokens for r in own.generate(images)]
+    assert all(g._capi is not None and g._capi.shared_bytes > 0 for g in shared._graphs.values())
+    lent = shared._weights_map["weights.int4.bin"]._values.values()
+    assert any(view.dtype == np.uint8 for _, view in lent)  # the packed 4-bit weights
