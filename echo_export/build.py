@@ -86,6 +86,9 @@ class BuildOptions:
     # per-precision converter options, e.g. {"int4": {"block_size": "64"}} (--precision-opt int4.block_size=64);
     # each converter checks its own and names the ones it knows
     precision_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    # every graph's TensorRT form against the ONNX-TensorRT operator matrix (echo_export/trt_ops.py):
+    # "fail" the build on a node TensorRT would refuse, or "warn" (recorded: tensorrt_ready false)
+    tensorrt_check: str = "fail"
 
 
 @dataclass
@@ -625,7 +628,7 @@ def _check_tensorrt_ready(b: _Build) -> None:
     b.meter.start("trt-check")
     b.log("[trt-check] each precision's TensorRT form against the ONNX-TensorRT operator matrix")
     try:
-        ready = check_engine_folder(b.tmp, b.files, b.log)
+        ready = check_engine_folder(b.tmp, b.files, b.log, strict=b.opts.tensorrt_check != "warn" or b.opts.trt)
     except TensorRTNotReady as e:
         raise BuildError(f"TensorRT readiness: {e}") from None
     for precision, info in ready.items():

@@ -50,6 +50,9 @@ def main() -> None:
               help="int8: also quantise the MLP down projections (default: keep them fp32; their SwiGLU inputs "
                    "have tails that one uint8 range cannot hold)")
 @click.option("--trt", is_flag=True, help="also build TensorRT plans (needs the [trt] extra and a GPU)")
+@click.option("--tensorrt-check", type=click.Choice(["fail", "warn"]), default="fail", show_default=True,
+              help="each graph's TensorRT form is checked against the ONNX-TensorRT operator matrix: fail the build "
+                   "on a node TensorRT would refuse, or warn and record it (tensorrt_ready false; not with --trt)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--weights-min-bytes", default=1024, show_default=True, type=click.IntRange(min=1),
               help="tensors of at least this many bytes go to weights.<precision>.bin, stored once for every graph of "
@@ -58,7 +61,7 @@ def main() -> None:
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None,
               help="also write the build summary (seconds and peak RSS per phase, folder and weight bytes) as JSON here")
 def build(ckpt, out, precision, precision_opts, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, verify_data, max_new_tokens, opset,
-          int8_mode, int8_min_weight, int8_down_proj, trt, force, weights_min_bytes, summary_json) -> None:
+          int8_mode, int8_min_weight, int8_down_proj, trt, tensorrt_check, force, weights_min_bytes, summary_json) -> None:
     """Trace, convert, quantise, verify, and write manifest.json last."""
     from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precision_options, parse_precisions
     from .tensorrt_build import TensorRTUnavailable
@@ -75,7 +78,7 @@ def build(ckpt, out, precision, precision_opts, ar_ckpt, batch_sizes, capacity, 
                             verify_n=verify_n, data=data, verify_data=verify_data, trt=trt, force=force, opset=opset,
                             max_new_tokens=max_new_tokens, int8_mode=int8_mode, int8_min_weight=int8_min_weight,
                             int8_down_proj_fp32=not int8_down_proj, weights_min_bytes=weights_min_bytes,
-                            summary_json=summary_json, precision_options=parse_precision_options(list(precision_opts)))
+                            summary_json=summary_json, tensorrt_check=tensorrt_check, precision_options=parse_precision_options(list(precision_opts)))
         run_build(opts, log=lambda s: click.echo(s))
     except (BuildError, TensorRTUnavailable, ManifestError) as e:
         click.echo(f"echo-export build: error: {e}", err=True)

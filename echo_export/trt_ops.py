@@ -152,11 +152,12 @@ def _form_problems(folder: Path, name: str, convert: Optional[Callable]) -> list
 
 
 def check_engine_folder(folder: Path, files: dict[tuple[str, str, int], str],
-                        log: Callable[[str], None] = print) -> dict[str, dict]:
+                        log: Callable[[str], None] = print, strict: bool = True) -> dict[str, dict]:
     """Check the TensorRT form of every graph of a build (`files`: (role, precision, batch) ->
     name); returns per precision {"tensorrt_ready", "tensorrt_checked_against", ...}. A precision
     without a TensorRT form (asymmetric int4) is reported not ready with the reason; a form with
-    nodes TensorRT refuses raises TensorRTNotReady naming each graph, node and reason."""
+    nodes TensorRT refuses raises TensorRTNotReady naming each graph, node and reason (`strict`),
+    or marks its precision not ready with the problems (a build for onnxruntime only)."""
     from .precision import PrecisionError
     from .tensorrt_build import tensorrt_form_converter
 
@@ -173,10 +174,15 @@ def check_engine_folder(folder: Path, files: dict[tuple[str, str, int], str],
             continue
         info["tensorrt_graphs"] += 1
         failed += [f"{name}: {p}" for p in problems]
+        if problems:
+            info.update(tensorrt_ready=False, tensorrt_reason=f"{len(problems)} node(s) TensorRT would refuse")
+            info.setdefault("tensorrt_problems", []).extend(f"{name}: {p}" for p in problems[:10])
     for prec, info in out.items():
         log(f"  {prec}: " + (f"{info['tensorrt_graphs']} TensorRT form(s) pass" if info["tensorrt_ready"]
-                             else f"no TensorRT form ({info['tensorrt_reason']})"))
-    if failed:
+                             else f"NOT TensorRT-ready ({info['tensorrt_reason']})"))
+    if failed and not strict:
+        log("  warning: " + "\n  warning: ".join(failed[:20]))
+    elif failed:
         raise TensorRTNotReady(f"{len(failed)} node(s) TensorRT {m['tensorrt_version']} would refuse:\n  "
                                + "\n  ".join(failed[:20]))
     return out

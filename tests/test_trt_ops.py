@@ -120,3 +120,25 @@ def test_a_node_the_matrix_refuses_fails_the_check_by_name(all_precisions, monke
     with pytest.raises(trt_ops.TensorRTNotReady, match=r"block_step\.int4\.b1\.onnx: node '.*' \(Softmax\): not supported"):
         trt_ops.check_engine_folder(out, files, log=lambda s: None)
     assert not list(out.glob(".trtcheck.*"))  # the temporary TensorRT forms are gone
+    # --tensorrt-check warn: the build goes on, and the precision is recorded as not TensorRT-ready
+    warned = trt_ops.check_engine_folder(out, files, log=lambda s: None, strict=False)
+    assert not warned["int4"]["tensorrt_ready"] and "Softmax" in warned["int4"]["tensorrt_problems"][0]
+
+
+def test_the_mask_token_exclusion_exports_without_a_bool_scatter(tiny_tokenizer):
+    """At a real vocabulary (16,000 here) the exporter no longer folds `onehot[token_id] = True` into
+    a constant, and TensorRT's ScatterElements takes no BOOL: the exclusion is a comparison instead."""
+    import torch
+
+    from echo_export.graphs import exclude_token
+
+    class Head(torch.nn.Module):
+        def forward(self, logits):
+            return exclude_token(logits, 7)
+
+    path = str(__import__("tempfile").mkdtemp()) + "/head.onnx"
+    torch.onnx.export(Head(), (torch.zeros(1, 4, 16000),), path, dynamo=True, opset_version=18)
+    m = onnx.load(path)
+    assert trt_ops.check_model(m) == [], trt_ops.check_model(m)
+    got = exclude_token(torch.ones(1, 2, 16000), 7)
+    assert float(got[0, 0, 7]) < -1e4 and float(got[0, 0, 6]) == 1.0
