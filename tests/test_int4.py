@@ -236,3 +236,24 @@ def test_int4_sessions_share_one_copy_of_the_weights(engine):
     assert all(g._capi is not None and g._capi.shared_bytes > 0 for g in shared._graphs.values())
     lent = shared._weights_map["weights.int4.bin"]._values.values()
     assert any(view.dtype == np.uint8 for _, view in lent)  # the packed 4-bit weights
+
+
+def test_echo_report_takes_int4_and_build_options_are_checked(engine):
+    """`echo-report --precision int4` reads the folder through the registry; --precision-opt is parsed
+    per precision and an unknown precision or malformed option is refused with the way to write it."""
+    from click.testing import CliRunner
+
+    from echo_export.build import BuildError, parse_precision_options
+    from runtime.cli import main as report
+
+    out, data, _ = engine
+    img = str(sorted((data / "img").glob("test*.png"))[0])
+    r = CliRunner().invoke(report, ["--engine-dir", str(out), "--precision", "int4", "--format", "json", img])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.splitlines()[0])["text"]
+    assert parse_precision_options(["int4.block_size=64", "int4.method=rtn"]) == \
+        {"int4": {"block_size": "64", "method": "rtn"}}
+    with pytest.raises(BuildError, match="unknown precision int5"):
+        parse_precision_options(["int5.block_size=64"])
+    with pytest.raises(BuildError, match="PRECISION.OPTION=VALUE"):
+        parse_precision_options(["block_size=64"])
