@@ -73,7 +73,10 @@ class Int4Options:
             elif k == "method":
                 vals[k] = v.lower()
             else:
-                vals[k] = None if v.lower() in ("auto", "none") else int(v)
+                try:
+                    vals[k] = None if v.lower() in ("auto", "none") else int(v)
+                except ValueError:
+                    raise PrecisionError(f"int4.{k}={v!r}: expected an integer") from None
         o = Int4Options(**vals)
         if o.block_size not in BLOCK_SIZES:
             raise PrecisionError(f"int4.block_size={o.block_size}: choose from {BLOCK_SIZES}")
@@ -284,7 +287,7 @@ class WeightPlan:
             rows = self.rows.pop(key, None)
             if not rows:
                 raise PrecisionError("int4 awq: no calibration activations reached a weight (no feeds recorded?)")
-            x = np.concatenate(rows)[: max(o.calib_rows, 1) * len(rows)]
+            x = np.concatenate(rows)  # up to calib_rows from each graph that reads this weight
             qw, self.alphas[key] = awq_quantize(w_kn, x, o.block_size, o.symmetric)
             self.act_scale[key] = qw.act_scale
             return qw

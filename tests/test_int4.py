@@ -73,6 +73,8 @@ def test_options_are_checked_and_named():
         int4.Int4Options.parse({"blocksize": "64"})
     with pytest.raises(PrecisionError, match="method"):
         int4.Int4Options.parse({"method": "gptq"})
+    with pytest.raises(PrecisionError, match="block_size='big': expected an integer"):
+        int4.Int4Options.parse({"block_size": "big"})
 
 
 def test_accuracy_level_follows_the_cpu():
