@@ -131,6 +131,23 @@ def _converter(precision: str) -> Optional[Callable]:
     return getattr(importlib.import_module(module), name)
 
 
+def _check_precision_options(options: dict[str, dict[str, str]], precisions: list[str]) -> None:
+    """Converter options are checked before any work (a 7B export takes minutes): each precision's
+    converter module may offer `check_options(dict)`, raising PrecisionError."""
+    from .precision import PrecisionError
+
+    for precision, opts in options.items():
+        if precision not in precisions:
+            raise BuildError(f"--precision-opt {precision}.*: {precision} is not built (--precision {','.join(precisions)})")
+        spec = precision_registry.get(precision).converter
+        check = getattr(importlib.import_module(spec.partition(":")[0]), "check_options", None) if spec else None
+        try:
+            if check is not None:
+                check(opts)
+        except PrecisionError as e:
+            raise BuildError(f"--precision-opt: {e}") from None
+
+
 def _needs_calibration(precisions: list[str]) -> list[str]:
     return [p for p in precisions if precision_registry.get(p).needs_calibration]
 
@@ -241,6 +258,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     out = Path(opts.out)
     precisions = parse_precisions(opts.precisions)
     batch_sizes = parse_batch_sizes(opts.batch_sizes)
+    _check_precision_options(opts.precision_options, precisions)
     if out.exists() and not opts.force:
         raise BuildError(f"{out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():

@@ -87,6 +87,11 @@ class Int4Options:
         return o
 
 
+def check_options(opts: dict[str, str]) -> None:
+    """The build's early check of --precision-opt int4.* (before any export)."""
+    Int4Options.parse(opts)
+
+
 def choose_accuracy_level(cpu=None) -> int:
     """MatMulNBits accuracy_level for the serving CPU: 4 (int8 activations per block) where MLAS has
     int8 dot-product kernels for 4-bit weights (x86 with AVX2 or VNNI, ARM64 with NEON), where it is

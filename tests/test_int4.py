@@ -259,3 +259,12 @@ def test_echo_report_takes_int4_and_build_options_are_checked(engine):
         parse_precision_options(["int5.block_size=64"])
     with pytest.raises(BuildError, match="PRECISION.OPTION=VALUE"):
         parse_precision_options(["block_size=64"])
+    # a bad converter option is refused before any work (nothing is exported, no folder written)
+    from echo_export.build import BuildOptions, build
+
+    for opt, why in ((["int4.block_size=48"], "block_size=48: choose from"), (["int4.method=rtn"], "int4 is not built")):
+        with pytest.raises(BuildError, match=why):
+            build(BuildOptions(ckpt=out.parent / "ckpt", out=out.parent / "never", data=data,
+                               precisions=["fp32", "int4"] if "48" in opt[0] else ["fp32"],
+                               precision_options=parse_precision_options(opt)), log=lambda s: None)
+        assert not (out.parent / "never").exists()
