@@ -695,7 +695,8 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
         rep_ar = verify_ar(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
                            capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log, reference=b.ar_ref)
         rep["variants"].update(rep_ar["variants"])
-    verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
+    verified = all(v["identical"] for v in rep["variants"].values()  # fp32: the registry's must_be_identical
+                   if precision_registry.get(v["precision"]).tolerances.must_be_identical)
     rep.update({"n_images": len(items), "max_new_tokens": b.max_new, "fp32_identical": verified, "int8": b.int8_info,
                 "precision_info": b.precision_info,
                 "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})

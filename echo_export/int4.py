@@ -464,6 +464,8 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     b.log(f"[int4] {opts.method}, block {opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, "
           f"accuracy_level {level}; quantised: {', '.join(_parts(opts))}")
     sources = sorted((k, v) for k, v in b.files.items() if k[1] == "fp32")
+    if not sources:  # the fp32 graphs are its source (their weights are read one at a time)
+        raise PrecisionError("int4 converts the fp32 graphs, and this build has none")
     plan = WeightPlan(opts)
     if opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
         for (role, _, bs), src in sources:
