@@ -227,7 +227,7 @@ class EchoRuntime:
     each graph's size and sha256 are checked again whenever a graph is loaded.
     batch_size must be one the folder was built for (None: its smallest); graphs have fixed
     shapes, so a call with fewer images than the batch pads by repeating an image.
-    share_weights (onnxruntime, CPU, fp32 and int8): the graphs of one precision share one copy of its
+    share_weights (onnxruntime, CPU, the registry's shares_weights: fp32, int8, int4): the graphs of one precision share one copy of its
     weights (one map of weights.<precision>.bin, one set of packed MatMul weights:
     runtime/ort_capi.py) instead of each holding its own; False: onnxruntime's default, one packed
     copy per graph. fp16 graphs always take the default (SHARED_PRECISIONS).
