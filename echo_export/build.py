@@ -335,7 +335,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
                              "(a dataset with a train split)")
         calib = _split_samples(data, "train", opts.calib_size, strict=True)
         if not calib:
-            raise BuildError(f"--data {data}: no training images for calibration")
+            raise BuildError(f"--data {data}: no training images for int8 calibration")
         calib_px = _pixels(calib, cfg.vision.image_size, "calibration image", cfg.vision.preprocess)
         log(f"  calibration: {len(calib_px)} training images")
     verify_samples: list[_Sample] = []
