@@ -16,6 +16,7 @@ output). The other restrictions are notes for a human; TensorRT's own parser has
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -45,9 +46,18 @@ class Problem:
     node: str
     op_type: str
     reason: str
+    source: str = ""  # the project line the exporter says the node came from, if it says
 
     def __str__(self) -> str:
-        return f"node {self.node!r} ({self.op_type}): {self.reason}"
+        return f"node {self.node!r} ({self.op_type}): {self.reason}" + (f" [{self.source}]" if self.source else "")
+
+
+def _source(node: onnx.NodeProto) -> str:
+    """file:line of the innermost frame outside site-packages in the exporter's stack trace of a node:
+    where in the model's code the refused operator comes from."""
+    trace = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.stack_trace"), "")
+    frames = [(f, n) for f, n in re.findall(r'File "([^"]+)", line (\d+)', trace) if "site-packages" not in f]
+    return f"{Path(frames[-1][0]).name}:{frames[-1][1]}" if frames else ""
 
 
 @lru_cache(maxsize=4)
@@ -118,16 +128,18 @@ def check_model(model: onnx.ModelProto, base_dir: str = "", matrix: Optional[dic
             continue
         spec = m["operators"].get(n.op_type)
         if spec is None or not spec["supported"]:
-            problems.append(Problem(n.name, n.op_type, f"not supported by TensorRT {m['tensorrt_version']}'s ONNX parser"))
+            problems.append(Problem(n.name, n.op_type, f"not supported by TensorRT {m['tensorrt_version']}'s ONNX parser",
+                                    _source(n)))
             continue
         t = _node_type(n, types)
         name = _TYPE_NAMES.get(t) if t else None
         if name is not None and name not in spec["types"]:
-            problems.append(Problem(n.name, n.op_type, f"type {name} not in TensorRT's {', '.join(spec['types'])}"))
+            problems.append(Problem(n.name, n.op_type, f"type {name} not in TensorRT's {', '.join(spec['types'])}",
+                                    _source(n)))
         for check in spec.get("checks", []):
             why = _restriction(check, n, consts, used, base_dir)
             if why:
-                problems.append(Problem(n.name, n.op_type, why))
+                problems.append(Problem(n.name, n.op_type, why, _source(n)))
     return problems
 
 

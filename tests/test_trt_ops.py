@@ -140,5 +140,15 @@ def test_the_mask_token_exclusion_exports_without_a_bool_scatter(tiny_tokenizer)
     torch.onnx.export(Head(), (torch.zeros(1, 4, 16000),), path, dynamo=True, opset_version=18)
     m = onnx.load(path)
     assert trt_ops.check_model(m) == [], trt_ops.check_model(m)
+    # the old form is refused, and the problem says which line of the model's code made the node
+    class OldHead(torch.nn.Module):
+        def forward(self, logits):
+            onehot = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            onehot[7] = True
+            return torch.where(onehot, torch.full_like(logits, -3e4), logits)
+
+    torch.onnx.export(OldHead(), (torch.zeros(1, 4, 16000),), path, dynamo=True, opset_version=18)
+    old = [str(p) for p in trt_ops.check_model(onnx.load(path))]
+    assert len(old) == 1 and "ScatterElements" in old[0] and "type BOOL" in old[0] and "[test_trt_ops.py:" in old[0], old
     got = exclude_token(torch.ones(1, 2, 16000), 7)
     assert float(got[0, 0, 7]) < -1e4 and float(got[0, 0, 6]) == 1.0
