@@ -57,7 +57,7 @@ def publish(result: dict, paths: dict, dest: Path = RESULTS_DIR) -> list[Path]:
 @click.option("--n", type=int, default=100, show_default=True, help="Studies (the first N of the split).")
 @click.option("--methods", default="ar,teacher,naive,dcd", show_default=True, help="Comma list of ar, teacher, naive, dcd.")
 @click.option("--engines", default="all", show_default=True,
-              help="all, or a comma list of engines or prefixes: pytorch, ort, ort-fp32, ort-fp16, ort-int8, trt, hf.")
+              help="all, or a comma list of engines or prefixes: pytorch, ort, ort-<precision> (fp32, fp16, int8, ...), trt, hf.")
 @click.option("--block-sizes", default="8", show_default=True,
               help="Comma list; block sizes other than 8 use <ckpt>-bN and <engine-dir>-bN.")
 @click.option("--ar-ckpt", default="runs/ar", show_default=True)

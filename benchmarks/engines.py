@@ -2,8 +2,8 @@
 
 Engines
   pytorch-cpu / pytorch-cuda   the PyTorch reference decoders (echo_train.decoding), eager
-  ort-fp32 / ort-fp16 / ort-int8  runtime.EchoRuntime over an engine folder (onnxruntime)
-  trt-fp32 / trt-fp16 / trt-int8  runtime.EchoRuntime(backend="trt") where TensorRT and a GPU exist
+  ort-<precision>              runtime.EchoRuntime over an engine folder (onnxruntime), one per registry precision
+  trt-<precision>              runtime.EchoRuntime(backend="trt") where TensorRT and a GPU exist
   hf-cpu / hf-cuda             Hugging Face `transformers` generate() on the same AR weights: the
                                peer baseline a user would otherwise pick (AR only)
 
@@ -26,8 +26,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from runtime import precisions
+
 METHODS = ("ar", "teacher", "naive", "dcd")
-ORT_PRECISIONS = ("fp32", "fp16", "int8")
+ORT_PRECISIONS = precisions.NAMES  # the precision registry (runtime/precisions.py)
 DEFAULT_BLOCK = 8  # the block size whose checkpoints / engines carry no "-bN" suffix
 
 

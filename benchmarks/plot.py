@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from runtime import precisions
+
 COLORS = {"ar": "#444444", "teacher": "#1f77b4", "naive": "#d62728", "dcd": "#2ca02c"}
 MARKERS = {"pytorch": "o", "ort": "s", "trt": "^", "hf": "D"}
 QUALITY = (("finding_f1", "finding F1 (micro)"), ("semscore", "SemScore"), ("rougeL", "ROUGE-L"))
@@ -26,12 +28,12 @@ def _quality(c: dict) -> tuple[Optional[float], str]:
 
 
 def _panel(ax, points: list[tuple[dict, float]], ylabel: str, empty: str) -> None:
-    """Scatter (cell, y) at the cell's p50 latency: colour = method, marker = engine kind, hollow = fp16/int8."""
+    """Scatter (cell, y) at the cell's p50 latency: colour = method, marker = engine kind, hollow = not fp32."""
     for n, (c, y) in enumerate(points):
         x = c["latency_ms"]["p50"]
         kind = c["engine"].split("-")[0]
         col = COLORS.get(c["method"], "k")
-        hollow = c["engine"].endswith(("fp16", "int8"))
+        hollow = c["engine"].rsplit("-", 1)[-1] in precisions.NAMES[1:]  # every precision but fp32
         ax.scatter([x], [y], marker=MARKERS.get(kind, "x"), s=60, alpha=0.85, linewidths=1.2,
                    facecolors="none" if hollow else col, edgecolors=col)
         tag = f"{c['engine']}{'' if c['block_size'] is None else ' B' + str(c['block_size'])}"

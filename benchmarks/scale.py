@@ -189,6 +189,7 @@ def runtime_probe(engine: Path, precision: str, images: list[str], max_new: int,
     """In its own process (torch never imported): RSS of the fused runtime (vision_prefill +
     block_step of one precision), the decode-only tokens/s of the one-step and AR loops, and the
     isolated t(1) / t(2B) of ar_step / block_step (fp32 cache buffers: fp32 and int8 engines)."""
+    from runtime import precisions
     from runtime.engine import EchoRuntime
 
     res: dict[str, Any] = {"precision": precision, "rss_baseline_mb": _status_mb("VmRSS")}
@@ -218,7 +219,7 @@ def runtime_probe(engine: Path, precision: str, images: list[str], max_new: int,
     res["achieved_dcd_vs_ar_decode_only"] = res["fused"]["decode_tokens_per_s"] / res["ar"]["decode_tokens_per_s"]
     del rt  # its sessions and packed weights go before the timing sessions open (1.5B: 6.5 GB each)
     gc.collect()
-    if precision != "fp16":
+    if precisions.get(precision).cpu_memory_factor <= 1:  # not fp16: its CPU sessions fold an fp32 copy each
         from benchmarks.ideal import ort_pass_times
 
         B = m.block_size

@@ -22,6 +22,7 @@ built, e.g. graphs["block_step"]["int8.b8"] = "block_step.int8.b8.onnx". TensorR
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import shutil
 import time
@@ -33,6 +34,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from runtime import graph_io as gio
+from runtime import precisions as precision_registry
 from runtime.cpu_features import (INT8_AUTO, INT8_MODE_FOR_KIND, INT8_MODES, CpuFeatures, detect_cpu_features,
                                   int8_mode_target)
 from runtime.errors import ImageReadError
@@ -55,7 +57,7 @@ class BuildError(Exception):
 class BuildOptions:
     ckpt: Path
     out: Path
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    precisions: list[str] = field(default_factory=lambda: list(precision_registry.NAMES))
     ar_ckpt: Optional[Path] = None
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     capacity: Optional[int] = None  # KV cache slots; None: what the prefix and max_response_tokens need
@@ -82,6 +84,12 @@ class BuildOptions:
     weights_min_bytes: int = 1024
     # where to write the build's phases (seconds, peak RSS), file sizes and weight bytes as JSON
     summary_json: Optional[Path] = None
+    # per-precision converter options, e.g. {"int4": {"block_size": "64"}} (--precision-opt int4.block_size=64);
+    # each converter checks its own and names the ones it knows
+    precision_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    # every graph's TensorRT form against the ONNX-TensorRT operator matrix (echo_export/trt_ops.py):
+    # "fail" the build on a node TensorRT would refuse, or "warn" (recorded: tensorrt_ready false)
+    tensorrt_check: str = "fail"
 
 
 @dataclass
@@ -92,13 +100,57 @@ class _Sample:
 
 
 def parse_precisions(text: str | list[str]) -> list[str]:
-    items = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
-    bad = [p for p in items if p not in gio.PRECISIONS]
-    if bad or not items:
-        raise BuildError(f"unknown precision {', '.join(bad) or '(none)'}; choose from {', '.join(gio.PRECISIONS)}")
-    if "fp32" not in items:
-        items.insert(0, "fp32")  # fp32 is the verified base every other variant derives from
-    return sorted(set(items), key=gio.PRECISIONS.index)
+    """Registry names in registry order; fp32 always (the verified base every other variant derives from)."""
+    try:
+        return precision_registry.parse_list(text)
+    except precision_registry.UnknownPrecision as e:
+        raise BuildError(str(e)) from None
+
+
+def parse_precision_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """['int4.block_size=64', ...] -> {'int4': {'block_size': '64'}}; the precision must be in the registry."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        prec, dot, name = key.strip().partition(".")
+        if not (eq and dot and name):
+            raise BuildError(f"--precision-opt {item!r}: expected PRECISION.OPTION=VALUE, e.g. int4.block_size=64")
+        try:
+            precision_registry.get(prec)
+        except precision_registry.UnknownPrecision as e:
+            raise BuildError(f"--precision-opt {item!r}: {e}") from None
+        out.setdefault(prec, {})[name.strip()] = value.strip()
+    return out
+
+
+def _converter(precision: str) -> Optional[Callable]:
+    """The registry's converter of a precision (imported by its "module:function" name), or None (fp32)."""
+    spec = precision_registry.get(precision).converter
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_precision_options(options: dict[str, dict[str, str]], precisions: list[str]) -> None:
+    """Converter options are checked before any work (a 7B export takes minutes): each precision's
+    converter module may offer `check_options(dict)`, raising PrecisionError."""
+    from .precision import PrecisionError
+
+    for precision, opts in options.items():
+        if precision not in precisions:
+            raise BuildError(f"--precision-opt {precision}.*: {precision} is not built (--precision {','.join(precisions)})")
+        spec = precision_registry.get(precision).converter
+        check = getattr(importlib.import_module(spec.partition(":")[0]), "check_options", None) if spec else None
+        try:
+            if check is not None:
+                check(opts)
+        except PrecisionError as e:
+            raise BuildError(f"--precision-opt: {e}") from None
+
+
+def _needs_calibration(precisions: list[str]) -> list[str]:
+    return [p for p in precisions if precision_registry.get(p).needs_calibration]
 
 
 def parse_batch_sizes(text: str | list[int]) -> list[int]:
@@ -237,12 +289,13 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     out = Path(opts.out)
     precisions = parse_precisions(opts.precisions)
     batch_sizes = parse_batch_sizes(opts.batch_sizes)
+    _check_precision_options(opts.precision_options, precisions)
     if out.exists() and not opts.force:
         raise BuildError(f"{out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise BuildError(f"{out} exists and is not a folder")
-    if opts.calib_size < 1 and "int8" in precisions:
-        raise BuildError("--calib-size must be at least 1 for int8")
+    if opts.calib_size < 1 and _needs_calibration(precisions):
+        raise BuildError(f"--calib-size must be at least 1 for {', '.join(_needs_calibration(precisions))}")
     if opts.verify_n < 0:
         raise BuildError("--verify-n must be >= 0")
 
@@ -312,8 +365,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         int8_info = resolve_int8_mode(opts.int8_mode)
         log(f"  int8: mode {int8_info['mode']} for a CPU kind {int8_info['chosen_for']} "
             f"(requested {opts.int8_mode}; this CPU: {int8_info['build_cpu']['int8_kind']})")
+    if _needs_calibration(precisions):
         if data is None:
-            raise BuildError("int8 needs calibration images: pass --data (a dataset with a train split)")
+            raise BuildError(f"{', '.join(_needs_calibration(precisions))} needs calibration images: pass --data "
+                             "(a dataset with a train split)")
         calib = _split_samples(data, "train", opts.calib_size, strict=True)
         if not calib:
             raise BuildError(f"--data {data}: no training images for int8 calibration")
@@ -341,6 +396,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, meter, log)
         model = ar_load = amodel = None  # the job holds the models now, so a phase can let one go
         manifest_files, graphs, verify_report, verified = _build_into(job, calib_px, verify_samples, verify_px)
+        precision_info = job.precision_info
         job = None
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -382,6 +438,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         exporter="torch.onnx.export(dynamo=True)",
         verified=bool(verified),
         int8=int8_info,
+        precision_info=precision_info,
     )
     write_manifest(tmp, manifest, manifest_files)
     from echo_train.model.checkpoint import swap_into_place
@@ -441,6 +498,8 @@ class _Build:
     teacher_ref: object = None  # verify.BlockReference of the multi-step teacher (stage rad)
     ar_ref: object = None  # verify.ArReference
     calib: dict[tuple[str, int], object] = field(default_factory=dict)  # (role, batch) -> precision.FeedStore
+    # what each precision's converter chose (int4: block size, method, accuracy_level, ...): manifest, verify.json
+    precision_info: dict[str, dict] = field(default_factory=dict)
 
     def families(self) -> list[tuple[str, str, object, int, int]]:
         """(prefill role, step role, config, prefix length, max new tokens) per decode family."""
@@ -525,8 +584,8 @@ def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_n
                 b.teacher_ref = teacher_reference(m, b.tok, items, b.batch_sizes, b.max_new)
         else:
             b.ar_ref = ar_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, max_new)
-    if "int8" in b.precisions:
-        b.log(f"[reference] {step_role}: int8 calibration feeds of {len(calib_px)} training images (to disk)")
+    if _needs_calibration(b.precisions):
+        b.log(f"[reference] {step_role}: calibration feeds of {len(calib_px)} training images (to disk)")
         for bs in b.batch_sizes:
             stores = [FeedStore(b.tmp / ".calib" / f"{role}.b{bs}") for role in (pre_role, step_role)]
             _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs, *stores)
@@ -553,7 +612,7 @@ def _export_and_reference(b: _Build, calib_px: list[np.ndarray], items: list) ->
         gc.collect()
 
 
-def _convert_fp16(b: _Build) -> None:
+def _convert_fp16(b: _Build, calib_px: Optional[list[np.ndarray]] = None) -> None:
     import onnx
 
     from .precision import to_fp16
@@ -580,7 +639,7 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
         for bs in b.batch_sizes:
             for role in (pre_role, step_role):
                 name = gio.graph_filename(role, "int8", bs)
-                feeds = b.calib.pop((role, bs))
+                feeds = b.calib[(role, bs)]  # removed once every converter has run (_build_into)
                 info = to_int8(b.tmp / b.files[(role, "fp32", bs)], b.tmp / name, feeds,
                                mode=b.int8_info["mode"], workdir=b.tmp,
                                min_weight_elements=b.opts.int8_min_weight,
@@ -589,11 +648,9 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
                 b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {info['quantized_matmuls']} weight "
                       f"MatMul/Gemm, {info['calib_samples']} calibration feeds")
                 _add_graph(b, (role, "int8", bs), name)
-                shutil.rmtree(feeds.folder, ignore_errors=True)
     for pattern in ("*.pre.onnx", "*.pre.onnx.data", "*-inferred.onnx"):  # the quantiser's intermediate files
         for leftover in b.tmp.glob(pattern):
             leftover.unlink()
-    shutil.rmtree(b.tmp / ".calib", ignore_errors=True)
     b.meter.stop()
 
 
@@ -623,6 +680,22 @@ def _add_graph(b: _Build, key: tuple[str, str, int], name: str) -> None:
     res = share_weights(b.tmp, [name], store, b.opts.weights_min_bytes)
     b.log(f"  {'':<2}-> {store.name:<29} {_size(store.path):>10}  {res.tensors_referenced} tensors; the file holds "
           f"{store.tensors_stored} distinct ones for {sum(k[1] == key[1] for k in b.files)} graph(s)")
+
+
+def _check_tensorrt_ready(b: _Build) -> None:
+    """Every graph's TensorRT form against the ONNX-TensorRT operator matrix (echo_export/trt_ops.py),
+    with or without TensorRT here; a node TensorRT would refuse fails the build by name."""
+    from .trt_ops import TensorRTNotReady, check_engine_folder
+
+    b.meter.start("trt-check")
+    b.log("[trt-check] each precision's TensorRT form against the ONNX-TensorRT operator matrix")
+    try:
+        ready = check_engine_folder(b.tmp, b.files, b.log, strict=b.opts.tensorrt_check != "warn" or b.opts.trt)
+    except TensorRTNotReady as e:
+        raise BuildError(f"TensorRT readiness: {e}") from None
+    for precision, info in ready.items():
+        b.precision_info.setdefault(precision, {}).update(info)
+    b.meter.stop()
 
 
 def _build_plans(b: _Build) -> None:
@@ -670,8 +743,10 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
         rep_ar = verify_ar(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
                            capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log, reference=b.ar_ref)
         rep["variants"].update(rep_ar["variants"])
-    verified = all(v["identical"] for v in rep["variants"].values() if v["precision"] == "fp32")
+    verified = all(v["identical"] for v in rep["variants"].values()  # fp32: the registry's must_be_identical
+                   if precision_registry.get(v["precision"]).tolerances.must_be_identical)
     rep.update({"n_images": len(items), "max_new_tokens": b.max_new, "fp32_identical": verified, "int8": b.int8_info,
+                "precision_info": b.precision_info,
                 "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})
     if b.plans:  # b.model was kept for this
         rep["tensorrt"] = _compare_plans(b, verify_px[:1])
@@ -683,16 +758,22 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
 
 def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sample], verify_px: list[np.ndarray]):
     """Every phase after the input checks, into b.tmp; returns (manifest files, graphs, verify report, verified)."""
+    from .external_weights import external_data_files
     from .tensorrt_build import tensorrt_source_filename
     from .verify import VerifyItem
 
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
     _export_and_reference(b, calib_px, items)
-    if "fp16" in b.precisions:
-        _convert_fp16(b)
-    if "int8" in b.precisions:
-        _quantise_int8(b, calib_px)
+    for precision in b.precisions:  # each converter reads the fp32 graphs (registry order)
+        convert = _converter(precision)
+        if convert is not None:
+            convert(b, calib_px)
+    for feeds in b.calib.values():  # every converter has read them
+        shutil.rmtree(feeds.folder, ignore_errors=True)
+    b.calib.clear()
+    shutil.rmtree(b.tmp / ".calib", ignore_errors=True)
     _close_stores(b)  # every graph is in: the weights files are complete
+    _check_tensorrt_ready(b)
     if b.opts.trt:
         _build_plans(b)
     shutil.copyfile(Path(b.opts.ckpt) / "tokenizer.json", b.tmp / "tokenizer.json")
@@ -709,5 +790,6 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
             graphs[role][f"trt-{prec}.b{bs}"] = b.plans[name]
     manifest_files = sorted(set(b.files.values()) | set(b.plans.values()) | set(b.data_files) |
                             {tensorrt_source_filename(n) for n in b.plans} | {"tokenizer.json"} |
+                            {f for n in b.plans for f in external_data_files(b.tmp / tensorrt_source_filename(n))} |
                             ({"verify.json"} if verify_report is not None else set()))
     return manifest_files, graphs, verify_report, verified

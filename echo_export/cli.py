@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from runtime import precisions
 from runtime.cpu_features import INT8_AUTO, INT8_MODES
 from runtime.errors import ManifestError
 
@@ -19,7 +20,9 @@ def main() -> None:
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="one-step student checkpoint (stage dcd)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="engine folder to create")
 @click.option("--precision", "precision", default="fp32,fp16,int8", show_default=True,
-              help="comma-separated: fp32, fp16, int8 (fp32 is always built)")
+              help=f"comma-separated: {', '.join(precisions.NAMES)} (fp32 is always built)")
+@click.option("--precision-opt", "precision_opts", multiple=True, metavar="PRECISION.OPTION=VALUE",
+              help="a converter option, repeatable, e.g. int4.block_size=64 (the converter lists the ones it knows)")
 @click.option("--ar-ckpt", type=click.Path(path_type=Path), default=None, help="stage-1 AR checkpoint: adds ar_prefill/ar_step")
 @click.option("--batch-sizes", default="1", show_default=True, help="comma-separated fixed batch sizes")
 @click.option("--capacity", default=None, type=click.IntRange(min=1),
@@ -47,6 +50,9 @@ def main() -> None:
               help="int8: also quantise the MLP down projections (default: keep them fp32; their SwiGLU inputs "
                    "have tails that one uint8 range cannot hold)")
 @click.option("--trt", is_flag=True, help="also build TensorRT plans (needs the [trt] extra and a GPU)")
+@click.option("--tensorrt-check", type=click.Choice(["fail", "warn"]), default="fail", show_default=True,
+              help="each graph's TensorRT form is checked against the ONNX-TensorRT operator matrix: fail the build "
+                   "on a node TensorRT would refuse, or warn and record it (tensorrt_ready false; not with --trt)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--weights-min-bytes", default=1024, show_default=True, type=click.IntRange(min=1),
               help="tensors of at least this many bytes go to weights.<precision>.bin, stored once for every graph of "
@@ -54,10 +60,10 @@ def main() -> None:
                    "(only below protobuf's 2 GB limit)")
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None,
               help="also write the build summary (seconds and peak RSS per phase, folder and weight bytes) as JSON here")
-def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, verify_data, max_new_tokens, opset,
-          int8_mode, int8_min_weight, int8_down_proj, trt, force, weights_min_bytes, summary_json) -> None:
+def build(ckpt, out, precision, precision_opts, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, verify_data, max_new_tokens, opset,
+          int8_mode, int8_min_weight, int8_down_proj, trt, tensorrt_check, force, weights_min_bytes, summary_json) -> None:
     """Trace, convert, quantise, verify, and write manifest.json last."""
-    from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precisions
+    from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precision_options, parse_precisions
     from .tensorrt_build import TensorRTUnavailable
 
     try:
@@ -72,7 +78,7 @@ def build(ckpt, out, precision, ar_ckpt, batch_sizes, capacity, calib_size, veri
                             verify_n=verify_n, data=data, verify_data=verify_data, trt=trt, force=force, opset=opset,
                             max_new_tokens=max_new_tokens, int8_mode=int8_mode, int8_min_weight=int8_min_weight,
                             int8_down_proj_fp32=not int8_down_proj, weights_min_bytes=weights_min_bytes,
-                            summary_json=summary_json)
+                            summary_json=summary_json, tensorrt_check=tensorrt_check, precision_options=parse_precision_options(list(precision_opts)))
         run_build(opts, log=lambda s: click.echo(s))
     except (BuildError, TensorRTUnavailable, ManifestError) as e:
         click.echo(f"echo-export build: error: {e}", err=True)

@@ -22,8 +22,9 @@ from runtime.schedule import BlockLayout, excludes_mask_token, fused_block_slice
 def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
     """The mask token is never predicted: its logit becomes MASK_VALUE (finite, fp16-safe)."""
     # made on the logits' device: no host-to-device copy inside a captured CUDA graph
-    onehot = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    onehot[token_id] = True
+    # a comparison, not a scatter into a bool tensor: TensorRT's ScatterElements takes no BOOL, and the
+    # exporter folds the scatter to a constant only for small vocabularies (echo_export/trt_ops.py found it)
+    onehot = torch.arange(logits.shape[-1], device=logits.device) == token_id
     return torch.where(onehot, torch.full_like(logits, MASK_VALUE), logits)
 
 

@@ -25,11 +25,35 @@ def _import_trt():
     return trt
 
 
+def _precision_of(onnx_name: str) -> Optional[str]:
+    """block_step.int8.b1.onnx -> "int8" (graph_io.graph_filename's pattern), None for another name."""
+    from runtime import precisions
+
+    parts = onnx_name.split(".")
+    return parts[1] if len(parts) == 4 and parts[3] == "onnx" and parts[1] in precisions.NAMES else None
+
+
+def tensorrt_form_converter(precision: str):
+    """The registry's TensorRT-form rewrite of a precision (a function (src, dst) -> dict), or None:
+    its graphs are parsed as they are."""
+    import importlib
+
+    from runtime import precisions
+
+    spec = precisions.get(precision).tensorrt_form
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def tensorrt_source_filename(onnx_name: str) -> str:
-    """The graph a plan is built from: the int8 graphs are tuned for onnxruntime (uint8
-    activations, int32 biases) and get a TensorRT form beside them
-    (block_step.int8.b1.onnx -> block_step.int8.b1.tensorrt.onnx); the others are parsed as they are."""
-    if ".int8." in onnx_name and onnx_name.endswith(".onnx"):
+    """The graph a plan is built from: a precision whose onnxruntime graph TensorRT cannot take
+    (int8: uint8 activations and int32 biases; int4: MatMulNBits, an onnxruntime operator) has a
+    TensorRT form beside it (block_step.int8.b1.onnx -> block_step.int8.b1.tensorrt.onnx, the
+    registry's `tensorrt_form`); the others are parsed as they are."""
+    precision = _precision_of(onnx_name)
+    if precision is not None and tensorrt_form_converter(precision) is not None:
         return onnx_name[: -len(".onnx")] + ".tensorrt.onnx"
     return onnx_name
 
@@ -136,10 +160,8 @@ def compare_with_onnxruntime(
 
 def build_all(engine_dir: str | Path, onnx_files: list[str], *, timing_cache: Optional[str | Path] = None,
               workspace_bytes: int = 4 << 30, log=print) -> dict[str, str]:
-    """Build a plan for every ONNX file; returns onnx name -> plan name. An int8 graph's plan is
-    built from its TensorRT form (`tensorrt_source_filename`), written beside it first."""
-    from .precision import int8_qdq_for_tensorrt
-
+    """Build a plan for every ONNX file; returns onnx name -> plan name. An int8 or int4 graph's plan
+    is built from its TensorRT form (`tensorrt_source_filename`), written beside it first."""
     d = Path(engine_dir)
     out = {}
     cache = Path(timing_cache) if timing_cache else d / "trt_timing.cache"
@@ -148,9 +170,8 @@ def build_all(engine_dir: str | Path, onnx_files: list[str], *, timing_cache: Op
         plan = plan_filename(name)
         src = tensorrt_source_filename(name)
         if src != name:
-            info = int8_qdq_for_tensorrt(d / name, d / src)
-            log(f"  {name} -> {src} (symmetric int8: {info['requantised_ranges']} activation ranges, "
-                f"{info['folded_biases']} biases folded to float)")
+            info = tensorrt_form_converter(_precision_of(name))(d / name, d / src)
+            log(f"  {name} -> {src} ({', '.join(f'{k} {v}' for k, v in info.items())})")
         log(f"  tensorrt {src} -> {plan}")
         build_engine(d / src, d / plan, timing_cache=cache, workspace_bytes=workspace_bytes)
         out[name] = plan

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from runtime import graph_io as gio
+from runtime import precisions as precision_registry
+from runtime.engine import memory_available_bytes
 from runtime.schedule import BlockLayout
-from runtime.engine import fp16_cpu_session_bytes, memory_available_bytes
 
 from .decode_loop import ar_decode, fused_decode, ort_runner, shared_weights_of, torch_runner
 from .timing import alternating_run_medians
@@ -127,7 +128,8 @@ def _timing_memory(engine_dir: Path, precisions: list[str]) -> int:
     for p in precisions:
         f = Path(engine_dir) / f"weights.{p}.bin"
         size = f.stat().st_size if f.is_file() else 0
-        total += size + (fp16_cpu_session_bytes(size) if p == "fp16" else 0)
+        entry = precision_registry.get(p)  # fp16: the file and its fp32 copy (cpu_memory_factor 2)
+        total += size + (entry.cpu_session_bytes(size) if entry.cpu_memory_factor > 1 else 0)
     return total
 
 
@@ -136,11 +138,12 @@ def _side_by_side(engine_dir: Path, precision: str, log: Callable[[str], None]) 
     opens them. fp16 on a CPU does not share weights, and onnxruntime folds a cast to fp32 of every
     fp16 weight at load: each session holds about the fp32 weights (a 3.75B model: about 15 GB
     each). Where two do not fit, verification opens one at a time (`_prefill_first`)."""
-    if precision != "fp16":
+    entry = precision_registry.get(precision)
+    if entry.cpu_memory_factor <= 1:
         return True
     f = Path(engine_dir) / f"weights.{precision}.bin"
     avail = memory_available_bytes()
-    if not f.is_file() or avail is None or fp16_cpu_session_bytes(f.stat().st_size, sessions=2) < 0.7 * avail:
+    if not f.is_file() or avail is None or entry.cpu_session_bytes(f.stat().st_size, sessions=2) < 0.7 * avail:
         return True
     log(f"  {precision}: one session at a time (two sessions, each with an fp32 copy of {f.stat().st_size / 1e9:.1f} "
         f"GB of fp16 weights, do not fit in {avail / 1e9:.1f} GB available): every prefill first, then the steps")
@@ -464,6 +467,9 @@ def verify_block(
                 pp = _per_pass_agreement(step, fp32_passes)
                 entry["per_pass_token_agreement"] = pp.pop("agreement")
                 entry["per_pass_flips"] = pp
+                tol = precision_registry.get(p).tolerances.min_per_pass_agreement  # the registry's bar
+                entry["min_per_pass_agreement"] = tol
+                entry["within_tolerance"] = entry["per_pass_token_agreement"] >= tol
             out["variants"][f"block.{p}.b{b}"] = entry
             pre = step = None  # this precision's sessions go before the next one's open
             per_pass = entry.get("per_pass_token_agreement")
@@ -475,7 +481,9 @@ def verify_block(
                 + f"F1 {'-' if f1 is None else f'{f1:.3f}'}"
                 + (f" (change {100 * change['delta']:+.2f} [{100 * change['ci95'][0]:+.2f}, {100 * change['ci95'][1]:+.2f}] points)"
                    if change and change["ci95"] and p != "fp32" else "")
-                + f" ({secs:.1f}s)")
+                + f" ({secs:.1f}s)"
+                + ("" if entry.get("within_tolerance", True) else
+                   f"  BELOW the {p} tolerance (per-pass >= {100 * entry['min_per_pass_agreement']:.0f}%)"))
         fp32_passes.clear()
         need, avail = _timing_memory(engine_dir, precisions), memory_available_bytes()
         if first_feed and avail is not None and need > 0.7 * avail:
@@ -485,10 +493,8 @@ def verify_block(
             log(f"  block_step b{b} speed not timed: {out['speed'][f'block_step.b{b}.ms']['not_timed']}")
         elif first_feed:
             speed = time_graphs({p: engine_dir / files[(gio.BLOCK_STEP, p, b)] for p in precisions}, first_feed["f"])
-            if "fp32" in speed and "int8" in speed:
-                speed["int8_over_fp32"] = speed["int8"] / speed["fp32"]
-            if "fp32" in speed and "fp16" in speed:
-                speed["fp16_over_fp32"] = speed["fp16"] / speed["fp32"]
+            for p in [p for p in precisions if p != "fp32" and p in speed and "fp32" in speed]:
+                speed[f"{p}_over_fp32"] = speed[p] / speed["fp32"]
             out["speed"][f"block_step.b{b}.ms"] = speed
     return out
 

@@ -29,6 +29,7 @@ from typing import Optional
 import click
 
 from runtime.errors import EchoRuntimeError
+from runtime.precisions import NAMES as PRECISION_NAMES
 
 
 def _err(msg: str) -> None:
@@ -169,7 +170,7 @@ def _stop_on_signals(stopping: threading.Event) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine-dir", required=True, type=click.Path(), help="engine folder built by `echo-export build`")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(list(PRECISION_NAMES)), default="fp32", show_default=True)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="model instances: runtimes decoding in parallel")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address HTTP, gRPC, metrics and the UI bind to")

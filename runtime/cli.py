@@ -24,6 +24,7 @@ import click
 
 from .cpu_features import VNNI, int8_cpu_mismatch
 from .errors import EchoRuntimeError
+from .precisions import NAMES as PRECISION_NAMES
 from .report_formats import FORMATS, NEEDS_DICOM, EngineInfo, ReportFormatError, SourceStudy, render, report_dict
 from .schedule import OFFICIAL_RULES, UNMASK_RULES, UNMASK_THRESHOLD
 
@@ -121,7 +122,7 @@ class _Streamer:
               help="where --format dicom-sr writes <image name>.sr.dcm")
 @click.option("--stream", is_flag=True, help="print each report block by block as it is decoded")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(list(PRECISION_NAMES)), default="fp32", show_default=True)
 @click.option("--mode", type=click.Choice(["fused", "ar", "multistep"]), default="fused", show_default=True,
               help="fused one-step block decoding (ECHO), the AR baseline graphs, or the multi-step teacher "
                    "(an ECHO_Base / stage-rad engine: --steps, --rule, --threshold)")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import graph_io as gio
+from . import precisions
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
 from .manifest import check_file, graph_batch_sizes, load_manifest, resolve_graph
 from .multistep import BlockPasses, MultistepOptions, multistep_blocks
@@ -220,13 +221,13 @@ def memory_available_bytes() -> Optional[int]:
 def fp16_cpu_session_bytes(fp16_weights_bytes: int, sessions: int = 1) -> int:
     """About what `sessions` onnxruntime CPU sessions of an engine's fp16 graphs hold: there is no
     fp16 MatMul kernel, so each session folds an fp32 copy (2x the bytes) of the fp16 weights."""
-    return sessions * 2 * fp16_weights_bytes
+    return precisions.get("fp16").cpu_session_bytes(fp16_weights_bytes, sessions)
 
 
 # Precisions whose graphs share weights (share_weights=True). fp16 on a CPU: onnxruntime casts each
 # fp16 weight to fp32 at load (a Cast reads it, not the MatMul), so there is nothing shared to pack and
 # the C library only adds its own ~30 MB (measured: README, runtime).
-SHARED_PRECISIONS = ("fp32", "int8")
+SHARED_PRECISIONS = precisions.shared_names()
 
 
 def native_image_of_array(arr: np.ndarray, spec: VisionGridSpec, name: str):
@@ -247,7 +248,7 @@ class EchoRuntime:
     each graph's size and sha256 are checked again whenever a graph is loaded.
     batch_size must be one the folder was built for (None: its smallest); graphs have fixed
     shapes, so a call with fewer images than the batch pads by repeating an image.
-    share_weights (onnxruntime, CPU, fp32 and int8): the graphs of one precision share one copy of its
+    share_weights (onnxruntime, CPU, the registry's shares_weights: fp32, int8, int4): the graphs of one precision share one copy of its
     weights (one map of weights.<precision>.bin, one set of packed MatMul weights:
     runtime/ort_capi.py) instead of each holding its own; False: onnxruntime's default, one packed
     copy per graph. fp16 graphs always take the default (SHARED_PRECISIONS).
@@ -266,8 +267,7 @@ class EchoRuntime:
     ) -> None:
         if backend not in BACKENDS:
             raise EchoRuntimeError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-        if precision not in gio.PRECISIONS:
-            raise EchoRuntimeError(f"unknown precision {precision!r}; choose from {gio.PRECISIONS}")
+        precisions.get(precision)  # UnknownPrecision (an EchoRuntimeError) naming the choices
         if mode not in MODES:
             raise EchoRuntimeError(f"unknown mode {mode!r}; choose from {MODES}")
         if batch_size is not None and batch_size < 1:
@@ -330,21 +330,22 @@ class EchoRuntime:
         at load (there is no fp16 MatMul kernel), so a prefill and a step graph hold about twice
         the fp32 weights (a 3.75B model: about 30 GB). Refused before loading, with the way out,
         where that exceeds the memory there is, instead of being killed by the kernel mid-load."""
-        if self.backend != "ort" or self.precision != "fp16":
+        entry = precisions.get(self.precision)
+        if self.backend != "ort" or entry.cpu_memory_factor <= 1:
             return
         from .ort_backend import ort_providers
 
         if "CUDAExecutionProvider" in (self.providers or ort_providers()):
             return
-        entry = self.manifest.files.get("weights.fp16.bin")
+        weights = self.manifest.files.get(f"weights.{self.precision}.bin")
         free = memory_available_bytes()
-        if entry is None or free is None:
+        if weights is None or free is None:
             return
-        need = fp16_cpu_session_bytes(entry.size, sessions=2)
+        need = entry.cpu_session_bytes(weights.size, sessions=2)
         if need > free:
             raise EchoRuntimeError(
-                f"{self.engine_dir}: fp16 on a CPU needs about {need / 1e9:.1f} GB (onnxruntime casts the "
-                f"{entry.size / 1e9:.1f} GB of fp16 weights to fp32 in each of two sessions); {free / 1e9:.1f} GB "
+                f"{self.engine_dir}: {self.precision} on a CPU needs about {need / 1e9:.1f} GB (onnxruntime casts the "
+                f"{weights.size / 1e9:.1f} GB of {self.precision} weights to fp32 in each of two sessions); {free / 1e9:.1f} GB "
                 "is available. Use --precision fp32 (its graphs share one copy of the weights) or int8, or a GPU")
 
     def _backend_class(self):

@@ -35,6 +35,8 @@ predicted (its logit is excluded before argmax).
 """
 from __future__ import annotations
 
+from .precisions import NAMES
+
 VISION_PREFILL = "vision_prefill"
 BLOCK_STEP = "block_step"
 AR_PREFILL = "ar_prefill"
@@ -54,7 +56,7 @@ AR_PREFILL_OUTPUTS = ("tokens", "present_key", "present_value")
 AR_STEP_OUTPUTS = ("tokens", "present_key", "present_value")
 BLOCK_PASS_OUTPUTS = ("tokens", "confidence", "present_key", "present_value")
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = NAMES  # the precision registry's names (runtime/precisions.py)
 
 
 def graph_filename(role: str, precision: str, batch: int) -> str:

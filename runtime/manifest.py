@@ -82,6 +82,8 @@ class Manifest:
     verified: bool = False
     # int8 quantisation mode and the CPU it was chosen for (see runtime/cpu_features.py); empty without int8
     int8: dict[str, Any] = field(default_factory=dict)
+    # per precision, what its converter chose (int4: block size, method, accuracy_level, TensorRT form)
+    precision_info: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     # sha256 of this manifest's JSON without this field: catches hand edits (a checksum, not a signature)
     manifest_sha256: str = ""

@@ -38,7 +38,8 @@ API_VERSION = 13  # the C API functions used here all exist since onnxruntime 1.
 SHARE_MIN_BYTES = 4096  # smaller initializers are left to onnxruntime (a page: nothing to share)
 # (consumer op, input index) of a shareable initializer: a MatMul / Gemm weight, an embedding table, an
 # int8 weight (its DequantizeLinear is fused into onnxruntime's int8 MatMul, which packs the weight)
-SHAREABLE = {("MatMul", 1), ("Gemm", 1), ("Gather", 0), ("DequantizeLinear", 0)}
+SHAREABLE = {("MatMul", 1), ("Gemm", 1), ("Gather", 0), ("DequantizeLinear", 0),
+             ("MatMulNBits", 1), ("MatMulNBits", 2), ("MatMulNBits", 3)}  # int4: packed weights, scales, zero points
 
 # ---- a minimal ONNX protobuf reader: initializers and their consumers -------------------------
 _ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16}

@@ -49,7 +49,8 @@ class EchoModel(nn.Module):
         s = self.cfg.image_start
         pos = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)
         inside = (pos >= s) & (pos < s + img.shape[0])
-        rows = torch.clamp(pos - s, min=0, max=img.shape[0] - 1)
+        # Max / Min, not Clip: TensorRT's Clip takes floats only (echo_export/trt_ops.py)
+        rows = torch.minimum(torch.maximum(pos - s, torch.zeros_like(pos)), torch.full_like(pos, img.shape[0] - 1))
         text = self.embed_tokens(prefix_ids)
         return torch.where(inside[None, :, None], img[rows][None].to(text.dtype), text)
 

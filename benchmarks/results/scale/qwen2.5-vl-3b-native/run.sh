@@ -5,10 +5,10 @@
 set -e
 cd "$(dirname "$0")/../../../.."
 Q=${Q:-/tmp/q3bn}
-R=benchmarks/results/scale/qwen2.5-vl-3b-native
+R=${R:-benchmarks/results/scale/qwen2.5-vl-3b-native}; mkdir -p $R
 mkdir -p $Q
 step() { name=$1; shift; echo "=== $name: $*"; /usr/bin/time -o $Q/$name.time -f "%e s, max RSS %M kB" "$@" > $Q/$name.log 2>&1; cat $Q/$name.time; tail -5 $Q/$name.log; }
-[ -f $Q/hf/config.json ] || step write .venv/bin/python -m benchmarks.random_qwen_vl --size 3b --out $Q/hf
+[ -f $Q/hf/config.json ] || step write .venv/bin/python -m benchmarks.random_qwen_vl --size 3b $WRITE_ARGS --out $Q/hf
 [ -f $Q/data/test.json ] || step synth .venv/bin/python -m echo_train.cli synth --out $Q/data --n-train 2 --n-val 1 --n-test 2 --image-size 512
 step import .venv/bin/python -m echo_train.cli import-hf $Q/hf --out $Q/ckpt --stage dcd --block-size 8 --force
 step build .venv/bin/python -m echo_export.cli build --ckpt $Q/ckpt --out $Q/engine --precision fp16 --batch-sizes 1 \

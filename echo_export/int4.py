@@ -1,0 +1,490 @@
+"""int4 weight-only precision: the linear layers' weights in 4 bits, activations fp32.
+
+onnxruntime form (the engine's `*.int4.*.onnx`): each selected weight MatMul becomes
+`com.microsoft.MatMulNBits` (bits 4, block_size 32/64/128 along K, one fp32 scale per block and
+column, a 4-bit zero point per block when asymmetric). onnxruntime's CPU kernel (MLAS) reads the
+packed weights directly; `accuracy_level` picks its arithmetic: 4 quantises the activations to
+int8 per block and uses the int8 dot-product instructions (VNNI, AVX2, NEON), 1 computes in fp32.
+The build picks it for the CPU it runs on (`choose_accuracy_level`) and records the choice.
+
+TensorRT form (`int4_dq_for_tensorrt`, the registry's tensorrt_form): MatMulNBits is an
+onnxruntime operator TensorRT does not parse, so the same 4-bit integers and scales are written as
+ModelOpt writes INT4 weights for TensorRT 10+: a blockwise `DequantizeLinear` (opset 21,
+`block_size`, INT4 weights [K, N], axis 0, no zero point: TensorRT takes a zero point of 0 only)
+feeding a plain MatMul. Only symmetric int4 has that form.
+
+Methods: `rtn` rounds each block to the nearest of its 16 levels; `awq` (activation-aware, after
+Lin et al. 2023) first scales each input channel k of W by s_k = mean|x_k|^alpha (alpha searched
+per weight on the calibration activations, alpha 0 being RTN) so that the channels the
+activations use most keep more precision, quantises W * s, and divides the activations by s in a
+Mul before the MatMul (exact in real arithmetic; ModelOpt's AWQ writes the same `pre_quant_scale`).
+
+Which weights: the decoder's linear layers always; the vision tower and projector (`vision`) and
+the lm_head (`lm_head`) by option. The token embedding stays fp32 (a Gather reads 2B rows per pass:
+memory, not bandwidth; its tied lm_head copy is what `lm_head` quantises). Every graph of one
+build quantises the same weight to the same bytes (the AWQ scales are chosen once per weight
+content, over every graph's activations), so weights.int4.bin holds each weight once.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .precision import PrecisionError
+
+BLOCK_SIZES = (32, 64, 128)
+METHODS = ("rtn", "awq")
+AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MS_DOMAIN = "com.microsoft"
+DQ_BLOCK_OPSET = 21  # DequantizeLinear's block_size attribute and INT4 inputs
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    """The converter's choices (`echo-export build --precision-opt int4.<name>=<value>`)."""
+    block_size: int = 32
+    symmetric: bool = True  # False: a 4-bit zero point per block (onnxruntime only; no TensorRT form)
+    method: str = "awq"
+    vision: bool = False  # also quantise the vision tower and projector
+    lm_head: bool = False  # also quantise the output head (the embedding's tied copy)
+    accuracy_level: Optional[int] = None  # None: for this CPU (choose_accuracy_level)
+    calib_rows: int = 256  # activation rows kept per weight for the AWQ search
+    max_feeds: int = 32  # calibration feeds run per graph
+
+    @staticmethod
+    def parse(opts: dict[str, str]) -> "Int4Options":
+        """From --precision-opt strings; unknown names and bad values are refused with the choices."""
+        known = {k: v for k, v in asdict(Int4Options()).items()}
+        bad = sorted(set(opts) - set(known))
+        if bad:
+            raise PrecisionError(f"unknown int4 option(s) {', '.join(bad)}; known: {', '.join(known)}")
+        vals: dict = {}
+        for k, v in opts.items():
+            if k in ("symmetric", "vision", "lm_head"):
+                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise PrecisionError(f"int4.{k}={v!r}: expected true or false")
+                vals[k] = v.lower() in ("1", "true", "yes")
+            elif k == "method":
+                vals[k] = v.lower()
+            else:
+                try:
+                    vals[k] = None if v.lower() in ("auto", "none") else int(v)
+                except ValueError:
+                    raise PrecisionError(f"int4.{k}={v!r}: expected an integer") from None
+        o = Int4Options(**vals)
+        if o.block_size not in BLOCK_SIZES:
+            raise PrecisionError(f"int4.block_size={o.block_size}: choose from {BLOCK_SIZES}")
+        if o.method not in METHODS:
+            raise PrecisionError(f"int4.method={o.method!r}: choose from {', '.join(METHODS)}")
+        if o.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise PrecisionError(f"int4.accuracy_level={o.accuracy_level}: choose from 0-4 or auto")
+        return o
+
+
+def check_options(opts: dict[str, str]) -> None:
+    """The build's early check of --precision-opt int4.* (before any export)."""
+    Int4Options.parse(opts)
+
+
+def choose_accuracy_level(cpu=None) -> int:
+    """MatMulNBits accuracy_level for the serving CPU: 4 (int8 activations per block) where MLAS has
+    int8 dot-product kernels for 4-bit weights (x86 with AVX2 or VNNI, ARM64 with NEON), where it is
+    the fast path; 1 (fp32 arithmetic) elsewhere."""
+    from runtime.cpu_features import detect_cpu_features
+
+    cpu = cpu or detect_cpu_features()
+    if cpu.avx2 or cpu.avx512_vnni or cpu.avx_vnni or cpu.machine.lower() in ("aarch64", "arm64"):
+        return 4
+    return 1
+
+
+# ------------------------------------------------------------------ blockwise quantisation
+
+
+@dataclass
+class QuantizedWeight:
+    """W [K, N] as 4-bit integers q (0..15, [N, K padded to blocks]), scales [N, blocks] and zero
+    points [N, blocks] (8 everywhere when symmetric); `act_scale`: AWQ's per-input-channel divisor."""
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    k: int
+    block_size: int
+    symmetric: bool
+    act_scale: Optional[np.ndarray] = None
+
+    def dequantized(self) -> np.ndarray:
+        """The [K, N] weight the quantised form computes with (AWQ's channel scale divided out)."""
+        bs = self.block_size
+        n, kp = self.q.shape
+        w = (self.q.reshape(n, kp // bs, bs).astype(np.float32) - self.zero_points[:, :, None]) * self.scales[:, :, None]
+        w = w.reshape(n, kp)[:, : self.k].T
+        return w / self.act_scale[:, None] if self.act_scale is not None else w
+
+
+def quantize_blockwise(w_kn: np.ndarray, block_size: int, symmetric: bool) -> QuantizedWeight:
+    """Round-to-nearest 4-bit quantisation of W [K, N] in blocks of `block_size` along K."""
+    k, n = w_kn.shape
+    nb = -(-k // block_size)
+    w = np.zeros((n, nb * block_size), np.float32)
+    w[:, :k] = w_kn.T  # padding rows are 0, which every block represents exactly
+    w = w.reshape(n, nb, block_size)
+    if symmetric:  # levels -7..7 around the stored zero point 8 (MatMulNBits' default)
+        scales = np.abs(w).max(axis=2) / 7.0
+        scales[scales == 0] = 1.0
+        zp = np.full((n, nb), 8.0, np.float32)
+    else:  # levels 0..15 spanning [min, max] of the block (0 included, so padding stays exact)
+        lo, hi = np.minimum(w.min(axis=2), 0.0), np.maximum(w.max(axis=2), 0.0)
+        scales = (hi - lo) / 15.0
+        scales[scales == 0] = 1.0
+        zp = np.clip(np.round(-lo / scales), 0, 15)
+    q = np.clip(np.round(w / scales[:, :, None]) + zp[:, :, None], 0, 15).astype(np.uint8)
+    return QuantizedWeight(q.reshape(n, -1), scales.astype(np.float32), zp.astype(np.float32), k, block_size, symmetric)
+
+
+def awq_quantize(w_kn: np.ndarray, x_rows: np.ndarray, block_size: int, symmetric: bool) -> tuple[QuantizedWeight, float]:
+    """The channel scaling s = mean|x|^alpha (alpha in AWQ_ALPHAS) whose quantised weight gives the
+    smallest output error ||x W - x Wq|| on the calibration rows; returns it and its alpha."""
+    mean_abs = np.abs(x_rows).mean(axis=0).astype(np.float64) + 1e-8
+    ref = x_rows @ w_kn
+    best: tuple[float, Optional[QuantizedWeight], float] = (np.inf, None, 0.0)
+    for alpha in AWQ_ALPHAS:
+        s = mean_abs ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # centred: the weights keep their range
+        qw = quantize_blockwise(w_kn * s[:, None], block_size, symmetric)
+        qw.act_scale = s if alpha else None
+        err = float(np.square(x_rows @ qw.dequantized() - ref).sum())
+        if err < best[0]:
+            best = (err, qw, alpha)
+    return best[1], best[2]
+
+
+def _pack_nibbles(v: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15 along the last axis, two per byte (first in the low nibble), padded to even."""
+    if v.shape[-1] % 2:
+        v = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack_nibbles(b: np.ndarray, n: int) -> np.ndarray:
+    out = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(b.shape[:-1] + (-1,))
+    return out[..., :n]
+
+
+# ------------------------------------------------------------------ which weights
+
+
+@dataclass(frozen=True)
+class WeightMatMul:
+    """A MatMul whose second input is a constant [K, N] weight (`transposed`: read through a
+    Transpose of an initializer stored [N, K], as the tied lm_head is)."""
+    node: str
+    weight: str  # the initializer's name
+    transposed: bool
+    part: str  # "decoder", "vision" or "lm_head"
+
+
+def _part_of(node: onnx.NodeProto) -> str:
+    """Which module the exporter says a node came from (its `namespace` metadata)."""
+    ns = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+    if "model.vision" in ns:
+        return "vision"
+    return "lm_head" if "lm_head" in ns else "decoder"
+
+
+def weight_matmuls(model: onnx.ModelProto, parts: Iterable[str]) -> list[WeightMatMul]:
+    """The MatMuls of `parts` that read a 2-D float initializer as their weight."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    out = []
+    for n in g.node:
+        if n.op_type != "MatMul" or _part_of(n) not in parts:
+            continue
+        w, p = n.input[1], prod.get(n.input[1])
+        transposed = p is not None and p.op_type == "Transpose" and p.input[0] in inits and \
+            list(next((a.ints for a in p.attribute if a.name == "perm"), [1, 0])) == [1, 0]
+        src = p.input[0] if transposed else w
+        t = inits.get(src)
+        if t is not None and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT:
+            out.append(WeightMatMul(n.name, src, transposed, _part_of(n)))
+    return out
+
+
+def _parts(opts: Int4Options) -> tuple[str, ...]:
+    return ("decoder",) + (("vision",) if opts.vision else ()) + (("lm_head",) if opts.lm_head else ())
+
+
+def _weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path) -> np.ndarray:
+    t = next(t for t in model.graph.initializer if t.name == wm.weight)
+    w = numpy_helper.to_array(t, base_dir=str(base)).astype(np.float32)
+    return w.T if wm.transposed else w
+
+
+def _key(w_kn: np.ndarray) -> str:
+    """The same weight in every graph (prefill, step, each batch) gets the same key: its content."""
+    return hashlib.sha256(np.ascontiguousarray(w_kn).tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ AWQ calibration
+
+
+def activation_rows(graph: Path, feeds, inputs: dict[str, str], max_feeds: int, max_rows: int,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of the activations entering each weight MatMul, on recorded calibration feeds.
+
+    `inputs`: weight key -> the MatMul's activation tensor name. The fp32 graph runs with those
+    tensors as extra outputs (saved beside it, so its external weights resolve); up to `max_rows`
+    rows per tensor are kept, drawn at random over every feed (every image and block position)."""
+    import onnxruntime as ort
+
+    from .precision import calibration_indices
+
+    model = onnx.load(str(graph), load_external_data=False)
+    names = sorted(set(inputs.values()))
+    model.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names)
+    tmp = graph.with_name(graph.stem + ".int4-calib.onnx")
+    onnx.save(model, str(tmp))
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
+        feed_names = [i.name for i in sess.get_inputs()]
+        parts: dict[str, list[np.ndarray]] = {t: [] for t in names}
+        for i in calibration_indices(len(feeds), max_feeds):
+            f = feeds[i]
+            for t, x in zip(names, sess.run(names, {k: f[k] for k in feed_names})):
+                parts[t].append(x.reshape(-1, x.shape[-1]))
+        del sess
+    finally:
+        tmp.unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for t, xs in parts.items():
+        x = np.concatenate(xs)
+        rows[t] = x[np.sort(rng.choice(len(x), max_rows, replace=False))] if len(x) > max_rows else x
+    return {key: rows[t] for key, t in inputs.items()}
+
+
+class WeightPlan:
+    """How each weight (by content) is quantised, the same in every graph of the build: RTN, or AWQ
+    with a channel scaling searched once over the activation rows every graph contributed."""
+
+    def __init__(self, opts: Int4Options) -> None:
+        self.opts = opts
+        self.rows: dict[str, list[np.ndarray]] = {}
+        self.act_scale: dict[str, Optional[np.ndarray]] = {}
+        self.alphas: dict[str, float] = {}
+
+    def add_rows(self, rows: dict[str, np.ndarray]) -> None:
+        for key, x in rows.items():
+            self.rows.setdefault(key, []).append(x)
+
+    def quantize(self, key: str, w_kn: np.ndarray) -> QuantizedWeight:
+        o = self.opts
+        if o.method == "awq" and key not in self.act_scale:
+            rows = self.rows.pop(key, None)
+            if not rows:
+                raise PrecisionError("int4 awq: no calibration activations reached a weight (no feeds recorded?)")
+            x = np.concatenate(rows)  # up to calib_rows from each graph that reads this weight
+            qw, self.alphas[key] = awq_quantize(w_kn, x, o.block_size, o.symmetric)
+            self.act_scale[key] = qw.act_scale
+            return qw
+        s = self.act_scale.get(key)
+        qw = quantize_blockwise(w_kn * s[:, None] if s is not None else w_kn, o.block_size, o.symmetric)
+        qw.act_scale = s
+        return qw
+
+
+# ------------------------------------------------------------------ graphs
+
+
+def _matmulnbits_nodes(wm: WeightMatMul, node: onnx.NodeProto, qw: QuantizedWeight, level: int):
+    """(nodes, initializers) replacing `node`: [Mul by 1/s (AWQ)] -> MatMulNBits."""
+    n, kp = qw.q.shape
+    nb = kp // qw.block_size
+    base = f"{wm.node}_int4"
+    inits = [numpy_helper.from_array(_pack_nibbles(qw.q.reshape(n, nb, qw.block_size)), f"{base}_B"),
+             numpy_helper.from_array(qw.scales, f"{base}_scales")]
+    ins = [node.input[0], inits[0].name, inits[1].name]
+    if not qw.symmetric:
+        inits.append(numpy_helper.from_array(_pack_nibbles(qw.zero_points.astype(np.uint8)), f"{base}_zero_points"))
+        ins.append(inits[-1].name)
+    nodes = []
+    if qw.act_scale is not None:  # x / s before the scaled weight (AWQ's pre_quant_scale)
+        inits.append(numpy_helper.from_array((1.0 / qw.act_scale).astype(np.float32), f"{base}_inv_act_scale"))
+        nodes.append(helper.make_node("Mul", [node.input[0], inits[-1].name], [f"{base}_x"], name=f"{base}_awq"))
+        ins[0] = f"{base}_x"
+    nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=f"{base}", domain=MS_DOMAIN,
+                                  K=qw.k, N=n, bits=4, block_size=qw.block_size, accuracy_level=level))
+    return nodes, inits
+
+
+def _replace_nodes(model: onnx.ModelProto, new: dict[str, list[onnx.NodeProto]], inits: list) -> None:
+    """Put each replaced node's nodes in its place, then drop what nothing reads any more (the
+    lm_head's Transpose, the fp32 weights)."""
+    g = model.graph
+    nodes = [m for n in g.node for m in new.get(n.name, [n])]
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        keep = [n for n in nodes if any(o in used for o in n.output)]
+        if len(keep) == len(nodes):
+            break
+        nodes = keep
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    still = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(still)
+    del g.value_info[:]
+
+
+def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: int) -> None:
+    """Every initializer of at least `min_bytes` into `store` (weights.int4.bin), one at a time:
+    the untouched fp32 ones (embedding, norms, a kept vision tower) read from the fp32 weights file."""
+    from .external_weights import _point_to, _tensor_bytes
+
+    for t in model.graph.initializer:
+        data = _tensor_bytes(t, base)
+        if len(data) >= min_bytes:
+            offset, length = store.add(data)
+            _point_to(t, store.name, offset, length)
+    store.flush()
+
+
+def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes: int = 1024) -> dict:
+    """The int4 (MatMulNBits) graph of the fp32 graph `src`, its tensors in `store`."""
+    from .precision import _name_nodes
+
+    model = onnx.load(str(src), load_external_data=False)
+    _name_nodes(model)
+    by_name = {n.name: n for n in model.graph.node}
+    new, inits, counts = {}, [], {}
+    for wm in weight_matmuls(model, _parts(plan.opts)):
+        w = _weight_kn(model, wm, src.parent)
+        qw = plan.quantize(_key(w), w)
+        new[wm.node], more = _matmulnbits_nodes(wm, by_name[wm.node], qw, level)
+        inits += more
+        counts[wm.part] = counts.get(wm.part, 0) + 1
+    if not new:
+        raise PrecisionError(f"{src}: no weight MatMul of {', '.join(_parts(plan.opts))} to quantise")
+    _replace_nodes(model, new, inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _store_initializers(model, src.parent, store, min_bytes)
+    onnx.save(model, str(dst))
+    return {"matmulnbits": len(new), "by_part": counts}
+
+
+def _int4_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:
+    """A signed INT4 initializer (values -8..7), two per byte, first in the low nibble (ONNX's packing)."""
+    t = onnx.TensorProto()
+    t.name, t.data_type = name, onnx.TensorProto.INT4
+    t.dims.extend(values.shape)
+    t.raw_data = _pack_nibbles((values.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)).tobytes()
+    return t
+
+
+def _dq_nodes(node: onnx.NodeProto, arrays: list[np.ndarray]):
+    """(nodes, initializers) replacing one MatMulNBits: DequantizeLinear(INT4 [K, N], scales [blocks,
+    N], axis 0, block_size) -> MatMul. The integers and scales are the MatMulNBits ones, unchanged."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bs = attrs["K"], attrs["N"], attrs["block_size"]
+    if len(arrays) > 3 and arrays[3] is not None:
+        raise PrecisionError(f"{node.name}: asymmetric int4 (a zero point per block) has no TensorRT form: TensorRT's "
+                             "DequantizeLinear takes a zero point of 0 only; build int4 with int4.symmetric=true")
+    packed, scales = arrays[1], arrays[2].reshape(n, -1)
+    q = _unpack_nibbles(packed.reshape(n, -1), packed.shape[1] * bs)[:, :k].astype(np.int16) - 8  # [N, K]
+    w = _int4_tensor(np.ascontiguousarray(q.T), f"{node.name}_w_int4")
+    s = numpy_helper.from_array(np.ascontiguousarray(scales.T.astype(np.float32)), f"{node.name}_w_scale")
+    dq = helper.make_node("DequantizeLinear", [w.name, s.name], [f"{node.name}_w"], name=f"{node.name}_dq",
+                          axis=0, block_size=bs)
+    mm = helper.make_node("MatMul", [node.input[0], dq.output[0]], list(node.output), name=f"{node.name}_matmul")
+    return [dq, mm], [w, s]
+
+
+def int4_dq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
+    """Rewrite an int4 MatMulNBits graph into the form TensorRT parses (module docstring): blockwise
+    INT4 DequantizeLinear + MatMul, opset 21, no com.microsoft operator. The other initializers stay
+    where they are (weights.int4.bin); the INT4 weights, in TensorRT's [K, N] layout, go to
+    `<dst>.data` beside it (or, for a dst in another folder, everything goes to `<dst>.data`)."""
+    from .external_weights import WeightsFile, _point_to
+    from .precision import save_graph
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    arr = lambda name: numpy_helper.to_array(inits[name], base_dir=str(src.parent)) if name in inits else None  # noqa: E731
+    new, added = {}, []
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
+            new[node.name], more = _dq_nodes(node, [None] + [arr(i) for i in node.input[1:]])
+            added += more
+    _replace_nodes(model, new, added)
+    keep = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", MS_DOMAIN)]
+    keep += [helper.make_opsetid("", max(DQ_BLOCK_OPSET, *[o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]))]
+    if any(n.domain == MS_DOMAIN for n in model.graph.node):
+        keep.append(helper.make_opsetid(MS_DOMAIN, 1))
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    if dst.resolve().parent != src.resolve().parent:  # elsewhere: take every weight along
+        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+        save_graph(model, dst, external=True)
+    else:
+        store = WeightsFile(dst.parent, dst.name + ".data")
+        for t in added:
+            if t.data_type == onnx.TensorProto.INT4:
+                _point_to(t, store.name, *store.add(t.raw_data))
+        store.close()
+        onnx.save(model, str(dst))
+    return {"dequantize_linear_int4": len(new), "opset": DQ_BLOCK_OPSET}
+
+
+# ------------------------------------------------------------------ the build phase
+
+
+def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
+    """The registry's int4 converter: every fp32 graph of the build -> its int4 graph, the tensors
+    in weights.int4.bin. `b` is echo_export.build's _Build; its calibration feeds drive AWQ."""
+    from runtime import graph_io as gio
+
+    from .build import _add_graph, _size, _store
+
+    opts = Int4Options.parse(b.opts.precision_options.get("int4", {}))
+    level = choose_accuracy_level() if opts.accuracy_level is None else opts.accuracy_level
+    b.meter.start("int4")
+    b.log(f"[int4] {opts.method}, block {opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, "
+          f"accuracy_level {level}; quantised: {', '.join(_parts(opts))}")
+    sources = sorted((k, v) for k, v in b.files.items() if k[1] == "fp32")
+    if not sources:  # the fp32 graphs are its source (their weights are read one at a time)
+        raise PrecisionError("int4 converts the fp32 graphs, and this build has none")
+    plan = WeightPlan(opts)
+    if opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
+        for (role, _, bs), src in sources:
+            model = onnx.load(str(b.tmp / src), load_external_data=False)
+            inputs = {}
+            nodes = {n.name: n for n in model.graph.node}
+            for wm in weight_matmuls(model, _parts(opts)):
+                inputs[_key(_weight_kn(model, wm, b.tmp))] = nodes[wm.node].input[0]
+            plan.add_rows(activation_rows(b.tmp / src, b.calib[(role, bs)], inputs, opts.max_feeds, opts.calib_rows))
+    info: dict = {}
+    for (role, _, bs), src in sources:
+        name = gio.graph_filename(role, "int4", bs)
+        info = to_int4(b.tmp / src, b.tmp / name, plan, level, _store(b, "int4"), b.opts.weights_min_bytes)
+        onnx.checker.check_model(str(b.tmp / name), full_check=True)
+        b.log(f"  {name:<34} {_size(b.tmp / name):>10}  {info['matmulnbits']} MatMulNBits {info['by_part']}")
+        _add_graph(b, (role, "int4", bs), name)
+    alphas = sorted(plan.alphas.values())
+    b.precision_info["int4"] = {
+        **asdict(opts), "accuracy_level": level, "accuracy_level_requested": opts.accuracy_level or "auto",
+        "quantized_parts": list(_parts(opts)), "awq_alpha_median": float(np.median(alphas)) if alphas else None,
+        "tensorrt_form": "DequantizeLinear(INT4, block_size) + MatMul, opset 21" if opts.symmetric else None}
+    b.meter.stop()
