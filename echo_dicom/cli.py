@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import click
 
+from runtime import precisions
 from runtime.errors import EchoRuntimeError
 
 log = logging.getLogger("echo_dicom")
@@ -45,7 +46,7 @@ def node_options(f: Callable) -> Callable:
     opts = [
         click.option("--engine-dir", required=True, type=click.Path(),
                      help="engine folder built by `echo-export build`"),
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True),
+        click.option("--precision", type=click.Choice(list(precisions.NAMES)), default="fp32", show_default=True),
         click.option("--state-dir", required=True, type=click.Path(file_okay=False),
                      help="the node's received images, outbox and sqlite state; keep it across restarts"),
         click.option("--complete-on", type=click.Choice(["quiet", "trigger"]), default="quiet", show_default=True,

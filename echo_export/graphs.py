@@ -87,7 +87,8 @@ class NativePrefillGraph(nn.Module):
     def forward(self, pixel_patches, patch_rc, window_gather, window_valid, window_inverse, prefix_ids, position_ids):
         embeds = self.model.embed_prefix_native(prefix_ids, pixel_patches, patch_rc, window_gather, window_valid,
                                                 window_inverse)
-        block = torch.arange(prefix_ids.shape[1], device=prefix_ids.device) // self.B
+        # truncating division (the indices are >= 0): floor division exports a sign test that TensorRT refuses
+        block = torch.div(torch.arange(prefix_ids.shape[1], device=prefix_ids.device), self.B, rounding_mode="trunc")
         mask = (block[None, :] <= block[:, None])[None]
         _, kv = self.model.lm(embeds, position_ids, mask)
         return _stack_present(kv)
