@@ -48,11 +48,9 @@ def fused_decode(
     b, P = prefix_ids.shape
     B = block_size
     grid = BlockLayout(P, B)
-    n_pre, t = grid.fused_prefill_len, grid.tail
-    n_blocks = grid.num_blocks(max_new_tokens)
-    need = n_pre + (n_blocks - 1) * B
-    if need > capacity:
-        raise ValueError(f"cache capacity {capacity} holds fewer than the {need} tokens {max_new_tokens} new tokens need")
+    n_pre, t, n_blocks = grid.fused_prefill_len, grid.tail, grid.num_blocks(max_new_tokens)
+    if n_pre + (n_blocks - 1) * B > capacity:
+        raise ValueError(f"cache capacity {capacity} holds fewer than the tokens {max_new_tokens} new tokens need")
     kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
     vc = np.zeros_like(kc)
     pk, pv = prefill(prefill_feeds or {"pixel_values": pixel_values, "prefix_ids": prefix_ids})[:2]

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from runtime.engine import BlockEvent, EchoRuntime, Report
+from runtime.multistep import MultistepOptions
 from runtime.errors import EchoRuntimeError, ImageReadError
 from runtime.preprocess import decode_image_bytes
 from runtime.report_formats import FORMATS, EngineInfo, ReportFormatError, SourceStudy, render
@@ -30,6 +31,16 @@ class Item:
     data: bytes
     name: str = "image"
     fmt: str = ""  # "" (none) or one of runtime.report_formats.FORMATS
+    # the multi-step teacher (a teacher's engine): steps per block and the unmask rule; both unset:
+    # one-step decoding
+    steps: Optional[int] = None
+    rule: str = ""
+
+    def teacher(self, block_size: int, layout: str) -> Optional[MultistepOptions]:
+        """The request's multi-step settings, checked against the engine (EchoRuntimeError), or None."""
+        if self.steps is None and not self.rule:
+            return None
+        return MultistepOptions(self.steps, self.rule or None).resolved(block_size, layout)
 
 
 @dataclass
@@ -76,6 +87,8 @@ class EnginePool:
         self.built = sorted(rt.built_batch_sizes())
         self.image_size, self.preprocess_mode = rt.image_size, rt.preprocess_mode
         self.prepare = rt.prepare_decoded  # every instance reads one manifest: one preparation
+        self.block_size = rt.block_size
+        self.decode_layout = (rt.manifest.model_config or {}).get("decode_layout", "echo")
         self.max_new_tokens = max_new_tokens
         self.engine = EngineInfo.of_engine_dir(engine_dir, precision)
         self._next = 0
@@ -105,12 +118,30 @@ class EnginePool:
         i = instance % len(self.instances)
         return i, self.instances[i]
 
+    def _decode_group(self, items: Sequence[Item], group: list[tuple[int, np.ndarray]],
+                      teacher: Optional[MultistepOptions], results: list, instance: Optional[int], on_block) -> None:
+        """Decode the items of one setting (one-step, or one multi-step setting) together."""
+        good = [k for k, _ in group]
+        mode = "fused" if teacher is None else "multistep"
+        idx, inst = self._pick(instance)
+        cb = None if on_block is None else (lambda ev: on_block(good[ev.index], ev))
+        with inst.lock:
+            try:
+                b = graph_batch_for(len(good), inst.runtime.built_batch_sizes(mode) or self.built)
+                inst.runtime.batch_size = b
+                reports = inst.runtime.generate([a for _, a in group], max_new_tokens=self.max_new_tokens,
+                                                on_block=cb, mode=mode, multistep=teacher)
+            except EchoRuntimeError as e:  # e.g. steps asked of a student's engine (no teacher graphs)
+                reports, b = [Report(path=items[k].name, error=f"{items[k].name}: {e}") for k in good], 0
+        for k, r in zip(good, reports):
+            r.path = items[k].name
+            results[k] = Result(r, graph_batch=b, batch_items=len(good), instance=idx)
+
     def decode(self, items: Sequence[Item], instance: Optional[int] = None,
                on_block: Optional[Callable[[int, BlockEvent], None]] = None) -> list[Result]:
         """One Result per item, in order. on_block(item index, event) streams each block."""
         results: list[Optional[Result]] = [None] * len(items)
-        good: list[int] = []
-        arrays: list[np.ndarray] = []
+        groups: dict[Optional[MultistepOptions], list[tuple[int, np.ndarray]]] = {}  # one decode per setting
         rt_prepare = self.prepare
         for k, it in enumerate(items):
             t = time.perf_counter()
@@ -119,21 +150,15 @@ class EnginePool:
                                                                f"choose from {list(FORMATS)}"))
                 continue
             try:
+                teacher = it.teacher(self.block_size, self.decode_layout)
                 # the fixed grid's pixels, or the decoded image itself for a native-resolution engine
-                arrays.append(rt_prepare(decode_image_bytes(it.data, it.name), it.name))
-                good.append(k)
+                groups.setdefault(teacher, []).append((k, rt_prepare(decode_image_bytes(it.data, it.name), it.name)))
             except ImageReadError as e:
                 results[k] = Result(Report(path=it.name, error=str(e), timings={"preprocess": time.perf_counter() - t}))
-        if good:
-            b = graph_batch_for(len(good), self.built)
-            idx, inst = self._pick(instance)
-            cb = None if on_block is None else (lambda ev: on_block(good[ev.index], ev))
-            with inst.lock:
-                inst.runtime.batch_size = b
-                reports = inst.runtime.generate(arrays, max_new_tokens=self.max_new_tokens, on_block=cb)
-            for k, r in zip(good, reports):
-                r.path = items[k].name
-                results[k] = Result(r, graph_batch=b, batch_items=len(good), instance=idx)
+            except EchoRuntimeError as e:  # steps or rule out of bounds
+                results[k] = Result(Report(path=it.name, error=f"{it.name}: {e}"))
+        for teacher, group in groups.items():
+            self._decode_group(items, group, teacher, results, instance, on_block)
         for it, res in zip(items, results):
             if it.fmt and res.report.error is None:
                 try:

@@ -16,7 +16,8 @@ echo_stream  decoupled: one response per decoded block ({text so far, this block
 
 Inputs of both: image (BYTES: PNG, JPEG or DICOM bytes; base64 text also accepted, for JSON
 clients such as curl), optional format (text|json|dicom-sr|fhir) and name (a file name for
-messages). Plain KServe v2: tritonclient, curl, any HTTP/gRPC client.
+messages), and for a teacher's engine optional steps (INT32, 1..B) and rule (sequential,
+low_confidence_static, low_confidence_dynamic, ...): the multi-step decode, checked per image. Plain KServe v2: tritonclient, curl, any HTTP/gRPC client.
 """
 from __future__ import annotations
 
@@ -65,8 +66,18 @@ def _items(req) -> list[Item]:
     imgs = np.asarray(req["image"], dtype=object)
     flat = imgs.reshape(imgs.shape[0], -1)[:, 0] if imgs.ndim > 1 else imgs.reshape(-1)
     n = len(flat)
-    names, fmts = _strings(req, "name", n), _strings(req, "format", n)
-    return [Item(image_bytes(v), names[j] or "image", fmts[j].strip().lower()) for j, v in enumerate(flat)]
+    names, fmts, rules = _strings(req, "name", n), _strings(req, "format", n), _strings(req, "rule", n)
+    steps = _ints(req, "steps", n)
+    return [Item(image_bytes(v), names[j] or "image", fmts[j].strip().lower(), steps[j], rules[j].strip())
+            for j, v in enumerate(flat)]
+
+
+def _ints(req, name: str, n: int) -> list[Optional[int]]:
+    """An optional integer input per image (one value: every image), None where not given."""
+    if name not in req.keys():
+        return [None] * n
+    vals = [int(v) for v in np.asarray(req[name]).reshape(-1)]
+    return (vals * n)[:n] if len(vals) == 1 else (vals + [None] * n)[:n]
 
 
 def _obj(values: list[bytes | str]) -> np.ndarray:
@@ -100,7 +111,10 @@ def _report_outputs(results: list[Result]) -> dict[str, np.ndarray]:
 
 INPUTS = [Tensor(name="image", dtype=bytes, shape=(1,)),
           Tensor(name="format", dtype=bytes, shape=(1,), optional=True),
-          Tensor(name="name", dtype=bytes, shape=(1,), optional=True)]
+          Tensor(name="name", dtype=bytes, shape=(1,), optional=True),
+          # the multi-step teacher (a teacher's engine): steps per block (1..B) and the unmask rule
+          Tensor(name="steps", dtype=np.int32, shape=(1,), optional=True),
+          Tensor(name="rule", dtype=bytes, shape=(1,), optional=True)]
 REPORT_OUTPUTS = [Tensor(name="text", dtype=bytes, shape=(1,)), Tensor(name="tokens", dtype=np.int64, shape=(-1,)),
                   Tensor(name="forward_passes", dtype=np.int32, shape=(1,)),
                   Tensor(name="stop", dtype=bytes, shape=(1,)),

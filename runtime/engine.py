@@ -294,26 +294,7 @@ class EchoRuntime:
         if (t.eos_id, t.mask_id, t.pad_id) != (m.eos_id, m.mask_id, m.pad_id):
             raise ManifestError(f"{self.engine_dir}: tokenizer special ids do not match the manifest")
         self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
-        vision = (m.model_config or {}).get("vision") or {}
-        # native resolution: each image at its own grid, so its prompt length P follows the image; the
-        # manifest's prefix_len and image_size are those of the nominal square grid of the import
-        self.native = bool(vision.get("native"))
-        self.grid_spec = VisionGridSpec.from_config(vision) if self.native else None
-        if self.native and batch_size not in (None, 1):
-            raise EchoRuntimeError(f"{self.engine_dir}: native-resolution engines decode one image at a time "
-                                   f"(batch 1), not {batch_size}")
-        try:
-            self.preprocess_mode = preprocess_mode_of(m.model_config)
-        except ValueError as e:
-            raise ManifestError(f"{self.engine_dir}: manifest model_config: {e}") from None
-        self.prefix = np.asarray(t.prefix_ids(_n_image_tokens(m.model_config or {})), dtype=np.int64)
-        if len(self.prefix) != self.prefix_len:
-            raise ManifestError(f"{self.engine_dir}: prompt has {len(self.prefix)} tokens, manifest says {self.prefix_len}")
-        try:
-            self.layout = BlockLayout(self.prefix_len, self.block_size)
-        except ValueError as e:  # a manifest whose block size does not divide its prefix
-            raise ManifestError(f"{self.engine_dir}: {e}") from None
-        self.template_image_start = image_start_of(m.model_config, 0)  # native: unpadded, the same for every image
+        self._read_prompt_and_images(batch_size)
         cfg_max = (m.model_config or {}).get("max_response_tokens")
         self.default_max_new_tokens = int(cfg_max) if cfg_max else DEFAULT_MAX_NEW_TOKENS
         self._graphs: dict[tuple[str, int], Any] = {}
@@ -323,6 +304,30 @@ class EchoRuntime:
         self._opening = True  # load_manifest has just hashed every file: a weights file is not hashed twice
         self._decoder(mode, self._batch_for(mode))  # load now: errors surface at construction
         self._opening = False
+
+    def _read_prompt_and_images(self, batch_size: Optional[int]) -> None:
+        """The prompt and image preparation the manifest records. Native resolution: each image at its
+        own grid, so its prompt length follows the image; the manifest's prefix_len and image_size are
+        those of the import's nominal square grid."""
+        m = self.manifest
+        vision = (m.model_config or {}).get("vision") or {}
+        self.native = bool(vision.get("native"))
+        self.grid_spec = VisionGridSpec.from_config(vision) if self.native else None
+        if self.native and batch_size not in (None, 1):
+            raise EchoRuntimeError(f"{self.engine_dir}: native-resolution engines decode one image at a time "
+                                   f"(batch 1), not {batch_size}")
+        try:
+            self.preprocess_mode = preprocess_mode_of(m.model_config)
+        except ValueError as e:
+            raise ManifestError(f"{self.engine_dir}: manifest model_config: {e}") from None
+        self.prefix = np.asarray(self.tokenizer.prefix_ids(_n_image_tokens(m.model_config or {})), dtype=np.int64)
+        if len(self.prefix) != self.prefix_len:
+            raise ManifestError(f"{self.engine_dir}: prompt has {len(self.prefix)} tokens, manifest says {self.prefix_len}")
+        try:
+            self.layout = BlockLayout(self.prefix_len, self.block_size)
+        except ValueError as e:  # a prompt shorter than a block
+            raise ManifestError(f"{self.engine_dir}: {e}") from None
+        self.template_image_start = image_start_of(m.model_config, 0)  # native: unpadded, the same for every image
 
     # -- graphs ----------------------------------------------------------------------
     def _check_fp16_fits_on_cpu(self) -> None:
@@ -436,10 +441,11 @@ class EchoRuntime:
     def _decoder(self, mode: str, batch: int) -> _Decoder:
         key = (mode, batch)
         if key not in self._decoders:
-            if mode == "multistep":  # the fused decoder's prefill and cache, with the teacher's block passes
+            if mode == "multistep":  # the fused decoder itself (its prefill, cache), with the teacher's passes:
+                # graphs are shared per (role, batch), so two decoders would rebind one graph's buffers
                 if self.backend != "ort":
                     raise EchoRuntimeError("multi-step decoding runs on onnxruntime (its passes share one host cache)")
-                dec = _Decoder(self, "fused", batch)
+                dec = self._decoder("fused", batch)
                 dec.passes = BlockPasses(self, dec, batch)
             else:
                 dec = _Decoder(self, mode, batch)

@@ -43,3 +43,26 @@ def test_teacher_engine_writes_the_official_multistep_tokens(folder, images, blo
 def test_print_teacher_cases():
     print(f"\n[teacher engine] engine tokens == official multi-step reference in {len(CASES)} cases "
           f"({len(CASES) * 4} image decodes): " + "; ".join(CASES))
+
+
+def test_serve_pool_takes_steps_and_rule_per_image_bounded(folder, images, tmp_path):  # noqa: F811
+    """echo-serve's pool: an image with steps / rule decodes with the teacher's passes (the runtime's
+    tokens), one without them one-step, side by side in one call; out-of-bounds settings fail that
+    image alone."""
+    from echo_serve.pool import EnginePool, Item
+    from runtime.engine import EchoRuntime
+    from runtime.multistep import MultistepOptions
+
+    path, ids = folder
+    engine = _engine(path, tmp_path, _instruction_for(path, ids, images[0], 4, 1), 4, stage="rad")
+    pool = EnginePool(engine, allow_unverified=True, max_new_tokens=GEN)
+    data = [p.read_bytes() for p in images[:2]]
+    items = [Item(data[0], "a.png", steps=2, rule="sequential"), Item(data[1], "b.png"),
+             Item(data[0], "c.png", steps=5), Item(data[0], "d.png", rule="bogus")]
+    got = pool.decode(items)
+    rt = EchoRuntime(engine)
+    want_teacher = rt.generate([str(images[0])], GEN, mode="multistep", multistep=MultistepOptions(2, "sequential"))
+    assert got[0].report.tokens == want_teacher[0].tokens
+    assert got[1].report.tokens == rt.generate([str(images[1])], GEN)[0].tokens
+    assert got[0].report.tokens != rt.generate([str(images[0])], GEN)[0].tokens  # really the teacher's passes
+    assert "steps must be in [1, 4]" in got[2].report.error and "unknown unmask rule" in got[3].report.error
