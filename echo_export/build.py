@@ -528,6 +528,14 @@ def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, m
     rec = lambda f: step_feeds.append({k: v.copy() for k, v in f.items()})  # noqa: E731
     common = dict(capacity=b.opts.capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
                   head_dim=lm.head_dim, eos_id=b.tok.eos_id, max_new_tokens=max_new, on_step=rec)
+    if cfg.vision.native:  # one image at a time, each at its own grid and prompt length
+        from .verify import VerifyItem, native_chunks
+
+        for c in native_chunks([VerifyItem(str(i), px) for i, px in enumerate(pixels)], cfg, b.tok):
+            pre_feeds.append(c.feeds)
+            fused_decode(pre_run, step_run, None, c.prompt_ids, block_size=cfg.block_size, mask_id=b.tok.mask_id,
+                         prefill_feeds=c.feeds, position_offset=c.offset, **common)
+        return pre_feeds, step_feeds
     for i in range(0, len(pixels), batch):
         part = pixels[i : i + batch]
         part = part + [part[-1]] * (batch - len(part))

@@ -469,6 +469,8 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     plan = WeightPlan(opts)
     if opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
         for (role, _, bs), src in sources:
+            if (role, bs) not in b.calib:  # a teacher's block passes: the same weights as its block_step
+                continue
             model = onnx.load(str(b.tmp / src), load_external_data=False)
             inputs = {}
             nodes = {n.name: n for n in model.graph.node}

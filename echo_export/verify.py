@@ -170,7 +170,7 @@ def _prefill_chunks(items: list[VerifyItem], b: int, prefix: np.ndarray) -> list
     return out
 
 
-def _native_chunks(items: list[VerifyItem], model_cfg, tokenizer) -> list[_Chunk]:
+def native_chunks(items: list[VerifyItem], model_cfg, tokenizer) -> list[_Chunk]:
     """One chunk per image at its own grid (native resolution decodes at batch 1)."""
     from runtime.native_image import mrope_position_ids
     from runtime.schedule import BlockLayout
@@ -323,7 +323,7 @@ def verify_teacher(engine_dir: Path, files: dict, tokenizer, items: list[VerifyI
     for (role, p, b), name in sorted(files.items()):
         if role != gio.BLOCK_DENOISE:
             continue
-        chunks = _native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
+        chunks = native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
         pre = _prefill_first(engine_dir / files[(gio.VISION_PREFILL, p, b)], [c.feeds for c in chunks])
         denoise, commit = ort_runner(engine_dir / name), ort_runner(engine_dir / files[(gio.BLOCK_COMMIT, p, b)])
         got: dict[str, list[int]] = {}
@@ -416,7 +416,7 @@ def verify_block(
         # precision's block step is re-run on exactly these inputs (per-pass agreement, no
         # divergence carried over)
         fp32_passes: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]] = []
-        chunks = _native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
+        chunks = native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
         for p in precisions:
             pre, step = _open_pair(engine_dir, files[(gio.VISION_PREFILL, p, b)], files[(gio.BLOCK_STEP, p, b)], p,
                                    [c.feeds for c in chunks], log)

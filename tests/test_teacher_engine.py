@@ -66,3 +66,24 @@ def test_serve_pool_takes_steps_and_rule_per_image_bounded(folder, images, tmp_p
     assert got[1].report.tokens == rt.generate([str(images[1])], GEN)[0].tokens
     assert got[0].report.tokens != rt.generate([str(images[0])], GEN)[0].tokens  # really the teacher's passes
     assert "steps must be in [1, 4]" in got[2].report.error and "unknown unmask rule" in got[3].report.error
+
+
+def test_teacher_build_verifies_its_passes_at_fp32_and_int4(folder, images, tmp_path):  # noqa: F811
+    """echo-export build of a teacher verifies block_denoise / block_commit against the PyTorch
+    multi-step decoder: fp32 identical (else no manifest), int4 reported."""
+    from conftest import write_tiny_dataset
+    from echo_export.build import BuildOptions, build
+    from echo_train.model.qwen2_5_vl import ImportOptions, import_qwen2_5_vl
+
+    path, ids = folder
+    import_qwen2_5_vl(ImportOptions(folder=str(path), out=str(tmp_path / "ck"), block_size=4, stage="rad",
+                                    instruction=_instruction_for(path, ids, images[0], 4, 2), max_response_tokens=GEN),
+                      log=lambda *a: None)
+    data = write_tiny_dataset(tmp_path / "data", n_train=2, n_test=3)
+    lines: list[str] = []
+    build(BuildOptions(ckpt=tmp_path / "ck", out=tmp_path / "engine", precisions=["fp32", "int4"], verify_n=3,
+                       data=data), log=lines.append)
+    rep = json.loads((tmp_path / "engine" / "verify.json").read_text())["variants"]
+    print("\n" + "\n".join(x for x in lines if "multistep" in x))
+    assert rep["multistep.fp32.b1"]["identical"] and rep["multistep.fp32.b1"]["n_images"] == 3
+    assert "multistep.int4.b1" in rep and rep["block.fp32.b1"]["identical"]
