@@ -33,19 +33,26 @@ def native_prompt(model: EchoModel, tokenizer: ReportTokenizer, image: NativeIma
     return ids, pos, delta
 
 
+def _native_prefill(model: EchoModel, tokenizer: ReportTokenizer, image: NativeImage, whole_blocks: bool):
+    """Prefill one image at its own grid: (prompt ids [1, P], grid, cache, last logits, rope delta). The
+    cache holds the prompt's whole blocks (the teacher), or all but the last (the fused decoder)."""
+    ids, pos, delta = native_prompt(model, tokenizer, image)
+    grid = BlockLayout(len(ids), model.cfg.block_size)
+    n = grid.aligned_len if whole_blocks else grid.fused_prefill_len
+    prefix = torch.tensor([ids])
+    embeds = model.embed_prefix_native(prefix[:, :n], *native_tensors(image))
+    layout = block_layout(n, grid.block_size, kind=model.cfg.context_kind)
+    logits, kv = model(embeds, torch.from_numpy(pos[:, None, :n].copy()), build_attention_mask(layout)[None])
+    cache = KVCache()
+    cache.append(kv, layout)
+    return prefix, grid, cache, logits[:, -1], delta
+
+
 def native_onestep_generate(model: EchoModel, tokenizer: ReportTokenizer, image: NativeImage,
                             max_new_tokens: int = 128) -> DecodeResult:
     """Fused one-step decoding of one image at its own grid (batch 1)."""
     with torch.no_grad():
-        ids, pos, delta = native_prompt(model, tokenizer, image)
-        grid = BlockLayout(len(ids), model.cfg.block_size)
-        n = grid.fused_prefill_len
-        prefix = torch.tensor([ids])
-        embeds = model.embed_prefix_native(prefix[:, :n], *native_tensors(image))
-        layout = block_layout(n, grid.block_size, kind=model.cfg.context_kind)
-        _, kv = model(embeds, torch.from_numpy(pos[:, None, :n].copy()), build_attention_mask(layout)[None])
-        cache = KVCache()
-        cache.append(kv, layout)
+        prefix, grid, cache, _, delta = _native_prefill(model, tokenizer, image, whole_blocks=False)
         return fused_passes(model, tokenizer, prefix, grid, cache, max_new_tokens, position_offset=delta)
 
 
@@ -53,14 +60,6 @@ def native_multistep_generate(model: EchoModel, tokenizer: ReportTokenizer, imag
                               max_new_tokens: int = 128) -> DecodeResult:
     """The multi-step teacher on one image at its own grid (batch 1)."""
     with torch.no_grad():
-        ids, pos, delta = native_prompt(model, tokenizer, image)
-        grid = BlockLayout(len(ids), model.cfg.block_size)
-        n = grid.aligned_len
-        prefix = torch.tensor([ids])
-        embeds = model.embed_prefix_native(prefix[:, :n], *native_tensors(image))
-        layout = block_layout(n, grid.block_size, kind=model.cfg.context_kind)
-        logits, kv = model(embeds, torch.from_numpy(pos[:, None, :n].copy()), build_attention_mask(layout)[None])
-        cache = KVCache()
-        cache.append(kv, layout)
-        return multistep_passes(model, tokenizer, prefix, grid, cache, logits[:, -1], max_new_tokens, run,
+        prefix, grid, cache, carry, delta = _native_prefill(model, tokenizer, image, whole_blocks=True)
+        return multistep_passes(model, tokenizer, prefix, grid, cache, carry, max_new_tokens, run,
                                 position_offset=delta)
