@@ -163,12 +163,15 @@ def parse_batch_sizes(text: str | list[int]) -> list[int]:
     return sorted(set(items))
 
 
-def required_capacity(prefix_len: int, block_size: int, max_new: int, ar: Optional[tuple[int, int]] = None) -> int:
+def required_capacity(prefix_len: int, block_size: int, max_new: int, ar: Optional[tuple[int, int]] = None,
+                      teacher: bool = False) -> int:
     """KV slots the graphs need for reports of up to `max_new` tokens. Fused one-step decoding
     stores the prefix's first P - B tokens at prefill, then one block per pass, and never the last
-    block's; AR (prefix length, max new tokens) stores every token but the last."""
+    block's; the multi-step teacher (`teacher`) also commits the prompt's last whole block (one
+    block more); AR (prefix length, max new tokens) stores every token but the last."""
     grid = BlockLayout(prefix_len, block_size)
-    need = max(prefix_len, grid.fused_prefill_len + (grid.num_blocks(max_new) - 1) * block_size)
+    blocks = grid.num_blocks(max_new) - 1 + (1 if teacher else 0)
+    need = max(prefix_len, grid.fused_prefill_len + blocks * block_size)
     if ar is not None:
         need = max(need, ar[0] + ar[1] - 1)
     return need
@@ -236,7 +239,7 @@ def _pixels(samples: list[_Sample], cfg, what: str) -> list:
     return out
 
 
-def _native_capacity(cfg, tok, max_new: int, log: Callable[[str], None]) -> tuple[int, int]:
+def _native_capacity(cfg, tok, max_new: int, log: Callable[[str], None], teacher: bool = False) -> tuple[int, int]:
     """(the longest prompt, the KV slots it and max_new tokens need) of a native-resolution model: an
     image takes at most max_pixels / (patch x merge)^2 tokens."""
     from runtime.native_image import VisionGridSpec
@@ -245,7 +248,7 @@ def _native_capacity(cfg, tok, max_new: int, log: Callable[[str], None]) -> tupl
     most = spec.max_pixels // spec.factor ** 2
     P = len(tok.prefix_ids(most))
     log(f"  native resolution: up to {spec.max_pixels} pixels -> {most} image tokens, a {P}-token prompt")
-    return P, required_capacity(P, cfg.block_size, max_new)
+    return P, required_capacity(P, cfg.block_size, max_new, teacher=teacher)
 
 
 def _check_native(cfg, precisions: list[str], batch_sizes: list[int], ar_load) -> None:
@@ -332,10 +335,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     want_new = opts.max_new_tokens or cfg.max_response_tokens
     ar_need = (len(ar_load[2].prefix_ids(ar_image_tokens)), opts.max_new_tokens or ar_load[0].max_response_tokens) \
         if ar_load is not None else None
-    need = required_capacity(P, B, want_new, ar_need)
+    need = required_capacity(P, B, want_new, ar_need, teacher=cfg.stage == "rad")
     if cfg.vision.native:
         _check_native(cfg, precisions, batch_sizes, ar_load)
-        _, need = _native_capacity(cfg, tok, want_new, log)
+        _, need = _native_capacity(cfg, tok, want_new, log, teacher=cfg.stage == "rad")
     if opts.capacity is None:
         opts = replace(opts, capacity=need)
         log(f"  capacity {need} KV slots: prefix {P} + {want_new} new tokens"

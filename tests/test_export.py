@@ -409,6 +409,7 @@ def test_capacity_follows_the_model(setup, tmp_path):
     assert required_capacity(64, 4, 24) == 64 + 4 * 4  # 6 blocks: 5 stored, the first one's slots in the prefix
     assert required_capacity(64, 4, 4) == required_capacity(64, 4, 8) == 64  # one or two blocks: the prefix
     assert required_capacity(64, 4, 24, ar=(64, 12)) == 80 and required_capacity(64, 4, 24, ar=(64, 40)) == 103
+    assert required_capacity(64, 4, 24, teacher=True) == 64 + 5 * 4  # the teacher also commits the last prompt block
     root, _, _, data = setup
     logs: list[str] = []
     out = build(BuildOptions(ckpt=root / "ckpt", out=tmp_path / "e", precisions=["fp32"], ar_ckpt=root / "ar",

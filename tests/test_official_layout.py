@@ -4,8 +4,8 @@ The reference (tests/official_reference.py) is the official one-step decoder wri
 `transformers`' Qwen2_5_VLForConditionalGeneration, with the cache cropped where the official model
 stores nothing or part of a pass; it is checked against a no-cache recompute first. Then tiny random
 Qwen2.5-VL folders go through import-hf -> echo-export build (fp32) -> EchoRuntime, and every case
-must give the reference's tokens exactly: block 4 and 8, prompt lengths P with P mod B = 0, 1 and
-B-1, several images, EOS inside the block that holds the prompt's tail and mid-block later, and a
+must give the reference's tokens exactly: block 4 and 8, prompt lengths P with every P mod B, nine
+image sizes and aspect ratios (one over 1,000 image tokens), EOS inside the block that holds the prompt's tail and mid-block later, and a
 length limit that is not a multiple of B."""
 from __future__ import annotations
 
@@ -46,13 +46,21 @@ def folder(tmp_path_factory) -> tuple[Path, dict]:
     return root / "vl", ids
 
 
+# Native resolution: each image keeps its aspect ratio, so its token count (8 x 8 px a token here) and
+# with it the prompt length P follow its size. These take 16..23 image tokens, every residue mod 8
+# (and mod 4), so one engine meets every P mod B; the last one takes 1,089 image tokens.
+IMAGE_SIZES = [(32, 32), (8, 136), (24, 48), (8, 152), (32, 40), (24, 56), (16, 88), (8, 184), (264, 264)]
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    """Native resolution: each image keeps its aspect ratio, so its token count (and with it the
-    prompt length P) follows its size; the last one takes over 1,000 image tokens."""
     root = tmp_path_factory.mktemp("official_png")
-    sizes = [(32, 32), (24, 56), (72, 40), (264, 264)]
-    return [_grey_png(root / f"{s}.png", s, h, w) for s, (h, w) in enumerate(sizes, 1)]
+    return [_grey_png(root / f"{s}.png", s, h, w) for s, (h, w) in enumerate(IMAGE_SIZES, 1)]
+
+
+def some(images: list[Path]) -> list[Path]:
+    """Four of them, the largest included, for the tests that decode each image many times."""
+    return [images[0], images[2], images[5], images[-1]]
 
 
 def _hf_inputs(folder: Path, ids: dict, instruction: str, png: Path) -> dict:
@@ -126,6 +134,7 @@ def test_reference_cached_equals_recompute(folder, images):
     """The cache cropping of the reference changes no token (block 8, a prompt with a tail)."""
     path, ids = folder
     instruction = _instruction_for(path, ids, images[0], 8, 3)
+    images = some(images)
     cached = _reference(path, ids, instruction, images, 8)
     assert cached == _reference(path, ids, instruction, images, 8, cached=False)
     assert len({tuple(t) for t in cached}) > 1 and all(len(t) >= 8 for t in cached)  # real, image-dependent output
@@ -133,15 +142,17 @@ def test_reference_cached_equals_recompute(folder, images):
 
 @pytest.mark.parametrize("block", [4, 8])
 def test_engine_writes_the_official_tokens(folder, images, block, tmp_path):
+    """One engine per block size; its images give every prompt length P mod B (0, 1 and B-1 among them)."""
     path, ids = folder
-    for tail in (0, 1, block - 1):
-        instruction = _instruction_for(path, ids, images[0], block, tail)
-        want = _reference(path, ids, instruction, images, block)
-        got = _engine_tokens(_engine(path, tmp_path / f"t{tail}", instruction, block), images)
-        tails = [_hf_inputs(path, ids, instruction, p)["input_ids"].shape[1] % block for p in images]
-        CASES.append(f"B={block} P%B={tails}")
-        assert got == want, f"block {block}, P mod B = {tail}"
-        assert len({tuple(t) for t in want}) > 1
+    instruction = _instruction_for(path, ids, images[0], block, 0)
+    want = _reference(path, ids, instruction, images, block)
+    got = _engine_tokens(_engine(path, tmp_path, instruction, block), images)
+    tails = [_hf_inputs(path, ids, instruction, p)["input_ids"].shape[1] % block for p in images]
+    CASES.append(f"B={block} P%B={tails}")
+    assert set(tails) == set(range(block))
+    for png, g, w, t in zip(images, got, want, tails):
+        assert g == w, f"block {block}, {png.name}, P mod B = {t}"
+    assert len({tuple(t) for t in want}) > 1
 
 
 @pytest.mark.parametrize("where, role", [("tail block", "eos"), ("mid-block later", "eos"), ("mid-block later", "mask")])
@@ -152,6 +163,7 @@ def test_engine_stops_where_the_official_code_stops(folder, images, where, role,
     path, ids = folder
     block, tail = 8, 5
     instruction = _instruction_for(path, ids, images[0], block, tail)
+    images = some(images)
     free = _reference(path, ids, instruction, images[:1], block)[0]
     # generated index i sits in block (tail + i) // 8: 0..2 in the tail block, 3..10 in the next
     index = 1 if where == "tail block" else 6

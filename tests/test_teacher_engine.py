@@ -10,7 +10,7 @@ import json
 import pytest
 
 from official_reference import official_multistep
-from test_official_layout import GEN, _engine, _hf_inputs, _instruction_for, folder, images  # noqa: F401
+from test_official_layout import GEN, _engine, _hf_inputs, _instruction_for, folder, images, some  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 RULES = ("sequential", "low_confidence_static", "low_confidence_dynamic")
@@ -23,6 +23,7 @@ def test_teacher_engine_writes_the_official_multistep_tokens(folder, images, blo
     from runtime.multistep import MultistepOptions
 
     path, ids = folder
+    images = some(images)
     instruction = _instruction_for(path, ids, images[0], block, block - 1)
     rt = EchoRuntime(_engine(path, tmp_path, instruction, block, stage="rad"), mode="multistep")
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
