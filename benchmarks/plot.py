@@ -126,6 +126,10 @@ def teacher_steps_figure(result: dict) -> Any:
     fig, (ax_q, ax_v) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, sharex=True)
     _sweep_panel(ax_q, cells, "finding_f1", "finding F1 (micro)")
     _sweep_panel(ax_v, cells, VALIDITY[0], VALIDITY[1])
+    if not any(c["method"] == "dcd" for c in cells):  # the point the curve is judged against: say why it is missing
+        engines = (result.get("teacher_decoding") or {}).get("sweep_engines") or []
+        why = next((c["status"] for c in result["cells"] if c["method"] == "dcd" and c["engine"] in engines), "not run")
+        ax_q.text(0.02, 0.02, f"DCD student: {why}"[:110], transform=ax_q.transAxes, fontsize=7, color=COLORS["dcd"])
     fig.suptitle(f"ECHO: the teacher's steps sweep against the one-step student — {result['studies']['n']} "
                  f"{result['config']['split']} studies", fontsize=9)
     fig.tight_layout()

@@ -38,7 +38,7 @@ def sweep(tmp_path_factory):
     build(BuildOptions(ckpt=root / "runs/base", out=root / "engines/base", precisions=["fp32"], capacity=96,
                        calib_size=2, verify_n=2, data=data), log=lambda s: None)
     cfg = BenchConfig(
-        data=str(data), split="test", n=3, methods=["teacher", "naive"], engines="pytorch,ort-fp32,ort-fp16",
+        data=str(data), split="test", n=3, methods=["teacher", "naive", "dcd"], engines="pytorch,ort-fp32,ort-fp16",
         block_sizes=[B], teacher_steps=STEPS, sweep_engines=["ort-fp32", "pytorch-cpu"],
         paths=Paths(ar_ckpt=str(root / "runs/ar"), teacher_ckpt=str(root / "runs/base"),
                     dcd_ckpt=str(root / "runs/echo"), engine_dir=str(root / "engines/echo"),
@@ -97,6 +97,8 @@ def test_sweep_table_and_plot(sweep):
     try:
         lines = fig.axes[0].get_lines()  # one line per (engine, B) through the step counts
         assert sorted(len(ln.get_xdata()) for ln in lines) == [4, 4]
+        # no student in this run: the plot says why its point is missing
+        assert any(t.get_text().startswith("DCD student: not available: ") for t in fig.axes[0].texts)
     finally:
         import matplotlib.pyplot as plt
 
