@@ -315,25 +315,7 @@ class Harness:
             "pred_tokens": {s.id: d.tokens for s, d in zip(studies, decoded)},  # engines are compared on tokens
             "wall_s": time.perf_counter() - t_cell,
         })
-        if decoded[0].session_s is not None:
-            sess = sum(d.session_s for d in decoded)
-            dec = sum(d.decode_s for d in decoded)
-            cell["runtime_time"] = {
-                "session_s": sess, "decode_s": dec, "report_s": sum(per),
-                "outside_session_of_decode": (dec - sess) / dec if dec else None,
-                "outside_session_of_report": (sum(per) - sess) / sum(per) if sum(per) else None,
-            }
-            n_dec = sum(d.decode_passes or 0 for d in decoded)
-            if n_dec and all(d.prefill_session_s is not None for d in decoded):
-                # one decode pass inside the real loop: the check on the isolated t(1) / t(2B)
-                cell["runtime_time"]["session_ms_per_decode_pass"] = \
-                    1e3 * (sess - sum(d.prefill_session_s for d in decoded)) / n_dec
-        if decoded[0].prefill_s is not None:
-            # the decode phase alone (after prefill): what B x t(1)/t(2B) predicts, and the paper's
-            # "tokens/s without prefill"; the prefill is a fixed cost both decoders pay once per report
-            after = sum(d.decode_s - d.prefill_s for d in decoded)
-            cell["decode_tokens_per_s"] = sum(gen) / after if after > 0 else None
-            cell["prefill_ms_mean"] = 1e3 * float(np.mean([d.prefill_s for d in decoded]))
+        cell.update(runtime_figures(decoded, per, gen))
         tp = cell["throughput"]
         tp_s = f"{tp['reports_per_s']:.1f} rep/s @{tp['batch']}" if "reports_per_s" in tp else tp.get("status", "")
         self.log(f"[bench] {method:9s} B={B or '-':<2} {engine:12s} p50 {cell['latency_ms']['p50']:8.1f} ms  "
@@ -510,6 +492,32 @@ class Harness:
         out["ort_intra_op"] = self.cfg.threads or "onnxruntime default"
         out["ort_inter_op"] = 1 if self.cfg.threads else "onnxruntime default"
         return out
+
+
+def runtime_figures(decoded: list[Decoded], per: list[float], gen: list[int]) -> dict:
+    """What only the runtime's engines time: the share of time outside session.run, the session time
+    per decode pass, and the decode phase without the prefill. {} for engines that time nothing."""
+    cell: dict[str, Any] = {}
+    if decoded[0].session_s is not None:
+        sess = sum(d.session_s for d in decoded)
+        dec = sum(d.decode_s for d in decoded)
+        cell["runtime_time"] = {
+            "session_s": sess, "decode_s": dec, "report_s": sum(per),
+            "outside_session_of_decode": (dec - sess) / dec if dec else None,
+            "outside_session_of_report": (sum(per) - sess) / sum(per) if sum(per) else None,
+        }
+        n_dec = sum(d.decode_passes or 0 for d in decoded)
+        if n_dec and all(d.prefill_session_s is not None for d in decoded):
+            # one decode pass inside the real loop: the check on the isolated t(1) / t(2B)
+            cell["runtime_time"]["session_ms_per_decode_pass"] = \
+                1e3 * (sess - sum(d.prefill_session_s for d in decoded)) / n_dec
+    if decoded[0].prefill_s is not None:
+        # the decode phase alone (after prefill): what B x t(1)/t(2B) predicts, and the paper's
+        # "tokens/s without prefill"; the prefill is a fixed cost both decoders pay once per report
+        after = sum(d.decode_s - d.prefill_s for d in decoded)
+        cell["decode_tokens_per_s"] = sum(gen) / after if after > 0 else None
+        cell["prefill_ms_mean"] = 1e3 * float(np.mean([d.prefill_s for d in decoded]))
+    return cell
 
 
 # ----------------------------------------------------------------------------- derived figures
