@@ -21,6 +21,16 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _steps(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if any(k < 1 for k in out):
+        raise click.BadParameter(f"steps per block must be >= 1, got {text!r}")
+    return out
+
+
 def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -29,7 +39,7 @@ def publish(result: dict, paths: dict, dest: Path = RESULTS_DIR) -> list[Path]:
     """Copy results.md + the plot + a RUN.md (command, machine, date) into benchmarks/results/."""
     dest.mkdir(parents=True, exist_ok=True)
     out = []
-    for key in ("md", "png"):
+    for key in [k for k in ("md", "png", "sweep_png") if k in paths]:
         target = dest / paths[key].name
         shutil.copyfile(paths[key], target)
         out.append(target)
@@ -55,7 +65,12 @@ def publish(result: dict, paths: dict, dest: Path = RESULTS_DIR) -> list[Path]:
 @click.option("--data", default="data/synth", show_default=True, help="Dataset folder or JSON.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--n", type=int, default=100, show_default=True, help="Studies (the first N of the split).")
-@click.option("--methods", default="ar,teacher,naive,dcd", show_default=True, help="Comma list of ar, teacher, naive, dcd.")
+@click.option("--methods", default="ar,teacher,naive,dcd", show_default=True,
+              help="Comma list of ar, teacher, naive, dcd, teacher@<steps>.")
+@click.option("--teacher-steps", default="", show_default=True,
+              help="The steps sweep: the teacher at these step counts per block (below B; B is the teacher row) "
+                   "on the --sweep-engines, e.g. 1,2,4. Its own table section and teacher_steps.png.")
+@click.option("--sweep-engines", default="ort-fp32", show_default=True, help="Engines the steps sweep runs on.")
 @click.option("--engines", default="all", show_default=True,
               help="all, or a comma list of engines or prefixes: pytorch, ort, ort-<precision> (fp32, fp16, int8, ...), trt, hf.")
 @click.option("--block-sizes", default="8", show_default=True,
@@ -83,7 +98,7 @@ def publish(result: dict, paths: dict, dest: Path = RESULTS_DIR) -> list[Path]:
 @click.option("--out", default=None, help="Output folder (default benchmarks/out/<name>).")
 @click.option("--name", default=None, help="Run name (default: a UTC timestamp).")
 @click.option("--publish", "do_publish", is_flag=True, help="Copy results.md, the plot and RUN.md into benchmarks/results/.")
-def main(data, split, n, methods, engines, block_sizes, ar_ckpt, teacher_ckpt, echo_ckpt, engine_dir, naive_engine_dir,
+def main(data, split, n, methods, teacher_steps, sweep_engines, engines, block_sizes, ar_ckpt, teacher_ckpt, echo_ckpt, engine_dir, naive_engine_dir,
          device, bf16, repeats, runtime_repeats, warmup, threads, throughput_batch, throughput_n, max_new_tokens, metrics, n_boot, seed,
          out, name, do_publish) -> None:
     """Benchmark AR, the multi-step teacher, naive one-step and DCD one-step on every engine here.
@@ -100,7 +115,8 @@ def main(data, split, n, methods, engines, block_sizes, ar_ckpt, teacher_ckpt, e
 
     name = name or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     cfg = BenchConfig(
-        data=data, split=split, n=n, methods=_list(methods), engines=engines, block_sizes=_ints(block_sizes),
+        data=data, split=split, n=n, methods=_list(methods), teacher_steps=_steps(teacher_steps),
+        sweep_engines=_list(sweep_engines), engines=engines, block_sizes=_ints(block_sizes),
         paths=Paths(ar_ckpt=ar_ckpt, teacher_ckpt=teacher_ckpt, dcd_ckpt=echo_ckpt, engine_dir=engine_dir,
                     naive_engine_dir=naive_engine_dir),
         device=device, bf16=bf16, repeats=repeats, runtime_repeats=runtime_repeats or None, warmup=warmup, threads=threads or None,
@@ -116,6 +132,8 @@ def main(data, split, n, methods, engines, block_sizes, ar_ckpt, teacher_ckpt, e
     click.echo("")
     click.echo(paths["md"].read_text())
     click.echo(f"results: {paths['json']}\ntable:   {paths['md']}\nplot:    {paths['png']}")
+    if "sweep_png" in paths:
+        click.echo(f"sweep:   {paths['sweep_png']}")
     if do_publish:
         for p in publish(result, paths):
             click.echo(f"published: {p}")

@@ -4,7 +4,8 @@
     python -m benchmarks.demo --fast     # tiny steps, 10 test studies: checks the orchestration
 
 Steps: synthetic data -> stage 1 (AR) -> stage 2 (RAD teacher, B=8) -> stage 3 (DCD, B=8) ->
-stage 2 / stage 3 at B=16 -> engine export -> three reports with their ground truth -> echo-bench.
+stage 2 / stage 3 at B=16 -> engine export (the student's, then the teacher's) -> three reports with
+their ground truth -> echo-bench.
 Every step runs as a subprocess of this venv's commands (memory stays clean), prints its wall
 time against its budget, and is skipped when its output already exists and is complete:
 data/synth/meta.json; a run's training_state.pt with finished=True at the configured steps (or
@@ -78,6 +79,16 @@ class DemoConfig:
     export_calib_size: int = 32
     export_verify_n: int = 20
     export_budget_s: int = 150
+    # 5b. the teacher's engine (engines/base): its block_step (the naive one-step row) and the multi-step
+    # block_denoise / block_commit graphs (the teacher rows and the steps sweep) on onnxruntime fp32;
+    # verify.json checks both against PyTorch on 50 test studies. Capacity: export_capacity, as the
+    # student's; at the build's default (prefix + max tokens, 192 on the demo) the multi-step verify
+    # failed (a commit pass past the cache's end). Measured on the demo-sized ladder teacher: 640 s on
+    # 2 cores shared with other jobs (load ~8), 556 s of it the PyTorch references on 50 images.
+    teacher_export_precisions: str = "fp32"
+    teacher_export_batch_sizes: str = "1"
+    teacher_export_verify_n: int = 50
+    teacher_export_budget_s: int = 240
     # 6. reports
     n_reports: int = 3
     # 7. benchmark
@@ -87,6 +98,7 @@ class DemoConfig:
     bench_block_sizes: str = "8,16"
     bench_max_new_tokens: Optional[int] = None  # None: the checkpoints' max_response_tokens
     bench_metrics: str = "finding_f1,bleu,rouge,semscore,validity"  # SemScore embeds every distinct report on the CPU
+    bench_teacher_steps: str = "1,2,4"  # the steps sweep on onnxruntime fp32 (B steps: the teacher row)
     bench_name: str = "demo"
     bench_budget_s: int = 300
 
@@ -105,7 +117,7 @@ FAST = DemoConfig(
     stage3=StageConfig(steps=2, batch_size=4, lr=5e-4, budget_s=90),
     stage2_b16=StageConfig(steps=2, batch_size=4, lr=5e-4, budget_s=60),
     stage3_b16=StageConfig(steps=2, batch_size=4, lr=5e-4, budget_s=90),
-    export_calib_size=4, export_verify_n=2, export_budget_s=180,
+    export_calib_size=4, export_verify_n=2, export_budget_s=180, teacher_export_verify_n=2,
     bench_n=10, bench_max_new_tokens=32, bench_name="demo-fast/bench", bench_budget_s=240,
 )
 
@@ -208,7 +220,10 @@ class Demo:
             return f"{out} finished at step {step}" + (f" of {steps} (its time budget's plan)" if step < steps else "")
         return None
 
-    def engine_complete(self, engine: Path) -> Optional[str]:
+    def engine_complete(self, engine: Path, precisions: Optional[str] = None, batch_sizes: Optional[str] = None,
+                        role: str = "ar_step") -> Optional[str]:
+        """Why `engine` needs no build (None: build it): its manifest verifies and holds the precisions,
+        batch sizes and the graph `role` the demo asks for (ar_step: the student's; block_denoise: the teacher's)."""
         if not (engine / "manifest.json").is_file():
             return None
         from runtime.errors import ManifestError
@@ -219,10 +234,10 @@ class Demo:
         except ManifestError as e:
             print(f"[demo] {engine} does not verify ({e}); rebuilding")
             return None
-        want_p = [p for p in self.cfg.precisions.split(",") if p]
-        want_b = [int(b) for b in self.cfg.export_batch_sizes.split(",") if b]
+        want_p = [p for p in (precisions or self.cfg.precisions).split(",") if p]
+        want_b = [int(b) for b in (batch_sizes or self.cfg.export_batch_sizes).split(",") if b]
         have_b = graph_batch_sizes(m, "block_step", "fp32")
-        if not set(want_p) <= set(m.precisions) or not set(want_b) <= set(have_b) or not m.graphs.get("ar_step"):
+        if not set(want_p) <= set(m.precisions) or not set(want_b) <= set(have_b) or not m.graphs.get(role):
             print(f"[demo] {engine} lacks what the demo asks for (precisions {m.precisions}, batch sizes {have_b}); rebuilding")
             return None
         return f"{engine}/manifest.json verifies ({', '.join(m.precisions)}; batch {have_b})"
@@ -276,6 +291,21 @@ class Demo:
             "--precision", c.precisions, "--batch-sizes", c.export_batch_sizes, "--capacity", str(c.export_capacity),
             "--calib-size", str(c.export_calib_size),
             "--verify-n", str(c.export_verify_n), "--data", str(c.path("data/synth")), "--force"], c.export_budget_s)
+        self.step_export_teacher()
+
+    def step_export_teacher(self) -> None:
+        """engines/base from the teacher: the bench's naive and teacher rows run on onnxruntime from it."""
+        c = self.cfg
+        self.banner(5, "teacher engine export")
+        engine = c.path("engines/base")
+        done = self.engine_complete(engine, c.teacher_export_precisions, c.teacher_export_batch_sizes, "block_denoise")
+        if done:
+            return self.skip("5b export engines/base", done)
+        self.run("5b export engines/base", _bin("echo-export") + [
+            "build", "--ckpt", str(c.path("runs/base")), "--out", str(engine), "--precision", c.teacher_export_precisions,
+            "--batch-sizes", c.teacher_export_batch_sizes, "--capacity", str(c.export_capacity),
+            "--verify-n", str(c.teacher_export_verify_n),
+            "--data", str(c.path("data/synth")), "--force"], c.teacher_export_budget_s)
 
     def step_reports(self) -> None:
         c = self.cfg
@@ -303,6 +333,7 @@ class Demo:
             "--ar-ckpt", str(c.path("runs/ar")), "--teacher-ckpt", str(c.path("runs/base")),
             "--echo-ckpt", str(c.path("runs/echo")), "--engine-dir", str(c.path("engines/echo")),
             "--naive-engine-dir", str(c.path("engines/base")), "--metrics", c.bench_metrics, "--out", str(out),
+            "--teacher-steps", c.bench_teacher_steps,
             *(["--max-new-tokens", str(c.bench_max_new_tokens)] if c.bench_max_new_tokens else [])], c.bench_budget_s)
         return out
 
@@ -313,7 +344,7 @@ class Demo:
         self.step_reports()
         out = self.step_bench()
         self.summary()
-        print(f"\nplot:  {out / 'quality_vs_latency.png'}\ntable: {out / 'results.md'}")
+        print(f"\nplot:  {out / 'quality_vs_latency.png'}\nsweep: {out / 'teacher_steps.png'}\ntable: {out / 'results.md'}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -9,10 +9,11 @@ Engines
 
 Methods
   ar       stage-1 checkpoint, greedy with a KV cache
-  teacher  stage-2 checkpoint, `steps = B` denoising passes per block (multi-step, PyTorch only:
-           the engine folder holds one-step graphs)
+  teacher  stage-2 checkpoint, `steps = B` denoising passes per block (multi-step); "teacher@k":
+           k passes per block (the steps sweep). On onnxruntime: the block_denoise / block_commit
+           graphs of an engine folder built from the teacher (--naive-engine-dir)
   naive    stage-2 checkpoint decoded one step per block, fused (same passes as DCD; only the
-           weights differ). On onnxruntime it needs an engine folder built from the teacher.
+           weights differ). On onnxruntime: the same teacher engine folder's block_step.
   dcd      stage-3 checkpoint, fused one-step decoding
 
 A cell that cannot run raises `Unavailable(reason)`; the harness records "not available: reason".
@@ -252,7 +253,11 @@ class HFRunner:
 
 # ----------------------------------------------------------------------------- runtime engines
 class RuntimeCache:
-    """One EchoRuntime per (engine folder, backend, precision, batch)."""
+    """One EchoRuntime per (engine folder, backend, precision, batch, mode).
+
+    Per mode because one EchoRuntime that ran the fused mode decodes the multi-step mode from a
+    stale prefill afterwards (every image got the last image's report; tests/test_bench_teacher.py
+    keeps that case as a strict xfail until runtime/ fixes it)."""
 
     def __init__(self, threads: Optional[int]) -> None:
         self.threads = threads
@@ -261,7 +266,7 @@ class RuntimeCache:
     def get(self, engine_dir: Path, backend: str, precision: str, batch: int, mode: str):
         from runtime.errors import EchoRuntimeError
 
-        key = (str(engine_dir), backend, precision, batch)
+        key = (str(engine_dir), backend, precision, batch, mode)
         if key not in self._rts:
             if not (Path(engine_dir) / "manifest.json").is_file():
                 raise Unavailable(f"{engine_dir} missing" if not Path(engine_dir).exists()
@@ -281,12 +286,14 @@ class RuntimeCache:
 
 
 class RuntimeRunner:
-    def __init__(self, rt, mode: str, max_new: int) -> None:
-        self.rt, self.mode, self.max_new = rt, mode, max_new
+    """runtime.EchoRuntime in one mode; `multistep` (steps, rule, threshold) for the teacher's graphs."""
+
+    def __init__(self, rt, mode: str, max_new: int, multistep=None) -> None:
+        self.rt, self.mode, self.max_new, self.multistep = rt, mode, max_new, multistep
         self.batch = rt.batch_size
 
     def decode(self, paths: Sequence[str]) -> list[Decoded]:
-        reports = self.rt.generate(list(paths), max_new_tokens=self.max_new, mode=self.mode)
+        reports = self.rt.generate(list(paths), max_new_tokens=self.max_new, mode=self.mode, multistep=self.multistep)
         out = []
         for r in reports:
             if not r.ok:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from runtime.graph_io import AR_STEP, BLOCK_DENOISE
+from runtime.multistep import MultistepOptions
 from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD
 
 from .engines import (DEFAULT_BLOCK, METHODS, Decoded, ModelCache, Paths, RuntimeCache, RuntimeRunner, TorchRunner, HFRunner,
@@ -37,6 +38,10 @@ class BenchConfig:
     split: str = "test"
     n: int = 100
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # the teacher's steps sweep: "teacher@k" cells for each k below B (k = B is the "teacher" row)
+    # on the sweep engines; the speed/quality curve the one-step student is judged against
+    teacher_steps: list[int] = field(default_factory=list)
+    sweep_engines: list[str] = field(default_factory=lambda: ["ort-fp32"])
     engines: str = "all"
     block_sizes: list[int] = field(default_factory=lambda: [DEFAULT_BLOCK])
     paths: Paths = field(default_factory=Paths)
@@ -102,6 +107,23 @@ def _read_cfg(path: Path) -> dict:
         return {}
 
 
+def split_method(method: str) -> tuple[str, Optional[int]]:
+    """'teacher@4' -> ('teacher', 4): the teacher at 4 denoising passes per block; 'dcd' -> ('dcd', None)."""
+    base, at, steps = method.partition("@")
+    if base not in METHODS or (at and (base != "teacher" or not steps.isdigit() or int(steps) < 1)):
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} or teacher@<steps>")
+    return base, (int(steps) if at else None)
+
+
+def cell_steps(method: str, B: Optional[int]) -> Optional[int]:
+    """Denoising passes per block of a cell: the teacher's steps (B by default), 1 for the one-step
+    methods, None for AR (no blocks)."""
+    base, steps = split_method(method)
+    if base == "ar":
+        return None
+    return (steps or B) if base == "teacher" else 1
+
+
 def _engine_kind(engine: str) -> tuple[str, str]:
     """('pytorch'|'ort'|'trt'|'hf', device-or-precision)."""
     kind, _, rest = engine.partition("-")
@@ -135,11 +157,26 @@ class Harness:
         cells = []
         for engine in self.engines:
             for method in self.cfg.methods:
-                if method not in METHODS:
-                    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-                for B in ([None] if method == "ar" else self.cfg.block_sizes):
-                    cells.append((method, engine, B))
+                base, steps = split_method(method)
+                for B in ([None] if base == "ar" else self.cfg.block_sizes):
+                    if steps is None or steps <= B:
+                        cells.append((method, engine, B))
+            cells += [c for c in self._sweep_cells(engine) if c not in cells]
         return cells
+
+    def _sweep_cells(self, engine: str) -> list[tuple[str, str, int]]:
+        """The steps sweep on one engine: teacher@k for k < B, and the B-step "teacher" row."""
+        if engine not in self.cfg.sweep_engines or not self.cfg.teacher_steps:
+            return []
+        out = []
+        for B in self.cfg.block_sizes:
+            for k in sorted(set(self.cfg.teacher_steps)):
+                if k < 1:
+                    raise ValueError(f"--teacher-steps must be >= 1, got {k}")
+                if k < B:
+                    out.append((f"teacher@{k}", engine, B))
+            out.append(("teacher", engine, B))  # k = B: the teacher's own default
+        return out
 
     def _torch_device(self, engine: str) -> str:
         dev = _engine_kind(engine)[1]
@@ -154,6 +191,7 @@ class Harness:
         """Which checkpoint / engine folder a cell uses (for the record and for the runner)."""
         p = self.cfg.paths
         kind = _engine_kind(engine)[0]
+        method = split_method(method)[0]
         src: dict[str, Any] = {}
         if kind in ("pytorch", "hf"):
             src["checkpoint"] = str({"ar": Path(p.ar_ckpt), "teacher": Paths.for_block(p.teacher_ckpt, B),
@@ -161,7 +199,7 @@ class Harness:
         else:
             if method == "ar":
                 src["engine_dir"] = str(self._ar_engine_dir())
-            elif method == "naive":
+            elif method in ("naive", "teacher"):
                 src["engine_dir"] = str(Paths.for_block(p.naive_engine_dir, B))
             elif method == "dcd":
                 src["engine_dir"] = str(Paths.for_block(p.engine_dir, B))
@@ -180,6 +218,7 @@ class Harness:
     def make_runner(self, method: str, engine: str, B: Optional[int], batch: int):
         kind, sub = _engine_kind(engine)
         p = self.cfg.paths
+        method, steps = split_method(method)  # steps: the sweep's teacher@k, else None (the teacher: B)
         if kind in ("pytorch", "hf"):
             dev = self._torch_device(engine)
             if kind == "hf":
@@ -193,7 +232,8 @@ class Harness:
             ck = Paths.for_block(p.dcd_ckpt if method == "dcd" else p.teacher_ckpt, B)
             stages = ("dcd",) if method == "dcd" else ("rad", "dcd")
             model, tok = self.models.get(ck, dev, stages, B)
-            mode, steps = {"teacher": ("multistep", B), "naive": ("onestep", None), "dcd": ("onestep", None)}[method]
+            mode, steps = {"teacher": ("multistep", steps or B), "naive": ("onestep", None),
+                           "dcd": ("onestep", None)}[method]
             return TorchRunner(model, tok, mode, B, steps, self.max_new, dev, self.cfg.bf16)
         # runtime engines
         if kind == "trt" and self.trt_reason:
@@ -214,7 +254,9 @@ class Harness:
                               "graphs existed, or at int8, which the teacher graphs are not built at)")
         if mode != "ar" and rt.block_size != B:
             raise Unavailable(f"{d} has block size {rt.block_size}, not {B}")
-        return RuntimeRunner(rt, mode, self.max_new)
+        # the rule the PyTorch rows use (the engine's own default differs for imported checkpoints)
+        opts = MultistepOptions(steps=steps or B, rule=DEFAULT_UNMASK_RULE) if mode == "multistep" else None
+        return RuntimeRunner(rt, mode, self.max_new, opts)
 
     def repeats_for(self, engine: str) -> int:
         rr = self.cfg.runtime_repeats
@@ -222,7 +264,8 @@ class Harness:
 
     def run_cell(self, method: str, engine: str, B: Optional[int], studies) -> dict:
         cfg = self.cfg
-        cell: dict[str, Any] = {"method": method, "engine": engine, "block_size": B, **self.sources(method, engine, B)}
+        cell: dict[str, Any] = {"method": method, "engine": engine, "block_size": B, "steps": cell_steps(method, B),
+                                **self.sources(method, engine, B)}
         cuda = engine.endswith("cuda")
         paths = [s.image_paths[0] for s in studies]
         t_cell = time.perf_counter()
@@ -243,14 +286,14 @@ class Harness:
                 cell["throughput"] = self.throughput(method, engine, B, paths)
         except Unavailable as e:
             cell["status"] = NA + str(e)
-            self.log(f"[bench] {method:7s} B={B or '-':<2} {engine:12s} {cell['status']}")
+            self.log(f"[bench] {method:9s} B={B or '-':<2} {engine:12s} {cell['status']}")
             return cell
         except Exception as e:  # noqa: BLE001 - one broken engine must not sink the whole table
             import traceback
 
             cell["status"] = f"failed: {type(e).__name__}: {e}"
             cell["traceback"] = traceback.format_exc(limit=8)
-            self.log(f"[bench] {method:7s} B={B or '-':<2} {engine:12s} {cell['status']}")
+            self.log(f"[bench] {method:9s} B={B or '-':<2} {engine:12s} {cell['status']}")
             return cell
         per = [statistics.median(x) for x in lat]
         gen = [d.n_generated for d in decoded]
@@ -269,30 +312,13 @@ class Harness:
             "peak_rss_scope": mem.rss_scope,
             "cuda_max_allocated_mb": mem.cuda_mb,
             "preds": {s.id: d.text for s, d in zip(studies, decoded)},
+            "pred_tokens": {s.id: d.tokens for s, d in zip(studies, decoded)},  # engines are compared on tokens
             "wall_s": time.perf_counter() - t_cell,
         })
-        if decoded[0].session_s is not None:
-            sess = sum(d.session_s for d in decoded)
-            dec = sum(d.decode_s for d in decoded)
-            cell["runtime_time"] = {
-                "session_s": sess, "decode_s": dec, "report_s": sum(per),
-                "outside_session_of_decode": (dec - sess) / dec if dec else None,
-                "outside_session_of_report": (sum(per) - sess) / sum(per) if sum(per) else None,
-            }
-            n_dec = sum(d.decode_passes or 0 for d in decoded)
-            if n_dec and all(d.prefill_session_s is not None for d in decoded):
-                # one decode pass inside the real loop: the check on the isolated t(1) / t(2B)
-                cell["runtime_time"]["session_ms_per_decode_pass"] = \
-                    1e3 * (sess - sum(d.prefill_session_s for d in decoded)) / n_dec
-        if decoded[0].prefill_s is not None:
-            # the decode phase alone (after prefill): what B x t(1)/t(2B) predicts, and the paper's
-            # "tokens/s without prefill"; the prefill is a fixed cost both decoders pay once per report
-            after = sum(d.decode_s - d.prefill_s for d in decoded)
-            cell["decode_tokens_per_s"] = sum(gen) / after if after > 0 else None
-            cell["prefill_ms_mean"] = 1e3 * float(np.mean([d.prefill_s for d in decoded]))
+        cell.update(runtime_figures(decoded, per, gen))
         tp = cell["throughput"]
         tp_s = f"{tp['reports_per_s']:.1f} rep/s @{tp['batch']}" if "reports_per_s" in tp else tp.get("status", "")
-        self.log(f"[bench] {method:7s} B={B or '-':<2} {engine:12s} p50 {cell['latency_ms']['p50']:8.1f} ms  "
+        self.log(f"[bench] {method:9s} B={B or '-':<2} {engine:12s} p50 {cell['latency_ms']['p50']:8.1f} ms  "
                  f"{cell['tokens_per_s']:8.1f} tok/s  {cell['forward_passes_per_report']:6.1f} fwd/report  {tp_s}  "
                  f"({cell['wall_s']:.0f} s)")
         return cell
@@ -434,8 +460,9 @@ class Harness:
             "schema": 1,
             "command": " ".join(sys.argv),
             "config": cfg.to_dict(),
-            # how the teacher rows decode (PyTorch reference decoder defaults; steps = B)
-            "teacher_decoding": {"rule": DEFAULT_UNMASK_RULE, "threshold": UNMASK_THRESHOLD},
+            # how the teacher rows decode (PyTorch reference decoder defaults; steps = B, the sweep's teacher@k: k)
+            "teacher_decoding": {"rule": DEFAULT_UNMASK_RULE, "threshold": UNMASK_THRESHOLD,
+                                 "sweep_steps": sorted(set(cfg.teacher_steps)), "sweep_engines": cfg.sweep_engines},
             "machine": machine_info(),
             "threads": threads,
             "studies": {"data": cfg.data, "split": cfg.split, "n": len(studies), "ids": [s.id for s in studies]},
@@ -465,6 +492,32 @@ class Harness:
         out["ort_intra_op"] = self.cfg.threads or "onnxruntime default"
         out["ort_inter_op"] = 1 if self.cfg.threads else "onnxruntime default"
         return out
+
+
+def runtime_figures(decoded: list[Decoded], per: list[float], gen: list[int]) -> dict:
+    """What only the runtime's engines time: the share of time outside session.run, the session time
+    per decode pass, and the decode phase without the prefill. {} for engines that time nothing."""
+    cell: dict[str, Any] = {}
+    if decoded[0].session_s is not None:
+        sess = sum(d.session_s for d in decoded)
+        dec = sum(d.decode_s for d in decoded)
+        cell["runtime_time"] = {
+            "session_s": sess, "decode_s": dec, "report_s": sum(per),
+            "outside_session_of_decode": (dec - sess) / dec if dec else None,
+            "outside_session_of_report": (sum(per) - sess) / sum(per) if sum(per) else None,
+        }
+        n_dec = sum(d.decode_passes or 0 for d in decoded)
+        if n_dec and all(d.prefill_session_s is not None for d in decoded):
+            # one decode pass inside the real loop: the check on the isolated t(1) / t(2B)
+            cell["runtime_time"]["session_ms_per_decode_pass"] = \
+                1e3 * (sess - sum(d.prefill_session_s for d in decoded)) / n_dec
+    if decoded[0].prefill_s is not None:
+        # the decode phase alone (after prefill): what B x t(1)/t(2B) predicts, and the paper's
+        # "tokens/s without prefill"; the prefill is a fixed cost both decoders pay once per report
+        after = sum(d.decode_s - d.prefill_s for d in decoded)
+        cell["decode_tokens_per_s"] = sum(gen) / after if after > 0 else None
+        cell["prefill_ms_mean"] = 1e3 * float(np.mean([d.prefill_s for d in decoded]))
+    return cell
 
 
 # ----------------------------------------------------------------------------- derived figures
@@ -603,7 +656,7 @@ def runtime_overhead(cells: list[dict], block_size: int) -> dict:
 
 
 def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
-    from .plot import plot_quality_vs_latency
+    from .plot import plot_quality_vs_latency, plot_teacher_steps
     from .tables import results_markdown
 
     out = Path(out_dir)
@@ -612,6 +665,8 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(result, indent=2, default=_json_default))
     paths["md"].write_text(results_markdown(result))
     plot_quality_vs_latency(result, paths["png"])
+    if (result.get("teacher_decoding") or {}).get("sweep_steps"):  # the steps sweep's own plot, beside the others
+        paths["sweep_png"] = plot_teacher_steps(result, out / "teacher_steps.png")
     return paths
 
 

@@ -6,6 +6,12 @@ from typing import Any
 from .harness import NA
 
 METHOD_NAMES = {"ar": "AR", "teacher": "teacher (B steps)", "naive": "naive one-step", "dcd": "DCD one-step"}
+
+
+def method_name(method: str) -> str:
+    """The table's name of a method; the sweep's "teacher@4" reads "teacher (4 steps)"."""
+    base, _, steps = method.partition("@")
+    return f"teacher ({steps} step{'s' if steps != '1' else ''})" if steps else METHOD_NAMES.get(base, base)
 COLUMNS = ["method", "B", "engine", "finding F1", "SemScore", "BLEU-4", "ROUGE-L", "validity",
            "p50 ms", "p95 ms", "tok/s", "fwd/report", "tok/fwd", "speed-up vs AR", "reports/s @batch", "peak MB"]
 
@@ -32,7 +38,7 @@ def _q(c: dict, key: str) -> str:
 
 
 def cell_row(c: dict) -> list[str]:
-    head = [METHOD_NAMES.get(c["method"], c["method"]), _f(c.get("block_size")), c["engine"]]
+    head = [method_name(c["method"]), _f(c.get("block_size")), c["engine"]]
     if c.get("status") != "ok":
         return head + [c.get("status", "?")] + ["–"] * (len(COLUMNS) - 4)
     tp = c.get("throughput") or {}
@@ -83,9 +89,9 @@ def _which(cells: list[dict], group: list[dict]) -> str:
         bs = tuple(dict.fromkeys(c.get("block_size") for c in cs))
         es = tuple(dict.fromkeys(c["engine"] for c in cs))
         if len(cs) == len(bs) * len(es):  # every block size on every engine
-            shared.setdefault((bs, es), []).append(METHOD_NAMES.get(m, m))
+            shared.setdefault((bs, es), []).append(method_name(m))
         else:
-            parts += [f"{METHOD_NAMES.get(m, m)}{_blocks((c.get('block_size'),))} on {c['engine']}" for c in cs]
+            parts += [f"{method_name(m)}{_blocks((c.get('block_size'),))} on {c['engine']}" for c in cs]
     parts += [f"{', '.join(names)}{_blocks(bs)} on {', '.join(es)}" for (bs, es), names in shared.items()]
     return "; ".join(parts)
 
@@ -130,13 +136,49 @@ def f1_vs_ar_table(result: dict) -> str:
         if not d:
             continue
         ci = d.get("ci95")
-        rows.append([METHOD_NAMES.get(c["method"], c["method"]), _f(c.get("block_size")), c["engine"],
+        rows.append([method_name(c["method"]), _f(c.get("block_size")), c["engine"],
                      _q(c, "finding_f1"), f"{100 * d['delta']:+.1f}",
                      f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "not computed (bootstrap off)",
                      d["ar_engine"]])
     if not rows:
         return "No cell to compare with AR."
     return _table(["method", "B", "engine", "finding F1", "ΔF1 vs AR (points)", "95% CI (paired)", "AR cell"], rows)
+
+
+SWEEP_COLUMNS = ["B", "steps / block", "method", "engine", "finding F1", "SemScore", "validity", "ΔF1 vs AR (points)",
+                 "tok/s", "fwd/report", "tok/fwd", "p50 ms"]
+
+
+def sweep_cells(result: dict) -> list[dict]:
+    """The steps sweep's cells that ran, with the one-step rows of the same engines beside them:
+    teacher@k and the B-step teacher, naive one-step (the teacher's weights at 1 step) and the DCD student."""
+    td = result.get("teacher_decoding") or {}
+    engines = td.get("sweep_engines") or []
+    if not td.get("sweep_steps"):
+        return []
+    keep = [c for c in result["cells"] if c["engine"] in engines and c.get("status") == "ok" and c["method"] != "ar"]
+    order = {"dcd": 0, "naive": 1}
+    return sorted(keep, key=lambda c: (c["engine"], c["block_size"] or 0, order.get(c["method"], 2),
+                                       c.get("steps") or 0))
+
+
+def sweep_table(result: dict) -> str:
+    """Quality, validity, speed and passes per step count (the speed/quality curve of the teacher)."""
+    td = result.get("teacher_decoding") or {}
+    if not td.get("sweep_steps"):
+        return "No steps sweep in this run (echo-bench --teacher-steps 1,2,4 adds it)."
+    rows = []
+    for c in sweep_cells(result):
+        d = c.get("finding_f1_vs_ar")
+        rows.append([_f(c["block_size"]), _f(c.get("steps")), method_name(c["method"]), c["engine"],
+                     _q(c, "finding_f1"), _q(c, "semscore"), _q(c, "valid_sentence_rate"),
+                     f"{100 * d['delta']:+.1f}" if d else "–", _f(c["tokens_per_s"]),
+                     _f(c["forward_passes_per_report"]), _f(c["tokens_per_forward"], 2), _f(c["latency_ms"]["p50"])])
+    if not rows:
+        engines = ", ".join(td.get("sweep_engines") or [])
+        return (f"The steps sweep ({', '.join(map(str, td['sweep_steps']))} steps on {engines}) has no cell that ran; "
+                "the reasons are listed under the main table.")
+    return _table(SWEEP_COLUMNS, rows)
 
 
 def overhead_line(result: dict) -> str:
@@ -164,7 +206,9 @@ def setup_lines(result: dict) -> list[str]:
         + (f" ({rr} for onnxruntime / TensorRT)" if (rr := cfg.get("runtime_repeats")) and rr != cfg["repeats"] else "")
         + ", per-report median; "
         f"throughput: batch {cfg['throughput_batch']} over {cfg['throughput_n']} reports",
-        *([f"- teacher rows: steps = B, unmasking rule `{td['rule']}`, threshold {td['threshold']}"]
+        *([f"- teacher rows: steps = B, unmasking rule `{td['rule']}`, threshold {td['threshold']}"
+           + (f"; steps sweep {', '.join(map(str, td['sweep_steps']))} and B on {', '.join(td['sweep_engines'])}"
+              if td.get("sweep_steps") else "")]
           if (td := result.get("teacher_decoding")) else []),
         f"- threads: torch {th.get('torch_intra_op')}, onnxruntime intra-op {th.get('ort_intra_op')}; "
         f"seed {cfg['seed']}; bootstrap n={cfg['n_boot']}",
@@ -186,6 +230,11 @@ def results_markdown(result: dict) -> str:
              "## Finding F1 against AR on the same studies", "", f1_vs_ar_table(result), "",
              "Paired bootstrap over studies (both systems scored on each resample), so the interval is that of the "
              "difference, much narrower than either score's own.", "",
+             "## Teacher steps sweep: quality against speed per denoising step count", "", sweep_table(result), "",
+             "The teacher (the RAD stage-2 checkpoint) decodes each block in `steps` denoising passes plus one commit "
+             "pass. The naive row is the teacher's weights at one step with the commit fused into the next block's "
+             "pass (one pass per block, as DCD); the DCD student is the one-step point this curve is judged against. "
+             "Plot: teacher_steps.png.", "",
              "## Ideal vs achieved one-step speed-up (same run)", "", ideal_table(result), "",
              "The ideal ratio counts forward passes only. \"Achieved\" is tokens/s per report, prefill included; "
              "\"decode only\" leaves out the prefill pass (vision + prompt), a fixed cost that AR and DCD both pay once "
