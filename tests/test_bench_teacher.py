@@ -105,11 +105,9 @@ def test_sweep_table_and_plot(sweep):
         plt.close(fig)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime: a multi-step generate after a fused one on the same EchoRuntime "
-                                       "decodes from a stale prefill (the harness keeps one EchoRuntime per mode)")
 def test_one_runtime_decodes_multistep_after_fused(sweep):
     """The teacher's engine in both modes on ONE EchoRuntime: multi-step tokens must not depend on
-    whether the fused mode ran before. Strict xfail: when runtime/ fixes it this test says so."""
+    whether the fused mode ran before (a second decoder once rebound the shared block_step graph)."""
     from runtime import EchoRuntime
     from runtime.multistep import MultistepOptions
     from runtime.schedule import DEFAULT_UNMASK_RULE
