@@ -86,3 +86,87 @@ def test_fp16_only_build_is_the_fp32_then_fp16_build(bf16_ckpt):
     img = (np.arange(32 * 32) % 7 / 7.0).reshape(1, 32, 32).astype(np.float32)
     toks = [EchoRuntime(f, precision="fp16").generate(img)[0].tokens for f in (both, only)]
     assert toks[0] == toks[1]
+
+
+def _plan(root: Path, precisions: list[str], stream: bool):
+    from echo_export.memory_plan import plan_build
+
+    return plan_build(root / "ckpt", precisions, stream, verify=True)
+
+
+def test_a_build_that_cannot_fit_refuses_before_loading(bf16_ckpt, monkeypatch):
+    from echo_export import memory_plan
+    from echo_export.build import BuildError
+
+    fp32 = _plan(bf16_ckpt, ["fp32", "fp16"], stream=False)
+    fp16 = _plan(bf16_ckpt, ["fp16"], stream=True)
+    assert fp16.phases["load"] * 2 == pytest.approx(fp32.phases["load"], rel=0.01)  # bf16 vs fp32 bytes
+    # room for the bf16 model, not for the fp32 one: the fp32 build refuses and names the fp16 one
+    room = (fp16.phases["export"] + fp32.phases["export"]) // 2
+    monkeypatch.setattr(memory_plan, "mem_available", lambda: int(room + memory_plan.HEADROOM))
+    monkeypatch.setattr("echo_export.build._load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(BuildError, match="not enough memory") as e:
+        _build(bf16_ckpt, "refused", ["fp32", "fp16"])
+    assert "what would fit: --precision fp16" in str(e.value) and "export" in str(e.value)
+    assert not (bf16_ckpt / "refused").exists()
+    monkeypatch.setattr(memory_plan, "mem_available", lambda: 1000)  # nothing fits
+    with pytest.raises(BuildError, match="free memory first"):
+        _build(bf16_ckpt, "refused", ["fp16"])
+
+
+def test_verification_leaves_out_the_sessions_that_cannot_fit(bf16_ckpt, monkeypatch):
+    from echo_export import memory_plan
+
+    plan = _plan(bf16_ckpt, ["fp16"], stream=True)
+    heavy = max(v for k, v in plan.phases.items() if not k.startswith("verify"))
+    assert plan.phases["verify fp16"] > heavy  # a CPU fp16 session holds an fp32 copy: 2x the fp16 weights
+    monkeypatch.setattr(memory_plan, "mem_available", lambda: int(heavy + memory_plan.HEADROOM + 1))
+    out = _build(bf16_ckpt, "unverified", ["fp16"])
+    rep = json.loads((out / "verify.json").read_text())
+    assert rep["verification"]["checked"] == [] and "fp16" in rep["verification"]["not_checked"]
+    assert "GB available" in rep["verification"]["not_checked"]["fp16"]
+    assert json.loads((out / "manifest.json").read_text())["verified"] is False
+
+
+_PROBE = """
+import json, sys
+from pathlib import Path
+import onnx, onnxruntime, onnxscript, onnx_ir, transformers, torch  # imports are not the build's memory
+import onnxruntime.transformers.float16
+from torch.onnx._internal.exporter import _core
+from echo_export.build import BuildOptions, build
+from echo_export.phase_meter import _status_kib
+root, prec = Path(sys.argv[1]), sys.argv[2].split(",")
+base = _status_kib("VmRSS") * 1024
+build(BuildOptions(ckpt=root / "ckpt", out=root / sys.argv[2], precisions=prec, verify_n=0,
+                   summary_json=root / "s.json"), log=lambda s: None)
+s = json.loads((root / "s.json").read_text())
+print(json.dumps({"base": base, "phases": {k: v["peak_rss_bytes"] for k, v in s["phases"].items()}}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS / VmHWM from /proc")
+def test_fp16_build_of_a_bf16_checkpoint_peaks_near_its_bf16_bytes(tmp_path):
+    """A 92M-parameter model (185 MB in bf16, 370 MB in fp32), built fp16 in a fresh process:
+    every phase's peak stays under base + 2.5x the bf16 bytes. Measured: 1.9x (the bf16 model,
+    the exporter's graph, one tensor converting); the fp32 path measured 3.4x (its fp32 model)."""
+    from echo_train.model.config import EchoConfig, LMConfig, VisionConfig
+    from echo_train.model.echo_model import EchoModel
+    from echo_train.model.checkpoint import save_checkpoint
+
+    tok = make_tokenizer()
+    cfg = EchoConfig(lm=LMConfig(vocab_size=tok.vocab_size, hidden_size=1024, intermediate_size=2816,
+                                 num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64),
+                     vision=VisionConfig(image_size=32, patch_size=8, hidden_size=256, num_hidden_layers=1,
+                                         num_attention_heads=4, intermediate_size=512),
+                     stage="dcd", block_size=4, max_response_tokens=8)
+    save_checkpoint(tmp_path / "ckpt", EchoModel(cfg).eval().to(torch.bfloat16), tok)
+    bf16 = (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), "fp16"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    over = {k: (v - res["base"]) / bf16 for k, v in res["phases"].items()}
+    assert max(over.values()) < 2.5, over
+    assert not (tmp_path / "fp16" / "weights.fp32.bin").exists()
