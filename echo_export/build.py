@@ -352,7 +352,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         gc.collect()
     log(f"[check] checkpoint {opts.ckpt}")
     plan = _plan_memory(opts, precisions, stream, log)
-    cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt", _stored_dtype(opts.ckpt) if stream else None)
+    cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt", **({"dtype": _stored_dtype(opts.ckpt)} if stream else {}))
     if cfg.stage == "ar":
         raise BuildError(f"--ckpt {opts.ckpt} is a stage-1 autoregressive checkpoint (stage 'ar'); block_step needs a "
                          "one-step student (stage 'dcd'). Pass it as --ar-ckpt for the AR baseline graphs.")
@@ -637,10 +637,13 @@ def _export_staged(b: _Build, g, inputs, name: str, shapes) -> None:
 
 def _drop_staged(b: _Build) -> None:
     """The staged fp32 graphs go once every converter has read them: not in the folder or manifest."""
+    from .stream_export import release_params
+
     for key in sorted(b.staged):
         (b.tmp / b.files.pop(key)).unlink(missing_ok=True)
     b.staged.clear()
     b.deferred = None
+    release_params()  # the lazy weights held the model's tensors
 
 
 def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_new: int,

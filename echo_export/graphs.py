@@ -313,7 +313,7 @@ def _store_program(program, path, weights, min_bytes: int, sources) -> None:
     import onnx_ir as ir
 
     from echo_export.external_weights import store_initializers
-    from echo_export.stream_export import DeferredWeights, defer_initializers, lazy_initializers
+    from echo_export.stream_export import DeferredWeights, defer_initializers, lazy_initializers, release_params
 
     if sources is not None:
         lazy_initializers(program.model, sources)
@@ -325,6 +325,8 @@ def _store_program(program, path, weights, min_bytes: int, sources) -> None:
     else:
         store_initializers(program.model, weights, min_bytes)
         ir.save(program.model, str(path))
+    if sources is not None and not isinstance(weights, DeferredWeights):
+        release_params()  # written: the lazy tensors' parameters need not be kept
 
 
 def release_exporter_references() -> int:

@@ -76,11 +76,12 @@ def plan_build(ckpt: Path, precisions: list[str], stream: bool, verify: bool) ->
     """The phases' peaks: the model as loaded (its stored dtype when `stream`, else fp32), the
     export (the model + one tensor widened to fp32 + its fp16 copy), the reference decodes (the
     model + one module widened), and verification: each precision's onnxruntime sessions (the
-    registry's cpu_session_bytes, two sessions) with no PyTorch model left."""
+    registry's cpu_session_bytes, two sessions) with no PyTorch model left. The reference widens
+    one module at a time (the lm_head: 2.2 GB at 7B), counted like the export's one tensor."""
     n, stored, dtype, largest = _header_facts(ckpt)
     plan = MemoryPlan(n, stored, dtype, largest, available=mem_available())
     model = stored if stream else 4 * n
-    one = 6 * largest  # a tensor in fp32 and its fp16 conversion
+    one = 2 * largest + 4 * min(largest, 1 << 20)  # a tensor's fp16 conversion, widened a chunk at a time
     plan.phases["load"] = int(model * 1.05)
     plan.phases["export"] = int(model * 1.05 + one)
     plan.phases["reference"] = int(model * 1.05 + one)
@@ -108,7 +109,7 @@ def refusal(plan: MemoryPlan, precisions: list[str], stream: bool) -> Optional[s
         return None
     fits = []
     if not stream:
-        need = int(plan.stored_bytes * 1.05 + 6 * plan.largest)  # fp16 only: the stored weights + one tensor
+        need = int(plan.stored_bytes * 1.05 + 2 * plan.largest)  # fp16 only: the stored weights + one tensor
         if need <= room:
             fits.append(f"--precision fp16 (built from the {plan.stored_dtype} weights without fp32: "
                         f"about {need / GB:.1f} GB)")

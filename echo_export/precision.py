@@ -327,15 +327,6 @@ def _fp16_chunk(part: np.ndarray, out: np.ndarray, where: str) -> None:
     out[:] = convert_np_to_float16(part)
 
 
-def _fp16_of_array(a: np.ndarray, where: str) -> memoryview:
-    """An fp32 array's fp16 bytes, converted as _fp16_bytes converts a file's (a chunk at a time)."""
-    flat = a.reshape(-1)
-    out = np.empty(flat.size, np.float16)
-    for i in range(0, flat.size, FP16_CHUNK):
-        _fp16_chunk(flat[i : i + FP16_CHUNK], out[i : i + FP16_CHUNK], where)
-    return memoryview(out.view(np.uint8))
-
-
 def _raw_bytes(src: Path, offset: int, length: int) -> bytes:
     with open(src, "rb") as f:
         f.seek(offset)
@@ -408,7 +399,8 @@ def to_fp16(src: str | Path, dst: str | Path, weights=None, source=None) -> dict
             path = src.parent / location
             retyped = was == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16
             if source is not None and location == source.name:
-                data = _fp16_of_array(source.array(offset), f"{t.name}") if retyped else source.raw(offset)
+                convert = lambda a, o, n=t.name: _fp16_chunk(a, o, n)  # noqa: E731
+                data = memoryview(source.fp16(offset, convert).reshape(-1).view(np.uint8)) if retyped else source.raw(offset)
             else:
                 data = _fp16_bytes(path, offset, length) if retyped else _raw_bytes(path, offset, length)
             new_offset, new_length = store.add(data)

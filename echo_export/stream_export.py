@@ -51,14 +51,70 @@ def fp32_placeholders(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
             module._parameters[name] = p
 
 
+CHUNK_ELEMENTS = 1 << 20  # a parameter is widened this many elements at a time when converted
+
+
 def _lazy(read: Callable[[], np.ndarray], dtype, shape):
     import onnx_ir as ir
 
     return ir.LazyTensor(lambda: ir.tensor(read()), dtype=dtype, shape=shape)
 
 
-def _fp32_reader(p: torch.Tensor) -> Callable[[], np.ndarray]:
-    return lambda: p.detach().to(torch.float32).numpy()
+def _param_tensor(p: torch.Tensor, transposed: bool = False):
+    """A lazy fp32 initializer of parameter `p` (or of its 2-D transpose) that the fp16 conversion
+    can also read a few rows at a time (`fp16_of`): the 7B embedding is 2.2 GB in fp32."""
+    import onnx_ir as ir
+
+    shape = ir.Shape(list(reversed(p.shape)) if transposed else list(p.shape))
+    t = _lazy(lambda: _read_whole(p, transposed), ir.DataType.FLOAT, shape)
+    _PARAMS[id(t)] = (t, p, transposed)  # the tensor itself is kept too, so its id stays its own
+    return t
+
+
+_PARAMS: dict[int, tuple[object, torch.Tensor, bool]] = {}
+# while optimising, a weight read whole past this size means the optimiser folded a large weight
+# (the whole model in fp32 again, at real size): refused, rather than found by the kernel's OOM killer
+GUARD_ELEMENTS = 1 << 22
+_GUARD = [False]
+
+
+def _read_whole(p: torch.Tensor, transposed: bool) -> np.ndarray:
+    if _GUARD[0] and p.numel() > GUARD_ELEMENTS:
+        raise RuntimeError(f"the ONNX optimiser read a {list(p.shape)} weight while exporting: it would fold "
+                           "large weights into new fp32 tensors (onnxscript's folding rules changed?)")
+    a = p.detach().float().numpy()
+    return np.ascontiguousarray(a.T) if transposed else a
+
+
+def release_params() -> None:
+    """Forget the lazy parameters made so far (they hold the model's tensors): after their bytes
+    are written (an fp32 export) or converted (the staged graphs, once fp16 is done)."""
+    _PARAMS.clear()
+
+
+def fp16_of(t, convert: Callable[[np.ndarray, np.ndarray], None]):
+    """t's values as an fp16 array, `convert(fp32 chunk, fp16 out)` writing each chunk: a lazy
+    parameter is widened CHUNK_ELEMENTS at a time (rows of the parameter; columns of its
+    transpose), anything else whole."""
+    entry = _PARAMS.get(id(t))
+    if entry is None:
+        a = t.numpy()
+        out = np.empty(a.shape, np.float16)
+        convert(a.reshape(-1), out.reshape(-1))
+        return out
+    _, p, transposed = entry
+    rows = p.reshape(p.shape[0], -1)
+    out = np.empty((rows.shape[1], rows.shape[0]) if transposed else rows.shape, np.float16)
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    for a in range(0, rows.shape[0], step):
+        part = rows[a : a + step].detach().float().numpy()
+        if transposed:
+            tmp = np.empty(part.shape, np.float16)
+            convert(part.reshape(-1), tmp.reshape(-1))
+            out[:, a : a + step] = tmp.T
+        else:
+            convert(part.reshape(-1), out[a : a + step].reshape(-1))
+    return out
 
 
 def lazy_initializers(model, sources: dict[int, torch.Tensor]) -> int:
@@ -70,11 +126,15 @@ def lazy_initializers(model, sources: dict[int, torch.Tensor]) -> int:
     for value in model.graph.initializers.values():
         raw = getattr(value.const_value, "raw", None)
         if isinstance(raw, torch.Tensor) and raw.data_ptr() in sources and raw.dtype == torch.float32:
-            value.const_value = _lazy(_fp32_reader(sources[raw.data_ptr()]), ir.DataType.FLOAT, value.const_value.shape)
+            value.const_value = _param_tensor(sources[raw.data_ptr()])
             n += 1
-    _optimise(model, fold_large_transposes=False)
-    _fold_lazy_transposes(model)
-    _optimise(model, fold_large_transposes=True)
+    _GUARD[0] = True
+    try:
+        _optimise(model, fold_large_transposes=False)
+        _fold_lazy_transposes(model)
+        _optimise(model, fold_large_transposes=True)
+    finally:
+        _GUARD[0] = False
     return n
 
 
@@ -106,11 +166,12 @@ def _fold_lazy_transposes(model) -> int:
         t = src.const_value if src is not None and src.is_initializer() else None
         if not isinstance(t, ir.LazyTensor) or len(src.uses()) != 1:
             continue
-        perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+        perm = list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else None
+        if id(t) not in _PARAMS or len(t.shape) != 2 or perm not in (None, [1, 0]):
+            continue  # only a linear layer's weight.T is expected here; anything else stays a Transpose
         out = node.outputs[0]
-        shape = ir.Shape([t.shape[i] for i in perm] if perm else list(reversed(t.shape)))
-        read = (lambda t=t, perm=perm: np.ascontiguousarray(np.transpose(t.numpy(), perm)))
-        new = ir.Value(name=out.name, shape=shape, type=ir.TensorType(t.dtype), const_value=_lazy(read, t.dtype, shape))
+        lazy = _param_tensor(_PARAMS[id(t)][1], transposed=not _PARAMS[id(t)][2])
+        new = ir.Value(name=out.name, shape=lazy.shape, type=ir.TensorType(t.dtype), const_value=lazy)
         ir.convenience.replace_all_uses_with(out, new)
         if out.is_graph_output():
             continue  # never a weight's transpose in our graphs; leave it as it is
@@ -143,6 +204,9 @@ class DeferredWeights:
 
     def array(self, offset: int) -> np.ndarray:
         return self._tensors[offset].numpy()
+
+    def fp16(self, offset: int, convert: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+        return fp16_of(self._tensors[offset], convert)
 
     def raw(self, offset: int) -> bytes:
         return self._tensors[offset].tobytes()

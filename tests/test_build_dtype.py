@@ -67,8 +67,11 @@ def test_fp32_compute_of_a_bf16_model_is_the_fp32_model(bf16_ckpt):
     assert {p.dtype for p in narrow.parameters()} == {torch.bfloat16}  # the hooks put the bf16 weights back
 
 
-def test_fp16_only_build_is_the_fp32_then_fp16_build(bf16_ckpt):
+def test_fp16_only_build_is_the_fp32_then_fp16_build(bf16_ckpt, monkeypatch):
+    from echo_export import stream_export
     from runtime.engine import EchoRuntime
+
+    monkeypatch.setattr(stream_export, "CHUNK_ELEMENTS", 1000)  # every weight converted in several chunks
 
     both = _build(bf16_ckpt, "both", ["fp32", "fp16"])
     only = _build(bf16_ckpt, "only", ["fp16"])
