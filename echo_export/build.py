@@ -100,17 +100,23 @@ class _Sample:
 
 
 def parse_precisions(text: str | list[str]) -> list[str]:
-    """Registry names in registry order; fp32 always (the verified base every other variant derives from)."""
+    """Registry names in registry order; fp32 too (the verified base every other variant derives
+    from), except where fp16 alone is asked: that build streams from the checkpoint's dtype."""
     try:
-        return precision_registry.parse_list(text)
+        names = precision_registry.parse_list(text)
     except precision_registry.UnknownPrecision as e:
         raise BuildError(str(e)) from None
+    return ["fp16"] if _streams_list(text) else names
 
 
 def _streams(opts: BuildOptions) -> bool:
     """Whether the build exports in the checkpoint's dtype, keeping no fp32 graphs: when fp16 is
     all that is asked. int8 and int4 convert the fp32 graphs (and fp32 asked is fp32 built)."""
-    items = opts.precisions.split(",") if isinstance(opts.precisions, str) else opts.precisions
+    return _streams_list(opts.precisions)
+
+
+def _streams_list(text: str | list[str]) -> bool:
+    items = text.split(",") if isinstance(text, str) else text
     return {p.strip().lower() for p in items if p.strip()} == {"fp16"}
 
 
@@ -814,7 +820,7 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     b.meter.start("verify")
     b.log(f"[verify] {len(verify_samples)} held-out images, up to {b.max_new} new tokens, onnxruntime CPU")
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
-    checked = [p for p in b.precisions if b.plan is None or p in b.plan.verify]  # the sessions that fit
+    checked = _sessions_that_fit(b)
     # the PyTorch references were computed in the reference phase: no PyTorch model is loaded here
     rep = verify_block(b.tmp, b.files, None, b.tok, items, precisions=checked, batch_sizes=b.batch_sizes,
                        capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log, reference=b.block_ref)
@@ -840,6 +846,21 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     (b.tmp / "verify.json").write_text(json.dumps(rep, indent=2, sort_keys=True))
     b.meter.stop()
     return rep
+
+
+def _sessions_that_fit(b: _Build) -> list[str]:
+    """The precisions whose verification sessions fit: the plan's, checked again against
+    MemAvailable now (the machine is shared; the plan was made before the export)."""
+    from . import memory_plan
+
+    if b.plan is None:
+        return list(b.precisions)
+    room = (memory_plan.mem_available() or 0) - memory_plan.HEADROOM
+    for p in [p for p in b.plan.verify if b.plan.phases[f"verify {p}"] > room]:
+        b.plan.verify.remove(p)
+        b.plan.not_verified[p] = (f"its onnxruntime CPU sessions need about {b.plan.phases[f'verify {p}'] / 1e9:.1f} GB, "
+                                  f"{room / 1e9:.1f} GB available at the verify phase")
+    return [p for p in b.precisions if p in b.plan.verify]
 
 
 def _what_was_verified(b: _Build, checked: list[str]) -> dict:
