@@ -96,20 +96,33 @@ def fp16_of(t, convert: Callable[[np.ndarray, np.ndarray], None]):
     """t's values as an fp16 array, `convert(fp32 chunk, fp16 out)` writing each chunk: a lazy
     parameter is widened CHUNK_ELEMENTS at a time (rows of the parameter; columns of its
     transpose), anything else whole."""
+    return _chunked(t, np.float16, convert)
+
+
+def fp32_of(t) -> np.ndarray:
+    """t's values in fp32, a lazy parameter widened a chunk at a time into one array (a weight the
+    fp16 graph keeps fp32, the lm_head: whole-and-copied it was twice its 2.2 GB at 7B)."""
+    def copy(a: np.ndarray, out: np.ndarray) -> None:
+        out[:] = a
+
+    return _chunked(t, np.float32, copy)
+
+
+def _chunked(t, dtype, convert: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
     entry = _PARAMS.get(id(t))
     if entry is None:
         a = t.numpy()
-        out = np.empty(a.shape, np.float16)
+        out = np.empty(a.shape, dtype)
         convert(a.reshape(-1), out.reshape(-1))
         return out
     _, p, transposed = entry
     rows = p.reshape(p.shape[0], -1)
-    out = np.empty((rows.shape[1], rows.shape[0]) if transposed else rows.shape, np.float16)
+    out = np.empty((rows.shape[1], rows.shape[0]) if transposed else rows.shape, dtype)
     step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
     for a in range(0, rows.shape[0], step):
         part = rows[a : a + step].detach().float().numpy()
         if transposed:
-            tmp = np.empty(part.shape, np.float16)
+            tmp = np.empty(part.shape, dtype)
             convert(part.reshape(-1), tmp.reshape(-1))
             out[:, a : a + step] = tmp.T
         else:
@@ -208,8 +221,11 @@ class DeferredWeights:
     def fp16(self, offset: int, convert: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
         return fp16_of(self._tensors[offset], convert)
 
-    def raw(self, offset: int) -> bytes:
-        return self._tensors[offset].tobytes()
+    def raw(self, offset: int) -> bytes | memoryview:
+        t = self._tensors[offset]
+        if id(t) in _PARAMS:  # a weight kept fp32: built a chunk at a time, not copied again
+            return memoryview(fp32_of(t).reshape(-1).view(np.uint8))
+        return t.tobytes()
 
     def flush(self) -> None:
         pass
