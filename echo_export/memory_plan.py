@@ -52,7 +52,7 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         out = [f"  {name:<10} {b / GB:6.1f} GB" for name, b in self.phases.items()]
         if self.available is not None:
-            out.append(f"  available  {self.available / GB:6.1f} GB (MemAvailable, less {HEADROOM / GB:.0f} GB headroom)")
+            out.append(f"  available  {self.available / GB:6.1f} GB (MemAvailable; {HEADROOM / GB:.0f} GB of it kept as headroom)")
         return out
 
     def to_dict(self) -> dict:
