@@ -100,11 +100,52 @@ class _Sample:
 
 
 def parse_precisions(text: str | list[str]) -> list[str]:
-    """Registry names in registry order; fp32 always (the verified base every other variant derives from)."""
+    """Registry names in registry order; fp32 too (the verified base every other variant derives
+    from), except where fp16 alone is asked: that build streams from the checkpoint's dtype."""
     try:
-        return precision_registry.parse_list(text)
+        names = precision_registry.parse_list(text)
     except precision_registry.UnknownPrecision as e:
         raise BuildError(str(e)) from None
+    return ["fp16"] if _streams_list(text) else names
+
+
+def _streams(opts: BuildOptions) -> bool:
+    """Whether the build exports in the checkpoint's dtype, keeping no fp32 graphs: when fp16 is
+    all that is asked. int8 and int4 convert the fp32 graphs (and fp32 asked is fp32 built)."""
+    return _streams_list(opts.precisions)
+
+
+def _streams_list(text: str | list[str]) -> bool:
+    items = text.split(",") if isinstance(text, str) else text
+    return {p.strip().lower() for p in items if p.strip()} == {"fp16"}
+
+
+def _stored_dtype(ckpt: Path):
+    from echo_train.model.checkpoint import checkpoint_dtype
+
+    return checkpoint_dtype(ckpt)
+
+
+def _plan_memory(opts: BuildOptions, precisions: list[str], stream: bool, log: Callable[[str], None]):
+    """The memory estimate, before the model loads: refuse (BuildError) with it and what would fit
+    when the heavy phases cannot fit MemAvailable; else the plan (which sessions verify can open)."""
+    from . import memory_plan
+
+    try:
+        plan = memory_plan.plan_build(Path(opts.ckpt), precisions, stream, verify=opts.verify_n > 0)
+    except Exception as e:  # an unreadable header is the load's refusal to make, with its message
+        log(f"  memory estimate skipped ({type(e).__name__}: {e})")
+        return None
+    log(f"  memory estimate: {plan.n_params / 1e9:.2f}B parameters stored {plan.stored_dtype}"
+        + (" (exported in that dtype: no fp32 weights)" if stream else " (loaded as fp32)"))
+    for line in plan.lines():
+        log(line)
+    why = memory_plan.refusal(plan, precisions, stream)
+    if why is not None:
+        raise BuildError(f"not enough memory: {why}")
+    for p, reason in plan.not_verified.items():
+        log(f"  {p} will not be verified: {reason}")
+    return plan
 
 
 def parse_precision_options(items: list[str]) -> dict[str, dict[str, str]]:
@@ -189,7 +230,8 @@ def resolve_int8_mode(requested: str, cpu: Optional[CpuFeatures] = None) -> dict
 # ------------------------------------------------------------------ input checks
 
 
-def _load_model(path: Path, what: str):
+def _load_model(path: Path, what: str, dtype=None):
+    """`dtype`: the parameters' (None: fp32; a streaming build passes the checkpoint's own)."""
     from echo_train.model.checkpoint import CheckpointError, check_checkpoint_dir, load_checkpoint
     from echo_train.model.config import EchoConfig
 
@@ -201,7 +243,7 @@ def _load_model(path: Path, what: str):
     except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
         raise BuildError(f"{what}: {path / 'config.json'} is not an ECHO config ({e})") from None
     try:
-        model, tok = load_checkpoint(path)
+        model, tok = load_checkpoint(path, dtype=dtype)
     except Exception as e:  # safetensors / shape mismatches
         raise BuildError(f"{what}: {path} does not load ({type(e).__name__}: {e})") from None
     return cfg, model, tok
@@ -291,6 +333,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     meter = PhaseMeter()
     out = Path(opts.out)
     precisions = parse_precisions(opts.precisions)
+    stream = _streams(opts)
+    if stream:  # fp16 only: exported from the checkpoint's dtype, no fp32 graphs kept
+        precisions = [p for p in precisions if p != "fp32"]
     batch_sizes = parse_batch_sizes(opts.batch_sizes)
     _check_precision_options(opts.precision_options, precisions)
     if out.exists() and not opts.force:
@@ -315,7 +360,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         amodel = None
         gc.collect()
     log(f"[check] checkpoint {opts.ckpt}")
-    cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt")
+    plan = _plan_memory(opts, precisions, stream, log)
+    cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt", **({"dtype": _stored_dtype(opts.ckpt)} if stream else {}))
     if cfg.stage == "ar":
         raise BuildError(f"--ckpt {opts.ckpt} is a stage-1 autoregressive checkpoint (stage 'ar'); block_step needs a "
                          "one-step student (stage 'dcd'). Pass it as --ar-ckpt for the AR baseline graphs.")
@@ -396,7 +442,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, meter, log)
+        job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, meter, log,
+                     stream=stream, plan=plan)
         model = ar_load = amodel = None  # the job holds the models now, so a phase can let one go
         manifest_files, graphs, verify_report, verified = _build_into(job, calib_px, verify_samples, verify_px)
         precision_info = job.precision_info
@@ -409,7 +456,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         # op): one message naming the phase, and nothing written
         raise BuildError(f"the {meter.current or 'build'} phase failed ({type(e).__name__}: {e}); "
                          f"nothing was written to {out}") from e
-    if verify_report is not None and not verified:
+    if verify_report is not None and verify_report["fp32_identical"] is False:  # None: no fp32 built
         failed = out.with_name(out.name + ".failed")
         if failed.exists():
             shutil.rmtree(failed)
@@ -503,6 +550,12 @@ class _Build:
     calib: dict[tuple[str, int], object] = field(default_factory=dict)  # (role, batch) -> precision.FeedStore
     # what each precision's converter chose (int4: block size, method, accuracy_level, ...): manifest, verify.json
     precision_info: dict[str, dict] = field(default_factory=dict)
+    # exported in the checkpoint's dtype: the fp32 graphs are staged (the fp16 conversion's source
+    # only, their weights never written) and removed before the manifest
+    stream: bool = False
+    plan: object = None  # memory_plan.MemoryPlan (None: no estimate)
+    staged: set = field(default_factory=set)  # keys of b.files that are staged fp32 graphs
+    deferred: object = None  # stream_export.DeferredWeights of the staged graphs
 
     def families(self) -> list[tuple[str, str, object, int, int]]:
         """(prefill role, step role, config, prefix length, max new tokens) per decode family."""
@@ -568,14 +621,46 @@ def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> 
             t1 = time.perf_counter()
             g = make_graph(role, m, b.opts.capacity, p_len, b.tok.mask_id)
             native = role == gio.VISION_PREFILL and c.vision.native  # its shapes follow each image
-            export_graph(g, example_inputs(role, c, bs, b.opts.capacity, p_len), b.tmp / name, b.opts.opset,
-                         weights=_store(b, "fp32"), min_bytes=b.opts.weights_min_bytes,
-                         dynamic_shapes=native_dynamic_shapes() if native else None)
+            shapes = native_dynamic_shapes() if native else None
+            inputs = example_inputs(role, c, bs, b.opts.capacity, p_len)
+            if b.stream:
+                _export_staged(b, g, inputs, name, shapes)
+                b.log(f"  {name:<34} {'(staged)':>10}  {time.perf_counter() - t1:5.1f}s  graph only: its weights "
+                      f"stay {b.plan.stored_dtype if b.plan else 'as loaded'} until the fp16 conversion reads them")
+                b.files[(role, "fp32", bs)] = name
+                b.staged.add((role, "fp32", bs))
+                continue
+            export_graph(g, inputs, b.tmp / name, b.opts.opset, weights=_store(b, "fp32"),
+                         min_bytes=b.opts.weights_min_bytes, dynamic_shapes=shapes)
             onnx.checker.check_model(str(b.tmp / name), full_check=True)
             b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
             _add_graph(b, (role, "fp32", bs), name)
     release_exporter_references()  # else the last graph keeps the model's weights after the model goes
     b.meter.stop()
+
+
+def _export_staged(b: _Build, g, inputs, name: str, shapes) -> None:
+    """An fp32 graph exported from the model in its own dtype (stream_export): fp32 placeholders
+    while tracing, weights read lazily; its weights file is never written (b.deferred)."""
+    from .graphs import export_graph
+    from .stream_export import DeferredWeights, fp32_placeholders
+
+    if b.deferred is None:
+        b.deferred = DeferredWeights(b.tmp)
+    with fp32_placeholders(g) as sources:
+        export_graph(g, inputs, b.tmp / name, b.opts.opset, weights=b.deferred, min_bytes=b.opts.weights_min_bytes,
+                     dynamic_shapes=shapes, sources=sources)
+
+
+def _drop_staged(b: _Build) -> None:
+    """The staged fp32 graphs go once every converter has read them: not in the folder or manifest."""
+    from .stream_export import release_params
+
+    for key in sorted(b.staged):
+        (b.tmp / b.files.pop(key)).unlink(missing_ok=True)
+    b.staged.clear()
+    b.deferred = None
+    release_params()  # the lazy weights held the model's tensors
 
 
 def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_new: int,
@@ -607,6 +692,8 @@ def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_n
 def _export_and_reference(b: _Build, calib_px: list[np.ndarray], items: list) -> None:
     """Each family in turn: load its model (the student is already loaded), export its graphs,
     run its PyTorch decodes, let it go. One PyTorch model is in memory at a time."""
+    from .stream_export import fp32_compute
+
     for pre_role, step_role, c, p_len, max_new in b.families():
         if step_role == gio.BLOCK_STEP:
             m = b.model
@@ -616,7 +703,8 @@ def _export_and_reference(b: _Build, calib_px: list[np.ndarray], items: list) ->
             _, m, _ = _load_model(b.ar.ckpt, "--ar-ckpt")
             b.meter.stop()
         _export_fp32(b, pre_role, step_role, m, c, p_len)
-        _reference(b, pre_role, step_role, m, c, p_len, max_new, calib_px, items)
+        with fp32_compute(m):  # a model kept in bf16 decodes as its fp32 twin (a no-op for fp32)
+            _reference(b, pre_role, step_role, m, c, p_len, max_new, calib_px, items)
         if step_role == gio.BLOCK_STEP and not b.opts.trt:  # --trt compares plans with PyTorch later
             b.model = None
         m = None
@@ -632,7 +720,7 @@ def _convert_fp16(b: _Build, calib_px: Optional[list[np.ndarray]] = None) -> Non
     b.log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
     for (role, _, bs), src in [(k, v) for k, v in b.files.items() if k[1] == "fp32"]:
         name = gio.graph_filename(role, "fp16", bs)
-        to_fp16(b.tmp / src, b.tmp / name, weights=_store(b, "fp16"))
+        to_fp16(b.tmp / src, b.tmp / name, weights=_store(b, "fp16"), source=b.deferred)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
         b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}")
         _add_graph(b, (role, "fp16", bs), name)
@@ -743,8 +831,9 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     b.meter.start("verify")
     b.log(f"[verify] {len(verify_samples)} held-out images, up to {b.max_new} new tokens, onnxruntime CPU")
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
+    checked = _sessions_that_fit(b)
     # the PyTorch references were computed in the reference phase: no PyTorch model is loaded here
-    rep = verify_block(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
+    rep = verify_block(b.tmp, b.files, None, b.tok, items, precisions=checked, batch_sizes=b.batch_sizes,
                        capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log, reference=b.block_ref)
     if b.teacher_ref is not None:
         rep["variants"].update(verify_teacher(b.tmp, b.files, b.tok, items, precisions=b.precisions,
@@ -756,6 +845,9 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
         rep["variants"].update(rep_ar["variants"])
     verified = all(v["identical"] for v in rep["variants"].values()  # fp32: the registry's must_be_identical
                    if precision_registry.get(v["precision"]).tolerances.must_be_identical)
+    rep.update(_what_was_verified(b, checked))
+    if "fp32" not in b.precisions:
+        verified = None  # no fp32 graphs: nothing was held to identity (see "verification")
     rep.update({"n_images": len(items), "max_new_tokens": b.max_new, "fp32_identical": verified, "int8": b.int8_info,
                 "precision_info": b.precision_info,
                 "images": [s.id for s in verify_samples], "reference": "echo_train.decoding.fused_onestep_generate"})
@@ -765,6 +857,37 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     (b.tmp / "verify.json").write_text(json.dumps(rep, indent=2, sort_keys=True))
     b.meter.stop()
     return rep
+
+
+def _sessions_that_fit(b: _Build) -> list[str]:
+    """The precisions whose verification sessions fit: the plan's, checked again against
+    MemAvailable now (the machine is shared; the plan was made before the export)."""
+    from . import memory_plan
+
+    if b.plan is None:
+        return list(b.precisions)
+    room = (memory_plan.mem_available() or 0) - memory_plan.HEADROOM
+    for p in [p for p in b.plan.verify if b.plan.phases[f"verify {p}"] > room]:
+        b.plan.verify.remove(p)
+        b.plan.not_verified[p] = (f"its onnxruntime CPU sessions need about {b.plan.phases[f'verify {p}'] / 1e9:.1f} GB, "
+                                  f"{room / 1e9:.1f} GB available at the verify phase")
+    return [p for p in b.precisions if p in b.plan.verify]
+
+
+def _what_was_verified(b: _Build, checked: list[str]) -> dict:
+    """verify.json's plain statement of what was and was not checked, and against what."""
+    skipped = {p: (b.plan.not_verified.get(p) if b.plan else None) or "not run" for p in b.precisions if p not in checked}
+    for p, why in skipped.items():
+        b.log(f"  NOT verified: {p} ({why})")
+    if "fp32" in b.precisions:
+        base = "fp32 graphs held identical to the PyTorch reference; the other precisions measured against fp32"
+    else:
+        base = ("no fp32 graphs (built from the checkpoint's own dtype): each checked precision's tokens are compared "
+                "with the PyTorch reference (fp32 arithmetic on the stored weights) and reported, nothing is held to "
+                "identity, and per-pass agreement (measured on fp32's inputs) is not available: verified=false")
+        b.log(f"  {base}")
+    return {"verification": {"checked": checked, "not_checked": skipped, "base": base,
+                             "memory_plan": b.plan.to_dict() if b.plan else None}}
 
 
 def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sample], verify_px: list[np.ndarray]):
@@ -779,6 +902,7 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
         convert = _converter(precision)
         if convert is not None:
             convert(b, calib_px)
+    _drop_staged(b)
     for feeds in b.calib.values():  # every converter has read them
         shutil.rmtree(feeds.folder, ignore_errors=True)
     b.calib.clear()

@@ -269,19 +269,20 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
 
 
 def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opset: int = 18, weights=None,
-                 min_bytes: int = 1024, dynamic_shapes: dict | None = None) -> None:
+                 min_bytes: int = 1024, dynamic_shapes: dict | None = None,
+                 sources: dict[int, torch.Tensor] | None = None) -> None:
     """Fixed-shape export with the dynamo exporter. `weights` (an external_weights.WeightsFile):
     initializers of at least `min_bytes` go straight into it, one at a time, and the graph file
     holds the rest; else the weights live inside the file (or beside it, past 2 GB).
 
     Straight into the shared file because at real size each graph's own data file is the weights
-    again (about 14 GB per graph at 3.75B parameters in fp32) and would then be copied once more."""
+    again (about 14 GB per graph at 3.75B parameters in fp32) and would then be copied once more.
+
+    `sources` (stream_export.fp32_placeholders): the module's parameters are unwritten fp32
+    placeholders and the weights are read from these, lazily, one tensor at a time; `weights`
+    may then be a stream_export.DeferredWeights (the fp32 graph is only the fp16 one's source)."""
     import logging
     import warnings
-
-    import onnx_ir as ir
-
-    from echo_export.external_weights import store_initializers
 
     # the exporter's op registry logs 4 lines per graph about torchvision ops, which no ECHO graph uses
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -298,18 +299,34 @@ def export_graph(module: nn.Module, inputs: tuple[torch.Tensor, ...], path, opse
                 opset_version=opset,
                 input_names=list(module.input_names),
                 output_names=list(module.output_names),
-                optimize=True,
+                optimize=sources is None,  # else after the weights are made lazy: folding reads them
                 verbose=False,
                 dynamic_shapes=dynamic_shapes,
             )
     finally:
         registry_log.setLevel(level)
-    if weights is None:
+    _store_program(program, path, weights, min_bytes, sources)
+    del program
+
+
+def _store_program(program, path, weights, min_bytes: int, sources) -> None:
+    import onnx_ir as ir
+
+    from echo_export.external_weights import store_initializers
+    from echo_export.stream_export import DeferredWeights, defer_initializers, lazy_initializers, release_params
+
+    if sources is not None:
+        lazy_initializers(program.model, sources)
+    if isinstance(weights, DeferredWeights):
+        defer_initializers(program.model, weights, min_bytes)
+        ir.save(program.model, str(path))
+    elif weights is None:
         program.save(str(path), external_data=False)
     else:
         store_initializers(program.model, weights, min_bytes)
         ir.save(program.model, str(path))
-    del program
+    if sources is not None and not isinstance(weights, DeferredWeights):
+        release_params()  # written: the lazy tensors' parameters need not be kept
 
 
 def release_exporter_references() -> int:

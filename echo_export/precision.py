@@ -310,17 +310,21 @@ FP16_CHUNK = 1 << 20  # elements converted at a time: the clamping's temporaries
 def _fp16_bytes(src: Path, offset: int, length: int) -> memoryview:
     """fp32 bytes of an external tensor as fp16 bytes, clamped as the converter clamps its
     inline tensors (convert_np_to_float16), read and converted a chunk at a time."""
-    from onnxruntime.transformers.float16 import convert_np_to_float16
-
     out = np.empty(length // 4, np.float16)
     with open(src, "rb") as f:
         f.seek(offset)
         for i in range(0, out.size, FP16_CHUNK):
             part = np.fromfile(f, np.float32, count=min(FP16_CHUNK, out.size - i))
-            if not np.isfinite(part).all() or np.abs(part).max(initial=0.0) > FP16_MAX:
-                raise PrecisionError(f"{src}: weights at offset {offset} overflow fp16 (inf/nan or |x| > {FP16_MAX})")
-            out[i : i + part.size] = convert_np_to_float16(part)
+            _fp16_chunk(part, out[i : i + part.size], f"{src}: weights at offset {offset}")
     return memoryview(out.view(np.uint8))
+
+
+def _fp16_chunk(part: np.ndarray, out: np.ndarray, where: str) -> None:
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    if not np.isfinite(part).all() or np.abs(part).max(initial=0.0) > FP16_MAX:
+        raise PrecisionError(f"{where} overflow fp16 (inf/nan or |x| > {FP16_MAX})")
+    out[:] = convert_np_to_float16(part)
 
 
 def _raw_bytes(src: Path, offset: int, length: int) -> bytes:
@@ -346,14 +350,17 @@ def _shapes_from_dims() -> Iterator[None]:
         float16.make_value_info_from_tensor = original
 
 
-def to_fp16(src: str | Path, dst: str | Path, weights=None) -> dict:
+def to_fp16(src: str | Path, dst: str | Path, weights=None, source=None) -> dict:
     """Convert an fp32 graph to fp16 with fp32 IO. Returns what was kept fp32.
 
     Works on graphs of any size: shape inference runs on the file (`infer_shapes_path`; the
     in-memory form serialises the whole model, which fails past protobuf's 2 GB), the graph is
     converted without its external weights, and those are converted afterwards one tensor at a
     time into `weights` (an external_weights.WeightsFile; default: `<dst>.data`). At 3.75B
-    parameters the fp32 weights are 15 GB, which a converter holding the whole model cannot take."""
+    parameters the fp32 weights are 15 GB, which a converter holding the whole model cannot take.
+
+    `source` (a stream_export.DeferredWeights): the fp32 graph's weights that point into its
+    (never written) file are taken from it, one tensor at a time: an fp16 build with no fp32 one."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     from .external_weights import WeightsFile
@@ -391,7 +398,11 @@ def to_fp16(src: str | Path, dst: str | Path, weights=None) -> dict:
             (location, offset, length), was = outside[t.name]
             path = src.parent / location
             retyped = was == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16
-            data = _fp16_bytes(path, offset, length) if retyped else _raw_bytes(path, offset, length)
+            if source is not None and location == source.name:
+                convert = lambda a, o, n=t.name: _fp16_chunk(a, o, n)  # noqa: E731
+                data = memoryview(source.fp16(offset, convert).reshape(-1).view(np.uint8)) if retyped else source.raw(offset)
+            else:
+                data = _fp16_bytes(path, offset, length) if retyped else _raw_bytes(path, offset, length)
             new_offset, new_length = store.add(data)
             del data
             del t.external_data[:]

@@ -93,8 +93,13 @@ def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
     return d
 
 
-def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> tuple[EchoModel, ReportTokenizer]:
+def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> tuple[EchoModel, ReportTokenizer]:
     """The model (in eval mode, on `map_location`) and tokenizer of a checkpoint folder.
+
+    `dtype`: the parameters' dtype (e.g. `checkpoint_dtype(dir)`: a bf16 file loads as bf16, half
+    the bytes of fp32; a 7B model is 16.6 GB instead of 33); buffers (rotary tables, masks) stay
+    as the constructors make them. Default: the model's own (fp32).
 
     Refusals (CheckpointError): missing files, a config that is not ECHO's, a model.safetensors
     that is damaged or whose tensors do not match the config's model (named, first few)."""
@@ -105,6 +110,8 @@ def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> tuple[Ec
         raise CheckpointError(f"{d / 'config.json'}: not an ECHO config ({e})") from None
     with parameters_on_meta():
         model = EchoModel(cfg)
+    if dtype is not None:
+        parameters_to(model, dtype)
     load_weights(model, d / "model.safetensors", device=map_location)
     model.eval()
     return model, ReportTokenizer.from_file(d / "tokenizer.json", cfg.prompt_template)
@@ -134,6 +141,31 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def checkpoint_dtype(ckpt_dir: str | Path) -> torch.dtype:
+    """The floating dtype most of model.safetensors' bytes are stored in (bf16 for an import-hf
+    checkpoint, fp32 for a trained one): the dtype a build can load it in without widening."""
+    sizes: dict[torch.dtype, int] = {}
+    for e in read_header(Path(ckpt_dir) / "model.safetensors").values():
+        if e.dtype.is_floating_point:
+            sizes[e.dtype] = sizes.get(e.dtype, 0) + e.nbytes
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+@torch.no_grad()
+def parameters_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every floating parameter `dtype` in place (on meta: shapes only, nothing allocated),
+    buffers left alone: model.to(dtype) would also round the fp32 rotary frequencies. Tied
+    parameters stay one object."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if id(p) not in done:
+                done[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]
 
 
 def _state_slots(model: nn.Module) -> list[tuple[list[str], list[tuple[nn.Module, str]], torch.Tensor]]:
