@@ -140,9 +140,12 @@ class _Streamer:
 @click.option("--no-share-weights", "no_share", is_flag=True,
               help="each onnxruntime graph holds its own copy of the weights (default: the graphs of one "
                    "precision share one copy; fp32 on a CPU)")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="native-resolution engines: scale each image to at most this many pixels [default: the "
+                   "build's, the official 2,250,000]; fewer image tokens, less prefill time and memory")
 @click.option("--verbose", "-v", is_flag=True, help="print timings (stderr)")
 def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, steps, rule, threshold, batch_size,
-         max_new_tokens, threads, no_share, verbose) -> None:
+         max_new_tokens, threads, no_share, max_pixels, verbose) -> None:
     """Write a report for each IMAGE (PNG, JPEG or DICOM)."""
     if stream and fmt not in ("text", "json"):
         _err(f"error: --stream prints text or json, not {fmt}")
@@ -152,7 +155,7 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, ste
         from .multistep import MultistepOptions
 
         rt = EchoRuntime(engine_dir, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
-                         mode=mode, share_weights=not no_share)
+                         mode=mode, share_weights=not no_share, max_pixels=max_pixels)
     except EchoRuntimeError as e:
         _err(f"error: {e}")
         sys.exit(2)

@@ -264,6 +264,7 @@ class EchoRuntime:
         mode: str = "fused",
         providers: Optional[list[str]] = None,
         share_weights: bool = True,
+        max_pixels: Optional[int] = None,
     ) -> None:
         if backend not in BACKENDS:
             raise EchoRuntimeError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -294,7 +295,7 @@ class EchoRuntime:
         if (t.eos_id, t.mask_id, t.pad_id) != (m.eos_id, m.mask_id, m.pad_id):
             raise ManifestError(f"{self.engine_dir}: tokenizer special ids do not match the manifest")
         self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
-        self._read_prompt_and_images(batch_size)
+        self._read_prompt_and_images(batch_size, max_pixels)
         cfg_max = (m.model_config or {}).get("max_response_tokens")
         self.default_max_new_tokens = int(cfg_max) if cfg_max else DEFAULT_MAX_NEW_TOKENS
         self._graphs: dict[tuple[str, int], Any] = {}
@@ -305,14 +306,20 @@ class EchoRuntime:
         self._decoder(mode, self._batch_for(mode))  # load now: errors surface at construction
         self._opening = False
 
-    def _read_prompt_and_images(self, batch_size: Optional[int]) -> None:
+    def _read_prompt_and_images(self, batch_size: Optional[int], max_pixels: Optional[int] = None) -> None:
         """The prompt and image preparation the manifest records. Native resolution: each image at its
         own grid, so its prompt length follows the image; the manifest's prefix_len and image_size are
-        those of the import's nominal square grid."""
+        those of the import's nominal square grid. max_pixels: scale images down further than the
+        build's bound (fewer image tokens, less prefill memory; the official code uses the bound)."""
         m = self.manifest
         vision = (m.model_config or {}).get("vision") or {}
         self.native = bool(vision.get("native"))
         self.grid_spec = VisionGridSpec.from_config(vision) if self.native else None
+        if max_pixels is not None and self.grid_spec is not None:
+            if not self.grid_spec.min_pixels <= max_pixels <= self.grid_spec.max_pixels:
+                raise EchoRuntimeError(f"max_pixels {max_pixels}: this engine takes {self.grid_spec.min_pixels}.."
+                                       f"{self.grid_spec.max_pixels} (its KV cache is sized for the upper bound)")
+            self.grid_spec = replace(self.grid_spec, max_pixels=int(max_pixels))
         if self.native and batch_size not in (None, 1):
             raise EchoRuntimeError(f"{self.engine_dir}: native-resolution engines decode one image at a time "
                                    f"(batch 1), not {batch_size}")
