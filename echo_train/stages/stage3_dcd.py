@@ -34,6 +34,7 @@ class Stage3Config:
     # teacher, 180 steps: F1 0.375 / validity 0.515 at 0.5 against 0.439 / 0.639 at 0) and doubles
     # the tokens per step; the all-mask state is the one the one-step decoder sees.
     p_intermediate: float = P_INTERMEDIATE
+    intermediate_copies: int = 1  # noisy copies that carry intermediate states (each drawn independently)
     diffusion_mix: float = 0.0  # weight of the stage-2 loss mixed back in (keeps multi-step ability)
     ar_weight: float = 0.0  # stage 1's next-token loss on the clean copy (teacher's report); causal context only
     # the student underfits the one-step task: on the demo teacher (1000 fresh test studies) 900 steps
@@ -124,7 +125,8 @@ def run_stage3(cfg: Stage3Config) -> dict:
                 return factorised_distillation_loss(model, teacher, batch, mask_id)
         else:
             def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
-                loss = scored_cross_entropy(model, build_dcd_inputs(model, batch, mask_id, gen, cfg.p_intermediate, cfg.ar_weight))
+                loss = scored_cross_entropy(model, build_dcd_inputs(model, batch, mask_id, gen, cfg.p_intermediate, cfg.ar_weight,
+                                                                         cfg.intermediate_copies))
                 if diffusion is not None:
                     loss = loss + cfg.diffusion_mix * diffusion(model, batch, gen)
                 return loss
