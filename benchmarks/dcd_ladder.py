@@ -42,10 +42,14 @@ class Rung:
     intermediate_copies: int = 1
     diffusion_mix: float = 0.0
     ar_weight: float = 0.0
+    lr: float = DEMO_LR
+    # trajectories on this many more training images (no reports needed: the teacher writes the targets),
+    # of finding combinations the training split already has, so the unseen test combinations stay unseen
+    extra_images: int = 0
     wide: bool = False  # from the 2x-wide teacher
 
     def stage3_args(self) -> list[str]:
-        return ["--steps", str(self.steps), "--batch-size", str(DEMO_BATCH), "--lr", str(DEMO_LR),
+        return ["--steps", str(self.steps), "--batch-size", str(DEMO_BATCH), "--lr", str(self.lr),
                 "--p-intermediate", str(self.p_intermediate), "--intermediate-copies", str(self.intermediate_copies),
                 "--diffusion-mix", str(self.diffusion_mix), "--ar-weight", str(self.ar_weight)]
 
@@ -54,11 +58,17 @@ RUNGS = [
     Rung("base", "length", "demo recipe: 900 steps, all-mask state only, CE on the teacher's final tokens"),
     Rung("len2x", "length", "1800 steps (2x)", steps=2 * DEMO_STEPS),
     Rung("len4x", "length", "3600 steps (4x)", steps=4 * DEMO_STEPS),
+    # the student underfits (400 -> 900 steps: validity 0.66 -> 0.77): a larger step is the budget-neutral way to more
+    Rung("lr2x", "length", "900 steps at lr 1e-3 (2x)", lr=1e-3),
     Rung("mid50", "states", "+ 1 intermediate-state copy, p=0.5 per block", p_intermediate=0.5),
     Rung("mid100", "states", "+ 1 intermediate-state copy, p=1", p_intermediate=1.0),
     Rung("mid100x2", "states", "+ 2 intermediate-state copies, p=1", p_intermediate=1.0, intermediate_copies=2),
     Rung("diff05", "loss", "+ RAD diffusion loss on the ground truth, weight 0.5", diffusion_mix=0.5),
     Rung("ar1", "loss", "+ AR next-token loss on the clean copy (teacher's report), weight 1", ar_weight=1.0),
+    # DCD's targets come from the teacher, not from reports: the student can learn from any image. The demo
+    # student sees 2000 images 7 times (900 x 16) and drives its loss near 0.1; more images, same steps.
+    Rung("img4x", "data", "trajectories on 4x the images (2000 + 6000 report-free, seen combinations)",
+         extra_images=6000),
     Rung("wide", "width", "2x-wide LM (3.5M params), own teacher, demo recipe", wide=True),
 ]
 BY_NAME = {r.name: r for r in RUNGS}
@@ -81,6 +91,9 @@ def train_rung(rung: Rung, data: str, teacher: str, work: Path, threads: int) ->
         return 0.0
     # trajectories are shared by every rung of one teacher: generated once, by whichever rung comes first
     traj = work / ("trajectories-wide" if rung.wide else "trajectories")
+    if rung.extra_images:
+        data = str(more_images(data, work / f"data-extra{rung.extra_images}", rung.extra_images))
+        traj = _seed_shards(traj, work / f"trajectories-extra{rung.extra_images}")
     cmd = [sys.executable, "-m", "echo_train.cli", "stage3", "--data", data, "--init", teacher, "--out", str(out),
            "--trajectories", str(traj), "--threads", str(threads), "--device", "cpu", "--eval-every", "100000",
            "--save-every", "300", *rung.stage3_args()]
@@ -88,6 +101,50 @@ def train_rung(rung: Rung, data: str, teacher: str, work: Path, threads: int) ->
     t = time.time()
     subprocess.run(cmd, check=True)
     return time.time() - t
+
+
+def more_images(data: str, out: Path, n_extra: int, seed: int = 1) -> Path:
+    """A data folder whose train split is DATA's followed by n_extra studies of another synth seed, kept only
+    when their finding combination is one DATA's train split has (val and test are DATA's)."""
+    if (out / "train.json").is_file():
+        return out
+    from echo_train.data.synth import generate_synth
+
+    src = Path(data)
+    base = json.loads((src / "train.json").read_text())
+    seen = {r["attributes"]["combination"] for r in base}
+    gen = out / "synth"
+    generate_synth(gen, n_train=int(n_extra * 2), n_val=1, n_test=1, image_size=json.loads((src / "meta.json").read_text())["image_size"],
+                   seed=seed, workers=1)
+    extra = [r for r in json.loads((gen / "train.json").read_text()) if r["attributes"]["combination"] in seen][:n_extra]
+    if len(extra) < n_extra:
+        raise click.ClickException(f"only {len(extra)} extra studies of seen combinations; generate more")
+    for r in extra:
+        r["sample_id"] = f"extra{seed}-{r['sample_id']}"
+    for root, recs in ((src, base), (gen, extra)):  # absolute image paths: the records live apart from their images
+        for r in recs:
+            r["images"] = [str((root / p).resolve()) for p in r["images"]]
+    for split in ("val", "test"):
+        (out / f"{split}.json").write_text((src / f"{split}.json").read_text())
+    (out / "meta.json").write_text((src / "meta.json").read_text())
+    (out / "train.json").write_text(json.dumps(base + extra, indent=1))
+    return out
+
+
+def _seed_shards(src: Path, dst: Path, shard_size: int = 64) -> Path:
+    """Copy the base trajectory shards that hold only the base studies (the extra studies come after
+    them, in the same order), so only the new images are decoded by the teacher."""
+    import shutil
+
+    import torch
+
+    for f in sorted(src.rglob("shard_*.pt")):
+        target = dst / f.relative_to(src)
+        n = len(torch.load(f, map_location="cpu", weights_only=False)["records"])
+        if n == shard_size and not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, target)
+    return dst
 
 
 def decode_cached(ckpt: str, mode: str, studies, cache: Path) -> dict[str, str]:
@@ -153,10 +210,10 @@ def teacher_row(label: str, ckpt: str, studies, work: Path, tag: str) -> dict:
 def run_rung(rung: Rung, data: str, teachers: dict[str, str], studies, work: Path, out: Path, threads: int) -> dict:
     tag = "wide" if rung.wide else "demo"
     teacher = teachers[tag]
-    t_preds = decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
     train_s = train_rung(rung, data, teacher, work, threads)
     ckpt = work / "students" / rung.name
     preds = decode_cached(str(ckpt), "onestep", studies, work / "decoded" / f"{rung.name}.json")
+    t_preds = decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
     rec = {"rung": asdict(rung), "teacher": teacher, "student": str(ckpt), "train_seconds_this_call": train_s,
            "train_log": _train_log(ckpt), "scores": score_rung(preds, t_preds, studies)}
     (out / "rungs").mkdir(parents=True, exist_ok=True)
@@ -281,8 +338,11 @@ def reference_rows(data: str, teachers: dict[str, str], studies, work: Path, out
 @click.option("--n", "limit", type=int, default=1000, show_default=True, help="Test studies.")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--table-only", is_flag=True, help="Rebuild table.md and ladder.png from the rung JSONs.")
+@click.option("--references/--no-references", default=True, show_default=True,
+              help="Decode and score the teachers (and the naive one-step) before the rungs; a second shell sharing "
+                   "--work can leave them to the first.")
 @click.option("--not-run", "not_run", multiple=True, metavar="RUNG=REASON", help="Why a rung has no result (in the table).")
-def main(data, teacher, wide_teacher, work, out_dir, rungs, limit, threads, table_only, not_run) -> None:
+def main(data, teacher, wide_teacher, work, out_dir, rungs, limit, threads, table_only, references, not_run) -> None:
     """Run the stage-3 ladder's rungs (train, decode, score) and write the table and plot."""
     import torch
 
@@ -298,7 +358,8 @@ def main(data, teacher, wide_teacher, work, out_dir, rungs, limit, threads, tabl
         unknown = [x for x in names if x not in BY_NAME]
         if unknown:
             raise click.ClickException(f"unknown rungs {unknown}; choose from {list(BY_NAME)}")
-        reference_rows(data, {k: v for k, v in teachers.items() if v}, studies, work_p, out)
+        if references:
+            reference_rows(data, {k: v for k, v in teachers.items() if v}, studies, work_p, out)
         for name in names:
             rung = BY_NAME[name]
             if rung.wide and not wide_teacher:
