@@ -201,6 +201,17 @@ def score_rung(preds: dict, teacher: dict, studies) -> dict:
     return {"all": score_subset(preds, teacher, refs, list(refs)), "unseen": score_subset(preds, teacher, refs, unseen)}
 
 
+def vs_other(preds: dict, other: dict, studies) -> dict:
+    """Paired differences to another student (the base rung): what a recipe change itself buys."""
+    refs = {s.id: s.report for s in studies}
+    unseen = [s.id for s in studies if s.attributes.get("unseen_combination")]
+    out = {}
+    for key, ids in (("all", list(refs)), ("unseen", unseen)):
+        s = score_subset(preds, other, refs, ids)
+        out[key] = {"validity": s["vs_teacher_validity"], "f1": s["vs_teacher_f1"]}
+    return out
+
+
 def teacher_row(label: str, ckpt: str, studies, work: Path, tag: str) -> dict:
     """The teacher's own multi-step row (its differences to itself are 0 by construction)."""
     preds = decode_cached(ckpt, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
@@ -216,6 +227,9 @@ def run_rung(rung: Rung, data: str, teachers: dict[str, str], studies, work: Pat
     t_preds = decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
     rec = {"rung": asdict(rung), "teacher": teacher, "student": str(ckpt), "train_seconds_this_call": train_s,
            "train_log": _train_log(ckpt), "scores": score_rung(preds, t_preds, studies)}
+    base = work / "decoded" / "base.json"
+    if rung.name != "base" and not rung.wide and base.is_file():
+        rec["vs_base"] = vs_other(preds, json.loads(base.read_text())["preds"], studies)
     (out / "rungs").mkdir(parents=True, exist_ok=True)
     (out / "rungs" / f"{rung.name}.json").write_text(json.dumps(rec, indent=2))
     return rec
@@ -243,20 +257,25 @@ def _ci(d: dict, scale: float = 100.0) -> str:
 def table_row(name: str, what: str, rec: Optional[dict], teacher: Optional[dict], why_not: str = "") -> str:
     """One markdown row: validity and F1 (all / unseen), each difference to the teacher in points with its CI."""
     if rec is None:
-        return f"| {name} | {what} | not run: {why_not} |" + " |" * 8
+        return f"| {name} | {what} | not run: {why_not} |" + " |" * 9
     a, u = rec["scores"]["all"], rec["scores"]["unseen"]
     ratio = u["valid_sentence_rate"] / teacher["unseen"]["valid_sentence_rate"] if teacher else float("nan")
     mins = (rec.get("train_log") or {}).get("train_minutes")
     return (f"| {name} | {what} | {a['valid_sentence_rate']:.3f} ({_ci(a['vs_teacher_validity'])}) | "
             f"{u['valid_sentence_rate']:.3f} ({_ci(u['vs_teacher_validity'])}) | {ratio:.2f} | "
             f"{a['finding_micro_f1']:.3f} | {_ci(a['vs_teacher_f1'])} | {u['finding_micro_f1']:.3f} | "
-            f"{_ci(u['vs_teacher_f1'])} | {a['repeat_or_contradiction_rate']:.3f} | "
+            f"{_ci(u['vs_teacher_f1'])} | {a['repeat_or_contradiction_rate']:.3f} | {_vs_base(rec)} | "
             f"{'' if mins is None else f'{mins:.0f}'} |")
+
+
+def _vs_base(rec: dict) -> str:
+    vb = rec.get("vs_base")
+    return "" if not vb else f"{_ci(vb['all']['validity'])} / {_ci(vb['unseen']['validity'])}"
 
 
 HEADER = ("| rung | recipe | valid sentences, all (Δ vs teacher, pts [95% CI]) | valid, unseen (Δ [CI]) | "
           "unseen validity / teacher's | F1 all | ΔF1 vs teacher, all (pts [CI]) | F1 unseen | ΔF1 unseen (pts [CI]) | "
-          "repeat/contra | train min |\n|" + "---|" * 11)
+          "repeat/contra | Δ valid vs base, all / unseen (pts [CI]) | train min |\n|" + "---|" * 12)
 
 
 def build_table(out: Path, not_run: dict[str, str]) -> str:
