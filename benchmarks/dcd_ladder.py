@@ -347,6 +347,24 @@ def reference_rows(data: str, teachers: dict[str, str], studies, work: Path, out
                                  "scores": score_rung(preds, t_preds, studies)}, indent=2))
 
 
+def train_check(data: str, teacher: str, names: list[str], work: Path, out: Path, n: int) -> dict:
+    """Valid-sentence rate on n of the TRAINING images, whose teacher trajectories the students were
+    trained on: can a student fit its own targets? (out/train_check.json)"""
+    from echo_train.metrics.validity import sentence_validity
+    from echo_train.stages.common import load_split
+
+    studies = load_split(data, "train", n)
+    res = {"n_train_studies": n, "teacher": sentence_validity(
+        decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-demo-train{n}.json"))["valid_sentence_rate"]}
+    for name in names:
+        ckpt = work / "students" / name
+        if _finished(ckpt, BY_NAME[name].steps):
+            preds = decode_cached(str(ckpt), "onestep", studies, work / "decoded" / f"{name}-train{n}.json")
+            res[name] = sentence_validity(preds)["valid_sentence_rate"]
+    (out / "train_check.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
 @click.command()
 @click.option("--data", required=True, help="Synthetic data folder: train split as the demo's, a fresh test split.")
 @click.option("--teacher", default="runs/base", show_default=True, help="The demo's stage-2 teacher (B=8).")
@@ -360,14 +378,20 @@ def reference_rows(data: str, teachers: dict[str, str], studies, work: Path, out
 @click.option("--references/--no-references", default=True, show_default=True,
               help="Decode and score the teachers (and the naive one-step) before the rungs; a second shell sharing "
                    "--work can leave them to the first.")
+@click.option("--train-check", "train_check_n", type=int, default=0, metavar="N",
+              help="Instead of the rungs: validity of the teacher and the listed rungs' students on N training images.")
 @click.option("--not-run", "not_run", multiple=True, metavar="RUNG=REASON", help="Why a rung has no result (in the table).")
-def main(data, teacher, wide_teacher, work, out_dir, rungs, limit, threads, table_only, references, not_run) -> None:
+def main(data, teacher, wide_teacher, work, out_dir, rungs, limit, threads, table_only, references, train_check_n,
+         not_run) -> None:
     """Run the stage-3 ladder's rungs (train, decode, score) and write the table and plot."""
     import torch
 
     torch.set_num_threads(threads)
     out, work_p = Path(out_dir), Path(work)
     reasons = dict(x.split("=", 1) for x in not_run)
+    if train_check_n:
+        click.echo(json.dumps(train_check(data, teacher, [x for x in rungs.split(",") if x], work_p, out, train_check_n)))
+        return
     if not table_only:
         from echo_train.stages.common import load_split
 
