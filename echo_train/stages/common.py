@@ -20,6 +20,16 @@ PRESETS = {
                             num_attention_heads=4, intermediate_size=256),
         max_response_tokens=128,
     ),
+    # the stage-3 ladder's width rung (benchmarks/dcd_ladder.py): the tiny model with its language model
+    # twice as wide (hidden 256, 8 heads); the vision tower is the tiny one, so only the decoder that
+    # writes the block grows
+    "tiny-wide": EchoConfig(
+        lm=LMConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=32),
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=256),
+        max_response_tokens=128,
+    ),
     # for tests: seconds per stage
     "test": EchoConfig(
         lm=LMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -31,30 +31,41 @@ def _rad_inputs(model: EchoModel, px, prefix, clean_ids, noisy: list[torch.Tenso
     return rad_inputs(model, model.cfg.block_size, px, prefix, clean_ids, noisy, targets)
 
 
+def _intermediate_copy(states: torch.Tensor, n_states: torch.Tensor, block_ok: torch.Tensor, all_mask: torch.Tensor,
+                       p_intermediate: float, gen: torch.Generator) -> torch.Tensor:
+    """One noisy copy: each block, with probability p_intermediate, in a uniformly drawn intermediate
+    state of the teacher's trajectory (strictly between all-mask and final), else all-mask. [b, nblk*B]"""
+    b, nblk, _, B = states.shape
+    dev = states.device
+    n_mid = (n_states - 2).clamp(min=0)  # states strictly between all-mask and final
+    use_mid = (torch.rand(b, nblk, generator=gen).to(dev) < p_intermediate) & (n_mid > 0)
+    pick = 1 + (torch.rand(b, nblk, generator=gen).to(dev) * n_mid.clamp(min=1)).long().clamp(max=(n_mid - 1).clamp(min=0))
+    idx = torch.where(use_mid, pick, torch.zeros_like(pick))
+    chosen = torch.gather(states, 2, idx[:, :, None, None].expand(b, nblk, 1, B)).squeeze(2).reshape(b, nblk * B)
+    return torch.where(block_ok, chosen, all_mask)
+
+
 def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Generator,
-                     p_intermediate: float = P_INTERMEDIATE, ar_weight: float = 0.0) -> ModelInputs:
-    """Copy 1: every block all-mask. Copy 2 (when p_intermediate > 0): each block, with probability
-    p_intermediate, in a uniformly drawn intermediate state of the teacher's trajectory (else all-mask).
-    ar_weight > 0 (causal context): the clean copy, the teacher's report, also gets stage 1's next-token loss.
+                     p_intermediate: float = P_INTERMEDIATE, ar_weight: float = 0.0,
+                     intermediate_copies: int = 1) -> ModelInputs:
+    """Copy 1: every block all-mask. Copies 2..1+intermediate_copies (when p_intermediate > 0): each
+    block, with probability p_intermediate, in a uniformly drawn intermediate state of the teacher's
+    trajectory (else all-mask), drawn independently per copy. Every copy's target is the teacher's
+    final block. ar_weight > 0 (causal context): the clean copy, the teacher's report, also gets
+    stage 1's next-token loss.
 
     batch: teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded), n_states [b,nblk], block_valid [b,nblk].
     """
     B = model.cfg.block_size
     teacher, states, n_states, valid = batch["teacher_ids"], batch["states"], batch["n_states"], batch["block_valid"]
-    b, nblk = valid.shape
-    dev = teacher.device
     block_ok = valid.repeat_interleave(B, 1)
     targets = torch.where(block_ok, teacher, torch.full_like(teacher, IGNORE_INDEX))
     all_mask = torch.full_like(teacher, mask_id)
     noisy, tgts = [all_mask], [targets]
     if p_intermediate > 0:
-        n_mid = (n_states - 2).clamp(min=0)  # states strictly between all-mask and final
-        use_mid = (torch.rand(b, nblk, generator=gen).to(dev) < p_intermediate) & (n_mid > 0)
-        pick = 1 + (torch.rand(b, nblk, generator=gen).to(dev) * n_mid.clamp(min=1)).long().clamp(max=(n_mid - 1).clamp(min=0))
-        idx = torch.where(use_mid, pick, torch.zeros_like(pick))
-        chosen = torch.gather(states, 2, idx[:, :, None, None].expand(b, nblk, 1, B)).squeeze(2).reshape(b, nblk * B)
-        noisy.append(torch.where(block_ok, chosen, all_mask))
-        tgts.append(targets)
+        for _ in range(intermediate_copies):
+            noisy.append(_intermediate_copy(states, n_states, block_ok, all_mask, p_intermediate, gen))
+            tgts.append(targets)
     inputs = _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], teacher, noisy, tgts)
     add_clean_copy_ar_loss(model, inputs, batch["prefix_ids"].shape[1], teacher, block_ok, ar_weight)
     return inputs

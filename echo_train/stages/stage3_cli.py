@@ -17,20 +17,24 @@ from .train_options import train_config_from_options, train_options
 @click.option("--teacher-steps", type=int, default=None, help="Teacher denoising steps per block (default: block size).")
 @click.option("--p-intermediate", type=float, default=Stage3Config.p_intermediate, show_default=True,
               help="Share of blocks that also train from an intermediate teacher state (a second noisy copy; see Stage3Config).")
+@click.option("--intermediate-copies", type=int, default=Stage3Config.intermediate_copies, show_default=True,
+              help="Noisy copies that carry intermediate teacher states (with --p-intermediate > 0), each drawn independently.")
 @click.option("--diffusion-mix", type=float, default=Stage3Config.diffusion_mix, show_default=True,
               help="Weight of the stage-2 diffusion loss mixed in (keeps the student's multi-step decoding).")
 @click.option("--ar-weight", type=float, default=Stage3Config.ar_weight, show_default=True,
               help="Weight of stage 1's next-token loss on the clean copy (the teacher's report); "
                    "needs a causal-context teacher.")
 @train_options
-def stage3_command(data, init, out, method, trajectories, teacher_steps, p_intermediate, diffusion_mix, ar_weight,
+def stage3_command(data, init, out, method, trajectories, teacher_steps, p_intermediate, intermediate_copies,
+                   diffusion_mix, ar_weight,
                    **kw) -> None:
     """Stage 3: distil the teacher into a one-step-per-block student (DCD) or train an ablation.
 
     Defaults: 900 steps (the one-step student needs them), batch 16, lr 5e-4.
     """
     cfg = Stage3Config(data=data, init=init, out=out, method=method, trajectories=trajectories,
-                       teacher_steps=teacher_steps, p_intermediate=p_intermediate, diffusion_mix=diffusion_mix,
+                       teacher_steps=teacher_steps, p_intermediate=p_intermediate,
+                       intermediate_copies=intermediate_copies, diffusion_mix=diffusion_mix,
                        ar_weight=ar_weight, train_limit=kw["train_limit"])
     cfg.train = train_config_from_options(cfg.train, kw)
     run_stage3(cfg)

@@ -1,0 +1,417 @@
+"""Stage-3 ladder (issue 32): what closes DCD's one-step validity gap to its multi-step teacher.
+
+Every rung is one `echo-train stage3` run from the same stage-2 teacher (the width rung from a
+teacher twice as wide), decoded one step per block on the same fresh test studies, and compared
+with that teacher's multi-step decoding on the same studies: sentence validity and finding F1, on
+all studies and on the finding combinations no training study has, with paired bootstrap CIs of
+the differences (both systems scored on every resample of the same studies).
+
+    python -m benchmarks.dcd_ladder --data DATA --teacher runs/base --wide-teacher runs-wide/base \\
+        --work /work/ladder-runs/ladder --out benchmarks/results/dcd-ladder
+
+Each rung writes OUT/rungs/NAME.json as soon as it is scored; trained students and decoded reports
+are kept under --work, so a rerun only does what is missing. `--rungs a,b` runs a subset (two
+shells can share the work); `--table-only` rebuilds the table and plot from the JSONs. A rung
+without a JSON is listed as "not run", never with a number.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+
+# The demo's stage-3 recipe (benchmarks/demo.py DemoConfig.stage3 before this ladder): the 1x point.
+DEMO_STEPS, DEMO_BATCH, DEMO_LR = 900, 16, 5e-4
+N_BOOT = 1000
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str
+    group: str  # length | states | loss | width
+    what: str  # one line for the table
+    steps: int = DEMO_STEPS
+    p_intermediate: float = 0.0
+    intermediate_copies: int = 1
+    diffusion_mix: float = 0.0
+    ar_weight: float = 0.0
+    lr: float = DEMO_LR
+    # trajectories on this many more training images (no reports needed: the teacher writes the targets),
+    # of finding combinations the training split already has, so the unseen test combinations stay unseen
+    extra_images: int = 0
+    wide: bool = False  # from the 2x-wide teacher
+
+    def stage3_args(self) -> list[str]:
+        return ["--steps", str(self.steps), "--batch-size", str(DEMO_BATCH), "--lr", str(self.lr),
+                "--p-intermediate", str(self.p_intermediate), "--intermediate-copies", str(self.intermediate_copies),
+                "--diffusion-mix", str(self.diffusion_mix), "--ar-weight", str(self.ar_weight)]
+
+
+RUNGS = [
+    Rung("base", "length", "demo recipe: 900 steps, all-mask state only, CE on the teacher's final tokens"),
+    Rung("len2x", "length", "1800 steps (2x)", steps=2 * DEMO_STEPS),
+    Rung("len4x", "length", "3600 steps (4x)", steps=4 * DEMO_STEPS),
+    # the student underfits (400 -> 900 steps: validity 0.66 -> 0.77): a larger step is the budget-neutral way to more
+    Rung("lr2x", "length", "900 steps at lr 1e-3 (2x)", lr=1e-3),
+    Rung("mid50", "states", "+ 1 intermediate-state copy, p=0.5 per block", p_intermediate=0.5),
+    Rung("mid100", "states", "+ 1 intermediate-state copy, p=1", p_intermediate=1.0),
+    Rung("mid100x2", "states", "+ 2 intermediate-state copies, p=1", p_intermediate=1.0, intermediate_copies=2),
+    Rung("diff05", "loss", "+ RAD diffusion loss on the ground truth, weight 0.5", diffusion_mix=0.5),
+    Rung("ar1", "loss", "+ AR next-token loss on the clean copy (teacher's report), weight 1", ar_weight=1.0),
+    # DCD's targets come from the teacher, not from reports: the student can learn from any image. The demo
+    # student sees 2000 images 7 times (900 x 16) and drives its loss near 0.1; more images, same steps.
+    Rung("img4x", "data", "trajectories on 4x the images (2000 + 6000 report-free, seen combinations)",
+         extra_images=6000),
+    Rung("wide", "width", "2x-wide LM (3.5M params), own teacher, demo recipe", wide=True),
+]
+BY_NAME = {r.name: r for r in RUNGS}
+
+
+def _finished(out: Path, steps: int) -> bool:
+    state = out / "training_state.pt"
+    if not state.is_file():
+        return False
+    import torch
+
+    s = torch.load(state, map_location="cpu", weights_only=False)
+    return bool(s.get("finished")) and int(s.get("step", 0)) >= steps
+
+
+def train_rung(rung: Rung, data: str, teacher: str, work: Path, threads: int) -> float:
+    """Train the rung's student unless finished; returns the wall seconds spent here (0 when skipped)."""
+    out = work / "students" / rung.name
+    if _finished(out, rung.steps):
+        return 0.0
+    # trajectories are shared by every rung of one teacher: generated once, by whichever rung comes first
+    traj = work / ("trajectories-wide" if rung.wide else "trajectories")
+    if rung.extra_images:
+        data = str(more_images(data, work / f"data-extra{rung.extra_images}", rung.extra_images))
+        traj = _seed_shards(traj, work / f"trajectories-extra{rung.extra_images}")
+    cmd = [sys.executable, "-m", "echo_train.cli", "stage3", "--data", data, "--init", teacher, "--out", str(out),
+           "--trajectories", str(traj), "--threads", str(threads), "--device", "cpu", "--eval-every", "100000",
+           "--save-every", "300", *rung.stage3_args()]
+    print("+", " ".join(cmd), flush=True)
+    t = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - t
+
+
+def more_images(data: str, out: Path, n_extra: int, seed: int = 1) -> Path:
+    """A data folder whose train split is DATA's followed by n_extra studies of another synth seed, kept only
+    when their finding combination is one DATA's train split has (val and test are DATA's)."""
+    if (out / "train.json").is_file():
+        return out
+    from echo_train.data.synth import generate_synth
+
+    src = Path(data)
+    base = json.loads((src / "train.json").read_text())
+    seen = {r["attributes"]["combination"] for r in base}
+    gen = out / "synth"
+    generate_synth(gen, n_train=int(n_extra * 2), n_val=1, n_test=1, image_size=json.loads((src / "meta.json").read_text())["image_size"],
+                   seed=seed, workers=1)
+    extra = [r for r in json.loads((gen / "train.json").read_text()) if r["attributes"]["combination"] in seen][:n_extra]
+    if len(extra) < n_extra:
+        raise click.ClickException(f"only {len(extra)} extra studies of seen combinations; generate more")
+    for r in extra:
+        r["sample_id"] = f"extra{seed}-{r['sample_id']}"
+    for root, recs in ((src, base), (gen, extra)):  # absolute image paths: the records live apart from their images
+        for r in recs:
+            r["images"] = [str((root / p).resolve()) for p in r["images"]]
+    for split in ("val", "test"):
+        (out / f"{split}.json").write_text((src / f"{split}.json").read_text())
+    (out / "meta.json").write_text((src / "meta.json").read_text())
+    (out / "train.json").write_text(json.dumps(base + extra, indent=1))
+    return out
+
+
+def _seed_shards(src: Path, dst: Path, shard_size: int = 64) -> Path:
+    """Copy the base trajectory shards that hold only the base studies (the extra studies come after
+    them, in the same order), so only the new images are decoded by the teacher."""
+    import shutil
+
+    import torch
+
+    for f in sorted(src.rglob("shard_*.pt")):
+        target = dst / f.relative_to(src)
+        n = len(torch.load(f, map_location="cpu", weights_only=False)["records"])
+        if n == shard_size and not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, target)
+    return dst
+
+
+def decode_cached(ckpt: str, mode: str, studies, cache: Path) -> dict[str, str]:
+    """Reports of `ckpt` decoded by `mode` (onestep, or multistep at steps = block size), cached as JSON."""
+    if cache.is_file():
+        return json.loads(cache.read_text())["preds"]
+    from echo_train.decoding.run import DecodeSpec, decode_studies
+    from echo_train.model.checkpoint import load_checkpoint
+
+    model, tok = load_checkpoint(ckpt)
+    B = model.cfg.block_size
+    spec = DecodeSpec(mode, B, steps=B if mode == "multistep" else None, max_new_tokens=model.cfg.max_response_tokens)
+    t = time.time()
+    preds, stats = decode_studies(model, tok, studies, spec, batch_size=50, progress=False)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"checkpoint": ckpt, "mode": mode, "seconds": time.time() - t, "stats": stats,
+                                 "preds": preds}))
+    return preds
+
+
+def _paired_validity(a: dict, b: dict, n_boot: int) -> dict:
+    """Valid-sentence rate of a minus b on the same reports, with a paired percentile bootstrap CI."""
+    from echo_train.metrics.report import bootstrap_ci
+    from echo_train.metrics.validity import validity_arrays, validity_from_arrays
+
+    ids = list(a)
+    va, vb = validity_arrays([a[i] for i in ids]), validity_arrays([b[i] for i in ids])
+
+    def delta(idx) -> dict:
+        return {"delta": validity_from_arrays(va, idx)["valid_sentence_rate"] - validity_from_arrays(vb, idx)["valid_sentence_rate"]}
+
+    ci = bootstrap_ci(delta, len(ids), n_boot, seed=0).get("delta")
+    return {"delta": delta(np.arange(len(ids)))["delta"], "ci95": ci}
+
+
+def score_subset(preds: dict, teacher: dict, refs: dict, ids: list[str], n_boot: int = N_BOOT) -> dict:
+    """Validity and finding F1 of preds on `ids`, each with its paired difference to the teacher."""
+    from echo_train.metrics import finding_f1
+    from echo_train.metrics.finding_f1 import paired_micro_f1_difference
+    from echo_train.metrics.validity import sentence_validity
+
+    p, t, r = ({i: d[i] for i in ids} for d in (preds, teacher, refs))
+    v = sentence_validity(p)
+    return {"n": len(ids), "valid_sentence_rate": v["valid_sentence_rate"], "valid_report_rate": v["valid_report_rate"],
+            "repeat_or_contradiction_rate": v["repeat_or_contradiction_rate"],
+            "finding_micro_f1": finding_f1(p, r)["micro_f1"],
+            "vs_teacher_f1": paired_micro_f1_difference(p, t, r, n_boot=n_boot, seed=0),
+            "vs_teacher_validity": _paired_validity(p, t, n_boot)}
+
+
+def score_rung(preds: dict, teacher: dict, studies) -> dict:
+    refs = {s.id: s.report for s in studies}
+    unseen = [s.id for s in studies if s.attributes.get("unseen_combination")]
+    return {"all": score_subset(preds, teacher, refs, list(refs)), "unseen": score_subset(preds, teacher, refs, unseen)}
+
+
+def vs_other(preds: dict, other: dict, studies) -> dict:
+    """Paired differences to another student (the base rung): what a recipe change itself buys."""
+    refs = {s.id: s.report for s in studies}
+    unseen = [s.id for s in studies if s.attributes.get("unseen_combination")]
+    out = {}
+    for key, ids in (("all", list(refs)), ("unseen", unseen)):
+        s = score_subset(preds, other, refs, ids)
+        out[key] = {"validity": s["vs_teacher_validity"], "f1": s["vs_teacher_f1"]}
+    return out
+
+
+def teacher_row(label: str, ckpt: str, studies, work: Path, tag: str) -> dict:
+    """The teacher's own multi-step row (its differences to itself are 0 by construction)."""
+    preds = decode_cached(ckpt, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
+    return {"name": f"teacher-{tag}", "what": label, "checkpoint": ckpt, "scores": score_rung(preds, preds, studies)}
+
+
+def run_rung(rung: Rung, data: str, teachers: dict[str, str], studies, work: Path, out: Path, threads: int) -> dict:
+    tag = "wide" if rung.wide else "demo"
+    teacher = teachers[tag]
+    train_s = train_rung(rung, data, teacher, work, threads)
+    ckpt = work / "students" / rung.name
+    preds = decode_cached(str(ckpt), "onestep", studies, work / "decoded" / f"{rung.name}.json")
+    t_preds = decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
+    rec = {"rung": asdict(rung), "teacher": teacher, "student": str(ckpt), "train_seconds_this_call": train_s,
+           "train_log": _train_log(ckpt), "scores": score_rung(preds, t_preds, studies)}
+    base = work / "decoded" / "base.json"
+    if rung.name != "base" and not rung.wide and base.is_file():
+        rec["vs_base"] = vs_other(preds, json.loads(base.read_text())["preds"], studies)
+    (out / "rungs").mkdir(parents=True, exist_ok=True)
+    (out / "rungs" / f"{rung.name}.json").write_text(json.dumps(rec, indent=2))
+    return rec
+
+
+def _train_log(ckpt: Path) -> Optional[dict]:
+    """Steps and training wall time the trainer recorded (what one rung cost)."""
+    import torch
+
+    state = ckpt / "training_state.pt"
+    if not state.is_file():
+        return None
+    s = torch.load(state, map_location="cpu", weights_only=False)
+    hist = s.get("history") or [{}]
+    # the trainer's clock restarts on a resume, so this is the last uninterrupted stretch's time
+    return {"step": s.get("step"), "finished": s.get("finished"), "precision": s.get("precision"),
+            "train_minutes": hist[-1].get("time", float("nan")) / 60, "final_loss": hist[-1].get("loss")}
+
+
+def _ci(d: dict, scale: float = 100.0) -> str:
+    lo, hi = d["ci95"] if d.get("ci95") else (float("nan"), float("nan"))
+    return f"{scale * d['delta']:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+
+
+def table_row(name: str, what: str, rec: Optional[dict], teacher: Optional[dict], why_not: str = "") -> str:
+    """One markdown row: validity and F1 (all / unseen), each difference to the teacher in points with its CI."""
+    if rec is None:
+        return f"| {name} | {what} | not run: {why_not} |" + " |" * 9
+    a, u = rec["scores"]["all"], rec["scores"]["unseen"]
+    ratio = u["valid_sentence_rate"] / teacher["unseen"]["valid_sentence_rate"] if teacher else float("nan")
+    mins = (rec.get("train_log") or {}).get("train_minutes")
+    return (f"| {name} | {what} | {a['valid_sentence_rate']:.3f} ({_ci(a['vs_teacher_validity'])}) | "
+            f"{u['valid_sentence_rate']:.3f} ({_ci(u['vs_teacher_validity'])}) | {ratio:.2f} | "
+            f"{a['finding_micro_f1']:.3f} | {_ci(a['vs_teacher_f1'])} | {u['finding_micro_f1']:.3f} | "
+            f"{_ci(u['vs_teacher_f1'])} | {a['repeat_or_contradiction_rate']:.3f} | {_vs_base(rec)} | "
+            f"{'' if mins is None else f'{mins:.0f}'} |")
+
+
+def _vs_base(rec: dict) -> str:
+    vb = rec.get("vs_base")
+    return "" if not vb else f"{_ci(vb['all']['validity'])} / {_ci(vb['unseen']['validity'])}"
+
+
+HEADER = ("| rung | recipe | valid sentences, all (Δ vs teacher, pts [95% CI]) | valid, unseen (Δ [CI]) | "
+          "unseen validity / teacher's | F1 all | ΔF1 vs teacher, all (pts [CI]) | F1 unseen | ΔF1 unseen (pts [CI]) | "
+          "repeat/contra | Δ valid vs base, all / unseen (pts [CI]) | train min |\n|" + "---|" * 12)
+
+
+def build_table(out: Path, not_run: dict[str, str]) -> str:
+    """The ladder table from OUT/rungs/*.json (teacher rows first), plus OUT/table.md and the plot."""
+    rungs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "rungs").glob("*.json"))}
+    lines = [HEADER]
+    for tag in ("demo", "wide"):
+        t = rungs.get(f"teacher-{tag}")
+        if t:
+            lines.append(table_row(t["name"], t["what"], t, t["scores"]))
+    if "naive-demo" in rungs and "teacher-demo" in rungs:
+        lines.append(table_row("naive", rungs["naive-demo"]["what"], rungs["naive-demo"], rungs["teacher-demo"]["scores"]))
+    for r in RUNGS:
+        rec = rungs.get(r.name)
+        t = rungs.get("teacher-wide" if r.wide else "teacher-demo")
+        lines.append(table_row(r.name, r.what, rec, t["scores"] if t else None,
+                               not_run.get(r.name, "no result yet")))
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    _plot(out, rungs)
+    return text
+
+
+def _plot(out: Path, rungs: dict[str, dict]) -> None:
+    """ladder.png: valid-sentence rate (all, unseen) per rung that ran, its teacher's as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in RUNGS if r.name in rungs]
+    if not ran:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    x = np.arange(len(ran))
+    for ax, key, label in ((axes[0], "valid_sentence_rate", "valid sentences"), (axes[1], "finding_micro_f1", "finding F1")):
+        for off, sub, color in ((-0.2, "all", "#2ca02c"), (0.2, "unseen", "#98df8a")):
+            ax.bar(x + off, [rungs[r.name]["scores"][sub][key] for r in ran], 0.4, color=color, label=f"DCD, {sub}")
+        for tag, style in (("demo", "--"), ("wide", ":")):
+            t = rungs.get(f"teacher-{tag}")
+            if t:
+                for sub, color in (("all", "#1f77b4"), ("unseen", "#aec7e8")):
+                    ax.axhline(t["scores"][sub][key], ls=style, color=color, lw=1, label=f"teacher ({tag}), {sub}")
+        ax.set_xticks(x, [r.name for r in ran], rotation=30)
+        ax.set_title(f"{label}, 1000 test studies (one step per block, B=8)")
+        ax.set_ylim(0, 1.0 if key == "valid_sentence_rate" else 0.8)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "ladder.png", dpi=120)
+    plt.close(fig)
+
+
+def reference_rows(data: str, teachers: dict[str, str], studies, work: Path, out: Path) -> None:
+    """Teacher rows (multi-step, the reference of every rung) and the demo teacher's naive one-step."""
+    (out / "rungs").mkdir(parents=True, exist_ok=True)
+    for tag, ckpt in teachers.items():
+        if not ckpt or not Path(ckpt, "config.json").is_file():
+            continue
+        f = out / "rungs" / f"teacher-{tag}.json"
+        if not f.is_file():
+            row = teacher_row(f"{tag} teacher, 8 steps per block", ckpt, studies, work, tag)
+            f.write_text(json.dumps(row, indent=2))
+    demo = teachers["demo"]
+    f = out / "rungs" / "naive-demo.json"
+    if not f.is_file():
+        t_preds = decode_cached(demo, "multistep", studies, work / "decoded" / "teacher-demo.json")
+        preds = decode_cached(demo, "onestep", studies, work / "decoded" / "naive-demo.json")
+        f.write_text(json.dumps({"name": "naive-demo", "what": "naive: the demo teacher, one step per block",
+                                 "scores": score_rung(preds, t_preds, studies)}, indent=2))
+
+
+def train_check(data: str, teacher: str, names: list[str], work: Path, out: Path, n: int) -> dict:
+    """Valid-sentence rate on n of the TRAINING images, whose teacher trajectories the students were
+    trained on: can a student fit its own targets? (out/train_check.json)"""
+    from echo_train.metrics.validity import sentence_validity
+    from echo_train.stages.common import load_split
+
+    studies = load_split(data, "train", n)
+    res = {"n_train_studies": n, "teacher": sentence_validity(
+        decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-demo-train{n}.json"))["valid_sentence_rate"]}
+    for name in names:
+        ckpt = work / "students" / name
+        if _finished(ckpt, BY_NAME[name].steps):
+            preds = decode_cached(str(ckpt), "onestep", studies, work / "decoded" / f"{name}-train{n}.json")
+            res[name] = sentence_validity(preds)["valid_sentence_rate"]
+    (out / "train_check.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+@click.command()
+@click.option("--data", required=True, help="Synthetic data folder: train split as the demo's, a fresh test split.")
+@click.option("--teacher", default="runs/base", show_default=True, help="The demo's stage-2 teacher (B=8).")
+@click.option("--wide-teacher", default=None, help="Stage-2 teacher of the 2x-wide model (preset tiny-wide).")
+@click.option("--work", default="benchmarks/out/dcd-ladder", show_default=True, help="Students, trajectories, decoded reports.")
+@click.option("--out", "out_dir", default="benchmarks/results/dcd-ladder", show_default=True)
+@click.option("--rungs", default=",".join(r.name for r in RUNGS), show_default=True)
+@click.option("--n", "limit", type=int, default=1000, show_default=True, help="Test studies.")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--table-only", is_flag=True, help="Rebuild table.md and ladder.png from the rung JSONs.")
+@click.option("--references/--no-references", default=True, show_default=True,
+              help="Decode and score the teachers (and the naive one-step) before the rungs; a second shell sharing "
+                   "--work can leave them to the first.")
+@click.option("--train-check", "train_check_n", type=int, default=0, metavar="N",
+              help="Instead of the rungs: validity of the teacher and the listed rungs' students on N training images.")
+@click.option("--not-run", "not_run", multiple=True, metavar="RUNG=REASON", help="Why a rung has no result (in the table).")
+def main(data, teacher, wide_teacher, work, out_dir, rungs, limit, threads, table_only, references, train_check_n,
+         not_run) -> None:
+    """Run the stage-3 ladder's rungs (train, decode, score) and write the table and plot."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out, work_p = Path(out_dir), Path(work)
+    reasons = dict(x.split("=", 1) for x in not_run)
+    if train_check_n:
+        click.echo(json.dumps(train_check(data, teacher, [x for x in rungs.split(",") if x], work_p, out, train_check_n)))
+        return
+    if not table_only:
+        from echo_train.stages.common import load_split
+
+        studies = load_split(data, "test", limit)
+        teachers = {"demo": teacher, "wide": wide_teacher}
+        names = [x for x in rungs.split(",") if x]
+        unknown = [x for x in names if x not in BY_NAME]
+        if unknown:
+            raise click.ClickException(f"unknown rungs {unknown}; choose from {list(BY_NAME)}")
+        if references:
+            reference_rows(data, {k: v for k, v in teachers.items() if v}, studies, work_p, out)
+        for name in names:
+            rung = BY_NAME[name]
+            if rung.wide and not wide_teacher:
+                reasons.setdefault(name, "no --wide-teacher given")
+                continue
+            rec = run_rung(rung, data, teachers, studies, work_p, out, threads)
+            print(json.dumps({"rung": name, **{k: rec["scores"][k]["valid_sentence_rate"] for k in ("all", "unseen")}}), flush=True)
+    click.echo(build_table(out, reasons))
+
+
+if __name__ == "__main__":
+    main()
