@@ -606,8 +606,8 @@ class EchoRuntime:
         image = chunk[0][2]
         ids = np.asarray([self.tokenizer.prefix_ids(image.n_tokens)], np.int64)
         md = _Mode.of("fused", ids.shape[1], self.block_size)
-        if md.cached + md.width * -(-(max_new + md.tail) // md.width) > dec.cap + md.width:
-            need = md.cached + md.width * (-(-(max_new + md.tail) // md.width) - 1)
+        need = md.cached + md.width * (-(-(max_new + md.tail) // md.width) - 1)  # the last pass stores nothing
+        if need > dec.cap:
             return [Report(path=chunk[0][1], error=f"{chunk[0][1]}: the image takes {image.n_tokens} tokens; the "
                            f"prompt and {max_new} new tokens need {need} cache slots, the engine has {dec.cap} "
                            "(a smaller --max-pixels at build time, or fewer new tokens)")]

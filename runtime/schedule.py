@@ -132,10 +132,6 @@ class BlockLayout:
         """Blocks decoded for up to max_new_tokens: the canvas is P + max_new rounded up to blocks."""
         return -(-(self.tail + max_new_tokens) // self.block_size)
 
-    def generated_len(self, max_new_tokens: int) -> int:
-        """Generated positions of the whole canvas (>= max_new_tokens: the last block is whole)."""
-        return self.num_blocks(max_new_tokens) * self.block_size - self.tail
-
     def block_positions(self, k: int) -> np.ndarray:
         """Absolute positions of response block k (k = -1 is the last whole prompt block)."""
         start = self.aligned_len + k * self.block_size
