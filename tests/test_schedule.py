@@ -72,3 +72,23 @@ def test_fused_block_slice_reads_the_current_block():
     pass_positions = np.arange(8)  # [previous block 0..3, current block 4..7], B = 4
     assert pass_positions[fused_block_slice(4, shifted=False)].tolist() == [4, 5, 6, 7]
     assert pass_positions[fused_block_slice(4, shifted=True)].tolist() == [3, 4, 5, 6]  # token j from j-1
+
+
+def test_block_layout_keeps_the_prompt_tail_in_block_zero():
+    """The official grid: from the first prompt token; the prompt's P mod B tail opens block 0; the
+    canvas is P + max_new rounded up to whole blocks."""
+    import numpy as np
+    import pytest
+
+    from runtime.schedule import BlockLayout, cut_at_eos
+
+    g = BlockLayout(13, 4)
+    assert (g.aligned_len, g.tail, g.fused_prefill_len) == (12, 1, 8)
+    assert g.block_positions(0).tolist() == [12, 13, 14, 15] and g.block_positions(-1).tolist() == [8, 9, 10, 11]
+    assert g.num_blocks(3) == 1 and g.num_blocks(4) == 2 and g.num_blocks(7) == 2 and g.num_blocks(8) == 3
+    assert np.array_equal(g.fused_positions(0), np.arange(8, 16))
+    assert BlockLayout(16, 4).tail == 0 and BlockLayout(16, 4).num_blocks(8) == 2
+    with pytest.raises(ValueError):
+        BlockLayout(3, 4)
+    assert cut_at_eos([5, 7, 9, 2, 7], eos_id=2, mask_id=9) == [5, 7]  # EOS first, then the mask
+    assert cut_at_eos([5, 9, 2], eos_id=2) == [5, 9]
