@@ -464,7 +464,7 @@ def test_report_to_dict_holds_every_field():
 
     r = Report(path="a.png", text="No effusion.", tokens=[5, 6], timings={"total": 0.5}, forward_passes=3, stop="eos")
     assert r.to_dict() == {"path": "a.png", "text": "No effusion.", "tokens": [5, 6], "timings": {"total": 0.5},
-                           "forward_passes": 3, "error": None, "stop": "eos"}
+                           "forward_passes": 3, "error": None, "stop": "eos", "image_tokens": 0, "prompt_tokens": 0}
 
 
 # ---- decoder loops (echo_train/decoding: multistep_generate, recompute_*_generate) -------------
