@@ -17,10 +17,8 @@ import numpy as np
 
 from . import graph_io as gio
 from .errors import EchoRuntimeError
-from .schedule import (DEFAULT_UNMASK_RULE, LAYOUT_OFFICIAL, UNMASK_THRESHOLD, BlockLayout, rule_named, select_unmask,
-                       transfer_schedule)
-
-OFFICIAL_DEFAULT_RULE = "dynamic"  # the official code's low_confidence_dynamic
+from .schedule import (DEFAULT_UNMASK_RULE, LAYOUT_OFFICIAL, OFFICIAL_DEFAULT_RULE, UNMASK_THRESHOLD, BlockLayout,
+                       rule_named, select_unmask, transfer_schedule)
 
 
 @dataclass(frozen=True)

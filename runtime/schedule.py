@@ -53,7 +53,7 @@ DEFAULT_UNMASK_RULE = "dynamic-ltr"
 # one above the threshold) accepts, as the k most confident are then all above it; its
 # low_confidence_static is "static", its sequential (the k leftmost masked positions) "sequential".
 OFFICIAL_RULES = {"low_confidence_dynamic": "dynamic", "low_confidence_static": "static", "sequential": "sequential"}
-OFFICIAL_DEFAULT_RULE = "dynamic"
+OFFICIAL_DEFAULT_RULE = "dynamic"  # the official code's default, low_confidence_dynamic
 
 
 def rule_named(name: str) -> str:
