@@ -101,23 +101,25 @@ class _Sample:
 
 def parse_precisions(text: str | list[str]) -> list[str]:
     """Registry names in registry order; fp32 too (the verified base every other variant derives
-    from), except where fp16 alone is asked: that build streams from the checkpoint's dtype."""
+    from), except where every precision asked converts from the checkpoint's own dtype (fp16,
+    int4): that build streams from the stored weights and makes no fp32 graphs."""
     try:
         names = precision_registry.parse_list(text)
     except precision_registry.UnknownPrecision as e:
         raise BuildError(str(e)) from None
-    return ["fp16"] if _streams_list(text) else names
+    return [p for p in names if p != "fp32"] if _streams_list(text) else names
 
 
 def _streams(opts: BuildOptions) -> bool:
-    """Whether the build exports in the checkpoint's dtype, keeping no fp32 graphs: when fp16 is
-    all that is asked. int8 and int4 convert the fp32 graphs (and fp32 asked is fp32 built)."""
+    """Whether the build exports in the checkpoint's dtype, keeping no fp32 graphs: when every
+    precision asked is one the registry can convert from it (fp32 asked is fp32 built; int8's
+    calibration runs the fp32 graphs)."""
     return _streams_list(opts.precisions)
 
 
 def _streams_list(text: str | list[str]) -> bool:
-    items = text.split(",") if isinstance(text, str) else text
-    return {p.strip().lower() for p in items if p.strip()} == {"fp16"}
+    items = {p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()}
+    return bool(items) and items <= set(precision_registry.stored_dtype_names())
 
 
 def _stored_dtype(ckpt: Path):
@@ -334,8 +336,6 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     out = Path(opts.out)
     precisions = parse_precisions(opts.precisions)
     stream = _streams(opts)
-    if stream:  # fp16 only: exported from the checkpoint's dtype, no fp32 graphs kept
-        precisions = [p for p in precisions if p != "fp32"]
     batch_sizes = parse_batch_sizes(opts.batch_sizes)
     _check_precision_options(opts.precision_options, precisions)
     if out.exists() and not opts.force:
@@ -556,6 +556,9 @@ class _Build:
     plan: object = None  # memory_plan.MemoryPlan (None: no estimate)
     staged: set = field(default_factory=set)  # keys of b.files that are staged fp32 graphs
     deferred: object = None  # stream_export.DeferredWeights of the staged graphs
+    # int4 AWQ's activation rows from the PyTorch decodes (a staged graph cannot run): one
+    # {weight key: rows} per decode phase
+    int4_rows: list = field(default_factory=list)
 
     def families(self) -> list[tuple[str, str, object, int, int]]:
         """(prefill role, step role, config, prefix length, max new tokens) per decode family."""
@@ -565,18 +568,28 @@ class _Build:
         return out
 
 
+class _Discard(list):
+    """A feed sink that keeps nothing (a decode run for its side effects: AWQ's row hooks)."""
+
+    def append(self, _feed) -> None:
+        pass
+
+
 def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, max_new: int,
-                       pixels: list[np.ndarray], batch: int, pre_feeds=None, step_feeds=None):
+                       pixels: list[np.ndarray], batch: int, pre_feeds=None, step_feeds=None, rows=None):
     """Decode `pixels` with the PyTorch graph wrappers in chunks of `batch` (the last one padded by
     repeating its image) and record every prefill and step feed, as int8 calibration and the
     TensorRT comparison both need them: into `pre_feeds` / `step_feeds` (lists, or FeedStores
-    that write each feed to disk as it comes), new lists where not given."""
+    that write each feed to disk as it comes), new lists where not given. `rows`: an
+    int4.LinearInputRows told which phase each run is."""
     from .decode_loop import ar_decode, fused_decode, torch_runner
     from .graphs import make_graph
 
     pre_role = gio.VISION_PREFILL if step_role == gio.BLOCK_STEP else gio.AR_PREFILL
     pre_run = torch_runner(make_graph(pre_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
     step_run = torch_runner(make_graph(step_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
+    if rows is not None:
+        pre_run, step_run = rows.during("prefill", pre_run), rows.during("step", step_run)
     prefix = np.array(b.tok.prefix_ids(model.n_image_tokens), np.int64)
     lm = cfg.lm
     pre_feeds = [] if pre_feeds is None else pre_feeds
@@ -668,25 +681,49 @@ def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_n
     """Everything later phases need from one family's PyTorch model: the verification reference
     tokens and (for int8) the calibration feeds, on disk. The model can go after this."""
     from .precision import FeedStore
-    from .verify import ar_reference, block_reference, teacher_reference
+    from .verify import ar_reference, block_reference, reference_passes, teacher_reference
 
     b.meter.start("reference")
     if items:
         b.log(f"[reference] {step_role}: PyTorch reference tokens on {len(items)} verification images")
         if step_role == gio.BLOCK_STEP:
             b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
+            if b.stream:  # no fp32 graphs: per-pass agreement is measured on PyTorch's own passes
+                b.log("[reference] the PyTorch graph wrappers' block-step passes (per-pass agreement's base)")
+                b.block_ref.passes = reference_passes(m, b.tok, items, b.batch_sizes, b.opts.capacity, b.max_new)
             if c.stage == "rad":
                 b.log(f"[reference] the multi-step teacher ({c.block_size} steps per block) on the same images")
                 b.teacher_ref = teacher_reference(m, b.tok, items, b.batch_sizes, b.max_new)
         else:
             b.ar_ref = ar_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, max_new)
-    if _needs_calibration(b.precisions):
+    if _needs_calibration(b.precisions) and b.stream:  # no fp32 graph can run recorded feeds: int4's rows now
+        _int4_rows_from_pytorch(b, step_role, m, c, p_len, max_new, calib_px)
+    elif _needs_calibration(b.precisions):
         b.log(f"[reference] {step_role}: calibration feeds of {len(calib_px)} training images (to disk)")
         for bs in b.batch_sizes:
             stores = [FeedStore(b.tmp / ".calib" / f"{role}.b{bs}") for role in (pre_role, step_role)]
             _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs, *stores)
             b.calib[(pre_role, bs)], b.calib[(step_role, bs)] = stores
     b.meter.stop()
+
+
+def _int4_rows_from_pytorch(b: _Build, step_role: str, m, c, p_len: int, max_new: int,
+                            calib_px: list[np.ndarray]) -> None:
+    """A build from the checkpoint's dtype: int4 AWQ's activation rows, taken by hooks on the
+    PyTorch model's linear layers as it decodes the calibration images (int4.LinearInputRows)."""
+    from .int4 import Int4Options, LinearInputRows
+
+    opts = Int4Options.parse(b.opts.precision_options.get("int4", {}))
+    if opts.method != "awq":
+        return
+    b.log(f"[reference] {step_role}: int4 AWQ activation rows of {len(calib_px)} training images (PyTorch hooks)")
+    rows = LinearInputRows(m, opts.calib_rows)
+    try:
+        for bs in b.batch_sizes:
+            _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs, _Discard(), _Discard(), rows=rows)
+    finally:
+        rows.close()
+    b.int4_rows.extend(rows.by_weight())
 
 
 def _export_and_reference(b: _Build, calib_px: list[np.ndarray], items: list) -> None:
@@ -884,7 +921,8 @@ def _what_was_verified(b: _Build, checked: list[str]) -> dict:
     else:
         base = ("no fp32 graphs (built from the checkpoint's own dtype): each checked precision's tokens are compared "
                 "with the PyTorch reference (fp32 arithmetic on the stored weights) and reported, nothing is held to "
-                "identity, and per-pass agreement (measured on fp32's inputs) is not available: verified=false")
+                "identity; per-pass agreement is measured on the PyTorch graph wrappers' own passes (fp32 arithmetic): "
+                "verified=false")
         b.log(f"  {base}")
     return {"verification": {"checked": checked, "not_checked": skipped, "base": base,
                              "memory_plan": b.plan.to_dict() if b.plan else None}}

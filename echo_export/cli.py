@@ -20,8 +20,9 @@ def main() -> None:
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="one-step student checkpoint (stage dcd)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="engine folder to create")
 @click.option("--precision", "precision", default="fp32,fp16,int8", show_default=True,
-              help=f"comma-separated: {', '.join(precisions.NAMES)} (fp32 is built too, unless fp16 alone is asked: "
-                   "then the graphs are exported from the checkpoint's own dtype, no fp32 weights)")
+              help=f"comma-separated: {', '.join(precisions.NAMES)} (fp32 is built too, unless only "
+                   f"{' and '.join(precisions.stored_dtype_names())} are asked: then the graphs are exported from "
+                   "the checkpoint's own dtype with no fp32 weights, the way a 7B model fits in 24 GB)")
 @click.option("--precision-opt", "precision_opts", multiple=True, metavar="PRECISION.OPTION=VALUE",
               help="a converter option, repeatable, e.g. int4.block_size=64 (the converter lists the ones it knows)")
 @click.option("--ar-ckpt", type=click.Path(path_type=Path), default=None, help="stage-1 AR checkpoint: adds ar_prefill/ar_step")

@@ -148,6 +148,25 @@ def quantize_blockwise(w_kn: np.ndarray, block_size: int, symmetric: bool) -> Qu
     return QuantizedWeight(q.reshape(n, -1), scales.astype(np.float32), zp.astype(np.float32), k, block_size, symmetric)
 
 
+QUANT_COLUMNS = 8192  # output columns quantised at a time: a 2 GB output head's temporaries stay small
+
+
+def quantize_in_column_chunks(w_kn: np.ndarray, block_size: int, symmetric: bool,
+                              act_scale: Optional[np.ndarray] = None) -> QuantizedWeight:
+    """`quantize_blockwise` of W * act_scale (per input channel), a slice of N columns at a time: each
+    column's blocks are independent, so the result is the whole-matrix one (`act_scale` is recorded)."""
+    k, n = w_kn.shape
+    parts = []
+    for a in range(0, n, QUANT_COLUMNS):
+        part = w_kn[:, a : a + QUANT_COLUMNS]
+        parts.append(quantize_blockwise(part * act_scale[:, None] if act_scale is not None else part,
+                                        block_size, symmetric))
+    qw = QuantizedWeight(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scales", "zero_points")),
+                         k, block_size, symmetric)
+    qw.act_scale = act_scale
+    return qw
+
+
 def awq_quantize(w_kn: np.ndarray, x_rows: np.ndarray, block_size: int, symmetric: bool) -> tuple[QuantizedWeight, float]:
     """The channel scaling s = mean|x|^alpha (alpha in AWQ_ALPHAS) whose quantised weight gives the
     smallest output error ||x W - x Wq|| on the calibration rows; returns it and its alpha."""
@@ -221,15 +240,35 @@ def _parts(opts: Int4Options) -> tuple[str, ...]:
     return ("decoder",) + (("vision",) if opts.vision else ()) + (("lm_head",) if opts.lm_head else ())
 
 
-def _weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path) -> np.ndarray:
+def _staged_offset(t: onnx.TensorProto, source) -> Optional[int]:
+    """Where a staged graph's initializer sits in `source` (a stream_export.DeferredWeights: the
+    fp32 file that a build from the checkpoint's own dtype never writes), else None."""
+    from .precision import _external_location
+
+    where = _external_location(t) if source is not None else None
+    return where[1] if where is not None and where[0] == source.name else None
+
+
+def _weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path, source=None) -> np.ndarray:
+    """The weight [K, N] in fp32: from the graph's weights file, or widened from the checkpoint's
+    dtype one tensor at a time where the graph is staged (`source`)."""
     t = next(t for t in model.graph.initializer if t.name == wm.weight)
-    w = numpy_helper.to_array(t, base_dir=str(base)).astype(np.float32)
+    offset = _staged_offset(t, source)
+    w = source.array(offset) if offset is not None else numpy_helper.to_array(t, base_dir=str(base))
+    w = w.astype(np.float32, copy=False)
     return w.T if wm.transposed else w
 
 
+HASH_ROWS = 4096  # rows of a weight hashed at a time: a transposed 2 GB head is not copied whole
+
+
 def _key(w_kn: np.ndarray) -> str:
-    """The same weight in every graph (prefill, step, each batch) gets the same key: its content."""
-    return hashlib.sha256(np.ascontiguousarray(w_kn).tobytes()).hexdigest()
+    """The same weight in every graph (prefill, step, each batch) gets the same key: its content
+    (the sha256 of its C-order bytes, fed a slice of rows at a time)."""
+    h = hashlib.sha256()
+    for a in range(0, max(1, w_kn.shape[0]), HASH_ROWS):
+        h.update(np.ascontiguousarray(w_kn[a : a + HASH_ROWS]).tobytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ AWQ calibration
@@ -272,6 +311,75 @@ def activation_rows(graph: Path, feeds, inputs: dict[str, str], max_feeds: int, 
     return {key: rows[t] for key, t in inputs.items()}
 
 
+FP16_MAX = 65504.0
+
+
+class LinearInputRows:
+    """AWQ's calibration rows taken from the PyTorch model as it decodes the calibration images:
+    what `activation_rows` takes from the fp32 graphs, for a build from the checkpoint's own dtype
+    that has no fp32 graphs to run. A forward pre-hook on every nn.Linear keeps a uniform random
+    sample (a reservoir) of up to `max_rows` input rows per layer and decode phase (prefill, step:
+    the two graphs the ONNX path samples separately). Rows are kept in fp16 (clipped to its range):
+    at 7B that is about 1 GB for every layer's two reservoirs, where fp32 would be twice that."""
+
+    def __init__(self, model, max_rows: int, seed: int = 0) -> None:
+        from torch import nn
+
+        self.max_rows = max_rows
+        self.phase = "prefill"
+        self._rng = np.random.default_rng(seed)
+        self._modules = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}
+        self._rows: dict[tuple[int, str], np.ndarray] = {}
+        self._seen: dict[tuple[int, str], int] = {}
+        self._hooks = [m.register_forward_pre_hook(self._take) for m in self._modules.values()]
+
+    def during(self, phase: str, run):
+        """`run` (a graph runner), marking what it computes as `phase`."""
+        def wrapped(feeds):
+            self.phase = phase
+            return run(feeds)
+
+        return wrapped
+
+    def _take(self, module, args) -> None:
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1])
+        slot_key = (id(module), self.phase)
+        n = self._seen.get(slot_key, 0)
+        if slot_key not in self._rows:
+            self._rows[slot_key] = np.zeros((0, x.shape[1]), np.float16)
+        idx = n + np.arange(x.shape[0])
+        slots = np.where(idx < self.max_rows, idx, self._rng.integers(0, idx + 1))
+        keep = np.flatnonzero(slots < self.max_rows)
+        if keep.size:
+            buf = self._rows[slot_key]
+            top = int(slots[keep].max()) + 1
+            if top > len(buf):  # the reservoir fills up to max_rows first
+                buf = np.concatenate([buf, np.zeros((top - len(buf), buf.shape[1]), np.float16)])
+            rows = x[keep].float().numpy()
+            buf[slots[keep]] = np.clip(rows, -FP16_MAX, FP16_MAX).astype(np.float16)
+            self._rows[slot_key] = buf
+        self._seen[slot_key] = n + x.shape[0]
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def by_weight(self) -> list[dict[str, np.ndarray]]:
+        """One {weight key (`_key` of W [K, N] in fp32): rows} per phase, for WeightPlan.add_rows."""
+        self.close()
+        keys = {mid: _key(m.weight.detach().float().numpy().T) for mid, m in self._modules.items()
+                if any((mid, ph) in self._rows for ph in ("prefill", "step"))}
+        out = []
+        for phase in ("prefill", "step"):
+            rows = {keys[mid]: r for (mid, ph), r in self._rows.items() if ph == phase}
+            if rows:
+                out.append(rows)
+        self._rows.clear()
+        return out
+
+
 class WeightPlan:
     """How each weight (by content) is quantised, the same in every graph of the build: RTN, or AWQ
     with a channel scaling searched once over the activation rows every graph contributed."""
@@ -292,14 +400,11 @@ class WeightPlan:
             rows = self.rows.pop(key, None)
             if not rows:
                 raise PrecisionError("int4 awq: no calibration activations reached a weight (no feeds recorded?)")
-            x = np.concatenate(rows)  # up to calib_rows from each graph that reads this weight
+            x = np.concatenate(rows).astype(np.float32, copy=False)  # up to calib_rows per graph (or phase)
             qw, self.alphas[key] = awq_quantize(w_kn, x, o.block_size, o.symmetric)
             self.act_scale[key] = qw.act_scale
             return qw
-        s = self.act_scale.get(key)
-        qw = quantize_blockwise(w_kn * s[:, None] if s is not None else w_kn, o.block_size, o.symmetric)
-        qw.act_scale = s
-        return qw
+        return quantize_in_column_chunks(w_kn, o.block_size, o.symmetric, self.act_scale.get(key))
 
 
 # ------------------------------------------------------------------ graphs
@@ -347,21 +452,24 @@ def _replace_nodes(model: onnx.ModelProto, new: dict[str, list[onnx.NodeProto]],
     del g.value_info[:]
 
 
-def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: int) -> None:
+def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: int, source=None) -> None:
     """Every initializer of at least `min_bytes` into `store` (weights.int4.bin), one at a time:
-    the untouched fp32 ones (embedding, norms, a kept vision tower) read from the fp32 weights file."""
+    the untouched fp32 ones (embedding, norms, a kept vision tower) read from the fp32 weights file,
+    or from `source` where the graph is staged (widened from the checkpoint's dtype)."""
     from .external_weights import _point_to, _tensor_bytes
 
     for t in model.graph.initializer:
-        data = _tensor_bytes(t, base)
+        offset = _staged_offset(t, source)
+        data = source.raw(offset) if offset is not None else _tensor_bytes(t, base)
         if len(data) >= min_bytes:
             offset, length = store.add(data)
             _point_to(t, store.name, offset, length)
     store.flush()
 
 
-def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes: int = 1024) -> dict:
-    """The int4 (MatMulNBits) graph of the fp32 graph `src`, its tensors in `store`."""
+def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes: int = 1024, source=None) -> dict:
+    """The int4 (MatMulNBits) graph of the fp32 graph `src`, its tensors in `store`; `source`: the
+    DeferredWeights of a staged `src` (a build from the checkpoint's dtype), else None."""
     from .precision import _name_nodes
 
     model = onnx.load(str(src), load_external_data=False)
@@ -369,8 +477,9 @@ def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes
     by_name = {n.name: n for n in model.graph.node}
     new, inits, counts = {}, [], {}
     for wm in weight_matmuls(model, _parts(plan.opts)):
-        w = _weight_kn(model, wm, src.parent)
+        w = _weight_kn(model, wm, src.parent, source)
         qw = plan.quantize(_key(w), w)
+        del w
         new[wm.node], more = _matmulnbits_nodes(wm, by_name[wm.node], qw, level)
         inits += more
         counts[wm.part] = counts.get(wm.part, 0) + 1
@@ -379,7 +488,7 @@ def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes
     _replace_nodes(model, new, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    _store_initializers(model, src.parent, store, min_bytes)
+    _store_initializers(model, src.parent, store, min_bytes, source)
     onnx.save(model, str(dst))
     return {"matmulnbits": len(new), "by_part": counts}
 
@@ -467,7 +576,12 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     if not sources:  # the fp32 graphs are its source (their weights are read one at a time)
         raise PrecisionError("int4 converts the fp32 graphs, and this build has none")
     plan = WeightPlan(opts)
-    if opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
+    staged = b.deferred if b.stream else None  # the graphs' weights are the checkpoint's, widened when read
+    if opts.method == "awq" and staged is not None:  # rows the PyTorch decodes gave (build._int4_rows_from_pytorch)
+        for rows in b.int4_rows:
+            plan.add_rows(rows)
+        b.int4_rows.clear()
+    elif opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
         for (role, _, bs), src in sources:
             if (role, bs) not in b.calib:  # a teacher's block passes: the same weights as its block_step
                 continue
@@ -480,7 +594,7 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     info: dict = {}
     for (role, _, bs), src in sources:
         name = gio.graph_filename(role, "int4", bs)
-        info = to_int4(b.tmp / src, b.tmp / name, plan, level, _store(b, "int4"), b.opts.weights_min_bytes)
+        info = to_int4(b.tmp / src, b.tmp / name, plan, level, _store(b, "int4"), b.opts.weights_min_bytes, staged)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
         b.log(f"  {name:<34} {_size(b.tmp / name):>10}  {info['matmulnbits']} MatMulNBits {info['by_part']}")
         _add_graph(b, (role, "int4", bs), name)

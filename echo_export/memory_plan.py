@@ -61,6 +61,21 @@ class MemoryPlan:
                 "verify": list(self.verify), "not_verified": dict(self.not_verified)}
 
 
+INT4_BYTES_PER_PARAM = 0.5 + 4 / 32  # a nibble and, per block of 32, one fp32 scale (the default)
+
+
+def int4_weight_bytes(ckpt: Path) -> int:
+    """About weights.int4.bin with the default options: the decoder's linear layers in int4, the
+    rest (embedding, output head, norms, the vision tower) fp32 as the int4 graphs keep them."""
+    from echo_train.model.safetensors_stream import read_header
+
+    total = 0.0
+    for name, e in read_header(Path(ckpt) / "model.safetensors").items():
+        decoder_linear = name.startswith("lm.model.layers.") and len(e.shape) == 2
+        total += e.numel * (INT4_BYTES_PER_PARAM if decoder_linear else 4.0)
+    return int(total)
+
+
 def _header_facts(ckpt: Path) -> tuple[int, int, str, int]:
     """(parameters, stored bytes, stored dtype, largest tensor's parameters) of model.safetensors."""
     from echo_train.model.checkpoint import checkpoint_dtype
@@ -87,8 +102,11 @@ def plan_build(ckpt: Path, precisions: list[str], stream: bool, verify: bool) ->
     # not counted: activations, 1.5 GB more measured at a 3050-token native prefill at 7B widths
     plan.phases["reference"] = int(model * 1.05 + 4 * largest)
     room = None if plan.available is None else plan.available - HEADROOM
+    if stream and "int4" in precisions:  # the largest tensor int4 keeps fp32 (the head) widened whole
+        plan.phases["int4"] = int(model * 1.05 + 4 * largest)
     for p in precisions:
-        need = precision_registry.get(p).cpu_session_bytes(int(WEIGHT_BYTES_PER_PARAM[p] * n), sessions=2)
+        weights = int4_weight_bytes(ckpt) if p == "int4" else int(WEIGHT_BYTES_PER_PARAM[p] * n)
+        need = precision_registry.get(p).cpu_session_bytes(weights, sessions=2)
         if not verify:
             continue
         if room is not None and need > room:
@@ -114,6 +132,8 @@ def refusal(plan: MemoryPlan, precisions: list[str], stream: bool) -> Optional[s
         if need <= room:
             fits.append(f"--precision fp16 (built from the {plan.stored_dtype} weights without fp32: "
                         f"about {need / GB:.1f} GB)")
+            if int(plan.stored_bytes * 1.05 + 4 * plan.largest) <= room:
+                fits.append("--precision fp16,int4 or int4 (the same, int4 verifiable on this CPU)")
     if not fits:
         fits.append(f"nothing on this machine now: free memory first (the model alone is "
                     f"{plan.stored_bytes / GB:.1f} GB in {plan.stored_dtype})")

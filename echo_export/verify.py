@@ -247,6 +247,9 @@ class BlockReference:
     cfg: object
     n_image_tokens: int
     tokens: dict  # batch -> image id -> token ids
+    # batch -> the PyTorch graph wrappers' passes (reference_passes): the per-pass base of a build
+    # with no fp32 graphs; None where fp32 graphs give it
+    passes: Optional[dict] = None
 
 
 def block_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], max_new_tokens: int) -> BlockReference:
@@ -382,6 +385,65 @@ def ar_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[in
     return ArReference(model.cfg, model.n_image_tokens, tokens, hf_tokens)
 
 
+Pass = tuple[dict, np.ndarray, np.ndarray, np.ndarray]  # (feeds, tokens, rows still writing, confidence)
+
+
+def _decode_chunks(pre, step, chunks: list[_Chunk], b: int, kw: dict, first_feed: dict,
+                   passes_out: Optional[list[Pass]] = None) -> tuple[dict[str, list[int]], int]:
+    """Fused-decode every chunk with the runners `pre` / `step`; returns ({image id: tokens},
+    passes run). `first_feed` gets the first step feed (for timing); `passes_out`, where given,
+    every pass's feeds, tokens, active rows and confidence (the base of per-pass agreement)."""
+    B = kw["block_size"]
+    confidence: list[tuple[np.ndarray, np.ndarray]] = []
+    if passes_out is not None:
+        step = _recording_confidence(step, confidence)
+    got: dict[str, list[int]] = {}
+    passes = 0
+    for chunk in chunks:
+        part = chunk.part
+        recorded: list[dict] = []
+
+        def hook(f, recorded=recorded):
+            if not first_feed:
+                first_feed["f"] = {k: v.copy() for k, v in f.items()}
+            if passes_out is not None:
+                recorded.append({k: v.copy() for k, v in f.items()})
+
+        r = fused_decode(pre, step, None, chunk.prompt_ids, on_step=hook, prefill_feeds=chunk.feeds,
+                         position_offset=chunk.offset, **kw)
+        tail = BlockLayout(chunk.prompt_ids.shape[1], B).tail  # prompt ids opening the first block
+        for k, f in enumerate(recorded):  # rows still writing at pass k (through the EOS block)
+            active = np.array([k * B - tail <= len(t) for t in r.tokens[: len(part)]] + [False] * (b - len(part)))
+            passes_out.append((f, confidence[k][0], active, confidence[k][1]))
+        confidence.clear()
+        passes += r.passes
+        for it, toks in zip(part, r.tokens):
+            got[it.id] = toks
+    return got, passes
+
+
+def reference_passes(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
+                     max_new_tokens: int) -> dict[int, list[Pass]]:
+    """Every block-step pass of the PyTorch graph wrappers on the verification images, per batch
+    size: in a build with no fp32 graphs (from the checkpoint's dtype), what each precision's
+    block step is re-run on for its per-pass agreement, as the fp32 graph's passes are otherwise."""
+    from .graphs import make_graph
+
+    cfg, lm = model.cfg, model.cfg.lm
+    prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
+    kw = dict(block_size=cfg.block_size, capacity=capacity, n_layers=lm.num_hidden_layers,
+              n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tokenizer.mask_id,
+              eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+    pre = torch_runner(make_graph(gio.VISION_PREFILL, model, capacity, len(prefix), tokenizer.mask_id))
+    step = torch_runner(make_graph(gio.BLOCK_STEP, model, capacity, len(prefix), tokenizer.mask_id))
+    out: dict[int, list[Pass]] = {}
+    for b in batch_sizes:
+        chunks = native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
+        out[b] = []
+        _decode_chunks(pre, step, chunks, b, kw, {}, out[b])
+    return out
+
+
 def verify_block(
     engine_dir: Path,
     files: dict[tuple[str, str, int], str],
@@ -420,33 +482,8 @@ def verify_block(
         for p in precisions:
             pre, step = _open_pair(engine_dir, files[(gio.VISION_PREFILL, p, b)], files[(gio.BLOCK_STEP, p, b)], p,
                                    [c.feeds for c in chunks], log)
-            confidence: list[tuple[np.ndarray, np.ndarray]] = []
-            if p == "fp32":
-                step = _recording_confidence(step, confidence)
             t0 = time.perf_counter()
-            got: dict[str, list[int]] = {}
-            passes = 0
-            for chunk in chunks:
-                part = chunk.part
-                recorded: list[dict] = []
-
-                def hook(f, recorded=recorded):
-                    if not first_feed:
-                        first_feed["f"] = {k: v.copy() for k, v in f.items()}
-                    if p == "fp32":
-                        recorded.append({k: v.copy() for k, v in f.items()})
-
-                r = fused_decode(pre, step, None, chunk.prompt_ids, on_step=hook, prefill_feeds=chunk.feeds,
-                                 position_offset=chunk.offset, **kw)
-                tail = BlockLayout(chunk.prompt_ids.shape[1], B).tail  # prompt ids opening the first block
-                for k, f in enumerate(recorded):  # rows still writing at pass k (through the EOS block)
-                    active = np.array([k * B - tail <= len(t) for t in r.tokens[: len(part)]]
-                                      + [False] * (b - len(part)))
-                    fp32_passes.append((f, confidence[k][0], active, confidence[k][1]))
-                confidence.clear()
-                passes += r.passes
-                for it, toks in zip(part, r.tokens):
-                    got[it.id] = toks
+            got, passes = _decode_chunks(pre, step, chunks, b, kw, first_feed, fp32_passes if p == "fp32" else None)
             secs = time.perf_counter() - t0
             ids_ = [it.id for it in items]
             agree, exact = _agreement([got[i] for i in ids_], [ref_tokens[i] for i in ids_])
@@ -463,8 +500,9 @@ def verify_block(
             }
             if why:
                 entry["finding_f1_note"] = why
-            if p != "fp32" and fp32_passes:
-                pp = _per_pass_agreement(step, fp32_passes)
+            base_passes = fp32_passes or (reference.passes or {}).get(b)  # fp32's, else PyTorch's own
+            if p != "fp32" and base_passes:
+                pp = _per_pass_agreement(step, base_passes)
                 entry["per_pass_token_agreement"] = pp.pop("agreement")
                 entry["per_pass_flips"] = pp
                 tol = precision_registry.get(p).tolerances.min_per_pass_agreement  # the registry's bar

@@ -57,6 +57,9 @@ class Precision:
     tolerances: Tolerances = Tolerances()
     # the build records real training-image feeds for it (calibration)
     needs_calibration: bool = False
+    # its converter reads the weights of graphs staged from the checkpoint's own dtype (no fp32
+    # weights written or held): a build asking only for such precisions never widens the model
+    converts_from_stored_dtype: bool = False
     # "module:function(src, dst) -> dict" that rewrites an onnxruntime graph of this precision into
     # the form TensorRT parses (written beside it as <graph>.tensorrt.onnx); None: parsed as it is
     tensorrt_form: Optional[str] = None
@@ -74,6 +77,7 @@ PRECISIONS: dict[str, Precision] = {
     "fp16": Precision(
         "fp16", "float16 weights and arithmetic, IO fp32, norm/rotary/attention-score/head islands fp32 (GPUs)",
         converter="echo_export.build:_convert_fp16", shares_weights=False, cpu_memory_factor=2.0,
+        converts_from_stored_dtype=True,
         tolerances=Tolerances(min_per_pass_agreement=0.98)),
     "int8": Precision(
         "int8", "static QDQ of the weight MatMuls, calibrated on training images (CPU int8 kernels)",
@@ -82,6 +86,7 @@ PRECISIONS: dict[str, Precision] = {
     "int4": Precision(
         "int4", "weight-only 4-bit MatMulNBits of the decoder's linear layers (blocks of 32/64/128, RTN or AWQ)",
         converter="echo_export.int4:build_int4", needs_calibration=True,  # AWQ's activation statistics
+        converts_from_stored_dtype=True,
         tolerances=Tolerances(min_per_pass_agreement=0.90), tensorrt_form="echo_export.int4:int4_dq_for_tensorrt"),
 }
 
@@ -105,6 +110,11 @@ def parse_list(text: str | Iterable[str]) -> list[str]:
     for p in items:
         get(p)
     return [p for p in NAMES if p in set(items) | {"fp32"}]
+
+
+def stored_dtype_names() -> tuple[str, ...]:
+    """Precisions a build can make from the checkpoint's own dtype, with no fp32 graphs."""
+    return tuple(p.name for p in PRECISIONS.values() if p.converts_from_stored_dtype)
 
 
 def shared_names() -> tuple[str, ...]:

@@ -91,6 +91,62 @@ def test_fp16_only_build_is_the_fp32_then_fp16_build(bf16_ckpt, monkeypatch):
     assert toks[0] == toks[1]
 
 
+def test_int4_from_the_stored_dtype_is_the_int4_through_fp32(bf16_ckpt):
+    """fp16+int4 from the bf16 weights: no fp32 file, the same int4 bytes as through fp32 graphs (RTN),
+    per-pass agreement measured on PyTorch's own passes, and the same tokens served."""
+    from runtime.engine import EchoRuntime
+
+    rtn = {"int4": {"method": "rtn"}}
+    both = _build(bf16_ckpt, "int4-both", ["fp32", "int4"], precision_options=rtn)
+    only = _build(bf16_ckpt, "int4-only", ["fp16", "int4"], precision_options=rtn)
+    assert not (only / "weights.fp32.bin").exists() and not list(only.glob("*.fp32.*"))
+    assert json.loads((only / "manifest.json").read_text())["precisions"] == ["fp16", "int4"]
+    assert (only / "weights.int4.bin").read_bytes() == (both / "weights.int4.bin").read_bytes()
+    for g in sorted(only.glob("*.int4.*.onnx")):
+        assert g.read_bytes() == (both / g.name).read_bytes(), g.name
+    rep = json.loads((only / "verify.json").read_text())
+    for p in ("fp16", "int4"):
+        v = rep["variants"][f"block.{p}.b1"]
+        assert v["within_tolerance"] and v["per_pass_token_agreement"] >= 0.9, (p, v)
+    img = (np.arange(32 * 32) % 7 / 7.0).reshape(1, 32, 32).astype(np.float32)
+    toks = [EchoRuntime(f, precision="int4").generate(img)[0].tokens for f in (both, only)]
+    assert toks[0] == toks[1] and len(toks[0]) > 0
+
+
+def test_int4_awq_takes_its_rows_from_the_pytorch_decodes(bf16_ckpt):
+    """AWQ with no fp32 graph to run: the rows come from hooks on the model's linear layers, keyed
+    by weight content; a weight no row reached would stop the build (WeightPlan.quantize)."""
+    out = _build(bf16_ckpt, "int4-awq", ["int4"])
+    man = json.loads((out / "manifest.json").read_text())
+    info = json.loads((out / "verify.json").read_text())["precision_info"]["int4"]
+    assert man["precisions"] == ["int4"] and info["method"] == "awq" and info["awq_alpha_median"] is not None
+    rtn = bf16_ckpt / "int4-only" / "weights.int4.bin"
+    if rtn.exists():  # the scalings chosen change the weights
+        assert (out / "weights.int4.bin").read_bytes() != rtn.read_bytes()
+    v = json.loads((out / "verify.json").read_text())["variants"]["block.int4.b1"]
+    assert v["per_pass_token_agreement"] >= 0.9
+
+
+def test_linear_input_rows_keep_a_sample_of_what_each_layer_saw():
+    from echo_export.int4 import LinearInputRows, _key
+
+    lin = torch.nn.Linear(6, 3)
+    rows = LinearInputRows(torch.nn.Sequential(lin), max_rows=5)
+    seen = []
+    run = rows.during("step", lambda x: lin(x))
+    for i in range(4):
+        x = torch.arange(i * 18, i * 18 + 18, dtype=torch.float32).reshape(3, 6)
+        seen.append(x.numpy())
+        run(x)
+    (got,) = rows.by_weight()
+    kept = got[_key(lin.weight.detach().numpy().T)]
+    every = np.concatenate(seen)
+    assert kept.shape == (5, 6)
+    assert all(any(np.array_equal(r, e) for e in every) for r in kept.astype(np.float32))
+    assert len({r.tobytes() for r in kept}) == 5  # distinct rows, not one row repeated
+    assert not lin._forward_pre_hooks  # the hooks are gone
+
+
 def _plan(root: Path, precisions: list[str], stream: bool):
     from echo_export.memory_plan import plan_build
 
