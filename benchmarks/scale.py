@@ -227,7 +227,23 @@ def runtime_probe(engine: Path, precision: str, images: list[str], max_new: int,
         t1, t2 = pt["t"][1], pt["t"][2 * B]
         res["t1_ms"], res["t2B_ms"], res["ideal"] = 1e3 * t1, 1e3 * t2, B * t1 / t2
         res["achieved_over_ideal"] = res["achieved_dcd_vs_ar_decode_only"] / res["ideal"]
+        res["roofline"] = _roofline(engine, m, precision, lm, pt["cache_len"], {1: t1, 2 * B: t2}, threads)
     return res
+
+
+def _roofline(engine: Path, m, precision: str, lm: dict, cache_len: int, times: dict[int, float], threads: int) -> dict:
+    """Each timed pass beside its memory-bandwidth roofline (benchmarks/roofline.py)."""
+    from benchmarks import roofline
+    from runtime import graph_io as gio
+    from runtime.manifest import resolve_graph
+
+    bw = roofline.stream_copy_bandwidth(threads)
+    kv = roofline.kv_read_bytes(lm["num_hidden_layers"], lm["num_key_value_heads"], lm["head_dim"], cache_len)
+    out: dict[str, Any] = {"stream_copy_bytes_per_s": bw, "threads": threads, "cache_len": cache_len}
+    for T, role in ((1, gio.AR_STEP), (2 * m.block_size, gio.BLOCK_STEP)):
+        w = roofline.pass_weight_bytes(engine / resolve_graph(m, role, precision, 1), T)
+        out[f"t{T}"] = {**roofline.roofline(w["bytes"], kv, bw, times.get(T)), **w}
+    return out
 
 
 def probe(engine: Path, precision: str, images: list[str], cfg: ScaleConfig, out: Path) -> dict:

@@ -355,7 +355,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         # the AR model first, let go once it has loaded: the checks hold one model at a time (it is
         # loaded again for its export, after the student's export and decodes)
         log(f"[check] AR checkpoint {opts.ar_ckpt}")
-        acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt")
+        acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt",
+                                         **({"dtype": _stored_dtype(opts.ar_ckpt)} if stream else {}))
         ar_load, ar_image_tokens = (acfg, None, atok), amodel.n_image_tokens
         amodel = None
         gc.collect()
@@ -665,6 +666,13 @@ def _export_staged(b: _Build, g, inputs, name: str, shapes) -> None:
                      dynamic_shapes=shapes, sources=sources)
 
 
+def stream_export_params() -> int:
+    """How many model parameters staged graphs hold lazily now (0 once they are dropped)."""
+    from .stream_export import _PARAMS
+
+    return len(_PARAMS)
+
+
 def _drop_staged(b: _Build) -> None:
     """The staged fp32 graphs go once every converter has read them: not in the folder or manifest."""
     from .stream_export import release_params
@@ -737,15 +745,26 @@ def _export_and_reference(b: _Build, calib_px: list[np.ndarray], items: list) ->
         else:
             b.meter.start("export")
             b.log(f"[export] loading the AR model again: {b.ar.ckpt}")
-            _, m, _ = _load_model(b.ar.ckpt, "--ar-ckpt")
+            _, m, _ = _load_model(b.ar.ckpt, "--ar-ckpt", **({"dtype": _stored_dtype(b.ar.ckpt)} if b.stream else {}))
             b.meter.stop()
         _export_fp32(b, pre_role, step_role, m, c, p_len)
         with fp32_compute(m):  # a model kept in bf16 decodes as its fp32 twin (a no-op for fp32)
             _reference(b, pre_role, step_role, m, c, p_len, max_new, calib_px, items)
+        if b.stream:  # the staged graphs read this model's weights: converted before it goes (two 7B
+            _convert_all(b, calib_px)  # models do not fit side by side)
+            _drop_staged(b)
         if step_role == gio.BLOCK_STEP and not b.opts.trt:  # --trt compares plans with PyTorch later
             b.model = None
         m = None
         gc.collect()
+
+
+def _convert_all(b: _Build, calib_px: list[np.ndarray]) -> None:
+    """Every precision's converter over the fp32 (or staged) graphs there are now, registry order."""
+    for precision in b.precisions:
+        convert = _converter(precision)
+        if convert is not None:
+            convert(b, calib_px)
 
 
 def _convert_fp16(b: _Build, calib_px: Optional[list[np.ndarray]] = None) -> None:
@@ -936,11 +955,8 @@ def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sam
 
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
     _export_and_reference(b, calib_px, items)
-    for precision in b.precisions:  # each converter reads the fp32 graphs (registry order)
-        convert = _converter(precision)
-        if convert is not None:
-            convert(b, calib_px)
-    _drop_staged(b)
+    if not b.stream:
+        _convert_all(b, calib_px)
     for feeds in b.calib.values():  # every converter has read them
         shutil.rmtree(feeds.folder, ignore_errors=True)
     b.calib.clear()

@@ -29,6 +29,9 @@ def bf16_ckpt(tmp_path_factory) -> Path:
     model = make_tiny_model(tok, stage="dcd", block_size=BLOCK)
     model.cfg.max_response_tokens = MAX_NEW
     save_checkpoint(root / "ckpt", model.to(torch.bfloat16), tok)
+    ar = make_tiny_model(tok, stage="ar", block_size=BLOCK, seed=1)
+    ar.cfg.max_response_tokens = MAX_NEW
+    save_checkpoint(root / "ckpt-ar", ar.to(torch.bfloat16), tok)
     write_tiny_dataset(root / "data")
     return root
 
@@ -111,6 +114,35 @@ def test_int4_from_the_stored_dtype_is_the_int4_through_fp32(bf16_ckpt):
     img = (np.arange(32 * 32) % 7 / 7.0).reshape(1, 32, 32).astype(np.float32)
     toks = [EchoRuntime(f, precision="int4").generate(img)[0].tokens for f in (both, only)]
     assert toks[0] == toks[1] and len(toks[0]) > 0
+
+
+def test_a_streamed_build_converts_each_model_before_loading_the_next(bf16_ckpt, monkeypatch):
+    """With --ar-ckpt, the student's staged graphs are converted and dropped before the AR model
+    loads (two 7B models do not fit side by side); both families get fp16 and int4 graphs."""
+    from echo_export import build as build_mod
+    from runtime.engine import EchoRuntime
+
+    loaded, live = [], []
+    real = build_mod._load_model
+
+    def load(path, what, **kw):
+        live.append(bool(build_mod.stream_export_params()))  # staged lazy weights alive at this load?
+        loaded.append((what, kw.get("dtype")))
+        return real(path, what, **kw)
+
+    monkeypatch.setattr(build_mod, "_load_model", load)
+    out = _build(bf16_ckpt, "ar-int4", ["fp16", "int4"], ar_ckpt=bf16_ckpt / "ckpt-ar", capacity=None,
+                 precision_options={"int4": {"method": "rtn"}})
+    assert [w for w, _ in loaded] == ["--ar-ckpt", "--ckpt", "--ar-ckpt"]
+    assert all(d == torch.bfloat16 for _, d in loaded)  # every load in the stored dtype
+    assert live == [False, False, False]  # no staged graph still held the student's weights
+    files = json.loads((out / "manifest.json").read_text())["graphs"]
+    assert {"fp16.b1", "int4.b1"} <= set(files["ar_step"]) and {"fp16.b1", "int4.b1"} <= set(files["block_step"])
+    rep = json.loads((out / "verify.json").read_text())
+    assert {"ar.int4.b1", "block.int4.b1"} <= set(rep["variants"])
+    img = (np.arange(32 * 32) % 5 / 5.0).reshape(1, 32, 32).astype(np.float32)
+    rt = EchoRuntime(out, precision="int4", mode="ar")
+    assert rt.generate(img)[0].ok
 
 
 def test_int4_awq_takes_its_rows_from_the_pytorch_decodes(bf16_ckpt):
