@@ -640,7 +640,7 @@ def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> 
             if b.stream:
                 _export_staged(b, g, inputs, name, shapes)
                 b.log(f"  {name:<34} {'(staged)':>10}  {time.perf_counter() - t1:5.1f}s  graph only: its weights "
-                      f"stay {b.plan.stored_dtype if b.plan else 'as loaded'} until the fp16 conversion reads them")
+                      f"stay {b.plan.stored_dtype if b.plan else 'as loaded'} until a converter reads them")
                 b.files[(role, "fp32", bs)] = name
                 b.staged.add((role, "fp32", bs))
                 continue

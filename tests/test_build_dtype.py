@@ -199,6 +199,7 @@ def test_a_build_that_cannot_fit_refuses_before_loading(bf16_ckpt, monkeypatch):
     with pytest.raises(BuildError, match="not enough memory") as e:
         _build(bf16_ckpt, "refused", ["fp32", "fp16"])
     assert "what would fit: --precision fp16" in str(e.value) and "export" in str(e.value)
+    assert "--precision fp16,int4 or int4" in str(e.value)
     assert not (bf16_ckpt / "refused").exists()
     monkeypatch.setattr(memory_plan, "mem_available", lambda: 1000)  # nothing fits
     with pytest.raises(BuildError, match="free memory first"):
