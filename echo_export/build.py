@@ -233,7 +233,8 @@ def resolve_int8_mode(requested: str, cpu: Optional[CpuFeatures] = None) -> dict
 
 
 def _load_model(path: Path, what: str, dtype=None):
-    """`dtype`: the parameters' (None: fp32; a streaming build passes the checkpoint's own)."""
+    """`dtype`: the parameters' (None: fp32; a streaming build passes the checkpoint's own, and its
+    parameters are then views of the mapped file: evictable page cache, not the process's own)."""
     from echo_train.model.checkpoint import CheckpointError, check_checkpoint_dir, load_checkpoint
     from echo_train.model.config import EchoConfig
 
@@ -245,7 +246,7 @@ def _load_model(path: Path, what: str, dtype=None):
     except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
         raise BuildError(f"{what}: {path / 'config.json'} is not an ECHO config ({e})") from None
     try:
-        model, tok = load_checkpoint(path, dtype=dtype)
+        model, tok = load_checkpoint(path, dtype=dtype, mapped=dtype is not None)
     except Exception as e:  # safetensors / shape mismatches
         raise BuildError(f"{what}: {path} does not load ({type(e).__name__}: {e})") from None
     return cfg, model, tok

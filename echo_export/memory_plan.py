@@ -45,12 +45,22 @@ class MemoryPlan:
     verify: list[str] = field(default_factory=list)
     not_verified: dict[str, str] = field(default_factory=dict)
     available: Optional[int] = None
+    # the weights a build from the stored dtype maps rather than copies: page cache, not in `phases`
+    mapped_bytes: int = 0
 
     def peak(self) -> int:
         return max(self.phases.values(), default=0)
 
     def lines(self) -> list[str]:
         out = [f"  {name:<10} {b / GB:6.1f} GB" for name, b in self.phases.items()]
+        if self.mapped_bytes:
+            out.append(f"  mapped     {self.mapped_bytes / GB:6.1f} GB of weights: file pages, read when used and "
+                       "dropped by the kernel when memory is short (not counted above)")
+            heavy = max((v for k, v in self.phases.items() if not k.startswith("verify")), default=0)
+            room = None if self.available is None else self.available - HEADROOM - heavy
+            if room is not None and room < self.mapped_bytes:
+                out.append(f"             only {max(room, 0) / GB:.1f} GB of them stay cached beside the phases: "
+                           "the rest is read from disk again as each pass needs it (slower, not failing)")
         if self.available is not None:
             out.append(f"  available  {self.available / GB:6.1f} GB (MemAvailable; {HEADROOM / GB:.0f} GB of it kept as headroom)")
         return out
@@ -58,6 +68,7 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {"n_params": self.n_params, "stored_bytes": self.stored_bytes, "stored_dtype": self.stored_dtype,
                 "phases_bytes": dict(self.phases), "peak_bytes": self.peak(), "available_bytes": self.available,
+                "mapped_bytes": self.mapped_bytes,
                 "verify": list(self.verify), "not_verified": dict(self.not_verified)}
 
 
@@ -88,22 +99,26 @@ def _header_facts(ckpt: Path) -> tuple[int, int, str, int]:
 
 
 def plan_build(ckpt: Path, precisions: list[str], stream: bool, verify: bool) -> MemoryPlan:
-    """The phases' peaks: the model as loaded (its stored dtype when `stream`, else fp32), the
-    export (the model + one tensor widened to fp32 + its fp16 copy), the reference decodes (the
-    model + one module widened), and verification: each precision's onnxruntime sessions (the
-    registry's cpu_session_bytes, two sessions) with no PyTorch model left."""
+    """The phases' peaks: the model as loaded (fp32, or when `stream` its stored dtype, mapped from
+    the file: `mapped_bytes`, page cache outside the phases), the export (the model + one tensor
+    widened to fp32 + its fp16 copy), the reference decodes (the model + one module widened), and
+    verification: each precision's onnxruntime sessions (the registry's cpu_session_bytes, two
+    sessions) with no PyTorch model left."""
     n, stored, dtype, largest = _header_facts(ckpt)
-    plan = MemoryPlan(n, stored, dtype, largest, available=mem_available())
-    model = stored if stream else 4 * n
+    plan = MemoryPlan(n, stored, dtype, largest, available=mem_available(), mapped_bytes=stored if stream else 0)
+    model = 0 if stream else 4 * n
+    if stream:  # what is not mapped: buffers, the exporter's graph, the interpreter's own
+        plan.phases["load"] = int(0.05 * stored)
     one = 2 * largest + 4 * min(largest, 1 << 20)  # a tensor's fp16 conversion, widened a chunk at a time
-    plan.phases["load"] = int(model * 1.05)
-    plan.phases["export"] = int(model * 1.05 + one)
+    base = int(model * 1.05) if not stream else plan.phases["load"]
+    plan.phases["load"] = base
+    plan.phases["export"] = base + one
     # the reference widens one module at a time, the largest being the lm_head (4 bytes a parameter);
     # not counted: activations, 1.5 GB more measured at a 3050-token native prefill at 7B widths
-    plan.phases["reference"] = int(model * 1.05 + 4 * largest)
+    plan.phases["reference"] = base + 4 * largest
     room = None if plan.available is None else plan.available - HEADROOM
     if stream and "int4" in precisions:  # the largest tensor int4 keeps fp32 (the head) widened whole
-        plan.phases["int4"] = int(model * 1.05 + 4 * largest)
+        plan.phases["int4"] = base + 4 * largest
     for p in precisions:
         weights = int4_weight_bytes(ckpt) if p == "int4" else int(WEIGHT_BYTES_PER_PARAM[p] * n)
         need = precision_registry.get(p).cpu_session_bytes(weights, sessions=2)
@@ -127,12 +142,12 @@ def refusal(plan: MemoryPlan, precisions: list[str], stream: bool) -> Optional[s
     if max(heavy.values()) <= room:
         return None
     fits = []
-    if not stream:
-        need = int(plan.stored_bytes * 1.05 + 2 * plan.largest)  # fp16 only: the stored weights + one tensor
+    if not stream:  # from the stored dtype: the weights mapped, one tensor widened at a time
+        need = int(plan.stored_bytes * 0.05 + 2 * plan.largest)
         if need <= room:
-            fits.append(f"--precision fp16 (built from the {plan.stored_dtype} weights without fp32: "
-                        f"about {need / GB:.1f} GB)")
-            if int(plan.stored_bytes * 1.05 + 4 * plan.largest) <= room:
+            fits.append(f"--precision fp16 (built from the {plan.stored_dtype} weights, mapped, without fp32: "
+                        f"about {need / GB:.1f} GB besides the page cache)")
+            if int(plan.stored_bytes * 0.05 + 4 * plan.largest) <= room:
                 fits.append("--precision fp16,int4 or int4 (the same, int4 verifiable on this CPU)")
     if not fits:
         fits.append(f"nothing on this machine now: free memory first (the model alone is "

@@ -52,6 +52,32 @@ def test_checkpoint_loads_in_its_own_dtype(bf16_ckpt):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def _mapping_of(address: int) -> str:
+    """The path /proc/self/maps gives for the mapping holding `address` ('' for anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= address < hi:
+            return parts[5] if len(parts) > 5 else ""
+    return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_a_mapped_checkpoint_is_views_of_its_file(bf16_ckpt):
+    """mapped=True: every bf16 parameter lives in the mapped model.safetensors (page cache the
+    kernel can drop), equal to the read copy; the tied pair stays one tensor."""
+    from echo_train.model.checkpoint import load_checkpoint
+
+    read, _ = load_checkpoint(bf16_ckpt / "ckpt", dtype=torch.bfloat16)
+    mapped, _ = load_checkpoint(bf16_ckpt / "ckpt", dtype=torch.bfloat16, mapped=True)
+    for (name, a), (_, b) in zip(read.named_parameters(), mapped.named_parameters()):
+        assert torch.equal(a, b), name
+        assert _mapping_of(b.data_ptr()).endswith("model.safetensors"), name
+        assert not _mapping_of(a.data_ptr()).endswith("model.safetensors"), name
+    if mapped.cfg.lm.tie_word_embeddings:
+        assert mapped.lm.lm_head.weight is mapped.lm.model.embed_tokens.weight
+
+
 def test_fp32_compute_of_a_bf16_model_is_the_fp32_model(bf16_ckpt):
     from echo_export.graphs import example_inputs, make_graph
     from echo_export.stream_export import fp32_compute
@@ -191,7 +217,8 @@ def test_a_build_that_cannot_fit_refuses_before_loading(bf16_ckpt, monkeypatch):
 
     fp32 = _plan(bf16_ckpt, ["fp32", "fp16"], stream=False)
     fp16 = _plan(bf16_ckpt, ["fp16"], stream=True)
-    assert fp16.phases["load"] * 2 == pytest.approx(fp32.phases["load"], rel=0.01)  # bf16 vs fp32 bytes
+    assert fp16.mapped_bytes * 2 * 1.05 == pytest.approx(fp32.phases["load"], rel=0.01)  # bf16 vs fp32 bytes
+    assert fp16.phases["load"] < 0.1 * fp16.mapped_bytes  # mapped weights are page cache, not the phases
     # room for the bf16 model, not for the fp32 one: the fp32 build refuses and names the fp16 one
     room = (fp16.phases["export"] + fp32.phases["export"]) // 2
     monkeypatch.setattr(memory_plan, "mem_available", lambda: int(room + memory_plan.HEADROOM))

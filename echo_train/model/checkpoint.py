@@ -11,6 +11,7 @@ one read chunk, not the model twice (a second state dict) as through safetensors
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,12 +95,13 @@ def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
 
 
 def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> tuple[EchoModel, ReportTokenizer]:
+                    dtype: Optional[torch.dtype] = None, mapped: bool = False) -> tuple[EchoModel, ReportTokenizer]:
     """The model (in eval mode, on `map_location`) and tokenizer of a checkpoint folder.
 
     `dtype`: the parameters' dtype (e.g. `checkpoint_dtype(dir)`: a bf16 file loads as bf16, half
     the bytes of fp32; a 7B model is 16.6 GB instead of 33); buffers (rotary tables, masks) stay
-    as the constructors make them. Default: the model's own (fp32).
+    as the constructors make them. Default: the model's own (fp32). `mapped`: parameters stored in
+    that dtype are views of the file mapped into memory (see load_weights), for read-only use.
 
     Refusals (CheckpointError): missing files, a config that is not ECHO's, a model.safetensors
     that is damaged or whose tensors do not match the config's model (named, first few)."""
@@ -112,7 +114,7 @@ def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu",
         model = EchoModel(cfg)
     if dtype is not None:
         parameters_to(model, dtype)
-    load_weights(model, d / "model.safetensors", device=map_location)
+    load_weights(model, d / "model.safetensors", device=map_location, mapped=mapped)
     model.eval()
     return model, ReportTokenizer.from_file(d / "tokenizer.json", cfg.prompt_template)
 
@@ -182,12 +184,27 @@ def _state_slots(model: nn.Module) -> list[tuple[list[str], list[tuple[nn.Module
     return list(groups.values())
 
 
+def _mapped_tensor(mm: mmap.mmap, entry, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """`entry`'s bytes in the mapped file as a tensor shaped like `like`, where the dtypes match and
+    the offset is aligned for it; else None (the caller reads a copy)."""
+    item = torch.empty(0, dtype=like.dtype).element_size()
+    if entry.dtype != like.dtype or entry.begin % item or entry.numel == 0:
+        return None
+    return torch.frombuffer(mm, dtype=like.dtype, count=entry.numel, offset=entry.begin).view(like.shape)
+
+
 @torch.no_grad()
-def load_weights(model: nn.Module, path: str | Path, device: str | torch.device | None = None) -> None:
+def load_weights(model: nn.Module, path: str | Path, device: str | torch.device | None = None,
+                 mapped: bool = False) -> None:
     """Fill every state_dict entry of `model` from the safetensors file `path`, one tensor at a time.
 
     Meta parameters (parameters_on_meta) get new storage on `device` (default the CPU); real ones
     are overwritten in place, on their own device. Each tensor is converted to the entry's dtype.
+    `mapped` (CPU, meta parameters of the stored dtype): a parameter is a view of the file mapped
+    copy-on-write, not a copy: its pages are the page cache's, read when touched and dropped by the
+    kernel under memory pressure (read again when needed), so a 16.6 GB 7B model can be exported on
+    a machine where less than that is free. Writing to such a parameter copies only the pages
+    written, never the file.
     Everything is checked before anything is read: a tensor the model lacks, an entry the file
     lacks, another shape, a tied pair stored twice -> CheckpointError naming them."""
     from .pretrained import names_preview
@@ -223,10 +240,13 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
     target = torch.device(device) if device is not None else torch.device("cpu")
     try:
         with open(p, "rb", buffering=0) as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if mapped and target.type == "cpu" else None
             for entry, holders, t in plan:
                 if t.device.type == "meta":
-                    new = torch.empty(t.shape, dtype=t.dtype, device=target)
-                    read_into(f, entry, new)
+                    new = _mapped_tensor(mm, entry, t) if mm is not None else None
+                    if new is None:
+                        new = torch.empty(t.shape, dtype=t.dtype, device=target)
+                        read_into(f, entry, new)
                     if isinstance(t, nn.Parameter):
                         new = nn.Parameter(new, requires_grad=t.requires_grad)
                     for module, attr in holders:  # every holder of a tied weight gets the one new tensor
