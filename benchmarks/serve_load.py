@@ -47,6 +47,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+from .sysinfo import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "echo"
 OUTPUTS = ("text", "error", "batch_items", "graph_batch", "instance")
@@ -559,7 +561,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_start = time.time()
     res: dict = {"command": "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "engine_dir": a.engine_dir,
-                 "machine": {"cpus": os.cpu_count(), "cpu": _cpu(), "python": platform.python_version()},
+                 "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version()},
                  "images": [n for n, _ in images], "cells": []}
     for i, n_inst in enumerate(insts):
         server = EchoServe(a.engine_dir, n_inst, tuple(a.serve_arg))
@@ -619,16 +621,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad += sum(1 for b in res.get("bad_inputs", []) if not (b["is_4xx"] and b["good_request_after"]
                                                              and b["carries_runtime_message"] is not False))
     return 1 if bad else 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
