@@ -27,9 +27,9 @@ from runtime.schedule import DEFAULT_UNMASK_RULE, UNMASK_THRESHOLD
 from .engines import (DEFAULT_BLOCK, METHODS, Decoded, ModelCache, Paths, RuntimeCache, RuntimeRunner, TorchRunner, HFRunner,
                       Unavailable, engine_manifest, engine_manifest_info, select_engines, trt_unavailable_reason)
 from .sysinfo import PeakMemory, machine_info
+from .tables import NA, results_markdown
 
 DEFAULT_METRICS = ("finding_f1", "bleu", "rouge", "semscore", "validity")
-NA = "not available: "
 
 
 @dataclass
@@ -560,7 +560,7 @@ class SemScorer:
         a = np.stack([self.vectors[t] for t in preds])
         b = np.stack([self.vectors[t] for t in refs])
         per = (a * b).sum(-1)
-        from echo_train.metrics.report import bootstrap_ci  # the resamples of every other metric's CI
+        from echo_train.metrics.bootstrap import bootstrap_ci  # the resamples of every other metric's CI
 
         cis = bootstrap_ci(lambda idx: {"semscore": float(per[idx].mean())}, len(per), self.n_boot, self.seed)
         return float(per.mean()), (list(cis["semscore"]) if cis else None), None
@@ -657,7 +657,6 @@ def runtime_overhead(cells: list[dict], block_size: int) -> dict:
 
 def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     from .plot import plot_quality_vs_latency, plot_teacher_steps
-    from .tables import results_markdown
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .harness import NA
+NA = "not available: "  # the status of a cell that could not run, written by the harness
 
 METHOD_NAMES = {"ar": "AR", "teacher": "teacher (B steps)", "naive": "naive one-step", "dcd": "DCD one-step"}
 
