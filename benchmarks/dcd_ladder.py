@@ -167,7 +167,7 @@ def decode_cached(ckpt: str, mode: str, studies, cache: Path) -> dict[str, str]:
 
 def _paired_validity(a: dict, b: dict, n_boot: int) -> dict:
     """Valid-sentence rate of a minus b on the same reports, with a paired percentile bootstrap CI."""
-    from echo_train.metrics.report import bootstrap_ci
+    from echo_train.metrics.bootstrap import bootstrap_ci
     from echo_train.metrics.validity import validity_arrays, validity_from_arrays
 
     ids = list(a)

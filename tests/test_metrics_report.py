@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from echo_train.metrics.cli import main, read_reports
-from echo_train.metrics.report import EvalConfig, bootstrap_ci, evaluate_reports
+from echo_train.metrics.bootstrap import bootstrap_ci
+from echo_train.metrics.report import EvalConfig, evaluate_reports
 
 REFS = {
     "s1": "FINDINGS: The heart is mildly enlarged. There is a small left pleural effusion. "

@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .bootstrap import bootstrap_ci
 from .labeler import CHEXPERT_OBSERVATIONS, FIVE_OBSERVATIONS, label_report
 
 Labels = Mapping[str, Optional[int]]
@@ -103,8 +104,6 @@ def paired_micro_f1_difference(preds_a, preds_b, refs, n_boot: int = 1000, seed:
 
     def delta(idx) -> float:
         return f1_from_matrices(pa[idx], ref[idx])["micro_f1"] - f1_from_matrices(pb[idx], ref[idx])["micro_f1"]
-
-    from .report import bootstrap_ci  # report builds on this module
 
     n = len(ids)
     cis = bootstrap_ci(lambda idx: {"delta": delta(idx)}, n, n_boot, seed, ci)

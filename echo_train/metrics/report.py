@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from . import text_overlap as tx
+from .bootstrap import bootstrap_ci
 from .finding_f1 import f1_from_matrices, labels_matrix
 from .labeler import label_report
 from .semscore import ModelUnavailable
@@ -297,21 +298,6 @@ def _unavailable_errors() -> tuple[type, ...]:
     from .validity import GrammarUnavailable
 
     return (ModelUnavailable, MeteorUnavailable, GrammarUnavailable)
-
-
-def bootstrap_ci(stat: Callable[[np.ndarray], dict], n: int, n_boot: int, seed: int, ci: float = 0.95,
-                 idx: Optional[np.ndarray] = None) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs of every value `stat(indices)` returns."""
-    if n == 0 or n_boot <= 0:
-        return {}
-    if idx is None:
-        idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    samples: dict[str, list[float]] = {}
-    for row in idx:
-        for k, v in stat(row).items():
-            samples.setdefault(k, []).append(v)
-    lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
-    return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in samples.items()}
 
 
 def evaluate_reports(preds: Mapping[str, str], refs: Mapping[str, str],
