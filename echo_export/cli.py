@@ -72,9 +72,9 @@ def build(ckpt, out, precision, precision_opts, ar_ckpt, batch_sizes, capacity, 
         if opset < 18:
             raise BuildError(f"--opset {opset}: the exporter contract needs opset >= 18")
         if trt:
-            from .tensorrt_build import _import_trt
+            from .tensorrt_build import import_trt
 
-            _import_trt()  # fail before any work
+            import_trt()  # fail before any work
         opts = BuildOptions(ckpt=ckpt, out=out, precisions=parse_precisions(precision), ar_ckpt=ar_ckpt,
                             batch_sizes=parse_batch_sizes(batch_sizes), capacity=capacity, calib_size=calib_size,
                             verify_n=verify_n, data=data, verify_data=verify_data, trt=trt, force=force, opset=opset,

@@ -54,7 +54,7 @@ def _external_info(t: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
-def _tensor_bytes(t: onnx.TensorProto, base: Path) -> bytes:
+def tensor_bytes(t: onnx.TensorProto, base: Path) -> bytes:
     """The raw little-endian bytes of an initializer, inline or external."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         info = _external_info(t)
@@ -118,7 +118,7 @@ class WeightsFile:
         return self.path.stat().st_size
 
 
-def _point_to(t: onnx.TensorProto, data_file: str, offset: int, length: int) -> None:
+def point_to(t: onnx.TensorProto, data_file: str, offset: int, length: int) -> None:
     """Make initializer `t` read its bytes from `data_file` at offset."""
     t.ClearField("raw_data")
     for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
@@ -178,7 +178,7 @@ def share_weights(folder: Path, graph_files: Iterable[str], data_file: str | Wei
                     res.bytes_referenced += int(_external_info(t)["length"])
                     continue
                 old_files.add(location)
-            data = _tensor_bytes(t, folder)
+            data = tensor_bytes(t, folder)
             if len(data) < min_bytes:
                 if ext:  # a small tensor the exporter put outside: bring it back inline
                     t.raw_data = data
@@ -186,7 +186,7 @@ def share_weights(folder: Path, graph_files: Iterable[str], data_file: str | Wei
                     t.data_location = onnx.TensorProto.DEFAULT
                 continue
             offset, length = store.add(data)
-            _point_to(t, store.name, offset, length)
+            point_to(t, store.name, offset, length)
             res.tensors_referenced += 1
             res.bytes_referenced += length
         models.append((name, model))

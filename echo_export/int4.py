@@ -236,7 +236,7 @@ def weight_matmuls(model: onnx.ModelProto, parts: Iterable[str]) -> list[WeightM
     return out
 
 
-def _parts(opts: Int4Options) -> tuple[str, ...]:
+def quantised_parts(opts: Int4Options) -> tuple[str, ...]:
     return ("decoder",) + (("vision",) if opts.vision else ()) + (("lm_head",) if opts.lm_head else ())
 
 
@@ -249,7 +249,7 @@ def _staged_offset(t: onnx.TensorProto, source) -> Optional[int]:
     return where[1] if where is not None and where[0] == source.name else None
 
 
-def _weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path, source=None) -> np.ndarray:
+def weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path, source=None) -> np.ndarray:
     """The weight [K, N] in fp32: from the graph's weights file, or widened from the checkpoint's
     dtype one tensor at a time where the graph is staged (`source`)."""
     t = next(t for t in model.graph.initializer if t.name == wm.weight)
@@ -262,7 +262,7 @@ def _weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path, source=None
 HASH_ROWS = 4096  # rows of a weight hashed at a time: a transposed 2 GB head is not copied whole
 
 
-def _key(w_kn: np.ndarray) -> str:
+def weight_key(w_kn: np.ndarray) -> str:
     """The same weight in every graph (prefill, step, each batch) gets the same key: its content
     (the sha256 of its C-order bytes, fed a slice of rows at a time)."""
     h = hashlib.sha256()
@@ -367,9 +367,9 @@ class LinearInputRows:
         self._hooks = []
 
     def by_weight(self) -> list[dict[str, np.ndarray]]:
-        """One {weight key (`_key` of W [K, N] in fp32): rows} per phase, for WeightPlan.add_rows."""
+        """One {weight key (`weight_key` of W [K, N] in fp32): rows} per phase, for WeightPlan.add_rows."""
         self.close()
-        keys = {mid: _key(m.weight.detach().float().numpy().T) for mid, m in self._modules.items()
+        keys = {mid: weight_key(m.weight.detach().float().numpy().T) for mid, m in self._modules.items()
                 if any((mid, ph) in self._rows for ph in ("prefill", "step"))}
         out = []
         for phase in ("prefill", "step"):
@@ -456,14 +456,14 @@ def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: in
     """Every initializer of at least `min_bytes` into `store` (weights.int4.bin), one at a time:
     the untouched fp32 ones (embedding, norms, a kept vision tower) read from the fp32 weights file,
     or from `source` where the graph is staged (widened from the checkpoint's dtype)."""
-    from .external_weights import _point_to, _tensor_bytes
+    from .external_weights import point_to, tensor_bytes
 
     for t in model.graph.initializer:
         offset = _staged_offset(t, source)
-        data = source.raw(offset) if offset is not None else _tensor_bytes(t, base)
+        data = source.raw(offset) if offset is not None else tensor_bytes(t, base)
         if len(data) >= min_bytes:
             offset, length = store.add(data)
-            _point_to(t, store.name, offset, length)
+            point_to(t, store.name, offset, length)
     store.flush()
 
 
@@ -476,15 +476,15 @@ def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes
     _name_nodes(model)
     by_name = {n.name: n for n in model.graph.node}
     new, inits, counts = {}, [], {}
-    for wm in weight_matmuls(model, _parts(plan.opts)):
-        w = _weight_kn(model, wm, src.parent, source)
-        qw = plan.quantize(_key(w), w)
+    for wm in weight_matmuls(model, quantised_parts(plan.opts)):
+        w = weight_kn(model, wm, src.parent, source)
+        qw = plan.quantize(weight_key(w), w)
         del w
         new[wm.node], more = _matmulnbits_nodes(wm, by_name[wm.node], qw, level)
         inits += more
         counts[wm.part] = counts.get(wm.part, 0) + 1
     if not new:
-        raise PrecisionError(f"{src}: no weight MatMul of {', '.join(_parts(plan.opts))} to quantise")
+        raise PrecisionError(f"{src}: no weight MatMul of {', '.join(quantised_parts(plan.opts))} to quantise")
     _replace_nodes(model, new, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -525,7 +525,7 @@ def int4_dq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
     INT4 DequantizeLinear + MatMul, opset 21, no com.microsoft operator. The other initializers stay
     where they are (weights.int4.bin); the INT4 weights, in TensorRT's [K, N] layout, go to
     `<dst>.data` beside it (or, for a dst in another folder, everything goes to `<dst>.data`)."""
-    from .external_weights import WeightsFile, _point_to
+    from .external_weights import WeightsFile, point_to
     from .precision import save_graph
 
     src, dst = Path(src), Path(dst)
@@ -551,7 +551,7 @@ def int4_dq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
         store = WeightsFile(dst.parent, dst.name + ".data")
         for t in added:
             if t.data_type == onnx.TensorProto.INT4:
-                _point_to(t, store.name, *store.add(t.raw_data))
+                point_to(t, store.name, *store.add(t.raw_data))
         store.close()
         onnx.save(model, str(dst))
     return {"dequantize_linear_int4": len(new), "opset": DQ_BLOCK_OPSET}
@@ -571,7 +571,7 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     level = choose_accuracy_level() if opts.accuracy_level is None else opts.accuracy_level
     b.meter.start("int4")
     b.log(f"[int4] {opts.method}, block {opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, "
-          f"accuracy_level {level}; quantised: {', '.join(_parts(opts))}")
+          f"accuracy_level {level}; quantised: {', '.join(quantised_parts(opts))}")
     sources = sorted((k, v) for k, v in b.files.items() if k[1] == "fp32")
     if not sources:  # the fp32 graphs are its source (their weights are read one at a time)
         raise PrecisionError("int4 converts the fp32 graphs, and this build has none")
@@ -588,8 +588,8 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
             model = onnx.load(str(b.tmp / src), load_external_data=False)
             inputs = {}
             nodes = {n.name: n for n in model.graph.node}
-            for wm in weight_matmuls(model, _parts(opts)):
-                inputs[_key(_weight_kn(model, wm, b.tmp))] = nodes[wm.node].input[0]
+            for wm in weight_matmuls(model, quantised_parts(opts)):
+                inputs[weight_key(weight_kn(model, wm, b.tmp))] = nodes[wm.node].input[0]
             plan.add_rows(activation_rows(b.tmp / src, b.calib[(role, bs)], inputs, opts.max_feeds, opts.calib_rows))
     info: dict = {}
     for (role, _, bs), src in sources:
@@ -601,6 +601,6 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     alphas = sorted(plan.alphas.values())
     b.precision_info["int4"] = {
         **asdict(opts), "accuracy_level": level, "accuracy_level_requested": opts.accuracy_level or "auto",
-        "quantized_parts": list(_parts(opts)), "awq_alpha_median": float(np.median(alphas)) if alphas else None,
+        "quantized_parts": list(quantised_parts(opts)), "awq_alpha_median": float(np.median(alphas)) if alphas else None,
         "tensorrt_form": "DequantizeLinear(INT4, block_size) + MatMul, opset 21" if opts.symmetric else None}
     b.meter.stop()

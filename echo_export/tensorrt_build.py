@@ -8,7 +8,7 @@ lazily so that the rest of echo_export works without them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 TRT_HINT = "TensorRT is not installed: install the [trt] extra (pip install 'echo-cxr[trt]') on a machine with a CUDA GPU"
 
@@ -17,7 +17,8 @@ class TensorRTUnavailable(RuntimeError):
     """tensorrt / polygraphy missing, or no GPU."""
 
 
-def _import_trt():
+def import_trt() -> Any:
+    """The tensorrt module, or TensorRTUnavailable naming the [trt] extra."""
     try:
         import tensorrt as trt  # type: ignore[import-not-found]
     except ImportError as e:
@@ -81,7 +82,7 @@ def build_engine(
     graph it was built from, whose weights are the folder's weights.<precision>.bin: the plans
     of every batch size do not each carry another copy of the model.
     """
-    trt = _import_trt()
+    trt = import_trt()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -137,7 +138,7 @@ def compare_with_onnxruntime(
         raise TensorRTUnavailable(f"{TRT_HINT}; polygraphy is missing ({e})") from None
     from runtime.trt_backend import load_engine
 
-    trt = _import_trt()
+    trt = import_trt()
     engine, _runtime = load_engine(trt, trt.Logger(trt.Logger.WARNING), Path(plan_path), Path(onnx_path))  # refits a stripped plan
     runners = [
         TrtRunner(engine),
@@ -165,7 +166,7 @@ def build_all(engine_dir: str | Path, onnx_files: list[str], *, timing_cache: Op
     d = Path(engine_dir)
     out = {}
     cache = Path(timing_cache) if timing_cache else d / "trt_timing.cache"
-    _import_trt()
+    import_trt()
     for name in onnx_files:
         plan = plan_filename(name)
         src = tensorrt_source_filename(name)

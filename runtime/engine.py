@@ -362,9 +362,9 @@ class EchoRuntime:
 
     def _backend_class(self):
         if self.backend == "trt":
-            from .trt_backend import TrtGraph, _import
+            from .trt_backend import TrtGraph, import_tensorrt
 
-            _import()  # a clear error naming the [trt] extra when it is missing
+            import_tensorrt()  # a clear error naming the [trt] extra when it is missing
             return TrtGraph
         from .ort_backend import OrtGraph
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageReadError
-from .preprocess import _as_8bit, read_image
+from .preprocess import as_8bit, read_image
 
 DEFAULT_MIN_PIXELS = 56 * 56  # the processor's default
 DEFAULT_MAX_PIXELS = 2_250_000  # what ECHO's official inference code passes
@@ -160,13 +160,13 @@ class NativeImage:
 
 def _rgb_8bit(arr: np.ndarray, channels: int) -> np.ndarray:
     """uint8 [H, W, C]: a grey 2-D image copied to every channel (what convert("RGB") does to a grey
-    PNG); an 8-bit [H, W, 3] image as it is. Non-8-bit values are stretched (_as_8bit)."""
+    PNG); an 8-bit [H, W, 3] image as it is. Non-8-bit values are stretched (as_8bit)."""
     a = np.asarray(arr)
     if a.ndim == 3 and a.shape[-1] == channels:
-        return _as_8bit(a)
+        return as_8bit(a)
     if a.ndim != 2:
         raise ValueError(f"expected a 2-D grey image or [H, W, {channels}], got shape {a.shape}")
-    grey = _as_8bit(a)
+    grey = as_8bit(a)
     return np.repeat(grey[:, :, None], channels, axis=2)
 
 

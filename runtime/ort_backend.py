@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import EchoRuntimeError
 
-_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
            "tensor(int32)": np.int32}
 
 
@@ -65,8 +65,8 @@ class OrtGraph:
             self.session = ort.InferenceSession(str(self.path), so, providers=self.providers)
         except Exception as e:
             raise EchoRuntimeError(f"{self.path}: onnxruntime cannot load this graph ({type(e).__name__}: {e})") from None
-        self.inputs = {i.name: (tuple(i.shape), _DTYPES.get(i.type, None)) for i in self.session.get_inputs()}
-        self.outputs = {o.name: (tuple(o.shape), _DTYPES.get(o.type, None)) for o in self.session.get_outputs()}
+        self.inputs = {i.name: (tuple(i.shape), ORT_DTYPES.get(i.type, None)) for i in self.session.get_inputs()}
+        self.outputs = {o.name: (tuple(o.shape), ORT_DTYPES.get(o.type, None)) for o in self.session.get_outputs()}
         self._on_device = self.session.get_providers()[0] != "CPUExecutionProvider"
 
     def shape(self, name: str) -> tuple:

@@ -223,7 +223,7 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return (scaled * 255.0).round().astype(np.uint8)
 
 
-def _as_8bit(a: np.ndarray) -> np.ndarray:
+def as_8bit(a: np.ndarray) -> np.ndarray:
     """An 8-bit image's own values (whole numbers in 0..255: PNG / JPEG L or RGB read as grey);
     anything else (16-bit PNG, DICOM) stretched to its own range, as the processor only takes 8-bit."""
     a = np.asarray(a, dtype=np.float64)
@@ -242,7 +242,7 @@ def normalize_image(arr: np.ndarray, image_size: int, mode: str = "echo") -> np.
     RGB channels, so one channel is kept. The grid is square and fixed (the graphs' shapes): a
     non-square image is resized to it (the processor would keep its aspect ratio, a different grid)."""
     if mode == "processor":
-        grey, resample = _as_8bit(arr), Image.BICUBIC
+        grey, resample = as_8bit(arr), Image.BICUBIC
     elif mode == "echo":
         grey, resample = _to_uint8(arr), Image.BILINEAR
     else:

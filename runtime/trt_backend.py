@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,8 @@ DEVICE_OUTPUTS = ("present_key", "present_value")  # only ever copied device-to-
 _EXTRA = "the TensorRT backend needs the [trt] extra (pip install 'echo-cxr[trt]': tensorrt, cuda-python) and an NVIDIA GPU"
 
 
-def _import():
+def import_tensorrt() -> tuple[Any, Any]:
+    """(tensorrt, cudart), or an EchoRuntimeError naming the [trt] extra."""
     try:
         import tensorrt as trt
     except Exception as e:
@@ -39,7 +41,7 @@ def _import():
 def trt_available() -> tuple[bool, str]:
     """(True, "") when the TensorRT backend can run here, else (False, why)."""
     try:
-        _, cudart = _import()
+        _, cudart = import_tensorrt()
         err, n = cudart.cudaGetDeviceCount()
         if int(err) != 0 or n < 1:
             return False, "no CUDA device"
@@ -90,7 +92,7 @@ def load_engine(trt, logger, plan: Path, onnx_source: Path) -> tuple:
 
 class TrtGraph:
     def __init__(self, onnx_path: str | Path, threads=None, providers=None) -> None:
-        self.trt, self.cudart = _import()
+        self.trt, self.cudart = import_tensorrt()
         trt, cudart = self.trt, self.cudart
         self.path = plan_path(onnx_path)
         if not self.path.is_file():

@@ -186,7 +186,7 @@ def test_int4_awq_takes_its_rows_from_the_pytorch_decodes(bf16_ckpt):
 
 
 def test_linear_input_rows_keep_a_sample_of_what_each_layer_saw():
-    from echo_export.int4 import LinearInputRows, _key
+    from echo_export.int4 import LinearInputRows, weight_key
 
     lin = torch.nn.Linear(6, 3)
     rows = LinearInputRows(torch.nn.Sequential(lin), max_rows=5)
@@ -197,7 +197,7 @@ def test_linear_input_rows_keep_a_sample_of_what_each_layer_saw():
         seen.append(x.numpy())
         run(x)
     (got,) = rows.by_weight()
-    kept = got[_key(lin.weight.detach().numpy().T)]
+    kept = got[weight_key(lin.weight.detach().numpy().T)]
     every = np.concatenate(seen)
     assert kept.shape == (5, 6)
     assert all(any(np.array_equal(r, e) for e in every) for r in kept.astype(np.float32))

@@ -611,11 +611,11 @@ def test_tensorrt_build_skips_without_tensorrt(built):
 def test_tensorrt_missing_gives_clear_error(monkeypatch):
     import sys
 
-    from echo_export.tensorrt_build import TensorRTUnavailable, _import_trt
+    from echo_export.tensorrt_build import TensorRTUnavailable, import_trt
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTUnavailable, match=r"\[trt\] extra"):
-        _import_trt()
+        import_trt()
 
 
 def test_runtime_engine_reads_the_folder(built, setup):

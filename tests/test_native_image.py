@@ -69,7 +69,7 @@ def test_pixels_equal_the_processor(h, w, max_pixels):
 
 def test_pixels_from_a_file_and_bad_inputs(tmp_path):
     """The path reader reads what Image.open(path).convert("RGB") reads for a grey PNG; a 16-bit
-    image is stretched to 8 bits first (_as_8bit); bad files are ImageReadErrors naming them."""
+    image is stretched to 8 bits first (as_8bit); bad files are ImageReadErrors naming them."""
     spec = VisionGridSpec(max_pixels=100_000)
     grey = _image(90, 140, seed=3)
     Image.fromarray(grey, mode="L").save(tmp_path / "a.png")

@@ -71,8 +71,8 @@ def _variant(work: Path, name: str, opts: dict, calib: dict, rec, level_auto: in
         if o.method == "awq":
             model = int4.onnx.load(str(work / f"{role}.fp32.b1.onnx"), load_external_data=False)
             nodes = {n.name: n for n in model.graph.node}
-            inputs = {int4._key(int4._weight_kn(model, wm, work)): nodes[wm.node].input[0]
-                      for wm in int4.weight_matmuls(model, int4._parts(o))}
+            inputs = {int4.weight_key(int4.weight_kn(model, wm, work)): nodes[wm.node].input[0]
+                      for wm in int4.weight_matmuls(model, int4.quantised_parts(o))}
             plan.add_rows(int4.activation_rows(work / f"{role}.fp32.b1.onnx", calib[role], inputs, 32, o.calib_rows))
     store = WeightsFile(work, f"weights.{tag}.bin")
     for role in ("vision_prefill", "block_step"):

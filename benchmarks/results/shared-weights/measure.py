@@ -49,7 +49,7 @@ class _PyGraph:
     def __init__(self, path: Path, weights: Path, kind: str, wmap) -> None:
         import onnxruntime as ort
 
-        from runtime.ort_backend import _DTYPES
+        from runtime.ort_backend import ORT_DTYPES
 
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -60,8 +60,8 @@ class _PyGraph:
             so.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
             so.add_external_initializers_from_files_in_memory([weights.name], [wmap], [wmap.nbytes])
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: (tuple(i.shape), _DTYPES[i.type]) for i in self.session.get_inputs()}
-        self.outputs = {o.name: (tuple(o.shape), _DTYPES[o.type]) for o in self.session.get_outputs()}
+        self.inputs = {i.name: (tuple(i.shape), ORT_DTYPES[i.type]) for i in self.session.get_inputs()}
+        self.outputs = {o.name: (tuple(o.shape), ORT_DTYPES[o.type]) for o in self.session.get_outputs()}
 
     def bind(self, inputs, outputs) -> None:
         import onnxruntime as ort
