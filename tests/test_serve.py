@@ -35,7 +35,7 @@ from test_runtime_graphs import images, runtime_engine  # noqa: F401
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PY = Path(os.environ.get("ECHO_SERVE_PYTHON", ROOT / ".venv" / "serve" / "bin" / "python"))
 # the committed screenshot is rewritten only on request, so `make test` leaves the tree clean
-SCREENSHOT = ROOT / "benchmarks" / "results" / "serve" / "report_page.png"
+SCREENSHOT = ROOT / "benchmarks" / "results" / "serve" / "report_page_test_engine.png"
 UPDATE_SCREENSHOT = os.environ.get("ECHO_UPDATE_SCREENSHOT") == "1"
 INSTANCES = 2
 
