@@ -48,8 +48,8 @@ class DemoConfig:
     # (`--precision fp32` reproduces a CPU without it)
     training_precision: str = "auto"
     # The benchmark runs every engine on ONE thread: the demo model's ops are too small to split,
-    # and a second thread only adds synchronisation (measured on 2 cores: onnxruntime AR 30 ms
-    # per report on 1 thread against 57 ms on 2). Every engine gets the same setting.
+    # and a second thread only adds synchronisation (measured: docs/results.md, "Measured in code's
+    # stead"). Every engine gets the same setting.
     bench_threads: int = 1
     # 1. data
     n_train: int = 2000
@@ -85,8 +85,7 @@ class DemoConfig:
     # block_denoise / block_commit graphs (the teacher rows and the steps sweep) on onnxruntime fp32;
     # verify.json checks both against PyTorch on 50 test studies. Capacity: export_capacity, as the
     # student's; at the build's default (prefix + max tokens, 192 on the demo) the multi-step verify
-    # failed (a commit pass past the cache's end). Measured on the demo-sized ladder teacher: 640 s on
-    # 2 cores shared with other jobs (load ~8), 556 s of it the PyTorch references on 50 images.
+    # failed (a commit pass past the cache's end). Its time: docs/results.md, "Measured in code's stead".
     teacher_export_precisions: str = "fp32"
     teacher_export_batch_sizes: str = "1"
     teacher_export_verify_n: int = 50

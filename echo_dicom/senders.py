@@ -43,8 +43,8 @@ class PacsAddress:
 
 class CStoreSender:
     """SRs to a PACS as the node's own AE title, a batch split over `associations` parallel
-    associations: a C-STORE waits on the PACS's answer (about 90 ms per SR against Orthanc on
-    loopback, most of it TCP delayed-ACK), so parallel associations are what raises throughput."""
+    associations: a C-STORE waits on the PACS's answer (most of it TCP delayed-ACK against Orthanc on
+    loopback: docs/pacs.md), so parallel associations are what raises throughput."""
 
     def __init__(self, pacs: PacsAddress, ae_title: str, timeout_s: float = 10.0, associations: int = 1) -> None:
         self.pacs, self.ae_title, self.timeout_s = pacs, ae_title, timeout_s

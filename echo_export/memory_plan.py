@@ -1,11 +1,12 @@
 """What a build will hold in memory, estimated from the checkpoint's header before anything heavy.
 
 A 7B checkpoint (8.29B parameters, 16.6 GB in bf16) built through fp32 needs 33 GB for the model
-alone; on a 24 GB machine the kernel killed that build 20 s into its input checks with no message
-(issue 30). So the build reads the safetensors header (parameter count, stored dtype, the largest
-tensor), estimates each phase's peak, compares it with MemAvailable, and refuses with the table
-and what would fit. The figures are estimates (about 10% above what a 0.5B-3B build measured for
-the weights; activations and KV caches are small beside them at batch 1).
+alone; on a 24 GB machine the kernel killed that build during its input checks with no message
+(issue 30; docs/results.md, "Measured in code's stead"). So the build reads the safetensors header
+(parameter count, stored dtype, the largest tensor), estimates each phase's peak, compares it with
+MemAvailable, and refuses with the table and what would fit. The figures are estimates (about 10%
+above what a 0.5B-3B build measured for the weights; activations and KV caches are small beside
+them at batch 1).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def plan_build(ckpt: Path, precisions: list[str], stream: bool, verify: bool) ->
     plan.phases["load"] = base
     plan.phases["export"] = base + one
     # the reference widens one module at a time, the largest being the lm_head (4 bytes a parameter);
-    # not counted: activations, 1.5 GB more measured at a 3050-token native prefill at 7B widths
+    # not counted: activations (a long native prefill at 7B widths adds GBs: docs/results.md)
     plan.phases["reference"] = base + 4 * largest
     room = None if plan.available is None else plan.available - HEADROOM
     if stream and "int4" in precisions:  # the largest tensor int4 keeps fp32 (the head) widened whole

@@ -4,9 +4,9 @@ Used by `echo-export build` (int8 vs fp32 block step) and by the benchmark's ide
 
 A decode loop calls ONE graph many times in a row (AR: ar_step per token; one-step: block_step
 per block), so its weights and buffers stay in the CPU caches. Timing candidates strictly one
-call each in turn evicts them between calls and slows the smaller graph most: on the demo
-model a round-robin t(ar_step) read 0.36 ms against 0.28 ms back-to-back, more than the AR
-loop's own wall time per step (0.31 ms, Python included). So each candidate is timed in runs
+call each in turn evicts them between calls and slows the smaller graph most, by more than the
+AR loop's own wall time per step on the demo model (docs/results.md, "Measured in code's stead").
+So each candidate is timed in runs
 of `run_length` consecutive calls, and the runs alternate between candidates (the order
 flipping every round) so that drift (other processes, clock changes) still hits all alike.
 """

@@ -4,9 +4,8 @@ A folder is accepted when it holds exactly the manifest's files (and manifest.js
 its listed size and sha256, and manifest.json still has the checksum the build gave it. The
 runtime checks the whole folder when it opens it and each graph again whenever it loads one.
 
-Verified once: hashing gigabytes of weights at every start is slow (sha256 ran at 1.4 GB/s on one
-core here, from the page cache: 1.6 s per start for a 0.5B model's 2.3 GB of fp32 weights, plus
-the disk read when cold), so a file of at least STAMP_MIN_BYTES whose whole sha256 matched leaves a stamp in this
+Verified once: hashing gigabytes of weights at every start costs seconds per start, plus the disk
+read when cold (measured: docs/results.md, "Measured in code's stead"), so a file of at least STAMP_MIN_BYTES whose whole sha256 matched leaves a stamp in this
 user's cache (ECHO_CACHE_DIR, else $XDG_CACHE_HOME/echo, else ~/.cache/echo; `verified/`): its
 device, inode, size, mtime_ns and ctime_ns and the sha256 it had. A later check of a file with the
 same identity and the manifest's sha256 needs a stat only. Any write to a file changes its ctime,
@@ -31,7 +30,7 @@ from .prompt import PromptTemplate, PromptTemplateError, template_of
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-STAMP_MIN_BYTES = 16 << 20  # smaller files are hashed at every check (under ~30 ms each)
+STAMP_MIN_BYTES = 16 << 20  # smaller files are cheap enough to hash at every check
 STAMP_SETTLE_NS = 2 * 10**9  # no stamp for a file changed this recently (file timestamps are coarse)
 STAMP_KEEP = 512  # stamps kept in the cache; the oldest go first
 

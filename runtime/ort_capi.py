@@ -3,11 +3,11 @@
 Why the C API: on the CPU, onnxruntime copies every constant MatMul weight into its own blocked
 layout when a session starts ("prepacking"), so two sessions that read the same weights file each
 hold a private packed copy (the decoder twice for vision_prefill + block_step). Turning prepacking
-off keeps one copy but made the block step 1.8-2.3x slower here. onnxruntime shares packed weights between
+off keeps one copy but makes the block step much slower (docs/runtime.md). onnxruntime shares packed weights between
 sessions only for initializers handed in with AddInitializer and a PrepackedWeightsContainer given
 to CreateSessionWithPrepackedWeightsContainer; the Python bindings expose neither the container
 nor that call, so this module calls the C library that ships inside the onnxruntime wheel
-(capi/libonnxruntime.so*) with ctypes. Measured numbers: README, runtime section.
+(capi/libonnxruntime.so*) with ctypes. Measured numbers: docs/runtime.md.
 
 What is shared: each initializer of at least a page that the graph stores in
 weights.<precision>.bin and that only MatMul / Gemm (as B), Gather (as the table) or

@@ -30,21 +30,18 @@ class Stage3Config:
     trajectories: Optional[str] = None  # default: <out>_trajectories
     teacher_steps: Optional[int] = None  # default: the block size
     # Share of blocks that also train from an intermediate teacher state (a second noisy copy).
-    # 0 by default: on the stage-3 ladder (benchmarks/results/dcd-ladder, 1000 fresh test studies,
-    # 900 steps) p=1 reads valid sentences 0.791 all / 0.674 unseen against 0.785 / 0.639, inside the
-    # paired CI (+0.6 [-1.3, +2.5] / +3.5 [-0.9, +8.0] points), for ~1.5x the step time; earlier, at
-    # 180 steps, p=0.5 cost quality. The all-mask state is the one the one-step decoder sees.
+    # 0 by default: on the stage-3 ladder (benchmarks/results/dcd-ladder) p=1 stays inside the demo
+    # recipe's paired CI for more step time, and a shorter run with p=0.5 cost quality (numbers:
+    # docs/results.md, "Measured in code's stead"). The all-mask state is the one the one-step decoder sees.
     p_intermediate: float = P_INTERMEDIATE
     intermediate_copies: int = 1  # noisy copies that carry intermediate states (each drawn independently)
     # weight of the stage-2 loss (on the ground truth) mixed back in, meant to keep multi-step ability; it
-    # costs one-step coherence: at 0.5 the ladder reads 0.747 valid sentences against 0.785 (-3.8 [-6.2, -1.6])
+    # costs one-step coherence on the ladder
     diffusion_mix: float = 0.0
-    # stage 1's next-token loss on the clean copy (teacher's report); causal context only. At 1 the ladder
-    # reads 0.775 against 0.785 (-1.0 [-3.1, +1.1]): no gain.
+    # stage 1's next-token loss on the clean copy (teacher's report); causal context only. No gain on the ladder.
     ar_weight: float = 0.0
-    # on the demo teacher (1000 fresh test studies) 900 steps give 0.77 valid sentences against 0.66 at
-    # 400, F1 0.537-0.554 against 0.528 (AR 0.553); beyond 900 nothing more: on the stage-3 ladder 1800
-    # steps read 0.792 / 0.634 (all / unseen) against 0.785 / 0.639, and 4x the training images 0.767 / 0.616
+    # 900 steps: on the demo teacher more valid sentences and F1 than 400, and on the stage-3 ladder
+    # neither twice the steps nor four times the images did better (docs/results.md)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=900, batch_size=16, lr=5e-4, warmup_steps=10))
     train_limit: Optional[int] = None
 
