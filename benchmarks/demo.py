@@ -58,7 +58,7 @@ class DemoConfig:
     synth_budget_s: int = 90
     # 2-4. training (stage defaults: lr 2e-3 / 1e-3 / 5e-4)
     # The training budgets add up to 18 minutes, so the demo fits 25 on 2 cores; with bf16 matmuls every
-    # stage runs all its steps inside them (README, "make demo"), with fp32 the budgets cut steps.
+    # stage runs all its steps inside them (README and docs/results.md: the bf16 and fp32 demo runs), with fp32 the budgets cut steps.
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=16, lr=2e-3, budget_s=180))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=700, batch_size=16, lr=1e-3, budget_s=270))
     # 900 steps (the stage-3 default): at 400 the student is underfitted; on 1000 fresh test studies
