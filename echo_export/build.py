@@ -667,13 +667,6 @@ def _export_staged(b: _Build, g, inputs, name: str, shapes) -> None:
                      dynamic_shapes=shapes, sources=sources)
 
 
-def stream_export_params() -> int:
-    """How many model parameters staged graphs hold lazily now (0 once they are dropped)."""
-    from .stream_export import _PARAMS
-
-    return len(_PARAMS)
-
-
 def _drop_staged(b: _Build) -> None:
     """The staged fp32 graphs go once every converter has read them: not in the folder or manifest."""
     from .stream_export import release_params

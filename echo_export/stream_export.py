@@ -86,6 +86,11 @@ def _read_whole(p: torch.Tensor, transposed: bool) -> np.ndarray:
     return np.ascontiguousarray(a.T) if transposed else a
 
 
+def lazy_params_held() -> int:
+    """How many model parameters staged graphs hold lazily now (0 once release_params ran)."""
+    return len(_PARAMS)
+
+
 def release_params() -> None:
     """Forget the lazy parameters made so far (they hold the model's tensors): after their bytes
     are written (an fp32 export) or converted (the staged graphs, once fp16 is done)."""

@@ -146,13 +146,14 @@ def test_a_streamed_build_converts_each_model_before_loading_the_next(bf16_ckpt,
     """With --ar-ckpt, the student's staged graphs are converted and dropped before the AR model
     loads (two 7B models do not fit side by side); both families get fp16 and int4 graphs."""
     from echo_export import build as build_mod
+    from echo_export.stream_export import lazy_params_held
     from runtime.engine import EchoRuntime
 
     loaded, live = [], []
     real = build_mod._load_model
 
     def load(path, what, **kw):
-        live.append(bool(build_mod.stream_export_params()))  # staged lazy weights alive at this load?
+        live.append(bool(lazy_params_held()))  # staged lazy weights alive at this load?
         loaded.append((what, kw.get("dtype")))
         return real(path, what, **kw)
 

@@ -109,7 +109,6 @@ ALLOWED_PRIVATE: set[tuple[str, str]] = {
     ("echo_export.int4", "_store"),
     ("echo_export.int4", "_name_nodes"),
     ("echo_export.int4", "_external_location"),
-    ("echo_export.build", "_PARAMS"),  # stream_export's counter, read by build.stream_export_params
 }
 
 
