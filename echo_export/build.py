@@ -584,39 +584,37 @@ def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, m
     TensorRT comparison both need them: into `pre_feeds` / `step_feeds` (lists, or FeedStores
     that write each feed to disk as it comes), new lists where not given. `rows`: an
     int4.LinearInputRows told which phase each run is."""
-    from .decode_loop import ar_decode, fused_decode, torch_runner
+    from runtime.decode_mode import AR, FUSED, GRAPHS, DecodeMode
+
+    from .decode_loop import LoopSettings, decode, prefill_feeds, torch_runner
     from .graphs import make_graph
 
-    pre_role = gio.VISION_PREFILL if step_role == gio.BLOCK_STEP else gio.AR_PREFILL
-    pre_run = torch_runner(make_graph(pre_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
-    step_run = torch_runner(make_graph(step_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
+    mode = FUSED if step_role == gio.BLOCK_STEP else AR
+    pre_run, step_run = (torch_runner(make_graph(role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
+                         for role in GRAPHS[mode])
     if rows is not None:
         pre_run, step_run = rows.during("prefill", pre_run), rows.during("step", step_run)
     prefix = np.array(b.tok.prefix_ids(model.n_image_tokens), np.int64)
-    lm = cfg.lm
+    settings = LoopSettings.of(cfg.lm, b.opts.capacity, b.tok, max_new)
     pre_feeds = [] if pre_feeds is None else pre_feeds
     step_feeds = [] if step_feeds is None else step_feeds
     rec = lambda f: step_feeds.append({k: v.copy() for k, v in f.items()})  # noqa: E731
-    common = dict(capacity=b.opts.capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
-                  head_dim=lm.head_dim, eos_id=b.tok.eos_id, max_new_tokens=max_new, on_step=rec)
     if cfg.vision.native:  # one image at a time, each at its own grid and prompt length
         from .verify import VerifyItem, native_chunks
 
         for c in native_chunks([VerifyItem(str(i), px) for i, px in enumerate(pixels)], cfg, b.tok):
             pre_feeds.append(c.feeds)
-            fused_decode(pre_run, step_run, None, c.prompt_ids, block_size=cfg.block_size, mask_id=b.tok.mask_id,
-                         prefill_feeds=c.feeds, position_offset=c.offset, **common)
+            decode(DecodeMode.of(FUSED, c.prompt_ids.shape[1], cfg.block_size), pre_run, step_run, c.prompt_ids,
+                   c.feeds, settings, on_step=rec, position_offset=c.offset)
         return pre_feeds, step_feeds
+    md = DecodeMode.of(mode, prefix.size, cfg.block_size)
     for i in range(0, len(pixels), batch):
         part = pixels[i : i + batch]
         part = part + [part[-1]] * (batch - len(part))
-        px = np.stack(part).astype(np.float32)
         ids = np.broadcast_to(prefix, (batch, prefix.size)).copy()
-        pre_feeds.append({"pixel_values": px, "prefix_ids": ids})
-        if step_role == gio.BLOCK_STEP:
-            fused_decode(pre_run, step_run, px, ids, block_size=cfg.block_size, mask_id=b.tok.mask_id, **common)
-        else:
-            ar_decode(pre_run, step_run, px, ids, **common)
+        feeds = prefill_feeds(np.stack(part).astype(np.float32), ids)
+        pre_feeds.append(feeds)
+        decode(md, pre_run, step_run, ids, feeds, settings, on_step=rec)
     return pre_feeds, step_feeds
 
 
@@ -882,7 +880,7 @@ def _compare_plans(b: _Build, pixels: list[np.ndarray]) -> dict:
 
 
 def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray]) -> dict:
-    from .verify import VerifyItem, verify_ar, verify_block, verify_teacher
+    from .verify import VerifyItem, VerifyJob, verify_ar, verify_block, verify_teacher
     from .verify_table import print_table
 
     b.meter.start("verify")
@@ -890,16 +888,12 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
     checked = _sessions_that_fit(b)
     # the PyTorch references were computed in the reference phase: no PyTorch model is loaded here
-    rep = verify_block(b.tmp, b.files, None, b.tok, items, precisions=checked, batch_sizes=b.batch_sizes,
-                       capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log, reference=b.block_ref)
+    job = VerifyJob(b.tmp, b.files, b.tok, items, checked, b.batch_sizes, b.opts.capacity, b.log)
+    rep = verify_block(job, b.block_ref)
     if b.teacher_ref is not None:
-        rep["variants"].update(verify_teacher(b.tmp, b.files, b.tok, items, precisions=b.precisions,
-                                              capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log,
-                                              reference=b.teacher_ref))
+        rep["variants"].update(verify_teacher(replace(job, precisions=b.precisions), b.teacher_ref))
     if b.ar is not None:
-        rep_ar = verify_ar(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
-                           capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log, reference=b.ar_ref)
-        rep["variants"].update(rep_ar["variants"])
+        rep["variants"].update(verify_ar(replace(job, precisions=b.precisions), b.ar_ref)["variants"])
     verified = all(v["identical"] for v in rep["variants"].values()  # fp32: the registry's must_be_identical
                    if precision_registry.get(v["precision"]).tolerances.must_be_identical)
     rep.update(_what_was_verified(b, checked))
