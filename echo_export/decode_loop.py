@@ -64,11 +64,7 @@ def decode(mode: DecodeMode, prefill: Runner, step: Runner, prompt_ids: np.ndarr
     image's passes sit at their canvas index + `position_offset` (its rope delta). `on_step`
     sees every step pass's feeds before it runs."""
     b, s = prompt_ids.shape[0], settings
-    if prompt_ids.shape[1] != mode.prefix_len:
-        raise ValueError(f"a {prompt_ids.shape[1]}-id prompt, a mode described for {mode.prefix_len}")
-    if (need := mode.slots_needed(s.max_new_tokens)) > s.capacity:
-        raise ValueError(f"cache capacity {s.capacity} holds fewer than the {need} slots a {mode.prefix_len}-id "
-                         f"prompt and {s.max_new_tokens} new tokens need")
+    _check_fits(mode, prompt_ids, s)
     pre, (kc, vc) = dict(zip(mode.prefill_outputs, prefill(feeds))), s.empty_cache(b)
     kc[:, :, :, : mode.cached], vc[:, :, :, : mode.cached] = pre["present_key"], pre["present_value"]
     # pass 0 is fed the prefill's own ids (AR), else the prompt ids the prefill did not store (fused)
@@ -101,6 +97,14 @@ def decode(mode: DecodeMode, prefill: Runner, step: Runner, prompt_ids: np.ndarr
     raw = np.concatenate(written, 1)[:, mode.tail :]
     # cut at a mask a block left unfilled (the official decoders' rule); the AR graphs never predict it
     return LoopResult(raw, cut_rows_at_eos(raw, s.eos_id, s.mask_id), passes)
+
+
+def _check_fits(mode: DecodeMode, prompt_ids: np.ndarray, settings: LoopSettings) -> None:
+    if prompt_ids.shape[1] != mode.prefix_len:
+        raise ValueError(f"a {prompt_ids.shape[1]}-id prompt, a mode described for {mode.prefix_len}")
+    if (need := mode.slots_needed(settings.max_new_tokens)) > settings.capacity:
+        raise ValueError(f"cache capacity {settings.capacity} holds fewer than the {need} slots a "
+                         f"{mode.prefix_len}-id prompt and {settings.max_new_tokens} new tokens need")
 
 
 def _step_feeds(ids: np.ndarray, positions: np.ndarray, kc: np.ndarray, vc: np.ndarray, past: int) -> dict:
