@@ -209,8 +209,8 @@ def multistep_decode(mode: DecodeMode, prefill: Runner, denoise: Runner, commit:
 
     b, B, s = prompt_ids.shape[0], mode.width, settings
     grid = BlockLayout(mode.prefix_len, B)
-    blocks = _TeacherCache(s, b, B, position_offset, dict(zip(mode.prefill_outputs, prefill(feeds))), mode.cached)
-    carry = blocks.store(blocks.run(commit, prompt_ids[:, mode.cached : grid.aligned_len], grid.block_positions(-1)))
+    cache = _TeacherCache(s, b, B, position_offset, dict(zip(mode.prefill_outputs, prefill(feeds))), mode.cached)
+    carry = cache.store(cache.run(commit, prompt_ids[:, mode.cached : grid.aligned_len], grid.block_positions(-1)))
     schedule = transfer_schedule(B, teacher.steps)
     x = np.full((b, B), s.mask_id, np.int64)
     x[:, : grid.tail] = prompt_ids[:, grid.aligned_len :]
@@ -222,14 +222,14 @@ def multistep_decode(mode: DecodeMode, prefill: Runner, denoise: Runner, commit:
             still = x == s.mask_id
             if not still.any():
                 break
-            tok, conf = teacher.predictions(*blocks.run(denoise, x, pos)[:2], carry)
+            tok, conf = teacher.predictions(*cache.run(denoise, x, pos)[:2], carry)
             x = np.where(select_unmask(conf, still, schedule[step], teacher.rule, teacher.threshold), tok, x)
             passes += 1
         written.append(x.copy())
         done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], s.eos_id)
         if done.all() or k == n_blocks - 1:
             break
-        carry = blocks.store(blocks.run(commit, x, pos))
+        carry = cache.store(cache.run(commit, x, pos))
         passes += 1
         x = np.full((b, B), s.mask_id, np.int64)
     raw = np.concatenate(written, 1)[:, grid.tail :]
