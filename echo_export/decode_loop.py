@@ -72,7 +72,7 @@ def decode(mode: DecodeMode, prefill: Runner, step: Runner, prompt_ids: np.ndarr
     carry = written[0] if written else prompt_ids[:, mode.cached : mode.cached + mode.width].astype(np.int64)
     done = holds_eos(carry, s.eos_id) if written else np.zeros(b, bool)
     opening = prompt_ids[:, mode.prefix_len - mode.tail :].astype(np.int64)
-    past, passes = mode.cached, 1
+    past = mode.cached
     for j in range(mode.passes(s.max_new_tokens)):
         if done.all():
             break
@@ -83,7 +83,6 @@ def decode(mode: DecodeMode, prefill: Runner, step: Runner, prompt_ids: np.ndarr
         if on_step is not None:
             on_step(step_feeds)
         out = dict(zip(mode.step_outputs, step(step_feeds)))
-        passes += 1
         if past + mode.width <= s.capacity:  # the last pass's KV: no later pass reads it
             kc[:, :, :, past : past + mode.width] = out["present_key"]
             vc[:, :, :, past : past + mode.width] = out["present_value"]
@@ -95,8 +94,8 @@ def decode(mode: DecodeMode, prefill: Runner, step: Runner, prompt_ids: np.ndarr
         written.append(carry)
         done |= holds_eos(carry[:, skip:], s.eos_id)  # generated positions only
     raw = np.concatenate(written, 1)[:, mode.tail :]
-    # cut at a mask a block left unfilled (the official decoders' rule); the AR graphs never predict it
-    return LoopResult(raw, cut_rows_at_eos(raw, s.eos_id, s.mask_id), passes)
+    # cut at a mask a block left unfilled (the official decoders' rule; the AR graphs never predict it)
+    return LoopResult(raw, cut_rows_at_eos(raw, s.eos_id, s.mask_id), 1 + len(written) - mode.prefill_ids)
 
 
 def _check_fits(mode: DecodeMode, prompt_ids: np.ndarray, settings: LoopSettings) -> None:

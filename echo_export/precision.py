@@ -560,12 +560,7 @@ def to_int8(src: str | Path, dst: str | Path, feeds: Sequence[dict[str, np.ndarr
     gone. Ranges and graph are those of one `quantize_static` call over all the feeds (tested)."""
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    from runtime.cpu_features import INT8_MODES
-
-    if mode not in INT8_MODES:
-        raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
-    if not len(feeds):
-        raise PrecisionError("int8 needs calibration data: no block inputs were recorded")
+    _check_int8_inputs(mode, feeds)
     dst = Path(dst)
     work = Path(workdir) if workdir else dst.parent
     pre, cache = work / (dst.stem + ".pre.onnx"), work / (dst.stem + ".calib.json")
@@ -590,6 +585,15 @@ def to_int8(src: str | Path, dst: str | Path, feeds: Sequence[dict[str, np.ndarr
     return {"quantized_matmuls": len(nodes), "calib_samples": len(idx), "per_channel": per_channel,
             "mode": mode, "min_weight_elements": min_weight_elements,
             "fp32_input_dims": sorted(skip_input_dims)}
+
+
+def _check_int8_inputs(mode: str, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    from runtime.cpu_features import INT8_MODES
+
+    if mode not in INT8_MODES:
+        raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
+    if not len(feeds):
+        raise PrecisionError("int8 needs calibration data: no block inputs were recorded")
 
 
 def _int8_preprocessed(src: str | Path, pre: Path, external: bool, min_weight_elements: int,
