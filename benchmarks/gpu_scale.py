@@ -116,7 +116,7 @@ def hf_decode_tokens_per_s(hf, prefix_len: int, batch: int, tokens: int, dev: to
 
 
 def run_cell(model, tok, batch: int, block: int, cfg: GpuScaleConfig, dev: torch.device, dtype: torch.dtype) -> dict:
-    from echo_export.cuda_graph_decode import StaticArDecoder, StaticDecodeConfig, StaticFusedDecoder
+    from echo_export.cuda_graph_decode import StaticDecodeConfig, StaticDecoder
 
     model.cfg.block_size = block
     S = model.cfg.vision.image_size
@@ -124,10 +124,11 @@ def run_cell(model, tok, batch: int, block: int, cfg: GpuScaleConfig, dev: torch
     row: dict[str, Any] = {"batch": batch, "block": block, "tokens": cfg.tokens}
     graphs = dev.type == "cuda"
     modes = ["eager", "cuda_graphs"] if graphs else ["eager"]
-    for name, cls in (("dcd", StaticFusedDecoder), ("ar", StaticArDecoder)):
+    for name, decode_mode in (("dcd", "fused"), ("ar", "ar")):
         for mode in modes:
-            dec = cls(model, tok, StaticDecodeConfig(batch=batch, max_new_tokens=cfg.tokens,
-                                                     cuda_graphs=mode == "cuda_graphs", stop_at_eos=False))
+            dec = StaticDecoder(model, tok, StaticDecodeConfig(batch=batch, max_new_tokens=cfg.tokens,
+                                                               cuda_graphs=mode == "cuda_graphs", stop_at_eos=False),
+                                decode_mode)
             first = dec.prefill(px)
             dec.decode(first)  # warm-up (kernels, allocator)
             prefill_s = _seconds(lambda: dec.prefill(px), dev)

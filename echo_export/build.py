@@ -7,8 +7,13 @@ on real training images) -> optional TensorRT plans -> verify against the PyTorc
 student is exported and decoded, then let go; the AR model is loaded again (the input checks
 loaded it once and let it go), exported and decoded, then let go. Calibration feeds (each
 with its KV cache) wait on disk, so the fp16, int8 and verify phases hold only ONNX graphs
-and onnxruntime sessions (with --trt the student stays for the TensorRT comparison). The folder is built as a hidden sibling and renamed into
-place at the end, so an interrupted build never leaves a folder the runtime accepts.
+and onnxruntime sessions (with --trt the student stays for the TensorRT comparison). The folder
+is built as a hidden sibling and renamed into place at the end, so an interrupted build never
+leaves a folder the runtime accepts.
+
+`build` reads top to bottom as those phases, each over a typed state: _Request (the options
+parsed) -> _Checked (the inputs checked, the student loaded) -> _Build (what the phases in the
+hidden folder share and write; a precision's converter takes it) -> _Outcome (the manifest's part).
 
 Checkpoint stages: `dcd` (the one-step student) is what block_step is for. `rad` (the
 multi-step teacher) is accepted with a warning: its one-step decoding is the naive
@@ -29,7 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
@@ -37,6 +42,7 @@ from runtime import graph_io as gio
 from runtime import precisions as precision_registry
 from runtime.cpu_features import (INT8_AUTO, INT8_MODE_FOR_KIND, INT8_MODES, CpuFeatures, detect_cpu_features,
                                   int8_mode_target)
+from runtime.decode_mode import AR, FUSED, GRAPHS, DecodeMode
 from runtime.errors import ImageReadError
 from runtime.manifest import Manifest, write_manifest
 from runtime.preprocess import preprocess_image
@@ -44,8 +50,17 @@ from runtime.schedule import BlockLayout
 
 from .phase_meter import PhaseMeter
 
-BLOCK_ROLES = (gio.VISION_PREFILL, gio.BLOCK_STEP)
-AR_ROLES = (gio.AR_PREFILL, gio.AR_STEP)
+if TYPE_CHECKING:  # the build imports torch and the converters only when a phase needs them
+    from echo_train.model.config import EchoConfig
+    from echo_train.model.echo_model import EchoModel
+    from runtime.text import ReportTokenizer
+
+    from .external_weights import WeightsFile
+    from .memory_plan import MemoryPlan
+    from .precision import FeedStore
+    from .stream_export import DeferredWeights
+    from .verify import ArReference, BlockReference
+
 DEFAULT_DATA = Path("data/synth")
 
 
@@ -208,15 +223,14 @@ def parse_batch_sizes(text: str | list[int]) -> list[int]:
 
 def required_capacity(prefix_len: int, block_size: int, max_new: int, ar: Optional[tuple[int, int]] = None,
                       teacher: bool = False) -> int:
-    """KV slots the graphs need for reports of up to `max_new` tokens. Fused one-step decoding
-    stores the prefix's first P - B tokens at prefill, then one block per pass, and never the last
-    block's; the multi-step teacher (`teacher`) also commits the prompt's last whole block (one
-    block more); AR (prefix length, max new tokens) stores every token but the last."""
-    grid = BlockLayout(prefix_len, block_size)
-    blocks = grid.num_blocks(max_new) - 1 + (1 if teacher else 0)
-    need = max(prefix_len, grid.fused_prefill_len + blocks * block_size)
+    """KV slots the graphs need for reports of up to `max_new` tokens (DecodeMode.slots_needed): fused
+    one-step decoding stores the prefix's first P - B tokens at prefill, then one block per pass,
+    and never the last block's; the multi-step teacher (`teacher`) also commits the prompt's last
+    whole block (one block more); AR (prefix length, max new tokens) stores every token but the last."""
+    fused = DecodeMode.of(FUSED, prefix_len, block_size).slots_needed(max_new) + (block_size if teacher else 0)
+    need = max(prefix_len, fused)
     if ar is not None:
-        need = max(need, ar[0] + ar[1] - 1)
+        need = max(need, DecodeMode.of(AR, ar[0], block_size).slots_needed(ar[1]))
     return need
 
 
@@ -308,7 +322,7 @@ def _check_native(cfg, precisions: list[str], batch_sizes: list[int], ar_load) -
         raise BuildError("--ar-ckpt with a native-resolution model is not built yet; build the AR baseline apart")
 
 
-# ------------------------------------------------------------------ the build
+# ------------------------------------------------------------------ helpers
 
 
 def _versions() -> dict[str, str]:
@@ -330,10 +344,38 @@ def _size(p: Path, data: bool = False) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+# ------------------------------------------------------------------ the build, phase by phase
+
+
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
     """Build and verify an engine folder; returns its path. Raises BuildError on bad input or failure."""
+    from echo_train.model.checkpoint import swap_into_place
+
     t_all = time.perf_counter()
     meter = PhaseMeter()
+    request = _parse_request(opts)
+    checked = _check_inputs(request, meter, log)  # nothing is written before every check passes
+    tmp, outcome = _build_hidden(checked, meter, log)
+    _refuse_unreproduced(outcome, tmp, request.out)
+    write_manifest(tmp, _manifest(checked, outcome), outcome.files)  # last: a folder without one is refused
+    swap_into_place(tmp, request.out)
+    _summarise(checked, outcome, meter, time.perf_counter() - t_all, log)
+    return request.out
+
+
+@dataclass
+class _Request:
+    """The options, parsed and checked before anything is loaded."""
+    opts: BuildOptions
+    out: Path
+    precisions: list[str]
+    batch_sizes: list[int]
+    # exported in the checkpoint's dtype: the fp32 graphs are staged (the converters' source only,
+    # their weights never written) and removed before the manifest
+    stream: bool
+
+
+def _parse_request(opts: BuildOptions) -> _Request:
     out = Path(opts.out)
     precisions = parse_precisions(opts.precisions)
     stream = _streams(opts)
@@ -347,45 +389,125 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         raise BuildError(f"--calib-size must be at least 1 for {', '.join(_needs_calibration(precisions))}")
     if opts.verify_n < 0:
         raise BuildError("--verify-n must be >= 0")
+    return _Request(opts, out, precisions, batch_sizes, stream)
 
-    # ---- phase 0: inputs (nothing written yet)
+
+@dataclass
+class _Family:
+    """One decode family the build exports: a decode mode's graphs (runtime/decode_mode.py) of one model."""
+    mode: str  # FUSED: the student's block graphs; AR: the baseline's
+    cfg: EchoConfig
+    prefix_len: int
+    max_new: int
+    ckpt: Optional[Path] = None  # the AR model is loaded again from it for its export and decodes
+
+    @property
+    def prefill_role(self) -> str:
+        return GRAPHS[self.mode][0]
+
+    @property
+    def step_role(self) -> str:
+        return GRAPHS[self.mode][1]
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Its graphs: a multi-step teacher (stage rad) also gets its denoise and commit passes."""
+        return GRAPHS[self.mode] + (gio.MULTISTEP_ROLES if self.mode == FUSED and self.cfg.stage == "rad" else ())
+
+
+@dataclass
+class _ArCheck:
+    """The AR checkpoint as the input checks saw it (its model loaded once and let go)."""
+    cfg: EchoConfig
+    tok: ReportTokenizer
+    n_image_tokens: int
+
+
+@dataclass
+class _Checked:
+    """What the input checks established, nothing written yet: the student (loaded; the build takes
+    it over), the AR family, the KV capacity (in opts) and the images."""
+    request: _Request
+    opts: BuildOptions  # capacity resolved
+    plan: Optional[MemoryPlan]
+    cfg: EchoConfig
+    model: Optional[EchoModel]
+    tok: ReportTokenizer
+    prefix_len: int
+    max_new: int
+    ar: Optional[_Family]
+    int8_info: dict
+    calib_px: list[np.ndarray]
+    verify_samples: list[_Sample]
+    verify_px: list  # [1, S, S] arrays, or NativeImages at native resolution
+
+
+def _check_inputs(request: _Request, meter: PhaseMeter, log: Callable[[str], None]) -> _Checked:
     meter.start("check")
-    ar_load = None
-    ar_image_tokens = 0
-    if opts.ar_ckpt is not None:
-        # the AR model first, let go once it has loaded: the checks hold one model at a time (it is
-        # loaded again for its export, after the student's export and decodes)
-        log(f"[check] AR checkpoint {opts.ar_ckpt}")
-        acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt",
-                                         **({"dtype": _stored_dtype(opts.ar_ckpt)} if stream else {}))
-        ar_load, ar_image_tokens = (acfg, None, atok), amodel.n_image_tokens
-        amodel = None
-        gc.collect()
+    opts = request.opts
+    ar_seen = _check_ar_checkpoint(opts, request.stream, log)
     log(f"[check] checkpoint {opts.ckpt}")
-    plan = _plan_memory(opts, precisions, stream, log)
+    plan = _plan_memory(opts, request.precisions, request.stream, log)
+    cfg, model, tok = _load_student(opts, request.stream, log)
+    P = len(tok.prefix_ids(model.n_image_tokens))
+    try:
+        BlockLayout(P, cfg.block_size)
+    except ValueError as e:
+        raise BuildError(f"--ckpt: {e}") from None
+    opts, max_new, ar_need = _resolve_capacity(request, cfg, tok, P, ar_seen, log)
+    ar = _ar_family(opts, ar_seen, tok, ar_need)
+    data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    int8_info = _int8_info(opts, request.precisions, log)
+    calib_px = _calibration_images(data, opts, request.precisions, cfg, log)
+    verify_samples = _verification_samples(data, opts)
+    verify_px = _pixels(verify_samples, cfg, "verification image")
+    meter.stop()
+    return _Checked(request=request, opts=opts, plan=plan, cfg=cfg, model=model, tok=tok, prefix_len=P,
+                    max_new=max_new, ar=ar, int8_info=int8_info, calib_px=calib_px, verify_samples=verify_samples,
+                    verify_px=verify_px)
+
+
+def _check_ar_checkpoint(opts: BuildOptions, stream: bool, log: Callable[[str], None]) -> Optional[_ArCheck]:
+    """The AR model first, let go once it has loaded: the checks hold one model at a time (it is
+    loaded again for its export, after the student's export and decodes)."""
+    if opts.ar_ckpt is None:
+        return None
+    log(f"[check] AR checkpoint {opts.ar_ckpt}")
+    acfg, amodel, atok = _load_model(Path(opts.ar_ckpt), "--ar-ckpt",
+                                     **({"dtype": _stored_dtype(opts.ar_ckpt)} if stream else {}))
+    seen = _ArCheck(acfg, atok, amodel.n_image_tokens)
+    amodel = None
+    gc.collect()
+    return seen
+
+
+def _load_student(opts: BuildOptions, stream: bool,
+                  log: Callable[[str], None]) -> tuple[EchoConfig, EchoModel, ReportTokenizer]:
+    """The --ckpt model (in its stored dtype when streaming): a one-step student, or a teacher with a warning."""
     cfg, model, tok = _load_model(Path(opts.ckpt), "--ckpt", **({"dtype": _stored_dtype(opts.ckpt)} if stream else {}))
     if cfg.stage == "ar":
         raise BuildError(f"--ckpt {opts.ckpt} is a stage-1 autoregressive checkpoint (stage 'ar'); block_step needs a "
                          "one-step student (stage 'dcd'). Pass it as --ar-ckpt for the AR baseline graphs.")
     if cfg.stage == "rad":
         warnings.warn("--ckpt is a multi-step RAD teacher (stage 'rad'): its one-step block_step is the naive "
-                      "one-step baseline, not a distilled student", stacklevel=2)
+                      "one-step baseline, not a distilled student", stacklevel=4)
         log("  warning: stage 'rad' checkpoint: one-step decoding of the teacher is the naive baseline")
     elif cfg.stage != "dcd":
         raise BuildError(f"--ckpt: unknown stage {cfg.stage!r} (expected 'dcd')")
-    B = cfg.block_size
-    prefix = tok.prefix_ids(model.n_image_tokens)
-    P = len(prefix)
-    try:
-        BlockLayout(P, B)
-    except ValueError as e:
-        raise BuildError(f"--ckpt: {e}") from None
+    return cfg, model, tok
+
+
+def _resolve_capacity(request: _Request, cfg: EchoConfig, tok: ReportTokenizer, P: int, ar_seen: Optional[_ArCheck],
+                      log: Callable[[str], None]) -> tuple[BuildOptions, int, Optional[tuple[int, int]]]:
+    """(opts with the KV capacity the reports need, the student's max new tokens, the AR family's
+    (prefix length, max new tokens)); BuildError where --capacity is too small."""
+    opts = request.opts
     want_new = opts.max_new_tokens or cfg.max_response_tokens
-    ar_need = (len(ar_load[2].prefix_ids(ar_image_tokens)), opts.max_new_tokens or ar_load[0].max_response_tokens) \
-        if ar_load is not None else None
-    need = required_capacity(P, B, want_new, ar_need, teacher=cfg.stage == "rad")
+    ar_need = (len(ar_seen.tok.prefix_ids(ar_seen.n_image_tokens)), opts.max_new_tokens or ar_seen.cfg.max_response_tokens) \
+        if ar_seen is not None else None
+    need = required_capacity(P, cfg.block_size, want_new, ar_need, teacher=cfg.stage == "rad")
     if cfg.vision.native:
-        _check_native(cfg, precisions, batch_sizes, ar_load)
+        _check_native(cfg, request.precisions, request.batch_sizes, ar_seen)
         _, need = _native_capacity(cfg, tok, want_new, log, teacher=cfg.stage == "rad")
     if opts.capacity is None:
         opts = replace(opts, capacity=need)
@@ -397,59 +519,81 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
                          + (f" (the AR model {ar_need[1]} after its {ar_need[0]}-token prefix)" if ar_need else "")
                          + f"; pass --capacity {need} or more (or leave it out: it follows the model), or "
                          "--max-new-tokens N for shorter reports")
-    max_new = want_new
+    return opts, want_new, ar_need
 
-    ar: Optional[_ArModel] = None
-    if ar_load is not None:
-        acfg, amodel, atok = ar_load
-        if acfg.stage != "ar":
-            raise BuildError(f"--ar-ckpt {opts.ar_ckpt} has stage {acfg.stage!r}; the AR graphs need a stage-1 'ar' checkpoint")
-        if atok.tok.to_str() != tok.tok.to_str():
-            raise BuildError("--ar-ckpt uses a different tokenizer than --ckpt; both must share tokenizer.json")
-        ar = _ArModel(acfg, None, *ar_need, ckpt=Path(opts.ar_ckpt))
-        ar_load = None
 
-    data = Path(opts.data) if opts.data else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
-    calib_px: list[np.ndarray] = []
-    int8_info: dict = {}
-    if "int8" in precisions:
-        int8_info = resolve_int8_mode(opts.int8_mode)
-        log(f"  int8: mode {int8_info['mode']} for a CPU kind {int8_info['chosen_for']} "
-            f"(requested {opts.int8_mode}; this CPU: {int8_info['build_cpu']['int8_kind']})")
-    if _needs_calibration(precisions):
-        if data is None:
-            raise BuildError(f"{', '.join(_needs_calibration(precisions))} needs calibration images: pass --data "
-                             "(a dataset with a train split)")
-        calib = _split_samples(data, "train", opts.calib_size, strict=True)
-        if not calib:
-            raise BuildError(f"--data {data}: no training images for int8 calibration")
-        calib_px = _pixels(calib, cfg, "calibration image")
-        log(f"  calibration: {len(calib_px)} training images")
-    verify_samples: list[_Sample] = []
-    if opts.verify_n > 0:
-        vdata = Path(opts.verify_data) if opts.verify_data else data
-        if vdata is None:
-            raise BuildError("verification needs held-out images: pass --data, or --verify-n 0 to skip (unverified)")
-        option = "--verify-data" if opts.verify_data else "--data"
-        verify_samples = _split_samples(vdata, "test", opts.verify_n, strict=False, option=option) or \
-            _split_samples(vdata, "val", opts.verify_n, strict=False, option=option)
-        if not verify_samples:
-            raise BuildError(f"{option} {vdata}: no test or val images for verification")
-    verify_px = _pixels(verify_samples, cfg, "verification image")
-    meter.stop()
+def _ar_family(opts: BuildOptions, ar_seen: Optional[_ArCheck], tok: ReportTokenizer,
+               ar_need: Optional[tuple[int, int]]) -> Optional[_Family]:
+    if ar_seen is None:
+        return None
+    if ar_seen.cfg.stage != "ar":
+        raise BuildError(f"--ar-ckpt {opts.ar_ckpt} has stage {ar_seen.cfg.stage!r}; the AR graphs need a stage-1 'ar' "
+                         "checkpoint")
+    if ar_seen.tok.tok.to_str() != tok.tok.to_str():
+        raise BuildError("--ar-ckpt uses a different tokenizer than --ckpt; both must share tokenizer.json")
+    return _Family(AR, ar_seen.cfg, *ar_need, ckpt=Path(opts.ar_ckpt))
 
-    # ---- build into a hidden sibling
+
+def _int8_info(opts: BuildOptions, precisions: list[str], log: Callable[[str], None]) -> dict:
+    if "int8" not in precisions:
+        return {}
+    info = resolve_int8_mode(opts.int8_mode)
+    log(f"  int8: mode {info['mode']} for a CPU kind {info['chosen_for']} "
+        f"(requested {opts.int8_mode}; this CPU: {info['build_cpu']['int8_kind']})")
+    return info
+
+
+def _calibration_images(data: Optional[Path], opts: BuildOptions, precisions: list[str], cfg: EchoConfig,
+                        log: Callable[[str], None]) -> list[np.ndarray]:
+    """The training images the calibrated precisions (int8, int4 AWQ) record their feeds on."""
+    if not _needs_calibration(precisions):
+        return []
+    if data is None:
+        raise BuildError(f"{', '.join(_needs_calibration(precisions))} needs calibration images: pass --data "
+                         "(a dataset with a train split)")
+    calib = _split_samples(data, "train", opts.calib_size, strict=True)
+    if not calib:
+        raise BuildError(f"--data {data}: no training images for int8 calibration")
+    calib_px = _pixels(calib, cfg, "calibration image")
+    log(f"  calibration: {len(calib_px)} training images")
+    return calib_px
+
+
+def _verification_samples(data: Optional[Path], opts: BuildOptions) -> list[_Sample]:
+    """Held-out images (the test split, else val) of --verify-data, else --data."""
+    if opts.verify_n == 0:
+        return []
+    vdata = Path(opts.verify_data) if opts.verify_data else data
+    if vdata is None:
+        raise BuildError("verification needs held-out images: pass --data, or --verify-n 0 to skip (unverified)")
+    option = "--verify-data" if opts.verify_data else "--data"
+    samples = _split_samples(vdata, "test", opts.verify_n, strict=False, option=option) or \
+        _split_samples(vdata, "val", opts.verify_n, strict=False, option=option)
+    if not samples:
+        raise BuildError(f"{option} {vdata}: no test or val images for verification")
+    return samples
+
+
+@dataclass
+class _Outcome:
+    """What the phases in the hidden folder produced, for the manifest."""
+    files: list[str]  # every file the manifest lists
+    graphs: dict[str, dict[str, str]]  # manifest.graphs
+    verify_report: Optional[dict]
+    verified: bool
+    precision_info: dict[str, dict]
+
+
+def _build_hidden(checked: _Checked, meter: PhaseMeter, log: Callable[[str], None]) -> tuple[Path, _Outcome]:
+    """Every phase after the checks, into a hidden sibling of the output folder; on any failure the
+    sibling is removed and the failure named by its phase (BuildError)."""
+    out = checked.request.out
     tmp = out.with_name(f".{out.name}.building")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        job = _Build(tmp, opts, cfg, model, tok, P, precisions, batch_sizes, ar, max_new, int8_info, meter, log,
-                     stream=stream, plan=plan)
-        model = ar_load = amodel = None  # the job holds the models now, so a phase can let one go
-        manifest_files, graphs, verify_report, verified = _build_into(job, calib_px, verify_samples, verify_px)
-        precision_info = job.precision_info
-        job = None
+        return tmp, _build_into(_Build.take_over(tmp, checked, meter, log), checked)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (BuildError, KeyboardInterrupt, SystemExit)) or not isinstance(e, Exception):
@@ -458,71 +602,55 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> Path:
         # op): one message naming the phase, and nothing written
         raise BuildError(f"the {meter.current or 'build'} phase failed ({type(e).__name__}: {e}); "
                          f"nothing was written to {out}") from e
-    if verify_report is not None and verify_report["fp32_identical"] is False:  # None: no fp32 built
-        failed = out.with_name(out.name + ".failed")
-        if failed.exists():
-            shutil.rmtree(failed)
-        tmp.rename(failed)
-        raise BuildError(f"fp32 graphs do not reproduce the PyTorch reference tokens; no manifest written. "
-                         f"Details: {failed / 'verify.json'}")
 
-    # ---- manifest, last
-    lm = cfg.lm
+
+def _refuse_unreproduced(outcome: _Outcome, tmp: Path, out: Path) -> None:
+    """fp32 graphs that do not reproduce the reference: the folder is kept as <out>.failed, no manifest."""
+    if outcome.verify_report is None or outcome.verify_report["fp32_identical"] is not False:  # None: no fp32 built
+        return
+    failed = out.with_name(out.name + ".failed")
+    if failed.exists():
+        shutil.rmtree(failed)
+    tmp.rename(failed)
+    raise BuildError(f"fp32 graphs do not reproduce the PyTorch reference tokens; no manifest written. "
+                     f"Details: {failed / 'verify.json'}")
+
+
+def _manifest(checked: _Checked, outcome: _Outcome) -> Manifest:
+    cfg, tok = checked.cfg, checked.tok
     model_config = cfg.to_dict()
-    if ar is not None:
-        model_config["ar_model_config"] = ar.cfg.to_dict()
-        model_config["ar_prefix_len"] = ar.prefix_len
-    manifest = Manifest(
-        model_config=model_config,
-        block_size=B,
-        capacity=opts.capacity,
-        batch_sizes=batch_sizes,
-        vocab_size=lm.vocab_size,
-        prefix_len=P,
-        image_size=cfg.vision.image_size,
-        eos_id=tok.eos_id,
-        mask_id=tok.mask_id,
-        pad_id=tok.pad_id,
-        precisions=precisions,
-        graphs=graphs,
-        versions=_versions(),
-        opset=opts.opset,
-        exporter="torch.onnx.export(dynamo=True)",
-        verified=bool(verified),
-        int8=int8_info,
-        precision_info=precision_info,
+    if checked.ar is not None:
+        model_config["ar_model_config"] = checked.ar.cfg.to_dict()
+        model_config["ar_prefix_len"] = checked.ar.prefix_len
+    return Manifest(
+        model_config=model_config, block_size=cfg.block_size, capacity=checked.opts.capacity,
+        batch_sizes=checked.request.batch_sizes, vocab_size=cfg.lm.vocab_size, prefix_len=checked.prefix_len,
+        image_size=cfg.vision.image_size, eos_id=tok.eos_id, mask_id=tok.mask_id, pad_id=tok.pad_id,
+        precisions=checked.request.precisions, graphs=outcome.graphs, versions=_versions(), opset=checked.opts.opset,
+        exporter="torch.onnx.export(dynamo=True)", verified=bool(outcome.verified), int8=checked.int8_info,
+        precision_info=outcome.precision_info,
     )
-    write_manifest(tmp, manifest, manifest_files)
-    from echo_train.model.checkpoint import swap_into_place
 
-    swap_into_place(tmp, out)
 
-    total = time.perf_counter() - t_all
+def _summarise(checked: _Checked, outcome: _Outcome, meter: PhaseMeter, total: float,
+               log: Callable[[str], None]) -> None:
+    """The phases' seconds and memory, the files, and (--summary-json) the same as JSON."""
+    out, opts, files = checked.request.out, checked.opts, outcome.files
     log("[summary]")
     for line in meter.lines(total):
         log(line)
     if opts.summary_json:
-        weights = {f: (out / f).stat().st_size for f in manifest_files if f.startswith("weights.")}
-        summary = {"engine_dir": str(out), "verified": bool(verified), "total_s": round(total, 2),
+        weights = {f: (out / f).stat().st_size for f in files if f.startswith("weights.")}
+        summary = {"engine_dir": str(out), "verified": bool(outcome.verified), "total_s": round(total, 2),
                    "process_peak_rss_bytes": meter.peak_bytes(), "phases": meter.to_dict(),
-                   "folder_bytes": sum((out / f).stat().st_size for f in manifest_files),
-                   "weights_bytes": weights, "precisions": precisions, "batch_sizes": batch_sizes,
-                   "capacity": opts.capacity, "prefix_len": P}
+                   "folder_bytes": sum((out / f).stat().st_size for f in files),
+                   "weights_bytes": weights, "precisions": checked.request.precisions,
+                   "batch_sizes": checked.request.batch_sizes, "capacity": opts.capacity,
+                   "prefix_len": checked.prefix_len}
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2))
-    for f in sorted(manifest_files):
+    for f in sorted(files):
         log(f"  {f:<40} {_size(out / f)}")
-    log(f"engine folder: {out} ({'verified' if verified else 'NOT verified'})")
-    return out
-
-
-@dataclass
-class _ArModel:
-    """The stage-1 model behind the AR baseline graphs."""
-    cfg: object
-    model: object  # None while not loaded: the build loads it for its export and reference decodes only
-    prefix_len: int
-    max_new: int
-    ckpt: Optional[Path] = None
+    log(f"engine folder: {out} ({'verified' if outcome.verified else 'NOT verified'})")
 
 
 @dataclass
@@ -530,44 +658,50 @@ class _Build:
     """What every build phase reads, and the files they have written so far."""
     tmp: Path
     opts: BuildOptions
-    cfg: object
-    model: object
-    tok: object
+    cfg: EchoConfig
+    model: Optional[EchoModel]  # let go after the reference phase (kept with --trt for the plan comparison)
+    tok: ReportTokenizer
     prefix_len: int
     precisions: list[str]
     batch_sizes: list[int]
-    ar: Optional[_ArModel]
+    ar: Optional[_Family]
     max_new: int
     int8_info: dict
     meter: PhaseMeter
     log: Callable[[str], None]
+    stream: bool = False  # see _Request.stream
+    plan: Optional[MemoryPlan] = None  # None: no estimate
     files: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (role, precision, batch) -> file
     plans: dict[str, str] = field(default_factory=dict)  # ONNX file -> TensorRT plan
     data_files: list[str] = field(default_factory=list)  # external weights, one per precision
-    stores: dict[str, object] = field(default_factory=dict)  # precision -> external_weights.WeightsFile
+    stores: dict[str, WeightsFile] = field(default_factory=dict)  # precision -> its weights.<precision>.bin
     # the PyTorch decodes' results, kept for the phases that run without the models
-    block_ref: object = None  # verify.BlockReference
-    teacher_ref: object = None  # verify.BlockReference of the multi-step teacher (stage rad)
-    ar_ref: object = None  # verify.ArReference
-    calib: dict[tuple[str, int], object] = field(default_factory=dict)  # (role, batch) -> precision.FeedStore
+    block_ref: Optional[BlockReference] = None
+    teacher_ref: Optional[BlockReference] = None  # the multi-step teacher's (stage rad)
+    ar_ref: Optional[ArReference] = None
+    calib: dict[tuple[str, int], FeedStore] = field(default_factory=dict)  # (role, batch) -> recorded feeds
     # what each precision's converter chose (int4: block size, method, accuracy_level, ...): manifest, verify.json
     precision_info: dict[str, dict] = field(default_factory=dict)
-    # exported in the checkpoint's dtype: the fp32 graphs are staged (the fp16 conversion's source
-    # only, their weights never written) and removed before the manifest
-    stream: bool = False
-    plan: object = None  # memory_plan.MemoryPlan (None: no estimate)
-    staged: set = field(default_factory=set)  # keys of b.files that are staged fp32 graphs
-    deferred: object = None  # stream_export.DeferredWeights of the staged graphs
+    staged: set[tuple[str, str, int]] = field(default_factory=set)  # keys of files that are staged fp32 graphs
+    deferred: Optional[DeferredWeights] = None  # the staged graphs' weights, read lazily from the checkpoint
     # int4 AWQ's activation rows from the PyTorch decodes (a staged graph cannot run): one
     # {weight key: rows} per decode phase
-    int4_rows: list = field(default_factory=list)
+    int4_rows: list[dict] = field(default_factory=list)
 
-    def families(self) -> list[tuple[str, str, object, int, int]]:
-        """(prefill role, step role, config, prefix length, max new tokens) per decode family."""
-        out = [(gio.VISION_PREFILL, gio.BLOCK_STEP, self.cfg, self.prefix_len, self.max_new)]
-        if self.ar is not None:
-            out.append((gio.AR_PREFILL, gio.AR_STEP, self.ar.cfg, self.ar.prefix_len, self.ar.max_new))
-        return out
+    @staticmethod
+    def take_over(tmp: Path, checked: _Checked, meter: PhaseMeter, log: Callable[[str], None]) -> "_Build":
+        """The build's state in `tmp`, holding the student from here on (`checked` lets go of it, so
+        a phase can free it)."""
+        model, checked.model = checked.model, None
+        r = checked.request
+        return _Build(tmp=tmp, opts=checked.opts, cfg=checked.cfg, model=model, tok=checked.tok,
+                      prefix_len=checked.prefix_len, precisions=r.precisions, batch_sizes=r.batch_sizes,
+                      ar=checked.ar, max_new=checked.max_new, int8_info=checked.int8_info, meter=meter, log=log,
+                      stream=r.stream, plan=checked.plan)
+
+    def families(self) -> list[_Family]:
+        """The student's decode family, then the AR baseline's where one is built."""
+        return [_Family(FUSED, self.cfg, self.prefix_len, self.max_new)] + ([self.ar] if self.ar is not None else [])
 
 
 class _Discard(list):
@@ -577,57 +711,52 @@ class _Discard(list):
         pass
 
 
-def _record_step_feeds(b: _Build, step_role: str, model, cfg, prefix_len: int, max_new: int,
-                       pixels: list[np.ndarray], batch: int, pre_feeds=None, step_feeds=None, rows=None):
-    """Decode `pixels` with the PyTorch graph wrappers in chunks of `batch` (the last one padded by
-    repeating its image) and record every prefill and step feed, as int8 calibration and the
-    TensorRT comparison both need them: into `pre_feeds` / `step_feeds` (lists, or FeedStores
-    that write each feed to disk as it comes), new lists where not given. `rows`: an
+def _record_step_feeds(b: _Build, fam: _Family, model: EchoModel, pixels: list[np.ndarray], batch: int,
+                       pre_feeds=None, step_feeds=None, rows=None):
+    """Decode `pixels` with the PyTorch graph wrappers of one family in chunks of `batch` (the last
+    one padded by repeating its image) and record every prefill and step feed, as int8 calibration
+    and the TensorRT comparison both need them: into `pre_feeds` / `step_feeds` (lists, or
+    FeedStores that write each feed to disk as it comes), new lists where not given. `rows`: an
     int4.LinearInputRows told which phase each run is."""
-    from .decode_loop import ar_decode, fused_decode, torch_runner
+    from .decode_loop import LoopSettings, decode, prefill_feeds, torch_runner
     from .graphs import make_graph
 
-    pre_role = gio.VISION_PREFILL if step_role == gio.BLOCK_STEP else gio.AR_PREFILL
-    pre_run = torch_runner(make_graph(pre_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
-    step_run = torch_runner(make_graph(step_role, model, b.opts.capacity, prefix_len, b.tok.mask_id))
+    cfg = fam.cfg
+    pre_run, step_run = (torch_runner(make_graph(role, model, b.opts.capacity, fam.prefix_len, b.tok.mask_id))
+                         for role in GRAPHS[fam.mode])
     if rows is not None:
         pre_run, step_run = rows.during("prefill", pre_run), rows.during("step", step_run)
     prefix = np.array(b.tok.prefix_ids(model.n_image_tokens), np.int64)
-    lm = cfg.lm
+    settings = LoopSettings.of(cfg.lm, b.opts.capacity, b.tok, fam.max_new)
     pre_feeds = [] if pre_feeds is None else pre_feeds
     step_feeds = [] if step_feeds is None else step_feeds
     rec = lambda f: step_feeds.append({k: v.copy() for k, v in f.items()})  # noqa: E731
-    common = dict(capacity=b.opts.capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
-                  head_dim=lm.head_dim, eos_id=b.tok.eos_id, max_new_tokens=max_new, on_step=rec)
     if cfg.vision.native:  # one image at a time, each at its own grid and prompt length
         from .verify import VerifyItem, native_chunks
 
         for c in native_chunks([VerifyItem(str(i), px) for i, px in enumerate(pixels)], cfg, b.tok):
             pre_feeds.append(c.feeds)
-            fused_decode(pre_run, step_run, None, c.prompt_ids, block_size=cfg.block_size, mask_id=b.tok.mask_id,
-                         prefill_feeds=c.feeds, position_offset=c.offset, **common)
+            decode(DecodeMode.of(FUSED, c.prompt_ids.shape[1], cfg.block_size), pre_run, step_run, c.prompt_ids,
+                   c.feeds, settings, on_step=rec, position_offset=c.offset)
         return pre_feeds, step_feeds
+    mode = DecodeMode.of(fam.mode, prefix.size, cfg.block_size)
     for i in range(0, len(pixels), batch):
         part = pixels[i : i + batch]
         part = part + [part[-1]] * (batch - len(part))
-        px = np.stack(part).astype(np.float32)
         ids = np.broadcast_to(prefix, (batch, prefix.size)).copy()
-        pre_feeds.append({"pixel_values": px, "prefix_ids": ids})
-        if step_role == gio.BLOCK_STEP:
-            fused_decode(pre_run, step_run, px, ids, block_size=cfg.block_size, mask_id=b.tok.mask_id, **common)
-        else:
-            ar_decode(pre_run, step_run, px, ids, **common)
+        feeds = prefill_feeds(np.stack(part).astype(np.float32), ids)
+        pre_feeds.append(feeds)
+        decode(mode, pre_run, step_run, ids, feeds, settings, on_step=rec)
     return pre_feeds, step_feeds
 
 
-def _export_fp32(b: _Build, pre_role: str, step_role: str, m, c, p_len: int) -> None:
+def _export_fp32(b: _Build, fam: _Family, m: EchoModel) -> None:
     """One decode family's fp32 graphs, every batch size."""
     import onnx
 
     from .graphs import example_inputs, export_graph, make_graph, native_dynamic_shapes, release_exporter_references
 
-    # a multi-step teacher (stage rad) also gets its denoise and commit passes
-    roles = (pre_role, step_role) + (gio.MULTISTEP_ROLES if step_role == gio.BLOCK_STEP and c.stage == "rad" else ())
+    roles, c, p_len = fam.roles, fam.cfg, fam.prefix_len
     b.meter.start("export")
     b.log(f"[export] {len(roles) * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
     for role in roles:
@@ -678,39 +807,43 @@ def _drop_staged(b: _Build) -> None:
     release_params()  # the lazy weights held the model's tensors
 
 
-def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_new: int,
-               calib_px: list[np.ndarray], items: list) -> None:
+def _reference(b: _Build, fam: _Family, m: EchoModel, calib_px: list[np.ndarray], items: list) -> None:
     """Everything later phases need from one family's PyTorch model: the verification reference
     tokens and (for int8) the calibration feeds, on disk. The model can go after this."""
     from .precision import FeedStore
-    from .verify import ar_reference, block_reference, reference_passes, teacher_reference
 
     b.meter.start("reference")
     if items:
-        b.log(f"[reference] {step_role}: PyTorch reference tokens on {len(items)} verification images")
-        if step_role == gio.BLOCK_STEP:
-            b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
-            if b.stream:  # no fp32 graphs: per-pass agreement is measured on PyTorch's own passes
-                b.log("[reference] the PyTorch graph wrappers' block-step passes (per-pass agreement's base)")
-                b.block_ref.passes = reference_passes(m, b.tok, items, b.batch_sizes, b.opts.capacity, b.max_new)
-            if c.stage == "rad":
-                b.log(f"[reference] the multi-step teacher ({c.block_size} steps per block) on the same images")
-                b.teacher_ref = teacher_reference(m, b.tok, items, b.batch_sizes, b.max_new)
-        else:
-            b.ar_ref = ar_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, max_new)
+        _reference_tokens(b, fam, m, items)
     if _needs_calibration(b.precisions) and b.stream:  # no fp32 graph can run recorded feeds: int4's rows now
-        _int4_rows_from_pytorch(b, step_role, m, c, p_len, max_new, calib_px)
+        _int4_rows_from_pytorch(b, fam, m, calib_px)
     elif _needs_calibration(b.precisions):
-        b.log(f"[reference] {step_role}: calibration feeds of {len(calib_px)} training images (to disk)")
+        b.log(f"[reference] {fam.step_role}: calibration feeds of {len(calib_px)} training images (to disk)")
         for bs in b.batch_sizes:
-            stores = [FeedStore(b.tmp / ".calib" / f"{role}.b{bs}") for role in (pre_role, step_role)]
-            _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs, *stores)
-            b.calib[(pre_role, bs)], b.calib[(step_role, bs)] = stores
+            stores = [FeedStore(b.tmp / ".calib" / f"{role}.b{bs}") for role in (fam.prefill_role, fam.step_role)]
+            _record_step_feeds(b, fam, m, calib_px, bs, *stores)
+            b.calib[(fam.prefill_role, bs)], b.calib[(fam.step_role, bs)] = stores
     b.meter.stop()
 
 
-def _int4_rows_from_pytorch(b: _Build, step_role: str, m, c, p_len: int, max_new: int,
-                            calib_px: list[np.ndarray]) -> None:
+def _reference_tokens(b: _Build, fam: _Family, m: EchoModel, items: list) -> None:
+    """The PyTorch reference decodes verification compares each family's graphs with."""
+    from .verify import ar_reference, block_reference, reference_passes, teacher_reference
+
+    b.log(f"[reference] {fam.step_role}: PyTorch reference tokens on {len(items)} verification images")
+    if fam.mode == AR:
+        b.ar_ref = ar_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, fam.max_new)
+        return
+    b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
+    if b.stream:  # no fp32 graphs: per-pass agreement is measured on PyTorch's own passes
+        b.log("[reference] the PyTorch graph wrappers' block-step passes (per-pass agreement's base)")
+        b.block_ref.passes = reference_passes(m, b.tok, items, b.batch_sizes, b.opts.capacity, b.max_new)
+    if fam.cfg.stage == "rad":
+        b.log(f"[reference] the multi-step teacher ({fam.cfg.block_size} steps per block) on the same images")
+        b.teacher_ref = teacher_reference(m, b.tok, items, b.batch_sizes, b.max_new)
+
+
+def _int4_rows_from_pytorch(b: _Build, fam: _Family, m: EchoModel, calib_px: list[np.ndarray]) -> None:
     """A build from the checkpoint's dtype: int4 AWQ's activation rows, taken by hooks on the
     PyTorch model's linear layers as it decodes the calibration images (int4.LinearInputRows)."""
     from .int4 import Int4Options, LinearInputRows
@@ -718,11 +851,11 @@ def _int4_rows_from_pytorch(b: _Build, step_role: str, m, c, p_len: int, max_new
     opts = Int4Options.parse(b.opts.precision_options.get("int4", {}))
     if opts.method != "awq":
         return
-    b.log(f"[reference] {step_role}: int4 AWQ activation rows of {len(calib_px)} training images (PyTorch hooks)")
+    b.log(f"[reference] {fam.step_role}: int4 AWQ activation rows of {len(calib_px)} training images (PyTorch hooks)")
     rows = LinearInputRows(m, opts.calib_rows)
     try:
         for bs in b.batch_sizes:
-            _record_step_feeds(b, step_role, m, c, p_len, max_new, calib_px, bs, _Discard(), _Discard(), rows=rows)
+            _record_step_feeds(b, fam, m, calib_px, bs, _Discard(), _Discard(), rows=rows)
     finally:
         rows.close()
     b.int4_rows.extend(rows.by_weight())
@@ -733,21 +866,21 @@ def _export_and_reference(b: _Build, calib_px: list[np.ndarray], items: list) ->
     run its PyTorch decodes, let it go. One PyTorch model is in memory at a time."""
     from .stream_export import fp32_compute
 
-    for pre_role, step_role, c, p_len, max_new in b.families():
-        if step_role == gio.BLOCK_STEP:
+    for fam in b.families():
+        if fam.mode == FUSED:
             m = b.model
         else:
             b.meter.start("export")
-            b.log(f"[export] loading the AR model again: {b.ar.ckpt}")
-            _, m, _ = _load_model(b.ar.ckpt, "--ar-ckpt", **({"dtype": _stored_dtype(b.ar.ckpt)} if b.stream else {}))
+            b.log(f"[export] loading the AR model again: {fam.ckpt}")
+            _, m, _ = _load_model(fam.ckpt, "--ar-ckpt", **({"dtype": _stored_dtype(fam.ckpt)} if b.stream else {}))
             b.meter.stop()
-        _export_fp32(b, pre_role, step_role, m, c, p_len)
+        _export_fp32(b, fam, m)
         with fp32_compute(m):  # a model kept in bf16 decodes as its fp32 twin (a no-op for fp32)
-            _reference(b, pre_role, step_role, m, c, p_len, max_new, calib_px, items)
+            _reference(b, fam, m, calib_px, items)
         if b.stream:  # the staged graphs read this model's weights: converted before it goes (two 7B
             _convert_all(b, calib_px)  # models do not fit side by side)
             _drop_staged(b)
-        if step_role == gio.BLOCK_STEP and not b.opts.trt:  # --trt compares plans with PyTorch later
+        if fam.mode == FUSED and not b.opts.trt:  # --trt compares plans with PyTorch later
             b.model = None
         m = None
         gc.collect()
@@ -784,15 +917,15 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
 
     b.meter.start("int8")
     b.log(f"[int8] calibrating on {len(calib_px)} training images (graph inputs recorded by the PyTorch reference decodes)")
-    for pre_role, step_role, c, _, _ in b.families():
+    for fam in b.families():
         for bs in b.batch_sizes:
-            for role in (pre_role, step_role):
+            for role in (fam.prefill_role, fam.step_role):
                 name = gio.graph_filename(role, "int8", bs)
                 feeds = b.calib[(role, bs)]  # removed once every converter has run (_build_into)
                 info = to_int8(b.tmp / b.files[(role, "fp32", bs)], b.tmp / name, feeds,
                                mode=b.int8_info["mode"], workdir=b.tmp,
                                min_weight_elements=b.opts.int8_min_weight,
-                               skip_input_dims=[c.lm.intermediate_size] if b.opts.int8_down_proj_fp32 else [])
+                               skip_input_dims=[fam.cfg.lm.intermediate_size] if b.opts.int8_down_proj_fp32 else [])
                 onnx.checker.check_model(str(b.tmp / name), full_check=True)
                 b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {info['quantized_matmuls']} weight "
                       f"MatMul/Gemm, {info['calib_samples']} calibration feeds")
@@ -866,7 +999,7 @@ def _compare_plans(b: _Build, pixels: list[np.ndarray]) -> dict:
     for (role, prec, bs), name in sorted(b.files.items()):
         if role != gio.BLOCK_STEP or name not in b.plans:
             continue
-        _, feeds = _record_step_feeds(b, role, b.model, b.cfg, b.prefix_len, b.max_new, pixels * bs, bs)
+        _, feeds = _record_step_feeds(b, b.families()[0], b.model, pixels * bs, bs)
         res = compare_with_onnxruntime(b.tmp / tensorrt_source_filename(name), b.tmp / b.plans[name], feeds[:4],
                                        atol=1e-3 if prec == "fp32" else 5e-2, rtol=1e-3 if prec == "fp32" else 5e-2)
         out[b.plans[name]] = res
@@ -875,7 +1008,7 @@ def _compare_plans(b: _Build, pixels: list[np.ndarray]) -> dict:
 
 
 def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray]) -> dict:
-    from .verify import VerifyItem, verify_ar, verify_block, verify_teacher
+    from .verify import VerifyItem, VerifyJob, verify_ar, verify_block, verify_teacher
     from .verify_table import print_table
 
     b.meter.start("verify")
@@ -883,16 +1016,12 @@ def _verify(b: _Build, verify_samples: list[_Sample], verify_px: list[np.ndarray
     items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
     checked = _sessions_that_fit(b)
     # the PyTorch references were computed in the reference phase: no PyTorch model is loaded here
-    rep = verify_block(b.tmp, b.files, None, b.tok, items, precisions=checked, batch_sizes=b.batch_sizes,
-                       capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log, reference=b.block_ref)
+    job = VerifyJob(b.tmp, b.files, b.tok, items, checked, b.batch_sizes, b.opts.capacity, b.log)
+    rep = verify_block(job, b.block_ref)
     if b.teacher_ref is not None:
-        rep["variants"].update(verify_teacher(b.tmp, b.files, b.tok, items, precisions=b.precisions,
-                                              capacity=b.opts.capacity, max_new_tokens=b.max_new, log=b.log,
-                                              reference=b.teacher_ref))
+        rep["variants"].update(verify_teacher(replace(job, precisions=b.precisions), b.teacher_ref))
     if b.ar is not None:
-        rep_ar = verify_ar(b.tmp, b.files, None, b.tok, items, precisions=b.precisions, batch_sizes=b.batch_sizes,
-                           capacity=b.opts.capacity, max_new_tokens=b.ar.max_new, log=b.log, reference=b.ar_ref)
-        rep["variants"].update(rep_ar["variants"])
+        rep["variants"].update(verify_ar(replace(job, precisions=b.precisions), b.ar_ref)["variants"])
     verified = all(v["identical"] for v in rep["variants"].values()  # fp32: the registry's must_be_identical
                    if precision_registry.get(v["precision"]).tolerances.must_be_identical)
     rep.update(_what_was_verified(b, checked))
@@ -941,38 +1070,54 @@ def _what_was_verified(b: _Build, checked: list[str]) -> dict:
                              "memory_plan": b.plan.to_dict() if b.plan else None}}
 
 
-def _build_into(b: _Build, calib_px: list[np.ndarray], verify_samples: list[_Sample], verify_px: list[np.ndarray]):
-    """Every phase after the input checks, into b.tmp; returns (manifest files, graphs, verify report, verified)."""
-    from .external_weights import external_data_files
-    from .tensorrt_build import tensorrt_source_filename
+def _build_into(b: _Build, checked: _Checked) -> _Outcome:
+    """Every phase after the input checks, into b.tmp."""
     from .verify import VerifyItem
 
-    items = [VerifyItem(s.id, px, s.report) for s, px in zip(verify_samples, verify_px)]
-    _export_and_reference(b, calib_px, items)
-    if not b.stream:
-        _convert_all(b, calib_px)
-    for feeds in b.calib.values():  # every converter has read them
-        shutil.rmtree(feeds.folder, ignore_errors=True)
-    b.calib.clear()
-    shutil.rmtree(b.tmp / ".calib", ignore_errors=True)
-    _close_stores(b)  # every graph is in: the weights files are complete
+    items = [VerifyItem(s.id, px, s.report) for s, px in zip(checked.verify_samples, checked.verify_px)]
+    _export_and_reference(b, checked.calib_px, items)
+    _convert(b, checked.calib_px)
     _check_tensorrt_ready(b)
     if b.opts.trt:
         _build_plans(b)
     shutil.copyfile(Path(b.opts.ckpt) / "tokenizer.json", b.tmp / "tokenizer.json")
-
-    verify_report = _verify(b, verify_samples, verify_px) if verify_samples else None
+    verify_report = _verify(b, checked.verify_samples, checked.verify_px) if items else None
     if verify_report is None:
         b.log("[verify] skipped (--verify-n 0): the manifest says verified=false")
     verified = bool(verify_report and verify_report["fp32_identical"])
+    return _Outcome(_manifest_files(b, verify_report is not None), _graph_table(b), verify_report, verified,
+                    b.precision_info)
 
+
+def _convert(b: _Build, calib_px: list[np.ndarray]) -> None:
+    """Every other precision from the fp32 graphs (a streamed build converted each family's as it
+    went, _export_and_reference); then the calibration feeds go and the weights files are closed."""
+    if not b.stream:
+        _convert_all(b, calib_px)
+    for feeds in b.calib.values():
+        shutil.rmtree(feeds.folder, ignore_errors=True)
+    b.calib.clear()
+    shutil.rmtree(b.tmp / ".calib", ignore_errors=True)
+    _close_stores(b)  # every graph is in: the weights files are complete
+
+
+def _graph_table(b: _Build) -> dict[str, dict[str, str]]:
+    """manifest.graphs: graphs[role][f"{precision}.b{batch}"], TensorRT plans under "trt-<precision>"."""
     graphs: dict[str, dict[str, str]] = {}
     for (role, prec, bs), name in sorted(b.files.items()):
         graphs.setdefault(role, {})[f"{prec}.b{bs}"] = name
         if name in b.plans:
             graphs[role][f"trt-{prec}.b{bs}"] = b.plans[name]
-    manifest_files = sorted(set(b.files.values()) | set(b.plans.values()) | set(b.data_files) |
-                            {tensorrt_source_filename(n) for n in b.plans} | {"tokenizer.json"} |
-                            {f for n in b.plans for f in external_data_files(b.tmp / tensorrt_source_filename(n))} |
-                            ({"verify.json"} if verify_report is not None else set()))
-    return manifest_files, graphs, verify_report, verified
+    return graphs
+
+
+def _manifest_files(b: _Build, with_verify_json: bool) -> list[str]:
+    """Every file of the folder the manifest lists (and hashes): graphs, plans and the TensorRT
+    forms they were built from, weights, the tokenizer, verify.json where verification ran."""
+    from .external_weights import external_data_files
+    from .tensorrt_build import tensorrt_source_filename
+
+    sources = {tensorrt_source_filename(n) for n in b.plans}
+    return sorted(set(b.files.values()) | set(b.plans.values()) | set(b.data_files) | sources | {"tokenizer.json"} |
+                  {f for n in sources for f in external_data_files(b.tmp / n)} |
+                  ({"verify.json"} if with_verify_json else set()))

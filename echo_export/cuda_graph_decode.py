@@ -13,6 +13,10 @@ is, so:
 CAP has one block (one token for AR) more than the report needs, so the last pass's write, whose
 keys no later pass reads, stays inside the buffer.
 
+One class for both modes: the passes differ only in what runtime/decode_mode.DecodeMode says (ids
+fed, ids stored, positions). It runs the export's graph modules (echo_export/graphs.py), which the
+layer rule keeps out of echo_train, so it lives here beside them.
+
 Elsewhere (a CPU, or capture=False) the same passes run eagerly on the same buffers, which is
 what the CPU tests compare with fused_onestep_generate / ar_generate, token for token. The prefill
 runs eagerly once per report (one pass; nothing to gain from a graph).
@@ -26,8 +30,8 @@ import torch
 
 from echo_train.decoding.common import DecodeResult
 from echo_train.model.echo_model import EchoModel
-from runtime import graph_io as gio
-from runtime.schedule import BlockLayout, cut_rows_at_eos, holds_eos
+from runtime.decode_mode import FUSED, DecodeMode
+from runtime.schedule import cut_rows_at_eos, holds_eos
 from runtime.text import ReportTokenizer
 
 from .graphs import make_graph
@@ -74,22 +78,56 @@ class StaticDecodeConfig:
     stop_at_eos: bool = True  # False: every report runs to max_new_tokens (speed measurements)
 
 
-class _Static:
-    """What both loops share: the prefix, the cache buffers, the device."""
+class StaticDecoder:
+    """One decode mode (runtime/decode_mode.DecodeMode: "fused", the semantics of
+    fused_onestep_generate over BlockStepGraph, or "ar", ar_generate's over ArPrefillGraph +
+    ArStepGraph) over static buffers: the prefix, the cache, and every pass's positions, past
+    lengths and cache slots, computed before the loop on the device."""
 
-    def __init__(self, model: EchoModel, tokenizer: ReportTokenizer, cfg: StaticDecodeConfig, capacity: int) -> None:
+    def __init__(self, model: EchoModel, tokenizer: ReportTokenizer, cfg: StaticDecodeConfig, mode: str) -> None:
+        P = len(tokenizer.prefix_ids(model.n_image_tokens))
+        self.mode = md = DecodeMode.of(mode, P, model.cfg.block_size)
+        if md.name == FUSED and (md.tail or model.cfg.decode_layout != "echo"):
+            raise NotImplementedError("the CUDA-graph decoder follows ECHO's own layout (a prompt in whole blocks, the "
+                                      "mask token excluded); decode imported checkpoints with fused_onestep_generate")
         self.model, self.tok, self.cfg = model.eval(), tokenizer, cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.capture = cfg.cuda_graphs and self.device.type == "cuda"
-        lm = model.cfg.lm
-        b = cfg.batch
-        self.kc = torch.zeros(lm.num_hidden_layers, b, lm.num_key_value_heads, capacity, lm.head_dim,
-                              dtype=self.dtype, device=self.device)
+        self.n_passes = md.passes(cfg.max_new_tokens)
+        self.capacity = md.slots_needed(cfg.max_new_tokens) + md.width  # the last pass's write stays inside
+        self._allocate(model, tokenizer)
+        with torch.no_grad():
+            self.step = self._captured_step(make_graph(md.step, model, self.capacity, P, tokenizer.mask_id).to(self.device))
+
+    def _allocate(self, model: EchoModel, tokenizer: ReportTokenizer) -> None:
+        """The cache, the prefix, the masks a pass appends to its carried ids, and every pass's
+        positions [n, feed], past length [n] and cache slots [n, width]."""
+        md, lm, b, dev = self.mode, model.cfg.lm, self.cfg.batch, self.device
+        self.kc = torch.zeros(lm.num_hidden_layers, b, lm.num_key_value_heads, self.capacity, lm.head_dim,
+                              dtype=self.dtype, device=dev)
         self.vc = torch.zeros_like(self.kc)
-        self.capacity = capacity
         ids = tokenizer.prefix_ids(model.n_image_tokens)
-        self.prefix = torch.tensor(ids, dtype=torch.long, device=self.device)[None].expand(b, -1).contiguous()
+        self.prefix = torch.tensor(ids, dtype=torch.long, device=dev)[None].expand(b, -1).contiguous()
+        self.masks = torch.full((b, md.feed - md.width), tokenizer.mask_id, dtype=torch.long, device=dev)
+        self.prefill_graph = make_graph(md.prefill, model, self.capacity, md.prefix_len, tokenizer.mask_id).to(dev)
+        self.positions = torch.stack([torch.from_numpy(md.positions(j)) for j in range(self.n_passes)]).to(dev)
+        self.past_len = md.cached + md.width * torch.arange(self.n_passes, device=dev)
+        self.slots = self.past_len[:, None] + torch.arange(md.width, device=dev)
+
+    def _captured_step(self, step: torch.nn.Module) -> CapturedPass:
+        """The step graph and its cache write as one pass over static inputs."""
+        names, b = self.mode.step_outputs, self.cfg.batch
+
+        def one_pass(input_ids, position_ids, past_len, slots):
+            out = dict(zip(names, step(input_ids, position_ids, self.kc, self.vc, past_len)))
+            self._write(out["present_key"], out["present_value"], slots)
+            return out["tokens"]
+
+        example = {"input_ids": torch.full((b, self.mode.feed), self.tok.mask_id, dtype=torch.long, device=self.device),
+                   "position_ids": self.positions[0].expand(b, -1).contiguous(),
+                   "past_len": self.past_len[0].expand(b).contiguous(), "slots": self.slots[0].clone()}
+        return CapturedPass(one_pass, example, self.capture)
 
     def _write(self, pk: torch.Tensor, pv: torch.Tensor, slots: torch.Tensor) -> None:
         self.kc.index_copy_(3, slots, pk.to(self.dtype))
@@ -101,114 +139,32 @@ class _Static:
         self.kc.zero_()
         self.vc.zero_()
 
-
-class StaticFusedDecoder(_Static):
-    """Fused one-step decoding (the semantics of fused_onestep_generate) over BlockStepGraph."""
-
-    def __init__(self, model: EchoModel, tokenizer: ReportTokenizer, cfg: StaticDecodeConfig) -> None:
-        B = model.cfg.block_size
-        grid = BlockLayout(len(tokenizer.prefix_ids(model.n_image_tokens)), B)
-        if grid.tail or model.cfg.decode_layout != "echo":
-            raise NotImplementedError("the CUDA-graph decoder follows ECHO's own layout (a prompt in whole blocks, the "
-                                      "mask token excluded); decode imported checkpoints with fused_onestep_generate")
-        self.grid, self.B, self.n_blocks = grid, B, grid.num_blocks(cfg.max_new_tokens)
-        super().__init__(model, tokenizer, cfg, grid.fused_prefill_len + self.n_blocks * B)
-        b, dev = cfg.batch, self.device
-        self.prefill_graph = make_graph(gio.VISION_PREFILL, model, self.capacity, grid.prefix_len,
-                                        tokenizer.mask_id).to(dev)
-        step = make_graph(gio.BLOCK_STEP, model, self.capacity, grid.prefix_len, tokenizer.mask_id).to(dev)
-        self.positions = torch.stack([torch.from_numpy(grid.fused_positions(k)) for k in range(self.n_blocks)]).to(dev)
-        self.past_len = grid.fused_prefill_len + B * torch.arange(self.n_blocks, device=dev)
-        self.slots = self.past_len[:, None] + torch.arange(B, device=dev)
-        self.masks = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
-
-        def block_pass(input_ids, position_ids, past_len, slots):
-            tokens, _conf, pk, pv = step(input_ids, position_ids, self.kc, self.vc, past_len)
-            self._write(pk, pv, slots)
-            return tokens
-
-        example = {"input_ids": torch.cat([self.prefix[:, -B:], self.masks], 1),
-                   "position_ids": self.positions[0].expand(b, -1).contiguous(),
-                   "past_len": self.past_len[0].expand(b).contiguous(), "slots": self.slots[0].clone()}
-        with torch.no_grad():
-            self.step = CapturedPass(block_pass, example, self.capture)
-
     @torch.no_grad()
     def prefill(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The prefix's first P - B tokens into the cache; returns the first pass's previous block."""
+        """The prefix's KV into the cache; returns what the first pass carries: the prefill's token 0
+        (AR) or the prompt ids it did not store (fused: the last prompt block)."""
         self.reset()
-        pk, pv = self.prefill_graph(pixel_values.to(self.device, self.dtype), self.prefix)
-        n = self.grid.fused_prefill_len
-        self._write(pk, pv, torch.arange(n, device=self.device))
-        return self.prefix[:, n:]
+        md = self.mode
+        out = dict(zip(md.prefill_outputs, self.prefill_graph(pixel_values.to(self.device, self.dtype), self.prefix)))
+        self._write(out["present_key"], out["present_value"], torch.arange(md.cached, device=self.device))
+        return out["tokens"] if md.prefill_ids else self.prefix[:, md.cached : md.cached + md.width]
 
     @torch.no_grad()
-    def decode(self, prev: torch.Tensor) -> DecodeResult:
-        """Every block after the prefill: one captured pass each."""
-        b = self.cfg.batch
-        blocks = []
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        for k in range(self.n_blocks):
-            prev = self.step(input_ids=torch.cat([prev, self.masks], 1),
-                             position_ids=self.positions[k].expand(b, -1),
-                             past_len=self.past_len[k].expand(b), slots=self.slots[k]).clone()
-            blocks.append(prev)
-            if self.cfg.stop_at_eos:
-                done |= holds_eos(prev, self.tok.eos_id)
-                if bool(done.all()):  # a host sync per pass: what a serving loop does too
-                    break
-        raw = torch.cat(blocks, 1).cpu()
-        return DecodeResult(cut_rows_at_eos(raw, self.tok.eos_id), len(blocks) + 1, raw)
-
-    def generate(self, pixel_values: torch.Tensor) -> DecodeResult:
-        return self.decode(self.prefill(pixel_values))
-
-
-class StaticArDecoder(_Static):
-    """Greedy AR decoding (the semantics of ar_generate) over ArPrefillGraph + ArStepGraph."""
-
-    def __init__(self, model: EchoModel, tokenizer: ReportTokenizer, cfg: StaticDecodeConfig) -> None:
-        P = len(tokenizer.prefix_ids(model.n_image_tokens))
-        self.P = P
-        super().__init__(model, tokenizer, cfg, P + cfg.max_new_tokens)
-        b, dev = cfg.batch, self.device
-        self.prefill_graph = make_graph(gio.AR_PREFILL, model, self.capacity, P, tokenizer.mask_id).to(dev)
-        step = make_graph(gio.AR_STEP, model, self.capacity, P, tokenizer.mask_id).to(dev)
-        self.pos = P + torch.arange(cfg.max_new_tokens, device=dev)  # pass i writes the token at P + i - 1
-
-        def ar_pass(input_ids, position_ids, past_len, slots):
-            tok, pk, pv = step(input_ids, position_ids, self.kc, self.vc, past_len)
-            self._write(pk, pv, slots)
-            return tok
-
-        example = {"input_ids": torch.zeros(b, 1, dtype=torch.long, device=dev),
-                   "position_ids": self.pos[:1].expand(b, 1).contiguous(),
-                   "past_len": self.pos[0].expand(b).contiguous(), "slots": self.pos[:1].clone()}
-        with torch.no_grad():
-            self.step = CapturedPass(ar_pass, example, self.capture)
-
-    @torch.no_grad()
-    def prefill(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self.reset()
-        tok, pk, pv = self.prefill_graph(pixel_values.to(self.device, self.dtype), self.prefix)
-        self._write(pk, pv, torch.arange(self.P, device=self.device))
-        return tok
-
-    @torch.no_grad()
-    def decode(self, tok: torch.Tensor) -> DecodeResult:
-        b = self.cfg.batch
-        out = [tok]
-        done = tok[:, 0] == self.tok.eos_id
-        for i in range(1, self.cfg.max_new_tokens):
-            if self.cfg.stop_at_eos and bool(done.all()):
+    def decode(self, carry: torch.Tensor) -> DecodeResult:
+        """Every pass after the prefill: one captured pass each."""
+        b, eos = self.cfg.batch, self.tok.eos_id
+        written = [carry] if self.mode.prefill_ids else []
+        done = holds_eos(carry, eos) if written else torch.zeros(b, dtype=torch.bool, device=self.device)
+        for j in range(self.n_passes):
+            if self.cfg.stop_at_eos and bool(done.all()):  # a host sync per pass: what a serving loop does too
                 break
-            p = self.pos[i - 1 : i]
-            tok = self.step(input_ids=tok, position_ids=p.expand(b, 1), past_len=p.expand(b), slots=p).clone()
-            out.append(tok)
+            carry = self.step(input_ids=torch.cat([carry, self.masks], 1), position_ids=self.positions[j].expand(b, -1),
+                              past_len=self.past_len[j].expand(b), slots=self.slots[j]).clone()
+            written.append(carry)
             if self.cfg.stop_at_eos:
-                done |= tok[:, 0] == self.tok.eos_id
-        raw = torch.cat(out, 1).cpu()
-        return DecodeResult(cut_rows_at_eos(raw, self.tok.eos_id), len(out), raw)
+                done |= holds_eos(carry, eos)
+        raw = torch.cat(written, 1).cpu()
+        return DecodeResult(cut_rows_at_eos(raw, eos), 1 + len(written) - self.mode.prefill_ids, raw)
 
     def generate(self, pixel_values: torch.Tensor) -> DecodeResult:
         return self.decode(self.prefill(pixel_values))

@@ -1,16 +1,19 @@
 """A minimal decode loop over the graph_io contract, with onnxruntime or PyTorch runners.
 
 Used to verify exported graphs and to collect calibration inputs; the production runtime
-(`runtime/engine.py`, preallocated buffers, IO binding) is written separately. One loop,
-two backends: a runner is any callable name->array dict -> list of output arrays.
+(`runtime/engine.py`, preallocated buffers, IO binding) is written separately. One loop over a
+mode's description (runtime/decode_mode.DecodeMode), two backends: a runner is any callable
+name->array dict -> list of output arrays (in the graph's output order, graph_io).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from runtime import precisions as precision_registry
+from runtime.decode_mode import DecodeMode
 from runtime.schedule import BlockLayout, cut_rows_at_eos, holds_eos
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -24,111 +27,89 @@ class LoopResult:
     passes: int
 
 
-def fused_decode(
-    prefill: Runner,
-    step: Runner,
-    pixel_values: np.ndarray,
-    prefix_ids: np.ndarray,
-    *,
-    block_size: int,
-    capacity: int,
-    n_layers: int,
-    n_kv_heads: int,
-    head_dim: int,
-    mask_id: int,
-    eos_id: int,
-    max_new_tokens: int,
-    on_step: StepHook = None,
-    prefill_feeds: Optional[dict[str, np.ndarray]] = None,
-    position_offset: int = 0,
-) -> LoopResult:
-    """Fused one-step decoding, the semantics of `fused_onestep_generate`, over fixed-shape graphs.
-    A native-resolution prefill takes `prefill_feeds` (its image arrays and ids) instead of
-    pixel_values; its passes sit at their canvas index + `position_offset` (the image's rope delta)."""
-    b, P = prefix_ids.shape
-    B = block_size
-    grid = BlockLayout(P, B)
-    n_pre, t, n_blocks = grid.fused_prefill_len, grid.tail, grid.num_blocks(max_new_tokens)
-    if n_pre + (n_blocks - 1) * B > capacity:
-        raise ValueError(f"cache capacity {capacity} holds fewer than the tokens {max_new_tokens} new tokens need")
-    kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
-    vc = np.zeros_like(kc)
-    pk, pv = prefill(prefill_feeds or {"pixel_values": pixel_values, "prefix_ids": prefix_ids})[:2]
-    kc[:, :, :, :n_pre], vc[:, :, :, :n_pre] = pk, pv
-    past_len = n_pre
-    prev = prefix_ids[:, n_pre : grid.aligned_len].astype(np.int64)
-    masks = np.full((b, B), mask_id, np.int64)
-    cur = np.concatenate([prefix_ids[:, grid.aligned_len :].astype(np.int64), masks[:, t:]], 1)  # block 0: tail + masks
-    blocks, done = [], np.zeros(b, bool)
-    passes = 1
-    for k in range(n_blocks):
-        feeds = {
-            "input_ids": np.concatenate([prev, cur], 1),
-            "position_ids": np.broadcast_to(grid.fused_positions(k) + position_offset, (b, 2 * B)).astype(np.int64).copy(),
-            "past_key": kc,
-            "past_value": vc,
-            "past_len": np.full((b,), past_len, np.int64),
-        }
-        if on_step is not None:
-            on_step(feeds)
-        tokens, _conf, pk, pv = step(feeds)
-        passes += 1
-        if past_len + B <= capacity:
-            kc[:, :, :, past_len : past_len + B], vc[:, :, :, past_len : past_len + B] = pk, pv
-        past_len += B
-        prev = np.where(cur == mask_id, tokens.astype(np.int64), cur)  # the prompt's tail ids are kept
-        blocks.append(prev)
-        done |= holds_eos(prev[:, t if k == 0 else 0 :], eos_id)  # generated positions only
-        if done.all():
-            break
-        cur = masks
-    raw = np.concatenate(blocks, 1)[:, t:]
-    return LoopResult(raw, cut_rows_at_eos(raw, eos_id, mask_id), passes)
+@dataclass(frozen=True)
+class LoopSettings:
+    """What a decode loop needs besides its graphs and its prompt: the KV cache's shape (float32 at
+    the graphs' IO), the special ids and the report length."""
+    capacity: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    mask_id: int
+    eos_id: int
+    max_new_tokens: int
+
+    @staticmethod
+    def of(lm: Any, capacity: int, tokenizer: Any, max_new_tokens: int) -> "LoopSettings":
+        """From a model's LMConfig and its ReportTokenizer (mask and EOS ids)."""
+        return LoopSettings(capacity, lm.num_hidden_layers, lm.num_key_value_heads, lm.head_dim, tokenizer.mask_id,
+                            tokenizer.eos_id, max_new_tokens)
+
+    def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Zeroed key and value caches [L, b, kvH, CAP, dh]: unwritten slots are masked, yet multiplied."""
+        kc = np.zeros((self.n_layers, batch, self.n_kv_heads, self.capacity, self.head_dim), np.float32)
+        return kc, np.zeros_like(kc)
 
 
-def ar_decode(
-    prefill: Runner,
-    step: Runner,
-    pixel_values: np.ndarray,
-    prefix_ids: np.ndarray,
-    *,
-    capacity: int,
-    n_layers: int,
-    n_kv_heads: int,
-    head_dim: int,
-    eos_id: int,
-    max_new_tokens: int,
-    on_step: StepHook = None,
-) -> LoopResult:
-    """Greedy AR decoding over ar_prefill + ar_step."""
-    b, P = prefix_ids.shape
-    if P + max_new_tokens - 1 > capacity:
-        raise ValueError(f"cache capacity {capacity} < prefix {P} + {max_new_tokens - 1} tokens")
-    kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
-    vc = np.zeros_like(kc)
-    tok, pk, pv = prefill({"pixel_values": pixel_values, "prefix_ids": prefix_ids})
-    kc[:, :, :, :P], vc[:, :, :, :P] = pk, pv
-    out, done, passes = [tok.astype(np.int64)], (tok[:, 0] == eos_id), 1
-    for i in range(1, max_new_tokens):
+def prefill_feeds(pixel_values: np.ndarray, prefix_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A fixed-grid prefill's inputs (vision_prefill and ar_prefill alike)."""
+    return {"pixel_values": pixel_values, "prefix_ids": prefix_ids}
+
+
+def decode(mode: DecodeMode, prefill: Runner, step: Runner, prompt_ids: np.ndarray, feeds: dict[str, np.ndarray],
+           settings: LoopSettings, *, on_step: StepHook = None, position_offset: int = 0) -> LoopResult:
+    """Decode a batch over one mode's prefill and step graphs: the semantics of
+    `fused_onestep_generate` (mode "fused") or `ar_generate` (mode "ar"). `feeds` are the
+    prefill's inputs (prefill_feeds, or a native-resolution image's arrays and ids); a native
+    image's passes sit at their canvas index + `position_offset` (its rope delta). `on_step`
+    sees every step pass's feeds before it runs."""
+    b, s = prompt_ids.shape[0], settings
+    _check_fits(mode, prompt_ids, s)
+    pre, (kc, vc) = dict(zip(mode.prefill_outputs, prefill(feeds))), s.empty_cache(b)
+    kc[:, :, :, : mode.cached], vc[:, :, :, : mode.cached] = pre["present_key"], pre["present_value"]
+    # pass 0 is fed the prefill's own ids (AR), else the prompt ids the prefill did not store (fused)
+    written = [pre["tokens"].astype(np.int64)] if mode.prefill_ids else []
+    carry = written[0] if written else prompt_ids[:, mode.cached : mode.cached + mode.width].astype(np.int64)
+    done = holds_eos(carry, s.eos_id) if written else np.zeros(b, bool)
+    opening = prompt_ids[:, mode.prefix_len - mode.tail :].astype(np.int64)
+    past = mode.cached
+    for j in range(mode.passes(s.max_new_tokens)):
         if done.all():
             break
-        pos = P + i - 1
-        feeds = {
-            "input_ids": out[-1],
-            "position_ids": np.full((b, 1), pos, np.int64),
-            "past_key": kc,
-            "past_value": vc,
-            "past_len": np.full((b,), pos, np.int64),
-        }
+        fresh = np.full((b, mode.feed - mode.width), s.mask_id, np.int64)
+        if j == 0:  # block 0 opens with the prompt's tail
+            fresh[:, : mode.tail] = opening
+        step_feeds = _step_feeds(np.concatenate([carry, fresh], 1), mode.positions(j) + position_offset, kc, vc, past)
         if on_step is not None:
-            on_step(feeds)
-        tok, pk, pv = step(feeds)
-        passes += 1
-        kc[:, :, :, pos : pos + 1], vc[:, :, :, pos : pos + 1] = pk, pv
-        out.append(tok.astype(np.int64))
-        done |= tok[:, 0] == eos_id
-    raw = np.concatenate(out, 1)
-    return LoopResult(raw, cut_rows_at_eos(raw, eos_id), passes)
+            on_step(step_feeds)
+        out = dict(zip(mode.step_outputs, step(step_feeds)))
+        if past + mode.width <= s.capacity:  # the last pass's KV: no later pass reads it
+            kc[:, :, :, past : past + mode.width] = out["present_key"]
+            vc[:, :, :, past : past + mode.width] = out["present_value"]
+        past += mode.width
+        carry = out["tokens"].astype(np.int64)
+        skip = mode.tail if j == 0 else 0
+        if skip:  # the prompt's tail ids are kept, whatever the graph read there
+            carry[:, :skip] = opening
+        written.append(carry)
+        done |= holds_eos(carry[:, skip:], s.eos_id)  # generated positions only
+    raw = np.concatenate(written, 1)[:, mode.tail :]
+    # cut at a mask a block left unfilled (the official decoders' rule; the AR graphs never predict it)
+    return LoopResult(raw, cut_rows_at_eos(raw, s.eos_id, s.mask_id), 1 + len(written) - mode.prefill_ids)
+
+
+def _check_fits(mode: DecodeMode, prompt_ids: np.ndarray, settings: LoopSettings) -> None:
+    if prompt_ids.shape[1] != mode.prefix_len:
+        raise ValueError(f"a {prompt_ids.shape[1]}-id prompt, a mode described for {mode.prefix_len}")
+    if (need := mode.slots_needed(settings.max_new_tokens)) > settings.capacity:
+        raise ValueError(f"cache capacity {settings.capacity} holds fewer than the {need} slots a "
+                         f"{mode.prefix_len}-id prompt and {settings.max_new_tokens} new tokens need")
+
+
+def _step_feeds(ids: np.ndarray, positions: np.ndarray, kc: np.ndarray, vc: np.ndarray, past: int) -> dict:
+    """A step pass's inputs (graph_io STEP_INPUTS): every row at the same positions and past length."""
+    return {"input_ids": ids.astype(np.int64), "position_ids": np.broadcast_to(positions, ids.shape).astype(np.int64),
+            "past_key": kc, "past_value": vc, "past_len": np.full((ids.shape[0],), past, np.int64)}
 
 
 def ort_runner(path, threads: int = 0, weights=None) -> Runner:
@@ -160,10 +141,9 @@ def shared_weights_of(engine_dir, precision: str):
     from pathlib import Path
 
     from runtime import ort_capi
-    from runtime.engine import SHARED_PRECISIONS
 
     path = Path(engine_dir) / f"weights.{precision}.bin"
-    if precision not in SHARED_PRECISIONS or not path.is_file() or path.stat().st_size == 0 or ort_capi.api() is None:
+    if precision not in precision_registry.shared_names() or not path.is_file() or path.stat().st_size == 0 or ort_capi.api() is None:
         return None
     return ort_capi.SharedWeights(path)
 
@@ -208,60 +188,69 @@ class TeacherDecode:
     threshold: float
     shifted: bool
 
+    def predictions(self, tokens: np.ndarray, conf: np.ndarray, carry) -> tuple[np.ndarray, np.ndarray]:
+        """A denoise pass's predictions: each position's own, or (shifted) token j from position
+        j-1 and token 0 from the carry, the last position of the pass that stored the block before."""
+        if not self.shifted:
+            return tokens, conf
+        return (np.concatenate([carry[0][:, None], tokens[:, :-1]], 1),
+                np.concatenate([carry[1][:, None], conf[:, :-1]], 1))
 
-def multistep_decode(prefill: Runner, denoise: Runner, commit: Runner, prefix_ids: np.ndarray, *,
-                     teacher: TeacherDecode, block_size: int, capacity: int, n_layers: int, n_kv_heads: int,
-                     head_dim: int, mask_id: int, eos_id: int, max_new_tokens: int,
-                     prefill_feeds: dict[str, np.ndarray], position_offset: int = 0) -> LoopResult:
+
+def multistep_decode(mode: DecodeMode, prefill: Runner, denoise: Runner, commit: Runner, prompt_ids: np.ndarray,
+                     feeds: dict[str, np.ndarray], settings: LoopSettings, teacher: TeacherDecode, *,
+                     position_offset: int = 0) -> LoopResult:
     """The teacher over block_denoise / block_commit graphs: the semantics of `multistep_generate`.
-    The prefill stores the prompt's whole blocks but the last; a commit pass stores that one (and
-    gives the carry, token 0's prediction, of a shifted-prediction model)."""
+    `mode` is the fused one of the prompt (its prefill, block size and tail). The prefill stores the
+    prompt's whole blocks but the last; a commit pass stores that one (and gives the carry, token
+    0's prediction, of a shifted-prediction model)."""
     from runtime.schedule import select_unmask, transfer_schedule
 
-    b, P = prefix_ids.shape
-    B = block_size
-    grid = BlockLayout(P, B)
-    kc = np.zeros((n_layers, b, n_kv_heads, capacity, head_dim), np.float32)
-    vc = np.zeros_like(kc)
-    pk, pv = prefill(prefill_feeds)[:2]
-    past = grid.fused_prefill_len
-    kc[:, :, :, :past], vc[:, :, :, :past] = pk, pv
-
-    def run(graph: Runner, ids: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
-        return graph({"input_ids": ids.astype(np.int64), "past_key": kc, "past_value": vc,
-                      "position_ids": np.broadcast_to(positions + position_offset, (b, B)).astype(np.int64).copy(),
-                      "past_len": np.full((b,), past, np.int64)})
-
-    def store(out: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        nonlocal past
-        kc[:, :, :, past : past + B], vc[:, :, :, past : past + B] = out[2], out[3]
-        past += B
-        return out[0][:, -1], out[1][:, -1]
-
-    carry = store(run(commit, prefix_ids[:, past : grid.aligned_len], grid.block_positions(-1)))
+    b, B, s = prompt_ids.shape[0], mode.width, settings
+    grid = BlockLayout(mode.prefix_len, B)
+    cache = _TeacherCache(s, b, B, position_offset, dict(zip(mode.prefill_outputs, prefill(feeds))), mode.cached)
+    carry = cache.store(cache.run(commit, prompt_ids[:, mode.cached : grid.aligned_len], grid.block_positions(-1)))
     schedule = transfer_schedule(B, teacher.steps)
-    x = np.full((b, B), mask_id, np.int64)
-    x[:, : grid.tail] = prefix_ids[:, grid.aligned_len :]
-    blocks, done, passes = [], np.zeros(b, bool), 2
-    n_blocks = grid.num_blocks(max_new_tokens)
+    x = np.full((b, B), s.mask_id, np.int64)
+    x[:, : grid.tail] = prompt_ids[:, grid.aligned_len :]
+    written, done, passes = [], np.zeros(b, bool), 2
+    n_blocks = grid.num_blocks(s.max_new_tokens)
     for k in range(n_blocks):
         pos = grid.block_positions(k)
-        for s in range(teacher.steps):
-            still = x == mask_id
+        for step in range(teacher.steps):
+            still = x == s.mask_id
             if not still.any():
                 break
-            tok, conf = run(denoise, x, pos)[:2]
-            if teacher.shifted:
-                tok = np.concatenate([carry[0][:, None], tok[:, :-1]], 1)
-                conf = np.concatenate([carry[1][:, None], conf[:, :-1]], 1)
-            x = np.where(select_unmask(conf, still, schedule[s], teacher.rule, teacher.threshold), tok, x)
+            tok, conf = teacher.predictions(*cache.run(denoise, x, pos)[:2], carry)
+            x = np.where(select_unmask(conf, still, schedule[step], teacher.rule, teacher.threshold), tok, x)
             passes += 1
-        blocks.append(x.copy())
-        done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], eos_id)
+        written.append(x.copy())
+        done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], s.eos_id)
         if done.all() or k == n_blocks - 1:
             break
-        carry = store(run(commit, x, pos))
+        carry = cache.store(cache.run(commit, x, pos))
         passes += 1
-        x = np.full((b, B), mask_id, np.int64)
-    raw = np.concatenate(blocks, 1)[:, grid.tail :]
-    return LoopResult(raw, cut_rows_at_eos(raw, eos_id, mask_id), passes)
+        x = np.full((b, B), s.mask_id, np.int64)
+    raw = np.concatenate(written, 1)[:, grid.tail :]
+    return LoopResult(raw, cut_rows_at_eos(raw, s.eos_id, s.mask_id), passes)
+
+
+class _TeacherCache:
+    """The teacher's KV cache: the prefill's, then one block per commit pass."""
+
+    def __init__(self, settings: LoopSettings, batch: int, block_size: int, position_offset: int,
+                 prefill_out: dict[str, np.ndarray], cached: int) -> None:
+        self.kc, self.vc = settings.empty_cache(batch)
+        self.kc[:, :, :, :cached], self.vc[:, :, :, :cached] = prefill_out["present_key"], prefill_out["present_value"]
+        self.past, self.B, self.offset = cached, block_size, position_offset
+
+    def run(self, graph: Runner, ids: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
+        """One pass over a block at `positions`, reading the cache (outputs: gio.BLOCK_PASS_OUTPUTS)."""
+        return graph(_step_feeds(ids, positions + self.offset, self.kc, self.vc, self.past))
+
+    def store(self, out: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """A commit pass's KV into the cache; its last position's (token, confidence): the carry."""
+        self.kc[:, :, :, self.past : self.past + self.B] = out[2]
+        self.vc[:, :, :, self.past : self.past + self.B] = out[3]
+        self.past += self.B
+        return out[0][:, -1], out[1][:, -1]

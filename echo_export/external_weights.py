@@ -169,26 +169,7 @@ def share_weights(folder: Path, graph_files: Iterable[str], data_file: str | Wei
     models: list[tuple[str, onnx.ModelProto]] = []
     for name in graph_files:
         model = onnx.load(str(folder / name), load_external_data=False)
-        for t in model.graph.initializer:
-            ext = t.data_location == onnx.TensorProto.EXTERNAL
-            if ext:
-                location = _external_info(t)["location"]
-                if location == store.name and not own:  # already in the store (exported straight into it)
-                    res.tensors_referenced += 1
-                    res.bytes_referenced += int(_external_info(t)["length"])
-                    continue
-                old_files.add(location)
-            data = tensor_bytes(t, folder)
-            if len(data) < min_bytes:
-                if ext:  # a small tensor the exporter put outside: bring it back inline
-                    t.raw_data = data
-                    del t.external_data[:]
-                    t.data_location = onnx.TensorProto.DEFAULT
-                continue
-            offset, length = store.add(data)
-            point_to(t, store.name, offset, length)
-            res.tensors_referenced += 1
-            res.bytes_referenced += length
+        old_files |= _move_initializers(model, folder, store, own, min_bytes, res)
         models.append((name, model))
     if own:
         store.close()
@@ -203,6 +184,34 @@ def share_weights(folder: Path, graph_files: Iterable[str], data_file: str | Wei
     res.bytes_stored = store.bytes_stored - before[1]
     res.file_bytes = store.file_bytes()
     return res
+
+
+def _move_initializers(model: onnx.ModelProto, folder: Path, store: WeightsFile, own: bool, min_bytes: int,
+                       res: SharedWeights) -> set[str]:
+    """share_weights for one graph: its initializers of at least `min_bytes` into `store` (counted
+    in `res`), smaller external ones back inline; returns the data files it read from."""
+    old_files: set[str] = set()
+    for t in model.graph.initializer:
+        ext = t.data_location == onnx.TensorProto.EXTERNAL
+        if ext:
+            location = _external_info(t)["location"]
+            if location == store.name and not own:  # already in the store (exported straight into it)
+                res.tensors_referenced += 1
+                res.bytes_referenced += int(_external_info(t)["length"])
+                continue
+            old_files.add(location)
+        data = tensor_bytes(t, folder)
+        if len(data) < min_bytes:
+            if ext:  # a small tensor the exporter put outside: bring it back inline
+                t.raw_data = data
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+            continue
+        offset, length = store.add(data)
+        point_to(t, store.name, offset, length)
+        res.tensors_referenced += 1
+        res.bytes_referenced += length
+    return old_files
 
 
 def external_data_files(model_path: Path) -> set[str]:

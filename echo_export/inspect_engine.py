@@ -39,6 +39,18 @@ def inspect_engine(engine_dir: str | Path, log: Callable[[str], None] = print) -
         ok = False
         log(f"{d}: HASH CHECK FAILED: {e}")
         m = Manifest.from_dict(json.loads((d / MANIFEST_NAME).read_text()))
+    _log_model(m, log)
+    _log_files(d, m, log)
+    vj = d / "verify.json"
+    if vj.is_file():
+        rep = json.loads(vj.read_text())
+        log(f"  verification on {rep.get('n_images')} images:")
+        print_table(rep, lambda line: log("  " + line))
+    return ok
+
+
+def _log_model(m: Manifest, log: Callable[[str], None]) -> None:
+    """The manifest's model, decode settings, ids, precisions and versions."""
     cfg = m.model_config
     lm = cfg.get("lm", {})
     log(f"  model: stage {cfg.get('stage')}, {lm.get('num_hidden_layers')} layers, hidden {lm.get('hidden_size')}, "
@@ -52,6 +64,10 @@ def inspect_engine(engine_dir: str | Path, log: Callable[[str], None] = print) -
     if m.int8:
         log(f"  int8: mode {m.int8.get('mode')}, made for CPUs of kind {m.int8.get('chosen_for')} "
             f"(built on {m.int8.get('build_cpu', {}).get('int8_kind')})")
+
+
+def _log_files(d: Path, m: Manifest, log: Callable[[str], None]) -> None:
+    """The weights files, then each role's graphs with their inputs and outputs."""
     data = sorted(f for f in m.files if f.endswith(".bin"))
     if data:
         log("  weights (external data, one file read by every graph of its precision):")
@@ -66,9 +82,3 @@ def inspect_engine(engine_dir: str | Path, log: Callable[[str], None] = print) -
                 ins, outs = graph_io(d / fname)
                 log(f"      in : {'; '.join(ins)}")
                 log(f"      out: {'; '.join(outs)}")
-    vj = d / "verify.json"
-    if vj.is_file():
-        rep = json.loads(vj.read_text())
-        log(f"  verification on {rep.get('n_images')} images:")
-        print_table(rep, lambda line: log("  " + line))
-    return ok

@@ -361,21 +361,42 @@ def to_fp16(src: str | Path, dst: str | Path, weights=None, source=None) -> dict
 
     `source` (a stream_export.DeferredWeights): the fp32 graph's weights that point into its
     (never written) file are taken from it, one tensor at a time: an fp16 build with no fp32 one."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     from .external_weights import WeightsFile
 
     src, dst = Path(src), Path(dst)
-    inferred = src.with_name(dst.stem + ".shapes.onnx")  # beside src: its external data paths stay valid
-    try:
-        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-        model = onnx.load(str(inferred), load_external_data=False)
-    finally:
-        inferred.unlink(missing_ok=True)
+    model = _shape_inferred(src, src.with_name(dst.stem + ".shapes.onnx"))  # beside src: its data paths hold
     # the converter only retypes an external initializer (its bytes are not loaded): remember where
     # each one's fp32 bytes are and what type it had
     outside = {t.name: (_external_location(t), t.data_type) for t in model.graph.initializer
                if t.data_location == onnx.TensorProto.EXTERNAL}
+    out, kept, rewired = _fp16_graph(model, src)
+    if outside:
+        store = weights if weights is not None else WeightsFile(dst.parent, dst.name + ".data")
+        _fp16_external_weights(out, outside, src.parent, store, source)
+        if weights is None:
+            store.close()
+        else:
+            store.flush()
+    onnx.save(out, str(dst))
+    return {"op_block_list": FP16_OP_BLOCK, "fp32_nodes": kept, "fp16_round_trips_removed": rewired}
+
+
+def _shape_inferred(src: Path, inferred: Path) -> onnx.ModelProto:
+    """`src` with inferred shapes, loaded without its external data (inferred on the file: `inferred`,
+    removed again)."""
+    try:
+        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+        return onnx.load(str(inferred), load_external_data=False)
+    finally:
+        inferred.unlink(missing_ok=True)
+
+
+def _fp16_graph(model: onnx.ModelProto, src: Path) -> tuple[onnx.ModelProto, int, int]:
+    """The fp16 form of a graph whose external weights are not loaded: (graph, nodes kept fp32,
+    fp16 round trips removed). Norm statistics, rotary angles, attention scores and the output
+    head stay fp32; constants that would overflow fp16 are refused (PrecisionError)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
     _name_nodes(model)
     clamp_mask_fill_constants(model)
     bad = check_fp16_constants(model)
@@ -390,31 +411,30 @@ def to_fp16(src: str | Path, dst: str | Path, weights=None, source=None) -> dict
     rewired = remove_fp16_round_trips(out.graph)
     topo_sort(out.graph)
     del out.graph.value_info[:]  # stale fp32 annotations; onnxruntime and the checker re-infer them
-    if outside:
-        store = weights if weights is not None else WeightsFile(dst.parent, dst.name + ".data")
-        for t in out.graph.initializer:
-            if t.name not in outside:
-                continue
-            (location, offset, length), was = outside[t.name]
-            path = src.parent / location
-            retyped = was == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16
-            if source is not None and location == source.name:
-                convert = lambda a, o, n=t.name: _fp16_chunk(a, o, n)  # noqa: E731
-                data = memoryview(source.fp16(offset, convert).reshape(-1).view(np.uint8)) if retyped else source.raw(offset)
-            else:
-                data = _fp16_bytes(path, offset, length) if retyped else _raw_bytes(path, offset, length)
-            new_offset, new_length = store.add(data)
-            del data
-            del t.external_data[:]
-            for k, v in (("location", store.name), ("offset", str(new_offset)), ("length", str(new_length))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-        if weights is None:
-            store.close()
+    return out, len(keep_nodes), rewired
+
+
+def _fp16_external_weights(out: onnx.ModelProto, outside: dict, folder: Path, store, source=None) -> None:
+    """Every external initializer of the converted graph into `store`, one tensor at a time: fp16
+    where the converter retyped it (clamped as it clamps inline tensors), else its bytes as they
+    were; `outside`: name -> ((file, offset, length) in the fp32 graph's `folder`, fp32 type)."""
+    for t in out.graph.initializer:
+        if t.name not in outside:
+            continue
+        (location, offset, length), was = outside[t.name]
+        path = folder / location
+        retyped = was == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16
+        if source is not None and location == source.name:
+            convert = lambda a, o, n=t.name: _fp16_chunk(a, o, n)  # noqa: E731
+            data = memoryview(source.fp16(offset, convert).reshape(-1).view(np.uint8)) if retyped else source.raw(offset)
         else:
-            store.flush()
-    onnx.save(out, str(dst))
-    return {"op_block_list": FP16_OP_BLOCK, "fp32_nodes": len(keep_nodes), "fp16_round_trips_removed": rewired}
+            data = _fp16_bytes(path, offset, length) if retyped else _raw_bytes(path, offset, length)
+        new_offset, new_length = store.add(data)
+        del data
+        del t.external_data[:]
+        for k, v in (("location", store.name), ("offset", str(new_offset)), ("length", str(new_length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
 
 
 # ---------------------------------------------------------------- int8
@@ -538,57 +558,22 @@ def to_int8(src: str | Path, dst: str | Path, feeds: Sequence[dict[str, np.ndarr
     the ranges (the calibrator's session holds the weights once), then `quantize_static` reads them
     from a calibration cache file and loads its own copy of the model only after that session has
     gone. Ranges and graph are those of one `quantize_static` call over all the feeds (tested)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from runtime.cpu_features import INT8_MODES
-
-    if mode not in INT8_MODES:
-        raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
-    signed_act = mode == "s8s8"
-    if not len(feeds):
-        raise PrecisionError("int8 needs calibration data: no block inputs were recorded")
+    _check_int8_inputs(mode, feeds)
     dst = Path(dst)
     work = Path(workdir) if workdir else dst.parent
-    pre = work / (dst.stem + ".pre.onnx")
-    cache = work / (dst.stem + ".calib.json")
-    # big graphs keep their weights external at every step (protobuf's 2 GB limit); the optimiser
-    # inside quant_pre_process reads src's external data from src's own folder
+    pre, cache = work / (dst.stem + ".pre.onnx"), work / (dst.stem + ".calib.json")
+    # big graphs keep their weights external at every step (protobuf's 2 GB limit)
     external = has_external_data(src)
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
-                      all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
-    model = onnx.load(str(pre), load_external_data=False)  # names and shapes are all this step needs
-    _name_nodes(model)
-    onnx.save(model, str(pre))
-    nodes = weight_matmuls(model, min_weight_elements, skip_input_dims)
-    if not nodes:
-        raise PrecisionError(f"{src}: no weight MatMul of at least {min_weight_elements} values "
-                             f"(input dimension not in {sorted(skip_input_dims)}) found to quantise")
-    names = [i.name for i in model.graph.input]
-    del model
+    nodes, names = _int8_preprocessed(src, pre, external, min_weight_elements, skip_input_dims)
     idx = calibration_indices(len(feeds), max_feeds)
     try:
         ranges = minmax_ranges(pre, feeds, idx, names, external=external, workdir=work, chunk=calib_chunk)
         cache.unlink(missing_ok=True)
         save_tensors_data(ranges, cache)
         del ranges
-        quantize_static(
-            str(pre),
-            str(dst),
-            None,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_quantize=nodes,
-            per_channel=per_channel,
-            reduce_range=mode == "u8s7",
-            activation_type=QuantType.QInt8 if signed_act else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=external,
-            calibration_cache_path=str(cache),
-            extra_options={"ActivationSymmetric": signed_act, "WeightSymmetric": True},
-        )
+        _quantize_with_cache(pre, dst, cache, nodes, mode, per_channel, external)
     finally:
         cache.unlink(missing_ok=True)
         pre.unlink(missing_ok=True)
@@ -600,6 +585,58 @@ def to_int8(src: str | Path, dst: str | Path, feeds: Sequence[dict[str, np.ndarr
     return {"quantized_matmuls": len(nodes), "calib_samples": len(idx), "per_channel": per_channel,
             "mode": mode, "min_weight_elements": min_weight_elements,
             "fp32_input_dims": sorted(skip_input_dims)}
+
+
+def _check_int8_inputs(mode: str, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    from runtime.cpu_features import INT8_MODES
+
+    if mode not in INT8_MODES:
+        raise PrecisionError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
+    if not len(feeds):
+        raise PrecisionError("int8 needs calibration data: no block inputs were recorded")
+
+
+def _int8_preprocessed(src: str | Path, pre: Path, external: bool, min_weight_elements: int,
+                       skip_input_dims: Iterable[int]) -> tuple[list[str], list[str]]:
+    """onnxruntime's quantisation pre-processing of `src` into `pre`, its nodes named; returns (the
+    weight MatMuls to quantise, the graph's input names). PrecisionError when there is none."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # the optimiser inside quant_pre_process reads src's external data from src's own folder
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
+                      all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
+    model = onnx.load(str(pre), load_external_data=False)  # names and shapes are all this step needs
+    _name_nodes(model)
+    onnx.save(model, str(pre))
+    nodes = weight_matmuls(model, min_weight_elements, skip_input_dims)
+    if not nodes:
+        raise PrecisionError(f"{src}: no weight MatMul of at least {min_weight_elements} values "
+                             f"(input dimension not in {sorted(skip_input_dims)}) found to quantise")
+    return nodes, [i.name for i in model.graph.input]
+
+
+def _quantize_with_cache(pre: Path, dst: Path, cache: Path, nodes: list[str], mode: str, per_channel: bool,
+                         external: bool) -> None:
+    """quantize_static of `nodes` with the ranges of the calibration cache file (no calibration of its own)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    signed_act = mode == "s8s8"
+    quantize_static(
+        str(pre),
+        str(dst),
+        None,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_quantize=nodes,
+        per_channel=per_channel,
+        reduce_range=mode == "u8s7",
+        activation_type=QuantType.QInt8 if signed_act else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
+        calibration_cache_path=str(cache),
+        extra_options={"ActivationSymmetric": signed_act, "WeightSymmetric": True},
+    )
 
 
 # vpmaddubsw (AVX2 without VNNI) adds two u8 x s8 products in int16: 255 * |q| * 2 must fit
@@ -649,49 +686,13 @@ def int8_qdq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
     src = Path(src)
     base = str(src.parent)
     model = onnx.load(str(src), load_external_data=False)
-    arr = lambda t: numpy_helper.to_array(t, base_dir=base)  # noqa: E731  (reads external data too)
+    rewrite = _SymmetricQdq(model, base)
+    keep_nodes = [n for n in model.graph.node if rewrite.keeps(n)]
     g = model.graph
-    consts = _constant_tensors(model)
-    new_inits: list[onnx.TensorProto] = []
-    renamed: dict[tuple[str, str], tuple[str, str]] = {}
-    folded = requantised = 0
-    keep_nodes = []
-    for n in g.node:
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3:
-            keep_nodes.append(n)
-            continue
-        s_name, z_name = n.input[1], n.input[2]
-        zp = consts.get(z_name)
-        if zp is None or s_name not in consts:
-            keep_nodes.append(n)
-            continue
-        if zp.data_type == onnx.TensorProto.INT32 and n.op_type == "DequantizeLinear" and n.input[0] in consts:
-            # int32 bias: fold to the float it stands for
-            q = arr(consts[n.input[0]]).astype(np.float64)
-            val = (q - arr(zp)) * arr(consts[s_name])
-            new_inits.append(numpy_helper.from_array(val.astype(np.float32), n.output[0]))
-            folded += 1
-            continue
-        if zp.data_type == onnx.TensorProto.UINT8:
-            key = (s_name, z_name)
-            if key not in renamed:
-                s = arr(consts[s_name]).astype(np.float64)
-                z = arr(zp).astype(np.float64)
-                amax = np.maximum(z * s, (255.0 - z) * s)  # the calibrated [min, max], either side of 0
-                ns, nz = s_name + "_sym", z_name + "_sym"
-                new_inits.append(numpy_helper.from_array((amax / 127.0).astype(np.float32), ns))
-                new_inits.append(numpy_helper.from_array(np.zeros(z.shape, np.int8), nz))
-                renamed[key] = (ns, nz)
-                requantised += 1
-            n.input[1], n.input[2] = renamed[key]
-        keep_nodes.append(n)
     del g.node[:]
     g.node.extend(keep_nodes)
-    g.initializer.extend(new_inits)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    still = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(still)
+    g.initializer.extend(rewrite.new_inits)
+    _drop_unused_initializers(g)
     del g.value_info[:]
     bad = check_int8_qdq_for_tensorrt(model, base)
     if bad:
@@ -701,4 +702,59 @@ def int8_qdq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
         save_graph(model, dst, has_external_data(src))
     else:
         onnx.save(model, str(dst))
-    return {"requantised_ranges": requantised, "folded_biases": folded}
+    return {"requantised_ranges": rewrite.requantised, "folded_biases": rewrite.folded}
+
+
+class _SymmetricQdq:
+    """The Q/DQ rewrite of int8_qdq_for_tensorrt, node by node: an int32 bias DequantizeLinear
+    becomes the float initializer it stands for; a uint8 zero point's range becomes a symmetric
+    int8 one (scale amax / 127, zero point 0), shared by the nodes that share the original."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str) -> None:
+        self.consts = _constant_tensors(model)
+        self.base_dir = base_dir
+        self.new_inits: list[onnx.TensorProto] = []
+        self.renamed: dict[tuple[str, str], tuple[str, str]] = {}
+        self.folded = self.requantised = 0
+
+    def _arr(self, t: onnx.TensorProto) -> np.ndarray:
+        return numpy_helper.to_array(t, base_dir=self.base_dir)  # reads external data too
+
+    def keeps(self, n: onnx.NodeProto) -> bool:
+        """Rewrite `n` in place; False where it is folded away (an int32 bias)."""
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3:
+            return True
+        s_name, z_name = n.input[1], n.input[2]
+        zp = self.consts.get(z_name)
+        if zp is None or s_name not in self.consts:
+            return True
+        if zp.data_type == onnx.TensorProto.INT32 and n.op_type == "DequantizeLinear" and n.input[0] in self.consts:
+            q = self._arr(self.consts[n.input[0]]).astype(np.float64)
+            val = (q - self._arr(zp)) * self._arr(self.consts[s_name])
+            self.new_inits.append(numpy_helper.from_array(val.astype(np.float32), n.output[0]))
+            self.folded += 1
+            return False
+        if zp.data_type == onnx.TensorProto.UINT8:
+            n.input[1], n.input[2] = self._symmetric(s_name, z_name)
+        return True
+
+    def _symmetric(self, s_name: str, z_name: str) -> tuple[str, str]:
+        """The names of the symmetric int8 scale and zero point covering a uint8 range's [min, max]."""
+        key = (s_name, z_name)
+        if key not in self.renamed:
+            s = self._arr(self.consts[s_name]).astype(np.float64)
+            z = self._arr(self.consts[z_name]).astype(np.float64)
+            amax = np.maximum(z * s, (255.0 - z) * s)  # the calibrated [min, max], either side of 0
+            ns, nz = s_name + "_sym", z_name + "_sym"
+            self.new_inits.append(numpy_helper.from_array((amax / 127.0).astype(np.float32), ns))
+            self.new_inits.append(numpy_helper.from_array(np.zeros(z.shape, np.int8), nz))
+            self.renamed[key] = (ns, nz)
+            self.requantised += 1
+        return self.renamed[key]
+
+
+def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    still = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(still)

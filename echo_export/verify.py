@@ -21,10 +21,11 @@ import torch
 
 from runtime import graph_io as gio
 from runtime import precisions as precision_registry
-from runtime.engine import memory_available_bytes
+from runtime.decode_mode import AR, FUSED, GRAPHS, DecodeMode
+from runtime.memory import memory_available_bytes
 from runtime.schedule import BlockLayout
 
-from .decode_loop import ar_decode, fused_decode, ort_runner, shared_weights_of, torch_runner
+from .decode_loop import LoopResult, LoopSettings, StepHook, decode, ort_runner, shared_weights_of, torch_runner
 from .timing import alternating_run_medians
 
 
@@ -33,6 +34,33 @@ class VerifyItem:
     id: str
     pixels: Any  # [1, S, S] float32; a runtime.native_image.NativeImage at native resolution
     report: Optional[str] = None
+
+
+@dataclass
+class VerifyJob:
+    """What every verification reads: the folder being built, its graphs ((role, precision, batch)
+    -> file), the tokenizer, the held-out images and the variants to check."""
+    engine_dir: Path
+    files: dict[tuple[str, str, int], str]
+    tokenizer: Any  # runtime.text.ReportTokenizer
+    items: list[VerifyItem]
+    precisions: list[str]
+    batch_sizes: list[int]
+    capacity: int
+    log: Callable[[str], None] = print
+
+    @property
+    def ids(self) -> list[str]:
+        return [it.id for it in self.items]
+
+    def settings(self, lm: Any, max_new_tokens: int) -> LoopSettings:
+        return LoopSettings.of(lm, self.capacity, self.tokenizer, max_new_tokens)
+
+    def graph(self, role: str, precision: str, batch: int) -> Path:
+        return self.engine_dir / self.files[(role, precision, batch)]
+
+    def chunks(self, cfg: Any, batch: int, n_image_tokens: int) -> list["_Chunk"]:
+        return _chunks_of(self.items, cfg, self.tokenizer, batch, n_image_tokens)
 
 
 def _chunks(items: list, b: int):
@@ -110,17 +138,6 @@ def _f1_change(texts: dict[str, str], ref_texts: dict[str, str], refs: dict[str,
     return {"delta": float(d["delta"]), "ci95": [float(x) for x in d["ci95"]] if d["ci95"] else None}
 
 
-def _recording_confidence(step, out: list[tuple[np.ndarray, np.ndarray]]):
-    """The block step runner, also keeping each pass's tokens and confidence outputs (outputs: tokens,
-    confidence, present_key, present_value)."""
-    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        res = step(feeds)
-        out.append((np.array(res[0], copy=True), np.array(res[1], copy=True)))
-        return res
-
-    return run
-
-
 def _timing_memory(engine_dir: Path, precisions: list[str]) -> int:
     """About what block_step sessions of every precision side by side hold: the fp32 / int8 weights
     once, fp16's file and its fp32 copy (fp16_cpu_session_bytes)."""
@@ -168,6 +185,13 @@ def _prefill_chunks(items: list[VerifyItem], b: int, prefix: np.ndarray) -> list
         out.append(_Chunk(part, {"pixel_values": np.stack([it.pixels for it in padded]).astype(np.float32),
                                  "prefix_ids": ids}, ids))
     return out
+
+
+def _chunks_of(items: list[VerifyItem], cfg: Any, tokenizer: Any, batch: int, n_image_tokens: int) -> list[_Chunk]:
+    """The decodes of the verification loop: one per image at native resolution, else batches."""
+    if cfg.vision.native:
+        return native_chunks(items, cfg, tokenizer)
+    return _prefill_chunks(items, batch, np.array(tokenizer.prefix_ids(n_image_tokens), np.int64))
 
 
 def native_chunks(items: list[VerifyItem], model_cfg, tokenizer) -> list[_Chunk]:
@@ -218,17 +242,33 @@ def _prefill_first(path: Path, feeds: list[dict[str, np.ndarray]]):
     return replay
 
 
-def _open_pair(engine_dir: Path, pre_file: str, step_file: str, precision: str, prefill_feeds: list[dict],
-               log: Callable[[str], None]):
-    """(prefill runner, step runner) of one precision: side by side where they fit (fp32/int8
-    sharing one copy of the weights), else the prefill run first on `prefill_feeds`."""
-    weights = shared_weights_of(engine_dir, precision)  # fp32/int8: prefill and step hold the weights once
-    native = any("pixel_patches" in f for f in prefill_feeds)  # dynamic shapes: no preallocated shared session
-    if not native and _side_by_side(engine_dir, precision, log):
-        pre = ort_runner(engine_dir / pre_file, weights=weights)
+def _open_pair(job: VerifyJob, mode: str, precision: str, batch: int, chunks: list[_Chunk]):
+    """(prefill runner, step runner) of one mode's graphs in one precision: side by side where they
+    fit (fp32/int8 sharing one copy of the weights), else the prefill run first on every chunk."""
+    pre_role, step_role = GRAPHS[mode]
+    weights = shared_weights_of(job.engine_dir, precision)  # fp32/int8: prefill and step hold the weights once
+    feeds = [c.feeds for c in chunks]
+    native = any("pixel_patches" in f for f in feeds)  # dynamic shapes: no preallocated shared session
+    if not native and _side_by_side(job.engine_dir, precision, job.log):
+        pre = ort_runner(job.graph(pre_role, precision, batch), weights=weights)
     else:
-        pre = _prefill_first(engine_dir / pre_file, prefill_feeds)
-    return pre, ort_runner(engine_dir / step_file, weights=weights)
+        pre = _prefill_first(job.graph(pre_role, precision, batch), feeds)
+    return pre, ort_runner(job.graph(step_role, precision, batch), weights=weights)
+
+
+def _decode_chunks(mode: str, pre, step, chunks: list[_Chunk], settings: LoopSettings, block_size: int,
+                   on_step: StepHook = None, after: Optional[Callable[[_Chunk, LoopResult], None]] = None):
+    """Every chunk through decode_loop.decode: (image id -> tokens, passes in all)."""
+    got: dict[str, list[int]] = {}
+    passes = 0
+    for c in chunks:
+        md = DecodeMode.of(mode, c.prompt_ids.shape[1], block_size)
+        r = decode(md, pre, step, c.prompt_ids, c.feeds, settings, on_step=on_step, position_offset=c.offset)
+        if after is not None:
+            after(c, r)
+        passes += r.passes
+        got.update({it.id: t for it, t in zip(c.part, r.tokens)})
+    return got, passes
 
 
 def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: int = 100, threads: int = 0) -> dict[str, float]:
@@ -244,12 +284,13 @@ def time_graphs(paths: dict[str, Path], feeds: dict[str, np.ndarray], repeat: in
 class BlockReference:
     """`fused_onestep_generate`'s tokens for every verification image at every batch size, computed
     while the PyTorch model is loaded, so that verification itself runs without it."""
-    cfg: object
+    cfg: Any  # echo_train.model.config.EchoConfig
     n_image_tokens: int
-    tokens: dict  # batch -> image id -> token ids
+    tokens: dict[int, dict[str, list[int]]]  # batch -> image id -> token ids
+    max_new_tokens: int
     # batch -> the PyTorch graph wrappers' passes (reference_passes): the per-pass base of a build
     # with no fp32 graphs; None where fp32 graphs give it
-    passes: Optional[dict] = None
+    passes: Optional[dict[int, list["Pass"]]] = None
 
 
 def block_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], max_new_tokens: int) -> BlockReference:
@@ -262,7 +303,7 @@ def block_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list
         from echo_train.decoding.native import native_onestep_generate
 
         one = {it.id: native_onestep_generate(model, tokenizer, it.pixels, max_new_tokens).tokens[0] for it in items}
-        return BlockReference(model.cfg, model.n_image_tokens, {b: one for b in batch_sizes})
+        return BlockReference(model.cfg, model.n_image_tokens, {b: one for b in batch_sizes}, max_new_tokens)
     for b in batch_sizes:
         ref_tokens: dict[str, list[int]] = {}
         for part, padded in _chunks(items, b):
@@ -271,7 +312,7 @@ def block_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list
             for it, toks in zip(part, r.tokens):
                 ref_tokens[it.id] = toks
         tokens[b] = ref_tokens
-    return BlockReference(model.cfg, model.n_image_tokens, tokens)
+    return BlockReference(model.cfg, model.n_image_tokens, tokens, max_new_tokens)
 
 
 def _teacher_run(cfg):
@@ -297,7 +338,7 @@ def teacher_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: li
 
         one = {it.id: native_multistep_generate(model, tokenizer, it.pixels, run, max_new_tokens).tokens[0]
                for it in items}
-        return BlockReference(model.cfg, model.n_image_tokens, {b: one for b in batch_sizes})
+        return BlockReference(model.cfg, model.n_image_tokens, {b: one for b in batch_sizes}, max_new_tokens)
     for b in batch_sizes:
         tokens[b] = {}
         for part, padded in _chunks(items, b):
@@ -305,44 +346,39 @@ def teacher_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: li
             r = multistep_generate(model, tokenizer, px, model.cfg.block_size, run.steps, max_new_tokens, run.rule,
                                    run.threshold)
             tokens[b].update({it.id: t for it, t in zip(part, r.tokens)})
-    return BlockReference(model.cfg, model.n_image_tokens, tokens)
+    return BlockReference(model.cfg, model.n_image_tokens, tokens, max_new_tokens)
 
 
-def verify_teacher(engine_dir: Path, files: dict, tokenizer, items: list[VerifyItem], *, precisions: list[str],
-                   capacity: int, max_new_tokens: int, log: Callable[[str], None],
-                   reference: BlockReference) -> dict:
+def verify_teacher(job: VerifyJob, reference: BlockReference) -> dict:
     """Token agreement of the teacher's graphs (vision_prefill + block_denoise + block_commit, run by
     decode_loop.multistep_decode) with `multistep_generate`, per precision and batch."""
     from .decode_loop import TeacherDecode, multistep_decode
 
-    cfg, lm = reference.cfg, reference.cfg.lm
+    cfg = reference.cfg
     run = _teacher_run(cfg)
     teacher = TeacherDecode(run.steps, run.rule, run.threshold, bool(cfg.shifted_prediction))
-    prefix = np.array(tokenizer.prefix_ids(reference.n_image_tokens), np.int64)
-    kw = dict(teacher=teacher, block_size=cfg.block_size, capacity=capacity, n_layers=lm.num_hidden_layers,
-              n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tokenizer.mask_id,
-              eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+    settings = job.settings(cfg.lm, reference.max_new_tokens)
     out: dict = {}
-    for (role, p, b), name in sorted(files.items()):
+    for (role, p, b) in sorted(job.files):
         if role != gio.BLOCK_DENOISE:
             continue
-        chunks = native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
-        pre = _prefill_first(engine_dir / files[(gio.VISION_PREFILL, p, b)], [c.feeds for c in chunks])
-        denoise, commit = ort_runner(engine_dir / name), ort_runner(engine_dir / files[(gio.BLOCK_COMMIT, p, b)])
+        chunks = job.chunks(cfg, b, reference.n_image_tokens)
+        pre = _prefill_first(job.graph(gio.VISION_PREFILL, p, b), [c.feeds for c in chunks])
+        denoise, commit = ort_runner(job.graph(gio.BLOCK_DENOISE, p, b)), ort_runner(job.graph(gio.BLOCK_COMMIT, p, b))
         got: dict[str, list[int]] = {}
         t0 = time.perf_counter()
         for c in chunks:
-            r = multistep_decode(pre, denoise, commit, c.prompt_ids, prefill_feeds=c.feeds, position_offset=c.offset,
-                                 **kw)
+            md = DecodeMode.of(FUSED, c.prompt_ids.shape[1], cfg.block_size)
+            r = multistep_decode(md, pre, denoise, commit, c.prompt_ids, c.feeds, settings, teacher,
+                                 position_offset=c.offset)
             got.update({it.id: t for it, t in zip(c.part, r.tokens)})
-        ids_ = [it.id for it in items]
-        agree, exact = _agreement([got[i] for i in ids_], [reference.tokens[b][i] for i in ids_])
-        out[f"multistep.{p}.b{b}"] = {"role": "multistep", "precision": p, "batch": b, "n_images": len(items),
+        agree, exact = _agreement([got[i] for i in job.ids], [reference.tokens[b][i] for i in job.ids])
+        out[f"multistep.{p}.b{b}"] = {"role": "multistep", "precision": p, "batch": b, "n_images": len(job.items),
                                       "steps": run.steps, "rule": run.rule, "token_agreement": agree,
                                       "exact_match": exact, "identical": exact == 1.0,
                                       "decode_seconds": time.perf_counter() - t0}
-        log(f"  multistep {p:>4} b{b} ({run.steps} steps, {run.rule}): agreement {100 * agree:6.2f}%  "
-            f"exact {100 * exact:6.2f}%")
+        job.log(f"  multistep {p:>4} b{b} ({run.steps} steps, {run.rule}): agreement {100 * agree:6.2f}%  "
+                f"exact {100 * exact:6.2f}%")
     return out
 
 
@@ -350,10 +386,11 @@ def verify_teacher(engine_dir: Path, files: dict, tokenizer, items: list[VerifyI
 class ArReference:
     """The AR graphs' PyTorch reference (the same wrapper modules through the same loop) and, for
     information, `ar_generate`'s tokens, per batch size and image."""
-    cfg: object
+    cfg: Any  # echo_train.model.config.EchoConfig of the AR model
     n_image_tokens: int
-    tokens: dict  # batch -> image id -> token ids (the wrappers)
-    ar_generate: dict  # batch -> image id -> token ids
+    tokens: dict[int, dict[str, list[int]]]  # batch -> image id -> token ids (the wrappers)
+    ar_generate: dict[int, dict[str, list[int]]]  # batch -> image id -> token ids
+    max_new_tokens: int
 
 
 def ar_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
@@ -363,63 +400,68 @@ def ar_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[in
 
     from .graphs import make_graph
 
-    lm = model.cfg.lm
-    P = len(tokenizer.prefix_ids(model.n_image_tokens))
     prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
-    kw = dict(capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
-              head_dim=lm.head_dim, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
-    t_pre = torch_runner(make_graph(gio.AR_PREFILL, model, capacity, P, tokenizer.mask_id))
-    t_step = torch_runner(make_graph(gio.AR_STEP, model, capacity, P, tokenizer.mask_id))
+    mode = DecodeMode.of(AR, prefix.size, model.cfg.block_size)
+    settings = LoopSettings.of(model.cfg.lm, capacity, tokenizer, max_new_tokens)
+    t_pre, t_step = (torch_runner(make_graph(role, model, capacity, prefix.size, tokenizer.mask_id))
+                     for role in GRAPHS[AR])
     tokens: dict = {}
     hf_tokens: dict = {}
     for b in batch_sizes:
         ref, hf = {}, {}
-        for part, padded in _chunks(items, b):
-            px = np.stack([it.pixels for it in padded]).astype(np.float32)
-            ids = np.broadcast_to(prefix, (b, prefix.size)).copy()
-            r = ar_decode(t_pre, t_step, px, ids, **kw)
-            g = ar_generate(model, tokenizer, torch.from_numpy(px), max_new_tokens)
-            for it, toks, gt in zip(part, r.tokens, g.tokens):
+        for c in _prefill_chunks(items, b, prefix):
+            r = decode(mode, t_pre, t_step, c.prompt_ids, c.feeds, settings)
+            g = ar_generate(model, tokenizer, torch.from_numpy(c.feeds["pixel_values"]), max_new_tokens)
+            for it, toks, gt in zip(c.part, r.tokens, g.tokens):
                 ref[it.id], hf[it.id] = toks, gt
         tokens[b], hf_tokens[b] = ref, hf
-    return ArReference(model.cfg, model.n_image_tokens, tokens, hf_tokens)
+    return ArReference(model.cfg, model.n_image_tokens, tokens, hf_tokens, max_new_tokens)
 
 
 Pass = tuple[dict, np.ndarray, np.ndarray, np.ndarray]  # (feeds, tokens, rows still writing, confidence)
 
 
-def _decode_chunks(pre, step, chunks: list[_Chunk], b: int, kw: dict, first_feed: dict,
-                   passes_out: Optional[list[Pass]] = None) -> tuple[dict[str, list[int]], int]:
-    """Fused-decode every chunk with the runners `pre` / `step`; returns ({image id: tokens},
-    passes run). `first_feed` gets the first step feed (for timing); `passes_out`, where given,
-    every pass's feeds, tokens, active rows and confidence (the base of per-pass agreement)."""
-    B = kw["block_size"]
-    confidence: list[tuple[np.ndarray, np.ndarray]] = []
-    if passes_out is not None:
-        step = _recording_confidence(step, confidence)
-    got: dict[str, list[int]] = {}
-    passes = 0
-    for chunk in chunks:
-        part = chunk.part
-        recorded: list[dict] = []
+class _PassRecord:
+    """Every block pass of one batch size, recorded as the base graph runs (fp32, or in a build
+    with no fp32 graphs the PyTorch graph wrappers: reference_passes): its feeds, tokens,
+    confidence and the rows still writing there. Each other precision's block step is re-run on
+    exactly these inputs (per-pass agreement, no divergence carried over). Also the batch's first
+    pass feeds, on which the block steps are timed."""
 
-        def hook(f, recorded=recorded):
-            if not first_feed:
-                first_feed["f"] = {k: v.copy() for k, v in f.items()}
-            if passes_out is not None:
-                recorded.append({k: v.copy() for k, v in f.items()})
+    def __init__(self, batch: int, block_size: int) -> None:
+        self.batch, self.block_size = batch, block_size
+        self.passes: list[Pass] = []
+        self.first_feed: Optional[dict[str, np.ndarray]] = None
+        self._feeds: list[dict] = []
+        self._outputs: list[tuple[np.ndarray, np.ndarray]] = []
 
-        r = fused_decode(pre, step, None, chunk.prompt_ids, on_step=hook, prefill_feeds=chunk.feeds,
-                         position_offset=chunk.offset, **kw)
-        tail = BlockLayout(chunk.prompt_ids.shape[1], B).tail  # prompt ids opening the first block
-        for k, f in enumerate(recorded):  # rows still writing at pass k (through the EOS block)
-            active = np.array([k * B - tail <= len(t) for t in r.tokens[: len(part)]] + [False] * (b - len(part)))
-            passes_out.append((f, confidence[k][0], active, confidence[k][1]))
-        confidence.clear()
-        passes += r.passes
-        for it, toks in zip(part, r.tokens):
-            got[it.id] = toks
-    return got, passes
+    def hook(self, record: bool) -> StepHook:
+        """The loop's on_step: the first feed always, every feed where this run is the base (`record`)."""
+        def on_step(feeds: dict[str, np.ndarray]) -> None:
+            if self.first_feed is None:
+                self.first_feed = {k: v.copy() for k, v in feeds.items()}
+            if record:
+                self._feeds.append({k: v.copy() for k, v in feeds.items()})
+        return on_step
+
+    def recording(self, step):
+        """The base's block step runner, also keeping each pass's tokens and confidence outputs."""
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            res = step(feeds)
+            self._outputs.append((np.array(res[0], copy=True), np.array(res[1], copy=True)))
+            return res
+        return run
+
+    def chunk_done(self, chunk: _Chunk, result: LoopResult) -> None:
+        """File the chunk's passes with the rows still writing at each (through the EOS block)."""
+        tail = BlockLayout(chunk.prompt_ids.shape[1], self.block_size).tail  # prompt ids opening the first block
+        n = len(chunk.part)
+        for k, f in enumerate(self._feeds):
+            active = np.array([k * self.block_size - tail <= len(t) for t in result.tokens[:n]]
+                              + [False] * (self.batch - n))
+            self.passes.append((f, self._outputs[k][0], active, self._outputs[k][1]))
+        self._feeds.clear()
+        self._outputs.clear()
 
 
 def reference_passes(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
@@ -429,155 +471,128 @@ def reference_passes(model, tokenizer, items: list[VerifyItem], batch_sizes: lis
     block step is re-run on for its per-pass agreement, as the fp32 graph's passes are otherwise."""
     from .graphs import make_graph
 
-    cfg, lm = model.cfg, model.cfg.lm
-    prefix = np.array(tokenizer.prefix_ids(model.n_image_tokens), np.int64)
-    kw = dict(block_size=cfg.block_size, capacity=capacity, n_layers=lm.num_hidden_layers,
-              n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tokenizer.mask_id,
-              eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
-    pre = torch_runner(make_graph(gio.VISION_PREFILL, model, capacity, len(prefix), tokenizer.mask_id))
-    step = torch_runner(make_graph(gio.BLOCK_STEP, model, capacity, len(prefix), tokenizer.mask_id))
+    cfg, P = model.cfg, len(tokenizer.prefix_ids(model.n_image_tokens))
+    pre, step = (torch_runner(make_graph(role, model, capacity, P, tokenizer.mask_id)) for role in GRAPHS[FUSED])
+    settings = LoopSettings.of(cfg.lm, capacity, tokenizer, max_new_tokens)
     out: dict[int, list[Pass]] = {}
     for b in batch_sizes:
-        chunks = native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
-        out[b] = []
-        _decode_chunks(pre, step, chunks, b, kw, {}, out[b])
+        record = _PassRecord(b, cfg.block_size)
+        chunks = _chunks_of(items, cfg, tokenizer, b, model.n_image_tokens)
+        _decode_chunks(FUSED, pre, record.recording(step), chunks, settings, cfg.block_size, on_step=record.hook(True),
+                       after=record.chunk_done)
+        out[b] = record.passes
     return out
 
 
-def verify_block(
-    engine_dir: Path,
-    files: dict[tuple[str, str, int], str],
-    model,
-    tokenizer,
-    items: list[VerifyItem],
-    *,
-    precisions: list[str],
-    batch_sizes: list[int],
-    capacity: int,
-    max_new_tokens: int,
-    log: Callable[[str], None] = print,
-    reference: Optional[BlockReference] = None,
-) -> dict:
-    """Token agreement of every (precision, batch) block variant with `fused_onestep_generate`:
-    its tokens from `reference` (block_reference), else computed here with `model`."""
-    if reference is None:
-        reference = block_reference(model, tokenizer, items, batch_sizes, max_new_tokens)
-    cfg, lm = reference.cfg, reference.cfg.lm
-    B = cfg.block_size
-    prefix = np.array(tokenizer.prefix_ids(reference.n_image_tokens), np.int64)
-    kw = dict(block_size=B, capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
-              head_dim=lm.head_dim, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
-    refs = {it.id: it.report for it in items if it.report}
+def verify_block(job: VerifyJob, reference: BlockReference) -> dict:
+    """Token agreement of every (precision, batch) block variant with `fused_onestep_generate`
+    (its tokens: `reference`, block_reference), finding F1, per-pass agreement with fp32, speed."""
+    cfg = reference.cfg
+    settings = job.settings(cfg.lm, reference.max_new_tokens)
+    refs = {it.id: it.report for it in job.items if it.report}
     out: dict = {"variants": {}, "speed": {}}
-    for b in batch_sizes:
-        ref_tokens = reference.tokens[b]
-        ref_texts = {i: tokenizer.decode(t) for i, t in ref_tokens.items()}
-        ref_f1, _ = _f1(ref_texts, refs)
-        first_feed: dict = {}
-        # every fp32 pass's inputs, the rows still writing there and fp32's confidence: each other
-        # precision's block step is re-run on exactly these inputs (per-pass agreement, no
-        # divergence carried over)
-        fp32_passes: list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]] = []
-        chunks = native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
-        for p in precisions:
-            pre, step = _open_pair(engine_dir, files[(gio.VISION_PREFILL, p, b)], files[(gio.BLOCK_STEP, p, b)], p,
-                                   [c.feeds for c in chunks], log)
+    for b in job.batch_sizes:
+        ref_texts = {i: job.tokenizer.decode(t) for i, t in reference.tokens[b].items()}
+        fp32 = _PassRecord(b, cfg.block_size)
+        chunks = job.chunks(cfg, b, reference.n_image_tokens)
+        for p in job.precisions:
+            pre, step = _open_pair(job, FUSED, p, b, chunks)
             t0 = time.perf_counter()
-            got, passes = _decode_chunks(pre, step, chunks, b, kw, first_feed, fp32_passes if p == "fp32" else None)
-            secs = time.perf_counter() - t0
-            ids_ = [it.id for it in items]
-            agree, exact = _agreement([got[i] for i in ids_], [ref_tokens[i] for i in ids_])
-            texts = {i: tokenizer.decode(t) for i, t in got.items()}
-            f1, why = _f1(texts, refs)
-            change = _f1_change(texts, ref_texts, refs) if f1 is not None and ref_f1 is not None else None
-            entry = {
-                "role": "block", "precision": p, "batch": b, "n_images": len(items),
-                "token_agreement": agree, "exact_match": exact, "identical": exact == 1.0,
-                "finding_f1": f1, "finding_f1_reference": ref_f1,
-                "finding_f1_change": (None if f1 is None or ref_f1 is None else f1 - ref_f1),
-                "finding_f1_change_ci95": change["ci95"] if change else None,
-                "decode_seconds": secs, "passes": passes,
-            }
-            if why:
-                entry["finding_f1_note"] = why
-            base_passes = fp32_passes or (reference.passes or {}).get(b)  # fp32's, else PyTorch's own
+            got, passes = _decode_chunks(FUSED, pre, fp32.recording(step) if p == "fp32" else step, chunks, settings,
+                                         cfg.block_size, on_step=fp32.hook(p == "fp32"), after=fp32.chunk_done)
+            entry, change = _block_entry(job, p, b, got, reference.tokens[b], ref_texts, refs)
+            entry.update({"decode_seconds": time.perf_counter() - t0, "passes": passes})
+            base_passes = fp32.passes or (reference.passes or {}).get(b)  # fp32's, else PyTorch's own
             if p != "fp32" and base_passes:
-                pp = _per_pass_agreement(step, base_passes)
-                entry["per_pass_token_agreement"] = pp.pop("agreement")
-                entry["per_pass_flips"] = pp
-                tol = precision_registry.get(p).tolerances.min_per_pass_agreement  # the registry's bar
-                entry["min_per_pass_agreement"] = tol
-                entry["within_tolerance"] = entry["per_pass_token_agreement"] >= tol
+                entry.update(_per_pass_entry(p, step, base_passes))
             out["variants"][f"block.{p}.b{b}"] = entry
             pre = step = None  # this precision's sessions go before the next one's open
-            per_pass = entry.get("per_pass_token_agreement")
-            flips = entry.get("per_pass_flips") or {}
-            log(f"  block {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%  "
-                + (f"per-pass {100 * per_pass:6.2f}%  " if per_pass is not None else "")
-                + (f"(fp32 conf. {flips['fp32_confidence_median_at_flips']:.2f} at flips, "
-                   f"{flips['fp32_confidence_median_all']:.2f} overall)  " if flips.get("flips") else "")
-                + f"F1 {'-' if f1 is None else f'{f1:.3f}'}"
-                + (f" (change {100 * change['delta']:+.2f} [{100 * change['ci95'][0]:+.2f}, {100 * change['ci95'][1]:+.2f}] points)"
-                   if change and change["ci95"] and p != "fp32" else "")
-                + f" ({secs:.1f}s)"
-                + ("" if entry.get("within_tolerance", True) else
-                   f"  BELOW the {p} tolerance (per-pass >= {100 * entry['min_per_pass_agreement']:.0f}%)"))
-        fp32_passes.clear()
-        need, avail = _timing_memory(engine_dir, precisions), memory_available_bytes()
-        if first_feed and avail is not None and need > 0.7 * avail:
-            out["speed"][f"block_step.b{b}.ms"] = {
-                "not_timed": f"the {len(precisions)} block_step graphs side by side need about {need / 1e9:.1f} GB, "
-                             f"{avail / 1e9:.1f} GB available (echo-bench times each precision on its own)"}
-            log(f"  block_step b{b} speed not timed: {out['speed'][f'block_step.b{b}.ms']['not_timed']}")
-        elif first_feed:
-            speed = time_graphs({p: engine_dir / files[(gio.BLOCK_STEP, p, b)] for p in precisions}, first_feed["f"])
-            for p in [p for p in precisions if p != "fp32" and p in speed and "fp32" in speed]:
-                speed[f"{p}_over_fp32"] = speed[p] / speed["fp32"]
-            out["speed"][f"block_step.b{b}.ms"] = speed
+            job.log(_block_line(entry, change))
+        fp32.passes.clear()
+        if fp32.first_feed is not None:
+            out["speed"][f"block_step.b{b}.ms"] = _block_step_speed(job, b, fp32.first_feed)
     return out
 
 
-def verify_ar(
-    engine_dir: Path,
-    files: dict[tuple[str, str, int], str],
-    model,
-    tokenizer,
-    items: list[VerifyItem],
-    *,
-    precisions: list[str],
-    batch_sizes: list[int],
-    capacity: int,
-    max_new_tokens: int,
-    log: Callable[[str], None] = print,
-    reference: Optional[ArReference] = None,
-) -> dict:
-    """AR graphs against the same wrapper modules in PyTorch (and, for information, ar_generate):
-    their tokens from `reference` (ar_reference), else computed here with `model`."""
-    if reference is None:
-        reference = ar_reference(model, tokenizer, items, batch_sizes, capacity, max_new_tokens)
-    lm = reference.cfg.lm
-    prefix = np.array(tokenizer.prefix_ids(reference.n_image_tokens), np.int64)
-    kw = dict(capacity=capacity, n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads,
-              head_dim=lm.head_dim, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+def _block_entry(job: VerifyJob, p: str, b: int, got: dict[str, list[int]], ref_tokens: dict[str, list[int]],
+                 ref_texts: dict[str, str], refs: dict[str, str]) -> tuple[dict, Optional[dict]]:
+    """A block variant's verify.json entry (agreement, exact match, finding F1 and its change against
+    the reference decoder's), and the paired F1 change with its interval (None without F1)."""
+    agree, exact = _agreement([got[i] for i in job.ids], [ref_tokens[i] for i in job.ids])
+    texts = {i: job.tokenizer.decode(t) for i, t in got.items()}
+    f1, why = _f1(texts, refs)
+    ref_f1, _ = _f1(ref_texts, refs)
+    change = _f1_change(texts, ref_texts, refs) if f1 is not None and ref_f1 is not None else None
+    entry = {
+        "role": "block", "precision": p, "batch": b, "n_images": len(job.items),
+        "token_agreement": agree, "exact_match": exact, "identical": exact == 1.0,
+        "finding_f1": f1, "finding_f1_reference": ref_f1,
+        "finding_f1_change": (None if f1 is None or ref_f1 is None else f1 - ref_f1),
+        "finding_f1_change_ci95": change["ci95"] if change else None,
+    }
+    if why:
+        entry["finding_f1_note"] = why
+    return entry, change
+
+
+def _per_pass_entry(p: str, step, fp32_passes: list) -> dict:
+    """A variant's per-pass agreement with fp32 and whether it is within the registry's tolerance."""
+    pp = _per_pass_agreement(step, fp32_passes)
+    agreement = pp.pop("agreement")
+    tol = precision_registry.get(p).tolerances.min_per_pass_agreement  # the registry's bar
+    return {"per_pass_token_agreement": agreement, "per_pass_flips": pp, "min_per_pass_agreement": tol,
+            "within_tolerance": agreement >= tol}
+
+
+def _block_line(entry: dict, change: Optional[dict]) -> str:
+    """The build log's line of one block variant."""
+    p, b = entry["precision"], entry["batch"]
+    per_pass, f1 = entry.get("per_pass_token_agreement"), entry["finding_f1"]
+    flips = entry.get("per_pass_flips") or {}
+    return (f"  block {p:>4} b{b}: agreement {100 * entry['token_agreement']:6.2f}%  "
+            f"exact {100 * entry['exact_match']:6.2f}%  "
+            + (f"per-pass {100 * per_pass:6.2f}%  " if per_pass is not None else "")
+            + (f"(fp32 conf. {flips['fp32_confidence_median_at_flips']:.2f} at flips, "
+               f"{flips['fp32_confidence_median_all']:.2f} overall)  " if flips.get("flips") else "")
+            + f"F1 {'-' if f1 is None else f'{f1:.3f}'}"
+            + (f" (change {100 * change['delta']:+.2f} [{100 * change['ci95'][0]:+.2f}, "
+               f"{100 * change['ci95'][1]:+.2f}] points)" if change and change["ci95"] and p != "fp32" else "")
+            + f" ({entry['decode_seconds']:.1f}s)"
+            + ("" if entry.get("within_tolerance", True) else
+               f"  BELOW the {p} tolerance (per-pass >= {100 * entry['min_per_pass_agreement']:.0f}%)"))
+
+
+def _block_step_speed(job: VerifyJob, b: int, feeds: dict[str, np.ndarray]) -> dict:
+    """Every precision's block_step timed on the same feeds, where their sessions fit side by side."""
+    need, avail = _timing_memory(job.engine_dir, job.precisions), memory_available_bytes()
+    if avail is not None and need > 0.7 * avail:
+        why = (f"the {len(job.precisions)} block_step graphs side by side need about {need / 1e9:.1f} GB, "
+               f"{avail / 1e9:.1f} GB available (echo-bench times each precision on its own)")
+        job.log(f"  block_step b{b} speed not timed: {why}")
+        return {"not_timed": why}
+    speed = time_graphs({p: job.graph(gio.BLOCK_STEP, p, b) for p in job.precisions}, feeds)
+    for p in [p for p in job.precisions if p != "fp32" and p in speed and "fp32" in speed]:
+        speed[f"{p}_over_fp32"] = speed[p] / speed["fp32"]
+    return speed
+
+
+def verify_ar(job: VerifyJob, reference: ArReference) -> dict:
+    """AR graphs against the same wrapper modules in PyTorch (its tokens: `reference`, ar_reference)
+    and, for information, ar_generate."""
+    settings = job.settings(reference.cfg.lm, reference.max_new_tokens)
     out: dict = {"variants": {}}
-    for b in batch_sizes:
+    for b in job.batch_sizes:
         ref, hf = reference.tokens[b], reference.ar_generate[b]
-        ids_ = [it.id for it in items]
-        info_agree, _ = _agreement([ref[i] for i in ids_], [hf[i] for i in ids_])
-        chunks = _prefill_chunks(items, b, prefix)
-        for p in precisions:
-            pre, step = _open_pair(engine_dir, files[(gio.AR_PREFILL, p, b)], files[(gio.AR_STEP, p, b)], p,
-                                   [c.feeds for c in chunks], log)
-            got = {}
-            for c in chunks:
-                r = ar_decode(pre, step, c.feeds["pixel_values"], c.prompt_ids, **kw)
-                for it, toks in zip(c.part, r.tokens):
-                    got[it.id] = toks
-            agree, exact = _agreement([got[i] for i in ids_], [ref[i] for i in ids_])
+        info_agree, _ = _agreement([ref[i] for i in job.ids], [hf[i] for i in job.ids])
+        chunks = _prefill_chunks(job.items, b, np.array(job.tokenizer.prefix_ids(reference.n_image_tokens), np.int64))
+        for p in job.precisions:
+            pre, step = _open_pair(job, AR, p, b, chunks)
+            got, _ = _decode_chunks(AR, pre, step, chunks, settings, reference.cfg.block_size)
+            agree, exact = _agreement([got[i] for i in job.ids], [ref[i] for i in job.ids])
             out["variants"][f"ar.{p}.b{b}"] = {
-                "role": "ar", "precision": p, "batch": b, "n_images": len(items), "token_agreement": agree,
+                "role": "ar", "precision": p, "batch": b, "n_images": len(job.items), "token_agreement": agree,
                 "exact_match": exact, "identical": exact == 1.0, "reference_vs_ar_generate": info_agree,
             }
             pre = step = None
-            log(f"  ar    {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
+            job.log(f"  ar    {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
     return out

@@ -9,8 +9,8 @@ fused one-step   prefill stores the KV of the first P-B prefix tokens in cache s
                  slots [past_len, past_len+B) and reads block k from the graph's `tokens`.
 autoregressive   ar_prefill stores the whole prefix and gives token 0; ar_step feeds the last
                  token at position P+i-1 and stores its KV in slot past_len.
-Both run one loop (EchoRuntime._decode over a _Mode: what a pass feeds, stores and reads) and
-stop when every sequence of the batch has produced EOS, at max_new_tokens, or when the
+Both run one loop (EchoRuntime._decode over a runtime/decode_mode.DecodeMode: what a pass feeds,
+stores and reads) and stop when every sequence of the batch has produced EOS, at max_new_tokens, or when the
 cache is full. The KV cache is one preallocated array per key/value [L, b, kvH, CAP, dh], in
 the step graph's dtype, that the backend reads in place (IO binding).
 """
@@ -25,8 +25,10 @@ import numpy as np
 
 from . import graph_io as gio
 from . import precisions
+from .decode_mode import DecodeMode
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
 from .manifest import check_file, graph_batch_sizes, load_manifest, resolve_graph
+from .memory import memory_available_bytes
 from .multistep import BlockPasses, MultistepOptions, multistep_blocks
 from .native_image import VisionGridSpec, mrope_position_ids, native_image, native_image_from_path
 from .preprocess import normalize_image, preprocess_image, preprocess_mode_of
@@ -94,33 +96,6 @@ class _Prompt:
     image_size: int
 
 
-@dataclass(frozen=True)
-class _Mode:
-    """What one decode mode's graphs feed and read; the loop (EchoRuntime._decode) is shared.
-
-    The prefill stores the KV of the first `cached` prefix ids. Pass j feeds `feed` ids at
-    positions `first_positions + j * width`, returns the KV of the first `width` of them and
-    `width` new ids, which the next pass feeds first. Pass 0 is fed the prefill's own `tokens`
-    (AR: token 0) or else the prefix ids the prefill did not cache (fused: the last prefix block).
-    """
-
-    prefill: str  # graph roles
-    step: str
-    cached: int
-    feed: int
-    width: int
-    first_positions: np.ndarray
-    tail: int = 0  # prompt ids at the start of the first pass's new block (kept, not generated)
-
-    @staticmethod
-    def of(mode: str, prefix_len: int, block_size: int) -> "_Mode":
-        if mode == "fused":  # [block k-1 clean, block k all mask]
-            grid = BlockLayout(prefix_len, block_size)
-            return _Mode(gio.VISION_PREFILL, gio.BLOCK_STEP, grid.fused_prefill_len, 2 * block_size, block_size,
-                         grid.fused_positions(0), grid.tail)
-        return _Mode(gio.AR_PREFILL, gio.AR_STEP, prefix_len, 1, 1, np.array([prefix_len], np.int64))
-
-
 def _dtype(graph, name: str, default) -> Any:
     spec = graph.inputs.get(name) or graph.outputs.get(name)
     return spec[1] if spec and spec[1] is not None else default
@@ -139,7 +114,7 @@ class _Decoder:
         m = rt.manifest
         self.prompt = rt._prompt(mode)
         P = len(self.prompt.prefix)
-        self.mode = md = _Mode.of(mode, P, rt.block_size)
+        self.mode = md = DecodeMode.of(mode, P, rt.block_size)
         self.prefill = rt._graph(md.prefill, batch)
         self.step = rt._graph(md.step, batch)
         shape = self.step.shape("past_key")
@@ -203,19 +178,6 @@ class _Written:
             self.passes = self.passes + writing  # new arrays: cheaper than in-place ufuncs this small
         self.done = self.done | holds_eos(new[:, skip:], self.eos_id)
         return writing
-
-
-def memory_available_bytes() -> Optional[int]:
-    """Memory a new allocation can get without the kernel killing something: MemAvailable plus free
-    swap (Linux /proc/meminfo); None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
-    except (OSError, ValueError, IndexError):
-        return None
-    if "MemAvailable" not in info:
-        return None
-    return info["MemAvailable"] + info.get("SwapFree", 0)
 
 
 def fp16_cpu_session_bytes(fp16_weights_bytes: int, sessions: int = 1) -> int:
@@ -601,12 +563,12 @@ class EchoRuntime:
         return self._passes(dec, dec.mode, chunk, max_new, on_block, t0, session)
 
     def _native_prefill(self, dec: _Decoder, chunk, max_new: int):
-        """Prefill one image at its own grid (batch 1); (its _Mode with positions at index + rope delta,
+        """Prefill one image at its own grid (batch 1); (its DecodeMode with positions at index + rope delta,
         session seconds, start time, rope delta) or an error Report when the cache cannot hold it."""
         image = chunk[0][2]
         ids = np.asarray([self.tokenizer.prefix_ids(image.n_tokens)], np.int64)
-        md = _Mode.of("fused", ids.shape[1], self.block_size)
-        need = md.cached + md.width * (-(-(max_new + md.tail) // md.width) - 1)  # the last pass stores nothing
+        md = DecodeMode.of("fused", ids.shape[1], self.block_size)
+        need = md.slots_needed(max_new)
         if need > dec.cap:
             return [Report(path=chunk[0][1], error=f"{chunk[0][1]}: the image takes {image.n_tokens} tokens; the "
                            f"prompt and {max_new} new tokens need {need} cache slots, the engine has {dec.cap} "
@@ -638,7 +600,7 @@ class EchoRuntime:
             r.image_tokens, r.prompt_tokens = image.n_tokens, dec.prefix_ids.shape[1]
         return reports
 
-    def _passes(self, dec: _Decoder, md: _Mode, chunk, max_new: int, on_block, t0: float,
+    def _passes(self, dec: _Decoder, md: DecodeMode, chunk, max_new: int, on_block, t0: float,
                 session: float) -> list[Report]:
         """The step passes after a prefill that stored the KV of the first md.cached prompt ids."""
         n, w = len(chunk), md.width

@@ -21,11 +21,11 @@ def models(tiny_tokenizer):
 
 
 def _decoders(models, batch: int, device: str, cuda_graphs: bool, stop_at_eos: bool = True):
-    from echo_export.cuda_graph_decode import StaticArDecoder, StaticDecodeConfig, StaticFusedDecoder
+    from echo_export.cuda_graph_decode import StaticDecodeConfig, StaticDecoder
 
     student, ar, tok = models
     cfg = StaticDecodeConfig(batch=batch, max_new_tokens=MAX_NEW, cuda_graphs=cuda_graphs, stop_at_eos=stop_at_eos)
-    return (StaticFusedDecoder(student.to(device), tok, cfg), StaticArDecoder(ar.to(device), tok, cfg))
+    return (StaticDecoder(student.to(device), tok, cfg, "fused"), StaticDecoder(ar.to(device), tok, cfg, "ar"))
 
 
 def _reference(models, px: torch.Tensor):

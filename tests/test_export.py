@@ -119,7 +119,7 @@ def _observe_models(mp) -> None:
         return real_int8(src, dst, feeds, **kw)
 
     def verify_block(*a, **kw):
-        obs["verify"].append((alive(), a[2]))
+        obs["verify"].append(alive())
         return real_verify(*a, **kw)
 
     mp.setattr(build_mod, "_load_model", load)
@@ -155,7 +155,8 @@ def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
 
 
 def test_fp32_tokens_identical_to_reference(built, setup):
-    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_export.decode_loop import LoopSettings, decode, ort_runner, prefill_feeds
+    from runtime.decode_mode import DecodeMode
     from varied_models import assert_informative
     from echo_train.decoding import fused_onestep_generate
     from runtime.preprocess import preprocess_image
@@ -188,14 +189,12 @@ def test_fp32_tokens_identical_to_reference(built, setup):
     # independent check on every test image, here rather than through verify.py
     px = np.concatenate([preprocess_image(data / "img" / f"test{i}.png", model.cfg.vision.image_size)[None]
                          for i in range(3)])
-    lm = model.cfg.lm
+    settings = LoopSettings.of(model.cfg.lm, CAP, tok, 24)
     raws = []
     for i in range(3):
         prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
-        r = fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
-                         px[i:i + 1], prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
-                         n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id,
-                         eos_id=tok.eos_id, max_new_tokens=24)
+        r = decode(DecodeMode.of("fused", prefix.shape[1], 4), ort_runner(out / "vision_prefill.fp32.b1.onnx"),
+                   ort_runner(out / "block_step.fp32.b1.onnx"), prefix, prefill_feeds(px[i:i + 1], prefix), settings)
         ref = fused_onestep_generate(model, tok, torch.from_numpy(px[i:i + 1]), 4, 24)
         assert r.raw.tolist() == ref.raw.tolist()
         raws.append(r.raw[0].tolist())
@@ -205,18 +204,17 @@ def test_fp32_tokens_identical_to_reference(built, setup):
 def _fp32_block_feeds(out, setup, image: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decode one dataset image with the engine's fp32 graphs; the prefill inputs and every
     block-step feed, as int8 calibration and the closeness checks use them."""
-    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_export.decode_loop import LoopSettings, decode, ort_runner, prefill_feeds
+    from runtime.decode_mode import DecodeMode
     from runtime.preprocess import preprocess_image
 
     _, model, tok, data = setup
     px = preprocess_image(data / "img" / image, model.cfg.vision.image_size)[None]
     prefix = np.array([tok.prefix_ids(model.n_image_tokens)], np.int64)
-    lm = model.cfg.lm
     feeds: list[dict] = []
-    fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"),
-                 px, prefix, block_size=4, capacity=CAP, n_layers=lm.num_hidden_layers,
-                 n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim, mask_id=tok.mask_id, eos_id=tok.eos_id,
-                 max_new_tokens=24, on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+    decode(DecodeMode.of("fused", prefix.shape[1], 4), ort_runner(out / "vision_prefill.fp32.b1.onnx"),
+           ort_runner(out / "block_step.fp32.b1.onnx"), prefix, prefill_feeds(px, prefix),
+           LoopSettings.of(model.cfg.lm, CAP, tok, 24), on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
     return px, prefix, feeds
 
 
@@ -859,5 +857,5 @@ def test_no_pytorch_model_is_held_in_the_int8_and_verify_phases(built):
     # the AR model for the checks, the student, the AR model again for its export: one at a time
     assert len(obs["loaded"]) == 2 * 3 and obs["alive_at_load"] == [0, 0, 0]
     assert obs["int8"] == [(0, "FeedStore")] * 4
-    assert obs["verify"] == [(0, None)]
+    assert obs["verify"] == [0]
     assert not (out / ".calib").exists() and not list(out.glob("*.npz"))

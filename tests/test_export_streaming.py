@@ -39,14 +39,13 @@ def _export_pair(model, tok, folder: Path, weights=None) -> tuple[Path, Path]:
 
 
 def _decode(pre: Path, step: Path, model, tok, px: np.ndarray) -> np.ndarray:
-    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_export.decode_loop import LoopSettings, decode, ort_runner, prefill_feeds
+    from runtime.decode_mode import DecodeMode
 
-    lm = model.cfg.lm
     prefix = np.array(tok.prefix_ids(model.n_image_tokens), np.int64)
     ids = np.broadcast_to(prefix, (px.shape[0], prefix.size)).copy()
-    r = fused_decode(ort_runner(pre), ort_runner(step), px, ids, block_size=model.cfg.block_size, capacity=CAP,
-                     n_layers=lm.num_hidden_layers, n_kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim,
-                     mask_id=tok.mask_id, eos_id=tok.eos_id, max_new_tokens=32)
+    r = decode(DecodeMode.of("fused", prefix.size, model.cfg.block_size), ort_runner(pre), ort_runner(step), ids,
+               prefill_feeds(px, ids), LoopSettings.of(model.cfg.lm, CAP, tok, 32))
     return r.raw
 
 
@@ -235,13 +234,13 @@ def test_verification_opens_one_session_at_a_time_where_two_do_not_fit(student, 
     files = {(role, key.split(".")[0], int(key.split(".b")[1])): f for role, d in m.graphs.items() for key, f in d.items()}
     items = [verify.VerifyItem(f"i{i}", px, None) for i, px in enumerate(_pixels_for(model, 5))]
     ref = verify.block_reference(model, tok, items, [2], 24)
-    kw = dict(precisions=["fp32", "fp16"], batch_sizes=[2], capacity=m.capacity, max_new_tokens=24, reference=ref)
     lines: list[str] = []
-    together = verify.verify_block(engine, files, None, tok, items, log=lines.append, **kw)
+    job = verify.VerifyJob(engine, files, tok, items, ["fp32", "fp16"], [2], m.capacity, lines.append)
+    together = verify.verify_block(job, ref)
     assert not any("one session at a time" in s for s in lines)
     monkeypatch.setattr(verify, "memory_available_bytes", lambda: 10_000)  # nothing fits side by side
     lines.clear()
-    alone = verify.verify_block(engine, files, None, tok, items, log=lines.append, **kw)
+    alone = verify.verify_block(job, ref)
     assert any("fp16: one session at a time" in s for s in lines)
     assert not any("fp32: one session" in s for s in lines)  # fp32 shares its weights: always together
     for name, v in together["variants"].items():

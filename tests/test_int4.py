@@ -151,17 +151,19 @@ def test_int4_weights_are_stored_once(engine):
 
 def _step_feeds(out):
     """Real block-step inputs: the fp32 graphs' own decode of a test image."""
-    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_export.decode_loop import LoopSettings, decode, ort_runner, prefill_feeds
+    from runtime.decode_mode import DecodeMode
 
     man = json.loads((out / "manifest.json").read_text())
     lm = man["model_config"]["lm"]
     px = np.random.default_rng(1).uniform(-1, 1, (1, 1, 32, 32)).astype(np.float32)
+    prefix = _prefix(out, man)
+    settings = LoopSettings(man["capacity"], lm["num_hidden_layers"], lm["num_key_value_heads"], lm["head_dim"],
+                            man["mask_id"], man["eos_id"], max_new_tokens=12)
     feeds: list = []
-    fused_decode(ort_runner(out / "vision_prefill.fp32.b1.onnx"), ort_runner(out / "block_step.fp32.b1.onnx"), px,
-                 _prefix(out, man), block_size=man["block_size"], capacity=man["capacity"],
-                 n_layers=lm["num_hidden_layers"], n_kv_heads=lm["num_key_value_heads"], head_dim=lm["head_dim"],
-                 mask_id=man["mask_id"], eos_id=man["eos_id"], max_new_tokens=12,
-                 on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
+    decode(DecodeMode.of("fused", prefix.shape[1], man["block_size"]), ort_runner(out / "vision_prefill.fp32.b1.onnx"),
+           ort_runner(out / "block_step.fp32.b1.onnx"), prefix, prefill_feeds(px, prefix), settings,
+           on_step=lambda f: feeds.append({k: v.copy() for k, v in f.items()}))
     return px, feeds
 
 

@@ -42,19 +42,21 @@ VARIANTS = {  # name -> int4 options (echo_export.int4.Int4Options)
 
 def _record(engine: Path, images: list[np.ndarray], prefix: np.ndarray, man: dict):
     """fp32 decode of every image: (prefill feeds, prefill KV, step feeds, step outputs)."""
-    from echo_export.decode_loop import fused_decode, ort_runner
+    from echo_export.decode_loop import LoopSettings, decode, ort_runner, prefill_feeds
+    from runtime.decode_mode import DecodeMode
 
     lm = man["model_config"]["lm"]
     pre, step = ort_runner(engine / "vision_prefill.fp32.b1.onnx"), ort_runner(engine / "block_step.fp32.b1.onnx")
+    mode = DecodeMode.of("fused", prefix.size, man["block_size"])
+    settings = LoopSettings(man["capacity"], lm["num_hidden_layers"], lm["num_key_value_heads"], lm["head_dim"],
+                            man["mask_id"], man["eos_id"], man["model_config"]["max_response_tokens"])
     pre_feeds, kv, step_feeds = [], [], []
     for px in images:
-        f = {"pixel_values": px[None].astype(np.float32), "prefix_ids": prefix[None]}
+        f = prefill_feeds(px[None].astype(np.float32), prefix[None])
         pre_feeds.append(f)
         kv.append(pre(f))
-        fused_decode(pre, step, f["pixel_values"], f["prefix_ids"], block_size=man["block_size"], capacity=man["capacity"],
-                     n_layers=lm["num_hidden_layers"], n_kv_heads=lm["num_key_value_heads"], head_dim=lm["head_dim"],
-                     mask_id=man["mask_id"], eos_id=man["eos_id"], max_new_tokens=man["model_config"]["max_response_tokens"],
-                     on_step=lambda s: step_feeds.append({k: v.copy() for k, v in s.items()}))
+        decode(mode, pre, step, f["prefix_ids"], f, settings,
+               on_step=lambda s: step_feeds.append({k: v.copy() for k, v in s.items()}))
     return pre_feeds, kv, step_feeds, [step(f) for f in step_feeds]
 
 
