@@ -690,16 +690,16 @@ def _reference(b: _Build, pre_role: str, step_role: str, m, c, p_len: int, max_n
     """Everything later phases need from one family's PyTorch model: the verification reference
     tokens and (for int8) the calibration feeds, on disk. The model can go after this."""
     from .precision import FeedStore
-    from .verify import ar_reference, block_reference, reference_passes, teacher_reference
+    from .verify import ar_reference, block_reference, graph_reference, teacher_reference
 
     b.meter.start("reference")
     if items:
         b.log(f"[reference] {step_role}: PyTorch reference tokens on {len(items)} verification images")
         if step_role == gio.BLOCK_STEP:
-            b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
-            if b.stream:  # no fp32 graphs: per-pass agreement is measured on PyTorch's own passes
-                b.log("[reference] the PyTorch graph wrappers' block-step passes (per-pass agreement's base)")
-                b.block_ref.passes = reference_passes(m, b.tok, items, b.batch_sizes, b.opts.capacity, b.max_new)
+            if b.stream:  # no fp32 graphs: the wrappers' decode gives the tokens and the per-pass base
+                b.block_ref = graph_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, b.max_new)
+            else:
+                b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
             if c.stage == "rad":
                 b.log(f"[reference] the multi-step teacher ({c.block_size} steps per block) on the same images")
                 b.teacher_ref = teacher_reference(m, b.tok, items, b.batch_sizes, b.max_new)

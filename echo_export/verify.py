@@ -422,11 +422,14 @@ def _decode_chunks(pre, step, chunks: list[_Chunk], b: int, kw: dict, first_feed
     return got, passes
 
 
-def reference_passes(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
-                     max_new_tokens: int) -> dict[int, list[Pass]]:
-    """Every block-step pass of the PyTorch graph wrappers on the verification images, per batch
-    size: in a build with no fp32 graphs (from the checkpoint's dtype), what each precision's
-    block step is re-run on for its per-pass agreement, as the fp32 graph's passes are otherwise."""
+def graph_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
+                    max_new_tokens: int) -> BlockReference:
+    """The reference of a build with no fp32 graphs (from the checkpoint's dtype), from one decode
+    of the PyTorch graph wrappers (fp32 arithmetic) per batch size: its tokens, and every pass's
+    inputs and answers, on which each precision's block step is re-run for its per-pass agreement
+    (as on the fp32 graph's passes otherwise). One decode where `block_reference` + the passes
+    would take two: at 7B on a CPU each is minutes per image. The wrappers decode the tokens
+    `fused_onestep_generate` does (the fp32 build holds its graphs, their export, to that)."""
     from .graphs import make_graph
 
     cfg, lm = model.cfg, model.cfg.lm
@@ -436,12 +439,13 @@ def reference_passes(model, tokenizer, items: list[VerifyItem], batch_sizes: lis
               eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
     pre = torch_runner(make_graph(gio.VISION_PREFILL, model, capacity, len(prefix), tokenizer.mask_id))
     step = torch_runner(make_graph(gio.BLOCK_STEP, model, capacity, len(prefix), tokenizer.mask_id))
-    out: dict[int, list[Pass]] = {}
+    passes: dict[int, list[Pass]] = {}
+    tokens: dict[int, dict[str, list[int]]] = {}
     for b in batch_sizes:
         chunks = native_chunks(items, cfg, tokenizer) if cfg.vision.native else _prefill_chunks(items, b, prefix)
-        out[b] = []
-        _decode_chunks(pre, step, chunks, b, kw, {}, out[b])
-    return out
+        passes[b] = []
+        tokens[b], _ = _decode_chunks(pre, step, chunks, b, kw, {}, passes[b])
+    return BlockReference(cfg, model.n_image_tokens, tokens, passes)
 
 
 def verify_block(
