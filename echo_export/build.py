@@ -828,16 +828,16 @@ def _reference(b: _Build, fam: _Family, m: EchoModel, calib_px: list[np.ndarray]
 
 def _reference_tokens(b: _Build, fam: _Family, m: EchoModel, items: list) -> None:
     """The PyTorch reference decodes verification compares each family's graphs with."""
-    from .verify import ar_reference, block_reference, reference_passes, teacher_reference
+    from .verify import ar_reference, block_reference, graph_reference, teacher_reference
 
     b.log(f"[reference] {fam.step_role}: PyTorch reference tokens on {len(items)} verification images")
     if fam.mode == AR:
         b.ar_ref = ar_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, fam.max_new)
         return
-    b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
-    if b.stream:  # no fp32 graphs: per-pass agreement is measured on PyTorch's own passes
-        b.log("[reference] the PyTorch graph wrappers' block-step passes (per-pass agreement's base)")
-        b.block_ref.passes = reference_passes(m, b.tok, items, b.batch_sizes, b.opts.capacity, b.max_new)
+    if b.stream:  # no fp32 graphs: the wrappers' decode gives the tokens and the per-pass base
+        b.block_ref = graph_reference(m, b.tok, items, b.batch_sizes, b.opts.capacity, b.max_new)
+    else:
+        b.block_ref = block_reference(m, b.tok, items, b.batch_sizes, b.max_new)
     if fam.cfg.stage == "rad":
         b.log(f"[reference] the multi-step teacher ({fam.cfg.block_size} steps per block) on the same images")
         b.teacher_ref = teacher_reference(m, b.tok, items, b.batch_sizes, b.max_new)

@@ -288,7 +288,7 @@ class BlockReference:
     n_image_tokens: int
     tokens: dict[int, dict[str, list[int]]]  # batch -> image id -> token ids
     max_new_tokens: int
-    # batch -> the PyTorch graph wrappers' passes (reference_passes): the per-pass base of a build
+    # batch -> the PyTorch graph wrappers' passes (graph_reference): the per-pass base of a build
     # with no fp32 graphs; None where fp32 graphs give it
     passes: Optional[dict[int, list["Pass"]]] = None
 
@@ -423,7 +423,7 @@ Pass = tuple[dict, np.ndarray, np.ndarray, np.ndarray]  # (feeds, tokens, rows s
 
 class _PassRecord:
     """Every block pass of one batch size, recorded as the base graph runs (fp32, or in a build
-    with no fp32 graphs the PyTorch graph wrappers: reference_passes): its feeds, tokens,
+    with no fp32 graphs the PyTorch graph wrappers: graph_reference): its feeds, tokens,
     confidence and the rows still writing there. Each other precision's block step is re-run on
     exactly these inputs (per-pass agreement, no divergence carried over). Also the batch's first
     pass feeds, on which the block steps are timed."""
@@ -464,24 +464,28 @@ class _PassRecord:
         self._outputs.clear()
 
 
-def reference_passes(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
-                     max_new_tokens: int) -> dict[int, list[Pass]]:
-    """Every block-step pass of the PyTorch graph wrappers on the verification images, per batch
-    size: in a build with no fp32 graphs (from the checkpoint's dtype), what each precision's
-    block step is re-run on for its per-pass agreement, as the fp32 graph's passes are otherwise."""
+def graph_reference(model, tokenizer, items: list[VerifyItem], batch_sizes: list[int], capacity: int,
+                    max_new_tokens: int) -> BlockReference:
+    """The reference of a build with no fp32 graphs (from the checkpoint's dtype), from one decode
+    of the PyTorch graph wrappers (fp32 arithmetic) per batch size: its tokens, and every pass's
+    inputs and answers, on which each precision's block step is re-run for its per-pass agreement
+    (as on the fp32 graph's passes otherwise). One decode where `block_reference` + the passes
+    would take two: at 7B on a CPU each is minutes per image. The wrappers decode the tokens
+    `fused_onestep_generate` does (the fp32 build holds its graphs, their export, to that)."""
     from .graphs import make_graph
 
     cfg, P = model.cfg, len(tokenizer.prefix_ids(model.n_image_tokens))
     pre, step = (torch_runner(make_graph(role, model, capacity, P, tokenizer.mask_id)) for role in GRAPHS[FUSED])
     settings = LoopSettings.of(cfg.lm, capacity, tokenizer, max_new_tokens)
-    out: dict[int, list[Pass]] = {}
+    passes: dict[int, list[Pass]] = {}
+    tokens: dict[int, dict[str, list[int]]] = {}
     for b in batch_sizes:
         record = _PassRecord(b, cfg.block_size)
         chunks = _chunks_of(items, cfg, tokenizer, b, model.n_image_tokens)
-        _decode_chunks(FUSED, pre, record.recording(step), chunks, settings, cfg.block_size, on_step=record.hook(True),
-                       after=record.chunk_done)
-        out[b] = record.passes
-    return out
+        tokens[b], _ = _decode_chunks(FUSED, pre, record.recording(step), chunks, settings, cfg.block_size,
+                                      on_step=record.hook(True), after=record.chunk_done)
+        passes[b] = record.passes
+    return BlockReference(cfg, model.n_image_tokens, tokens, max_new_tokens, passes)
 
 
 def verify_block(job: VerifyJob, reference: BlockReference) -> dict:

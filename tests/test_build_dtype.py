@@ -172,6 +172,21 @@ def test_a_streamed_build_converts_each_model_before_loading_the_next(bf16_ckpt,
     assert rt.generate(img)[0].ok
 
 
+def test_the_graph_wrappers_decode_what_the_reference_decoder_decodes(varied_model, tiny_tokenizer):
+    """A stored-dtype build's reference is the graph wrappers' decode (graph_reference): it must be
+    fused_onestep_generate's tokens, on a model whose reports differ per image."""
+    from echo_export.verify import VerifyItem, block_reference, graph_reference
+    from varied_models import as_stage, assert_informative, varied_images
+
+    model = as_stage(varied_model(), "dcd", BLOCK)
+    items = [VerifyItem(str(i), px) for i, px in enumerate(varied_images(4))]
+    want = block_reference(model, tiny_tokenizer, items, [1, 2], 24)
+    got = graph_reference(model, tiny_tokenizer, items, [1, 2], 96, 24)
+    assert_informative(list(want.tokens[1].values()), tiny_tokenizer.eos_id, min_reports=3)
+    assert got.tokens == want.tokens
+    assert all(len(p) >= 4 for p in got.passes.values())
+
+
 def test_int4_awq_takes_its_rows_from_the_pytorch_decodes(bf16_ckpt):
     """AWQ with no fp32 graph to run: the rows come from hooks on the model's linear layers, keyed
     by weight content; a weight no row reached would stop the build (WeightPlan.quantize)."""
