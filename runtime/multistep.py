@@ -111,16 +111,7 @@ def multistep_blocks(passes: BlockPasses, dec, prefix_ids: np.ndarray, grid: Blo
     for k in range(n_blocks):
         t0 = time.perf_counter()
         positions = grid.block_positions(k) + offset
-        for s in range(opts.steps):
-            still = x == mask_id
-            if not still[:n_rows].any():
-                break
-            tokens, conf, secs = passes.run(passes.denoise, x, positions)
-            pred, p = passes.predictions(tokens, conf, carry)
-            accept = select_unmask(p, still, schedule[s], opts.rule, opts.threshold)
-            x = np.where(accept, pred, x)
-            trace.session += secs
-            trace.passes += ~trace.done
+        x = _denoise(passes, x, positions, carry, schedule, opts, mask_id, n_rows, trace)
         skip = grid.tail if k == 0 else 0
         trace.blocks.append(x.copy())
         writing = ~trace.done
@@ -140,6 +131,24 @@ def multistep_blocks(passes: BlockPasses, dec, prefix_ids: np.ndarray, grid: Blo
         trace.times.append(time.perf_counter() - t0)
         x = np.full((b, B), mask_id, np.int64)
     return trace
+
+
+def _denoise(passes: BlockPasses, x: np.ndarray, positions: np.ndarray, carry: tuple[np.ndarray, np.ndarray],
+             schedule: list[int], opts: MultistepOptions, mask_id: int, n_rows: int, trace: BlockTrace) -> np.ndarray:
+    """The block `x` after its denoising passes: each unmasks the positions opts.rule picks (as many
+    as the schedule's step says), until none of the first n_rows rows is masked or the steps end.
+    Counts the passes and their session seconds into `trace`."""
+    for s in range(opts.steps):
+        still = x == mask_id
+        if not still[:n_rows].any():
+            break
+        tokens, conf, secs = passes.run(passes.denoise, x, positions)
+        pred, p = passes.predictions(tokens, conf, carry)
+        accept = select_unmask(p, still, schedule[s], opts.rule, opts.threshold)
+        x = np.where(accept, pred, x)
+        trace.session += secs
+        trace.passes += ~trace.done
+    return x
 
 
 def _store(dec, graph, past: int) -> int:
