@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from runtime.native_image import DEFAULT_MIN_PIXELS
+from runtime.native_image import CLIP_MEAN, CLIP_STD, DEFAULT_MIN_PIXELS
 
 from ..config import LMConfig, VisionConfig
 from ..errors import PretrainedError, refuse_unmapped
@@ -21,8 +21,6 @@ from ..hf_folder import EMBEDDING_ROWS, read_json
 from .base import VisionFamily
 from .qwen2 import decoder_config
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2-VL's processor defaults
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # What only a Qwen2.5-VL vision tower's config has (Qwen2-VL's has none of them)
 VISION_KEYS = ("fullatt_block_indexes", "window_size", "out_hidden_size")
 # checkpoint name prefix -> EchoModel's, in the order they are tried (the longer first)
@@ -62,7 +60,7 @@ def processor_config(folder: Path) -> dict[str, Any]:
 
 def mean_std(folder: Path) -> tuple[list[float], list[float]]:
     pre = processor_config(folder)
-    mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
+    mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)  # Qwen2-VL's processor defaults
     return [float(x) for x in mean], [float(x) for x in std]
 
 
