@@ -24,7 +24,7 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import click
 
@@ -189,46 +189,76 @@ def _stop_on_signals(stopping: threading.Event) -> None:
 def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_port, threads, max_queue_delay_us,
          max_new_tokens, allow_unverified, ui, ui_port) -> None:
     """Serve ENGINE_DIR's reports on Triton Inference Server (KServe v2 HTTP/gRPC)."""
-    try:
-        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
-    except ImportError as e:
-        _err(f"error: echo-serve needs the [serve] extra (pip install 'echo-cxr[serve]'): {e}")
-        sys.exit(2)
+    pytriton = _pytriton()
     from .pool import EnginePool
-    from .triton_models import STREAM, UNARY, bind, per_request_errors
+    from .triton_models import STREAM, UNARY
 
-    ui_srv = None
-    if ui:
-        from .ui import ui_server
-
-        try:  # taken first, so that a busy port is an error and not a half-started server
-            ui_srv = ui_server(host, ui_port, f"http://{host}:{http_port}")
-        except OSError as e:
-            _err(f"error: cannot serve the report page on {host}:{ui_port}: {e.strerror or e}")
-            sys.exit(2)
+    ui_srv = _report_page_server(host, ui_port, http_port) if ui else None
     threads = threads or max(1, (os.cpu_count() or 1) // instances)
     try:
         pool = EnginePool(engine_dir, precision=precision, instances=instances, threads=threads,
                           allow_unverified=allow_unverified, max_new_tokens=max_new_tokens)
     except EchoRuntimeError as e:
-        _err(f"error: {e}")
-        sys.exit(2)
+        _exit_refused(f"error: {e}")
     _err(f"engines loaded and verified in {pool.load_seconds:.1f} s ({engine_dir}, {precision}, "
          f"{instances} instance(s), batch sizes {pool.built}); starting Triton")
     libpython_first()
     stopping, restart = threading.Event(), threading.Event()
     _stop_on_signals(stopping)
-    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                          allow_metrics=True, allow_cpu_metrics=True, allow_gpu_metrics=False,
-                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=10, log_verbose=0)
-    # the models go into the server's own repository and load at its start: the server is not
-    # ready (nor even listening) before they are
-    workspace = Path(tempfile.mkdtemp(prefix="echo-serve-"))  # PyTriton's model store and sockets, in triton/
-    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
-    triton = Triton(config=config, workspace=workspace / "triton", triton_lifecycle_policy=policy)
+    triton, workspace = _triton(pytriton, host, http_port, grpc_port, metrics_port)
     ready = threading.Event()
     restart_if_triton_dies_starting(ready, workspace)
     restart_if_a_stub_dies(ready, stopping, restart)
+    banner = (f"ready http://{host}:{http_port} grpc {host}:{grpc_port} metrics http://{host}:{metrics_port}/metrics"
+              + (f" ui http://{host}:{ui_port}/" if ui_srv else "")
+              + f"; models {UNARY} (batch sizes {pool.built}) {STREAM}; {instances} instance(s), "
+              f"{threads} thread(s) each")
+    _serve(triton, workspace, pool, ready, ui_srv, max_queue_delay_us, banner)
+    if restart.is_set():  # a model instance died (restart_if_a_stub_dies): the whole command again
+        _run_again()
+
+
+def _exit_refused(message: str) -> NoReturn:
+    _err(message)
+    sys.exit(2)
+
+
+def _pytriton() -> tuple[type, type, type]:
+    """PyTriton's Triton, TritonConfig, TritonLifecyclePolicy (exit 2 without the [serve] extra)."""
+    try:
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+    except ImportError as e:
+        _exit_refused(f"error: echo-serve needs the [serve] extra (pip install 'echo-cxr[serve]'): {e}")
+    return Triton, TritonConfig, TritonLifecyclePolicy
+
+
+def _report_page_server(host: str, ui_port: int, http_port: int):
+    """The report page's server, its port taken now: a busy port is an error, not a half-started server."""
+    from .ui import ui_server
+
+    try:
+        return ui_server(host, ui_port, f"http://{host}:{http_port}")
+    except OSError as e:
+        _exit_refused(f"error: cannot serve the report page on {host}:{ui_port}: {e.strerror or e}")
+
+
+def _triton(pytriton: tuple[type, type, type], host: str, http_port: int, grpc_port: int, metrics_port: int):
+    """(Triton, its workspace): the server not started yet. The models go into the server's own
+    repository and load at its start: the server is not ready (nor even listening) before they are."""
+    Triton, TritonConfig, TritonLifecyclePolicy = pytriton
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          allow_metrics=True, allow_cpu_metrics=True, allow_gpu_metrics=False,
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=10, log_verbose=0)
+    workspace = Path(tempfile.mkdtemp(prefix="echo-serve-"))  # PyTriton's model store and sockets, in triton/
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    return Triton(config=config, workspace=workspace / "triton", triton_lifecycle_policy=policy), workspace
+
+
+def _serve(triton, workspace: Path, pool, ready: threading.Event, ui_srv, max_queue_delay_us: int, banner: str) -> None:
+    """Bind the models, start Triton (and the report page), serve until stopped; then stop both
+    and remove the workspace."""
+    from .triton_models import STREAM, UNARY, bind, per_request_errors
+
     ui_thread = None
     try:
         bind(triton, pool, max_queue_delay_us=max_queue_delay_us)
@@ -237,18 +267,14 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
             for name in (UNARY, STREAM):
                 per_request_errors(workspace, name)
         except RuntimeError as e:
-            _err(f"error: {e}")
-            sys.exit(2)
+            _exit_refused(f"error: {e}")
         triton.run()
         ready.set()
         if ui_srv is not None:
             from .ui import serve_in_thread
 
             ui_thread = serve_in_thread(ui_srv)
-        _err(f"ready http://{host}:{http_port} grpc {host}:{grpc_port} metrics http://{host}:{metrics_port}/metrics"
-             + (f" ui http://{host}:{ui_port}/" if ui_srv else "")
-             + f"; models {UNARY} (batch sizes {pool.built}) {STREAM}; {instances} instance(s), "
-             f"{threads} thread(s) each")
+        _err(banner)
         triton.serve()
     except KeyboardInterrupt:
         pass
@@ -259,12 +285,15 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
             ui_srv.server_close()
         triton.stop()
         shutil.rmtree(workspace, ignore_errors=True)
-    if restart.is_set():  # a model instance died (restart_if_a_stub_dies): the whole command again
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.environ[_RESTARTS_ENV] = str(int(os.environ.get(_RESTARTS_ENV, "0")) + 1)
-        os.environ[_ATTEMPT_ENV] = "1"
-        os.execv(sys.executable, [sys.executable, "-m", "echo_serve", *sys.argv[1:]])
+
+
+def _run_again() -> None:
+    """The whole command again, in this process (a Triton stub died while serving)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[_RESTARTS_ENV] = str(int(os.environ.get(_RESTARTS_ENV, "0")) + 1)
+    os.environ[_ATTEMPT_ENV] = "1"
+    os.execv(sys.executable, [sys.executable, "-m", "echo_serve", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class _Group(click.Group):
     CLI exits."""
 
     def invoke(self, ctx: click.Context):
-        from .model.pretrained import PretrainedError
+        from .model.errors import PretrainedError
 
         try:
             return super().invoke(ctx)

@@ -18,7 +18,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
@@ -150,15 +150,8 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, ste
     if stream and fmt not in ("text", "json"):
         _err(f"error: --stream prints text or json, not {fmt}")
         sys.exit(2)
-    try:
-        from .engine import EchoRuntime
-        from .multistep import MultistepOptions
-
-        rt = EchoRuntime(engine_dir, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
-                         mode=mode, share_weights=not no_share, max_pixels=max_pixels)
-    except EchoRuntimeError as e:
-        _err(f"error: {e}")
-        sys.exit(2)
+    rt = _open_runtime(engine_dir, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
+                       mode=mode, share_weights=not no_share, max_pixels=max_pixels)
     if precision == "int8" and backend == "ort":
         # engines from before the int8 modes carry no "int8" entry: they are u8s8, made for VNNI
         mismatch = int8_cpu_mismatch(rt.manifest.int8.get("chosen_for", VNNI))
@@ -166,20 +159,9 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, ste
             _err(f"warning: {mismatch}")
     if verbose and not rt.manifest.verified:
         _err(f"note: {engine_dir} was not verified against the PyTorch reference (manifest verified=false)")
-    failed = 0
-    teacher = MultistepOptions(steps, rule, threshold) if mode == "multistep" else None
     try:
-        docs = None
-        if fmt in ("dicom-sr", "fhir"):
-            docs = _Documents(fmt, out_dir, EngineInfo.of_engine_dir(engine_dir, precision))
-        if stream:
-            for img in images:
-                s = _Streamer(fmt)
-                r = rt.generate([img], max_new_tokens=max_new_tokens, on_block=s, multistep=teacher)[0]
-                failed += _emit(r, fmt, verbose, s)
-        else:
-            for r in rt.generate(list(images), max_new_tokens=max_new_tokens, multistep=teacher):
-                failed += _emit(r, fmt, verbose, None, docs)
+        failed = _write_reports(rt, engine_dir, images, fmt, out_dir, stream, precision, mode, steps, rule, threshold,
+                                max_new_tokens, verbose)
     except EchoRuntimeError as e:
         _err(f"error: {e}")
         sys.exit(2)
@@ -189,6 +171,39 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, ste
         _err(f"internal error: {type(e).__name__}: {e}" + ("" if verbose else " (--verbose shows the traceback)"))
         sys.exit(3)
     sys.exit(1 if failed else 0)
+
+
+def _open_runtime(engine_dir: str, **options: Any):
+    """The EchoRuntime of the folder (exit 2, one line, when it is refused)."""
+    try:
+        from .engine import EchoRuntime
+
+        return EchoRuntime(engine_dir, **options)
+    except EchoRuntimeError as e:
+        _err(f"error: {e}")
+        sys.exit(2)
+
+
+def _write_reports(rt, engine_dir: str, images, fmt: str, out_dir, stream: bool, precision: str, mode: str,
+                   steps, rule, threshold, max_new_tokens, verbose: bool) -> int:
+    """Every image's report in `fmt` (streamed block by block, or as documents in out_dir);
+    returns how many images failed."""
+    from .multistep import MultistepOptions
+
+    failed = 0
+    teacher = MultistepOptions(steps, rule, threshold) if mode == "multistep" else None
+    docs = None
+    if fmt in ("dicom-sr", "fhir"):
+        docs = _Documents(fmt, out_dir, EngineInfo.of_engine_dir(engine_dir, precision))
+    if stream:
+        for img in images:
+            s = _Streamer(fmt)
+            r = rt.generate([img], max_new_tokens=max_new_tokens, on_block=s, multistep=teacher)[0]
+            failed += _emit(r, fmt, verbose, s)
+    else:
+        for r in rt.generate(list(images), max_new_tokens=max_new_tokens, multistep=teacher):
+            failed += _emit(r, fmt, verbose, None, docs)
+    return failed
 
 
 def _emit(r, fmt: str, verbose: bool, streamer: Optional[_Streamer], docs: Optional[_Documents] = None) -> int:

@@ -27,7 +27,7 @@ from . import graph_io as gio
 from . import precisions
 from .decode_mode import DecodeMode
 from .errors import EchoRuntimeError, ImageReadError, ManifestError
-from .manifest import check_file, graph_batch_sizes, load_manifest, resolve_graph
+from .manifest import Manifest, check_file, graph_batch_sizes, load_manifest, resolve_graph
 from .memory import memory_available_bytes
 from .multistep import BlockPasses, MultistepOptions, multistep_blocks
 from .native_image import VisionGridSpec, mrope_position_ids, native_image, native_image_from_path
@@ -202,6 +202,40 @@ def native_image_of_array(arr: np.ndarray, spec: VisionGridSpec, name: str):
         raise ImageReadError(name, str(e)) from None
 
 
+def _check_options(backend: str, precision: str, mode: str, batch_size: Optional[int]) -> None:
+    """EchoRuntime's options, each refused naming the choices (before any file is read)."""
+    if backend not in BACKENDS:
+        raise EchoRuntimeError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    precisions.get(precision)  # UnknownPrecision (an EchoRuntimeError) naming the choices
+    if mode not in MODES:
+        raise EchoRuntimeError(f"unknown mode {mode!r}; choose from {MODES}")
+    if batch_size is not None and batch_size < 1:
+        raise EchoRuntimeError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _open_manifest(engine_dir: Path, precision: str) -> Manifest:
+    """The folder's verified manifest, which must have graphs of `precision`."""
+    if not engine_dir.is_dir():
+        raise ManifestError(f"{engine_dir}: engine folder not found")
+    m = load_manifest(engine_dir)
+    if precision not in m.precisions:
+        raise ManifestError(f"{engine_dir}: no {precision} graphs in this engine folder (it has {m.precisions})")
+    return m
+
+
+def _open_tokenizer(engine_dir: Path, m: Manifest) -> ReportTokenizer:
+    """The folder's tokenizer, its special ids those the manifest records."""
+    try:
+        tokenizer = ReportTokenizer.from_file(check_file(engine_dir, m, "tokenizer.json"), m.prompt_template)
+    except EchoRuntimeError:
+        raise
+    except Exception as e:  # tokenizers raises its own exception types
+        raise ManifestError(f"{engine_dir / 'tokenizer.json'}: unreadable ({e})") from None
+    if (tokenizer.eos_id, tokenizer.mask_id, tokenizer.pad_id) != (m.eos_id, m.mask_id, m.pad_id):
+        raise ManifestError(f"{engine_dir}: tokenizer special ids do not match the manifest")
+    return tokenizer
+
+
 class EchoRuntime:
     """Generate reports from an engine folder built by `echo-export build`.
 
@@ -228,34 +262,15 @@ class EchoRuntime:
         share_weights: bool = True,
         max_pixels: Optional[int] = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise EchoRuntimeError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-        precisions.get(precision)  # UnknownPrecision (an EchoRuntimeError) naming the choices
-        if mode not in MODES:
-            raise EchoRuntimeError(f"unknown mode {mode!r}; choose from {MODES}")
-        if batch_size is not None and batch_size < 1:
-            raise EchoRuntimeError(f"batch_size must be >= 1, got {batch_size}")
+        _check_options(backend, precision, mode, batch_size)
         self.engine_dir = Path(engine_dir)
-        if not self.engine_dir.is_dir():
-            raise ManifestError(f"{self.engine_dir}: engine folder not found")
-        self.manifest = m = load_manifest(self.engine_dir)
-        if precision not in m.precisions:
-            raise ManifestError(f"{self.engine_dir}: no {precision} graphs in this engine folder (it has {m.precisions})")
+        self.manifest = m = _open_manifest(self.engine_dir, precision)
         self.backend, self.precision, self.batch_size, self.threads = backend, precision, batch_size, threads
         self.mode, self.providers = mode, providers
         # onnxruntime CPU: the graphs of one precision share one copy of the weights (runtime/ort_capi.py)
         self.share_weights = share_weights
         self._weights_map: dict[str, Any] = {}
-        try:
-            self.tokenizer = ReportTokenizer.from_file(check_file(self.engine_dir, m, "tokenizer.json"),
-                                                    m.prompt_template)
-        except EchoRuntimeError:
-            raise
-        except Exception as e:  # tokenizers raises its own exception types
-            raise ManifestError(f"{self.engine_dir / 'tokenizer.json'}: unreadable ({e})") from None
-        t = self.tokenizer
-        if (t.eos_id, t.mask_id, t.pad_id) != (m.eos_id, m.mask_id, m.pad_id):
-            raise ManifestError(f"{self.engine_dir}: tokenizer special ids do not match the manifest")
+        self.tokenizer = _open_tokenizer(self.engine_dir, m)
         self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
         self._read_prompt_and_images(batch_size, max_pixels)
         cfg_max = (m.model_config or {}).get("max_response_tokens")
@@ -476,6 +491,21 @@ class EchoRuntime:
         batch = self._batch_for(mode)
         dec = self._decoder(mode, batch)
         reports: list[Optional[Report]] = [None] * len(images)
+        good = self._read_images(images, dec, reports)
+        for s in range(0, len(good), batch):
+            chunk = good[s : s + batch]
+            if opts is not None:
+                decoded = self._decode_multistep(dec, chunk, max_new, on_block, opts)
+            else:
+                decoded = (self._decode_native if self.native else self._decode)(dec, chunk, max_new, on_block)
+            for r, (i, *_rest) in zip(decoded, chunk):
+                reports[i] = r
+        return reports  # type: ignore[return-value]
+
+    def _read_images(self, images: Sequence[ImageInput], dec: _Decoder,
+                     reports: list[Optional[Report]]) -> list[tuple[int, str, np.ndarray, float]]:
+        """(index, name, pixels, preprocessing seconds) of every image that reads; an image that does
+        not gets its Report (with the error) in `reports` now."""
         good: list[tuple[int, str, np.ndarray, float]] = []
         for i, img in enumerate(images):
             name = f"<array {i}>" if isinstance(img, np.ndarray) else str(img)
@@ -486,15 +516,7 @@ class EchoRuntime:
                 reports[i] = Report(path=name, error=str(e), timings={"preprocess": time.perf_counter() - t})
                 continue
             good.append((i, name, arr, time.perf_counter() - t))
-        for s in range(0, len(good), batch):
-            chunk = good[s : s + batch]
-            if opts is not None:
-                decoded = self._decode_multistep(dec, chunk, max_new, on_block, opts)
-            else:
-                decoded = (self._decode_native if self.native else self._decode)(dec, chunk, max_new, on_block)
-            for r, (i, *_rest) in zip(decoded, chunk):
-                reports[i] = r
-        return reports  # type: ignore[return-value]
+        return good
 
     def _decode_multistep(self, dec: _Decoder, chunk, max_new: int, on_block, opts: MultistepOptions) -> list[Report]:
         """The teacher: prefill, then per block opts.steps denoise passes and a commit pass."""
@@ -600,23 +622,31 @@ class EchoRuntime:
             r.image_tokens, r.prompt_tokens = image.n_tokens, dec.prefix_ids.shape[1]
         return reports
 
-    def _passes(self, dec: _Decoder, md: DecodeMode, chunk, max_new: int, on_block, t0: float,
-                session: float) -> list[Report]:
-        """The step passes after a prefill that stored the KV of the first md.cached prompt ids."""
-        n, w = len(chunk), md.width
-        t_prefill, s_prefill = time.perf_counter() - t0, session
-        past = md.cached
+    def _start_report(self, dec: _Decoder, md: DecodeMode, chunk, max_new: int, on_block) -> tuple[_Written, int, int]:
+        """(the reports' buffer, the step passes max_new tokens need, those that can run: the first
+        pass that cannot store its KV is the last), with the first pass's input in place: the
+        prompt's last whole block and its tail (fused), or the prefill's token 0 written (AR)."""
+        w, past = md.width, md.cached
         first = dec.pre_tokens  # AR: the prefill's token 0; fused: none
         n_first = 0 if first is None else first.shape[1]
-        tail = md.tail  # official layout: the prompt's last ids open the first new block
-        n_passes = -(-(max_new + tail - n_first) // w)
-        n_fit = min(n_passes, (dec.cap - past) // w + 1)  # the first pass that cannot store its KV is the last
+        n_passes = -(-(max_new + md.tail - n_first) // w)
+        n_fit = min(n_passes, (dec.cap - past) // w + 1)
         out = _Written(dec.pixel.shape[0], n_first + n_fit * w, self.tokenizer.eos_id)
         if first is None:  # fused: the last whole prompt block, then the prompt's tail before the masks
             dec.input_ids[:, : dec.prefix_ids.shape[1] - past] = dec.prefix_ids[:, past:]
         else:
             dec.carry[:] = first
             self._emit(on_block, chunk, out, out.add(first, counts_a_pass=False))
+        return out, n_passes, n_fit
+
+    def _passes(self, dec: _Decoder, md: DecodeMode, chunk, max_new: int, on_block, t0: float,
+                session: float) -> list[Report]:
+        """The step passes after a prefill that stored the KV of the first md.cached prompt ids."""
+        n, w = len(chunk), md.width
+        t_prefill, s_prefill = time.perf_counter() - t0, session
+        past = md.cached
+        tail = md.tail  # official layout: the prompt's last ids open the first new block
+        out, n_passes, n_fit = self._start_report(dec, md, chunk, max_new, on_block)
         positions = md.first_positions + w * np.arange(n_fit)[:, None]  # pass j's, in row j
         times: list[float] = []
         stop = "max_new_tokens"

@@ -100,9 +100,7 @@ def multistep_blocks(passes: BlockPasses, dec, prefix_ids: np.ndarray, grid: Blo
     past = grid.fused_prefill_len
     dec.past_len[:] = past
     first_pos = grid.block_positions(-1) + offset
-    tokens, conf, session = passes.run(passes.commit, prefix_ids[:, past : grid.aligned_len], first_pos)
-    past = _store(dec, passes.commit, past)
-    carry = (tokens[:, -1].copy(), conf[:, -1].copy())
+    past, carry, session = _commit(passes, dec, prefix_ids[:, past : grid.aligned_len], first_pos, past)
     x = np.full((b, B), mask_id, np.int64)
     x[:, : grid.tail] = prefix_ids[:, grid.aligned_len :]
     schedule = transfer_schedule(B, opts.steps)
@@ -111,16 +109,7 @@ def multistep_blocks(passes: BlockPasses, dec, prefix_ids: np.ndarray, grid: Blo
     for k in range(n_blocks):
         t0 = time.perf_counter()
         positions = grid.block_positions(k) + offset
-        for s in range(opts.steps):
-            still = x == mask_id
-            if not still[:n_rows].any():
-                break
-            tokens, conf, secs = passes.run(passes.denoise, x, positions)
-            pred, p = passes.predictions(tokens, conf, carry)
-            accept = select_unmask(p, still, schedule[s], opts.rule, opts.threshold)
-            x = np.where(accept, pred, x)
-            trace.session += secs
-            trace.passes += ~trace.done
+        x = _denoise(passes, x, positions, carry, schedule, opts, mask_id, n_rows, trace)
         skip = grid.tail if k == 0 else 0
         trace.blocks.append(x.copy())
         writing = ~trace.done
@@ -132,14 +121,40 @@ def multistep_blocks(passes: BlockPasses, dec, prefix_ids: np.ndarray, grid: Blo
             break
         if past + B > dec.cap:
             raise EchoRuntimeError(f"the KV cache ({dec.cap} slots) cannot hold block {k + 1}")
-        tokens, conf, secs = passes.run(passes.commit, x, positions)
-        past = _store(dec, passes.commit, past)
-        carry = (tokens[:, -1].copy(), conf[:, -1].copy())
+        past, carry, secs = _commit(passes, dec, x, positions, past)
         trace.session += secs
         trace.passes += ~trace.done
         trace.times.append(time.perf_counter() - t0)
         x = np.full((b, B), mask_id, np.int64)
     return trace
+
+
+def _denoise(passes: BlockPasses, x: np.ndarray, positions: np.ndarray, carry: tuple[np.ndarray, np.ndarray],
+             schedule: list[int], opts: MultistepOptions, mask_id: int, n_rows: int, trace: BlockTrace) -> np.ndarray:
+    """The block `x` after its denoising passes: each unmasks the positions opts.rule picks (as many
+    as the schedule's step says), until none of the first n_rows rows is masked or the steps end.
+    Counts the passes and their session seconds into `trace`."""
+    for s in range(opts.steps):
+        still = x == mask_id
+        if not still[:n_rows].any():
+            break
+        tokens, conf, secs = passes.run(passes.denoise, x, positions)
+        pred, p = passes.predictions(tokens, conf, carry)
+        accept = select_unmask(p, still, schedule[s], opts.rule, opts.threshold)
+        x = np.where(accept, pred, x)
+        trace.session += secs
+        trace.passes += ~trace.done
+    return x
+
+
+def _commit(passes: BlockPasses, dec, ids: np.ndarray, positions: np.ndarray,
+            past: int) -> tuple[int, tuple[np.ndarray, np.ndarray], float]:
+    """The commit pass over clean `ids` at `positions`: its KV stored after the first `past` cache
+    slots. Returns the new cache length, the carry (the last position's token and confidence,
+    which predict the next block's first) and the pass's session seconds."""
+    tokens, conf, secs = passes.run(passes.commit, ids, positions)
+    past = _store(dec, passes.commit, past)
+    return past, (tokens[:, -1].copy(), conf[:, -1].copy()), secs
 
 
 def _store(dec, graph, past: int) -> int:

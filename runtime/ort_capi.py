@@ -90,33 +90,11 @@ def external_initializers(path: str | Path) -> list[dict]:
             continue
         for gf, gwt, span in _fields(b, *graph):
             if gf == 1 and gwt == 2:  # GraphProto.node
-                ins, op = [], ""
-                for nf, _, nv in _fields(b, *span):
-                    if nf == 1:
-                        ins.append(_str(b, nv))
-                    elif nf == 4:
-                        op = _str(b, nv)
+                op, ins = _node_inputs(b, span)
                 for k, name in enumerate(ins):
                     readers.setdefault(name, set()).add((op, k))
             elif gf == 5 and gwt == 2:  # GraphProto.initializer (TensorProto)
-                t = {"dims": [], "external": {}, "location": 0}
-                for tf, twt, tv in _fields(b, *span):
-                    if tf == 1 and twt == 0:
-                        t["dims"].append(tv)
-                    elif tf == 1:  # packed dims
-                        j, e = tv
-                        while j < e:
-                            d, j = _varint(b, j)
-                            t["dims"].append(d)
-                    elif tf == 2:
-                        t["dtype"] = tv
-                    elif tf == 8:
-                        t["name"] = _str(b, tv)
-                    elif tf == 13:  # StringStringEntryProto
-                        kv = {ef: _str(b, ev) for ef, _, ev in _fields(b, *tv)}
-                        t["external"][kv.get(1, "")] = kv.get(2, "")
-                    elif tf == 14:
-                        t["location"] = tv
+                t = _tensor_proto(b, span)
                 if t["location"] == 1:
                     inits.append(t)
     for t in inits:
@@ -124,6 +102,40 @@ def external_initializers(path: str | Path) -> list[dict]:
         t["offset"] = int(t["external"].get("offset", 0))
         t["length"] = int(t["external"].get("length", -1))
     return inits
+
+
+def _node_inputs(b: memoryview, span: tuple[int, int]) -> tuple[str, list[str]]:
+    """(op type, input names) of a NodeProto."""
+    ins, op = [], ""
+    for nf, _, nv in _fields(b, *span):
+        if nf == 1:
+            ins.append(_str(b, nv))
+        elif nf == 4:
+            op = _str(b, nv)
+    return op, ins
+
+
+def _tensor_proto(b: memoryview, span: tuple[int, int]) -> dict:
+    """A TensorProto's dims, dtype, name, external_data entries and data_location (1: external)."""
+    t = {"dims": [], "external": {}, "location": 0}
+    for tf, twt, tv in _fields(b, *span):
+        if tf == 1 and twt == 0:
+            t["dims"].append(tv)
+        elif tf == 1:  # packed dims
+            j, e = tv
+            while j < e:
+                d, j = _varint(b, j)
+                t["dims"].append(d)
+        elif tf == 2:
+            t["dtype"] = tv
+        elif tf == 8:
+            t["name"] = _str(b, tv)
+        elif tf == 13:  # StringStringEntryProto
+            kv = {ef: _str(b, ev) for ef, _, ev in _fields(b, *tv)}
+            t["external"][kv.get(1, "")] = kv.get(2, "")
+        elif tf == 14:
+            t["location"] = tv
+    return t
 
 
 # ---- the C API through ctypes ----------------------------------------------------------------

@@ -67,23 +67,7 @@ def _read_dicom(path: str, data: bytes) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data))
-            if "PixelData" not in ds:
-                raise ImageReadError(path, "DICOM file has no pixel data")
-            if not ds.PixelData:  # present but empty: pydicom would fail with a TypeError on None
-                raise ImageReadError(path, "DICOM pixel data is empty")
-            _check_dicom_layout(path, ds)
-            rows, cols = int(ds.Rows), int(ds.Columns)
-            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            _check_size(path, cols, rows, max(frames, 1))
-            arr = _dicom_pixels(path, ds)
-            if arr.dtype.kind not in "uif":
-                raise ImageReadError(path, f"unsupported DICOM pixel type {arr.dtype}")
-            arr = arr.astype(np.float64)  # float32 once, at the end: one rounding after LUTs and inversion
-            samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-            if frames > 1 and arr.ndim == (4 if samples > 1 else 3):
-                arr = arr[0]  # multi-frame: the first frame
-            if samples > 1 and arr.ndim == 3:
-                arr = arr[..., :3].mean(-1)  # colour (pydicom gives RGB): to grey
+            arr = _dicom_grey(path, ds)
             if arr.ndim == 2:
                 try:  # Rescale Slope/Intercept, then the VOI LUT or window the file asks for
                     arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
@@ -99,6 +83,28 @@ def _read_dicom(path: str, data: bytes) -> np.ndarray:
         raise
     except dicom_errors as e:
         raise ImageReadError(path, f"unreadable DICOM ({type(e).__name__}: {_short(e)})") from None
+
+
+def _dicom_grey(path: str, ds) -> np.ndarray:
+    """The stored values of a checked DICOM dataset in float64: its first frame, colour averaged to grey."""
+    if "PixelData" not in ds:
+        raise ImageReadError(path, "DICOM file has no pixel data")
+    if not ds.PixelData:  # present but empty: pydicom would fail with a TypeError on None
+        raise ImageReadError(path, "DICOM pixel data is empty")
+    _check_dicom_layout(path, ds)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    _check_size(path, cols, rows, max(frames, 1))
+    arr = _dicom_pixels(path, ds)
+    if arr.dtype.kind not in "uif":
+        raise ImageReadError(path, f"unsupported DICOM pixel type {arr.dtype}")
+    arr = arr.astype(np.float64)  # float32 once, at the end: one rounding after LUTs and inversion
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1 and arr.ndim == (4 if samples > 1 else 3):
+        arr = arr[0]  # multi-frame: the first frame
+    if samples > 1 and arr.ndim == 3:
+        arr = arr[..., :3].mean(-1)  # colour (pydicom gives RGB): to grey
+    return arr
 
 
 def _check_dicom_layout(path: str, ds) -> None:

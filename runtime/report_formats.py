@@ -31,7 +31,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import EchoRuntimeError
 
@@ -233,9 +233,6 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
     engine, opts = engine or EngineInfo(), options or SROptions()
     now = now or _dt.datetime.now(_dt.timezone.utc)
     date, time_ = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    findings, impression = sections(report.text)
-    D = Dataset
-
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = BasicTextSRStorage
     meta.MediaStorageSOPInstanceUID = opts.sop_uid or generate_uid()
@@ -245,8 +242,17 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
     ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, meta.MediaStorageSOPInstanceUID
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time_
-    src = source
-    # Patient and General Study modules: the source study's, so the SR files under it
+    _patient_and_study(ds, source, generate_uid)
+    _sr_series_and_equipment(ds, engine, opts, date, time_, generate_uid)
+    _sr_document_general(ds, source, date, time_)
+    _sr_content(ds, report, source, engine)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _patient_and_study(ds, src: Optional[SourceStudy], generate_uid: Callable[[], str]) -> None:
+    """Patient and General Study modules: the source study's, so the SR files under it."""
     ds.PatientName = src.patient_name if src else ""
     ds.PatientID = src.patient_id if src else ""
     ds.PatientBirthDate = src.patient_birth_date if src else ""
@@ -259,7 +265,11 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
     ds.AccessionNumber = src.accession_number if src else ""
     if src and src.study_description:
         ds.StudyDescription = src.study_description
-    # SR Document Series, General Equipment
+
+
+def _sr_series_and_equipment(ds, engine: EngineInfo, opts: SROptions, date: str, time_: str,
+                             generate_uid: Callable[[], str]) -> None:
+    """SR Document Series and General Equipment modules (and the contributing equipment: ECHO)."""
     ds.Modality = "SR"
     ds.SeriesInstanceUID = opts.series_uid or generate_uid()
     ds.SeriesNumber = 9001
@@ -269,8 +279,12 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
     ds.ManufacturerModelName = engine.name
     ds.SoftwareVersions = f"{SOFTWARE} {engine.precision}"
     if opts.contributing_equipment:
-        ds.ContributingEquipmentSequence = [_contributing_equipment(D, engine, opts, date, time_)]
-    # SR Document General
+        ds.ContributingEquipmentSequence = [_contributing_equipment(type(ds), engine, opts, date, time_)]
+
+
+def _sr_document_general(ds, src: Optional[SourceStudy], date: str, time_: str) -> None:
+    """SR Document General module: an unverified, preliminary report, with the image it was read from."""
+    D = type(ds)
     ds.InstanceNumber = 1
     ds.CompletionFlag = "COMPLETE"
     ds.VerificationFlag = "UNVERIFIED"
@@ -285,7 +299,12 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
         study = D()
         study.StudyInstanceUID, study.ReferencedSeriesSequence = src.study_uid, [series]
         ds.CurrentRequestedProcedureEvidenceSequence = [study]
-    # SR Document Content: the root container and its tree (TID 2000)
+
+
+def _sr_content(ds, report, src: Optional[SourceStudy], engine: EngineInfo) -> None:
+    """SR Document Content: the root container and its tree (TID 2000): language, the observer (this
+    device), then the findings and impression sections, the finding inferred from the source image."""
+    D = type(ds)
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = [_code(D, _REPORT_TITLE)]
     ds.ContinuityOfContent = "SEPARATE"
@@ -300,6 +319,7 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
         _item(D, "HAS OBS CONTEXT", "TEXT", _DEVICE_MAKER, TextValue=SOFTWARE),
         _item(D, "HAS OBS CONTEXT", "TEXT", _DEVICE_MODEL, TextValue=engine.name),
     ]
+    findings, impression = sections(report.text)
     for section, entry, text in ((_FINDINGS_SECTION, _FINDING, findings),
                                  (_IMPRESSION_SECTION, _IMPRESSION, impression)):
         container = _item(D, "CONTAINS", "CONTAINER", section, ContinuityOfContent="SEPARATE")
@@ -312,9 +332,6 @@ def dicom_sr(report, source: Optional[SourceStudy] = None, engine: Optional[Engi
             container.ContentSequence = [t]
         tree.append(container)
     ds.ContentSequence = tree
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- FHIR R4
@@ -341,18 +358,13 @@ def fhir_diagnostic_report(report, source: Optional[SourceStudy] = None, engine:
     now = now or _dt.datetime.now(_dt.timezone.utc)
     findings, impression = sections(report.text)
     rid = str(uuid.uuid4())
-    paras = [f"<p><b>{html.escape(MACHINE_GENERATED)}</b></p>"]
-    if findings:
-        paras.append(f"<p>FINDINGS: {html.escape(findings)}</p>")
-    if impression:
-        paras.append(f"<p>IMPRESSION: {html.escape(impression)}</p>")
     res: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": rid,
         "meta": {"security": [dict(_FHIR_AI)],
                  "tag": [{"system": "urn:echo-cxr", "code": "machine-generated",
                           "display": f"written by the ECHO engine {engine.name} ({engine.precision})"}]},
-        "text": {"status": "generated", "div": f'<div xmlns="{_XHTML}">' + "".join(paras) + "</div>"},
+        "text": {"status": "generated", "div": _fhir_narrative(findings, impression)},
         "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{rid}"}],
         "status": "preliminary",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD",
@@ -365,19 +377,36 @@ def fhir_diagnostic_report(report, source: Optional[SourceStudy] = None, engine:
                            "title": f"Chest X-ray report. {MACHINE_GENERATED}", "creation": _fhir_instant(now)}],
     }
     if source is not None:
-        if source.patient_id:
-            subj: dict[str, Any] = {"identifier": {"value": source.patient_id}}
-            if source.patient_name:
-                subj["display"] = source.patient_name.replace("^", " ").strip()
-            res["subject"] = subj
-        eff = _fhir_date_time(source.study_date, source.study_time)
-        if eff:
-            res["effectiveDateTime"] = eff
-        res["imagingStudy"] = [{"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{source.study_uid}"},
-                                "display": f"DICOM study {source.study_uid}"}]
+        res.update(_fhir_study_fields(source))
     if impression:
         res["conclusion"] = impression
     return res
+
+
+def _fhir_narrative(findings: str, impression: str) -> str:
+    """The resource's XHTML narrative: the machine-generated notice, then the sections there are."""
+    paras = [f"<p><b>{html.escape(MACHINE_GENERATED)}</b></p>"]
+    if findings:
+        paras.append(f"<p>FINDINGS: {html.escape(findings)}</p>")
+    if impression:
+        paras.append(f"<p>IMPRESSION: {html.escape(impression)}</p>")
+    return f'<div xmlns="{_XHTML}">' + "".join(paras) + "</div>"
+
+
+def _fhir_study_fields(source: SourceStudy) -> dict[str, Any]:
+    """subject, effectiveDateTime and imagingStudy of a report read from a DICOM study."""
+    out: dict[str, Any] = {}
+    if source.patient_id:
+        subj: dict[str, Any] = {"identifier": {"value": source.patient_id}}
+        if source.patient_name:
+            subj["display"] = source.patient_name.replace("^", " ").strip()
+        out["subject"] = subj
+    eff = _fhir_date_time(source.study_date, source.study_time)
+    if eff:
+        out["effectiveDateTime"] = eff
+    out["imagingStudy"] = [{"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{source.study_uid}"},
+                            "display": f"DICOM study {source.study_uid}"}]
+    return out
 
 
 # ----------------------------------------------------------------------------- one entry point

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from echo_train.model.checkpoint import CheckpointError, load_qwen_decoder
+from echo_train.model.errors import CheckpointError
+from echo_train.model.pretrained import load_qwen_decoder
 
 transformers = pytest.importorskip("transformers")
 

@@ -167,8 +167,8 @@ def test_import_streams_the_source_tensors_in_their_dtype(tmp_path, tie):
 
     from echo_train.model.checkpoint import load_checkpoint
     from echo_train.model.echo_model import EchoModel
-    from echo_train.model.pretrained import grow_rows
-    from echo_train.model.qwen2_5_vl import our_name
+    from echo_train.model.families.qwen2_5_vl import FAMILY
+    from echo_train.model.hf_folder import grow_rows
 
     folder = tmp_path / "vl"
     write_qwen_vl(folder, tie=tie)
@@ -194,7 +194,7 @@ def test_import_streams_the_source_tensors_in_their_dtype(tmp_path, tie):
     import_qwen2_5_vl(ImportOptions(folder=str(folder), out=str(tmp_path / "ck"), image_size=32), log=lines.append)
     model, _ = load_checkpoint(tmp_path / "ck")
 
-    mapped = {our_name(k): k for k in src if not (tie and k == "lm_head.weight") and "rotary_emb" not in k}
+    mapped = {FAMILY.ours_of(k): k for k in src if not (tie and k == "lm_head.weight") and "rotary_emb" not in k}
     assert len(lines) == 1 and f"{len(mapped)} tensors" in lines[0]
     assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters" in lines[0]
     rows = model.cfg.lm.vocab_size

@@ -276,21 +276,7 @@ def load_mimic_cxr(root: str | Path, reports_root: Optional[str | Path] = None, 
         split_csv = _find(root, ("mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-split.csv.gz"))
     want = normalize_split(split)
     b = _Builder(check_images)
-
-    # study -> (subject, split, [dicom ids])
-    studies: dict[str, dict] = {}
-    if split_csv is not None:
-        for row in _read_csv(Path(split_csv)):
-            st = str(row["study_id"]).strip()
-            d = studies.setdefault(st, {"subject": str(row["subject_id"]).strip(), "split": row.get("split", "train"),
-                                        "dicoms": []})
-            d["dicoms"].append(str(row["dicom_id"]).strip())
-    else:
-        for sdir in sorted(files.glob("p*/p*/s*")):
-            if sdir.is_dir():
-                studies[sdir.name[1:]] = {"subject": sdir.parent.name[1:], "split": "train",
-                                          "dicoms": sorted(q.stem for q in sdir.glob("*.jpg"))}
-    for st_id, d in sorted(studies.items()):
+    for st_id, d in sorted(_mimic_studies(files, split_csv).items()):
         sid = f"s{st_id}"
         try:
             ssplit = normalize_split(d["split"])
@@ -316,6 +302,24 @@ def load_mimic_cxr(root: str | Path, reports_root: Optional[str | Path] = None, 
     return b.result("mimic-cxr", root)
 
 
+def _mimic_studies(files: Path, split_csv: Optional[str | Path]) -> dict[str, dict]:
+    """study id -> its subject, split and DICOM ids: from the split CSV, else from the folders
+    (every study in train)."""
+    studies: dict[str, dict] = {}
+    if split_csv is not None:
+        for row in _read_csv(Path(split_csv)):
+            st = str(row["study_id"]).strip()
+            d = studies.setdefault(st, {"subject": str(row["subject_id"]).strip(), "split": row.get("split", "train"),
+                                        "dicoms": []})
+            d["dicoms"].append(str(row["dicom_id"]).strip())
+    else:
+        for sdir in sorted(files.glob("p*/p*/s*")):
+            if sdir.is_dir():
+                studies[sdir.name[1:]] = {"subject": sdir.parent.name[1:], "split": "train",
+                                          "dicoms": sorted(q.stem for q in sdir.glob("*.jpg"))}
+    return studies
+
+
 # ---------------------------------------------------------------- CheXpert Plus
 def load_chexpert_plus(csv_path: str | Path, images_root: Optional[str | Path] = None, split: Optional[str] = None,
                        check_images: bool = True, frontal_only: bool = False) -> LoadResult:
@@ -328,6 +332,22 @@ def load_chexpert_plus(csv_path: str | Path, images_root: Optional[str | Path] =
     root = Path(images_root) if images_root is not None else p.parent
     want = normalize_split(split)
     b = _Builder(check_images)
+    for sid, g in _chexpert_studies(p, b, frontal_only).items():
+        try:
+            ssplit = normalize_split(g["split"])
+        except ValueError as e:
+            b.problem(sid, str(e))
+            continue
+        if want is not None and ssplit != want:
+            continue
+        paths = [_chexpert_image(root, ip) for _, ip in sorted(g["images"])]
+        b.add(Study(sid, [], g["findings"], g["impression"], ssplit), paths)
+    return b.result("chexpert-plus", p)
+
+
+def _chexpert_studies(p: Path, b: _Builder, frontal_only: bool) -> dict[str, dict]:
+    """study folder -> its split, images (frontal views first) and the first findings and
+    impression its rows give; a row without an image path is a problem of `b`."""
     groups: dict[str, dict] = {}
     for k, row in enumerate(_read_csv(p)):
         ip = (row.get("path_to_image") or "").strip()
@@ -342,25 +362,17 @@ def load_chexpert_plus(csv_path: str | Path, images_root: Optional[str | Path] =
         g["images"].append((not frontal, ip))  # frontal views sort first
         g["findings"] = g["findings"] or _text(row.get("section_findings"), True)
         g["impression"] = g["impression"] or _text(row.get("section_impression"), True)
-    for sid, g in groups.items():
-        try:
-            ssplit = normalize_split(g["split"])
-        except ValueError as e:
-            b.problem(sid, str(e))
-            continue
-        if want is not None and ssplit != want:
-            continue
-        paths = []
-        for _, ip in sorted(g["images"]):
-            q = root / ip
-            if not q.is_file():
-                for ext in (".png", ".jpg"):
-                    if q.with_suffix(ext).is_file():
-                        q = q.with_suffix(ext)
-                        break
-            paths.append(q)
-        b.add(Study(sid, [], g["findings"], g["impression"], ssplit), paths)
-    return b.result("chexpert-plus", p)
+    return groups
+
+
+def _chexpert_image(root: Path, ip: str) -> Path:
+    """The image file of a CSV path, also where it was converted to PNG or JPEG."""
+    q = root / ip
+    if not q.is_file():
+        for ext in (".png", ".jpg"):
+            if q.with_suffix(ext).is_file():
+                return q.with_suffix(ext)
+    return q
 
 
 # ---------------------------------------------------------------- detection

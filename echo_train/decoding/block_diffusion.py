@@ -99,8 +99,6 @@ def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch
     position (token 0 of block 0 under shifted prediction)."""
     b, dev, B = prefix.shape[0], prefix.device, grid.block_size
     schedule = transfer_schedule(B, run.steps)
-    ctx, shifted = model.cfg.context_kind, model.cfg.shifted_prediction
-    exclude = excludes_mask_token(model.cfg.decode_layout)
     passes = 1
     blocks, trajectory = [], []
     done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -110,22 +108,16 @@ def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch
         noisy = block_layout(B, B, start=start, kind=NOISY, copy=1)
         x = first_block(prefix, grid, tokenizer.mask_id) if k == 0 else \
             torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
-        states = [x.clone()]
-        for s in range(run.steps):
-            if not bool((x == tokenizer.mask_id).any()):
-                break
-            logits, _ = forward_with_cache(model, model.embed_tokens(x), noisy, cache, position_offset)
-            passes += 1
-            x = denoise_step(block_logits(logits, carry, shifted), x, tokenizer.mask_id, schedule[s], run.rule,
-                             run.threshold, exclude)
-            states.append(x.clone())
+        states = _denoise(model, x, noisy, cache, carry, schedule, run, tokenizer.mask_id, position_offset)
+        x = states[-1]
+        passes += len(states) - 1  # one pass a state after the first
         blocks.append(x)
         if run.keep_trajectory:
             trajectory.append(torch.stack(states, 1).cpu())  # [b, n_states, B]
         done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
         if bool(done.all()) or k == n_blocks - 1:
             break
-        clean = block_layout(B, B, start=start, kind=ctx)
+        clean = block_layout(B, B, start=start, kind=model.cfg.context_kind)
         logits, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache, position_offset)
         carry = logits[:, -1]
         cache.append(kv, clean)
@@ -133,6 +125,22 @@ def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch
     raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
     return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw,
                         trajectory if run.keep_trajectory else None)
+
+
+def _denoise(model: EchoModel, x: torch.Tensor, noisy, cache: KVCache, carry: torch.Tensor, schedule: list[int],
+             run: MultistepRun, mask_id: int, position_offset: int) -> list[torch.Tensor]:
+    """The block's states from `x` on, one a denoising pass: each pass unmasks what run.rule picks
+    (at least the schedule's count), until nothing is masked or the steps end."""
+    exclude = excludes_mask_token(model.cfg.decode_layout)
+    states = [x.clone()]
+    for s in range(run.steps):
+        if not bool((x == mask_id).any()):
+            break
+        logits, _ = forward_with_cache(model, model.embed_tokens(x), noisy, cache, position_offset)
+        x = denoise_step(block_logits(logits, carry, model.cfg.shifted_prediction), x, mask_id, schedule[s], run.rule,
+                         run.threshold, exclude)
+        states.append(x.clone())
+    return states
 
 
 def fused_onestep_generate(

@@ -23,16 +23,12 @@ from torch import nn
 
 from runtime.text import ReportTokenizer
 
-from .backbone import QwenDecoder
 from .config import EchoConfig
 from .echo_model import EchoModel
-from .safetensors_stream import SafetensorsFormatError, read_header, read_into
+from .errors import CheckpointError, names_preview
+from .safetensors_stream import SafetensorsFormatError, TensorEntry, read_header, read_into
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder is missing files or holds the wrong kind of model."""
 
 
 def save_checkpoint(
@@ -193,6 +189,10 @@ def _mapped_tensor(mm: mmap.mmap, entry, like: torch.Tensor) -> Optional[torch.T
     return torch.frombuffer(mm, dtype=like.dtype, count=entry.numel, offset=entry.begin).view(like.shape)
 
 
+# one tensor of the file to read: its header entry, the (module, attribute) places that hold it, the tensor there
+_Read = tuple[TensorEntry, list[tuple[nn.Module, str]], torch.Tensor]
+
+
 @torch.no_grad()
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device | None = None,
                  mapped: bool = False) -> None:
@@ -207,16 +207,31 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
     written, never the file.
     Everything is checked before anything is read: a tensor the model lacks, an entry the file
     lacks, another shape, a tied pair stored twice -> CheckpointError naming them."""
-    from .pretrained import names_preview
-
     p = Path(path)
     try:
         entries = read_header(p)
     except (SafetensorsFormatError, OSError) as e:
         raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
-    slots = _state_slots(model)
+    plan = _read_plan(model, entries, p)
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        with open(p, "rb", buffering=0) as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if mapped and target.type == "cpu" else None
+            for entry, holders, t in plan:
+                _read_one(f, mm, entry, holders, t, target)
+    except (SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    left = [n for n, v in (*model.named_parameters(), *model.named_buffers()) if v.device.type == "meta"]
+    if left:  # a parameter outside the state_dict (no module of ours has one): never leave it shapes-only
+        raise CheckpointError(f"{p}: {names_preview(left)} not loaded (not in the model's state_dict)")
+    if device is not None:
+        model.to(target)  # the buffers built on the CPU
+
+
+def _read_plan(model: nn.Module, entries: dict[str, TensorEntry], p: Path) -> list[_Read]:
+    """What to read into which tensor of `model`; refused naming every entry that does not match."""
     plan, missing, unexpected, wrong = [], [], set(entries), []
-    for names, holders, t in slots:
+    for names, holders, t in _state_slots(model):
         stored = [n for n in names if n in entries]
         unexpected.difference_update(stored)
         if not stored:
@@ -237,46 +252,27 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
         if wrong:
             parts.append(f"{len(wrong)} of another shape: {names_preview(sorted(wrong))}")
         raise CheckpointError(f"{p}: does not match the model of its config: " + "; ".join(parts))
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    try:
-        with open(p, "rb", buffering=0) as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if mapped and target.type == "cpu" else None
-            for entry, holders, t in plan:
-                if t.device.type == "meta":
-                    new = _mapped_tensor(mm, entry, t) if mm is not None else None
-                    if new is None:
-                        new = torch.empty(t.shape, dtype=t.dtype, device=target)
-                        read_into(f, entry, new)
-                    if isinstance(t, nn.Parameter):
-                        new = nn.Parameter(new, requires_grad=t.requires_grad)
-                    for module, attr in holders:  # every holder of a tied weight gets the one new tensor
-                        getattr(module, "_parameters" if isinstance(t, nn.Parameter) else "_buffers")[attr] = new
-                else:
-                    read_into(f, entry, t)
-    except (SafetensorsFormatError, OSError) as e:
-        raise CheckpointError(f"{p}: {e}") from None
-    left = [n for n, v in (*model.named_parameters(), *model.named_buffers()) if v.device.type == "meta"]
-    if left:  # a parameter outside the state_dict (no module of ours has one): never leave it shapes-only
-        raise CheckpointError(f"{p}: {names_preview(left)} not loaded (not in the model's state_dict)")
-    if device is not None:
-        model.to(target)  # the buffers built on the CPU
+    return plan
+
+
+def _read_one(f, mm: Optional[mmap.mmap], entry: TensorEntry, holders: list[tuple[nn.Module, str]],
+              t: torch.Tensor, target: torch.device) -> None:
+    """One tensor from the open file: into `t` in place, or (`t` on meta) into new storage on
+    `target` (a view of the mapped file `mm` where it can be) that every holder of it (both names
+    of a tied weight) gets."""
+    if t.device.type != "meta":
+        read_into(f, entry, t)
+        return
+    new = _mapped_tensor(mm, entry, t) if mm is not None else None
+    if new is None:
+        new = torch.empty(t.shape, dtype=t.dtype, device=target)
+        read_into(f, entry, new)
+    if isinstance(t, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=t.requires_grad)
+    for module, attr in holders:
+        getattr(module, "_parameters" if isinstance(t, nn.Parameter) else "_buffers")[attr] = new
 
 
 def load_training_state(ckpt_dir: str | Path) -> Optional[dict[str, Any]]:
     p = Path(ckpt_dir) / "training_state.pt"
     return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
-
-
-def load_qwen_decoder(hf_dir: str | Path) -> QwenDecoder:
-    """A Qwen2/Qwen3 causal LM from a local Hugging Face folder (config.json + *.safetensors).
-
-    Refusals (PretrainedError, a CheckpointError): an unsupported architecture, a missing shard,
-    tensors that do not map onto the decoder."""
-    from .pretrained import check_folder, lm_config_from_folder, load_lm_state, load_mapped
-
-    d = check_folder(hf_dir, "Qwen folder")
-    cfg, _ = lm_config_from_folder(d)
-    model = QwenDecoder(cfg)
-    own = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    load_mapped(own, load_lm_state(d, cfg, cfg.vocab_size), d, f"a {cfg.num_hidden_layers}-layer Qwen decoder")
-    return model.eval()

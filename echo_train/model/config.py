@@ -11,7 +11,8 @@ STAGES = ("ar", "rad", "dcd")
 
 @dataclass
 class LMConfig:
-    """Qwen2/Qwen3-compatible decoder. Field names follow Hugging Face config.json."""
+    """Qwen2/Qwen3-compatible decoder. Field names follow Hugging Face config.json (a folder's config
+    maps onto it in families/qwen2.py and families/qwen2_5_vl.py)."""
 
     vocab_size: int = 1024
     hidden_size: int = 128
@@ -35,36 +36,10 @@ class LMConfig:
     mrope_image_grid: Optional[list[int]] = None
     mrope_image_start: int = 0
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "LMConfig":
-        """From a Hugging Face Qwen2/Qwen3 config.json dict."""
-        mt = d.get("model_type", "qwen2")
-        if mt not in ("qwen2", "qwen3"):
-            raise ValueError(f"unsupported model_type {mt!r}: expected qwen2 or qwen3")
-        heads = d["num_attention_heads"]
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads", heads),
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rope_theta=float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            qk_norm=(mt == "qwen3"),
-            attention_bias=d.get("attention_bias", mt == "qwen2"),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-        )
-
-
-VISION_FAMILIES = ("vit", "siglip", "dinov2", "qwen2_5_vl")
-
 
 @dataclass
 class VisionConfig:
-    """A `transformers` vision tower chosen by family; random-initialised unless `pretrained_path`."""
+    """A vision tower of a family (families/: vit, siglip, dinov2, qwen2_5_vl)."""
 
     family: str = "vit"
     image_size: int = 64
@@ -74,7 +49,6 @@ class VisionConfig:
     num_attention_heads: int = 4
     intermediate_size: int = 256
     num_channels: int = 1
-    pretrained_path: Optional[str] = None
     # A pretrained tower's own `transformers` config (its config.json, vision part), so that the
     # checkpoint rebuilds exactly that architecture with no access to the original folder; the
     # weights come from model.safetensors. None: the tower is built from the fields above.
@@ -169,7 +143,8 @@ class EchoConfig:
         d = {k: v for k, v in d.items() if k != "model_type"}
         d.setdefault("shifted_prediction", False)  # configs written before the field existed
         lm = LMConfig(**d.pop("lm", {}))
-        vision = VisionConfig(**d.pop("vision", {}))
+        # pretrained_path: a field configs were written with until it went (it was never set)
+        vision = VisionConfig(**{k: v for k, v in d.pop("vision", {}).items() if k != "pretrained_path"})
         known = {f.name for f in fields(cls)}
         return cls(lm=lm, vision=vision, **{k: v for k, v in d.items() if k in known})
 

@@ -34,26 +34,31 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from runtime.native_image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from tokenizers import Tokenizer
+
+from runtime.native_image import DEFAULT_MAX_PIXELS
 from runtime.preprocess import PREPROCESS_MODES
 from runtime.prompt import DEFAULT_IMPORT_PROMPT, PAD_NONE, PAD_START, PROMPT_PRESETS, SUPPORTED_BLOCK_SIZES
 from runtime.schedule import DECODE_LAYOUTS, LAYOUT_ECHO, LAYOUT_OFFICIAL
 from runtime.special_tokens import BOS, EOS, IMAGE, MASK, PAD
 from runtime.text import ReportTokenizer
 
-from .config import STAGES, EchoConfig, LMConfig, VisionConfig
-from .pretrained import (PretrainedError, RowMean, check_folder, names_preview, read_json, refuse_unmapped, row_block,
-                         weight_files)
+from ..data.tokenizer import lost_prompt_text, tokenizer_rows
+from .checkpoint import parameters_on_meta, write_checkpoint
+from .config import STAGES, EchoConfig
+from .echo_model import EchoModel
+from .errors import PretrainedError, names_preview
+from .families import family_of_folder
+from .families.qwen2_5_vl import FAMILY, pixel_bounds, text_config
+from .hf_folder import check_folder, grown_row_blocks, read_json, weight_files
+from .qwen2_5_vl_prompt import chat_prompt_template, find_chat_template
 from .safetensors_stream import (SafetensorsFormatError, SafetensorsWriter, TensorEntry, TensorSpec, byte_view,
                                  copy_bytes, read_header, read_rows)
 
-MODEL_TYPES = ("qwen2_5_vl",)
 OFFICIAL_MASK_TOKEN = "<|MASK|>"
 DEFAULT_IMAGE_SIZE = 448  # 32 x 32 patches of 14 px -> 256 image tokens after the 2 x 2 merger
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2-VL's processor defaults
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -89,114 +94,20 @@ class ImportOptions:
 
 
 # ---------------------------------------------------------------------------- configuration
-def _text_config(d: dict[str, Any]) -> dict[str, Any]:
-    """The decoder's settings: hub configs keep them at the top level, newer ones in text_config."""
-    return {**d, **(d.get("text_config") or {})}
-
-
-def _rope(text: dict[str, Any]) -> tuple[float, list[int]]:
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    theta = float(text.get("rope_theta") or rope.get("rope_theta") or 1000000.0)
-    section = rope.get("mrope_section")
-    if not section:
-        raise PretrainedError("config.json: no mrope_section (rope_scaling / rope_parameters): not a Qwen2.5-VL decoder")
-    return theta, [int(x) for x in section]
-
-
-# What only a Qwen2.5-VL vision tower's config has (Qwen2-VL's has none of them)
-QWEN2_5_VL_VISION_KEYS = ("fullatt_block_indexes", "window_size", "out_hidden_size")
-
-
-def _is_qwen2_5_vl_shaped(d: dict[str, Any]) -> bool:
-    """A folder whose own model class is remote code (the released ECHO checkpoints: `auto_map`, their
-    own architecture names) but whose config is Qwen2.5-VL's: its vision tower's settings and the
-    decoder's mrope_section. Recognised from the config alone: no remote code is ever executed."""
-    return bool(d.get("auto_map")) and not _missing_qwen2_5_vl(d)
-
-
-def _missing_qwen2_5_vl(d: dict[str, Any]) -> list[str]:
-    vision = d.get("vision_config") if isinstance(d.get("vision_config"), dict) else {}
-    rope = _text_config(d).get("rope_parameters") or _text_config(d).get("rope_scaling") or {}
-    missing = [f"vision_config.{k}" for k in QWEN2_5_VL_VISION_KEYS if k not in vision]
-    return missing + ([] if rope.get("mrope_section") else ["rope_parameters.mrope_section"])
-
-
 def configs_from_folder(folder: Path, opts: ImportOptions) -> tuple[EchoConfig, dict[str, Any]]:
+    """The checkpoint's config (before the prompt and the decode layout) and the folder's config.json."""
     d = read_json(folder / "config.json", "the model's configuration")
-    mt = d.get("model_type")
-    if mt not in MODEL_TYPES and not _is_qwen2_5_vl_shaped(d):
-        arch = ", ".join(d.get("architectures") or []) or "no architectures listed"
-        hint = " (a Qwen2 / Qwen3 LM: echo-train stage1 --init-lm)" if mt in ("qwen2", "qwen3") else ""
-        if d.get("auto_map"):  # remote code (never run): say which Qwen2.5-VL setting its config lacks
-            hint = f" (its model class is remote code; its config lacks {', '.join(_missing_qwen2_5_vl(d))})"
-        raise PretrainedError(f"{folder}: unsupported architecture {mt!r} ({arch}); import-hf takes Qwen2.5-VL "
-                              f"(model_type qwen2_5_vl){hint}")
-    vision = d.get("vision_config")
-    if not isinstance(vision, dict):
-        raise PretrainedError(f"{folder / 'config.json'}: no vision_config")
-    text = _text_config(d)
-    theta, section = _rope(text)
-    try:
-        heads = int(text["num_attention_heads"])
-        lm = LMConfig(
-            vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
-            intermediate_size=int(text["intermediate_size"]), num_hidden_layers=int(text["num_hidden_layers"]),
-            num_attention_heads=heads, num_key_value_heads=int(text.get("num_key_value_heads", heads)),
-            head_dim=int(text["hidden_size"]) // heads, rope_theta=theta, rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            qk_norm=False, attention_bias=True, tie_word_embeddings=bool(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            max_position_embeddings=int(text.get("max_position_embeddings", 32768)), mrope_section=section)
-        patch, merge = int(vision.get("patch_size", 14)), int(vision.get("spatial_merge_size", 2))
-        hidden = int(vision["hidden_size"])
-        out_width = int(vision["out_hidden_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PretrainedError(f"{folder / 'config.json'}: incomplete Qwen2.5-VL configuration ({e!r})") from None
-    if out_width != lm.hidden_size:
-        raise PretrainedError(f"{folder}: the vision merger writes width {out_width}, the decoder takes {lm.hidden_size}")
-    if opts.image_size % (patch * merge):
-        raise PretrainedError(f"--image-size {opts.image_size} is not a multiple of patch x merge = {patch * merge} px")
-    llm_grid = opts.image_size // patch // merge
+    family_of_folder(folder, d, FAMILY.taken_by)
+    lm, vision = FAMILY.configs(folder, d, opts.image_size, preprocess=opts.preprocess, native=opts.native)
+    if opts.native:
+        vision.min_pixels, vision.max_pixels = pixel_bounds(folder, opts.min_pixels, opts.max_pixels)
     # at a fixed grid the rotary positions follow from the token index; natively each image has its
     # own grid, so the graphs take explicit (time, row, column) positions instead (backbone.rotary)
+    llm_grid = opts.image_size // vision.patch_size // vision.merge_size
     lm.mrope_image_grid = None if opts.native else [llm_grid, llm_grid]
-    lo, hi = _pixel_bounds(folder, opts) if opts.native else (None, None)
-    mean, std = _mean_std(folder)
-    vcfg = VisionConfig(family="qwen2_5_vl", image_size=opts.image_size, patch_size=patch, merge_size=merge,
-                        hidden_size=hidden, num_hidden_layers=int(vision.get("depth", 32)),
-                        num_attention_heads=int(vision.get("num_heads", 16)),
-                        intermediate_size=int(vision.get("intermediate_size", hidden * 4)),
-                        num_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
-                        hf_config={k: v for k, v in vision.items() if k not in ("dtype", "torch_dtype")},
-                        image_mean=mean, image_std=std, preprocess=opts.preprocess, native=opts.native,
-                        min_pixels=lo, max_pixels=hi)
-    cfg = EchoConfig(lm=lm, vision=vcfg, stage=opts.stage, block_size=opts.block_size,
-                     max_response_tokens=opts.max_response_tokens,
-                     shifted_prediction=False, causal_context=False)
+    cfg = EchoConfig(lm=lm, vision=vision, stage=opts.stage, block_size=opts.block_size,
+                     max_response_tokens=opts.max_response_tokens, shifted_prediction=False, causal_context=False)
     return cfg, d
-
-
-def _processor_config(folder: Path) -> dict[str, Any]:
-    p = folder / "preprocessor_config.json"
-    if not p.is_file():
-        raise PretrainedError(f"{folder}: no preprocessor_config.json (the image processor's mean, std and pixel "
-                              "bounds are read from it)")
-    return read_json(p, "the image processor's configuration")
-
-
-def _mean_std(folder: Path) -> tuple[list[float], list[float]]:
-    pre = _processor_config(folder)
-    mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
-    return [float(x) for x in mean], [float(x) for x in std]
-
-
-def _pixel_bounds(folder: Path, opts: ImportOptions) -> tuple[int, int]:
-    """(min_pixels, max_pixels) of native resolution: --min-pixels, else the folder's processor's
-    (`min_pixels`, or `size.shortest_edge` as newer processors write it); --max-pixels (the official
-    code passes 2,250,000 whatever the folder says)."""
-    pre = _processor_config(folder)
-    lo = opts.min_pixels or pre.get("min_pixels") or (pre.get("size") or {}).get("shortest_edge") or DEFAULT_MIN_PIXELS
-    if not 0 < int(lo) <= opts.max_pixels:
-        raise PretrainedError(f"--max-pixels {opts.max_pixels} is below the processor's min_pixels {lo}")
-    return int(lo), int(opts.max_pixels)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -219,12 +130,10 @@ def _first_of(*ids: Optional[int]) -> Optional[int]:
 
 def roles_of(folder: Path, cfg: dict[str, Any], tok_json: dict[str, Any], mask_option: Optional[str]) -> dict[str, Any]:
     """Our role name -> the folder's token (its id), or None where the role gets a new token."""
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_str(json.dumps(tok_json))
     tcfg = read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").is_file() else {}
     gen = read_json(folder / "generation_config.json", "") if (folder / "generation_config.json").is_file() else {}
-    text = _text_config(cfg)
+    text = text_config(cfg)
 
     def by_name(name: Optional[str]) -> Optional[int]:
         return None if name is None else tokenizer.token_to_id(name)
@@ -293,10 +202,6 @@ def check_ids_kept(folder: Path, tokenizer, tok_json: dict[str, Any]) -> None:
 
 
 def import_tokenizer(folder: Path, cfg: dict[str, Any], mask_option: Optional[str]) -> tuple[ReportTokenizer, dict]:
-    from tokenizers import Tokenizer
-
-    from ..data.tokenizer import lost_prompt_text
-
     p = folder / "tokenizer.json"
     if not p.is_file():
         raise PretrainedError(f"{folder}: no tokenizer.json")
@@ -331,10 +236,6 @@ def _check_image_before_last_blocks(template, cfg: EchoConfig) -> None:
 
 def prompt_template(folder: Path, opts: ImportOptions, image_id: int):
     """The folder's chat prompt as a template (None: ECHO's own prefix), ids of its own tokenizer."""
-    from tokenizers import Tokenizer
-
-    from .qwen2_5_vl_prompt import chat_prompt_template
-
     if not opts.chat_template:
         if opts.instruction is not None or opts.system is not None:
             raise PretrainedError("--instruction / --system shape the chat prompt; they do not apply with "
@@ -352,15 +253,6 @@ def prompt_template(folder: Path, opts: ImportOptions, image_id: int):
 
 
 # ---------------------------------------------------------------------------- weights
-def our_name(name: str) -> Optional[str]:
-    """A checkpoint tensor's name in EchoModel, or None when it has no place there."""
-    for prefix, ours in (("model.visual.", "vision.tower."), ("visual.", "vision.tower."),
-                         ("model.language_model.", "lm.model."), ("lm_head.", "lm.lm_head."), ("model.", "lm.model.")):
-        if name.startswith(prefix):
-            return ours + name[len(prefix):]
-    return None
-
-
 SourceIndex = dict[str, tuple[Path, TensorEntry]]  # checkpoint name -> (its file, its header entry)
 
 
@@ -375,111 +267,102 @@ def tensor_index(files: list[Path]) -> SourceIndex:
     return out
 
 
-def plan_weights(folder: Path, model, index: SourceIndex) -> dict[str, str]:
+def plan_weights(folder: Path, model: EchoModel, index: SourceIndex) -> dict[str, str]:
     """Checkpoint name -> our name for every tensor; refused when any does not map. `model` may
     hold meta parameters (shapes only): nothing is read here."""
-    own = model.state_dict()
-    tied = model.cfg.lm.tie_word_embeddings
-    rows = model.cfg.lm.vocab_size
-    mapping, unexpected, wrong = {}, [], []
-    for name, (_, entry) in sorted(index.items()):
-        if "rotary_emb" in name:
-            continue
-        ours = our_name(name)
-        if ours == "lm.lm_head.weight" and tied:
-            continue
-        if ours is None or ours not in own:
-            unexpected.append(name)
-            continue
-        shape, want = entry.shape, tuple(own[ours].shape)
-        grown = ours in ("lm.model.embed_tokens.weight", "lm.lm_head.weight") and shape[0] <= rows and shape[1:] == want[1:]
-        if shape != want and not grown:
-            wrong.append(f"{name} {shape} vs {want}")
-            continue
-        mapping[name] = ours
-    skip = {"lm.lm_head.weight"} if tied else set()
-    missing = sorted(set(own) - set(mapping.values()) - skip)
-    refuse_unmapped(folder, "a Qwen2.5-VL model", unexpected, missing, wrong)
-    return mapping
+    shapes = {name: entry.shape for name, (_, entry) in index.items()}
+    return FAMILY.name_map(folder, model.state_dict(), shapes, model.cfg.lm.vocab_size, model.cfg.lm.tie_word_embeddings)
 
 
-def write_weights(path: Path, model, index: SourceIndex, mapping: dict[str, str]) -> int:
+def write_weights(path: Path, model: EchoModel, index: SourceIndex, mapping: dict[str, str]) -> int:
     """model.safetensors straight from the source files: each tensor under our name in its own
     dtype (bf16 stays bf16; loading converts), its bytes copied a chunk at a time, the embedding
-    (and an untied head) grown to our rows with the mean row (grow_rows). Memory: one chunk, never
-    a whole tensor or model. A tied head is not written (it is the embedding), as save_model
-    leaves one name of a tied pair and records the other in the metadata. Returns the bytes written."""
+    (and an untied head) grown to our rows with the mean row (hf_folder.grown_row_blocks). Memory:
+    one chunk, never a whole tensor or model. A tied head is not written (it is the embedding), as
+    save_model leaves one name of a tied pair and records the other in the metadata. Returns the
+    bytes written."""
     own = model.state_dict()  # shapes only
     by_ours = {ours: name for name, ours in mapping.items()}
     specs = [TensorSpec(ours, index[by_ours[ours]][1].dtype, tuple(own[ours].shape)) for ours in sorted(by_ours)]
     meta = {"format": "pt"}
     if model.cfg.lm.tie_word_embeddings:
         meta["lm.lm_head.weight"] = "lm.model.embed_tokens.weight"
-    files: dict[Path, object] = {}
+    files: dict[Path, Any] = {}
     try:
         with SafetensorsWriter(path, specs, meta) as w:
             for spec in specs:
                 src, entry = index[by_ours[spec.name]]
                 if src not in files:
                     files[src] = open(src, "rb", buffering=0)
-                f = files[src]
                 w.start(spec.name)
-                if entry.shape == spec.shape:
-                    for chunk in copy_bytes(f, entry):
-                        w.write_bytes(chunk)
-                    continue
-                width = entry.shape[1]  # grown rows: copy the rows, summing them, then the mean row
-                acc, step = RowMean(width), row_block(width)
-                for a in range(0, entry.shape[0], step):
-                    block = read_rows(f, entry, a, min(a + step, entry.shape[0]))
-                    acc.add(block)
-                    w.write_bytes(byte_view(block))
-                w.write_bytes(byte_view(acc.mean(entry.dtype).expand(spec.shape[0] - entry.shape[0], -1).contiguous()))
+                for chunk in _source_bytes(files[src], entry, spec):
+                    w.write_bytes(chunk)
     finally:
         for f in files.values():
             f.close()
     return w.total
 
 
-# ---------------------------------------------------------------------------- the import
-def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
-    """Check everything, then write the ECHO checkpoint folder opts.out (nothing written on refusal)."""
-    from ..data.tokenizer import tokenizer_rows
-    from .checkpoint import parameters_on_meta, write_checkpoint
-    from .echo_model import EchoModel
+def _source_bytes(f, entry: TensorEntry, spec: TensorSpec):
+    """The bytes of `spec` from the source tensor `entry` of the open file `f`: copied as they are,
+    or (an embedding with fewer rows) its rows followed by the grown ones."""
+    if entry.shape == spec.shape:
+        yield from copy_bytes(f, entry)
+        return
+    blocks = grown_row_blocks(lambda a, b: read_rows(f, entry, a, b), entry.shape, spec.shape[0], entry.dtype)
+    yield from (byte_view(block) for block in blocks)
 
+
+# ---------------------------------------------------------------------------- the import
+def import_qwen2_5_vl(opts: ImportOptions, log: Callable[[str], Any] = print) -> Path:
+    """Check everything, then write the ECHO checkpoint folder opts.out (nothing written on refusal)."""
+    _check_options(opts)
+    folder = check_folder(opts.folder, "import-hf")
+    if opts.native is None:  # native where the official layout applies: the folder's chat prompt
+        has_template = opts.chat_template and find_chat_template(folder) is not None
+        opts = replace(opts, native=opts.layout == LAYOUT_OFFICIAL and has_template)
+    cfg, raw = configs_from_folder(folder, opts)
+    index = tensor_index(weight_files(folder))
+    tok, roles = import_tokenizer(folder, raw, opts.mask_token)
+    cfg, tok.template = _with_prompt(cfg, folder, opts, roles[IMAGE])
+    cfg.lm.vocab_size = max(cfg.lm.vocab_size, tokenizer_rows(tok))
+    with parameters_on_meta():  # shapes only: the weights go from the source files to ours unloaded
+        model = EchoModel(cfg)
+    mapping = plan_weights(folder, model, index)
+    out = write_checkpoint(opts.out, cfg, lambda p: write_weights(p, model, index, mapping), tok)
+    log(_summary(folder, out, opts, cfg, tok, roles, model, len(mapping)))
+    return out
+
+
+def _check_options(opts: ImportOptions) -> None:
     if opts.stage not in STAGES:
         raise PretrainedError(f"--stage {opts.stage!r}: choose from {', '.join(STAGES)}")
     if opts.preprocess not in PREPROCESS_MODES:
         raise PretrainedError(f"--preprocess {opts.preprocess!r}: choose from {', '.join(PREPROCESS_MODES)}")
     if opts.block_size not in SUPPORTED_BLOCK_SIZES:
         raise PretrainedError(f"--block-size {opts.block_size}: choose from {SUPPORTED_BLOCK_SIZES}")
-    folder = check_folder(opts.folder, "import-hf")
-    if opts.native is None:  # native where the official layout applies: the folder's chat prompt
-        from .qwen2_5_vl_prompt import find_chat_template
 
-        has_template = opts.chat_template and find_chat_template(folder) is not None
-        opts = replace(opts, native=opts.layout == LAYOUT_OFFICIAL and has_template)
-    cfg, raw = configs_from_folder(folder, opts)
-    files = weight_files(folder)
-    index = tensor_index(files)
-    tok, roles = import_tokenizer(folder, raw, opts.mask_token)
-    template = prompt_template(folder, opts, roles[IMAGE])
+
+def _with_prompt(cfg: EchoConfig, folder: Path, opts: ImportOptions, image_id: int):
+    """The config with its prompt template and decode layout, and the template (None: ECHO's own
+    prefix, decoded in ECHO's own layout)."""
+    template = prompt_template(folder, opts, image_id)
     if opts.layout not in DECODE_LAYOUTS:
         raise PretrainedError(f"--layout {opts.layout!r}: choose from {', '.join(DECODE_LAYOUTS)}")
-    layout = opts.layout if template is not None else LAYOUT_ECHO  # ECHO's own prefix: ECHO's own layout
+    layout = opts.layout if template is not None else LAYOUT_ECHO
     if opts.native and layout != LAYOUT_OFFICIAL:
         raise PretrainedError("native resolution decodes in the official layout (the chat template, --layout "
                               "official); pass --fixed-grid with --layout echo or --no-chat-template")
     cfg = replace(cfg, prompt=None if template is None else template.to_dict(), decode_layout=layout)
     if template is not None:
         _check_image_before_last_blocks(template, cfg)
-    tok.template = template
-    cfg.lm.vocab_size = max(cfg.lm.vocab_size, tokenizer_rows(tok))
-    with parameters_on_meta():  # shapes only: the weights go from the source files to ours unloaded
-        model = EchoModel(cfg)
-    mapping = plan_weights(folder, model, index)
-    out = write_checkpoint(opts.out, cfg, lambda p: write_weights(p, model, index, mapping), tok)
+    return cfg, template
+
+
+def _summary(folder: Path, out: Path, opts: ImportOptions, cfg: EchoConfig, tok: ReportTokenizer,
+             roles: dict[str, Any], model: EchoModel, n_tensors: int) -> str:
+    """The one log line of an import: what was written and how its tokens and images are read."""
+    template = tok.template
     prompt_txt = "ECHO's own prompt (no chat template)" if template is None else (
         f"the chat prompt of {template.info['source']} ({len(tok.prefix_ids(cfg.n_image_tokens))} tokens, image at "
         f"{cfg.image_start})")
@@ -488,6 +371,5 @@ def import_qwen2_5_vl(opts: ImportOptions, log=print) -> Path:
     images = (f"native resolution ({cfg.vision.min_pixels}..{cfg.vision.max_pixels} pixels an image)" if opts.native
               else f"{opts.image_size} px -> {cfg.n_image_tokens} image tokens ({opts.preprocess} preprocessing)")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    log(f"[import-hf] {folder} -> {out}: stage {cfg.stage}, block {cfg.block_size}, {cfg.decode_layout} layout, "
-        f"{images}, {n_params:.1f}M parameters, {len(mapping)} tensors; special tokens {roles_txt}; {prompt_txt}")
-    return out
+    return (f"[import-hf] {folder} -> {out}: stage {cfg.stage}, block {cfg.block_size}, {cfg.decode_layout} layout, "
+            f"{images}, {n_params:.1f}M parameters, {n_tensors} tensors; special tokens {roles_txt}; {prompt_txt}")

@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from runtime.prompt import PAD_START, PROMPT_TEXT, PromptTemplate, PromptTemplateError
 
-from .pretrained import PretrainedError, read_json
+from .errors import PretrainedError
+from .hf_folder import read_json
 
 
 def find_chat_template(folder: Path) -> Optional[tuple[str, str]]:

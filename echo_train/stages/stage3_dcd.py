@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from runtime.text import ReportTokenizer
+
 from ..model.checkpoint import CheckpointError, load_checkpoint
 from ..model.echo_model import EchoModel
 from .batches import scored_cross_entropy
@@ -15,7 +17,7 @@ from .common import load_split, make_collate, make_dataset
 from .errors import StageError
 from .dcd_targets import P_INTERMEDIATE, build_dcd_inputs, build_gt_onestep_inputs, factorised_distillation_loss
 from .stage2_rad import make_diffusion_loss
-from .trainer import TrainConfig, dist_info, maybe_init_distributed, pick_device, train
+from .trainer import LossFn, TrainConfig, dist_info, maybe_init_distributed, pick_device, train
 from .trajectories import generate_trajectories, load_trajectories
 
 METHODS = ("dcd", "factorised", "gt")
@@ -90,50 +92,64 @@ def make_trajectory_collate(tokenizer, block_size: int):
 def run_stage3(cfg: Stage3Config) -> dict:
     if cfg.method not in METHODS:
         raise StageError(f"unknown method {cfg.method!r}; choose from {METHODS}")
-    try:
-        teacher, tok = load_checkpoint(cfg.init)
-    except CheckpointError as e:
-        raise StageError(f"stage 3 starts from the stage-2 teacher: {e}") from e
-    if teacher.cfg.stage != "rad":
-        raise StageError(f"{cfg.init} is a '{teacher.cfg.stage}' checkpoint; stage 3 needs the stage-2 (rad) teacher")
+    teacher, tok = _load_teacher(cfg.init)
     B = teacher.cfg.block_size
     steps = cfg.teacher_steps or B
     device = pick_device(cfg.train.device)
     maybe_init_distributed(device)
     rank, world = dist_info()
     studies = load_split(cfg.data, "train", cfg.train_limit)
-    traj_dir = Path(cfg.trajectories or f"{cfg.out}_trajectories")
     records = {}
     if cfg.method in ("dcd", "factorised"):
-        generate_trajectories(teacher, tok, studies, traj_dir / f"B{B}_S{steps}", B, steps, device=device, rank=rank, world=world)
+        traj_dir = Path(cfg.trajectories or f"{cfg.out}_trajectories") / f"B{B}_S{steps}"
+        generate_trajectories(teacher, tok, studies, traj_dir, B, steps, device=device, rank=rank, world=world)
         if world > 1:
             torch.distributed.barrier()
-        records = load_trajectories(traj_dir / f"B{B}_S{steps}")
+        records = load_trajectories(traj_dir)
     student, _ = load_checkpoint(cfg.init)
     student.cfg.stage = "dcd"
     base = make_dataset(studies, tok, student.cfg)
-    mask_id = tok.mask_id
-    diffusion = make_diffusion_loss(B, mask_id) if cfg.diffusion_mix > 0 else None
     if cfg.method == "gt":
         train_set, collate = base, make_collate(tok)
-
-        def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
-            return scored_cross_entropy(model, build_gt_onestep_inputs(model, batch, mask_id, gen, cfg.p_intermediate))
     else:
         train_set, collate = TrajectoryDataset(base, studies, records), make_trajectory_collate(tok, B)
-        if cfg.method == "factorised":
-            teacher.to(device).eval().requires_grad_(False)
-
-            def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
-                return factorised_distillation_loss(model, teacher, batch, mask_id)
-        else:
-            def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
-                loss = scored_cross_entropy(model, build_dcd_inputs(model, batch, mask_id, gen, cfg.p_intermediate, cfg.ar_weight,
-                                                                         cfg.intermediate_copies))
-                if diffusion is not None:
-                    loss = loss + cfg.diffusion_mix * diffusion(model, batch, gen)
-                return loss
+    loss_fn = _loss_fn(cfg, teacher, tok.mask_id, device)
     if rank == 0:
         print(f"[stage3] {cfg.method}: student from {cfg.init}, block {B}, teacher steps {steps}, "
               f"{len(train_set)} training studies -> {cfg.out}")
     return train(student, tok, train_set, collate, loss_fn, cfg.train, Path(cfg.out), desc=f"stage3 {cfg.method}")
+
+
+def _load_teacher(init: str | Path) -> tuple[EchoModel, ReportTokenizer]:
+    """The stage-2 (rad) checkpoint stage 3 starts from, refused as a StageError otherwise."""
+    try:
+        teacher, tok = load_checkpoint(init)
+    except CheckpointError as e:
+        raise StageError(f"stage 3 starts from the stage-2 teacher: {e}") from e
+    if teacher.cfg.stage != "rad":
+        raise StageError(f"{init} is a '{teacher.cfg.stage}' checkpoint; stage 3 needs the stage-2 (rad) teacher")
+    return teacher, tok
+
+
+def _loss_fn(cfg: Stage3Config, teacher: EchoModel, mask_id: int, device: torch.device) -> LossFn:
+    """The student's loss of cfg.method: one-step targets from the ground truth (gt), the factorised
+    distillation from the teacher's outputs (factorised, the teacher kept on `device`), or DCD's
+    targets from the teacher's trajectories (dcd), with cfg.diffusion_mix of the diffusion loss."""
+    B = teacher.cfg.block_size
+    diffusion = make_diffusion_loss(B, mask_id) if cfg.diffusion_mix > 0 else None
+    if cfg.method == "gt":
+        def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
+            return scored_cross_entropy(model, build_gt_onestep_inputs(model, batch, mask_id, gen, cfg.p_intermediate))
+    elif cfg.method == "factorised":
+        teacher.to(device).eval().requires_grad_(False)
+
+        def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
+            return factorised_distillation_loss(model, teacher, batch, mask_id)
+    else:
+        def loss_fn(model: EchoModel, batch: dict, gen: torch.Generator) -> torch.Tensor:
+            loss = scored_cross_entropy(model, build_dcd_inputs(model, batch, mask_id, gen, cfg.p_intermediate,
+                                                                cfg.ar_weight, cfg.intermediate_copies))
+            if diffusion is not None:
+                loss = loss + cfg.diffusion_mix * diffusion(model, batch, gen)
+            return loss
+    return loss_fn

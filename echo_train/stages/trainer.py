@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from runtime.text import ReportTokenizer
 
-from ..model.checkpoint import load_training_state, save_checkpoint
+from ..model.checkpoint import load_training_state, load_weights, save_checkpoint
 from ..model.echo_model import EchoModel
 from .errors import StageError
 
@@ -59,8 +59,8 @@ class TrainConfig:
     budget_min_fraction: float = 0.25
     freeze: tuple[str, ...] = ()  # parameter-name prefixes kept fixed, e.g. "vision" (tower + projector)
     # Matmul precision of forward and backward (weights and optimiser stay fp32): "bf16" autocast,
-    # "fp32", or "auto" = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32.
-    # On the 2-core demo machine (AVX512-BF16) bf16 makes a stage-3 step 26% faster at the same loss.
+    # "fp32", or "auto" = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
+    # (there it is faster at the same loss; README's results).
     precision: str = "auto"
 
 
@@ -156,15 +156,21 @@ def train(
     val_set: Optional[Dataset] = None,
     desc: str = "train",
 ) -> dict:
-    """Train `model` for cfg.steps, resuming from out_dir/training_state.pt when present."""
-    out = Path(out_dir)
-    device = pick_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    maybe_init_distributed(device)
-    rank, world = dist_info()
-    model.to(device)
+    """Train `model` for cfg.steps, resuming from out_dir/training_state.pt when present; returns
+    the training state (as saved) of where it stopped."""
+    run = _Run(model, tokenizer, cfg, Path(out_dir), desc)
+    finished = run.resume()
+    if finished is not None:
+        return finished
+    step = run.loop(train_set, collate, loss_fn, val_set)
+    model.eval()
+    if run.rank == 0:
+        (run.out / "train_log.jsonl").write_text("\n".join(json.dumps(h) for h in run.history) + "\n")
+    return run.training_state(step, step >= run.run_cfg.steps)
+
+
+def _optimizer(model: EchoModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters cfg.freeze leaves trainable, without weight decay on vectors."""
     frozen = [n for n, p in model.named_parameters() if n.startswith(tuple(cfg.freeze))] if cfg.freeze else []
     if cfg.freeze and not frozen:
         raise StageError(f"--freeze {','.join(cfg.freeze)} matches no parameter of the model")
@@ -173,135 +179,178 @@ def train(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
-    start, history = 0, []
-    budget_t0 = cfg.budget_start if cfg.budget_start is not None else time.time()
-    planned: Optional[int] = None  # the step count a time budget chose
-    state = load_training_state(out)
-    if state is not None:
-        budget_done = state.get("planned_steps") is not None and state.get("requested_steps") == cfg.steps
-        if state.get("finished") and (state["step"] >= cfg.steps or (budget_done and state["step"] >= state["planned_steps"])):
-            if rank == 0:
-                print(f"[{desc}] {out} already finished at step {state['step']}; reusing it")
-            return state
-        from ..model.checkpoint import load_weights
 
-        load_weights(model, out / "model.safetensors")  # in place, one tensor at a time
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["step"], state.get("history", [])
+
+class _Run:
+    """One call of train(): the model on its device with its optimiser, the step schedule (cut
+    short by a time budget), the history, and how it saves and resumes."""
+
+    def __init__(self, model: EchoModel, tokenizer: ReportTokenizer, cfg: TrainConfig, out: Path, desc: str) -> None:
+        self.model, self.tokenizer, self.cfg, self.out, self.desc = model, tokenizer, cfg, out, desc
+        self.device = pick_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        maybe_init_distributed(self.device)
+        self.rank, self.world = dist_info()
+        model.to(self.device)
+        self.opt = _optimizer(model, cfg)
+        self.start, self.history = 0, []
+        self.budget_t0 = cfg.budget_start if cfg.budget_start is not None else time.time()
+        self.planned: Optional[int] = None  # the step count a time budget chose
+        self.run_cfg = cfg  # the schedule: cfg with the planned step count
+        self.probe: Optional[tuple[int, float]] = None  # (step, time) where the step-time probe began
+        self.replanning = False  # this process planned, so it keeps planning (a resumed plan is kept as it is)
+        self.stop_requested = False  # Ctrl-C / kill: finish the step, save, exit
+        self.bar = None
+
+    def log(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------------ saving and resuming
+    def training_state(self, step: int, finished: bool) -> dict:
+        return {
+            "step": step, "finished": finished, "optimizer": self.opt.state_dict(), "train_config": asdict(self.cfg),
+            "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "history": self.history, "world_size": self.world, "stage": self.model.cfg.stage,
+            "precision": self.precision, "requested_steps": self.cfg.steps, "planned_steps": self.planned,
+        }
+
+    def checkpoint(self, step: int, finished: bool) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.out, self.model, self.tokenizer, self.training_state(step, finished))
+        if self.world > 1:
+            dist.barrier()
+
+    def resume(self) -> Optional[dict]:
+        """Continue from out/training_state.pt where there is one: weights, optimiser, step, plan and
+        every random state. Returns the saved state of a run that already finished (None: train)."""
+        state = load_training_state(self.out)
+        if state is None:
+            return None
+        budget_done = state.get("planned_steps") is not None and state.get("requested_steps") == self.cfg.steps
+        if state.get("finished") and (state["step"] >= self.cfg.steps or (budget_done and state["step"] >= state["planned_steps"])):
+            self.log(f"[{self.desc}] {self.out} already finished at step {state['step']}; reusing it")
+            return state
+        load_weights(self.model, self.out / "model.safetensors")  # in place, one tensor at a time
+        self.opt.load_state_dict(state["optimizer"])
+        self.start, self.history = state["step"], state.get("history", [])
         if budget_done:
-            planned = int(state["planned_steps"])
+            self.planned = int(state["planned_steps"])
+            self.run_cfg = replace(self.cfg, steps=self.planned)  # the schedule follows the plan
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
-        if rank == 0:
-            print(f"[{desc}] resuming {out} from step {start}")
-    loss_module: torch.nn.Module = LossModule(model, loss_fn)
-    if world > 1:
-        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
+        self.log(f"[{self.desc}] resuming {self.out} from step {self.start}")
+        return None
 
-    def training_state(step: int, finished: bool) -> dict:
-        return {
-            "step": step, "finished": finished, "optimizer": opt.state_dict(), "train_config": asdict(cfg),
-            "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-            "history": history, "world_size": world, "stage": model.cfg.stage, "precision": precision,
-            "requested_steps": cfg.steps, "planned_steps": planned,
-        }
+    # ------------------------------------------------------------------------ the loop
+    def loop(self, train_set: Dataset, collate: Callable[[list], dict], loss_fn: LossFn,
+             val_set: Optional[Dataset]) -> int:
+        """Steps from self.start until the schedule ends or a stop is asked for; returns the step reached."""
+        cfg = self.cfg
+        loss_module: torch.nn.Module = LossModule(self.model, loss_fn)
+        if self.world > 1:
+            loss_module = torch.nn.parallel.DistributedDataParallel(loss_module)
+        old = signal.signal(signal.SIGINT, self._on_signal) if self.rank == 0 else None
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        self._open_bar()
+        t0, seen, step = time.time(), 0, self.start
+        try:
+            self.model.train()
+            while step < self.run_cfg.steps:
+                if cfg.time_budget_s is not None and (self.planned is None or self.replanning) and self._replan(step):
+                    break
+                n, loss = self._step(train_set, collate, loss_module, amp, step)
+                step, seen = step + 1, seen + n * self.world
+                self._show_progress(step, loss, seen / max(1e-9, time.time() - t0))
+                rec = {"step": step, "loss": float(loss.item()), "time": time.time() - t0}
+                if val_set is not None and (step % cfg.eval_every == 0 or step == self.run_cfg.steps):
+                    rec["val_loss"] = evaluate_loss(self.model, val_set, collate, loss_fn, cfg, self.device)
+                    self.model.train()
+                self.history.append(rec)
+                if step % cfg.save_every == 0 and step < self.run_cfg.steps:
+                    self.checkpoint(step, False)
+                out_of_time = cfg.time_limit_s is not None and time.time() - t0 >= cfg.time_limit_s
+                if self.stop_requested or out_of_time or (cfg.stop_after is not None and step >= cfg.stop_after):
+                    self.checkpoint(step, False)
+                    raise StopRequested
+            self.checkpoint(step, True)
+        except StopRequested:
+            self.log(f"\n[{self.desc}] stopped at step {step}; checkpoint saved to {self.out}; run the same command "
+                     "to resume")
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        return step
 
-    def checkpoint(step: int, finished: bool) -> None:
-        if rank == 0:
-            save_checkpoint(out, model, tokenizer, training_state(step, finished))
-        if world > 1:
-            dist.barrier()
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True
 
-    stop = {"flag": False}
+    def _step(self, train_set: Dataset, collate: Callable[[list], dict], loss_module: torch.nn.Module, amp,
+              step: int) -> tuple[int, torch.Tensor]:
+        """One optimiser step on this rank's part of global step `step`'s batch: (its size, the loss)."""
+        cfg = self.cfg
+        idx = batch_indices(len(train_set), step, cfg.batch_size, cfg.seed, self.rank, self.world)
+        batch = _to_device(collate([train_set[i] for i in idx]), self.device)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.run_cfg, step)
+        with amp:
+            loss = loss_module(batch, step_generator(cfg.seed, step, self.rank))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        return len(idx), loss
 
-    def on_signal(signum, frame):  # Ctrl-C / kill: finish the step, save, exit
-        stop["flag"] = True
+    # ------------------------------------------------------------------------ progress and the time budget
+    def _open_bar(self) -> None:
+        if self.rank == 0:
+            from tqdm.auto import tqdm
 
-    old = signal.signal(signal.SIGINT, on_signal) if rank == 0 else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    bar = None
-    if rank == 0:
-        from tqdm.auto import tqdm
+            print(f"[{self.desc}] {self.device.type}, {self.precision} matmuls, {torch.get_num_threads()} threads",
+                  flush=True)
+            self.bar = tqdm(total=self.cfg.steps, initial=self.start, desc=self.desc, dynamic_ncols=True,
+                            mininterval=2.0)
 
-        print(f"[{desc}] {device.type}, {precision} matmuls, {torch.get_num_threads()} threads", flush=True)
-        bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0)
-    t0, seen = time.time(), 0
-    step = start
-    run_cfg = cfg if planned is None else replace(cfg, steps=planned)  # the schedule follows the plan
-    probe: Optional[tuple[int, float]] = None  # (step, time) where the step-time probe began
-    replanning = False  # this process planned, so it keeps planning (a resumed plan is kept as it is)
-    try:
-        model.train()
-        while step < run_cfg.steps:
-            if cfg.time_budget_s is not None and (planned is None or replanning):
-                # the first step after a (re)start is slow (allocation, caches): time the next ones;
-                # plan after budget_probe_steps, then again every 5x as many steps (step times drift:
-                # a stage-3 run measured 0.47 s/step at first and averaged 0.58)
-                timed = step - probe[0] if probe is not None else 0
-                if probe is None and step > start:
-                    probe = (step, time.time())
-                elif timed >= cfg.budget_probe_steps and (planned is None or timed % (5 * cfg.budget_probe_steps) == 0):
-                    step_s = (time.time() - probe[1]) / timed
-                    remaining = cfg.time_budget_s - (time.time() - budget_t0) - 3 * step_s  # last eval and save
-                    new = _agree(plan_budgeted_steps(cfg.steps, step, step_s, remaining, cfg.budget_min_fraction),
-                                 device, world)
-                    if planned is None or abs(new - planned) > 0.01 * planned:
-                        verdict = "all fit" if new == cfg.steps else f"training {new} of {cfg.steps} steps"
-                        if rank == 0:
-                            print(f"\n[{desc}] time budget {cfg.time_budget_s:.0f} s: {step_s:.2f} s/step measured, "
-                                  f"{max(0.0, remaining):.0f} s left -> {verdict}", flush=True)
-                    planned, replanning = new, True
-                    run_cfg = replace(cfg, steps=planned)
-                    if bar is not None:
-                        bar.total = planned
-                        bar.refresh()
-                    if step >= planned:
-                        break
-            idx = batch_indices(len(train_set), step, cfg.batch_size, cfg.seed, rank, world)
-            batch = _to_device(collate([train_set[i] for i in idx]), device)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(run_cfg, step)
-            with amp:
-                loss = loss_module(batch, step_generator(cfg.seed, step, rank))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            seen += len(idx) * world
-            if bar is not None:
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == run_cfg.steps:
-                    rate = seen / max(1e-9, time.time() - t0)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.1f}")
-            rec = {"step": step, "loss": float(loss.item()), "time": time.time() - t0}
-            if val_set is not None and (step % cfg.eval_every == 0 or step == run_cfg.steps):
-                rec["val_loss"] = evaluate_loss(model, val_set, collate, loss_fn, cfg, device)
-                model.train()
-            history.append(rec)
-            if step % cfg.save_every == 0 and step < run_cfg.steps:
-                checkpoint(step, False)
-            out_of_time = cfg.time_limit_s is not None and time.time() - t0 >= cfg.time_limit_s
-            if stop["flag"] or out_of_time or (cfg.stop_after is not None and step >= cfg.stop_after):
-                checkpoint(step, False)
-                raise StopRequested
-        checkpoint(step, True)
-    except StopRequested:
-        if rank == 0:
-            print(f"\n[{desc}] stopped at step {step}; checkpoint saved to {out}; run the same command to resume")
-    finally:
-        if bar is not None:
-            bar.close()
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
-    model.eval()
-    if rank == 0:
-        (out / "train_log.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
-    return training_state(step, step >= run_cfg.steps)
+    def _show_progress(self, step: int, loss: torch.Tensor, samples_s: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if step % self.cfg.log_every == 0 or step == self.run_cfg.steps:
+            self.bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{samples_s:.1f}")
+
+    def _replan(self, step: int) -> bool:
+        """Under a time budget: time the steps after the first of a (re)start (it is slow: allocation,
+        caches), plan the step count after budget_probe_steps of them, then again every 5x as many
+        (step times drift). True when the plan ends at or before `step`: stop here."""
+        cfg = self.cfg
+        timed = step - self.probe[0] if self.probe is not None else 0
+        if self.probe is None and step > self.start:
+            self.probe = (step, time.time())
+            return False
+        if not (timed >= cfg.budget_probe_steps and (self.planned is None or timed % (5 * cfg.budget_probe_steps) == 0)):
+            return False
+        step_s = (time.time() - self.probe[1]) / timed
+        remaining = cfg.time_budget_s - (time.time() - self.budget_t0) - 3 * step_s  # last eval and save
+        new = _agree(plan_budgeted_steps(cfg.steps, step, step_s, remaining, cfg.budget_min_fraction),
+                     self.device, self.world)
+        if self.planned is None or abs(new - self.planned) > 0.01 * self.planned:
+            verdict = "all fit" if new == cfg.steps else f"training {new} of {cfg.steps} steps"
+            self.log(f"\n[{self.desc}] time budget {cfg.time_budget_s:.0f} s: {step_s:.2f} s/step measured, "
+                     f"{max(0.0, remaining):.0f} s left -> {verdict}")
+        self.planned, self.replanning = new, True
+        self.run_cfg = replace(cfg, steps=new)
+        if self.bar is not None:
+            self.bar.total = new
+            self.bar.refresh()
+        return step >= new
 
 
 def _agree(n: int, device: torch.device, world: int) -> int:

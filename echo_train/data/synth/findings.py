@@ -81,14 +81,7 @@ def _sample_abnormal(rng: np.random.Generator) -> Findings:
         f["rib_fracture"] = {"side": _choice(rng, SIDES)}
     p_ptx = 0.05 + (0.08 if icu else 0.0) + (0.3 if "rib_fracture" in f else 0.0)
     if r() < p_ptx:
-        side = f["rib_fracture"]["side"] if "rib_fracture" in f and r() < 0.8 else _choice(rng, SIDES)
-        eff = f.get("pleural_effusion", {}).get("side")
-        if eff == "bilateral":
-            pass  # no hydropneumothorax in this benchmark
-        else:
-            if eff == side:
-                side = "left" if side == "right" else "right"
-            f["pneumothorax"] = {"side": side}
+        _add_pneumothorax(rng, f)
     p_atel = 0.12 + (0.15 if icu else 0.0) + (0.15 if "pleural_effusion" in f else 0.0)
     if r() < p_atel:
         f["atelectasis"] = {"side": _choice(rng, ("left", "right", "bilateral"), [0.35, 0.3, 0.35])}
@@ -102,6 +95,18 @@ def _sample_abnormal(rng: np.random.Generator) -> Findings:
     if r() < (0.2 if chf else 0.02):
         f["pacemaker"] = {}
     return f
+
+
+def _add_pneumothorax(rng: np.random.Generator, f: Findings) -> None:
+    """A pneumothorax, mostly on a fractured rib's side, never on the side of an effusion (no
+    hydropneumothorax in this benchmark: none beside a bilateral one)."""
+    side = f["rib_fracture"]["side"] if "rib_fracture" in f and rng.random() < 0.8 else _choice(rng, SIDES)
+    eff = f.get("pleural_effusion", {}).get("side")
+    if eff == "bilateral":
+        return
+    if eff == side:
+        side = "left" if side == "right" else "right"
+    f["pneumothorax"] = {"side": side}
 
 
 def finding_side(name: str, attrs: dict[str, Any]) -> str | None:

@@ -101,6 +101,23 @@ def generate_synth(
     records = [r for split in ("train", "val", "test") for r in plan[split]]
     jobs = [(str(out / r["images"][0]), r["attributes"]["findings"], image_size, r["attributes"]["image_seed"])
             for r in records]
+    infos = _render_all(jobs, workers, progress)
+    for r in records:
+        r["attributes"].update(infos[str(out / r["images"][0])])
+    for split in ("train", "val", "test"):
+        (out / f"{split}.json").write_text(json.dumps(plan[split], indent=1))
+    meta = _meta(plan, seed, image_size, unseen_fraction)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    if preview:
+        from .preview import write_preview
+
+        meta["preview"] = str(write_preview(out, plan["test"] + plan["train"]))
+    return meta
+
+
+def _render_all(jobs: list[tuple], workers: int, progress: Optional[Callable[[int], None]]) -> dict[str, dict]:
+    """image path -> what rendering it reported, for every job (in `workers` processes when there
+    are enough jobs to pay for them)."""
     infos: dict[str, dict] = {}
     workers = max(1, min(int(workers), os.cpu_count() or 1))
     if workers > 1 and len(jobs) > 64:
@@ -116,13 +133,13 @@ def generate_synth(
             infos[path] = info
             if progress:
                 progress(1)
-    for r in records:
-        r["attributes"].update(infos[str(out / r["images"][0])])
+    return infos
 
-    for split in ("train", "val", "test"):
-        (out / f"{split}.json").write_text(json.dumps(plan[split], indent=1))
+
+def _meta(plan: dict[str, list[dict]], seed: int, image_size: int, unseen_fraction: float) -> dict:
+    """meta.json: how the benchmark was made and what its splits hold."""
     seen = {r["attributes"]["combination"] for r in plan["train"]}
-    meta = {
+    return {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
@@ -134,9 +151,3 @@ def generate_synth(
         "seen_combinations": len(seen),
         "distinct_reports": {s: len({json.dumps(r["ground_truth"]) for r in plan[s]}) for s in plan},
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    if preview:
-        from .preview import write_preview
-
-        meta["preview"] = str(write_preview(out, plan["test"] + plan["train"]))
-    return meta

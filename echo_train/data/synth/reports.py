@@ -56,6 +56,26 @@ def _positive_sentence(rng, name: str, a: dict, imp: bool = False) -> str:
 
 
 def write_findings(rng: np.random.Generator, f: Findings) -> str:
+    """The FINDINGS text: devices, then the lungs and the heart in one of three orders, then the bones.
+    Every sentence is drawn from rng in a fixed order (devices, positives, heart, negatives, layout)."""
+    devices = _device_sentences(rng, f)
+    lung_names = ("consolidation", "lung_lesion", "atelectasis", "edema", "pleural_effusion", "pneumothorax")
+    positives = _shuffled(rng, [_positive_sentence(rng, n, f[n]) for n in lung_names if n in f])
+    cardio = _heart_sentences(rng, f)
+    negatives = _negative_sentences(rng, f)
+    where = int(rng.integers(3))
+    if where == 0:
+        body = cardio + positives + negatives
+    elif where == 1:
+        body = positives + cardio + negatives
+    else:
+        k = int(rng.integers(len(negatives) + 1))
+        body = positives + negatives[:k] + cardio + negatives[k:]
+    bones = _positive_sentence(rng, "rib_fracture", f["rib_fracture"]) if "rib_fracture" in f else _say(rng, "fracture_neg")
+    return " ".join(devices + body + [bones])
+
+
+def _device_sentences(rng: np.random.Generator, f: Findings) -> list[str]:
     devices = []
     if "endotracheal_tube" in f:
         devices.append(_say(rng, "ett"))
@@ -63,19 +83,20 @@ def write_findings(rng: np.random.Generator, f: Findings) -> str:
         devices.append(_say(rng, "central_line", f["central_line"]))
     if "pacemaker" in f:
         devices.append(_say(rng, "pacemaker"))
-    devices = _shuffled(rng, devices)
+    return _shuffled(rng, devices)
 
-    lung_names = ("consolidation", "lung_lesion", "atelectasis", "edema", "pleural_effusion", "pneumothorax")
-    positives = _shuffled(rng, [_positive_sentence(rng, n, f[n]) for n in lung_names if n in f])
 
+def _heart_sentences(rng: np.random.Generator, f: Findings) -> list[str]:
     if "cardiomegaly" in f:
-        cardio = _shuffled(rng, [_positive_sentence(rng, "cardiomegaly", f["cardiomegaly"]),
-                                 _say(rng, "mediastinum_normal")])
-    elif rng.random() < 0.4:
-        cardio = [_say(rng, "cardiomediastinal_normal")]
-    else:
-        cardio = [_say(rng, "heart_normal"), _say(rng, "mediastinum_normal")]
+        return _shuffled(rng, [_positive_sentence(rng, "cardiomegaly", f["cardiomegaly"]),
+                               _say(rng, "mediastinum_normal")])
+    if rng.random() < 0.4:
+        return [_say(rng, "cardiomediastinal_normal")]
+    return [_say(rng, "heart_normal"), _say(rng, "mediastinum_normal")]
 
+
+def _negative_sentences(rng: np.random.Generator, f: Findings) -> list[str]:
+    """What is absent, sometimes several absences in one sentence, shuffled."""
     negatives = []
     if not any(n in f for n in ("consolidation", "lung_lesion", "atelectasis", "edema")):
         negatives.append(_say(rng, "lungs_clear"))
@@ -94,19 +115,7 @@ def write_findings(rng: np.random.Generator, f: Findings) -> str:
         negatives.append(_say(rng, "edema_neg"))
     if "lung_lesion" not in f:
         negatives.append(_say(rng, "lesion_neg"))
-    negatives = _shuffled(rng, negatives)
-
-    where = int(rng.integers(3))
-    if where == 0:
-        body = cardio + positives + negatives
-    elif where == 1:
-        body = positives + cardio + negatives
-    else:
-        k = int(rng.integers(len(negatives) + 1))
-        body = positives + negatives[:k] + cardio + negatives[k:]
-
-    bones = _positive_sentence(rng, "rib_fracture", f["rib_fracture"]) if "rib_fracture" in f else _say(rng, "fracture_neg")
-    return " ".join(devices + body + [bones])
+    return _shuffled(rng, negatives)
 
 
 def write_impression(rng: np.random.Generator, f: Findings) -> str:
