@@ -48,6 +48,7 @@ from runtime.manifest import Manifest, write_manifest
 from runtime.preprocess import preprocess_image
 from runtime.schedule import BlockLayout
 
+from .external_weights import file_size_text
 from .phase_meter import PhaseMeter
 
 if TYPE_CHECKING:  # the build imports torch and the converters only when a phase needs them
@@ -334,14 +335,6 @@ def _versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "onnxscript": onnxscript.__version__, "transformers": transformers.__version__}
-
-
-def _size(p: Path, data: bool = False) -> str:
-    """A file's size; `data`: with the `<file>.data` external data beside it, if any."""
-    n = p.stat().st_size
-    if data and p.with_name(p.name + ".data").is_file():
-        n += p.with_name(p.name + ".data").stat().st_size
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 # ------------------------------------------------------------------ the build, phase by phase
@@ -649,7 +642,7 @@ def _summarise(checked: _Checked, outcome: _Outcome, meter: PhaseMeter, total: f
                    "prefix_len": checked.prefix_len}
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2))
     for f in sorted(files):
-        log(f"  {f:<40} {_size(out / f)}")
+        log(f"  {f:<40} {file_size_text(out / f)}")
     log(f"engine folder: {out} ({'verified' if outcome.verified else 'NOT verified'})")
 
 
@@ -698,6 +691,27 @@ class _Build:
                       prefix_len=checked.prefix_len, precisions=r.precisions, batch_sizes=r.batch_sizes,
                       ar=checked.ar, max_new=checked.max_new, int8_info=checked.int8_info, meter=meter, log=log,
                       stream=r.stream, plan=checked.plan)
+
+    def store(self, precision: str):
+        """The precision's weights.<precision>.bin, open for appending for the whole build."""
+        from .external_weights import WeightsFile, weights_filename
+
+        if precision not in self.stores:
+            self.stores[precision] = WeightsFile(self.tmp, weights_filename(precision))
+            self.data_files.append(self.stores[precision].name)
+        return self.stores[precision]
+
+    def add_graph(self, key: tuple[str, str, int], name: str) -> None:
+        """Record a new graph and move any weights it still holds itself (a converter's own data file)
+        into its precision's weights.<precision>.bin at once: the folder never holds more than one
+        graph's own copy of the weights, and the next phase reads the shared file."""
+        from .external_weights import share_weights
+
+        self.files[key] = name
+        store = self.store(key[1])
+        res = share_weights(self.tmp, [name], store, self.opts.weights_min_bytes)
+        self.log(f"  {'':<2}-> {store.name:<29} {file_size_text(store.path):>10}  {res.tensors_referenced} tensors; the file holds "
+              f"{store.tensors_stored} distinct ones for {sum(k[1] == key[1] for k in self.files)} graph(s)")
 
     def families(self) -> list[_Family]:
         """The student's decode family, then the AR baseline's where one is built."""
@@ -774,11 +788,11 @@ def _export_fp32(b: _Build, fam: _Family, m: EchoModel) -> None:
                 b.files[(role, "fp32", bs)] = name
                 b.staged.add((role, "fp32", bs))
                 continue
-            export_graph(g, inputs, b.tmp / name, b.opts.opset, weights=_store(b, "fp32"),
+            export_graph(g, inputs, b.tmp / name, b.opts.opset, weights=b.store("fp32"),
                          min_bytes=b.opts.weights_min_bytes, dynamic_shapes=shapes)
             onnx.checker.check_model(str(b.tmp / name), full_check=True)
-            b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
-            _add_graph(b, (role, "fp32", bs), name)
+            b.log(f"  {name:<34} {file_size_text(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
+            b.add_graph((role, "fp32", bs), name)
     release_exporter_references()  # else the last graph keeps the model's weights after the model goes
     b.meter.stop()
 
@@ -903,10 +917,10 @@ def _convert_fp16(b: _Build, calib_px: Optional[list[np.ndarray]] = None) -> Non
     b.log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
     for (role, _, bs), src in [(k, v) for k, v in b.files.items() if k[1] == "fp32"]:
         name = gio.graph_filename(role, "fp16", bs)
-        to_fp16(b.tmp / src, b.tmp / name, weights=_store(b, "fp16"), source=b.deferred)
+        to_fp16(b.tmp / src, b.tmp / name, weights=b.store("fp16"), source=b.deferred)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
-        b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}")
-        _add_graph(b, (role, "fp16", bs), name)
+        b.log(f"  {name:<34} {file_size_text(b.tmp / name, data=True):>10}")
+        b.add_graph((role, "fp16", bs), name)
     b.meter.stop()
 
 
@@ -927,41 +941,18 @@ def _quantise_int8(b: _Build, calib_px: list[np.ndarray]) -> None:
                                min_weight_elements=b.opts.int8_min_weight,
                                skip_input_dims=[fam.cfg.lm.intermediate_size] if b.opts.int8_down_proj_fp32 else [])
                 onnx.checker.check_model(str(b.tmp / name), full_check=True)
-                b.log(f"  {name:<34} {_size(b.tmp / name, data=True):>10}  {info['quantized_matmuls']} weight "
+                b.log(f"  {name:<34} {file_size_text(b.tmp / name, data=True):>10}  {info['quantized_matmuls']} weight "
                       f"MatMul/Gemm, {info['calib_samples']} calibration feeds")
-                _add_graph(b, (role, "int8", bs), name)
+                b.add_graph((role, "int8", bs), name)
     for pattern in ("*.pre.onnx", "*.pre.onnx.data", "*-inferred.onnx"):  # the quantiser's intermediate files
         for leftover in b.tmp.glob(pattern):
             leftover.unlink()
     b.meter.stop()
 
 
-def _store(b: _Build, precision: str):
-    """The precision's weights.<precision>.bin, open for appending for the whole build."""
-    from .external_weights import WeightsFile, weights_filename
-
-    if precision not in b.stores:
-        b.stores[precision] = WeightsFile(b.tmp, weights_filename(precision))
-        b.data_files.append(b.stores[precision].name)
-    return b.stores[precision]
-
-
 def _close_stores(b: _Build) -> None:
     for store in b.stores.values():
         store.close()
-
-
-def _add_graph(b: _Build, key: tuple[str, str, int], name: str) -> None:
-    """Record a new graph and move any weights it still holds itself (a converter's own data file)
-    into its precision's weights.<precision>.bin at once: the folder never holds more than one
-    graph's own copy of the weights, and the next phase reads the shared file."""
-    from .external_weights import share_weights
-
-    b.files[key] = name
-    store = _store(b, key[1])
-    res = share_weights(b.tmp, [name], store, b.opts.weights_min_bytes)
-    b.log(f"  {'':<2}-> {store.name:<29} {_size(store.path):>10}  {res.tensors_referenced} tensors; the file holds "
-          f"{store.tensors_stored} distinct ones for {sum(k[1] == key[1] for k in b.files)} graph(s)")
 
 
 def _check_tensorrt_ready(b: _Build) -> None:

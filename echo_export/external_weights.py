@@ -219,3 +219,11 @@ def external_data_files(model_path: Path) -> set[str]:
     model = onnx.load(str(model_path), load_external_data=False)
     return {_external_info(t)["location"] for t in model.graph.initializer
             if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def file_size_text(p: Path, data: bool = False) -> str:
+    """A file's size for a log line; `data`: with the `<file>.data` external data beside it, if any."""
+    n = p.stat().st_size
+    if data and p.with_name(p.name + ".data").is_file():
+        n += p.with_name(p.name + ".data").stat().st_size
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

@@ -243,9 +243,9 @@ def quantised_parts(opts: Int4Options) -> tuple[str, ...]:
 def _staged_offset(t: onnx.TensorProto, source) -> Optional[int]:
     """Where a staged graph's initializer sits in `source` (a stream_export.DeferredWeights: the
     fp32 file that a build from the checkpoint's own dtype never writes), else None."""
-    from .precision import _external_location
+    from .precision import external_location
 
-    where = _external_location(t) if source is not None else None
+    where = external_location(t) if source is not None else None
     return where[1] if where is not None and where[0] == source.name else None
 
 
@@ -470,10 +470,10 @@ def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: in
 def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes: int = 1024, source=None) -> dict:
     """The int4 (MatMulNBits) graph of the fp32 graph `src`, its tensors in `store`; `source`: the
     DeferredWeights of a staged `src` (a build from the checkpoint's dtype), else None."""
-    from .precision import _name_nodes
+    from .precision import name_nodes
 
     model = onnx.load(str(src), load_external_data=False)
-    _name_nodes(model)
+    name_nodes(model)
     by_name = {n.name: n for n in model.graph.node}
     new, inits, counts = {}, [], {}
     for wm in weight_matmuls(model, quantised_parts(plan.opts)):
@@ -565,7 +565,7 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     in weights.int4.bin. `b` is echo_export.build's _Build; its calibration feeds drive AWQ."""
     from runtime import graph_io as gio
 
-    from .build import _add_graph, _size, _store
+    from .external_weights import file_size_text
 
     opts = Int4Options.parse(b.opts.precision_options.get("int4", {}))
     level = choose_accuracy_level() if opts.accuracy_level is None else opts.accuracy_level
@@ -594,10 +594,10 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     info: dict = {}
     for (role, _, bs), src in sources:
         name = gio.graph_filename(role, "int4", bs)
-        info = to_int4(b.tmp / src, b.tmp / name, plan, level, _store(b, "int4"), b.opts.weights_min_bytes, staged)
+        info = to_int4(b.tmp / src, b.tmp / name, plan, level, b.store("int4"), b.opts.weights_min_bytes, staged)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
-        b.log(f"  {name:<34} {_size(b.tmp / name):>10}  {info['matmulnbits']} MatMulNBits {info['by_part']}")
-        _add_graph(b, (role, "int4", bs), name)
+        b.log(f"  {name:<34} {file_size_text(b.tmp / name):>10}  {info['matmulnbits']} MatMulNBits {info['by_part']}")
+        b.add_graph((role, "int4", bs), name)
     alphas = sorted(plan.alphas.values())
     b.precision_info["int4"] = {
         **asdict(opts), "accuracy_level": level, "accuracy_level_requested": opts.accuracy_level or "auto",

@@ -96,7 +96,7 @@ def _upstream_nodes(g: onnx.GraphProto, tensors: list[str], stop_ops: tuple[str,
     return out
 
 
-def _name_nodes(model: onnx.ModelProto) -> None:
+def name_nodes(model: onnx.ModelProto) -> None:
     for i, n in enumerate(model.graph.node):
         if not n.name:
             n.name = f"{n.op_type}_{i}"
@@ -296,7 +296,7 @@ def save_graph(model: onnx.ModelProto, dst: str | Path, external: bool) -> None:
               location=data.name, size_threshold=1024, convert_attribute=False)
 
 
-def _external_location(t: onnx.TensorProto) -> Optional[tuple[str, int, int]]:
+def external_location(t: onnx.TensorProto) -> Optional[tuple[str, int, int]]:
     """(file, offset, length) of an initializer kept in an external data file, else None."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return None
@@ -367,7 +367,7 @@ def to_fp16(src: str | Path, dst: str | Path, weights=None, source=None) -> dict
     model = _shape_inferred(src, src.with_name(dst.stem + ".shapes.onnx"))  # beside src: its data paths hold
     # the converter only retypes an external initializer (its bytes are not loaded): remember where
     # each one's fp32 bytes are and what type it had
-    outside = {t.name: (_external_location(t), t.data_type) for t in model.graph.initializer
+    outside = {t.name: (external_location(t), t.data_type) for t in model.graph.initializer
                if t.data_location == onnx.TensorProto.EXTERNAL}
     out, kept, rewired = _fp16_graph(model, src)
     if outside:
@@ -397,7 +397,7 @@ def _fp16_graph(model: onnx.ModelProto, src: Path) -> tuple[onnx.ModelProto, int
     head stay fp32; constants that would overflow fp16 are refused (PrecisionError)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    _name_nodes(model)
+    name_nodes(model)
     clamp_mask_fill_constants(model)
     bad = check_fp16_constants(model)
     if bad:
@@ -606,7 +606,7 @@ def _int8_preprocessed(src: str | Path, pre: Path, external: bool, min_weight_el
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
                       all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
     model = onnx.load(str(pre), load_external_data=False)  # names and shapes are all this step needs
-    _name_nodes(model)
+    name_nodes(model)
     onnx.save(model, str(pre))
     nodes = weight_matmuls(model, min_weight_elements, skip_input_dims)
     if not nodes:

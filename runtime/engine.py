@@ -115,8 +115,8 @@ class _Decoder:
         self.prompt = rt._prompt(mode)
         P = len(self.prompt.prefix)
         self.mode = md = DecodeMode.of(mode, P, rt.block_size)
-        self.prefill = rt._graph(md.prefill, batch)
-        self.step = rt._graph(md.step, batch)
+        self.prefill = rt.graph(md.prefill, batch)
+        self.step = rt.graph(md.step, batch)
         shape = self.step.shape("past_key")
         if len(shape) != 5 or not all(isinstance(d, int) for d in shape):
             lm = m.model_config.get("lm", {})
@@ -347,7 +347,8 @@ class EchoRuntime:
 
         return OrtGraph
 
-    def _graph(self, role: str, batch: int):
+    def graph(self, role: str, batch: int):
+        """The session of one graph role at one batch size (opened once, kept)."""
         key = (role, batch)
         if key not in self._graphs:
             prec = self.precision

@@ -52,8 +52,8 @@ class BlockPasses:
         self.B, self.shifted = B, bool((rt.manifest.model_config or {}).get("shifted_prediction"))
         self.input_ids = np.full((batch, B), rt.tokenizer.mask_id, np.int64)
         self.position_ids = np.zeros((batch, B), np.int64)
-        self.denoise = rt._graph(gio.BLOCK_DENOISE, batch)
-        self.commit = rt._graph(gio.BLOCK_COMMIT, batch)
+        self.denoise = rt.graph(gio.BLOCK_DENOISE, batch)
+        self.commit = rt.graph(gio.BLOCK_COMMIT, batch)
         self.out = {}
         for g in {id(self.denoise): self.denoise, id(self.commit): self.commit}.values():
             outs = {"tokens": np.zeros((batch, B), np.int64), "confidence": np.zeros((batch, B), np.float32),

@@ -271,11 +271,11 @@ def test_fp16_graphs_keep_their_fp32_islands_fp32(built, tmp_path):
     head really are computed in fp32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from echo_export.precision import FP16_OP_BLOCK, _name_nodes, fp32_islands, output_head_nodes
+    from echo_export.precision import FP16_OP_BLOCK, name_nodes, fp32_islands, output_head_nodes
 
     out, _ = built
     raw = onnx.load(str(out / "block_step.fp32.b1.onnx"))
-    _name_nodes(raw)
+    name_nodes(raw)
     keep = sorted(set(fp32_islands(raw)) | set(output_head_nodes(raw)))
     converted = convert_float_to_float16(raw, keep_io_types=True, node_block_list=keep,
                                          op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK)))
@@ -785,14 +785,14 @@ def _old_to_int8(src, dst, feeds, work):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from echo_export.precision import ListDataReader, _name_nodes, has_external_data, weight_matmuls
+    from echo_export.precision import ListDataReader, name_nodes, has_external_data, weight_matmuls
 
     pre = work / "old.pre.onnx"
     external = has_external_data(src)
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
                       all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
     model = onnx.load(str(pre), load_external_data=False)
-    _name_nodes(model)
+    name_nodes(model)
     onnx.save(model, str(pre))
     quantize_static(str(pre), str(dst), ListDataReader(feeds, [i.name for i in model.graph.input]),
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],

@@ -92,24 +92,10 @@ def test_no_layer_imports_a_layer_above_it(layer):
 # ----------------------------------------------------------------------------- cycles and private names
 PACKAGES = ("runtime", "echo_train", "echo_export", "echo_serve", "echo_dicom", "benchmarks")
 
-# Cycles still present in code that another helper is rewriting; each entry is one cycle's modules.
-ALLOWED_CYCLES: set[frozenset[str]] = {
-    # owned by family (echo_train/model/): to be removed
-    frozenset({"echo_train.model.checkpoint", "echo_train.model.pretrained"}),
-    # owned by exporthouse (echo_export/build.py imports int4 inside a function, int4 imports build): to be removed
-    frozenset({"echo_export.build", "echo_export.int4"}),
-}
-# (module that reaches in, private name) pairs still present in code other helpers are rewriting.
-ALLOWED_PRIVATE: set[tuple[str, str]] = {
-    # owned by the runtime/engine.py helper: to be removed (EchoRuntime._graph needs a public name)
-    ("runtime.multistep", "_graph"),
-    # owned by exporthouse (echo_export/build.py, precision.py): to be removed
-    ("echo_export.int4", "_add_graph"),
-    ("echo_export.int4", "_size"),
-    ("echo_export.int4", "_store"),
-    ("echo_export.int4", "_name_nodes"),
-    ("echo_export.int4", "_external_location"),
-}
+# Known cycles, each as its modules (none: an entry here is a debt, and a stale one fails the test).
+ALLOWED_CYCLES: set[frozenset[str]] = set()
+# Known (module that reaches in, private name) pairs (none; the same rule as above).
+ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 
 
 def package_modules(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:
