@@ -438,7 +438,8 @@ def _median_round(rounds: list[dict], kind: str) -> dict:
     return out
 
 
-def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repeats: int, rounds: int = 3) -> dict:
+def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repeats: int, rounds: int = 3,
+        probe_timeout: int = 600) -> dict:
     """Every engine of the rung in its own subprocess, one after another; the table and plot."""
     from echo_train.stages.common import load_split
 
@@ -479,7 +480,11 @@ def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repea
                    "--threads", str(threads), "--repeats", str(repeats), "--pass-repeats", str(pass_repeats),
                    "--prompt-len", str(prefix_len), "--vocab", str(n_vocab), *(["--images", *images] if kind == "ours" else [])]
             print(f"[peers] round {rnd + 1}/{rounds}: {kind} {prec} (load {_loadavg()})", flush=True)
-            p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            try:
+                p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=probe_timeout)
+            except subprocess.TimeoutExpired:
+                failed[(kind, prec)] = f"probe timed out after {probe_timeout} s (load average {_loadavg()})"
+                continue
             if p.returncode != 0:
                 failed[(kind, prec)] = f"probe exit {p.returncode}"
                 continue
@@ -633,6 +638,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.choices["run"].add_argument("--rounds", type=int, default=3, help="every engine once per round, in its own process")
     sub.choices["run"].add_argument("--repeats", type=int, default=1, help="timed decodes per engine and round (after one warm-up)")
     sub.choices["run"].add_argument("--pass-repeats", type=int, default=20)
+    sub.choices["run"].add_argument("--probe-timeout", type=int, default=600, help="seconds one engine's probe may take")
     pr = sub.add_parser("probe", help=argparse.SUPPRESS)
     pr.add_argument("kind", choices=["ours", "onnxruntime-genai", "llama.cpp"])
     pr.add_argument("path", type=Path)
@@ -650,7 +656,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for k, why in skipped.items():
             print(f"[peers] skipped {k}: {why}")
     elif a.cmd == "run":
-        run(a.size, a.work, a.out, a.threads, a.repeats, a.pass_repeats, a.rounds)
+        run(a.size, a.work, a.out, a.threads, a.repeats, a.pass_repeats, a.rounds, a.probe_timeout)
     else:
         prompt = np.random.default_rng(0).integers(3, a.vocab, a.prompt_len).tolist()
         if a.kind == "ours":

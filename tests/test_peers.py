@@ -137,3 +137,15 @@ def test_genai_peer_decodes_what_transformers_decodes(echo_ckpt, tmp_path):
     assert got == want.tolist()[: len(got)] and len(got) >= 1
     res = peers.probe_genai(g, prompt, 8, 1)
     assert res["new_tokens"] == 8 and res["decode_tokens_per_s"] > 0 and res["weight_bytes"] > 0
+
+
+def test_rounds_reduce_to_the_median_round():
+    """Each engine's row is its median round (ours: per loop), every round's tokens/s kept."""
+    rounds = [_ours("int4", ar, fused) for ar, fused in ((10.0, 50.0), (30.0, 40.0), (20.0, 60.0))]
+    for r, t in zip(rounds, (5.0, 7.0, 6.0)):
+        r["t_ar_step_ms"] = t
+    m = peers._median_round(rounds, "ours")
+    assert (m["ar"]["decode_tokens_per_s"], m["fused"]["decode_tokens_per_s"], m["t_ar_step_ms"]) == (20.0, 50.0, 6.0)
+    assert sorted(m["ar"]["runs_tokens_per_s"]) == [10.0, 20.0, 30.0] and m["rounds"] == 3
+    p = peers._median_round([_peer("llama.cpp", "Q8_0", t) for t in (3.0, 1.0, 2.0)], "llama.cpp")
+    assert p["decode_tokens_per_s"] == 2.0 and p["runs_tokens_per_s"] == [3.0, 1.0, 2.0]
