@@ -322,6 +322,7 @@ def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeat
     t = time.perf_counter()
     rt = EchoRuntime(engine, precision=precision, batch_size=1, threads=threads, mode="fused")
     load = time.perf_counter() - t
+    rt.tokenizer.eos_id = -1  # no id: every report runs to `new` tokens, as the peers' (forced length)
     res: dict[str, Any] = {"load_s": load}
     for mode in ("fused", "ar"):
         runs = []
