@@ -94,10 +94,6 @@ class Int4Options:
             raise PrecisionError(f"{prefix}.accuracy_level={o.accuracy_level}: choose from 0-4 or auto")
         return o
 
-    @property
-    def levels(self) -> int:
-        return 1 << self.bits
-
 
 def check_options(opts: dict[str, str]) -> None:
     """The build's early check of --precision-opt int4.* (before any export)."""
