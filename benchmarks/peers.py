@@ -41,15 +41,17 @@ from typing import Any, Optional
 
 import numpy as np
 
+from runtime import precisions as precision_registry
+
 WORK = Path("benchmarks/out/peers")
 RESULTS = Path("benchmarks/results/peers")
 NEW_TOKENS = 128
-GENAI_PRECISIONS = ("fp32", "int8", "int4")
+GENAI_PRECISIONS = "fp32,int8,int4".split(",")  # the model builder's -p names (not this registry's)
 GGUF_TYPES = {"f32": None, "Q8_0": 7, "Q4_K_M": 15}  # llama.h LLAMA_FTYPE_MOSTLY_* (f32: the converter's own output)
 # the precision class each engine variant belongs to (the goal: ours >= the best peer of its class)
 CLASS_OF = {"fp32": "fp32", "f32": "fp32", "int8": "8-bit", "int8w": "8-bit", "Q8_0": "8-bit",
             "int4": "4-bit", "Q4_K_M": "4-bit"}
-OUR_PRECISIONS = ("fp32", "int8w", "int4")
+OUR_PRECISIONS = tuple(precision_registry.parse_list("int8w,int4"))  # fp32 comes along
 
 
 # ----------------------------------------------------------------------------- availability
@@ -382,7 +384,8 @@ def prepare(size: str, work: Path, threads: int, install: bool, precisions: tupl
     dcd, ar = scale.make_checkpoints(rung, 8, data, root)
     engine = root / "engine"
     if not (engine / "manifest.json").is_file():
-        opts = [f"{p}.lm_head=true" for p in precisions if p in ("int4", "int8w")] + (["int4.method=rtn"] if "int4" in precisions else [])
+        nbits = [p for p in precisions if (precision_registry.get(p).converter or "").startswith("echo_export.int4:")]
+        opts = [f"{p}.lm_head=true" for p in nbits] + (["int4.method=rtn"] if "int4" in nbits else [])  # MatMulNBits: lm_head too, as the peers
         cmd = [sys.executable, "-m", "echo_export.cli", "build", "--ckpt", str(dcd), "--ar-ckpt", str(ar), "--out", str(engine),
                "--precision", ",".join(precisions), *[a for o in opts for a in ("--precision-opt", o)], "--batch-sizes", "1",
                "--verify-n", str(verify_n), "--calib-size", "1", "--max-new-tokens", str(NEW_TOKENS), "--data", str(data),
