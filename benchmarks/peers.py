@@ -455,7 +455,7 @@ def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repea
     skipped.update({k: v for k, v in missing_peers().items() if v})
     images = [s.image_paths[0] for s in load_split(work / "data", "test", repeats + 1)]
     # the peers' context: as many token ids as our prefix (image tokens + prompt), drawn from the tokenizer's ids
-    prefix_len = int(man["capacity"]) - NEW_TOKENS
+    prefix_len = int(man.get("prefix_len") or int(man["capacity"]) - NEW_TOKENS + 1)
     n_ids = json.loads((root / "hf-qwen2" / "tokenizer.json").read_text()) if (root / "hf-qwen2" / "tokenizer.json").is_file() else None
     n_vocab = len(n_ids["model"]["vocab"]) if n_ids else 1000
     prompt = np.random.default_rng(0).integers(3, n_vocab, prefix_len).tolist()
