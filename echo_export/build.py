@@ -818,6 +818,7 @@ def _drop_staged(b: _Build) -> None:
         (b.tmp / b.files.pop(key)).unlink(missing_ok=True)
     b.staged.clear()
     b.deferred = None
+    b.int4_rows.clear()  # AWQ rows of this model's weights
     release_params()  # the lazy weights held the model's tensors
 
 
@@ -858,15 +859,15 @@ def _reference_tokens(b: _Build, fam: _Family, m: EchoModel, items: list) -> Non
 
 
 def _int4_rows_from_pytorch(b: _Build, fam: _Family, m: EchoModel, calib_px: list[np.ndarray]) -> None:
-    """A build from the checkpoint's dtype: int4 AWQ's activation rows, taken by hooks on the
-    PyTorch model's linear layers as it decodes the calibration images (int4.LinearInputRows)."""
-    from .int4 import Int4Options, LinearInputRows
+    """A build from the checkpoint's dtype: AWQ's activation rows (int4, int8w), taken by hooks on
+    the PyTorch model's linear layers as it decodes the calibration images (int4.LinearInputRows)."""
+    from .int4 import LinearInputRows, awq_rows_wanted
 
-    opts = Int4Options.parse(b.opts.precision_options.get("int4", {}))
-    if opts.method != "awq":
+    n_rows = awq_rows_wanted(b.precisions, b.opts.precision_options)
+    if n_rows is None:
         return
-    b.log(f"[reference] {fam.step_role}: int4 AWQ activation rows of {len(calib_px)} training images (PyTorch hooks)")
-    rows = LinearInputRows(m, opts.calib_rows)
+    b.log(f"[reference] {fam.step_role}: AWQ activation rows of {len(calib_px)} training images (PyTorch hooks)")
+    rows = LinearInputRows(m, n_rows)
     try:
         for bs in b.batch_sizes:
             _record_step_feeds(b, fam, m, calib_px, bs, _Discard(), _Discard(), rows=rows)

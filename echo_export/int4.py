@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 from .precision import PrecisionError
 
 BLOCK_SIZES = (32, 64, 128)
+BITS = (4, 8)  # MatMulNBits' weight widths with CPU kernels (8: the int8w precision)
 METHODS = ("rtn", "awq")
 AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MS_DOMAIN = "com.microsoft"
@@ -56,19 +57,24 @@ class Int4Options:
     accuracy_level: Optional[int] = None  # None: for this CPU (choose_accuracy_level)
     calib_rows: int = 256  # activation rows kept per weight for the AWQ search
     max_feeds: int = 32  # calibration feeds run per graph
+    bits: int = 4  # 8: the int8w precision (weight-only 8-bit MatMulNBits), set by its converter
 
     @staticmethod
-    def parse(opts: dict[str, str]) -> "Int4Options":
-        """From --precision-opt strings; unknown names and bad values are refused with the choices."""
-        known = {k: v for k, v in asdict(Int4Options()).items()}
+    def parse(opts: dict[str, str], bits: int = 4, prefix: str = "int4") -> "Int4Options":
+        """From --precision-opt strings; unknown names and bad values are refused with the choices.
+        `bits` is the precision's own (not an option); 8-bit defaults to RTN (its rounding error is
+        1/16 of 4-bit's, so AWQ's calibration pass buys little)."""
+        known = {k: v for k, v in asdict(Int4Options()).items() if k != "bits"}
         bad = sorted(set(opts) - set(known))
         if bad:
-            raise PrecisionError(f"unknown int4 option(s) {', '.join(bad)}; known: {', '.join(known)}")
+            raise PrecisionError(f"unknown {prefix} option(s) {', '.join(bad)}; known: {', '.join(known)}")
+        if bits not in BITS:
+            raise PrecisionError(f"{prefix}: {bits} bits; MatMulNBits here takes {BITS}")
         vals: dict = {}
         for k, v in opts.items():
             if k in ("symmetric", "vision", "lm_head"):
                 if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise PrecisionError(f"int4.{k}={v!r}: expected true or false")
+                    raise PrecisionError(f"{prefix}.{k}={v!r}: expected true or false")
                 vals[k] = v.lower() in ("1", "true", "yes")
             elif k == "method":
                 vals[k] = v.lower()
@@ -76,14 +82,16 @@ class Int4Options:
                 try:
                     vals[k] = None if v.lower() in ("auto", "none") else int(v)
                 except ValueError:
-                    raise PrecisionError(f"int4.{k}={v!r}: expected an integer") from None
-        o = Int4Options(**vals)
+                    raise PrecisionError(f"{prefix}.{k}={v!r}: expected an integer") from None
+        if bits == 8:
+            vals.setdefault("method", "rtn")
+        o = Int4Options(**vals, bits=bits)
         if o.block_size not in BLOCK_SIZES:
-            raise PrecisionError(f"int4.block_size={o.block_size}: choose from {BLOCK_SIZES}")
+            raise PrecisionError(f"{prefix}.block_size={o.block_size}: choose from {BLOCK_SIZES}")
         if o.method not in METHODS:
-            raise PrecisionError(f"int4.method={o.method!r}: choose from {', '.join(METHODS)}")
+            raise PrecisionError(f"{prefix}.method={o.method!r}: choose from {', '.join(METHODS)}")
         if o.accuracy_level not in (None, 0, 1, 2, 3, 4):
-            raise PrecisionError(f"int4.accuracy_level={o.accuracy_level}: choose from 0-4 or auto")
+            raise PrecisionError(f"{prefix}.accuracy_level={o.accuracy_level}: choose from 0-4 or auto")
         return o
 
 
@@ -109,8 +117,9 @@ def choose_accuracy_level(cpu=None) -> int:
 
 @dataclass
 class QuantizedWeight:
-    """W [K, N] as 4-bit integers q (0..15, [N, K padded to blocks]), scales [N, blocks] and zero
-    points [N, blocks] (8 everywhere when symmetric); `act_scale`: AWQ's per-input-channel divisor."""
+    """W [K, N] as `bits`-bit integers q (0..2^bits-1, [N, K padded to blocks]), scales [N, blocks]
+    and zero points [N, blocks] (2^(bits-1) everywhere when symmetric: MatMulNBits' default);
+    `act_scale`: AWQ's per-input-channel divisor."""
     q: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray
@@ -118,6 +127,7 @@ class QuantizedWeight:
     block_size: int
     symmetric: bool
     act_scale: Optional[np.ndarray] = None
+    bits: int = 4
 
     def dequantized(self) -> np.ndarray:
         """The [K, N] weight the quantised form computes with (AWQ's channel scale divided out)."""
@@ -128,31 +138,33 @@ class QuantizedWeight:
         return w / self.act_scale[:, None] if self.act_scale is not None else w
 
 
-def quantize_blockwise(w_kn: np.ndarray, block_size: int, symmetric: bool) -> QuantizedWeight:
-    """Round-to-nearest 4-bit quantisation of W [K, N] in blocks of `block_size` along K."""
+def quantize_blockwise(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> QuantizedWeight:
+    """Round-to-nearest `bits`-bit quantisation of W [K, N] in blocks of `block_size` along K."""
     k, n = w_kn.shape
+    top, mid = (1 << bits) - 1, 1 << (bits - 1)  # 4 bits: levels 0..15, zero point 8; 8 bits: 0..255, 128
     nb = -(-k // block_size)
     w = np.zeros((n, nb * block_size), np.float32)
     w[:, :k] = w_kn.T  # padding rows are 0, which every block represents exactly
     w = w.reshape(n, nb, block_size)
-    if symmetric:  # levels -7..7 around the stored zero point 8 (MatMulNBits' default)
-        scales = np.abs(w).max(axis=2) / 7.0
+    if symmetric:  # levels -(mid-1)..mid-1 around the stored zero point mid (MatMulNBits' default)
+        scales = np.abs(w).max(axis=2) / (mid - 1)
         scales[scales == 0] = 1.0
-        zp = np.full((n, nb), 8.0, np.float32)
-    else:  # levels 0..15 spanning [min, max] of the block (0 included, so padding stays exact)
+        zp = np.full((n, nb), float(mid), np.float32)
+    else:  # levels 0..top spanning [min, max] of the block (0 included, so padding stays exact)
         lo, hi = np.minimum(w.min(axis=2), 0.0), np.maximum(w.max(axis=2), 0.0)
-        scales = (hi - lo) / 15.0
+        scales = (hi - lo) / top
         scales[scales == 0] = 1.0
-        zp = np.clip(np.round(-lo / scales), 0, 15)
-    q = np.clip(np.round(w / scales[:, :, None]) + zp[:, :, None], 0, 15).astype(np.uint8)
-    return QuantizedWeight(q.reshape(n, -1), scales.astype(np.float32), zp.astype(np.float32), k, block_size, symmetric)
+        zp = np.clip(np.round(-lo / scales), 0, top)
+    q = np.clip(np.round(w / scales[:, :, None]) + zp[:, :, None], 0, top).astype(np.uint8)
+    return QuantizedWeight(q.reshape(n, -1), scales.astype(np.float32), zp.astype(np.float32), k, block_size, symmetric,
+                           bits=bits)
 
 
 QUANT_COLUMNS = 8192  # output columns quantised at a time: a 2 GB output head's temporaries stay small
 
 
 def quantize_in_column_chunks(w_kn: np.ndarray, block_size: int, symmetric: bool,
-                              act_scale: Optional[np.ndarray] = None) -> QuantizedWeight:
+                              act_scale: Optional[np.ndarray] = None, bits: int = 4) -> QuantizedWeight:
     """`quantize_blockwise` of W * act_scale (per input channel), a slice of N columns at a time: each
     column's blocks are independent, so the result is the whole-matrix one (`act_scale` is recorded)."""
     k, n = w_kn.shape
@@ -160,14 +172,15 @@ def quantize_in_column_chunks(w_kn: np.ndarray, block_size: int, symmetric: bool
     for a in range(0, n, QUANT_COLUMNS):
         part = w_kn[:, a : a + QUANT_COLUMNS]
         parts.append(quantize_blockwise(part * act_scale[:, None] if act_scale is not None else part,
-                                        block_size, symmetric))
+                                        block_size, symmetric, bits))
     qw = QuantizedWeight(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scales", "zero_points")),
-                         k, block_size, symmetric)
+                         k, block_size, symmetric, bits=bits)
     qw.act_scale = act_scale
     return qw
 
 
-def awq_quantize(w_kn: np.ndarray, x_rows: np.ndarray, block_size: int, symmetric: bool) -> tuple[QuantizedWeight, float]:
+def awq_quantize(w_kn: np.ndarray, x_rows: np.ndarray, block_size: int, symmetric: bool,
+                 bits: int = 4) -> tuple[QuantizedWeight, float]:
     """The channel scaling s = mean|x|^alpha (alpha in AWQ_ALPHAS) whose quantised weight gives the
     smallest output error ||x W - x Wq|| on the calibration rows; returns it and its alpha."""
     mean_abs = np.abs(x_rows).mean(axis=0).astype(np.float64) + 1e-8
@@ -176,7 +189,7 @@ def awq_quantize(w_kn: np.ndarray, x_rows: np.ndarray, block_size: int, symmetri
     for alpha in AWQ_ALPHAS:
         s = mean_abs ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # centred: the weights keep their range
-        qw = quantize_blockwise(w_kn * s[:, None], block_size, symmetric)
+        qw = quantize_blockwise(w_kn * s[:, None], block_size, symmetric, bits)
         qw.act_scale = s if alpha else None
         err = float(np.square(x_rows @ qw.dequantized() - ref).sum())
         if err < best[0]:
@@ -189,6 +202,11 @@ def _pack_nibbles(v: np.ndarray) -> np.ndarray:
     if v.shape[-1] % 2:
         v = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), v.dtype)], axis=-1)
     return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _pack(v: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' byte layout of `bits`-bit values along the last axis: 4 bits two per byte, 8 bits as they are."""
+    return _pack_nibbles(v) if bits == 4 else v.astype(np.uint8)
 
 
 def _unpack_nibbles(b: np.ndarray, n: int) -> np.ndarray:
@@ -314,6 +332,17 @@ def activation_rows(graph: Path, feeds, inputs: dict[str, str], max_feeds: int, 
 FP16_MAX = 65504.0
 
 
+NBITS = {"int4": 4, "int8w": 8}  # the MatMulNBits precisions this module converts, by name
+
+
+def awq_rows_wanted(precisions: Iterable[str], options: dict[str, dict[str, str]]) -> Optional[int]:
+    """The calibration rows per layer that the MatMulNBits precisions asked with AWQ want (the
+    most of them), or None when none uses AWQ."""
+    rows = [o.calib_rows for p in precisions if p in NBITS
+            for o in [Int4Options.parse(options.get(p, {}), NBITS[p], p)] if o.method == "awq"]
+    return max(rows) if rows else None
+
+
 class LinearInputRows:
     """AWQ's calibration rows taken from the PyTorch model as it decodes the calibration images:
     what `activation_rows` takes from the fp32 graphs, for a build from the checkpoint's own dtype
@@ -401,10 +430,10 @@ class WeightPlan:
             if not rows:
                 raise PrecisionError("int4 awq: no calibration activations reached a weight (no feeds recorded?)")
             x = np.concatenate(rows).astype(np.float32, copy=False)  # up to calib_rows per graph (or phase)
-            qw, self.alphas[key] = awq_quantize(w_kn, x, o.block_size, o.symmetric)
+            qw, self.alphas[key] = awq_quantize(w_kn, x, o.block_size, o.symmetric, o.bits)
             self.act_scale[key] = qw.act_scale
             return qw
-        return quantize_in_column_chunks(w_kn, o.block_size, o.symmetric, self.act_scale.get(key))
+        return quantize_in_column_chunks(w_kn, o.block_size, o.symmetric, self.act_scale.get(key), o.bits)
 
 
 # ------------------------------------------------------------------ graphs
@@ -414,12 +443,12 @@ def _matmulnbits_nodes(wm: WeightMatMul, node: onnx.NodeProto, qw: QuantizedWeig
     """(nodes, initializers) replacing `node`: [Mul by 1/s (AWQ)] -> MatMulNBits."""
     n, kp = qw.q.shape
     nb = kp // qw.block_size
-    base = f"{wm.node}_int4"
-    inits = [numpy_helper.from_array(_pack_nibbles(qw.q.reshape(n, nb, qw.block_size)), f"{base}_B"),
+    base = f"{wm.node}_int{qw.bits}"
+    inits = [numpy_helper.from_array(_pack(qw.q.reshape(n, nb, qw.block_size), qw.bits), f"{base}_B"),
              numpy_helper.from_array(qw.scales, f"{base}_scales")]
     ins = [node.input[0], inits[0].name, inits[1].name]
     if not qw.symmetric:
-        inits.append(numpy_helper.from_array(_pack_nibbles(qw.zero_points.astype(np.uint8)), f"{base}_zero_points"))
+        inits.append(numpy_helper.from_array(_pack(qw.zero_points.astype(np.uint8), qw.bits), f"{base}_zero_points"))
         ins.append(inits[-1].name)
     nodes = []
     if qw.act_scale is not None:  # x / s before the scaled weight (AWQ's pre_quant_scale)
@@ -427,7 +456,7 @@ def _matmulnbits_nodes(wm: WeightMatMul, node: onnx.NodeProto, qw: QuantizedWeig
         nodes.append(helper.make_node("Mul", [node.input[0], inits[-1].name], [f"{base}_x"], name=f"{base}_awq"))
         ins[0] = f"{base}_x"
     nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=f"{base}", domain=MS_DOMAIN,
-                                  K=qw.k, N=n, bits=4, block_size=qw.block_size, accuracy_level=level))
+                                  K=qw.k, N=n, bits=qw.bits, block_size=qw.block_size, accuracy_level=level))
     return nodes, inits
 
 
@@ -557,30 +586,37 @@ def int4_dq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
     return {"dequantize_linear_int4": len(new), "opset": DQ_BLOCK_OPSET}
 
 
+def int8w_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
+    """int8w has no TensorRT form: TensorRT's blockwise DequantizeLinear takes INT4 weights only
+    (8-bit weights go to TensorRT as the int8 precision's per-channel QDQ)."""
+    raise PrecisionError("int8w (blockwise 8-bit MatMulNBits) has no TensorRT form: TensorRT's blockwise "
+                         "DequantizeLinear takes INT4 only; build int8 for TensorRT")
+
+
 # ------------------------------------------------------------------ the build phase
 
 
-def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
+def build_int4(b, calib_px: Optional[list[np.ndarray]] = None, precision: str = "int4", bits: int = 4) -> None:
     """The registry's int4 converter: every fp32 graph of the build -> its int4 graph, the tensors
-    in weights.int4.bin. `b` is echo_export.build's _Build; its calibration feeds drive AWQ."""
+    in weights.int4.bin. `b` is echo_export.build's _Build; its calibration feeds drive AWQ.
+    `precision`/`bits`: the same conversion for int8w (build_int8w)."""
     from runtime import graph_io as gio
 
     from .external_weights import file_size_text
 
-    opts = Int4Options.parse(b.opts.precision_options.get("int4", {}))
+    opts = Int4Options.parse(b.opts.precision_options.get(precision, {}), bits, precision)
     level = choose_accuracy_level() if opts.accuracy_level is None else opts.accuracy_level
-    b.meter.start("int4")
-    b.log(f"[int4] {opts.method}, block {opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, "
+    b.meter.start(precision)
+    b.log(f"[{precision}] {opts.method}, block {opts.block_size}, {'symmetric' if opts.symmetric else 'asymmetric'}, "
           f"accuracy_level {level}; quantised: {', '.join(quantised_parts(opts))}")
     sources = sorted((k, v) for k, v in b.files.items() if k[1] == "fp32")
     if not sources:  # the fp32 graphs are its source (their weights are read one at a time)
-        raise PrecisionError("int4 converts the fp32 graphs, and this build has none")
+        raise PrecisionError(f"{precision} converts the fp32 graphs, and this build has none")
     plan = WeightPlan(opts)
     staged = b.deferred if b.stream else None  # the graphs' weights are the checkpoint's, widened when read
     if opts.method == "awq" and staged is not None:  # rows the PyTorch decodes gave (build._int4_rows_from_pytorch)
-        for rows in b.int4_rows:
+        for rows in b.int4_rows:  # dropped with the staged graphs (int8w may read them too)
             plan.add_rows(rows)
-        b.int4_rows.clear()
     elif opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
         for (role, _, bs), src in sources:
             if (role, bs) not in b.calib:  # a teacher's block passes: the same weights as its block_step
@@ -593,14 +629,20 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
             plan.add_rows(activation_rows(b.tmp / src, b.calib[(role, bs)], inputs, opts.max_feeds, opts.calib_rows))
     info: dict = {}
     for (role, _, bs), src in sources:
-        name = gio.graph_filename(role, "int4", bs)
-        info = to_int4(b.tmp / src, b.tmp / name, plan, level, b.store("int4"), b.opts.weights_min_bytes, staged)
+        name = gio.graph_filename(role, precision, bs)
+        info = to_int4(b.tmp / src, b.tmp / name, plan, level, b.store(precision), b.opts.weights_min_bytes, staged)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
         b.log(f"  {name:<34} {file_size_text(b.tmp / name):>10}  {info['matmulnbits']} MatMulNBits {info['by_part']}")
-        b.add_graph((role, "int4", bs), name)
+        b.add_graph((role, precision, bs), name)
     alphas = sorted(plan.alphas.values())
-    b.precision_info["int4"] = {
+    b.precision_info[precision] = {
         **asdict(opts), "accuracy_level": level, "accuracy_level_requested": opts.accuracy_level or "auto",
         "quantized_parts": list(quantised_parts(opts)), "awq_alpha_median": float(np.median(alphas)) if alphas else None,
-        "tensorrt_form": "DequantizeLinear(INT4, block_size) + MatMul, opset 21" if opts.symmetric else None}
+        "tensorrt_form": "DequantizeLinear(INT4, block_size) + MatMul, opset 21" if opts.symmetric and bits == 4 else None}
     b.meter.stop()
+
+
+def build_int8w(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
+    """The registry's int8w converter: int4's conversion with 8-bit MatMulNBits (weight-only, blockwise
+    scales, activations fp32), the tensors in weights.int8w.bin; RTN unless int8w.method=awq."""
+    build_int4(b, calib_px, precision="int8w", bits=8)

@@ -2,7 +2,7 @@
 about a precision, in one entry per precision.
 
 A precision is how the weights (and some arithmetic) of the exported graphs are stored: fp32,
-fp16, int8 (static QDQ) and int4 (weight-only MatMulNBits, echo_export/int4.py). Every layer asks this module
+fp16, int8 (static QDQ), int4 and int8w (weight-only 4- and 8-bit MatMulNBits, echo_export/int4.py). Every layer asks this module
 instead of spelling the list out: `echo-export build --precision`, `echo-report --precision`,
 `echo-serve --precision`, `echo-bench`'s engine names, the runtime's shared-weights choice and
 its CPU memory check, verification's tolerances and the TensorRT form a plan is built from.
@@ -88,6 +88,10 @@ PRECISIONS: dict[str, Precision] = {
         converter="echo_export.int4:build_int4", needs_calibration=True,  # AWQ's activation statistics
         converts_from_stored_dtype=True,
         tolerances=Tolerances(min_per_pass_agreement=0.90), tensorrt_form="echo_export.int4:int4_dq_for_tensorrt"),
+    "int8w": Precision(
+        "int8w", "weight-only 8-bit MatMulNBits of the decoder's linear layers (blocks of 32/64/128, RTN), activations fp32",
+        converter="echo_export.int4:build_int8w", converts_from_stored_dtype=True,
+        tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.int4:int8w_for_tensorrt"),
 }
 
 NAMES: tuple[str, ...] = tuple(PRECISIONS)

@@ -1,0 +1,103 @@
+"""echo_export/cpu_fusion.py: every exported RMSNorm becomes one SimplifiedLayerNormalization, and
+the rewritten graphs compute what the exported ones do (same tokens, outputs within float rounding)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+from echo_export import cpu_fusion  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """An fp32 + int8w engine of the varied test model and a copy whose graphs are fused."""
+    from echo_export.build import BuildOptions, build
+    from echo_train.model.checkpoint import save_checkpoint
+    from tests.conftest import make_tokenizer
+    from tests.test_export import write_varied_dataset
+    from varied_models import as_stage, get_varied
+
+    root = tmp_path_factory.mktemp("fusion")
+    tok = make_tokenizer()
+    model = as_stage(get_varied(tok, shifted=True, causal_context=True), "dcd", block_size=4)
+    model.cfg.max_response_tokens = 24
+    save_checkpoint(root / "ckpt", model, tok)
+    data = write_varied_dataset(root / "data", 4, 3)
+    out = build(BuildOptions(ckpt=root / "ckpt", out=root / "engine", precisions=["fp32", "int8w"], capacity=96,
+                             calib_size=3, verify_n=2, data=data), log=lambda s: None)
+    fused = root / "fused"
+    shutil.copytree(out, fused)
+    counts = cpu_fusion.fuse_engine_folder(fused)
+    return out, fused, data, counts
+
+
+def test_every_rmsnorm_is_fused(engines):
+    out, fused, _, counts = engines
+    for name, n in counts.items():
+        m = onnx.load(str(fused / name), load_external_data=False)
+        ops = [x.op_type for x in m.graph.node]
+        if name.startswith(("block_step", "vision_prefill")):
+            assert n >= 3  # two per decoder layer + the final norm (the vision tower's are LayerNorms)
+        assert ops.count("SimplifiedLayerNormalization") == n
+        assert "Reciprocal" not in ops and "Pow" not in ops  # no RMSNorm left unfused
+
+
+def test_fused_graphs_decode_the_same_tokens(engines):
+    from runtime.engine import EchoRuntime
+
+    out, fused, data, _ = engines
+    images = sorted(str(p) for p in (data / "img").glob("test*.png"))
+    for prec in ("fp32", "int8w"):
+        for mode in ("fused", "ar") if (out / f"ar_step.{prec}.b1.onnx").exists() else ("fused",):
+            want = [r.tokens for r in EchoRuntime(out, precision=prec).generate(images, mode=mode)]
+            got = [r.tokens for r in EchoRuntime(fused, precision=prec).generate(images, mode=mode)]
+            assert got == want and sum(map(len, want)) > 0
+
+
+def test_block_step_outputs_match_within_rounding(engines):
+    """One block_step run on the same random feeds: confidences within float rounding."""
+    out, fused, _, _ = engines
+
+    def run(folder):
+        s = ort.InferenceSession(str(folder / "block_step.fp32.b1.onnx"), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for i in s.get_inputs():
+            shape = [d if isinstance(d, int) else 1 for d in i.shape]
+            if "int64" in i.type:
+                hi = 8 if i.name == "past_len" else 50
+                feeds[i.name] = rng.integers(0, hi, shape).astype(np.int64)
+            else:
+                feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+
+    a, b = run(out), run(fused)
+    np.testing.assert_allclose(b["confidence"], a["confidence"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b["present_key"], a["present_key"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_chain_read_elsewhere_is_left_alone():
+    """An RMSNorm whose 1/rms is also read by another node is not fused (the chain must be private)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    ys = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "r")]
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array([-1]), "ax"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"), numpy_helper.from_array(np.ones(8, np.float32), "w")]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["p"]), helper.make_node("ReduceMean", ["p", "ax"], ["m"], keepdims=1),
+             helper.make_node("Add", ["m", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+             helper.make_node("Reciprocal", ["s"], ["r"]), helper.make_node("Mul", ["x", "r"], ["n"]),
+             helper.make_node("Mul", ["w", "n"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], ys, inits), opset_imports=[helper.make_opsetid("", 18)])
+    assert cpu_fusion.fuse_rms_norm(m) == 0  # "r" is a graph output
+    m.graph.output.pop()
+    assert cpu_fusion.fuse_rms_norm(m) == 1
+    xv = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xv})[0]
+    np.testing.assert_allclose(got, xv / np.sqrt((xv ** 2).mean(-1, keepdims=True) + 1e-6), rtol=1e-5, atol=1e-6)
