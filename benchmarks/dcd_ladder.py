@@ -82,6 +82,8 @@ RUNGS = [
     # them, at the cost of the one-step promise; the teacher at the same pass budget is the fair comparison.
     Rung("fix2", "decoding", "base student + a 2nd pass per block on positions below confidence 0.85 (not one-step)",
          decode_steps=2, student_of="base"),
+    # the base student never saw a partly unmasked block; mid100 trained on the teacher's intermediate states
+    Rung("fix2mid", "decoding", "mid100 student + the same 2nd pass (not one-step)", decode_steps=2, student_of="mid100"),
     Rung("teacher2", "decoding", "no student: the demo teacher at the same budget (<= 2 passes per block, same rule)",
          decode_steps=2, student_of="teacher"),
 ]
@@ -176,6 +178,25 @@ def decode_cached(ckpt: str, mode: str, studies, cache: Path) -> dict[str, str]:
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"checkpoint": ckpt, "mode": mode, "seconds": time.time() - t, "stats": stats,
                                  "preds": preds}))
+    return preds
+
+
+def teacher_decode_from_trajectories(ckpt: str, studies, traj: Path, cache: Path) -> dict[str, str]:
+    """The teacher's multi-step reports of `studies` taken from its DCD trajectories of the same studies (the same
+    decoder: multistep, block size steps, the default rule and threshold), written where decode_cached looks,
+    so a teacher whose test trajectories are needed anyway (--teacher-forced) is decoded once. Trajectories
+    are generated here if missing."""
+    from echo_train.model.checkpoint import load_checkpoint
+    from echo_train.stages.trajectories import load_trajectories
+
+    teacher, tok = load_checkpoint(ckpt)
+    t = time.time()
+    generate_trajectories_for(teacher, tok, studies, traj)
+    recs = load_trajectories(traj)
+    preds = {s.id: tok.decode(recs[s.id]["tokens"].tolist()) for s in studies}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"checkpoint": ckpt, "mode": "multistep", "seconds": time.time() - t,
+                                 "stats": {"source": str(traj)}, "preds": preds}))
     return preds
 
 
@@ -292,7 +313,7 @@ def run_rung(rung: Rung, data: str, teachers: dict[str, str], studies, work: Pat
         preds, decoding = decode_cached(str(ckpt), "onestep", studies, cache), {"passes_per_block": 1.0}
     t_preds = decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
     rec = {"rung": asdict(rung), "teacher": teacher, "student": str(ckpt), "train_seconds_this_call": train_s,
-           "train_log": None if rung.student_of == "teacher" else _train_log(ckpt), "decoding": decoding,
+           "train_log": None if rung.student_of else _train_log(ckpt), "decoding": decoding,  # trained by another rung
            "scores": score_rung(preds, t_preds, studies)}
     base = work / "decoded" / "base.json"
     if rung.name != "base" and base.is_file():
@@ -439,9 +460,19 @@ def train_check(data: str, teachers: dict[str, str], names: list[str], work: Pat
     res = json.loads(f.read_text()) if f.is_file() and json.loads(f.read_text()).get("n_train_studies") == n else {}
     res["n_train_studies"] = n
     for tag in {"wide" if BY_NAME[x].wide else "demo" for x in names} | {"demo"}:
-        if teachers.get(tag):
+        key = "teacher" if tag == "demo" else f"teacher-{tag}"
+        traj = work / ("trajectories-wide" if tag == "wide" else "trajectories") / "B8_S8"
+        if tag == "wide" and traj.is_dir():
+            # the stage-3 trajectories are this teacher's multi-step decodes of these very images
+            from echo_train.stages.trajectories import load_trajectories
+            from echo_train.model.checkpoint import load_checkpoint
+
+            recs, tok = load_trajectories(traj), load_checkpoint(teachers[tag])[1]
+            preds = {s.id: tok.decode(recs[s.id]["tokens"].tolist()) for s in studies}
+            res[key] = sentence_validity(preds)["valid_sentence_rate"]
+        elif teachers.get(tag):
             preds = decode_cached(teachers[tag], "multistep", studies, work / "decoded" / f"teacher-{tag}-train{n}.json")
-            res["teacher" if tag == "demo" else f"teacher-{tag}"] = sentence_validity(preds)["valid_sentence_rate"]
+            res[key] = sentence_validity(preds)["valid_sentence_rate"]
     for name in names:
         rung = BY_NAME[name]
         if rung.student_of or rung.decode_steps > 1:
@@ -530,9 +561,16 @@ def forced_scores(student, tok, studies, traj: Path) -> dict:
             blk_ok, blk_n = blk_ok + int((p.view(-1, B) == t.view(-1, B)).all(-1).sum()), blk_n + len(t) // B
             sid = studies[ds.items[i + r][0]].id
             forced[sid], teacher[sid] = tok.decode(p.tolist()), tok.decode(t.tolist())
+    unseen = {s.id for s in studies if s.attributes.get("unseen_combination")} & set(forced)
+
+    def valid(d: dict, ids) -> float:
+        return sentence_validity({i: d[i] for i in ids})["valid_sentence_rate"] if ids else float("nan")
+
     return {"token_accuracy": tok_ok / max(1, tok_n), "exact_blocks": blk_ok / max(1, blk_n),
-            "valid_sentence_rate": sentence_validity(forced)["valid_sentence_rate"],
-            "teacher_valid_sentence_rate": sentence_validity(teacher)["valid_sentence_rate"], "studies": len(ds)}
+            "valid_sentence_rate": valid(forced, list(forced)), "teacher_valid_sentence_rate": valid(teacher, list(forced)),
+            "valid_sentence_rate_unseen": valid(forced, sorted(unseen)),
+            "teacher_valid_sentence_rate_unseen": valid(teacher, sorted(unseen)), "studies": len(ds),
+            "studies_unseen": len(unseen)}
 
 
 @click.command()

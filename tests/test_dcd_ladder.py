@@ -136,3 +136,13 @@ def test_table_shows_passes_and_the_wide_rung_against_base(tmp_path):
     assert rows["fix2"][-2].strip() == "1.40" and rows["base"][-2].strip() == "1" and rows["teacher-wide"][-2].strip() == "<= 8"
     assert rows["wide"][11].strip() == "+1.0 [-1.0, +3.0] / +1.0 [-1.0, +3.0]"
     assert all(len(r) == len(rows["base"]) for r in rows.values())
+
+
+def test_teacher_reports_from_trajectories_are_its_multistep_decode(tmp_path, tiny_tokenizer):
+    from echo_train.decoding.run import DecodeSpec, decode_studies
+
+    model, studies = _tiny_setup(tmp_path, tiny_tokenizer)
+    preds = lad.teacher_decode_from_trajectories(str(tmp_path / "ckpt"), studies, tmp_path / "traj", tmp_path / "t.json")
+    ref, _ = decode_studies(model, tiny_tokenizer, studies, DecodeSpec("multistep", 8, max_new_tokens=24), progress=False)
+    assert preds == ref
+    assert lad.decode_cached(str(tmp_path / "ckpt"), "multistep", studies, tmp_path / "t.json") == ref  # where it looks
