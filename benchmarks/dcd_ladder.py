@@ -9,6 +9,12 @@ the differences (both systems scored on every resample of the same studies).
     python -m benchmarks.dcd_ladder --data DATA --teacher runs/base --wide-teacher runs-wide/base \\
         --work /work/ladder-runs/ladder --out benchmarks/results/dcd-ladder
 
+Rungs of group "decoding" train nothing: they decode another rung's student (or the teacher) with up to
+two passes per block, a second one only on the positions the first left below the confidence threshold
+(not one step per block; the table's passes column says what it cost). `--teacher-forced N` scores the
+students' one-step blocks in the teacher's context (DCD's training layout) against their free-running
+decode: what their own earlier blocks cost them.
+
 Each rung writes OUT/rungs/NAME.json as soon as it is scored; trained students and decoded reports
 are kept under --work, so a rerun only does what is missing. `--rungs a,b` runs a subset (two
 shells can share the work); `--table-only` rebuilds the table and plot from the JSONs. A rung
