@@ -9,6 +9,12 @@ the differences (both systems scored on every resample of the same studies).
     python -m benchmarks.dcd_ladder --data DATA --teacher runs/base --wide-teacher runs-wide/base \\
         --work /work/ladder-runs/ladder --out benchmarks/results/dcd-ladder
 
+Rungs of group "decoding" train nothing: they decode another rung's student (or the teacher) with up to
+two passes per block, a second one only on the positions the first left below the confidence threshold
+(not one step per block; the table's passes column says what it cost). `--teacher-forced N` scores the
+students' one-step blocks in the teacher's context (DCD's training layout) against their free-running
+decode: what their own earlier blocks cost them.
+
 Each rung writes OUT/rungs/NAME.json as soon as it is scored; trained students and decoded reports
 are kept under --work, so a rerun only does what is missing. `--rungs a,b` runs a subset (two
 shells can share the work); `--table-only` rebuilds the table and plot from the JSONs. A rung
@@ -47,6 +53,13 @@ class Rung:
     # of finding combinations the training split already has, so the unseen test combinations stay unseen
     extra_images: int = 0
     wide: bool = False  # from the 2x-wide teacher
+    # Decoding (a rung that only decodes differently trains nothing): 1 = the fused one-step decoder; N > 1 =
+    # up to N passes per block, where each later pass re-predicts only the positions the earlier ones left
+    # below the confidence threshold (rule decode_rule), so a block whose positions are all confident
+    # still takes one pass. Not one step per block: the table's passes column says what it cost.
+    decode_steps: int = 1
+    decode_rule: str = "dynamic"
+    student_of: str = ""  # decode another rung's student ("teacher": the rung's teacher) instead of training one
 
     def stage3_args(self) -> list[str]:
         return ["--steps", str(self.steps), "--batch-size", str(DEMO_BATCH), "--lr", str(self.lr),
@@ -70,6 +83,15 @@ RUNGS = [
     Rung("img4x", "data", "trajectories on 4x the images (2000 + 6000 report-free, seen combinations)",
          extra_images=6000),
     Rung("wide", "width", "2x-wide LM (3.5M params), own teacher, demo recipe", wide=True),
+    # The students write mixtures of two wordings at positions they cannot decide between (README). A second
+    # pass on only those low-confidence positions, in the context of the block's confident ones, can resolve
+    # them, at the cost of the one-step promise; the teacher at the same pass budget is the fair comparison.
+    Rung("fix2", "decoding", "base student + a 2nd pass per block on positions below confidence 0.85 (not one-step)",
+         decode_steps=2, student_of="base"),
+    # the base student never saw a partly unmasked block; mid100 trained on the teacher's intermediate states
+    Rung("fix2mid", "decoding", "mid100 student + the same 2nd pass (not one-step)", decode_steps=2, student_of="mid100"),
+    Rung("teacher2", "decoding", "no student: the demo teacher at the same budget (<= 2 passes per block, same rule)",
+         decode_steps=2, student_of="teacher"),
 ]
 BY_NAME = {r.name: r for r in RUNGS}
 
@@ -87,7 +109,7 @@ def _finished(out: Path, steps: int) -> bool:
 def train_rung(rung: Rung, data: str, teacher: str, work: Path, threads: int) -> float:
     """Train the rung's student unless finished; returns the wall seconds spent here (0 when skipped)."""
     out = work / "students" / rung.name
-    if _finished(out, rung.steps):
+    if rung.student_of or _finished(out, rung.steps):
         return 0.0
     # trajectories are shared by every rung of one teacher: generated once, by whichever rung comes first
     traj = work / ("trajectories-wide" if rung.wide else "trajectories")
@@ -165,6 +187,72 @@ def decode_cached(ckpt: str, mode: str, studies, cache: Path) -> dict[str, str]:
     return preds
 
 
+def teacher_decode_from_trajectories(ckpt: str, studies, traj: Path, cache: Path) -> dict[str, str]:
+    """The teacher's multi-step reports of `studies` taken from its DCD trajectories of the same studies (the same
+    decoder: multistep, block size steps, the default rule and threshold), written where decode_cached looks,
+    so a teacher whose test trajectories are needed anyway (--teacher-forced) is decoded once. Trajectories
+    are generated here if missing."""
+    from echo_train.model.checkpoint import load_checkpoint
+    from echo_train.stages.trajectories import load_trajectories
+
+    teacher, tok = load_checkpoint(ckpt)
+    t = time.time()
+    generate_trajectories_for(teacher, tok, studies, traj)
+    recs = load_trajectories(traj)
+    preds = {s.id: tok.decode(recs[s.id]["tokens"].tolist()) for s in studies}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"checkpoint": ckpt, "mode": "multistep", "seconds": time.time() - t,
+                                 "stats": {"source": str(traj)}, "preds": preds}))
+    return preds
+
+
+def decode_fixup_cached(ckpt: str, steps: int, rule: str, studies, cache: Path) -> tuple[dict[str, str], dict]:
+    """Reports of `ckpt` decoded with up to `steps` passes per block (multistep decoder, `rule`, the shared
+    threshold), and per report how many denoising passes each of its blocks took: a block takes another pass
+    only while a position of it is still masked, i.e. below the threshold and beyond the step's minimum."""
+    if cache.is_file():
+        d = json.loads(cache.read_text())
+        return d["preds"], d["stats"]
+    import torch
+
+    from echo_train.decoding.block_diffusion import multistep_generate
+    from echo_train.decoding.run import load_pixels
+    from echo_train.model.checkpoint import load_checkpoint
+
+    model, tok = load_checkpoint(ckpt)
+    model.eval()
+    B = model.cfg.block_size
+    preds, blocks, passes, t = {}, 0, 0, time.time()
+    with torch.no_grad():
+        for i in range(0, len(studies), 50):
+            chunk = studies[i : i + 50]
+            px = load_pixels(chunk, model.cfg.vision.image_size, model.cfg.vision.preprocess)
+            res = multistep_generate(model, tok, px, B, steps, model.cfg.max_response_tokens, rule, keep_trajectory=True)
+            for r, s in enumerate(chunk):
+                preds[s.id] = tok.decode(res.tokens[r])
+                b_, p_ = _row_passes(res.raw[r], res.trajectories, r, tok.eos_id, tok.mask_id, B)
+                blocks, passes = blocks + b_, passes + p_
+    stats = {"reports": len(studies), "steps": steps, "rule": rule, "blocks": blocks,
+             "passes_per_block": passes / max(1, blocks), "second_pass_share": (passes - blocks) / max(1, blocks),
+             "seconds": time.time() - t}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"checkpoint": ckpt, "mode": f"fixup{steps}", "stats": stats, "preds": preds}))
+    return preds, stats
+
+
+def _row_passes(raw, trajectories: list, row: int, eos_id: int, mask_id: int, block_size: int) -> tuple[int, int]:
+    """(blocks, denoising passes) of one report: its blocks up to its first EOS block, and per block the
+    states before a pass that still held a mask (the batch may run a pass that this row does not need)."""
+    blocks = passes = 0
+    for k, traj in enumerate(trajectories):
+        seq = traj[row]  # [n_states, B], all-mask first
+        blocks += 1
+        passes += int((seq[:-1] == mask_id).any(-1).sum())
+        if bool((raw[k * block_size : (k + 1) * block_size] == eos_id).any()):
+            break
+    return blocks, passes
+
+
 def _paired_validity(a: dict, b: dict, n_boot: int) -> dict:
     """Valid-sentence rate of a minus b on the same reports, with a paired percentile bootstrap CI."""
     from echo_train.metrics.bootstrap import bootstrap_ci
@@ -222,13 +310,20 @@ def run_rung(rung: Rung, data: str, teachers: dict[str, str], studies, work: Pat
     tag = "wide" if rung.wide else "demo"
     teacher = teachers[tag]
     train_s = train_rung(rung, data, teacher, work, threads)
-    ckpt = work / "students" / rung.name
-    preds = decode_cached(str(ckpt), "onestep", studies, work / "decoded" / f"{rung.name}.json")
+    ckpt = Path(teacher) if rung.student_of == "teacher" else work / "students" / (rung.student_of or rung.name)
+    cache = work / "decoded" / f"{rung.name}.json"
+    if rung.decode_steps > 1:
+        preds, stats = decode_fixup_cached(str(ckpt), rung.decode_steps, rung.decode_rule, studies, cache)
+        decoding = {"passes_per_block": stats["passes_per_block"], "second_pass_share": stats["second_pass_share"]}
+    else:
+        preds, decoding = decode_cached(str(ckpt), "onestep", studies, cache), {"passes_per_block": 1.0}
     t_preds = decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-{tag}.json")
     rec = {"rung": asdict(rung), "teacher": teacher, "student": str(ckpt), "train_seconds_this_call": train_s,
-           "train_log": _train_log(ckpt), "scores": score_rung(preds, t_preds, studies)}
+           "train_log": None if rung.student_of else _train_log(ckpt), "decoding": decoding,  # trained by another rung
+           "scores": score_rung(preds, t_preds, studies)}
     base = work / "decoded" / "base.json"
-    if rung.name != "base" and not rung.wide and base.is_file():
+    if rung.name != "base" and base.is_file():
+        # for the wide rung this is what width buys in absolute terms, its own (wide) teacher included
         rec["vs_base"] = vs_other(preds, json.loads(base.read_text())["preds"], studies)
     (out / "rungs").mkdir(parents=True, exist_ok=True)
     (out / "rungs" / f"{rung.name}.json").write_text(json.dumps(rec, indent=2))
@@ -257,7 +352,7 @@ def _ci(d: dict, scale: float = 100.0) -> str:
 def table_row(name: str, what: str, rec: Optional[dict], teacher: Optional[dict], why_not: str = "") -> str:
     """One markdown row: validity and F1 (all / unseen), each difference to the teacher in points with its CI."""
     if rec is None:
-        return f"| {name} | {what} | not run: {why_not} |" + " |" * 9
+        return f"| {name} | {what} | not run: {why_not} |" + " |" * 10
     a, u = rec["scores"]["all"], rec["scores"]["unseen"]
     ratio = u["valid_sentence_rate"] / teacher["unseen"]["valid_sentence_rate"] if teacher else float("nan")
     mins = (rec.get("train_log") or {}).get("train_minutes")
@@ -265,7 +360,15 @@ def table_row(name: str, what: str, rec: Optional[dict], teacher: Optional[dict]
             f"{u['valid_sentence_rate']:.3f} ({_ci(u['vs_teacher_validity'])}) | {ratio:.2f} | "
             f"{a['finding_micro_f1']:.3f} | {_ci(a['vs_teacher_f1'])} | {u['finding_micro_f1']:.3f} | "
             f"{_ci(u['vs_teacher_f1'])} | {a['repeat_or_contradiction_rate']:.3f} | {_vs_base(rec)} | "
-            f"{'' if mins is None else f'{mins:.0f}'} |")
+            f"{'' if mins is None else f'{mins:.0f}'} | {_passes(name, rec)} |")
+
+
+def _passes(name: str, rec: dict) -> str:
+    """Denoising passes per block: measured per report for a multi-pass rung, else the decoder's own."""
+    dec = rec.get("decoding")
+    if dec and "second_pass_share" in dec:  # a multi-pass decoder: what it took, per block of a report
+        return f"{dec['passes_per_block']:.2f}"
+    return "<= 8" if name.startswith("teacher") else "1"
 
 
 def _vs_base(rec: dict) -> str:
@@ -275,7 +378,7 @@ def _vs_base(rec: dict) -> str:
 
 HEADER = ("| rung | recipe | valid sentences, all (Δ vs teacher, pts [95% CI]) | valid, unseen (Δ [CI]) | "
           "unseen validity / teacher's | F1 all | ΔF1 vs teacher, all (pts [CI]) | F1 unseen | ΔF1 unseen (pts [CI]) | "
-          "repeat/contra | Δ valid vs base, all / unseen (pts [CI]) | train min |\n|" + "---|" * 12)
+          "repeat/contra | Δ valid vs base, all / unseen (pts [CI]; teacher-wide: vs teacher-demo) | train min | passes / block |\n|" + "---|" * 13)
 
 
 def build_table(out: Path, not_run: dict[str, str]) -> str:
@@ -320,9 +423,11 @@ def _plot(out: Path, rungs: dict[str, dict]) -> None:
                 for sub, color in (("all", "#1f77b4"), ("unseen", "#aec7e8")):
                     ax.axhline(t["scores"][sub][key], ls=style, color=color, lw=1, label=f"teacher ({tag}), {sub}")
         ax.set_xticks(x, [r.name for r in ran], rotation=30)
-        ax.set_title(f"{label}, 1000 test studies (one step per block, B=8)")
-        ax.set_ylim(0, 1.0 if key == "valid_sentence_rate" else 0.8)
-    axes[0].legend(fontsize=7, loc="lower right")
+        ax.set_title(f"{label}, 1000 test studies (B=8)")
+        ax.set_ylim(0, 1.25 if key == "valid_sentence_rate" else 0.8)
+    axes[0].legend(fontsize=6, loc="upper center", ncol=3)  # above the bars: the validity axis leaves room
+    fig.text(0.5, 0.005, "one step per block, except fix2, fix2mid, teacher2 (up to 2 passes per block)", ha="center",
+             fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ladder.png", dpi=120)
     plt.close(fig)
@@ -337,6 +442,11 @@ def reference_rows(data: str, teachers: dict[str, str], studies, work: Path, out
         f = out / "rungs" / f"teacher-{tag}.json"
         if not f.is_file():
             row = teacher_row(f"{tag} teacher, 8 steps per block", ckpt, studies, work, tag)
+            if tag != "demo":  # a wider teacher against the demo's, paired on the same studies
+                demo_preds = decode_cached(teachers["demo"], "multistep", studies, work / "decoded" / "teacher-demo.json")
+                row["vs_base"] = vs_other(decode_cached(ckpt, "multistep", studies, work / "decoded" / f"teacher-{tag}.json"),
+                                          demo_preds, studies)
+                row["vs_base_is"] = "teacher-demo"
             f.write_text(json.dumps(row, indent=2))
     demo = teachers["demo"]
     f = out / "rungs" / "naive-demo.json"
@@ -347,21 +457,129 @@ def reference_rows(data: str, teachers: dict[str, str], studies, work: Path, out
                                  "scores": score_rung(preds, t_preds, studies)}, indent=2))
 
 
-def train_check(data: str, teacher: str, names: list[str], work: Path, out: Path, n: int) -> dict:
+def train_check(data: str, teachers: dict[str, str], names: list[str], work: Path, out: Path, n: int) -> dict:
     """Valid-sentence rate on n of the TRAINING images, whose teacher trajectories the students were
-    trained on: can a student fit its own targets? (out/train_check.json)"""
+    trained on: can a student fit its own targets? (out/train_check.json, merged with what it holds)"""
     from echo_train.metrics.validity import sentence_validity
     from echo_train.stages.common import load_split
 
     studies = load_split(data, "train", n)
-    res = {"n_train_studies": n, "teacher": sentence_validity(
-        decode_cached(teacher, "multistep", studies, work / "decoded" / f"teacher-demo-train{n}.json"))["valid_sentence_rate"]}
+    f = out / "train_check.json"
+    res = json.loads(f.read_text()) if f.is_file() and json.loads(f.read_text()).get("n_train_studies") == n else {}
+    res["n_train_studies"] = n
+    for tag in {"wide" if BY_NAME[x].wide else "demo" for x in names} | {"demo"}:
+        key = "teacher" if tag == "demo" else f"teacher-{tag}"
+        traj = work / ("trajectories-wide" if tag == "wide" else "trajectories") / "B8_S8"
+        if tag == "wide" and traj.is_dir():
+            # the stage-3 trajectories are this teacher's multi-step decodes of these very images
+            from echo_train.stages.trajectories import load_trajectories
+            from echo_train.model.checkpoint import load_checkpoint
+
+            recs, tok = load_trajectories(traj), load_checkpoint(teachers[tag])[1]
+            preds = {s.id: tok.decode(recs[s.id]["tokens"].tolist()) for s in studies}
+            res[key] = sentence_validity(preds)["valid_sentence_rate"]
+        elif teachers.get(tag):
+            preds = decode_cached(teachers[tag], "multistep", studies, work / "decoded" / f"teacher-{tag}-train{n}.json")
+            res[key] = sentence_validity(preds)["valid_sentence_rate"]
     for name in names:
+        rung = BY_NAME[name]
+        if rung.student_of or rung.decode_steps > 1:
+            continue  # decoding rungs: their student is another rung's
         ckpt = work / "students" / name
-        if _finished(ckpt, BY_NAME[name].steps):
+        if _finished(ckpt, rung.steps):
             preds = decode_cached(str(ckpt), "onestep", studies, work / "decoded" / f"{name}-train{n}.json")
             res[name] = sentence_validity(preds)["valid_sentence_rate"]
-    (out / "train_check.json").write_text(json.dumps(res, indent=2))
+    f.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def teacher_forced(data: str, teachers: dict[str, str], names: list[str], work: Path, out: Path, n: int,
+                   split: str) -> dict:
+    """Each student's one-step blocks with the TEACHER's earlier blocks as context (the context it was trained
+    on), on n studies of `split`: token accuracy and exact blocks against the teacher's final tokens, and the
+    validity of the report these blocks make. Free-running decoding feeds the student its own blocks, so the
+    gap between the two is what its own earlier mistakes cost (out/teacher_forced.json, merged)."""
+    import torch
+
+    from echo_train.model.checkpoint import load_checkpoint
+    from echo_train.stages.common import load_split
+
+    studies = load_split(data, split, n)
+    f = out / "teacher_forced.json"
+    res = json.loads(f.read_text()) if f.is_file() else {}
+    for name in names:
+        rung = BY_NAME[name]
+        if rung.student_of or rung.decode_steps > 1:
+            continue
+        ckpt = work / "students" / name
+        if not _finished(ckpt, rung.steps):
+            continue
+        tag = "wide" if rung.wide else "demo"
+        traj = work / (("trajectories-wide" if rung.wide else "trajectories") if split == "train"
+                       else f"trajectories-{split}-{tag}") / "B8_S8"
+        teacher, tok = load_checkpoint(teachers[tag])
+        if split != "train":  # the teacher's trajectories of these studies (train: the ones stage 3 trained on)
+            generate_trajectories_for(teacher, tok, studies, traj)
+        student, _ = load_checkpoint(str(ckpt))
+        with torch.no_grad():
+            res.setdefault(split, {"n": n})[name] = forced_scores(student, tok, studies, traj)
+        f.write_text(json.dumps(res, indent=2))
+        print(json.dumps({"split": split, "rung": name, **res[split][name]}), flush=True)
+    return res
+
+
+def generate_trajectories_for(teacher, tok, studies, traj: Path) -> None:
+    from echo_train.stages.trajectories import generate_trajectories
+
+    B = teacher.cfg.block_size
+    generate_trajectories(teacher, tok, studies, traj, B, B)
+
+
+def forced_scores(student, tok, studies, traj: Path) -> dict:
+    """Token accuracy, exact blocks and report validity of the student's all-mask predictions in DCD's
+    training layout (build_dcd_inputs: the teacher's report as the clean context), greedy."""
+    import torch
+
+    from echo_train.metrics.validity import sentence_validity
+    from echo_train.stages.batches import IGNORE_INDEX
+    from echo_train.stages.common import make_dataset
+    from echo_train.stages.dcd_targets import build_dcd_inputs
+    from echo_train.stages.stage3_dcd import TrajectoryDataset, make_trajectory_collate
+    from echo_train.stages.trajectories import load_trajectories
+
+    student.eval()
+    B = student.cfg.block_size
+    ds = TrajectoryDataset(make_dataset(studies, tok, student.cfg), studies, load_trajectories(traj))
+    collate = make_trajectory_collate(tok, B)
+    tok_ok = tok_n = blk_ok = blk_n = 0
+    forced, teacher = {}, {}
+    for i in range(0, len(ds), 25):
+        items = [ds[j] for j in range(i, min(i + 25, len(ds)))]
+        inp = build_dcd_inputs(student, collate(items), tok.mask_id, torch.Generator().manual_seed(0), 0.0)
+        h, _ = student.lm(inp.embeds, inp.position_ids, inp.mask)
+        if inp.sources is not None:
+            h = h[:, inp.sources]
+        logits = student.lm.lm_head(h).float()
+        logits[..., tok.mask_id] = float("-inf")  # as the decoder: the mask token is never an answer
+        pred = logits.argmax(-1)
+        for r in range(len(items)):
+            sel = (inp.targets[r] != IGNORE_INDEX).nonzero().flatten()  # the all-mask copy's blocks only
+            p, t = pred[r, sel], inp.targets[r, sel]
+            tok_ok, tok_n = tok_ok + int((p == t).sum()), tok_n + len(t)
+            blk_ok, blk_n = blk_ok + int((p.view(-1, B) == t.view(-1, B)).all(-1).sum()), blk_n + len(t) // B
+            sid = studies[ds.items[i + r][0]].id
+            forced[sid], teacher[sid] = tok.decode(p.tolist()), tok.decode(t.tolist())
+    unseen = {s.id for s in studies if s.attributes.get("unseen_combination")} & set(forced)
+
+    def valid(d: dict, ids) -> float:
+        return sentence_validity({i: d[i] for i in ids})["valid_sentence_rate"]
+
+    res = {"token_accuracy": tok_ok / max(1, tok_n), "exact_blocks": blk_ok / max(1, blk_n),
+           "valid_sentence_rate": valid(forced, list(forced)), "teacher_valid_sentence_rate": valid(teacher, list(forced)),
+           "studies": len(ds)}
+    if unseen:  # the training split has none
+        res.update(valid_sentence_rate_unseen=valid(forced, sorted(unseen)),
+                   teacher_valid_sentence_rate_unseen=valid(teacher, sorted(unseen)), studies_unseen=len(unseen))
     return res
 
 
@@ -380,17 +598,26 @@ def train_check(data: str, teacher: str, names: list[str], work: Path, out: Path
                    "--work can leave them to the first.")
 @click.option("--train-check", "train_check_n", type=int, default=0, metavar="N",
               help="Instead of the rungs: validity of the teacher and the listed rungs' students on N training images.")
+@click.option("--teacher-forced", "forced_n", type=int, default=0, metavar="N",
+              help="Instead of the rungs: the listed students' blocks with the teacher's context, on N studies of "
+                   "--forced-split (teacher_forced.json).")
+@click.option("--forced-split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--not-run", "not_run", multiple=True, metavar="RUNG=REASON", help="Why a rung has no result (in the table).")
 def main(data, teacher, wide_teacher, work, out_dir, rungs, limit, threads, table_only, references, train_check_n,
-         not_run) -> None:
+         forced_n, forced_split, not_run) -> None:
     """Run the stage-3 ladder's rungs (train, decode, score) and write the table and plot."""
     import torch
 
     torch.set_num_threads(threads)
     out, work_p = Path(out_dir), Path(work)
     reasons = dict(x.split("=", 1) for x in not_run)
+    if forced_n:
+        teacher_forced(data, {"demo": teacher, "wide": wide_teacher}, [x for x in rungs.split(",") if x], work_p, out,
+                       forced_n, forced_split)
+        return
     if train_check_n:
-        click.echo(json.dumps(train_check(data, teacher, [x for x in rungs.split(",") if x], work_p, out, train_check_n)))
+        click.echo(json.dumps(train_check(data, {"demo": teacher, "wide": wide_teacher}, [x for x in rungs.split(",") if x],
+                                          work_p, out, train_check_n)))
         return
     if not table_only:
         from echo_train.stages.common import load_split

@@ -69,3 +69,80 @@ def test_rung_commands_carry_the_recipe():
     args = r.stage3_args()
     assert args[args.index("--intermediate-copies") + 1] == "2" and args[args.index("--steps") + 1] == str(lad.DEMO_STEPS)
     assert json.dumps([r.__dict__ for r in lad.RUNGS])  # every rung is plain data (written into its JSON)
+
+
+def test_row_passes_count_only_what_each_report_needed():
+    m, e = 99, 2
+    # block 0: row 0 all confident after one pass, row 1 needs a second; block 1: row 0 ends (EOS), row 1 needs two
+    traj = [torch.tensor([[[m] * 4, [5, 6, 7, 8], [5, 6, 7, 8]], [[m] * 4, [5, m, 7, m], [5, 6, 7, 8]]]),
+            torch.tensor([[[m] * 4, [e, e, e, e], [e, e, e, e]], [[m] * 4, [5, m, m, 8], [5, 6, 7, 8]]]),
+            torch.tensor([[[m] * 4, [e] * 4, [e] * 4], [[m] * 4, [e] * 4, [e] * 4]])]
+    raw = torch.tensor([[5, 6, 7, 8, e, e, e, e, e, e, e, e], [5, 6, 7, 8, 5, 6, 7, 8, e, e, e, e]])
+    assert lad._row_passes(raw[0], traj, 0, e, m, 4) == (2, 2)  # stops at its EOS block
+    assert lad._row_passes(raw[1], traj, 1, e, m, 4) == (3, 5)
+
+
+def _tiny_setup(tmp_path, tok):
+    from conftest import write_tiny_dataset
+    from echo_train.model.checkpoint import save_checkpoint
+    from echo_train.stages.common import load_split
+
+    model = make_tiny_model(tok, stage="rad", block_size=8, sharpen=4.0)
+    model.cfg.max_response_tokens = 24
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    data = write_tiny_dataset(tmp_path / "data", 3, 3)
+    return model, load_split(str(data), "test", None)
+
+
+def test_fixup_decode_is_the_multistep_decoder_and_counts_its_passes(tmp_path, tiny_tokenizer):
+    from echo_train.decoding.run import DecodeSpec, decode_studies
+
+    model, studies = _tiny_setup(tmp_path, tiny_tokenizer)
+    ckpt = str(tmp_path / "ckpt")
+    one, s1 = lad.decode_fixup_cached(ckpt, 1, "dynamic", studies, tmp_path / "d1.json")
+    two, s2 = lad.decode_fixup_cached(ckpt, 2, "dynamic", studies, tmp_path / "d2.json")
+    ref, _ = decode_studies(model, tiny_tokenizer, studies, DecodeSpec("multistep", 8, steps=2, rule="dynamic",
+                                                                    max_new_tokens=24), progress=False)
+    assert two == ref
+    assert s1["passes_per_block"] == 1.0 and 1.0 <= s2["passes_per_block"] <= 2.0
+    assert abs(s2["second_pass_share"] - (s2["passes_per_block"] - 1)) < 1e-9
+    assert lad.decode_fixup_cached(ckpt, 2, "dynamic", studies, tmp_path / "d2.json")[0] == two  # cached
+
+
+def test_teacher_forced_student_equal_to_its_one_step_teacher_matches_every_block(tmp_path, tiny_tokenizer):
+    """A teacher decoding one step per block writes, per block, its all-mask argmax in the context of its own
+    earlier blocks: the same model scored in DCD's training layout on those trajectories must match it exactly."""
+    from echo_train.stages.trajectories import generate_trajectories
+
+    model, studies = _tiny_setup(tmp_path, tiny_tokenizer)
+    generate_trajectories(model, tiny_tokenizer, studies, tmp_path / "traj", 8, 1)
+    with torch.no_grad():
+        s = lad.forced_scores(model, tiny_tokenizer, studies, tmp_path / "traj")
+    assert s["studies"] == len(studies)
+    assert s["token_accuracy"] == 1.0 and s["exact_blocks"] == 1.0
+
+
+def test_table_shows_passes_and_the_wide_rung_against_base(tmp_path):
+    (tmp_path / "rungs").mkdir()
+    delta = {"delta": 0.01, "ci95": [-0.01, 0.03]}
+    sub = {"n": 10, "valid_sentence_rate": 0.8, "valid_report_rate": 0.5, "repeat_or_contradiction_rate": 0.1,
+           "finding_micro_f1": 0.6, "vs_teacher_f1": delta, "vs_teacher_validity": delta}
+    scores = {"all": sub, "unseen": sub}
+    for name, extra in (("teacher-demo", {}), ("teacher-wide", {}), ("base", {}),
+                        ("wide", {"vs_base": {k: {"validity": delta, "f1": delta} for k in ("all", "unseen")}}),
+                        ("fix2", {"decoding": {"passes_per_block": 1.4, "second_pass_share": 0.4}})):
+        (tmp_path / "rungs" / f"{name}.json").write_text(json.dumps({"name": name, "what": name, "scores": scores, **extra}))
+    rows = {line.split("|")[1].strip(): line.split("|") for line in lad.build_table(tmp_path, {}).splitlines()[2:]}
+    assert rows["fix2"][-2].strip() == "1.40" and rows["base"][-2].strip() == "1" and rows["teacher-wide"][-2].strip() == "<= 8"
+    assert rows["wide"][11].strip() == "+1.0 [-1.0, +3.0] / +1.0 [-1.0, +3.0]"
+    assert all(len(r) == len(rows["base"]) for r in rows.values())
+
+
+def test_teacher_reports_from_trajectories_are_its_multistep_decode(tmp_path, tiny_tokenizer):
+    from echo_train.decoding.run import DecodeSpec, decode_studies
+
+    model, studies = _tiny_setup(tmp_path, tiny_tokenizer)
+    preds = lad.teacher_decode_from_trajectories(str(tmp_path / "ckpt"), studies, tmp_path / "traj", tmp_path / "t.json")
+    ref, _ = decode_studies(model, tiny_tokenizer, studies, DecodeSpec("multistep", 8, max_new_tokens=24), progress=False)
+    assert preds == ref
+    assert lad.decode_cached(str(tmp_path / "ckpt"), "multistep", studies, tmp_path / "t.json") == ref  # where it looks
