@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks.sysinfo import status_mb
 from runtime import precisions as precision_registry
 
 WORK = Path("benchmarks/out/peers")
@@ -235,14 +236,6 @@ def quantize_gguf(src: Path, out: Path, ftype: int, threads: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- probes (one engine per process)
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _median_run(runs: list[dict]) -> dict:
     """The run of median decode speed, with every run's tokens/s kept."""
     tps = [r["decode_tokens_per_s"] for r in runs]
@@ -273,7 +266,7 @@ def probe_genai(path: Path, prompt: list[int], new: int, repeats: int) -> dict:
         runs.append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": made, "decode_tokens_per_s": made / (t2 - t1)})
         del gen
     weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data"))
-    return {**_median_run(runs[1:]), "load_s": load, "rss_mb": _status_mb("VmRSS"), "peak_rss_mb": _status_mb("VmHWM"),
+    return {**_median_run(runs[1:]), "load_s": load, "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM"),
             "weight_bytes": weights, "version": og.__version__}
 
 
@@ -310,7 +303,7 @@ def probe_llama(path: Path, prompt: list[int], new: int, repeats: int, threads: 
         t2 = time.perf_counter()
         runs.append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": new, "decode_tokens_per_s": new / (t2 - t1)})
     llama_cpp.llama_batch_free(batch)
-    return {**_median_run(runs[1:]), "load_s": load, "rss_mb": _status_mb("VmRSS"), "peak_rss_mb": _status_mb("VmHWM"),
+    return {**_median_run(runs[1:]), "load_s": load, "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM"),
             "weight_bytes": path.stat().st_size, "version": llama_cpp.__version__}
 
 
@@ -335,8 +328,8 @@ def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeat
             dec = r.timings["decode"] - r.timings["prefill"]
             runs.append({"prefill_s": r.timings["prefill"], "decode_s": dec, "new_tokens": len(r.tokens),
                          "decode_tokens_per_s": len(r.tokens) / dec, "forward_passes": r.forward_passes, "stop": r.stop})
-        res[mode] = {**_median_run(runs[1:]), "rss_mb": _status_mb("VmRSS")}
-    res["peak_rss_mb"] = _status_mb("VmHWM")
+        res[mode] = {**_median_run(runs[1:]), "rss_mb": status_mb("VmRSS")}
+    res["peak_rss_mb"] = status_mb("VmHWM")
     m = rt.manifest
     B = m.block_size
     res["block_size"] = B

@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks.sysinfo import status_mb
+
 WORK = Path("benchmarks/out/scale")
 RESULTS = Path("benchmarks/results/scale")
 
@@ -98,14 +100,6 @@ def _python() -> str:
 def _echo_export() -> list[str]:
     exe = Path(sys.executable).parent / "echo-export"
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "echo_export.cli"]
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ----------------------------------------------------------------------------- rung inputs
@@ -192,11 +186,11 @@ def runtime_probe(engine: Path, precision: str, images: list[str], max_new: int,
     from runtime import precisions
     from runtime.engine import EchoRuntime
 
-    res: dict[str, Any] = {"precision": precision, "rss_baseline_mb": _status_mb("VmRSS")}
+    res: dict[str, Any] = {"precision": precision, "rss_baseline_mb": status_mb("VmRSS")}
     t = time.perf_counter()
     rt = EchoRuntime(engine, precision=precision, batch_size=1, threads=threads, mode="fused")
     res["load_s"] = time.perf_counter() - t
-    res["rss_loaded_mb"] = _status_mb("VmRSS")
+    res["rss_loaded_mb"] = status_mb("VmRSS")
     m = rt.manifest
     lm = (m.model_config or {}).get("lm", {})
     item = 2 if precision == "fp16" else 4
@@ -214,8 +208,8 @@ def runtime_probe(engine: Path, precision: str, images: list[str], max_new: int,
                      "passes_per_report": float(np.mean([r.forward_passes for r in reps])),
                      "distinct_tokens": len({t for r in reps for t in r.tokens})}
         if mode == "fused":
-            res["rss_fused_run_mb"] = _status_mb("VmRSS")
-            res["hwm_fused_run_mb"] = _status_mb("VmHWM")
+            res["rss_fused_run_mb"] = status_mb("VmRSS")
+            res["hwm_fused_run_mb"] = status_mb("VmHWM")
     res["achieved_dcd_vs_ar_decode_only"] = res["fused"]["decode_tokens_per_s"] / res["ar"]["decode_tokens_per_s"]
     del rt  # its sessions and packed weights go before the timing sessions open (1.5B: 6.5 GB each)
     gc.collect()

@@ -105,3 +105,15 @@ class PeakMemory:
             import torch
 
             self.cuda_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def status_mb(key: str) -> float:
+    """A /proc/self/status memory line (VmRSS, VmHWM, ...) in MiB; NaN where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

@@ -44,6 +44,25 @@ def write_varied_dataset(root, n_train: int = 4, n_test: int = 3):
     return root
 
 
+def build_varied_engine(root, precisions: list[str], name: str = "engine"):
+    """The varied test model (dcd, B=4, 24-token reports) built at `precisions` with AR graphs'
+    worth of capacity, verified on 3 test images: (engine folder, data folder, build log lines)."""
+    from echo_export.build import BuildOptions, build
+    from echo_train.model.checkpoint import save_checkpoint
+    from tests.conftest import make_tokenizer
+    from varied_models import as_stage, get_varied
+
+    tok = make_tokenizer()
+    model = as_stage(get_varied(tok, shifted=True, causal_context=True), "dcd", block_size=4)
+    model.cfg.max_response_tokens = 24
+    save_checkpoint(root / "ckpt", model, tok)
+    data = write_varied_dataset(root / "data", 4, 3)
+    logs: list[str] = []
+    out = build(BuildOptions(ckpt=root / "ckpt", out=root / name, precisions=precisions, capacity=96,
+                             calib_size=3, verify_n=3, data=data), log=logs.append)
+    return out, data, logs
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A trained model whose reports vary (tests/varied_models.py): as the one-step student at

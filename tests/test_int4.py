@@ -92,22 +92,9 @@ def test_accuracy_level_follows_the_cpu():
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """fp32 + int4 (AWQ, block 32, symmetric) of the varied test model (tests/varied_models.py)."""
-    from echo_export.build import BuildOptions, build
-    from echo_train.model.checkpoint import save_checkpoint
-    from tests.conftest import make_tokenizer
-    from tests.test_export import write_varied_dataset
-    from varied_models import as_stage, get_varied
+    from tests.test_export import build_varied_engine
 
-    root = tmp_path_factory.mktemp("int4")
-    tok = make_tokenizer()
-    model = as_stage(get_varied(tok, shifted=True, causal_context=True), "dcd", block_size=4)
-    model.cfg.max_response_tokens = 24
-    save_checkpoint(root / "ckpt", model, tok)
-    data = write_varied_dataset(root / "data", 4, 3)
-    logs: list[str] = []
-    out = build(BuildOptions(ckpt=root / "ckpt", out=root / "engine", precisions=["fp32", "int4"], capacity=96,
-                             calib_size=3, verify_n=3, data=data), log=logs.append)
-    return out, data, logs
+    return build_varied_engine(tmp_path_factory.mktemp("int4"), ["fp32", "int4"])
 
 
 def test_int4_engine_tokens_agree_with_fp32(engine):

@@ -202,13 +202,7 @@ def check_ids_kept(folder: Path, tokenizer, tok_json: dict[str, Any]) -> None:
 
 
 def import_tokenizer(folder: Path, cfg: dict[str, Any], mask_option: Optional[str]) -> tuple[ReportTokenizer, dict]:
-    p = folder / "tokenizer.json"
-    if not p.is_file():
-        raise PretrainedError(f"{folder}: no tokenizer.json")
-    try:
-        tok_json = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PretrainedError(f"{p}: not valid JSON ({e})") from None
+    tok_json = read_json(folder / "tokenizer.json", "the tokenizer")
     roles = roles_of(folder, cfg, tok_json, mask_option)
     renamed = rename_roles(folder, tok_json, roles)
     tmp = Tokenizer.from_str(json.dumps(renamed))
