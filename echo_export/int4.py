@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .precision import PrecisionError
+from .precision import PrecisionError, external_location
 
 BLOCK_SIZES = (32, 64, 128)
 BITS = (4, 8)  # MatMulNBits' weight widths with CPU kernels (8: the int8w precision)
@@ -261,8 +261,6 @@ def quantised_parts(opts: Int4Options) -> tuple[str, ...]:
 def _staged_offset(t: onnx.TensorProto, source) -> Optional[int]:
     """Where a staged graph's initializer sits in `source` (a stream_export.DeferredWeights: the
     fp32 file that a build from the checkpoint's own dtype never writes), else None."""
-    from .precision import external_location
-
     where = external_location(t) if source is not None else None
     return where[1] if where is not None and where[0] == source.name else None
 
@@ -481,13 +479,26 @@ def _replace_nodes(model: onnx.ModelProto, new: dict[str, list[onnx.NodeProto]],
     del g.value_info[:]
 
 
+def _stored(t: onnx.TensorProto, store, min_bytes: int) -> onnx.TensorProto:
+    """A new in-memory initializer of at least `min_bytes`, written to `store` and pointing there."""
+    from .external_weights import point_to
+
+    if t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+        point_to(t, store.name, *store.add(t.raw_data))
+    return t
+
+
 def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: int, source=None) -> None:
     """Every initializer of at least `min_bytes` into `store` (weights.int4.bin), one at a time:
     the untouched fp32 ones (embedding, norms, a kept vision tower) read from the fp32 weights file,
-    or from `source` where the graph is staged (widened from the checkpoint's dtype)."""
+    or from `source` where the graph is staged (widened from the checkpoint's dtype). Those already
+    in `store` (the quantised weights, stored as they were made) stay where they are."""
     from .external_weights import point_to, tensor_bytes
 
     for t in model.graph.initializer:
+        where = external_location(t)
+        if where is not None and where[0] == store.name:
+            continue
         offset = _staged_offset(t, source)
         data = source.raw(offset) if offset is not None else tensor_bytes(t, base)
         if len(data) >= min_bytes:
@@ -510,7 +521,7 @@ def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes
         qw = plan.quantize(weight_key(w), w)
         del w
         new[wm.node], more = _matmulnbits_nodes(wm, by_name[wm.node], qw, level)
-        inits += more
+        inits += [_stored(t, store, min_bytes) for t in more]  # out of memory at once: 4 GB of them at 7B
         counts[wm.part] = counts.get(wm.part, 0) + 1
     if not new:
         raise PrecisionError(f"{src}: no weight MatMul of {', '.join(quantised_parts(plan.opts))} to quantise")
@@ -561,10 +572,15 @@ def int4_dq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
     model = onnx.load(str(src), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     arr = lambda name: numpy_helper.to_array(inits[name], base_dir=str(src.parent)) if name in inits else None  # noqa: E731
+    beside = dst.resolve().parent == src.resolve().parent
+    store = WeightsFile(dst.parent, dst.name + ".data") if beside else None
     new, added = {}, []
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
             new[node.name], more = _dq_nodes(node, [None] + [arr(i) for i in node.input[1:]])
+            for t in more:  # each INT4 weight to <dst>.data as it is made, not all held (3.3 GB at 7B)
+                if store is not None and t.data_type == onnx.TensorProto.INT4:
+                    point_to(t, store.name, *store.add(t.raw_data))
             added += more
     _replace_nodes(model, new, added)
     keep = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", MS_DOMAIN)]
@@ -573,14 +589,10 @@ def int4_dq_for_tensorrt(src: str | Path, dst: str | Path) -> dict:
         keep.append(helper.make_opsetid(MS_DOMAIN, 1))
     del model.opset_import[:]
     model.opset_import.extend(keep)
-    if dst.resolve().parent != src.resolve().parent:  # elsewhere: take every weight along
+    if store is None:  # elsewhere: take every weight along
         onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
         save_graph(model, dst, external=True)
     else:
-        store = WeightsFile(dst.parent, dst.name + ".data")
-        for t in added:
-            if t.data_type == onnx.TensorProto.INT4:
-                point_to(t, store.name, *store.add(t.raw_data))
         store.close()
         onnx.save(model, str(dst))
     return {"dequantize_linear_int4": len(new), "opset": DQ_BLOCK_OPSET}
