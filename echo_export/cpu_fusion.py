@@ -37,68 +37,85 @@ def _const(model: onnx.ModelProto, name: str, producers: dict) -> Optional[np.nd
     return None
 
 
+class _Graph:
+    """Who produces and who reads each tensor of a graph: what matching a chain asks."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.producers = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in g.output}
+        self.initializers = {t.name for t in g.initializer}
+
+    def only(self, name: str, op: str):
+        """The one node reading `name`, if it is an `op` and `name` is not a graph output."""
+        c = self.consumers.get(name, [])
+        return c[0] if len(c) == 1 and c[0].op_type == op and name not in self.outputs else None
+
+    def const(self, name: str) -> Optional[np.ndarray]:
+        return _const(self.model, name, self.producers)
+
+
+def _rms_chain(gr: _Graph, pow_) -> Optional[tuple[list, str, str, float]]:
+    """(the 7 nodes, x, weight, epsilon) of the RMSNorm chain starting at this Pow, else None."""
+    e = gr.const(pow_.input[1])
+    if e is None or e.size != 1 or float(e.reshape(-1)[0]) != 2.0:
+        return None
+    x = pow_.input[0]
+    mean = gr.only(pow_.output[0], "ReduceMean")
+    if mean is None:
+        return None
+    keep = next((helper.get_attribute_value(a) for a in mean.attribute if a.name == "keepdims"), 1)
+    axes = gr.const(mean.input[1]) if len(mean.input) > 1 else \
+        np.array(next((helper.get_attribute_value(a) for a in mean.attribute if a.name == "axes"), []))
+    if keep != 1 or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) != -1:
+        return None
+    add = gr.only(mean.output[0], "Add")
+    if add is None:
+        return None
+    eps = gr.const(add.input[1] if add.input[0] == mean.output[0] else add.input[0])
+    sqrt = gr.only(add.output[0], "Sqrt")
+    rec = sqrt and gr.only(sqrt.output[0], "Reciprocal")
+    mul = rec and gr.only(rec.output[0], "Mul")
+    if eps is None or eps.size != 1 or mul is None or set(mul.input) != {x, rec.output[0]}:
+        return None
+    scale_mul = gr.only(mul.output[0], "Mul")
+    if scale_mul is None:
+        return None
+    w = scale_mul.input[0] if scale_mul.input[1] == mul.output[0] else scale_mul.input[1]
+    if w not in gr.initializers:
+        return None
+    return [pow_, mean, add, sqrt, rec, mul, scale_mul], x, w, float(eps.reshape(-1)[0])
+
+
 def fuse_rms_norm(model: onnx.ModelProto) -> int:
     """Each Pow(x, 2) -> ReduceMean(last axis, keepdims) -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x, .)
     -> Mul(weight, .) chain -> SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps), in place.
     Only chains whose intermediate results nothing else reads; returns how many were fused."""
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in g.output}
-
-    def only(name: str, op: str):
-        c = consumers.get(name, [])
-        return c[0] if len(c) == 1 and c[0].op_type == op and name not in graph_outputs else None
-
+    gr = _Graph(model)
     drop: set[int] = set()
     replace: dict[int, onnx.NodeProto] = {}
-    fused = 0
-    for pow_ in g.node:
-        if pow_.op_type != "Pow":
+    for pow_ in [n for n in g.node if n.op_type == "Pow"]:
+        found = _rms_chain(gr, pow_)
+        if found is None:
             continue
-        e = _const(model, pow_.input[1], producers)
-        if e is None or e.size != 1 or float(e.reshape(-1)[0]) != 2.0:
-            continue
-        x = pow_.input[0]
-        mean = only(pow_.output[0], "ReduceMean")
-        if mean is None:
-            continue
-        keep = next((helper.get_attribute_value(a) for a in mean.attribute if a.name == "keepdims"), 1)
-        axes = _const(model, mean.input[1], producers) if len(mean.input) > 1 else \
-            np.array(next((helper.get_attribute_value(a) for a in mean.attribute if a.name == "axes"), []))
-        if keep != 1 or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) != -1:
-            continue
-        add = only(mean.output[0], "Add")
-        if add is None:
-            continue
-        eps = _const(model, add.input[1] if add.input[0] == mean.output[0] else add.input[0], producers)
-        sqrt = only(add.output[0], "Sqrt")
-        rec = sqrt and only(sqrt.output[0], "Reciprocal")
-        mul = rec and only(rec.output[0], "Mul")
-        if eps is None or eps.size != 1 or mul is None or set(mul.input) != {x, rec.output[0]}:
-            continue
-        scale_mul = only(mul.output[0], "Mul")
-        if scale_mul is None:
-            continue
-        w = scale_mul.input[0] if scale_mul.input[1] == mul.output[0] else scale_mul.input[1]
-        if w not in {t.name for t in g.initializer}:
-            continue
-        chain = [pow_, mean, add, sqrt, rec, mul, scale_mul]
+        chain, x, w, eps = found
+        last = chain[-1]
         ids = [next(i for i, n in enumerate(g.node) if n is c) for c in chain]
-        sln = helper.make_node("SimplifiedLayerNormalization", [x, w], list(scale_mul.output),
-                               name=f"{scale_mul.name or scale_mul.output[0]}_rmsnorm", axis=-1,
-                               epsilon=float(eps.reshape(-1)[0]), stash_type=1)
         drop.update(ids[:-1])
-        replace[ids[-1]] = sln
-        fused += 1
-    if fused:
+        replace[ids[-1]] = helper.make_node("SimplifiedLayerNormalization", [x, w], list(last.output),
+                                            name=f"{last.name or last.output[0]}_rmsnorm", axis=-1, epsilon=eps,
+                                            stash_type=1)
+    if replace:
         nodes = [replace.get(i, n) for i, n in enumerate(g.node) if i not in drop]
         del g.node[:]
         g.node.extend(nodes)
-    return fused
+    return len(replace)
 
 
 def fuse_graph_file(path: Path) -> int:
