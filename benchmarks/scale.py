@@ -305,11 +305,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         b = r["build"]
         w = sum(b["weights_bytes"].values())
-        fp32_ok = all(v["identical"] for k, v in r["verify"].items() if ".fp32." in k)
+        fp32 = [v["identical"] for k, v in r["verify"].items() if ".fp32." in k]
+        fp32_ok = ("yes" if all(fp32) else "NO") if fp32 else "no fp32 built"  # all([]) is True: say so
         lines.append(f"| {r['rung']} | {r['parameters'] / 1e6:.0f}M | {','.join(b['precisions'])} / {','.join(map(str, b['batch_sizes']))} "
                      f"| {b['wall_s'] / 60:.1f} min | {_build_peak(b) / 1e9:.1f} GB | {_gb(w)} | "
                      f"{_gb(b['folder_bytes'])} | {b['folder_bytes'] / w:.2f}x | "
-                     f"{'yes' if fp32_ok else 'NO'} ({r['verify_n_images']} images) |")
+                     f"{fp32_ok} ({r['verify_n_images']} images) |")
     lines += ["", "Peak RSS and seconds per build phase:", ""]
     for r in rows:
         ph = r["build"]["phases"]
