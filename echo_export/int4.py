@@ -504,6 +504,7 @@ def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: in
         if len(data) >= min_bytes:
             offset, length = store.add(data)
             point_to(t, store.name, offset, length)
+        del data  # before the next one is read: two 2.2 GB fp32 tables at 7B (embedding, head) otherwise
     store.flush()
 
 
