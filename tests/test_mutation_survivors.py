@@ -505,3 +505,43 @@ def test_decoders_count_their_passes_cut_at_eos_and_stop_at_the_limit(varied_mod
     r = multistep_generate(model, tok, px, 4, 2, 10)
     assert r.trajectories is None  # only recorded when asked
     assert multistep_generate(model, tok, px, 4, 2, 10, keep_trajectory=True).trajectories is not None
+
+
+# ---- echo_train/decoding/run.py: decode_studies, which no covering test called ----------------
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_decode_studies_reports_every_study_and_counts_its_passes_and_tokens(tmp_path, tiny_tokenizer,
+                                                                             varied_model, progress):
+    """Kills decode_studies' mutants: 5 studies in batches of 2 (2, 2, 1) give each study the report
+    its own batch decodes to, and the counts are per report (passes weighted by batch rows, EOS
+    counted as a generated token where a report wrote it, 16 new tokens cutting the longer ones)."""
+    from PIL import Image
+
+    from echo_train.data.study import Study
+    from echo_train.decoding.run import DecodeSpec, decode_batch, decode_studies, load_pixels
+    from varied_models import varied_images
+
+    tok, model = tiny_tokenizer, varied_model()
+    studies = []
+    for i, img in enumerate(varied_images(5)):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(((img[0] + 1) * 127.5).round().astype(np.uint8), mode="L").save(path)
+        studies.append(Study(id=f"s{i}", image_paths=[str(path)], findings="", impression=""))
+    spec = DecodeSpec("onestep", 4, max_new_tokens=16)
+    preds, stats = decode_studies(model, tok, studies, spec, batch_size=2, progress=progress)
+
+    want, passes, tokens, eos = {}, 0, 0, 0
+    for chunk in (studies[0:2], studies[2:4], studies[4:5]):
+        r = decode_batch(model, tok, load_pixels(chunk, 32), spec)
+        passes += r.forward_passes * len(chunk)
+        for s, ids, raw in zip(chunk, r.tokens, r.raw.tolist()):
+            want[s.id] = tok.decode(ids)
+            tokens += len(ids)
+            eos += tok.eos_id in raw
+    assert preds == want and len(set(want.values())) == 5
+    assert 0 < eos < 5  # some reports end with EOS, some at the length limit
+    assert stats["reports"] == 5
+    assert stats["forward_passes_per_report"] == pytest.approx(passes / 5)
+    assert stats["tokens_per_report"] == pytest.approx((tokens + eos) / 5)
+    assert stats["tokens_per_forward"] == pytest.approx((tokens + eos) / passes)
+    assert stats["seconds"] > 0
