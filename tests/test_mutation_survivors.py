@@ -509,12 +509,11 @@ def test_decoders_count_their_passes_cut_at_eos_and_stop_at_the_limit(varied_mod
 
 # ---- echo_train/decoding/run.py: decode_studies, which no covering test called ----------------
 
-@pytest.mark.parametrize("progress", [False, True])
-def test_decode_studies_reports_every_study_and_counts_its_passes_and_tokens(tmp_path, tiny_tokenizer,
-                                                                             varied_model, progress):
+def test_decode_studies_reports_every_study_and_counts_its_passes_and_tokens(tmp_path, tiny_tokenizer, varied_model):
     """Kills decode_studies' mutants: 5 studies in batches of 2 (2, 2, 1) give each study the report
     its own batch decodes to, and the counts are per report (passes weighted by batch rows, EOS
-    counted as a generated token where a report wrote it, 16 new tokens cutting the longer ones)."""
+    counted as a generated token where a report wrote it, 16 new tokens cutting the longer ones).
+    Without its progress bar: tqdm's lock deadlocks in the forked workers of `make mutation`."""
     from PIL import Image
 
     from echo_train.data.study import Study
@@ -528,7 +527,7 @@ def test_decode_studies_reports_every_study_and_counts_its_passes_and_tokens(tmp
         Image.fromarray(((img[0] + 1) * 127.5).round().astype(np.uint8), mode="L").save(path)
         studies.append(Study(id=f"s{i}", image_paths=[str(path)], findings="", impression=""))
     spec = DecodeSpec("onestep", 4, max_new_tokens=16)
-    preds, stats = decode_studies(model, tok, studies, spec, batch_size=2, progress=progress)
+    preds, stats = decode_studies(model, tok, studies, spec, batch_size=2, progress=False)
 
     want, passes, tokens, eos = {}, 0, 0, 0
     for chunk in (studies[0:2], studies[2:4], studies[4:5]):

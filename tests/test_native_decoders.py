@@ -151,14 +151,17 @@ def test_runtime_takes_decoded_arrays_as_it_takes_files(fx):
     from runtime.preprocess import read_image
 
     rt = EchoRuntime(fx.student)
-    arr = rt.prepare_decoded(read_image(fx.images[1]))
-    assert arr.dtype == np.float32 and arr.shape == read_image(fx.images[1]).shape
+    decoded = read_image(fx.images[1])
+    arr = rt.prepare_decoded(decoded.astype(np.uint8))  # an 8-bit decode: made float32, kept at its size
+    assert arr.dtype == np.float32 and arr.shape == decoded.shape and np.array_equal(arr, decoded)
     bad3d, bad_nan = np.zeros((2, 32, 32), np.float32), np.full((32, 32), np.nan, np.float32)
-    reps = rt.generate([arr, bad3d, bad_nan], max_new_tokens=GEN)
+    thin = np.full((8, 2000), 100.0, np.float32)  # aspect ratio 250: the processor refuses over 200
+    reps = rt.generate([arr, bad3d, bad_nan, thin], max_new_tokens=GEN)
     assert reps[0].tokens == fx.onestep[1] and reps[0].image_tokens == fx.image_tokens[1]
-    assert "finite 2-D image array" in reps[1].error and "(2, 32, 32)" in reps[1].error
-    assert "finite 2-D image array" in reps[2].error
-    assert not reps[1].tokens and not reps[2].tokens
+    assert reps[1].error == "<array 1>: expected a finite 2-D image array, got shape (2, 32, 32)"
+    assert reps[2].error.startswith("<array 2>: expected a finite 2-D image array")
+    assert reps[3].error.startswith("<array 3>: ") and "aspect ratio" in reps[3].error
+    assert not any(r.tokens for r in reps[1:])
 
 
 def test_runtime_refuses_an_image_its_cache_cannot_hold(fx):

@@ -129,6 +129,24 @@ def images(n: int, size: int = 32) -> np.ndarray:
     return np.clip(np.stack(out), -1, 1)[:, None].astype(np.float32)
 
 
+def test_prepare_decoded_gives_a_fixed_grid_engine_what_a_file_gives(runtime_engine, tmp_path):
+    """EchoRuntime.prepare_decoded on a decoded image = the engine's preprocessing of the file: the
+    engine's grid and preprocess mode, float32 [1, S, S]."""
+    from PIL import Image
+
+    from runtime.engine import EchoRuntime
+    from runtime.preprocess import preprocess_image, read_image
+
+    yy, xx = np.mgrid[0:40, 0:56]
+    png = tmp_path / "x.png"
+    Image.fromarray((120 + 100 * np.sin(xx / 5) * np.cos(yy / 7)).astype(np.uint8), mode="L").save(png)
+    rt = EchoRuntime(runtime_engine.path, batch_size=GRAPH_BATCH)
+    got = rt.prepare_decoded(read_image(png))
+    want = preprocess_image(png, rt.image_size, rt.preprocess_mode)
+    assert got.dtype == np.float32 and got.shape == (1, rt.image_size, rt.image_size) == want.shape
+    assert np.array_equal(got, want)
+
+
 def test_engine_folder_verifies_and_lists_both_modes(runtime_engine):
     from runtime import graph_io as gio
     from runtime.manifest import graph_batch_sizes, load_manifest, resolve_graph
