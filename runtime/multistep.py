@@ -143,7 +143,9 @@ def _denoise(passes: BlockPasses, x: np.ndarray, positions: np.ndarray, carry: t
         accept = select_unmask(p, still, schedule[s], opts.rule, opts.threshold)
         x = np.where(accept, pred, x)
         trace.session += secs
-        trace.passes += ~trace.done
+        # a row counts the passes it needed: one whose block is already whole only rides along (a
+        # report's count must not depend on the images batched with it)
+        trace.passes += ~trace.done & still.any(-1)
     return x
 
 

@@ -156,3 +156,54 @@ def test_engine_folder_verifies_and_lists_both_modes(runtime_engine):
         assert resolve_graph(m, role, "fp32", GRAPH_BATCH) in m.files
         assert graph_batch_sizes(m, role, "fp32") == [GRAPH_BATCH]
     assert "tokenizer.json" in m.files and m.block_size == BLOCK
+
+
+def teacher_engine_folder(root: Path) -> EngineFixture:
+    """A fixed-grid teacher's engine folder (the varied model as a RAD teacher, block 4, fp32, graphs
+    at batch 2), built once per process: the runtime's multi-step loop at a fixed grid is held to
+    PyTorch's multistep_generate on it."""
+    if "teacher" not in _BUILT:
+        from conftest import make_tokenizer
+        from echo_export.build import BuildOptions, build
+        from echo_train.model.checkpoint import save_checkpoint
+        from varied_models import MAX_RESPONSE, as_stage, get_varied
+
+        root = Path(root)
+        tok = make_tokenizer()
+        model = as_stage(get_varied(tok, shifted=True, causal_context=False), "rad", block_size=VARIED_BLOCK)
+        model.cfg.max_response_tokens = MAX_RESPONSE
+        save_checkpoint(root / "ckpt", model, tok)
+        out = build(BuildOptions(ckpt=root / "ckpt", out=root / "teacher", precisions=["fp32"],
+                                 batch_sizes=[GRAPH_BATCH], capacity=VARIED_CAPACITY, verify_n=0), log=lambda s: None)
+        _BUILT["teacher"] = EngineFixture(out, model, tok)
+    return _BUILT["teacher"]
+
+
+@pytest.mark.parametrize("rule", ["dynamic-ltr", "static", "sequential"])
+def test_fixed_grid_teacher_engine_writes_pytorchs_multistep_tokens(tmp_path_factory, rule):
+    """Tokens equal PyTorch's for B, B/2 and 1 steps on 3 images (one batch of 2 and one padded), one
+    pass more per report than PyTorch's (the engine stores the prompt's last block with a commit
+    pass of its own), prefill and block timings recorded, one block event per block."""
+    import torch
+
+    from echo_train.decoding.block_diffusion import multistep_generate
+    from runtime.engine import EchoRuntime
+    from runtime.multistep import MultistepOptions
+    from varied_models import MAX_RESPONSE, assert_informative, varied_images
+
+    fx = teacher_engine_folder(tmp_path_factory.mktemp("teacher_engine"))
+    px = varied_images(3)
+    rt = EchoRuntime(fx.path, batch_size=GRAPH_BATCH, mode="multistep")
+    for steps in (VARIED_BLOCK, VARIED_BLOCK // 2, 1):
+        want = [multistep_generate(fx.model, fx.tokenizer, torch.from_numpy(px[i : i + 1]), VARIED_BLOCK, steps,
+                                   MAX_RESPONSE, rule) for i in range(len(px))]
+        events: list = []
+        got = rt.generate(list(px), MAX_RESPONSE, mode="multistep", multistep=MultistepOptions(steps, rule),
+                          on_block=events.append)
+        assert [r.tokens for r in got] == [w.tokens[0] for w in want], (steps, rule)
+        assert [r.forward_passes for r in got] == [w.forward_passes + 1 for w in want], (steps, rule)
+        for i, r in enumerate(got):
+            assert r.stop == "eos" and r.timings["prefill"] > 0 and r.timings["decode"] > r.timings["prefill"]
+            mine = [e for e in events if e.index == i]
+            assert sum((e.tokens for e in mine), []) == r.tokens and mine[-1].done
+    assert_informative([w.tokens[0] + [fx.tokenizer.eos_id] for w in want], fx.tokenizer.eos_id, min_distinct=3)
