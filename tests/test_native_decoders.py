@@ -196,6 +196,8 @@ def test_runtime_teacher_writes_the_official_multistep_tokens(fx, rule):
         assert [r.tokens for r in reps] == fx.multistep[(steps, rule)], f"{steps} steps, {rule}"
         for i, (r, P, n_img) in enumerate(zip(reps, fx.prompt_lens, fx.image_tokens)):
             assert (r.prompt_tokens, r.image_tokens) == (P, n_img)
+            assert r.timings["decode"] > r.timings["prefill"] > 0
+            assert r.timings["session"] > r.timings["prefill_session"] > 0  # onnxruntime's own seconds
             eos = len(r.tokens) < GEN
             assert r.stop == ("eos" if eos else "max_new_tokens")
             blocks = _blocks(P, len(r.tokens), eos)

@@ -204,6 +204,7 @@ def test_fixed_grid_teacher_engine_writes_pytorchs_multistep_tokens(tmp_path_fac
         assert [r.forward_passes for r in got] == [w.forward_passes + 1 for w in want], (steps, rule)
         for i, r in enumerate(got):
             assert r.stop == "eos" and r.timings["prefill"] > 0 and r.timings["decode"] > r.timings["prefill"]
+            assert r.timings["session"] > r.timings["prefill_session"] > 0  # onnxruntime's own seconds
             mine = [e for e in events if e.index == i]
             assert sum((e.tokens for e in mine), []) == r.tokens and mine[-1].done
     assert_informative([w.tokens[0] + [fx.tokenizer.eos_id] for w in want], fx.tokenizer.eos_id, min_distinct=3)
