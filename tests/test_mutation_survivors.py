@@ -543,4 +543,4 @@ def test_decode_studies_reports_every_study_and_counts_its_passes_and_tokens(tmp
     assert stats["forward_passes_per_report"] == pytest.approx(passes / 5)
     assert stats["tokens_per_report"] == pytest.approx((tokens + eos) / 5)
     assert stats["tokens_per_forward"] == pytest.approx((tokens + eos) / passes)
-    assert stats["seconds"] > 0
+    assert 0 < stats["seconds"] < 600  # wall seconds of this call, not a timestamp

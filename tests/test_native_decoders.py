@@ -174,7 +174,8 @@ def test_runtime_refuses_an_image_its_cache_cannot_hold(fx):
     rt = EchoRuntime(fx.student)
     reps = rt.generate([str(fx.images[0])], max_new_tokens=cap)
     n_img = fx.image_tokens[0]
-    assert not reps[0].ok and f"takes {n_img} tokens" in reps[0].error
+    assert not reps[0].ok and reps[0].path == str(fx.images[0])
+    assert reps[0].error.startswith(f"{fx.images[0]}: the image takes {n_img} tokens; ")
     assert f"the engine has {cap}" in reps[0].error and "--max-pixels" in reps[0].error
     P = fx.prompt_lens[0]
     need = int(reps[0].error.split(" need ")[1].split()[0])
