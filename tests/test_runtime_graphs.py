@@ -94,11 +94,10 @@ VARIED_BLOCK = 4  # more passes per report than the trained B=8: more cache traf
 VARIED_CAPACITY = 128  # prefix (64) + the longest report (27 ids) + a block of slack
 
 
-def varied_engine_folder(root: Path) -> EngineFixture:
-    """An engine folder of the trained varied model (tests/varied_models.py: one report per image,
-    7 to 26 ids, all ending at EOS), fp32, both modes from the same weights. The parity tests of
-    test_runtime_engine.py compare it with PyTorch pass by pass; a random model could not fail them."""
-    if "varied" not in _BUILT:
+def _build_varied(key: str, root: Path, stage: str, shifted_causal: tuple[bool, bool], ar: bool) -> EngineFixture:
+    """A trained varied model (tests/varied_models.py) as `stage` at block VARIED_BLOCK, saved and built
+    (fp32, graphs at batch GRAPH_BATCH; with `ar`, the AR graphs of the same weights), once per process."""
+    if key not in _BUILT:
         from conftest import make_tokenizer
         from echo_export.build import BuildOptions, build
         from echo_train.model.checkpoint import save_checkpoint
@@ -106,14 +105,23 @@ def varied_engine_folder(root: Path) -> EngineFixture:
 
         root = Path(root)
         tok = make_tokenizer()
-        model = as_stage(get_varied(tok, shifted=True, causal_context=True), "dcd", block_size=VARIED_BLOCK)
+        model = as_stage(get_varied(tok, *shifted_causal), stage, block_size=VARIED_BLOCK)
         model.cfg.max_response_tokens = MAX_RESPONSE
         save_checkpoint(root / "ckpt", model, tok)
-        save_checkpoint(root / "ar", as_stage(model, "ar"), tok)
-        out = build(BuildOptions(ckpt=root / "ckpt", out=root / "varied", precisions=["fp32"], ar_ckpt=root / "ar",
-                                 batch_sizes=[GRAPH_BATCH], capacity=VARIED_CAPACITY, verify_n=0), log=lambda s: None)
-        _BUILT["varied"] = EngineFixture(out, model, tok)
-    return _BUILT["varied"]
+        if ar:
+            save_checkpoint(root / "ar", as_stage(model, "ar"), tok)
+        out = build(BuildOptions(ckpt=root / "ckpt", out=root / key, precisions=["fp32"],
+                                 ar_ckpt=root / "ar" if ar else None, batch_sizes=[GRAPH_BATCH],
+                                 capacity=VARIED_CAPACITY, verify_n=0), log=lambda s: None)
+        _BUILT[key] = EngineFixture(out, model, tok)
+    return _BUILT[key]
+
+
+def varied_engine_folder(root: Path) -> EngineFixture:
+    """An engine folder of the trained varied model (tests/varied_models.py: one report per image,
+    7 to 26 ids, all ending at EOS), fp32, both modes from the same weights. The parity tests of
+    test_runtime_engine.py compare it with PyTorch pass by pass; a random model could not fail them."""
+    return _build_varied("varied", root, "dcd", (True, True), ar=True)
 
 
 @pytest.fixture(scope="session")
@@ -160,23 +168,8 @@ def test_engine_folder_verifies_and_lists_both_modes(runtime_engine):
 
 def teacher_engine_folder(root: Path) -> EngineFixture:
     """A fixed-grid teacher's engine folder (the varied model as a RAD teacher, block 4, fp32, graphs
-    at batch 2), built once per process: the runtime's multi-step loop at a fixed grid is held to
-    PyTorch's multistep_generate on it."""
-    if "teacher" not in _BUILT:
-        from conftest import make_tokenizer
-        from echo_export.build import BuildOptions, build
-        from echo_train.model.checkpoint import save_checkpoint
-        from varied_models import MAX_RESPONSE, as_stage, get_varied
-
-        root = Path(root)
-        tok = make_tokenizer()
-        model = as_stage(get_varied(tok, shifted=True, causal_context=False), "rad", block_size=VARIED_BLOCK)
-        model.cfg.max_response_tokens = MAX_RESPONSE
-        save_checkpoint(root / "ckpt", model, tok)
-        out = build(BuildOptions(ckpt=root / "ckpt", out=root / "teacher", precisions=["fp32"],
-                                 batch_sizes=[GRAPH_BATCH], capacity=VARIED_CAPACITY, verify_n=0), log=lambda s: None)
-        _BUILT["teacher"] = EngineFixture(out, model, tok)
-    return _BUILT["teacher"]
+    at batch 2): the runtime's multi-step loop at a fixed grid is held to PyTorch's multistep_generate."""
+    return _build_varied("teacher", root, "rad", (True, False), ar=False)
 
 
 @pytest.mark.parametrize("rule", ["dynamic-ltr", "static", "sequential"])
