@@ -118,8 +118,12 @@ def plan_build(ckpt: Path, precisions: list[str], stream: bool, verify: bool) ->
     # not counted: activations (a long native prefill at 7B widths adds GBs: docs/results.md)
     plan.phases["reference"] = base + 4 * largest
     room = None if plan.available is None else plan.available - HEADROOM
-    if stream and "int4" in precisions:  # the largest tensor int4 keeps fp32 (the head) widened whole
-        plan.phases["int4"] = base + 4 * largest
+    if stream and "int4" in precisions:
+        # the fp32 tables int4 keeps (embedding, head) widened whole, the one being stored, AWQ's
+        # activation rows and the allocator's fragments of a graph's quantised weights: about four
+        # times the largest table widened, from the anonymous memory of the 1.5B and 3B (AWQ) and 7B
+        # (RTN) int4 builds (benchmarks/results/scale/int4/, qwen2.5-vl-7b/ar/)
+        plan.phases["int4"] = base + 4 * 4 * largest
     for p in precisions:
         weights = int4_weight_bytes(ckpt) if p == "int4" else int(WEIGHT_BYTES_PER_PARAM[p] * n)
         need = precision_registry.get(p).cpu_session_bytes(weights, sessions=2)
