@@ -46,8 +46,9 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> list
         elif isinstance(node, ast.ImportFrom):
             base = package[: len(package) - node.level + 1] if node.level else []
             name = ".".join(base + ([node.module] if node.module else []))
-            # `from . import x` imports the submodule x (or a name of the package: either way, inside it)
-            found += [(node.lineno, name)] if node.module else [(node.lineno, f"{name}.{a.name}") for a in node.names]
+            # `from p import x` runs p and, where x is a submodule, p.x: each alias is kept as p.x, and the
+            # import graph resolves it to the longest module that exists (p.x, else p)
+            found += [(node.lineno, f"{name}.{a.name}" if name else a.name) for a in node.names]
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             f = node.func
             fname = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
@@ -77,9 +78,9 @@ def test_the_scanner_sees_every_kind_of_import():
         "    importlib.import_module('benchmarks.cli')\n"
     )
     names = [n for _, n in imported_modules(src, "echo_train.decoding.ar")]
-    assert names == ["numpy", "runtime.schedule", "echo_train.model", "echo_train.decoding.common", "torch",
-                     "echo_export.build", "benchmarks.cli"]
-    assert [n for _, n in imported_modules("from .errors import E", "runtime", is_package=True)] == ["runtime.errors"]
+    assert names == ["numpy", "runtime.schedule", "echo_train.model.backbone", "echo_train.decoding.common", "torch",
+                     "echo_export.build.build", "benchmarks.cli"]
+    assert [n for _, n in imported_modules("from .errors import E", "runtime", is_package=True)] == ["runtime.errors.E"]
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
