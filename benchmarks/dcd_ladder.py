@@ -41,7 +41,7 @@ N_BOOT = 1000
 @dataclass(frozen=True)
 class Rung:
     name: str
-    group: str  # length | states | loss | width
+    group: str  # length | states | loss | data | width | policy | decoding
     what: str  # one line for the table
     steps: int = DEMO_STEPS
     p_intermediate: float = 0.0
@@ -60,11 +60,21 @@ class Rung:
     decode_steps: int = 1
     decode_rule: str = "dynamic"
     student_of: str = ""  # decode another rung's student ("teacher": the rung's teacher) instead of training one
+    # A further stage-3 round: start from this rung's student instead of the teacher (its steps come on top)
+    continue_from: str = ""
+    on_policy: bool = False  # that round also trains in the student's own contexts (DAgger; needs continue_from)
+    onpolicy_anchor: int = 0  # the teacher completes each on-policy block around the student's N surest tokens
 
-    def stage3_args(self) -> list[str]:
-        return ["--steps", str(self.steps), "--batch-size", str(DEMO_BATCH), "--lr", str(self.lr),
+    def stage3_args(self, work: Path) -> list[str]:
+        args = ["--steps", str(self.steps), "--batch-size", str(DEMO_BATCH), "--lr", str(self.lr),
                 "--p-intermediate", str(self.p_intermediate), "--intermediate-copies", str(self.intermediate_copies),
                 "--diffusion-mix", str(self.diffusion_mix), "--ar-weight", str(self.ar_weight)]
+        if self.continue_from:
+            args += ["--student-init", str(work / "students" / self.continue_from)]
+        if self.on_policy:
+            args += ["--on-policy", "--onpolicy-targets", str(work / f"onpolicy-{self.name}"),
+                     "--onpolicy-anchor", str(self.onpolicy_anchor)]
+        return args
 
 
 RUNGS = [
@@ -83,6 +93,21 @@ RUNGS = [
     Rung("img4x", "data", "trajectories on 4x the images (2000 + 6000 report-free, seen combinations)",
          extra_images=6000),
     Rung("wide", "width", "2x-wide LM (3.5M params), own teacher, demo recipe", wide=True),
+    # The teacher-forced check (README) puts a third of the gap in the cascade: trained only in the teacher's
+    # contexts, the student writes from contexts it never saw after its first broken block. On-policy DCD
+    # (DAgger) gives it its own: the base student writes the 2000 training reports one step per block, the
+    # teacher completes each block after the student's earlier blocks, and 900 more steps train on those
+    # records and the teacher's own. `cont` is the same 900 more steps on the teacher's records alone.
+    Rung("cont", "policy", "base student + 900 more steps, the teacher's contexts only (control, 1800 in all)",
+         continue_from="base"),
+    Rung("onpol", "policy", "base student + 900 more steps, its own contexts too: teacher completes its blocks (DAgger)",
+         continue_from="base", on_policy=True),
+    # The students mix two wordings where the teacher's choice depends on what they cannot see (README):
+    # targets completed around the student's own surest tokens are in the wording it already leans to.
+    Rung("onpolA2", "policy", "onpol, the teacher completing each block around the student's 2 surest tokens",
+         continue_from="base", on_policy=True, onpolicy_anchor=2),
+    Rung("onpol2", "policy", "onpol student + a 2nd on-policy round of 900 steps (its own contexts, 2700 in all)",
+         continue_from="onpol", on_policy=True),
     # The students write mixtures of two wordings at positions they cannot decide between (README). A second
     # pass on only those low-confidence positions, in the context of the block's confident ones, can resolve
     # them, at the cost of the one-step promise; the teacher at the same pass budget is the fair comparison.
@@ -118,7 +143,7 @@ def train_rung(rung: Rung, data: str, teacher: str, work: Path, threads: int) ->
         traj = _seed_shards(traj, work / f"trajectories-extra{rung.extra_images}")
     cmd = [sys.executable, "-m", "echo_train.cli", "stage3", "--data", data, "--init", teacher, "--out", str(out),
            "--trajectories", str(traj), "--threads", str(threads), "--device", "cpu", "--eval-every", "100000",
-           "--save-every", "300", *rung.stage3_args()]
+           "--save-every", "300", *rung.stage3_args(work)]
     print("+", " ".join(cmd), flush=True)
     t = time.time()
     subprocess.run(cmd, check=True)

@@ -1,5 +1,6 @@
 """The stage-3 ladder (benchmarks/dcd_ladder.py): scoring against the teacher, and an honest table."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -66,8 +67,13 @@ def test_intermediate_copies_each_draw_a_trajectory_state(tiny_tokenizer):
 
 def test_rung_commands_carry_the_recipe():
     r = lad.BY_NAME["mid100x2"]
-    args = r.stage3_args()
+    args = r.stage3_args(Path("W"))
     assert args[args.index("--intermediate-copies") + 1] == "2" and args[args.index("--steps") + 1] == str(lad.DEMO_STEPS)
+    assert "--student-init" not in args and "--on-policy" not in args
+    op = lad.BY_NAME["onpol"].stage3_args(Path("W"))
+    assert op[op.index("--student-init") + 1] == str(Path("W/students/base")) and "--on-policy" in op
+    cont = lad.BY_NAME["cont"].stage3_args(Path("W"))
+    assert cont[cont.index("--student-init") + 1] == str(Path("W/students/base")) and "--on-policy" not in cont
     assert json.dumps([r.__dict__ for r in lad.RUNGS])  # every rung is plain data (written into its JSON)
 
 

@@ -5,6 +5,7 @@ Semantics (unmask rule, block positions) come from runtime/schedule.py, shared w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -62,11 +63,14 @@ def multistep_generate(
     rule: str = DEFAULT_UNMASK_RULE,
     threshold: float = UNMASK_THRESHOLD,
     keep_trajectory: bool = False,
+    context: Optional[torch.Tensor] = None,
+    start: Optional[torch.Tensor] = None,
 ) -> DecodeResult:
     """Per block: `steps` denoising passes, then a commit pass that stores the block's KV.
 
     With steps=1 this is the naive (unfused) one-step decoder.
     keep_trajectory records, per block, every intermediate state (for DCD).
+    context, start: see multistep_passes (the teacher's blocks in a student's context, on-policy DCD).
     """
     with torch.no_grad():
         b, dev, B = pixel_values.shape[0], pixel_values.device, block_size
@@ -79,7 +83,8 @@ def multistep_generate(
         logits, kv = forward_with_cache(model, embeds, pre_layout, cache)
         cache.append(kv, pre_layout)
         opts = MultistepRun(steps, rule, threshold, keep_trajectory)
-        return multistep_passes(model, tokenizer, prefix, grid, cache, logits[:, -1], max_new_tokens, opts)
+        return multistep_passes(model, tokenizer, prefix, grid, cache, logits[:, -1], max_new_tokens, opts,
+                                context=context, start=start)
 
 
 @dataclass(frozen=True)
@@ -94,30 +99,48 @@ class MultistepRun:
 
 def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch.Tensor, grid: BlockLayout,
                      cache: KVCache, carry: torch.Tensor, max_new_tokens: int, run: MultistepRun,
-                     position_offset: int = 0) -> DecodeResult:
+                     position_offset: int = 0, context: Optional[torch.Tensor] = None,
+                     start: Optional[torch.Tensor] = None) -> DecodeResult:
     """The blocks after a prefill that stored the prompt's whole blocks; `carry`: the logits of its last
-    position (token 0 of block 0 under shifted prediction)."""
+    position (token 0 of block 0 under shifted prediction).
+
+    context: response tokens [b, R] that another decoder wrote (EOS-padded). Each block k is then
+    denoised as usual, but what is committed after it is block k of `context`, not the block just
+    written: block k is the model's completion in the context of context's blocks < k (on-policy DCD:
+    the teacher's targets in the student's own contexts). Decoding ends where context's reports end.
+    start: response tokens [b, R], each block's starting state (mask_id where the block is to be
+    decoded; the rest is kept), in place of all-mask: the teacher completes a block around tokens the
+    student committed to (mode-seeking on-policy targets)."""
     b, dev, B = prefix.shape[0], prefix.device, grid.block_size
     schedule = transfer_schedule(B, run.steps)
     passes = 1
     blocks, trajectory = [], []
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     n_blocks = grid.num_blocks(max_new_tokens)
+    if context is not None:  # the context's blocks, the prompt's tail first as in block 0
+        context = torch.cat([prefix[:, grid.aligned_len :], context.to(dev)], 1)
+        n_blocks = min(n_blocks, context.shape[1] // B)
+    if start is not None:  # in grid blocks, as context
+        start = torch.cat([torch.full_like(prefix[:, grid.aligned_len :], tokenizer.mask_id), start.to(dev)], 1)
     for k in range(n_blocks):
-        start = int(grid.block_positions(k)[0])
-        noisy = block_layout(B, B, start=start, kind=NOISY, copy=1)
+        pos0 = int(grid.block_positions(k)[0])
+        noisy = block_layout(B, B, start=pos0, kind=NOISY, copy=1)
         x = first_block(prefix, grid, tokenizer.mask_id) if k == 0 else \
             torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
+        if start is not None and k < start.shape[1] // B:
+            x = torch.where(x == tokenizer.mask_id, start[:, k * B : (k + 1) * B], x)
         states = _denoise(model, x, noisy, cache, carry, schedule, run, tokenizer.mask_id, position_offset)
         x = states[-1]
         passes += len(states) - 1  # one pass a state after the first
         blocks.append(x)
         if run.keep_trajectory:
             trajectory.append(torch.stack(states, 1).cpu())  # [b, n_states, B]
+        if context is not None:
+            x = context[:, k * B : (k + 1) * B]
         done |= holds_eos(x[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
         if bool(done.all()) or k == n_blocks - 1:
             break
-        clean = block_layout(B, B, start=start, kind=model.cfg.context_kind)
+        clean = block_layout(B, B, start=pos0, kind=model.cfg.context_kind)
         logits, kv = forward_with_cache(model, model.embed_tokens(x), clean, cache, position_offset)
         carry = logits[:, -1]
         cache.append(kv, clean)
@@ -179,7 +202,7 @@ def fused_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch.Ten
     prev = prefix[:, grid.fused_prefill_len : grid.aligned_len]
     cur = first_block(prefix, grid, tokenizer.mask_id)
     masks = torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
-    blocks = []
+    blocks, confs = [], []
     read = fused_block_slice(B, model.cfg.shifted_prediction)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     for k in range(grid.num_blocks(max_new_tokens)):
@@ -188,12 +211,16 @@ def fused_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch.Ten
                                         position_offset)
         passes += 1
         cache.append(kv, layout, keep=slice(0, B))
-        pred = answer_logits(model, logits[:, read], tokenizer.mask_id).argmax(-1)
+        answer = answer_logits(model, logits[:, read], tokenizer.mask_id)
+        pred = answer.argmax(-1)
+        conf = torch.softmax(answer.float(), -1).gather(-1, pred[..., None])[..., 0]
         prev = torch.where(cur == tokenizer.mask_id, pred, cur)  # the prompt's tail ids are kept
         blocks.append(prev)
+        confs.append(torch.where(cur == tokenizer.mask_id, conf, torch.ones_like(conf)))
         done |= holds_eos(prev[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
         if bool(done.all()):
             break
         cur = masks
     raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
-    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw)
+    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw,
+                        confidence=torch.cat(confs, 1).cpu()[:, grid.tail :])

@@ -20,6 +20,8 @@ class DecodeResult:
     forward_passes: int  # model forwards for the whole batch, prefill included
     raw: torch.Tensor  # [b, n] every generated id, EOS and what followed included
     trajectories: Optional[list] = field(default=None, repr=False)  # per block, filled by the teacher
+    # [b, n] like raw: the probability of each id when it was written (the one-step decoder fills it)
+    confidence: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
 def prefix_ids_tensor(tokenizer: ReportTokenizer, model: EchoModel, batch: int, device) -> torch.Tensor:

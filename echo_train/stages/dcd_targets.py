@@ -3,6 +3,8 @@
 For every block k of the teacher's on-policy report, the student's input is
   prefix + the teacher's blocks < k (clean) + block k in the all-mask state (always), and in a
   second noisy copy a sampled intermediate state of the teacher's trajectory,
+(on-policy DCD: the clean blocks are the student's own one-step report and block k's target the
+teacher's completion in that context, so the student learns to continue from its own mistakes),
 and its target is the teacher's FINAL tokens of block k on all B positions: one joint sample
 of the block, not per-position marginals (the non-factorised supervision).
 
@@ -54,10 +56,13 @@ def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Gen
     final block. ar_weight > 0 (causal context): the clean copy, the teacher's report, also gets
     stage 1's next-token loss.
 
-    batch: teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded), n_states [b,nblk], block_valid [b,nblk].
+    batch: teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded), n_states [b,nblk], block_valid [b,nblk];
+    context_ids [b,R] (optional): the clean copy when it is not the teacher's report (on-policy DCD: the
+    student's own report, and teacher_ids the teacher's blocks written in its context).
     """
     B = model.cfg.block_size
     teacher, states, n_states, valid = batch["teacher_ids"], batch["states"], batch["n_states"], batch["block_valid"]
+    clean = batch.get("context_ids", teacher)
     block_ok = valid.repeat_interleave(B, 1)
     targets = torch.where(block_ok, teacher, torch.full_like(teacher, IGNORE_INDEX))
     all_mask = torch.full_like(teacher, mask_id)
@@ -66,8 +71,8 @@ def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Gen
         for _ in range(intermediate_copies):
             noisy.append(_intermediate_copy(states, n_states, block_ok, all_mask, p_intermediate, gen))
             tgts.append(targets)
-    inputs = _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], teacher, noisy, tgts)
-    add_clean_copy_ar_loss(model, inputs, batch["prefix_ids"].shape[1], teacher, block_ok, ar_weight)
+    inputs = _rad_inputs(model, batch["pixel_values"], batch["prefix_ids"], clean, noisy, tgts)
+    add_clean_copy_ar_loss(model, inputs, batch["prefix_ids"].shape[1], clean, block_ok, ar_weight)
     return inputs
 
 
