@@ -102,33 +102,24 @@ def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch
                      position_offset: int = 0, context: Optional[torch.Tensor] = None,
                      start: Optional[torch.Tensor] = None) -> DecodeResult:
     """The blocks after a prefill that stored the prompt's whole blocks; `carry`: the logits of its last
-    position (token 0 of block 0 under shifted prediction).
-
-    context: response tokens [b, R] that another decoder wrote (EOS-padded). Each block k is then
-    denoised as usual, but what is committed after it is block k of `context`, not the block just
-    written: block k is the model's completion in the context of context's blocks < k (on-policy DCD:
-    the teacher's targets in the student's own contexts). Decoding ends where context's reports end.
-    start: response tokens [b, R], each block's starting state (mask_id where the block is to be
-    decoded; the rest is kept), in place of all-mask: the teacher completes a block around tokens the
-    student committed to (mode-seeking on-policy targets)."""
+    position (token 0 of block 0 under shifted prediction). On-policy DCD's options, response tokens
+    [b, R]: `context` is committed after each block in place of the block written (block k: the
+    completion after context's blocks < k; decoding ends with context's reports); `start` holds each
+    block's starting ids (mask_id: to decode), in place of all-mask."""
     b, dev, B = prefix.shape[0], prefix.device, grid.block_size
     schedule = transfer_schedule(B, run.steps)
     passes = 1
     blocks, trajectory = [], []
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     n_blocks = grid.num_blocks(max_new_tokens)
-    if context is not None:  # the context's blocks, the prompt's tail first as in block 0
-        context = torch.cat([prefix[:, grid.aligned_len :], context.to(dev)], 1)
+    tail = prefix[:, grid.aligned_len :]  # the prompt's ids at the head of block 0
+    context, start = _on_grid(context, tail), _on_grid(start, torch.full_like(tail, tokenizer.mask_id))
+    if context is not None:
         n_blocks = min(n_blocks, context.shape[1] // B)
-    if start is not None:  # in grid blocks, as context
-        start = torch.cat([torch.full_like(prefix[:, grid.aligned_len :], tokenizer.mask_id), start.to(dev)], 1)
     for k in range(n_blocks):
         pos0 = int(grid.block_positions(k)[0])
         noisy = block_layout(B, B, start=pos0, kind=NOISY, copy=1)
-        x = first_block(prefix, grid, tokenizer.mask_id) if k == 0 else \
-            torch.full((b, B), tokenizer.mask_id, dtype=torch.long, device=dev)
-        if start is not None and k < start.shape[1] // B:
-            x = torch.where(x == tokenizer.mask_id, start[:, k * B : (k + 1) * B], x)
+        x = _start_state(k, prefix, grid, tokenizer.mask_id, start)
         states = _denoise(model, x, noisy, cache, carry, schedule, run, tokenizer.mask_id, position_offset)
         x = states[-1]
         passes += len(states) - 1  # one pass a state after the first
@@ -148,6 +139,22 @@ def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch
     raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
     return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw,
                         trajectory if run.keep_trajectory else None)
+
+
+def _on_grid(tokens: Optional[torch.Tensor], head: torch.Tensor) -> Optional[torch.Tensor]:
+    """Response tokens [b, R] in grid blocks: `head` (block 0's prompt positions) first."""
+    return None if tokens is None else torch.cat([head, tokens.to(head.device)], 1)
+
+
+def _start_state(k: int, prefix: torch.Tensor, grid: BlockLayout, mask_id: int, start: Optional[torch.Tensor]) -> torch.Tensor:
+    """Block k before denoising: all-mask (block 0 opens with the prompt's tail ids), with the
+    non-mask ids of `start` (grid blocks) in place."""
+    B = grid.block_size
+    x = first_block(prefix, grid, mask_id) if k == 0 else \
+        torch.full((prefix.shape[0], B), mask_id, dtype=torch.long, device=prefix.device)
+    if start is not None and k < start.shape[1] // B:
+        x = torch.where(x == mask_id, start[:, k * B : (k + 1) * B], x)
+    return x
 
 
 def _denoise(model: EchoModel, x: torch.Tensor, noisy, cache: KVCache, carry: torch.Tensor, schedule: list[int],
