@@ -108,14 +108,12 @@ def multistep_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch
     block's starting ids (mask_id: to decode), in place of all-mask."""
     b, dev, B = prefix.shape[0], prefix.device, grid.block_size
     schedule = transfer_schedule(B, run.steps)
-    passes = 1
-    blocks, trajectory = [], []
+    passes, blocks, trajectory = 1, [], []
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    n_blocks = grid.num_blocks(max_new_tokens)
     tail = prefix[:, grid.aligned_len :]  # the prompt's ids at the head of block 0
     context, start = _on_grid(context, tail), _on_grid(start, torch.full_like(tail, tokenizer.mask_id))
-    if context is not None:
-        n_blocks = min(n_blocks, context.shape[1] // B)
+    n_blocks = grid.num_blocks(max_new_tokens) if context is None else \
+        min(grid.num_blocks(max_new_tokens), context.shape[1] // B)
     for k in range(n_blocks):
         pos0 = int(grid.block_positions(k)[0])
         noisy = block_layout(B, B, start=pos0, kind=NOISY, copy=1)
