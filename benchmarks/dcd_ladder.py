@@ -106,6 +106,10 @@ RUNGS = [
     # targets completed around the student's own surest tokens are in the wording it already leans to.
     Rung("onpolA2", "policy", "onpol, the teacher completing each block around the student's 2 surest tokens",
          continue_from="base", on_policy=True, onpolicy_anchor=2),
+    # The demo's budget has no room for a round on top: the same 900 steps, split 600 + 300 on-policy.
+    Rung("s600", "policy", "600 steps (the first part of s600op300)", steps=600),
+    Rung("s600op300", "policy", "s600 student + 300 on-policy steps: the demo's 900 steps, split",
+         steps=300, continue_from="s600", on_policy=True),
     Rung("onpol2", "policy", "onpol student + a 2nd on-policy round of 900 steps (its own contexts, 2700 in all)",
          continue_from="onpol", on_policy=True),
     # The students write mixtures of two wordings at positions they cannot decide between (README). A second
