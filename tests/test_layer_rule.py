@@ -57,9 +57,16 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> list
     return found
 
 
+def python_files(root: Path, package: str) -> list[Path]:
+    """The package's modules: .py files whose folders are importable names (so not what a benchmark
+    unpacked into its ignored output folder, e.g. a peer's converter under benchmarks/out/)."""
+    return [p for p in sorted((root / package).rglob("*.py"))
+            if all(part.isidentifier() for part in p.relative_to(root).parts[:-1]) and "out" not in p.relative_to(root).parts[:-1]]
+
+
 def violations(layer: str, root: Path = ROOT) -> list[str]:
     out = []
-    for path in sorted((root / layer).rglob("*.py")):
+    for path in python_files(root, layer):
         mod = module_name(path, root)
         for line, name in imported_modules(path.read_text(), mod, path.name == "__init__.py"):
             if name.split(".")[0] in FORBIDDEN[layer]:
@@ -101,7 +108,7 @@ ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 
 def package_modules(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:
     """module name -> file, for every .py file under the packages."""
-    return {module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
+    return {module_name(p, root): p for pkg in packages for p in python_files(root, pkg)}
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:
