@@ -56,13 +56,13 @@ def build_dcd_inputs(model: EchoModel, batch: dict, mask_id: int, gen: torch.Gen
     final block. ar_weight > 0 (causal context): the clean copy, the teacher's report, also gets
     stage 1's next-token loss.
 
-    batch: teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded), n_states [b,nblk], block_valid [b,nblk];
-    context_ids [b,R] (optional): the clean copy when it is not the teacher's report (on-policy DCD: the
-    student's own report, and teacher_ids the teacher's blocks written in its context).
+    batch (stage3_dcd.make_trajectory_collate): teacher_ids [b,R] (EOS-padded), states [b,nblk,S,B] (padded),
+    n_states [b,nblk], block_valid [b,nblk], context_ids [b,R]: the clean copy, the teacher's report or
+    (on-policy DCD) the student's own, with teacher_ids the teacher's blocks written in its context.
     """
     B = model.cfg.block_size
     teacher, states, n_states, valid = batch["teacher_ids"], batch["states"], batch["n_states"], batch["block_valid"]
-    clean = batch.get("context_ids", teacher)
+    clean = batch["context_ids"]
     block_ok = valid.repeat_interleave(B, 1)
     targets = torch.where(block_ok, teacher, torch.full_like(teacher, IGNORE_INDEX))
     all_mask = torch.full_like(teacher, mask_id)
