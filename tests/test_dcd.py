@@ -199,6 +199,14 @@ def test_onpolicy_records_pair_the_students_report_with_the_teachers_blocks(tmp_
         assert n == (eos_block + 1) * B  # ends with the STUDENT's report
         assert torch.equal(r["context"], ctx[row, :n]) and torch.equal(r["tokens"], want[row, :n])
         assert all(torch.equal(st[-1], r["tokens"][B * k : B * k + B]) for k, st in enumerate(r["states"]))
+    # anchored (mode-seeking): every block starts from the student's 2 surest ids of it, kept in the target
+    generate_onpolicy_targets(student, teacher, tok, studies, tmp_path / "opA", B, B, shard_size=4, batch_size=4, anchor=2)
+    for s in studies:
+        r = load_trajectories(tmp_path / "opA")[s.id]
+        for k, st in enumerate(r["states"]):
+            kept = st[0] != tok.mask_id
+            assert int(kept.sum()) == 2 and torch.equal(st[0][kept], r["context"][B * k : B * k + B][kept])
+            assert torch.equal(st[-1][kept], st[0][kept])
     items = [{"pixel_values": px[0], "prefix_ids": torch.tensor(tok.prefix_ids(teacher.n_image_tokens)),
               "response_ids": torch.tensor([tok.eos_id]), "id": studies[0].id, "teacher": recs[studies[0].id]}]
     batch = make_trajectory_collate(tok, B)(items)
@@ -282,7 +290,8 @@ def test_onestep_decoder_reports_the_confidence_of_each_id(tiny_tokenizer, varie
 
     tok, B, R = tiny_tokenizer, 4, 32
     student = as_stage(varied_model(shifted=True, causal_context=False), "dcd", block_size=B)
-    res = fused_onestep_generate(student, tok, varied_pixels, B, R)
+    assert fused_onestep_generate(student, tok, varied_pixels, B, R).confidence is None  # only when asked
+    res = fused_onestep_generate(student, tok, varied_pixels, B, R, keep_confidence=True)
     c = res.confidence
     assert c.shape == res.raw.shape and bool((c > 0).all()) and bool((c <= 1).all())
     assert bool((c < 0.999).any()) and bool((c > 0.5).any())  # real probabilities, not a constant

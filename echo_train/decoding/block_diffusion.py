@@ -177,8 +177,10 @@ def fused_onestep_generate(
     pixel_values: torch.Tensor,
     block_size: int,
     max_new_tokens: int = 128,
+    keep_confidence: bool = False,
 ) -> DecodeResult:
     """One forward per block: [previous block clean + current block all-mask] = 2B tokens.
+    keep_confidence: also return each id's probability (on-policy DCD's anchors; a softmax per pass).
 
     The pass stores the previous block's KV and reads the current block from the last B
     positions. The first pass's previous block is the last prefix block, so prefill stores
@@ -194,11 +196,12 @@ def fused_onestep_generate(
         embeds = model.embed_prefix(pixel_values, prefix)
         _, kv = forward_with_cache(model, embeds[:, :n_pre], pre_layout, cache)
         cache.append(kv, pre_layout)
-        return fused_passes(model, tokenizer, prefix, grid, cache, max_new_tokens)
+        return fused_passes(model, tokenizer, prefix, grid, cache, max_new_tokens, keep_confidence=keep_confidence)
 
 
 def fused_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch.Tensor, grid: BlockLayout,
-                 cache: KVCache, max_new_tokens: int, position_offset: int = 0) -> DecodeResult:
+                 cache: KVCache, max_new_tokens: int, position_offset: int = 0,
+                 keep_confidence: bool = False) -> DecodeResult:
     """The fused passes after a prefill that stored the KV of the first grid.fused_prefill_len prompt
     tokens: pass k feeds [block k-1 clean, block k], stores block k-1's KV and reads block k (block 0
     opens with the prompt's tail ids, which are kept)."""
@@ -218,14 +221,15 @@ def fused_passes(model: EchoModel, tokenizer: ReportTokenizer, prefix: torch.Ten
         cache.append(kv, layout, keep=slice(0, B))
         answer = answer_logits(model, logits[:, read], tokenizer.mask_id)
         pred = answer.argmax(-1)
-        conf = torch.softmax(answer.float(), -1).gather(-1, pred[..., None])[..., 0]
         prev = torch.where(cur == tokenizer.mask_id, pred, cur)  # the prompt's tail ids are kept
         blocks.append(prev)
-        confs.append(torch.where(cur == tokenizer.mask_id, conf, torch.ones_like(conf)))
+        if keep_confidence:  # the prompt's tail ids count as certain
+            conf = torch.softmax(answer.float(), -1).gather(-1, pred[..., None])[..., 0]
+            confs.append(torch.where(cur == tokenizer.mask_id, conf, torch.ones_like(conf)))
         done |= holds_eos(prev[:, grid.tail if k == 0 else 0 :], tokenizer.eos_id)  # generated positions only
         if bool(done.all()):
             break
         cur = masks
     raw = torch.cat(blocks, 1).cpu()[:, grid.tail :]
-    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw,
-                        confidence=torch.cat(confs, 1).cpu()[:, grid.tail :])
+    conf = torch.cat(confs, 1).cpu()[:, grid.tail :] if keep_confidence else None
+    return DecodeResult(cut_rows_at_eos(raw, tokenizer.eos_id, tokenizer.mask_id), passes, raw, confidence=conf)

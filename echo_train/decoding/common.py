@@ -20,7 +20,7 @@ class DecodeResult:
     forward_passes: int  # model forwards for the whole batch, prefill included
     raw: torch.Tensor  # [b, n] every generated id, EOS and what followed included
     trajectories: Optional[list] = field(default=None, repr=False)  # per block, filled by the teacher
-    # [b, n] like raw: the probability of each id when it was written (the one-step decoder fills it)
+    # [b, n] like raw: the probability of each id when it was written (one-step decoder, keep_confidence)
     confidence: Optional[torch.Tensor] = field(default=None, repr=False)
 
 

@@ -109,7 +109,8 @@ def generate_onpolicy_targets(
 
     def records_of(sub: list[Study]) -> dict:
         px = _pixels(teacher, sub, device)
-        mine = fused_onestep_generate(student, tok, px, block_size, student.cfg.max_response_tokens)
+        mine = fused_onestep_generate(student, tok, px, block_size, student.cfg.max_response_tokens,
+                                      keep_confidence=anchor > 0)
         own = mine.raw
         start = anchor_states(own, mine.confidence, grid, anchor, tok.mask_id) if anchor > 0 else None
         res = multistep_generate(teacher, tok, px, block_size, steps, teacher.cfg.max_response_tokens,
