@@ -3,10 +3,10 @@
 For every block k of the teacher's on-policy report, the student's input is
   prefix + the teacher's blocks < k (clean) + block k in the all-mask state (always), and in a
   second noisy copy a sampled intermediate state of the teacher's trajectory,
-(on-policy DCD: the clean blocks are the student's own one-step report and block k's target the
-teacher's completion in that context, so the student learns to continue from its own mistakes),
 and its target is the teacher's FINAL tokens of block k on all B positions: one joint sample
 of the block, not per-position marginals (the non-factorised supervision).
+On-policy DCD swaps the clean blocks for the student's own one-step report and takes as block k's
+target the teacher's completion after it, so the student learns to continue from its own mistakes.
 
 All blocks of a study train in one forward through the RAD layout: noisy block k attends to
 the prefix, clean blocks < k and itself, exactly the context of fused pass k at inference.
