@@ -1,9 +1,10 @@
 """The matmul floor of a decoder pass on this CPU: a Qwen2.5 decoder's projections alone, as
-onnxruntime MatMulNBits, at 1 row (an AR step) and 2B rows (a fused one-step pass), with the
-projections separate (as our graphs have them) or packed (q/k/v in one, gate/up in one, as
-onnxruntime-genai's builder writes them). Random weights: speed does not depend on their values.
+onnxruntime MatMulNBits (int4/int8w's kernel) or DynamicQuantizeMatMul (int8dyn's), at 1 row (an
+AR step) and 2B rows (a fused one-step pass), with the projections separate (as our graphs have
+them) or packed (q/k/v in one, gate/up in one, as onnxruntime-genai's builder writes them).
+Random weights: speed does not depend on their values.
 
-    python -m benchmarks.matmul_floor --size 0.5b --rows 1,16 --threads 2
+    python -m benchmarks.matmul_floor --size 0.5b --rows 1,16 --threads 2 --kernel nbits,dynamic
 
 What the rest of a pass costs is the pass's time (benchmarks/ideal.py) minus this.
 """
@@ -31,6 +32,7 @@ class FloorGraph:
     bits: int = 4
     block: int = 32
     lm_head: bool = True
+    kernel: str = "nbits"  # "dynamic": DynamicQuantizeMatMul with int8 weights per column (bits unused)
 
     def build(self) -> bytes:
         """One ONNX model: every layer's projections (x -> q,k,v -> o; x -> gate,up -> down), chained
@@ -42,6 +44,13 @@ class FloorGraph:
         inits, nodes = [], []
 
         def mnb(name: str, inp: str, K: int, N: int) -> str:
+            if self.kernel == "dynamic":
+                w8 = rng.integers(-127, 128, size=(K, N), dtype=np.int8)
+                sc = (rng.random(N, dtype=np.float32) * 1e-3).astype(np.float32)
+                inits.extend([numpy_helper.from_array(w8, name + ".w"), numpy_helper.from_array(sc, name + ".s")])
+                nodes.append(helper.make_node("DynamicQuantizeMatMul", [inp, name + ".w", name + ".s"], [name],
+                                              domain="com.microsoft"))
+                return name
             nb = K // self.block
             w = rng.integers(0, 255, size=(N, nb, self.block * self.bits // 8), dtype=np.uint8)
             sc = (rng.random(N * nb, dtype=np.float32) * 1e-3).astype(np.float32)
@@ -107,15 +116,24 @@ def time_floor(graphs: dict[str, FloorGraph], rows: int, threads: int, rounds: i
 @click.command()
 @click.option("--size", type=click.Choice(sorted(SHAPES)), default="0.5b", show_default=True)
 @click.option("--rows", default="1,16", show_default=True, help="rows per pass: 1 = an AR step, 2B = a fused one-step pass")
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="MatMulNBits' weight width")
+@click.option("--kernel", "kernels", default="nbits", show_default=True,
+              help="comma list: nbits (MatMulNBits: int4, int8w) and/or dynamic (DynamicQuantizeMatMul: int8dyn)")
 @click.option("--threads", type=int, default=2, show_default=True)
-def main(size: str, rows: str, bits: str, threads: int) -> None:
-    """Milliseconds of a decoder pass's MatMulNBits alone (with the lm_head), projections separate and packed."""
-    graphs = {k: FloorGraph(size, packed=k == "packed", bits=int(bits)) for k in ("separate", "packed")}
+def main(size: str, rows: str, bits: str, kernels: str, threads: int) -> None:
+    """Milliseconds of a decoder pass's weight matmuls alone (with the lm_head), projections separate and packed."""
+    names = [k.strip() for k in kernels.split(",") if k.strip()]
+    bad = sorted(set(names) - {"nbits", "dynamic"})
+    if bad or not names:
+        raise click.BadParameter(f"{', '.join(bad) or '(none)'}: choose from nbits, dynamic", param_hint="--kernel")
+    graphs = {f"{k} {p}": FloorGraph(size, packed=p == "packed", bits=int(bits), kernel=k)
+              for k in names for p in ("separate", "packed")}
     for r in (int(x) for x in rows.split(",")):
         t = time_floor(graphs, r, threads)
-        print(f"{size} int{bits} rows {r:3d}: separate {t['separate']:.2f} ms, packed {t['packed']:.2f} ms "
-              f"({threads} threads)", flush=True)
+        for k in names:
+            label = f"int{bits} MatMulNBits" if k == "nbits" else "int8 DynamicQuantizeMatMul"
+            print(f"{size} {label} rows {r:3d}: separate {t[k + ' separate']:.2f} ms, packed {t[k + ' packed']:.2f} ms "
+                  f"({threads} threads)", flush=True)
 
 
 if __name__ == "__main__":

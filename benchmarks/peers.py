@@ -50,9 +50,9 @@ NEW_TOKENS = 128
 GENAI_PRECISIONS = "fp32,int8,int4".split(",")  # the model builder's -p names (not this registry's)
 GGUF_TYPES = {"f32": None, "Q8_0": 7, "Q4_K_M": 15}  # llama.h LLAMA_FTYPE_MOSTLY_* (f32: the converter's own output)
 # the precision class each engine variant belongs to (the goal: ours >= the best peer of its class)
-CLASS_OF = {"fp32": "fp32", "f32": "fp32", "int8": "8-bit", "int8w": "8-bit", "Q8_0": "8-bit",
+CLASS_OF = {"fp32": "fp32", "f32": "fp32", "int8": "8-bit", "int8w": "8-bit", "int8dyn": "8-bit", "Q8_0": "8-bit",
             "int4": "4-bit", "Q4_K_M": "4-bit"}
-OUR_PRECISIONS = tuple(precision_registry.parse_list("int8w,int4"))  # fp32 comes along
+OUR_PRECISIONS = tuple(precision_registry.parse_list("int8w,int4,int8dyn"))  # fp32 comes along
 
 
 # ----------------------------------------------------------------------------- availability
@@ -377,8 +377,8 @@ def prepare(size: str, work: Path, threads: int, install: bool, precisions: tupl
     dcd, ar = scale.make_checkpoints(rung, 8, data, root)
     engine = root / "engine"
     if not (engine / "manifest.json").is_file():
-        nbits = [p for p in precisions if (precision_registry.get(p).converter or "").startswith("echo_export.int4:")]
-        opts = [f"{p}.lm_head=true" for p in nbits] + (["int4.method=rtn"] if "int4" in nbits else [])  # MatMulNBits: lm_head too, as the peers
+        integer = [p for p in precisions if p in ("int4", "int8w", "int8dyn")]
+        opts = [f"{p}.lm_head=true" for p in integer] + (["int4.method=rtn"] if "int4" in integer else [])  # lm_head too, as the peers
         cmd = [sys.executable, "-m", "echo_export.cli", "build", "--ckpt", str(dcd), "--ar-ckpt", str(ar), "--out", str(engine),
                "--precision", ",".join(precisions), *[a for o in opts for a in ("--precision-opt", o)], "--batch-sizes", "1",
                "--verify-n", str(verify_n), "--calib-size", "1", "--max-new-tokens", str(NEW_TOKENS), "--data", str(data),
@@ -496,8 +496,14 @@ def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repea
     out.mkdir(parents=True, exist_ok=True)
     res = {"meta": meta, "rows": rows}
     (out / f"{rung.name}.json").write_text(json.dumps(res, indent=2))
-    (out / f"{rung.name}.md").write_text(markdown(res))
-    plot(res, out / f"{rung.name}.png")
+    return render(out / f"{rung.name}.json")
+
+
+def render(json_path: Path) -> dict:
+    """The table (.md) and plot (.png) beside a run's JSON, from its rows: no engine is run again."""
+    res = json.loads(Path(json_path).read_text())
+    Path(json_path).with_suffix(".md").write_text(markdown(res))
+    plot(res, Path(json_path).with_suffix(".png"))
     print(markdown(res))
     return res
 
@@ -540,9 +546,11 @@ def verdicts(rows: list[dict]) -> dict:
         if not ps or not ours_ar:
             continue
         bp = max(ps, key=lambda r: r["tps"])
+        ar = max(ours_ar, key=lambda r: r["tps"])  # our fastest engine of the class (8-bit: int8w or int8dyn)
+        fused = max(ours_fused, key=lambda r: r["tps"]) if ours_fused else None
         out["classes"][cls] = {"best_peer": f"{bp['engine']} {bp['precision']}", "best_peer_tps": bp["tps"],
-                               "our_ar_tps": ours_ar[0]["tps"], "ar_over_peer": ours_ar[0]["tps"] / bp["tps"],
-                               "one_step_over_peer": ours_fused[0]["tps"] / bp["tps"] if ours_fused else None}
+                               "our_ar_precision": ar["precision"], "our_ar_tps": ar["tps"], "ar_over_peer": ar["tps"] / bp["tps"],
+                               "one_step_over_peer": fused["tps"] / bp["tps"] if fused else None}
     fused = [r for r in ok if r["ours"] and r["loop"] == "fused"]
     if fused and best_peer:
         bf = max(fused, key=lambda r: r["tps"])
@@ -573,7 +581,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['engine']} | {r['precision']} | failed: {r['failed']} | | | | | |")
     lines += ["", "## Goals", ""]
     for cls, c in v["classes"].items():
-        lines.append(f"- {cls}: our AR {c['our_ar_tps']:.1f} tok/s vs best peer {c['best_peer']} {c['best_peer_tps']:.1f} "
+        lines.append(f"- {cls}: our AR ({c.get('our_ar_precision', '?')}) {c['our_ar_tps']:.1f} tok/s vs best peer {c['best_peer']} {c['best_peer_tps']:.1f} "
                      f"-> **{c['ar_over_peer']:.2f}x** (goal >= 1.00x)"
                      + (f"; one-step {c['one_step_over_peer']:.2f}x" if c["one_step_over_peer"] else ""))
     if v.get("one_step_best"):
@@ -636,6 +644,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.choices["run"].add_argument("--repeats", type=int, default=1, help="timed decodes per engine and round (after one warm-up)")
     sub.choices["run"].add_argument("--pass-repeats", type=int, default=20)
     sub.choices["run"].add_argument("--probe-timeout", type=int, default=600, help="seconds one engine's probe may take")
+    rd = sub.add_parser("render", help="rewrite a run's table and plot from its JSON (no engine runs)")
+    rd.add_argument("json", type=Path, help="e.g. benchmarks/results/peers/qwen2.5-0.5b.json")
     pr = sub.add_parser("probe", help=argparse.SUPPRESS)
     pr.add_argument("kind", choices=["ours", "onnxruntime-genai", "llama.cpp"])
     pr.add_argument("path", type=Path)
@@ -654,6 +664,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"[peers] skipped {k}: {why}")
     elif a.cmd == "run":
         run(a.size, a.work, a.out, a.threads, a.repeats, a.pass_repeats, a.rounds, a.probe_timeout)
+    elif a.cmd == "render":
+        render(a.json)
     else:
         prompt = np.random.default_rng(0).integers(3, a.vocab, a.prompt_len).tolist()
         if a.kind == "ours":

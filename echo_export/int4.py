@@ -508,30 +508,42 @@ def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: in
     store.flush()
 
 
-def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes: int = 1024, source=None) -> dict:
-    """The int4 (MatMulNBits) graph of the fp32 graph `src`, its tensors in `store`; `source`: the
-    DeferredWeights of a staged `src` (a build from the checkpoint's dtype), else None."""
+def rewrite_weight_matmuls(src: Path, dst: Path, parts: tuple[str, ...], make_nodes, store, min_bytes: int = 1024,
+                           source=None) -> dict:
+    """Replace every weight MatMul of `parts` in the fp32 graph `src` by what `make_nodes(wm, node,
+    w_kn)` returns, (nodes, initializers); write the graph to `dst`, its tensors in `store`.
+    `source`: the DeferredWeights of a staged `src` (a build from the checkpoint's dtype), else None.
+    The int4/int8w converter and the int8dyn one (echo_export/int8_dynamic.py) share it."""
     from .precision import name_nodes
 
     model = onnx.load(str(src), load_external_data=False)
     name_nodes(model)
     by_name = {n.name: n for n in model.graph.node}
     new, inits, counts = {}, [], {}
-    for wm in weight_matmuls(model, quantised_parts(plan.opts)):
+    for wm in weight_matmuls(model, parts):
         w = weight_kn(model, wm, src.parent, source)
-        qw = plan.quantize(weight_key(w), w)
+        new[wm.node], more = make_nodes(wm, by_name[wm.node], w)
         del w
-        new[wm.node], more = _matmulnbits_nodes(wm, by_name[wm.node], qw, level)
         inits += [_stored(t, store, min_bytes) for t in more]  # out of memory at once: 4 GB of them at 7B
         counts[wm.part] = counts.get(wm.part, 0) + 1
     if not new:
-        raise PrecisionError(f"{src}: no weight MatMul of {', '.join(quantised_parts(plan.opts))} to quantise")
+        raise PrecisionError(f"{src}: no weight MatMul of {', '.join(parts)} to quantise")
     _replace_nodes(model, new, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     _store_initializers(model, src.parent, store, min_bytes, source)
     onnx.save(model, str(dst))
-    return {"matmulnbits": len(new), "by_part": counts}
+    return {"replaced": len(new), "by_part": counts}
+
+
+def to_int4(src: Path, dst: Path, plan: WeightPlan, level: int, store, min_bytes: int = 1024, source=None) -> dict:
+    """The int4 (MatMulNBits) graph of the fp32 graph `src`, its tensors in `store`; `source`: the
+    DeferredWeights of a staged `src` (a build from the checkpoint's dtype), else None."""
+    def make(wm: WeightMatMul, node: onnx.NodeProto, w: np.ndarray):
+        return _matmulnbits_nodes(wm, node, plan.quantize(weight_key(w), w), level)
+
+    info = rewrite_weight_matmuls(src, dst, quantised_parts(plan.opts), make, store, min_bytes, source)
+    return {"matmulnbits": info["replaced"], "by_part": info["by_part"]}
 
 
 def _int4_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:

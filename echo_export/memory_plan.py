@@ -19,7 +19,7 @@ from runtime import precisions as precision_registry
 GB = 1e9
 # bytes per parameter of each precision's weights file (int8/int4: about, with the embedding and
 # the layers they keep wider: measured 0.5B folders, echo_export/precision.py and int4.py)
-WEIGHT_BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.3, "int4": 0.75, "int8w": 1.3}
+WEIGHT_BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.3, "int4": 0.75, "int8w": 1.3, "int8dyn": 1.3}
 HEADROOM = 1.0 * GB  # left for the interpreter, onnxruntime's arenas and the page cache's working set
 
 

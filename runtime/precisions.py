@@ -2,7 +2,8 @@
 about a precision, in one entry per precision.
 
 A precision is how the weights (and some arithmetic) of the exported graphs are stored: fp32,
-fp16, int8 (static QDQ), int4 and int8w (weight-only 4- and 8-bit MatMulNBits, echo_export/int4.py). Every layer asks this module
+fp16, int8 (static QDQ), int4 and int8w (weight-only 4- and 8-bit MatMulNBits, echo_export/int4.py),
+int8dyn (8-bit weights, activations quantised each pass: echo_export/int8_dynamic.py). Every layer asks this module
 instead of spelling the list out: `echo-export build --precision`, `echo-report --precision`,
 `echo-serve --precision`, `echo-bench`'s engine names, the runtime's shared-weights choice and
 its CPU memory check, verification's tolerances and the TensorRT form a plan is built from.
@@ -92,6 +93,11 @@ PRECISIONS: dict[str, Precision] = {
         "int8w", "weight-only 8-bit MatMulNBits of the decoder's linear layers (blocks of 32/64/128, RTN), activations fp32",
         converter="echo_export.int4:build_int8w", converts_from_stored_dtype=True,
         tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.int4:int8w_for_tensorrt"),
+    "int8dyn": Precision(
+        "int8dyn", "8-bit weights per column, activations quantised each pass (DynamicQuantizeMatMul): the fast "
+        "CPU form for a fused one-step pass's 2B rows; no calibration",
+        converter="echo_export.int8_dynamic:build_int8dyn", converts_from_stored_dtype=True,
+        tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.int8_dynamic:int8dyn_for_tensorrt"),
 }
 
 NAMES: tuple[str, ...] = tuple(PRECISIONS)

@@ -44,9 +44,10 @@ def write_varied_dataset(root, n_train: int = 4, n_test: int = 3):
     return root
 
 
-def build_varied_engine(root, precisions: list[str], name: str = "engine"):
+def build_varied_engine(root, precisions: list[str], name: str = "engine", **options):
     """The varied test model (dcd, B=4, 24-token reports) built at `precisions` with AR graphs'
-    worth of capacity, verified on 3 test images: (engine folder, data folder, build log lines)."""
+    worth of capacity, verified on 3 test images: (engine folder, data folder, build log lines).
+    `options`: more BuildOptions fields."""
     from echo_export.build import BuildOptions, build
     from echo_train.model.checkpoint import save_checkpoint
     from tests.conftest import make_tokenizer
@@ -59,7 +60,7 @@ def build_varied_engine(root, precisions: list[str], name: str = "engine"):
     data = write_varied_dataset(root / "data", 4, 3)
     logs: list[str] = []
     out = build(BuildOptions(ckpt=root / "ckpt", out=root / name, precisions=precisions, capacity=96,
-                             calib_size=3, verify_n=3, data=data), log=logs.append)
+                             calib_size=3, verify_n=3, data=data, **options), log=logs.append)
     return out, data, logs
 
 

@@ -99,19 +99,21 @@ def _peer(engine, prec, tps):
 def test_goal_ratios_come_from_the_rows():
     """Our AR against the best peer of its precision class, one-step against the best peer of all,
     a failed probe listed and the skipped peer named under the table."""
-    res = _res([_ours("fp32", 15.0, 60.0), _ours("int8w", 40.0, 100.0),
+    res = _res([_ours("fp32", 15.0, 60.0), _ours("int8w", 40.0, 100.0), _ours("int8dyn", 42.0, 120.0),
                 _peer("onnxruntime-genai", "fp32", 17.0), _peer("llama.cpp", "f32", 16.0),
                 _peer("onnxruntime-genai", "int8", 40.0), _peer("llama.cpp", "Q8_0", 44.0),
                 _peer("onnxruntime-genai", "int4", 55.0), {"engine": "llama.cpp", "precision": "Q4_K_M", "failed": "probe exit 1"}])
     v = peers.verdicts(peers.table_rows(res))
     assert v["classes"]["fp32"]["best_peer"] == "onnxruntime-genai 1 fp32"
     assert v["classes"]["fp32"]["ar_over_peer"] == pytest.approx(15 / 17)
-    assert v["classes"]["8-bit"]["ar_over_peer"] == pytest.approx(40 / 44)
+    c8 = v["classes"]["8-bit"]  # our fastest 8-bit engine, AR and one-step each
+    assert c8["our_ar_precision"] == "int8dyn" and c8["ar_over_peer"] == pytest.approx(42 / 44)
+    assert c8["one_step_over_peer"] == pytest.approx(120 / 44)
     assert "4-bit" not in v["classes"]  # no int4 row of ours
-    assert v["one_step_best"]["precision"] == "int8w" and v["one_step_best"]["over_best_peer"] == pytest.approx(100 / 55)
+    assert v["one_step_best"]["precision"] == "int8dyn" and v["one_step_best"]["over_best_peer"] == pytest.approx(120 / 55)
     md = peers.markdown(res)
     assert "Decode phase only" in md and "failed: probe exit 1" in md and "llama.cpp: llama_cpp not importable" in md
-    assert "**1.82x** (goal >= 2.5x)" in md
+    assert "**2.18x** (goal >= 2.5x)" in md and "our AR (int8dyn) 42.0 tok/s" in md
 
 
 @pytest.mark.skipif(peers.missing_peers()["onnxruntime-genai"] is not None,
