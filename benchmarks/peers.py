@@ -377,7 +377,7 @@ def prepare(size: str, work: Path, threads: int, install: bool, precisions: tupl
     dcd, ar = scale.make_checkpoints(rung, 8, data, root)
     engine = root / "engine"
     if not (engine / "manifest.json").is_file():
-        integer = [p for p in precisions if p in ("int4", "int8w", "int8dyn")]
+        integer = [p for p in precisions if p != "fp32"]  # ours here are int4, int8w, int8dyn: each takes lm_head
         opts = [f"{p}.lm_head=true" for p in integer] + (["int4.method=rtn"] if "int4" in integer else [])  # lm_head too, as the peers
         cmd = [sys.executable, "-m", "echo_export.cli", "build", "--ckpt", str(dcd), "--ar-ckpt", str(ar), "--out", str(engine),
                "--precision", ",".join(precisions), *[a for o in opts for a in ("--precision-opt", o)], "--batch-sizes", "1",

@@ -152,10 +152,12 @@ def main(engine_dir, images, fmt, out_dir, stream, backend, precision, mode, ste
         sys.exit(2)
     rt = _open_runtime(engine_dir, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
                        mode=mode, share_weights=not no_share, max_pixels=max_pixels)
-    if precision in ("int8", "int8dyn") and backend == "ort":
-        # engines from before the int8 modes carry no "int8" entry: they are u8s8, made for VNNI
-        made_for = rt.manifest.int8 if precision == "int8" else rt.manifest.precision_info.get("int8dyn", {})
-        mismatch = int8_cpu_mismatch(made_for.get("chosen_for", VNNI))
+    if backend == "ort":
+        # int8 engines from before the int8 modes carry no "int8" entry: they are u8s8, made for VNNI;
+        # other integer precisions (int8dyn) record the CPU kind in their precision_info, if they depend on it
+        made_for = (rt.manifest.int8.get("chosen_for", VNNI) if precision == "int8"
+                    else rt.manifest.precision_info.get(precision, {}).get("chosen_for"))
+        mismatch = int8_cpu_mismatch(made_for)
         if mismatch:
             _err(f"warning: {mismatch}")
     if verbose and not rt.manifest.verified:
