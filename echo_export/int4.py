@@ -334,11 +334,36 @@ NBITS = {"int4": 4, "int8w": 8}  # the MatMulNBits precisions this module conver
 
 
 def awq_rows_wanted(precisions: Iterable[str], options: dict[str, dict[str, str]]) -> Optional[int]:
-    """The calibration rows per layer that the MatMulNBits precisions asked with AWQ want (the
-    most of them), or None when none uses AWQ."""
+    """The calibration rows per layer that the precisions asked want (the most of them): the
+    MatMulNBits ones with AWQ, int8dyn with smoothing (int8_dynamic.smooth_rows_wanted); None
+    when none wants any."""
+    from .int8_dynamic import smooth_rows_wanted
+
+    precisions = list(precisions)
     rows = [o.calib_rows for p in precisions if p in NBITS
             for o in [Int4Options.parse(options.get(p, {}), NBITS[p], p)] if o.method == "awq"]
+    rows += [n for n in [smooth_rows_wanted(precisions, options)] if n]
     return max(rows) if rows else None
+
+
+def calibration_rows(b, parts: tuple[str, ...], max_feeds: int, max_rows: int, add_rows) -> None:
+    """The activation rows entering each weight MatMul of `parts`, by weight key, handed to
+    `add_rows` ({key: rows} per graph or phase): from the PyTorch decodes' hooks in a build from
+    the checkpoint's dtype (build._int4_rows_from_pytorch), else by running each fp32 graph on its
+    recorded calibration feeds. `b` is echo_export.build's _Build."""
+    if b.stream:
+        for rows in b.int4_rows:  # dropped with the staged graphs (another precision may read them too)
+            add_rows(rows)
+        return
+    for (role, _, bs), src in sorted((k, v) for k, v in b.files.items() if k[1] == "fp32"):
+        if (role, bs) not in b.calib:  # a teacher's block passes: the same weights as its block_step
+            continue
+        model = onnx.load(str(b.tmp / src), load_external_data=False)
+        inputs = {}
+        nodes = {n.name: n for n in model.graph.node}
+        for wm in weight_matmuls(model, parts):
+            inputs[weight_key(weight_kn(model, wm, b.tmp))] = nodes[wm.node].input[0]
+        add_rows(activation_rows(b.tmp / src, b.calib[(role, bs)], inputs, max_feeds, max_rows))
 
 
 class LinearInputRows:
@@ -639,19 +664,8 @@ def build_int4(b, calib_px: Optional[list[np.ndarray]] = None, precision: str = 
         raise PrecisionError(f"{precision} converts the fp32 graphs, and this build has none")
     plan = WeightPlan(opts)
     staged = b.deferred if b.stream else None  # the graphs' weights are the checkpoint's, widened when read
-    if opts.method == "awq" and staged is not None:  # rows the PyTorch decodes gave (build._int4_rows_from_pytorch)
-        for rows in b.int4_rows:  # dropped with the staged graphs (int8w may read them too)
-            plan.add_rows(rows)
-    elif opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
-        for (role, _, bs), src in sources:
-            if (role, bs) not in b.calib:  # a teacher's block passes: the same weights as its block_step
-                continue
-            model = onnx.load(str(b.tmp / src), load_external_data=False)
-            inputs = {}
-            nodes = {n.name: n for n in model.graph.node}
-            for wm in weight_matmuls(model, quantised_parts(opts)):
-                inputs[weight_key(weight_kn(model, wm, b.tmp))] = nodes[wm.node].input[0]
-            plan.add_rows(activation_rows(b.tmp / src, b.calib[(role, bs)], inputs, opts.max_feeds, opts.calib_rows))
+    if opts.method == "awq":  # every graph's activations first: one scaling per weight for all graphs
+        calibration_rows(b, quantised_parts(opts), opts.max_feeds, opts.calib_rows, plan.add_rows)
     info: dict = {}
     for (role, _, bs), src in sources:
         name = gio.graph_filename(role, precision, bs)

@@ -16,8 +16,13 @@ The weights' width follows the build's `--int8-mode` (runtime/cpu_features.py): 
 weights, exact on CPUs with VNNI) or u8s7 (7-bit weights, onnxruntime's reduce_range: on AVX2
 without VNNI the u8 x s8 pair sums cannot saturate). `auto` picks for the building CPU, and the
 manifest records it (precision_info.int8dyn.chosen_for) so that the runtime can warn on a mismatch.
-Per-tensor activation ranges are the form's accuracy risk on models with outlier channels: the
-build's per-pass agreement against fp32 (verify.json) is the check.
+One activation range per tensor is this form's risk on LLMs: a few input channels carry values
+far above the rest, set the range, and leave the others few levels. Smoothing (after SmoothQuant,
+Xiao et al. 2023; `int8dyn.smooth=alpha`, default 0.5, 0 off) moves that range into the weights:
+for each weight, input channel k gets s_k = max|x_k|^alpha / max_n|W_kn|^(1-alpha) from the
+calibration activations (the same rows int4's AWQ reads), the weight's row k is multiplied by s_k
+before it is quantised and the activation divided by it in a Mul before the matmul (exact in real
+arithmetic). The build's per-pass agreement against fp32 (verify.json) is the check.
 
 TensorRT: no form (DynamicQuantizeMatMul is an onnxruntime operator, and TensorRT's int8 path is
 the calibrated int8 precision's QDQ).
@@ -31,7 +36,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .int4 import MS_DOMAIN, WeightMatMul, rewrite_weight_matmuls
+from .int4 import (MS_DOMAIN, WeightMatMul, calibration_rows, rewrite_weight_matmuls, weight_key, weight_kn,
+                   weight_matmuls)
 from .precision import PrecisionError
 
 PRECISION = "int8dyn"
@@ -42,6 +48,9 @@ class Int8DynOptions:
     """The converter's choices (`echo-export build --precision-opt int8dyn.<name>=<value>`)."""
     lm_head: bool = False  # also the output head (the embedding's tied copy)
     vision: bool = False  # also the vision tower and projector (they run once per image)
+    smooth: float = 0.5  # SmoothQuant's alpha (module docstring); 0: no smoothing, no calibration
+    calib_rows: int = 256  # activation rows kept per weight for the channel maxima
+    max_feeds: int = 32  # calibration feeds run per graph
 
     @staticmethod
     def parse(opts: dict[str, str]) -> "Int8DynOptions":
@@ -49,15 +58,82 @@ class Int8DynOptions:
         bad = sorted(set(opts) - set(known))
         if bad:
             raise PrecisionError(f"unknown {PRECISION} option(s) {', '.join(bad)}; known: {', '.join(known)}")
-        vals = {}
+        vals: dict = {}
         for k, v in opts.items():
-            if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise PrecisionError(f"{PRECISION}.{k}={v!r}: expected true or false")
-            vals[k] = v.lower() in ("1", "true", "yes")
-        return Int8DynOptions(**vals)
+            kind = type(known[k])
+            try:
+                if kind is bool:
+                    if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError
+                    vals[k] = v.lower() in ("1", "true", "yes")
+                else:
+                    vals[k] = kind(v)
+            except ValueError:
+                raise PrecisionError(f"{PRECISION}.{k}={v!r}: expected {'true or false' if kind is bool else 'a ' + kind.__name__}") from None
+        o = Int8DynOptions(**vals)
+        if not 0.0 <= o.smooth <= 1.0:
+            raise PrecisionError(f"{PRECISION}.smooth={o.smooth}: alpha is in [0, 1] (0: off)")
+        if o.calib_rows < 1 or o.max_feeds < 1:
+            raise PrecisionError(f"{PRECISION}: calib_rows and max_feeds must be at least 1")
+        return o
 
     def parts(self) -> tuple[str, ...]:
         return ("decoder",) + (("vision",) if self.vision else ()) + (("lm_head",) if self.lm_head else ())
+
+
+def smooth_rows_wanted(precisions, options: dict[str, dict[str, str]]) -> Optional[int]:
+    """Calibration rows per layer int8dyn's smoothing wants, or None (not built, or smooth=0)."""
+    if PRECISION not in precisions:
+        return None
+    o = Int8DynOptions.parse(options.get(PRECISION, {}))
+    return o.calib_rows if o.smooth > 0 else None
+
+
+def smoothing_scale(x_amax: np.ndarray, w_amax: np.ndarray, alpha: float) -> np.ndarray:
+    """s [K] = max|x_k|^alpha / max|W_k.|^(1-alpha) from the activation's and the weight rows' maxima;
+    1 where a channel never carried a value or its weight row is zero (nothing to move)."""
+    x, w = x_amax.astype(np.float64), w_amax.astype(np.float64)
+    ok = (x > 0) & (w > 0)
+    s = np.ones_like(w)
+    s[ok] = x[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    return s.astype(np.float32)
+
+
+class SmoothingPlan:
+    """The smoothing of every weight MatMul: the channel maxima of each weight's activations (by
+    weight key, over every graph's calibration rows), and per graph one scale per activation
+    tensor, shared by the weights that read it (q/k/v, gate/up), so that one Mul divides it."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.x_amax: dict[str, np.ndarray] = {}
+
+    def add_rows(self, rows: dict[str, np.ndarray]) -> None:
+        for key, x in rows.items():
+            m = np.abs(x.astype(np.float32, copy=False)).max(axis=0)
+            self.x_amax[key] = np.maximum(self.x_amax[key], m) if key in self.x_amax else m
+
+    def for_graph(self, model: onnx.ModelProto, parts: tuple[str, ...], base, source=None) -> dict[str, tuple]:
+        """{MatMul node: (its activation tensor, s [K], whether it writes the shared Mul)}; weights
+        without calibration rows are left out (not smoothed)."""
+        from .precision import name_nodes
+
+        name_nodes(model)  # the names rewrite_weight_matmuls will see
+        nodes = {n.name: n for n in model.graph.node}
+        groups: dict[str, list] = {}
+        for wm in weight_matmuls(model, parts):
+            w = weight_kn(model, wm, base, source)
+            x = self.x_amax.get(weight_key(w))
+            if x is not None:
+                groups.setdefault(nodes[wm.node].input[0], []).append((wm.node, np.abs(w).max(axis=1), x))
+            del w
+        plan = {}
+        for inp, members in groups.items():
+            w_amax = np.max([m[1] for m in members], axis=0)
+            x_amax = np.max([m[2] for m in members], axis=0)
+            s = smoothing_scale(x_amax, w_amax, self.alpha)
+            plan.update({node: (inp, s, i == 0) for i, (node, _, _) in enumerate(members)})
+        return plan
 
 
 def check_options(opts: dict[str, str]) -> None:
@@ -84,14 +160,25 @@ def weight_bits_for_mode(mode: str) -> int:
     return 7 if mode == "u8s7" else 8
 
 
-def dynamic_matmul_nodes(wm: WeightMatMul, node: onnx.NodeProto, w_kn: np.ndarray, bits: int):
-    """(nodes, initializers) replacing `node` by one DynamicQuantizeMatMul of its quantised weight."""
-    q, scale = quantize_per_column(w_kn, bits)
+def dynamic_matmul_nodes(wm: WeightMatMul, node: onnx.NodeProto, w_kn: np.ndarray, bits: int,
+                         smooth: Optional[tuple] = None):
+    """(nodes, initializers) replacing `node`: DynamicQuantizeMatMul of the quantised weight; with
+    `smooth` = (activation tensor, s, writes_mul) the weight's rows are multiplied by s and the
+    matmul reads the activation divided by s, by a Mul that the first weight of the tensor writes."""
     base = f"{wm.node}_{PRECISION}"
-    inits = [numpy_helper.from_array(q, f"{base}_B"), numpy_helper.from_array(scale, f"{base}_scale")]
-    mm = helper.make_node("DynamicQuantizeMatMul", [node.input[0], inits[0].name, inits[1].name], list(node.output),
-                          name=base, domain=MS_DOMAIN)
-    return [mm], inits
+    x, nodes, inits = node.input[0], [], []
+    if smooth is not None:
+        src, s, writes_mul = smooth
+        w_kn = w_kn * s[:, None]
+        x = f"{src}_{PRECISION}_smoothed"
+        if writes_mul:
+            inits.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}_inv_scale"))
+            nodes.append(helper.make_node("Mul", [src, inits[-1].name], [x], name=f"{x}_mul"))
+    q, scale = quantize_per_column(w_kn, bits)
+    inits += [numpy_helper.from_array(q, f"{base}_B"), numpy_helper.from_array(scale, f"{base}_scale")]
+    nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"{base}_B", f"{base}_scale"], list(node.output),
+                                  name=base, domain=MS_DOMAIN))
+    return nodes, inits
 
 
 def int8dyn_for_tensorrt(src, dst) -> dict:
@@ -102,7 +189,8 @@ def int8dyn_for_tensorrt(src, dst) -> dict:
 
 def build_int8dyn(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     """The registry's int8dyn converter: every fp32 graph of the build -> its int8dyn graph, the
-    tensors in weights.int8dyn.bin. `b` is echo_export.build's _Build (no calibration is used)."""
+    tensors in weights.int8dyn.bin. `b` is echo_export.build's _Build; its calibration feeds (or
+    the PyTorch decodes' rows) give the smoothing's activation maxima."""
     from runtime import graph_io as gio
 
     from .build import resolve_int8_mode
@@ -118,18 +206,32 @@ def build_int8dyn(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     if not sources:
         raise PrecisionError(f"{PRECISION} converts the fp32 graphs, and this build has none")
     staged = b.deferred if b.stream else None
-
-    def make(wm: WeightMatMul, node: onnx.NodeProto, w: np.ndarray):
-        return dynamic_matmul_nodes(wm, node, w, bits)
-
+    smoothing = SmoothingPlan(opts.smooth)
+    if opts.smooth > 0:
+        calibration_rows(b, opts.parts(), opts.max_feeds, opts.calib_rows, smoothing.add_rows)
+    counts = {"smoothed": 0, "weights": 0}
     for (role, _, bs), src in sources:
         name = gio.graph_filename(role, PRECISION, bs)
+        plan = {}
+        if opts.smooth > 0:
+            model = onnx.load(str(b.tmp / src), load_external_data=False)
+            plan = smoothing.for_graph(model, opts.parts(), b.tmp, staged)
+            del model
+
+        def make(wm: WeightMatMul, node: onnx.NodeProto, w: np.ndarray, plan: dict = plan):
+            counts["weights"] += 1
+            counts["smoothed"] += wm.node in plan
+            return dynamic_matmul_nodes(wm, node, w, bits, plan.get(wm.node))
+
         info = rewrite_weight_matmuls(b.tmp / src, b.tmp / name, opts.parts(), make, b.store(PRECISION),
                                       b.opts.weights_min_bytes, staged)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
         b.log(f"  {name:<34} {file_size_text(b.tmp / name):>10}  {info['replaced']} DynamicQuantizeMatMul {info['by_part']}")
         b.add_graph((role, PRECISION, bs), name)
-    b.precision_info[PRECISION] = {**asdict(opts), "weight_bits": bits, "mode": mode["mode"],
+    if opts.smooth > 0:
+        b.log(f"  smoothed {counts['smoothed']} of {counts['weights']} weight MatMuls (alpha {opts.smooth}); the rest "
+              "had no calibration rows")
+    b.precision_info[PRECISION] = {**asdict(opts), "weight_bits": bits, "mode": mode["mode"], **counts,
                                    "chosen_for": mode["chosen_for"], "quantized_parts": list(opts.parts()),
                                    "activations": "uint8, one range per tensor per pass", "tensorrt_form": None}
     b.meter.stop()

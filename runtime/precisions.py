@@ -95,8 +95,9 @@ PRECISIONS: dict[str, Precision] = {
         tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.int4:int8w_for_tensorrt"),
     "int8dyn": Precision(
         "int8dyn", "8-bit weights per column, activations quantised each pass (DynamicQuantizeMatMul): the fast "
-        "CPU form for a fused one-step pass's 2B rows; no calibration",
+        "CPU form for a fused one-step pass's 2B rows; SmoothQuant-style channel scaling from calibration images",
         converter="echo_export.int8_dynamic:build_int8dyn", converts_from_stored_dtype=True,
+        needs_calibration=True,  # the smoothing's activation maxima (int8dyn.smooth=0: none read)
         tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.int8_dynamic:int8dyn_for_tensorrt"),
 }
 

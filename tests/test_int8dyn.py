@@ -71,6 +71,50 @@ def test_onnxruntime_computes_what_we_stored(rows):
         assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def _two_weight_graph(ws: list[np.ndarray]) -> onnx.ModelProto:
+    """x -> one MatMul per weight (every one reading x, as q/k/v do), named by their namespace as the
+    exporter's decoder layers are."""
+    k = ws[0].shape[0]
+    nodes = [helper.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"mm{i}") for i in range(len(ws))]
+    for n in nodes:
+        n.metadata_props.add(key="namespace", value="model.lm.layers.0")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["rows", k])],
+                          [helper.make_tensor_value_info(f"y{i}", 1, None) for i in range(len(ws))],
+                          [onnx.numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(ws)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path):
+    """An activation channel 50x the others: smoothing (alpha 0.5) shares one Mul and one scale
+    between the weights that read the tensor, and cuts the int8 error against fp32 several-fold."""
+    from echo_export.int4 import _replace_nodes, weight_key, weight_matmuls
+
+    rng = np.random.default_rng(3)
+    ws = [rng.normal(0, 0.05, (64, 32)).astype(np.float32) for _ in range(2)]
+    x = rng.normal(0, 1, (16, 64)).astype(np.float32)
+    x[:, 5] *= 50
+    plan = i8d.SmoothingPlan(0.5)
+    plan.add_rows({weight_key(w): x for w in ws})
+    errs = {}
+    for smooth in (False, True):
+        model = _two_weight_graph(ws)
+        by_node = plan.for_graph(model, ("decoder",), tmp_path) if smooth else {}
+        nodes = {n.name: n for n in model.graph.node}
+        new, inits = {}, []
+        for wm, w in zip(weight_matmuls(model, ("decoder",)), ws):
+            new[wm.node], more = i8d.dynamic_matmul_nodes(wm, nodes[wm.node], w, 8, by_node.get(wm.node))
+            inits += more
+        _replace_nodes(model, new, inits)
+        if smooth:
+            assert [n.op_type for n in model.graph.node].count("Mul") == 1
+            (s0, s1) = (by_node[f"mm{i}"][1] for i in range(2))
+            assert np.array_equal(s0, s1) and s0[5] > 5 * np.median(s0)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"x": x})
+        errs[smooth] = max(np.abs(g - x @ w).max() / np.abs(x @ w).max() for g, w in zip(got, ws))
+    assert errs[True] < errs[False] / 3, errs
+
+
 def test_options_and_modes():
     assert i8d.Int8DynOptions.parse({}).parts() == ("decoder",)
     assert i8d.Int8DynOptions.parse({"lm_head": "true", "vision": "1"}).parts() == ("decoder", "vision", "lm_head")
@@ -78,6 +122,14 @@ def test_options_and_modes():
         i8d.check_options({"block_size": "32"})
     with pytest.raises(PrecisionError, match="expected true or false"):
         i8d.check_options({"lm_head": "maybe"})
+    assert i8d.Int8DynOptions.parse({}).smooth == 0.5 and i8d.Int8DynOptions.parse({"smooth": "0"}).smooth == 0.0
+    with pytest.raises(PrecisionError, match="smooth=1.5"):
+        i8d.check_options({"smooth": "1.5"})
+    with pytest.raises(PrecisionError, match="expected a float"):
+        i8d.check_options({"smooth": "high"})
+    assert i8d.smooth_rows_wanted(["fp32", "int8dyn"], {}) == 256
+    assert i8d.smooth_rows_wanted(["fp32", "int8dyn"], {"int8dyn": {"smooth": "0"}}) is None
+    assert i8d.smooth_rows_wanted(["fp32", "int4"], {}) is None
     assert (i8d.weight_bits_for_mode("u8s8"), i8d.weight_bits_for_mode("u8s7")) == (8, 7)
     with pytest.raises(PrecisionError, match="s8s8"):
         i8d.weight_bits_for_mode("s8s8")
@@ -108,6 +160,7 @@ def test_int8dyn_engine_against_fp32(engine):
     assert v["within_tolerance"] and v["per_pass_token_agreement"] >= 0.95
     info = json.loads((out / "manifest.json").read_text())["precision_info"]["int8dyn"]
     assert (info["mode"], info["weight_bits"], info["chosen_for"]) == ("u8s7", 7, AVX2_NO_VNNI)
+    assert info["smooth"] == 0.5 and info["smoothed"] == info["weights"] > 0  # every weight had calibration rows
     assert info["tensorrt_ready"] is False and "no TensorRT form" in info["tensorrt_reason"]
     images = sorted(str(p) for p in (data / "img").glob("test*.png"))
     got = [r.tokens for r in EchoRuntime(out, precision="int8dyn").generate(images)]
@@ -118,8 +171,24 @@ def test_int8dyn_engine_against_fp32(engine):
     dq = [n for n in m.graph.node if n.op_type == "DynamicQuantizeMatMul"]
     inits = {t.name: t for t in m.graph.initializer}
     assert len(dq) == 14 and not any(n.op_type == "MatMul" and n.input[1] in inits for n in m.graph.node)
+    smooth = [n for n in m.graph.node if n.op_type == "Mul" and n.name.endswith("_int8dyn_smoothed_mul")]
+    assert len(smooth) == 2 * 4  # per layer: q/k/v's input, o's, gate/up's, down's
+    assert {n.output[0] for n in smooth} <= {d.input[0] for d in dq}
     w = onnx.numpy_helper.to_array(inits[dq[0].input[1]], base_dir=str(out))
     assert w.dtype == np.int8 and np.abs(w).max() <= 63
     r = CliRunner().invoke(main, ["--engine-dir", str(out), "--precision", "int8dyn", images[0]])
     assert r.exit_code == 0, r.output
     assert ("warning:" in r.stderr) == (int8_cpu_mismatch(AVX2_NO_VNNI, detect_cpu_features()) is not None)
+
+
+def test_int8dyn_alone_builds_from_the_stored_weights_with_smoothing(tmp_path):
+    """--precision int8dyn alone makes no fp32 graphs (the 7B path): the smoothing's activation
+    maxima come from the PyTorch decodes' hooks instead, and every weight is smoothed."""
+    from tests.test_export import build_varied_engine
+
+    out, _, logs = build_varied_engine(tmp_path, ["int8dyn"])
+    man = json.loads((out / "manifest.json").read_text())
+    assert not (out / "weights.fp32.bin").exists() and "fp32" not in {k.split(".")[0] for g in man["graphs"].values() for k in g}
+    info = man["precision_info"]["int8dyn"]
+    assert info["smoothed"] == info["weights"] > 0
+    assert any("activation rows" in line for line in logs)

@@ -34,7 +34,7 @@ def test_entries_say_what_the_layers_used_to_hard_code():
     assert precisions.get("fp32").cpu_session_bytes(10, sessions=2) == 10  # shared: once
     assert precisions.get("fp32").tolerances.must_be_identical
     assert [p for p in precisions.NAMES if precisions.get(p).needs_calibration] == \
-        [p for p in precisions.NAMES if p in ("int8", "int4")]
+        [p for p in precisions.NAMES if p in ("int8", "int4", "int8dyn")]
 
 
 def test_every_converter_and_tensorrt_form_resolves():
