@@ -265,13 +265,18 @@ def _staged_offset(t: onnx.TensorProto, source) -> Optional[int]:
     return where[1] if where is not None and where[0] == source.name else None
 
 
-def weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path, source=None) -> np.ndarray:
-    """The weight [K, N] in fp32: from the graph's weights file, or widened from the checkpoint's
-    dtype one tensor at a time where the graph is staged (`source`)."""
-    t = next(t for t in model.graph.initializer if t.name == wm.weight)
+def initializer_array(model: onnx.ModelProto, name: str, base: Path, source=None) -> np.ndarray:
+    """An initializer in fp32: from the graph's weights file, or widened from the checkpoint's
+    dtype where the graph is staged (`source`)."""
+    t = next(t for t in model.graph.initializer if t.name == name)
     offset = _staged_offset(t, source)
     w = source.array(offset) if offset is not None else numpy_helper.to_array(t, base_dir=str(base))
-    w = w.astype(np.float32, copy=False)
+    return w.astype(np.float32, copy=False)
+
+
+def weight_kn(model: onnx.ModelProto, wm: WeightMatMul, base: Path, source=None) -> np.ndarray:
+    """The weight [K, N] in fp32, one tensor at a time (initializer_array)."""
+    w = initializer_array(model, wm.weight, base, source)
     return w.T if wm.transposed else w
 
 
@@ -534,11 +539,13 @@ def _store_initializers(model: onnx.ModelProto, base: Path, store, min_bytes: in
 
 
 def rewrite_weight_matmuls(src: Path, dst: Path, parts: tuple[str, ...], make_nodes, store, min_bytes: int = 1024,
-                           source=None) -> dict:
+                           source=None, other_nodes=None) -> dict:
     """Replace every weight MatMul of `parts` in the fp32 graph `src` by what `make_nodes(wm, node,
     w_kn)` returns, (nodes, initializers); write the graph to `dst`, its tensors in `store`.
     `source`: the DeferredWeights of a staged `src` (a build from the checkpoint's dtype), else None.
-    The int4/int8w converter and the int8dyn one (echo_export/int8_dynamic.py) share it."""
+    `other_nodes(model)`: ({node name: its replacement nodes}, initializers) for nodes that are not
+    weight MatMuls (int8dyn's smoothing folded into a norm's weight). The int4/int8w converter and
+    the int8dyn one (echo_export/int8_dynamic.py) share it."""
     from .precision import name_nodes
 
     model = onnx.load(str(src), load_external_data=False)
@@ -553,6 +560,10 @@ def rewrite_weight_matmuls(src: Path, dst: Path, parts: tuple[str, ...], make_no
         counts[wm.part] = counts.get(wm.part, 0) + 1
     if not new:
         raise PrecisionError(f"{src}: no weight MatMul of {', '.join(parts)} to quantise")
+    if other_nodes is not None:
+        more_nodes, more = other_nodes(model)
+        new.update(more_nodes)
+        inits += [_stored(t, store, min_bytes) for t in more]
     _replace_nodes(model, new, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

@@ -29,6 +29,7 @@ the calibrated int8 precision's QDQ).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -36,8 +37,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .int4 import (MS_DOMAIN, WeightMatMul, calibration_rows, rewrite_weight_matmuls, weight_key, weight_kn,
-                   weight_matmuls)
+from .int4 import (MS_DOMAIN, WeightMatMul, calibration_rows, initializer_array, rewrite_weight_matmuls, weight_key,
+                   weight_kn, weight_matmuls)
 from .precision import PrecisionError
 
 PRECISION = "int8dyn"
@@ -99,10 +100,48 @@ def smoothing_scale(x_amax: np.ndarray, w_amax: np.ndarray, alpha: float) -> np.
     return s.astype(np.float32)
 
 
+@dataclass
+class Smoothing:
+    """One weight MatMul's smoothing: its rows are multiplied by `scale` and it reads `reads`, the
+    activation divided by `scale`: by a Mul that the first weight of the tensor writes, or already
+    upstream (a fold: the norm's weight, or the previous matmul's columns, divided by it).
+    `out_scale`: this weight's columns divided by it (the fold of the next matmul's scale)."""
+    source: str
+    scale: np.ndarray
+    reads: str
+    writes_mul: bool = False
+    out_scale: Optional[np.ndarray] = None
+
+
+@dataclass
+class GraphSmoothing:
+    """One graph's smoothing: per weight MatMul node, and the norm weights that absorb a scale
+    ({Mul node: (its constant, 1/s)})."""
+    by_node: dict
+    norm_folds: dict
+
+    def other_nodes(self, model: onnx.ModelProto, base, source=None):
+        """The folded norms' Mul nodes, reading their constant times 1/s (rewrite_weight_matmuls)."""
+        nodes = {n.name: n for n in model.graph.node}
+        new, inits = {}, []
+        for name, (const, inv) in self.norm_folds.items():
+            values = initializer_array(model, const, base, source) * inv
+            inits.append(numpy_helper.from_array(values.astype(np.float32), f"{const}_{PRECISION}_smoothed"))
+            n = copy.deepcopy(nodes[name])
+            n.input[list(n.input).index(const)] = inits[-1].name
+            new[name] = [n]
+        return new, inits
+
+
 class SmoothingPlan:
     """The smoothing of every weight MatMul: the channel maxima of each weight's activations (by
     weight key, over every graph's calibration rows), and per graph one scale per activation
-    tensor, shared by the weights that read it (q/k/v, gate/up), so that one Mul divides it."""
+    tensor, shared by the weights that read it (q/k/v, gate/up).
+
+    The division by s costs nothing where it folds upstream (exact in real arithmetic): into the
+    norm's weight when the tensor is `Mul(normed, weight)` read by these matmuls only (the inputs
+    of q/k/v and gate/up), or into up's columns when it is `silu(gate) * up` (down's input; the
+    per-column quantisation of up is unchanged by it). Elsewhere (o_proj's input) one Mul divides."""
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
@@ -113,27 +152,49 @@ class SmoothingPlan:
             m = np.abs(x.astype(np.float32, copy=False)).max(axis=0)
             self.x_amax[key] = np.maximum(self.x_amax[key], m) if key in self.x_amax else m
 
-    def for_graph(self, model: onnx.ModelProto, parts: tuple[str, ...], base, source=None) -> dict[str, tuple]:
-        """{MatMul node: (its activation tensor, s [K], whether it writes the shared Mul)}; weights
-        without calibration rows are left out (not smoothed)."""
+    def for_graph(self, model: onnx.ModelProto, parts: tuple[str, ...], base, source=None) -> GraphSmoothing:
+        """Each weight MatMul's Smoothing (weights without calibration rows are left out)."""
         from .precision import name_nodes
 
         name_nodes(model)  # the names rewrite_weight_matmuls will see
-        nodes = {n.name: n for n in model.graph.node}
+        g = model.graph
+        nodes = {n.name: n for n in g.node}
+        prod = {o: n for n in g.node for o in n.output}
+        readers: dict[str, set] = {}
+        for n in g.node:
+            for i in n.input:
+                readers.setdefault(i, set()).add(n.name)
+        consts = {t.name for t in g.initializer}
         groups: dict[str, list] = {}
+        weight_nodes = set()
         for wm in weight_matmuls(model, parts):
+            weight_nodes.add(wm.node)
             w = weight_kn(model, wm, base, source)
             x = self.x_amax.get(weight_key(w))
             if x is not None:
                 groups.setdefault(nodes[wm.node].input[0], []).append((wm.node, np.abs(w).max(axis=1), x))
             del w
-        plan = {}
+        by_node, norm_folds, up_folds = {}, {}, {}
         for inp, members in groups.items():
-            w_amax = np.max([m[1] for m in members], axis=0)
-            x_amax = np.max([m[2] for m in members], axis=0)
-            s = smoothing_scale(x_amax, w_amax, self.alpha)
-            plan.update({node: (inp, s, i == 0) for i, (node, _, _) in enumerate(members)})
-        return plan
+            s = smoothing_scale(np.max([m[2] for m in members], axis=0), np.max([m[1] for m in members], axis=0),
+                                self.alpha)
+            p = prod.get(inp)
+            fold = p is not None and p.op_type == "Mul" and readers.get(inp, set()) == {m[0] for m in members}
+            const = [i for i in p.input if i in consts] if fold else []
+            ups = [prod[i] for i in p.input if i in prod] if fold and not const else []
+            ups = [u for u in ups if u.name in weight_nodes and readers.get(u.output[0]) == {p.name}]
+            if len(const) == 1 and tuple(next(t for t in g.initializer if t.name == const[0]).dims) == s.shape:
+                norm_folds[p.name] = (const[0], 1.0 / s)  # Mul(normed, weight): the weight / s
+            elif len(ups) == 1:
+                up_folds[ups[0].name] = s  # silu(gate) * up: up's columns / s
+            else:
+                fold = False
+            for i, (node, _, _) in enumerate(members):
+                by_node[node] = Smoothing(inp, s, inp if fold else f"{inp}_{PRECISION}_smoothed", not fold and i == 0)
+        for name, s in up_folds.items():
+            x = nodes[name].input[0]
+            by_node.setdefault(name, Smoothing(x, None, x)).out_scale = s  # up itself may have no rows
+        return GraphSmoothing(by_node, norm_folds)
 
 
 def check_options(opts: dict[str, str]) -> None:
@@ -161,19 +222,21 @@ def weight_bits_for_mode(mode: str) -> int:
 
 
 def dynamic_matmul_nodes(wm: WeightMatMul, node: onnx.NodeProto, w_kn: np.ndarray, bits: int,
-                         smooth: Optional[tuple] = None):
-    """(nodes, initializers) replacing `node`: DynamicQuantizeMatMul of the quantised weight; with
-    `smooth` = (activation tensor, s, writes_mul) the weight's rows are multiplied by s and the
-    matmul reads the activation divided by s, by a Mul that the first weight of the tensor writes."""
+                         smooth: Optional[Smoothing] = None):
+    """(nodes, initializers) replacing `node`: DynamicQuantizeMatMul of the quantised weight, with
+    its Smoothing: rows times s, columns divided by out_scale, reading the divided activation
+    (writing the shared Mul where it is the tensor's first weight and nothing folded upstream)."""
     base = f"{wm.node}_{PRECISION}"
     x, nodes, inits = node.input[0], [], []
     if smooth is not None:
-        src, s, writes_mul = smooth
-        w_kn = w_kn * s[:, None]
-        x = f"{src}_{PRECISION}_smoothed"
-        if writes_mul:
-            inits.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}_inv_scale"))
-            nodes.append(helper.make_node("Mul", [src, inits[-1].name], [x], name=f"{x}_mul"))
+        if smooth.scale is not None:
+            w_kn = w_kn * smooth.scale[:, None]
+        if smooth.out_scale is not None:
+            w_kn = w_kn / smooth.out_scale[None, :]
+        x = smooth.reads
+        if smooth.writes_mul:
+            inits.append(numpy_helper.from_array((1.0 / smooth.scale).astype(np.float32), f"{x}_inv_scale"))
+            nodes.append(helper.make_node("Mul", [smooth.source, inits[-1].name], [x], name=f"{x}_mul"))
     q, scale = quantize_per_column(w_kn, bits)
     inits += [numpy_helper.from_array(q, f"{base}_B"), numpy_helper.from_array(scale, f"{base}_scale")]
     nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"{base}_B", f"{base}_scale"], list(node.output),
@@ -209,28 +272,31 @@ def build_int8dyn(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     smoothing = SmoothingPlan(opts.smooth)
     if opts.smooth > 0:
         calibration_rows(b, opts.parts(), opts.max_feeds, opts.calib_rows, smoothing.add_rows)
-    counts = {"smoothed": 0, "weights": 0}
+    counts = {"smoothed": 0, "weights": 0, "mul_free": 0}
     for (role, _, bs), src in sources:
         name = gio.graph_filename(role, PRECISION, bs)
-        plan = {}
+        plan = GraphSmoothing({}, {})
         if opts.smooth > 0:
-            model = onnx.load(str(b.tmp / src), load_external_data=False)
-            plan = smoothing.for_graph(model, opts.parts(), b.tmp, staged)
-            del model
+            plan = smoothing.for_graph(onnx.load(str(b.tmp / src), load_external_data=False), opts.parts(), b.tmp, staged)
 
-        def make(wm: WeightMatMul, node: onnx.NodeProto, w: np.ndarray, plan: dict = plan):
+        def make(wm: WeightMatMul, node: onnx.NodeProto, w: np.ndarray, plan: GraphSmoothing = plan):
+            smooth = plan.by_node.get(wm.node)
             counts["weights"] += 1
-            counts["smoothed"] += wm.node in plan
-            return dynamic_matmul_nodes(wm, node, w, bits, plan.get(wm.node))
+            counts["smoothed"] += smooth is not None and smooth.scale is not None
+            counts["mul_free"] += smooth is not None and smooth.scale is not None and smooth.reads == smooth.source
+            return dynamic_matmul_nodes(wm, node, w, bits, smooth)
+
+        def other_nodes(model: onnx.ModelProto, plan: GraphSmoothing = plan):
+            return plan.other_nodes(model, b.tmp, staged)
 
         info = rewrite_weight_matmuls(b.tmp / src, b.tmp / name, opts.parts(), make, b.store(PRECISION),
-                                      b.opts.weights_min_bytes, staged)
+                                      b.opts.weights_min_bytes, staged, other_nodes)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
         b.log(f"  {name:<34} {file_size_text(b.tmp / name):>10}  {info['replaced']} DynamicQuantizeMatMul {info['by_part']}")
         b.add_graph((role, PRECISION, bs), name)
     if opts.smooth > 0:
-        b.log(f"  smoothed {counts['smoothed']} of {counts['weights']} weight MatMuls (alpha {opts.smooth}); the rest "
-              "had no calibration rows")
+        b.log(f"  smoothed {counts['smoothed']} of {counts['weights']} weight MatMuls (alpha {opts.smooth}; the rest had "
+              f"no calibration rows), {counts['mul_free']} of them folded upstream (a norm's weight, up's columns)")
     b.precision_info[PRECISION] = {**asdict(opts), "weight_bits": bits, "mode": mode["mode"], **counts,
                                    "chosen_for": mode["chosen_for"], "quantized_parts": list(opts.parts()),
                                    "activations": "uint8, one range per tensor per pass", "tensorrt_form": None}
