@@ -126,7 +126,8 @@ class GraphSmoothing:
         new, inits = {}, []
         for name, (const, inv) in self.norm_folds.items():
             values = initializer_array(model, const, base, source) * inv
-            inits.append(numpy_helper.from_array(values.astype(np.float32), f"{const}_{PRECISION}_smoothed"))
+            # named by the Mul: one weight may feed several norm Muls (one per call of the layer)
+            inits.append(numpy_helper.from_array(values.astype(np.float32), f"{name}_{const}_{PRECISION}_smoothed"))
             n = copy.deepcopy(nodes[name])
             n.input[list(n.input).index(const)] = inits[-1].name
             new[name] = [n]

@@ -194,3 +194,44 @@ def test_int8dyn_alone_builds_from_the_stored_weights_with_smoothing(tmp_path):
     info = man["precision_info"]["int8dyn"]
     assert info["smoothed"] == info["weights"] > 0
     assert any("activation rows" in line for line in logs)
+
+
+def test_a_norm_weight_read_by_two_muls_folds_into_each(tmp_path):
+    """One norm weight read by two Mul nodes (a layer called twice in one graph), each feeding its
+    own pair of matmuls: both fold (differently named constants, a valid graph, no smoothing Mul
+    left) and the graph computes what the unsmoothed one does, within int8 rounding."""
+    from onnx import numpy_helper
+
+    from echo_export.external_weights import WeightsFile
+    from echo_export.int4 import rewrite_weight_matmuls, weight_key
+
+    rng = np.random.default_rng(5)
+    ws = [rng.normal(0, 0.05, (32, 16)).astype(np.float32) for _ in range(4)]
+    gamma = rng.uniform(0.5, 2.0, 32).astype(np.float32)
+    nodes = [helper.make_node("Mul", [x, "gamma"], [f"n{i}"], name=f"norm{i}") for i, x in enumerate(["a", "b"])]
+    nodes += [helper.make_node("MatMul", [f"n{i // 2}", f"W{i}"], [f"y{i}"], name=f"mm{i}") for i in range(4)]
+    for n in nodes:
+        n.metadata_props.add(key="namespace", value="model.lm.layers.0")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, 1, [8, 32]) for x in "ab"],
+                          [helper.make_tensor_value_info(f"y{i}", 1, [8, 16]) for i in range(4)],
+                          [numpy_helper.from_array(gamma, "gamma")] + [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(ws)])
+    src = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    feeds = {x: rng.normal(0, 1, (8, 32)).astype(np.float32) for x in "ab"}
+    feeds["a"][:, 3] *= 30
+    plan = i8d.SmoothingPlan(0.5)
+    plan.add_rows({weight_key(w): (feeds["a" if i < 2 else "b"] * gamma) for i, w in enumerate(ws)})
+    gs = plan.for_graph(onnx.load(str(src)), ("decoder",), tmp_path)
+    assert set(gs.norm_folds) == {"norm0", "norm1"}
+    store = WeightsFile(tmp_path, "w.bin")
+    rewrite_weight_matmuls(src, tmp_path / "q.onnx", ("decoder",),
+                           lambda wm, node, w: i8d.dynamic_matmul_nodes(wm, node, w, 8, gs.by_node.get(wm.node)),
+                           store, other_nodes=lambda m: gs.other_nodes(m, tmp_path))
+    store.close()
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    q = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False)
+    assert not any(n.name.endswith("_smoothed_mul") for n in q.graph.node)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for i, (y, w) in enumerate(zip(got, ws)):
+        ref = (feeds["a" if i < 2 else "b"] * gamma) @ w
+        assert np.abs(y - ref).max() < 0.03 * np.abs(ref).max()
