@@ -528,7 +528,7 @@ def _ar_family(opts: BuildOptions, ar_seen: Optional[_ArCheck], tok: ReportToken
 
 
 def _int8_info(opts: BuildOptions, precisions: list[str], log: Callable[[str], None]) -> dict:
-    if "int8" not in precisions:
+    if not any(precision_registry.get(p).follows_int8_mode for p in precisions):
         return {}
     info = resolve_int8_mode(opts.int8_mode)
     log(f"  int8: mode {info['mode']} for a CPU kind {info['chosen_for']} "
@@ -859,14 +859,18 @@ def _reference_tokens(b: _Build, fam: _Family, m: EchoModel, items: list) -> Non
 
 
 def _int4_rows_from_pytorch(b: _Build, fam: _Family, m: EchoModel, calib_px: list[np.ndarray]) -> None:
-    """A build from the checkpoint's dtype: AWQ's activation rows (int4, int8w), taken by hooks on
+    """A build from the checkpoint's dtype: AWQ's and int8dyn's activation rows, taken by hooks on
     the PyTorch model's linear layers as it decodes the calibration images (int4.LinearInputRows)."""
     from .int4 import LinearInputRows, awq_rows_wanted
+    from .int8_dynamic import smooth_rows_wanted
 
-    n_rows = awq_rows_wanted(b.precisions, b.opts.precision_options)
-    if n_rows is None:
+    wanted = [n for n in (awq_rows_wanted(b.precisions, b.opts.precision_options),
+                          smooth_rows_wanted(b.precisions, b.opts.precision_options)) if n]
+    if not wanted:
         return
-    b.log(f"[reference] {fam.step_role}: AWQ activation rows of {len(calib_px)} training images (PyTorch hooks)")
+    n_rows = max(wanted)
+    b.log(f"[reference] {fam.step_role}: activation rows (AWQ, int8dyn smoothing) of {len(calib_px)} training images "
+          "(PyTorch hooks)")
     rows = LinearInputRows(m, n_rows)
     try:
         for bs in b.batch_sizes:

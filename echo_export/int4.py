@@ -339,15 +339,10 @@ NBITS = {"int4": 4, "int8w": 8}  # the MatMulNBits precisions this module conver
 
 
 def awq_rows_wanted(precisions: Iterable[str], options: dict[str, dict[str, str]]) -> Optional[int]:
-    """The calibration rows per layer that the precisions asked want (the most of them): the
-    MatMulNBits ones with AWQ, int8dyn with smoothing (int8_dynamic.smooth_rows_wanted); None
-    when none wants any."""
-    from .int8_dynamic import smooth_rows_wanted
-
-    precisions = list(precisions)
+    """The calibration rows per layer that the MatMulNBits precisions asked with AWQ want (the
+    most of them), or None when none uses AWQ."""
     rows = [o.calib_rows for p in precisions if p in NBITS
             for o in [Int4Options.parse(options.get(p, {}), NBITS[p], p)] if o.method == "awq"]
-    rows += [n for n in [smooth_rows_wanted(precisions, options)] if n]
     return max(rows) if rows else None
 
 

@@ -257,11 +257,10 @@ def build_int8dyn(b, calib_px: Optional[list[np.ndarray]] = None) -> None:
     the PyTorch decodes' rows) give the smoothing's activation maxima."""
     from runtime import graph_io as gio
 
-    from .build import resolve_int8_mode
     from .external_weights import file_size_text
 
     opts = Int8DynOptions.parse(b.opts.precision_options.get(PRECISION, {}))
-    mode = resolve_int8_mode(b.opts.int8_mode)
+    mode = b.int8_info  # the build's --int8-mode, resolved for this CPU (build.resolve_int8_mode)
     bits = weight_bits_for_mode(mode["mode"])
     b.meter.start(PRECISION)
     b.log(f"[{PRECISION}] {bits}-bit weights per column, uint8 activations per pass (mode {mode['mode']}, for CPUs "

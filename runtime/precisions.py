@@ -61,6 +61,8 @@ class Precision:
     # its converter reads the weights of graphs staged from the checkpoint's own dtype (no fp32
     # weights written or held): a build asking only for such precisions never widens the model
     converts_from_stored_dtype: bool = False
+    # its integer GEMM follows the build's --int8-mode (u8s8 / u8s7 for the CPU kind: cpu_features.py)
+    follows_int8_mode: bool = False
     # "module:function(src, dst) -> dict" that rewrites an onnxruntime graph of this precision into
     # the form TensorRT parses (written beside it as <graph>.tensorrt.onnx); None: parsed as it is
     tensorrt_form: Optional[str] = None
@@ -82,7 +84,7 @@ PRECISIONS: dict[str, Precision] = {
         tolerances=Tolerances(min_per_pass_agreement=0.98)),
     "int8": Precision(
         "int8", "static QDQ of the weight MatMuls, calibrated on training images (CPU int8 kernels)",
-        converter="echo_export.build:_quantise_int8", needs_calibration=True,
+        converter="echo_export.build:_quantise_int8", needs_calibration=True, follows_int8_mode=True,
         tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.precision:int8_qdq_for_tensorrt"),
     "int4": Precision(
         "int4", "weight-only 4-bit MatMulNBits of the decoder's linear layers (blocks of 32/64/128, RTN or AWQ)",
@@ -98,6 +100,7 @@ PRECISIONS: dict[str, Precision] = {
         "CPU form for a fused one-step pass's 2B rows; SmoothQuant-style channel scaling from calibration images",
         converter="echo_export.int8_dynamic:build_int8dyn", converts_from_stored_dtype=True,
         needs_calibration=True,  # the smoothing's activation maxima (int8dyn.smooth=0: none read)
+        follows_int8_mode=True,
         tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.int8_dynamic:int8dyn_for_tensorrt"),
 }
 
