@@ -61,8 +61,10 @@ def torch_pass_times(model, tok, token_counts: Sequence[int], image_path: Option
 
 
 def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequence[int], image_path: Optional[str],
-                   threads: Optional[int], repeats: int = 50, providers: Optional[list[str]] = None) -> dict:
-    """Seconds inside one `ar_step` (T=1) and one `block_step` (T=2B) session run, batch 1."""
+                   threads: Optional[int], repeats: int = 50, providers: Optional[list[str]] = None,
+                   inplace: bool = True) -> dict:
+    """Seconds inside one `ar_step` (T=1) and one `block_step` (T=2B) session run, batch 1. The AR
+    step is the one the runtime runs on the CPU: its in-place form where the folder has it (`inplace`)."""
     from echo_export.decode_loop import shared_weights_of
     from runtime import graph_io as gio
     from runtime.manifest import load_manifest, resolve_graph
@@ -91,7 +93,15 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
 
     pre = graph(gio.VISION_PREFILL, precision)
     L, _, kvH, npre, dh = pre.shape("present_key")
-    step_roles = {2 * B: gio.BLOCK_STEP, 1: gio.AR_STEP}
+    ar_role = gio.AR_STEP
+    if inplace and not providers:  # onnxruntime's CPU (the default providers here)
+        try:
+            resolve_graph(m, gio.AR_STEP_INPLACE, precision, 1)
+            ar_role = gio.AR_STEP_INPLACE
+        except Exception:
+            pass
+    step_roles = {2 * B: gio.BLOCK_STEP, 1: ar_role}
+    out = {"cache_len": None, "t": {}, "timer": "session.run_with_iobinding", "ar_role": ar_role}
     S = m.image_size
     px = (preprocess_image(image_path, S, preprocess_mode_of(m.model_config)) if image_path else np.zeros((1, S, S), np.float32))[None].astype(np.float32)
     prefix = np.asarray(tok.prefix_ids(_n_image_tokens(m)), np.int64)[None]
@@ -99,16 +109,16 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
     pv = np.zeros_like(pk)
     pre.bind({"pixel_values": np.ascontiguousarray(px), "prefix_ids": prefix}, {"present_key": pk, "present_value": pv})
     pre.run()
-    out = {"cache_len": None, "t": {}, "timer": "session.run_with_iobinding"}
     runs = {}
     for T in token_counts:
         role = step_roles.get(int(T))
         if role is None:
             continue
         g = graph(role, precision)
-        CAP = g.shape("past_key")[3]
+        inplace_graph = gio.is_inplace_cache(g.inputs)
+        CAP = g.shape("past_key.0")[2] - gio.INPLACE_SPARE_SLOTS if inplace_graph else g.shape("past_key")[3]
         past = min(npre + MID_REPORT_TOKENS, CAP - T)
-        ck = np.zeros((L, 1, kvH, CAP, dh), np.float32)
+        ck = np.zeros((L, 1, kvH, CAP + (gio.INPLACE_SPARE_SLOTS if inplace_graph else 0), dh), np.float32)
         cv = np.zeros_like(ck)
         ck[:, :, :, :npre], cv[:, :, :, :npre] = pk, pv  # the real prefix cache
         rng = np.random.default_rng(0)
@@ -124,8 +134,11 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
         spec = g.outputs.get("tokens")
         if spec and spec[1] is not None:
             outs["tokens"] = outs["tokens"].astype(spec[1])
-        g.bind({"input_ids": ids, "position_ids": pos, "past_key": ck, "past_value": cv,
-                "past_len": np.array([past], np.int64)}, outs)
+        cache = {"past_key": ck, "past_value": cv}
+        if inplace_graph:  # the step writes at slot `past` on every timed run: the same slot each time
+            cache, more = gio.inplace_cache_bindings(ck, cv)
+            outs = {"tokens": outs["tokens"], **more}
+        g.bind({"input_ids": ids, "position_ids": pos, "past_len": np.array([past], np.int64), **cache}, outs)
         runs[int(T)] = g.run
         out["cache_len"] = past
     out["t"] = alternating_run_medians(runs, repeats, timer=lambda run: run())  # OrtGraph.run returns session seconds

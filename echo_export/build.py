@@ -106,6 +106,9 @@ class BuildOptions:
     # every graph's TensorRT form against the ONNX-TensorRT operator matrix (echo_export/trt_ops.py):
     # "fail" the build on a node TensorRT would refuse, or "warn" (recorded: tensorrt_ready false)
     tensorrt_check: str = "fail"
+    # the AR step also in the in-place form for onnxruntime's CPU (echo_export/inplace_ar_step.py: one
+    # GroupQueryAttention per layer over caches updated in place); the runtime takes it on the CPU
+    ar_inplace: bool = True
 
 
 @dataclass
@@ -393,6 +396,7 @@ class _Family:
     prefix_len: int
     max_new: int
     ckpt: Optional[Path] = None  # the AR model is loaded again from it for its export and decodes
+    inplace: bool = False  # AR: also the in-place step for onnxruntime's CPU (ar_step_inplace)
 
     @property
     def prefill_role(self) -> str:
@@ -405,7 +409,8 @@ class _Family:
     @property
     def roles(self) -> tuple[str, ...]:
         """Its graphs: a multi-step teacher (stage rad) also gets its denoise and commit passes."""
-        return GRAPHS[self.mode] + (gio.MULTISTEP_ROLES if self.mode == FUSED and self.cfg.stage == "rad" else ())
+        teacher = gio.MULTISTEP_ROLES if self.mode == FUSED and self.cfg.stage == "rad" else ()
+        return GRAPHS[self.mode] + teacher + ((gio.AR_STEP_INPLACE,) if self.mode == AR and self.inplace else ())
 
 
 @dataclass
@@ -524,7 +529,7 @@ def _ar_family(opts: BuildOptions, ar_seen: Optional[_ArCheck], tok: ReportToken
                          "checkpoint")
     if ar_seen.tok.tok.to_str() != tok.tok.to_str():
         raise BuildError("--ar-ckpt uses a different tokenizer than --ckpt; both must share tokenizer.json")
-    return _Family(AR, ar_seen.cfg, *ar_need, ckpt=Path(opts.ar_ckpt))
+    return _Family(AR, ar_seen.cfg, *ar_need, ckpt=Path(opts.ar_ckpt), inplace=opts.ar_inplace)
 
 
 def _int8_info(opts: BuildOptions, precisions: list[str], log: Callable[[str], None]) -> dict:
@@ -920,7 +925,7 @@ def _convert_fp16(b: _Build, calib_px: Optional[list[np.ndarray]] = None) -> Non
 
     b.meter.start("fp16")
     b.log("[fp16] convert (IO fp32; softmax, norm statistics and rotary angles kept fp32)")
-    for (role, _, bs), src in [(k, v) for k, v in b.files.items() if k[1] == "fp32"]:
+    for (role, _, bs), src in [(k, v) for k, v in b.files.items() if k[1] == "fp32" and k[0] not in gio.CPU_ONLY_ROLES]:
         name = gio.graph_filename(role, "fp16", bs)
         to_fp16(b.tmp / src, b.tmp / name, weights=b.store("fp16"), source=b.deferred)
         onnx.checker.check_model(str(b.tmp / name), full_check=True)
@@ -968,12 +973,17 @@ def _check_tensorrt_ready(b: _Build) -> None:
     b.meter.start("trt-check")
     b.log("[trt-check] each precision's TensorRT form against the ONNX-TensorRT operator matrix")
     try:
-        ready = check_engine_folder(b.tmp, b.files, b.log, strict=b.opts.tensorrt_check != "warn" or b.opts.trt)
+        ready = check_engine_folder(b.tmp, _tensorrt_sources(b), b.log, strict=b.opts.tensorrt_check != "warn" or b.opts.trt)
     except TensorRTNotReady as e:
         raise BuildError(f"TensorRT readiness: {e}") from None
     for precision, info in ready.items():
         b.precision_info.setdefault(precision, {}).update(info)
     b.meter.stop()
+
+
+def _tensorrt_sources(b: _Build) -> dict[tuple[str, str, int], str]:
+    """The graphs TensorRT would run: not the CPU-only forms (graph_io.CPU_ONLY_ROLES)."""
+    return {k: v for k, v in b.files.items() if k[0] not in gio.CPU_ONLY_ROLES}
 
 
 def _build_plans(b: _Build) -> None:
@@ -983,7 +993,7 @@ def _build_plans(b: _Build) -> None:
     b.log("[tensorrt] strongly typed engines")
     cache = b.opts.timing_cache or (Path.home() / ".cache" / "echo-export" / "trt_timing.cache")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    b.plans = build_all(b.tmp, sorted(b.files.values()), timing_cache=cache, log=b.log)
+    b.plans = build_all(b.tmp, sorted(_tensorrt_sources(b).values()), timing_cache=cache, log=b.log)
     b.meter.stop()
 
 
@@ -1090,11 +1100,23 @@ def _convert(b: _Build, calib_px: list[np.ndarray]) -> None:
     went, _export_and_reference); then the calibration feeds go and the weights files are closed."""
     if not b.stream:
         _convert_all(b, calib_px)
+    _fuse_cpu_norms(b)
     for feeds in b.calib.values():
         shutil.rmtree(feeds.folder, ignore_errors=True)
     b.calib.clear()
     shutil.rmtree(b.tmp / ".calib", ignore_errors=True)
     _close_stores(b)  # every graph is in: the weights files are complete
+
+
+def _fuse_cpu_norms(b: _Build) -> None:
+    """The CPU-only graphs' RMSNorms as onnxruntime's SimplifiedLayerNormalization (cpu_fusion.py),
+    once every converter has read them (int8dyn folds its smoothing into the norms' Mul weights)."""
+    from .cpu_fusion import fuse_graph_file
+
+    for (role, prec, bs), name in sorted(b.files.items()):
+        if role in gio.CPU_ONLY_ROLES:
+            n = fuse_graph_file(b.tmp / name)
+            b.log(f"  {name:<34} {n} RMSNorms -> SimplifiedLayerNormalization")
 
 
 def _graph_table(b: _Build) -> dict[str, dict[str, str]]:

@@ -166,6 +166,40 @@ def _shared_runner(path, weights, threads: int) -> Runner:
     return run
 
 
+def inplace_runner(path, capacity: int, threads: int = 0, weights=None) -> Runner:
+    """An in-place AR step (graph_io ar_step_inplace) as a runner with ar_step's IO (stacked caches of
+    `capacity` slots in, the new token's KV out), so that this loop and verification run it as they
+    run ar_step. It keeps its own per-layer buffers (one spare slot) bound once, as the runtime
+    binds them; each pass copies the caller's cache in and reads back what the graph wrote at
+    past_len. Every row must have the same past_len (the AR loop's)."""
+    from runtime import graph_io as gio
+    from runtime.ort_backend import OrtGraph
+
+    g = OrtGraph(path, threads=threads or None, shared_weights=weights)
+    b, kvH, cap, dh = g.shape("past_key.0")
+    if cap != capacity + gio.INPLACE_SPARE_SLOTS:
+        raise ValueError(f"{path}: {cap} cache slots, for a loop of {capacity} (+{gio.INPLACE_SPARE_SLOTS} spare)")
+    L = sum(n.startswith("past_key.") for n in g.inputs)
+    kc, vc = np.zeros((L, b, kvH, cap, dh), np.float32), np.zeros((L, b, kvH, cap, dh), np.float32)
+    ids, pos, past = np.zeros((b, 1), np.int64), np.zeros((b, 1), np.int64), np.zeros((b,), np.int64)
+    tokens = np.zeros((b, 1), np.int64)
+    ins, outs = gio.inplace_cache_bindings(kc, vc)
+    g.bind({"input_ids": ids, "position_ids": pos, "past_len": past, **ins}, {"tokens": tokens, **outs})
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        p = feeds["past_len"]
+        if (p != p[0]).any():
+            raise ValueError("an in-place AR step writes every row at one past_len; these rows differ")
+        ids[:], pos[:], past[:] = feeds["input_ids"], feeds["position_ids"], p
+        kc[:, :, :, :capacity], vc[:, :, :, :capacity] = feeds["past_key"], feeds["past_value"]
+        g.run()
+        s = int(p[0])
+        return [tokens.copy(), kc[:, :, :, s : s + 1].copy(), vc[:, :, :, s : s + 1].copy()]
+
+    run.session = g  # type: ignore[attr-defined]
+    return run
+
+
 def torch_runner(module) -> Runner:
     """Run a graph wrapper module (graphs.py) in PyTorch with the same IO as its ONNX file."""
     import torch

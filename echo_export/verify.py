@@ -25,7 +25,7 @@ from runtime.decode_mode import AR, FUSED, GRAPHS, DecodeMode
 from runtime.memory import memory_available_bytes
 from runtime.schedule import BlockLayout
 
-from .decode_loop import LoopResult, LoopSettings, StepHook, decode, ort_runner, shared_weights_of, torch_runner
+from .decode_loop import LoopResult, LoopSettings, StepHook, decode, inplace_runner, ort_runner, shared_weights_of, torch_runner
 from .timing import alternating_run_medians
 
 
@@ -242,11 +242,13 @@ def _prefill_first(path: Path, feeds: list[dict[str, np.ndarray]]):
     return replay
 
 
-def _open_pair(job: VerifyJob, mode: str, precision: str, batch: int, chunks: list[_Chunk]):
+def _open_pair(job: VerifyJob, mode: str, precision: str, batch: int, chunks: list[_Chunk], weights=None):
     """(prefill runner, step runner) of one mode's graphs in one precision: side by side where they
-    fit (fp32/int8 sharing one copy of the weights), else the prefill run first on every chunk."""
+    fit (fp32/int8 sharing one copy of the weights), else the prefill run first on every chunk.
+    `weights`: the precision's shared_weights_of, where the caller opens more of its graphs."""
     pre_role, step_role = GRAPHS[mode]
-    weights = shared_weights_of(job.engine_dir, precision)  # fp32/int8: prefill and step hold the weights once
+    if weights is None:  # fp32/int8: prefill and step hold the weights once
+        weights = shared_weights_of(job.engine_dir, precision)
     feeds = [c.feeds for c in chunks]
     native = any("pixel_patches" in f for f in feeds)  # dynamic shapes: no preallocated shared session
     if not native and _side_by_side(job.engine_dir, precision, job.log):
@@ -590,13 +592,18 @@ def verify_ar(job: VerifyJob, reference: ArReference) -> dict:
         info_agree, _ = _agreement([ref[i] for i in job.ids], [hf[i] for i in job.ids])
         chunks = _prefill_chunks(job.items, b, np.array(job.tokenizer.prefix_ids(reference.n_image_tokens), np.int64))
         for p in job.precisions:
-            pre, step = _open_pair(job, AR, p, b, chunks)
-            got, _ = _decode_chunks(AR, pre, step, chunks, settings, reference.cfg.block_size)
-            agree, exact = _agreement([got[i] for i in job.ids], [ref[i] for i in job.ids])
-            out["variants"][f"ar.{p}.b{b}"] = {
-                "role": "ar", "precision": p, "batch": b, "n_images": len(job.items), "token_agreement": agree,
-                "exact_match": exact, "identical": exact == 1.0, "reference_vs_ar_generate": info_agree,
-            }
-            pre = step = None
-            job.log(f"  ar    {p:>4} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
+            weights = shared_weights_of(job.engine_dir, p)
+            pre, step = _open_pair(job, AR, p, b, chunks, weights)
+            steps = {"ar": step}
+            if (gio.AR_STEP_INPLACE, p, b) in job.files:  # the step the runtime takes on the CPU
+                steps["ar_inplace"] = inplace_runner(job.graph(gio.AR_STEP_INPLACE, p, b), job.capacity, weights=weights)
+            for name, step in steps.items():
+                got, _ = _decode_chunks(AR, pre, step, chunks, settings, reference.cfg.block_size)
+                agree, exact = _agreement([got[i] for i in job.ids], [ref[i] for i in job.ids])
+                out["variants"][f"{name}.{p}.b{b}"] = {
+                    "role": name, "precision": p, "batch": b, "n_images": len(job.items), "token_agreement": agree,
+                    "exact_match": exact, "identical": exact == 1.0, "reference_vs_ar_generate": info_agree,
+                }
+                job.log(f"  {name:<10} {p:>7} b{b}: agreement {100 * agree:6.2f}%  exact {100 * exact:6.2f}%")
+            pre = step = steps = weights = None
     return out

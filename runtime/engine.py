@@ -116,16 +116,22 @@ class _Decoder:
         P = len(self.prompt.prefix)
         self.mode = md = DecodeMode.of(mode, P, rt.block_size)
         self.prefill = rt.graph(md.prefill, batch)
-        self.step = rt.graph(md.step, batch)
-        shape = self.step.shape("past_key")
-        if len(shape) != 5 or not all(isinstance(d, int) for d in shape):
-            lm = m.model_config.get("lm", {})
-            shape = (lm["num_hidden_layers"], batch, lm["num_key_value_heads"], m.capacity, lm["head_dim"])
-        L, _, kvH, CAP, dh = shape
-        self.cap = CAP
+        self.step = rt.graph(rt.step_role(md, batch), batch)
+        # in place (graph_io ar_step_inplace): the step writes its KV into the cache itself, at slot past_len
+        self.inplace = gio.is_inplace_cache(self.step.inputs)
+        lm = m.model_config.get("lm", {})
+        if self.inplace:
+            _, _, kvH, CAP, dh = shape = (lm["num_hidden_layers"], *self.step.shape("past_key.0"))
+            L = shape[0]
+        else:
+            shape = self.step.shape("past_key")
+            if len(shape) != 5 or not all(isinstance(d, int) for d in shape):
+                shape = (lm["num_hidden_layers"], batch, lm["num_key_value_heads"], m.capacity, lm["head_dim"])
+            L, _, kvH, CAP, dh = shape
+        self.cap = CAP - (gio.INPLACE_SPARE_SLOTS if self.inplace else 0)
         self.block_size = rt.block_size
-        if P > CAP:
-            raise ManifestError(f"{rt.engine_dir}: cache capacity {CAP} is smaller than the {P}-token prefix")
+        if P > self.cap:
+            raise ManifestError(f"{rt.engine_dir}: cache capacity {self.cap} is smaller than the {P}-token prefix")
         S, i64 = self.prompt.image_size, np.int64
         self.pixel = np.zeros((batch, 1, S, S), np.float32)
         self.prefix_ids = np.ascontiguousarray(np.broadcast_to(self.prompt.prefix, (batch, P)), dtype=i64)
@@ -133,25 +139,39 @@ class _Decoder:
         def kv(graph, name: str, n: int) -> np.ndarray:  # in the graph's dtype: no pass converts the cache
             return np.zeros((L, batch, kvH, n, dh), _dtype(graph, name, np.float32))
 
-        self.cache_k, self.cache_v = kv(self.step, "past_key", CAP), kv(self.step, "past_value", CAP)
+        cache_name = "past_key.0" if self.inplace else "past_key"
+        self.cache_k, self.cache_v = kv(self.step, cache_name, CAP), kv(self.step, cache_name, CAP)
         self.input_ids = np.full((batch, md.feed), rt.tokenizer.mask_id, i64)
         self.carry = self.input_ids[:, : md.width]  # what the next pass takes from this one's tokens
         self.position_ids = np.zeros((batch, md.feed), i64)
         self.past_len = np.zeros((batch,), i64)
-        pre_out = {"present_key": kv(self.prefill, "present_key", md.cached),
-                   "present_value": kv(self.prefill, "present_value", md.cached), **_ids_outputs(self.prefill, batch, 1)}
-        step_out = {"present_key": kv(self.step, "present_key", md.width),
-                    "present_value": kv(self.step, "present_value", md.width), **_ids_outputs(self.step, batch, md.width)}
+        self.pre_out = pre_out = {"present_key": kv(self.prefill, "present_key", md.cached),
+                                  "present_value": kv(self.prefill, "present_value", md.cached),
+                                  **_ids_outputs(self.prefill, batch, 1)}
+        if self.inplace:
+            cache_in, step_out = gio.inplace_cache_bindings(self.cache_k, self.cache_v)
+        else:
+            cache_in = {"past_key": self.cache_k, "past_value": self.cache_v}
+            step_out = {"present_key": kv(self.step, "present_key", md.width),
+                        "present_value": kv(self.step, "present_value", md.width)}
+        step_out.update(_ids_outputs(self.step, batch, md.width))
         self.pre_tokens: Optional[np.ndarray] = pre_out.get("tokens")
         self.tokens = step_out["tokens"]
         self.kv = kv
         if not rt.native:  # a native prefill's shapes follow each image: bound per image (_native_prefill)
             self.prefill.bind({"pixel_values": self.pixel, "prefix_ids": self.prefix_ids}, pre_out)
-        self.step.bind({"input_ids": self.input_ids, "position_ids": self.position_ids, "past_key": self.cache_k,
-                        "past_value": self.cache_v, "past_len": self.past_len}, step_out)
+        self.step.bind({"input_ids": self.input_ids, "position_ids": self.position_ids, "past_len": self.past_len,
+                        **cache_in}, step_out)
 
     def store(self, src, start: int) -> None:
-        """KV the graph `src` just returned -> cache slots [start, start+n) (on the backend's memory)."""
+        """KV the graph `src` just returned -> cache slots [start, start+n) (on the backend's memory).
+        An in-place step stored its own; the prefill's is copied into the host cache."""
+        if self.inplace:
+            if src is not self.step:
+                n = self.pre_out["present_key"].shape[3]
+                self.cache_k[:, :, :, start : start + n] = self.pre_out["present_key"]
+                self.cache_v[:, :, :, start : start + n] = self.pre_out["present_value"]
+            return
         self.step.kv_store("past_key", src, "present_key", start)
         self.step.kv_store("past_value", src, "present_value", start)
 
@@ -261,6 +281,7 @@ class EchoRuntime:
         providers: Optional[list[str]] = None,
         share_weights: bool = True,
         max_pixels: Optional[int] = None,
+        inplace_ar: bool = True,
     ) -> None:
         _check_options(backend, precision, mode, batch_size)
         self.engine_dir = Path(engine_dir)
@@ -269,6 +290,7 @@ class EchoRuntime:
         self.mode, self.providers = mode, providers
         # onnxruntime CPU: the graphs of one precision share one copy of the weights (runtime/ort_capi.py)
         self.share_weights = share_weights
+        self.inplace_ar = inplace_ar  # AR on onnxruntime's CPU: the in-place step where the folder has it
         self._weights_map: dict[str, Any] = {}
         self.tokenizer = _open_tokenizer(self.engine_dir, m)
         self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
@@ -375,6 +397,22 @@ class EchoRuntime:
                 kw["shared_weights"] = self._shared_weights(prec)
             self._graphs[key] = self._graph_cls(path, threads=self.threads, providers=self.providers, **kw)
         return self._graphs[key]
+
+    def step_role(self, md: DecodeMode, batch: int) -> str:
+        """The step graph a mode runs: its standard role, or the in-place CPU form of it
+        (graph_io.CPU_ONLY_ROLES) where the folder has one for this precision and batch and the
+        graphs run on onnxruntime's CPU (inplace_ar=False: the standard one, for comparisons)."""
+        from .ort_backend import ort_providers
+
+        cpu = self.backend == "ort" and (self.providers or ort_providers()) == ["CPUExecutionProvider"]
+        for role, standard in gio.CPU_ONLY_ROLES.items():
+            if standard == md.step and cpu and self.inplace_ar:
+                try:
+                    resolve_graph(self.manifest, role, self.precision, batch)
+                    return role
+                except ManifestError:
+                    pass
+        return md.step
 
     def _shared_weights(self, precision: str):
         """The SharedWeights of weights.<precision>.bin (mapped once; checked whenever a graph that

@@ -21,6 +21,9 @@ block_commit    -> tokens i64[b,B], confidence f32[b,B] (each position's own arg
 ar_prefill      pixel_values, prefix_ids -> tokens i64[b,1], present_key/value f32[L,b,kvH,P,dh]
 ar_step         input_ids i64[b,1], position_ids i64[b,1], past_key/past_value, past_len
                 -> tokens i64[b,1], present_key/value f32[L,b,kvH,1,dh]
+ar_step_inplace input_ids, position_ids, past_len, past_key.{i}/past_value.{i} f32[b,kvH,CAP+1,dh] per
+                layer -> tokens, present_key.{i}/present_value.{i}: the same buffers as past_*.{i}, the
+                new KV written at slot past_len (echo_export/inplace_ar_step.py; onnxruntime CPU only)
 
 Native resolution (model_config.vision.native, Qwen2.5-VL): vision_prefill takes one image at its
 own grid, batch 1, its shapes dynamic (n patches, w windows, T tokens; runtime/native_image.py):
@@ -43,7 +46,11 @@ AR_PREFILL = "ar_prefill"
 AR_STEP = "ar_step"
 BLOCK_DENOISE = "block_denoise"
 BLOCK_COMMIT = "block_commit"
-GRAPH_ROLES = (VISION_PREFILL, BLOCK_STEP, AR_PREFILL, AR_STEP, BLOCK_DENOISE, BLOCK_COMMIT)
+AR_STEP_INPLACE = "ar_step_inplace"
+GRAPH_ROLES = (VISION_PREFILL, BLOCK_STEP, AR_PREFILL, AR_STEP, BLOCK_DENOISE, BLOCK_COMMIT, AR_STEP_INPLACE)
+# graphs only onnxruntime's CPU kernels run (com.microsoft.GroupQueryAttention): no fp16 or int8 (static
+# QDQ) form, no TensorRT plan; the runtime takes them in place of their standard role on the CPU
+CPU_ONLY_ROLES = {AR_STEP_INPLACE: AR_STEP}
 MULTISTEP_ROLES = (BLOCK_DENOISE, BLOCK_COMMIT)
 
 PREFILL_INPUTS = ("pixel_values", "prefix_ids")
@@ -62,3 +69,30 @@ PRECISIONS = NAMES  # the precision registry's names (runtime/precisions.py)
 def graph_filename(role: str, precision: str, batch: int) -> str:
     """e.g. block_step.fp16.b1.onnx"""
     return f"{role}.{precision}.b{batch}.onnx"
+
+
+# ar_step in the in-place cache form (echo_export/inplace_ar_step.py: onnxruntime CPU): one cache
+# tensor per layer, each both an input and an output bound to the same buffer, written at slot past_len
+INPLACE_SPARE_SLOTS = 1  # the last pass writes its KV there, though no later pass reads it
+
+
+def inplace_step_inputs(layers: int) -> tuple[str, ...]:
+    return ("input_ids", "position_ids", "past_len", *(f"past_key.{i}" for i in range(layers)),
+            *(f"past_value.{i}" for i in range(layers)))
+
+
+def inplace_step_outputs(layers: int) -> tuple[str, ...]:
+    return ("tokens", *(f"present_key.{i}" for i in range(layers)), *(f"present_value.{i}" for i in range(layers)))
+
+
+def is_inplace_cache(input_names) -> bool:
+    """Whether a step graph takes its cache per layer and updates it in place (else stacked, stored after)."""
+    return "past_key.0" in input_names
+
+
+def inplace_cache_bindings(cache_k, cache_v) -> tuple[dict, dict]:
+    """(inputs, outputs) of an in-place step over stacked caches [L,b,kvH,CAP+1,dh]: layer i's view
+    (contiguous: L is the outer axis) is both past_*.{i} and present_*.{i}."""
+    ins = {**{f"past_key.{i}": cache_k[i] for i in range(cache_k.shape[0])},
+           **{f"past_value.{i}": cache_v[i] for i in range(cache_v.shape[0])}}
+    return ins, {k.replace("past_", "present_"): v for k, v in ins.items()}

@@ -21,6 +21,7 @@ pytest.importorskip("torch")
 
 BLOCK, MAX_NEW = 4, 8
 FUSED_STEP, AR_STEP = "block_step.fp32.b1.onnx", "ar_step.fp32.b1.onnx"
+AR_STEP_CPU = "ar_step_inplace.fp32.b1.onnx"  # the AR step the runtime loads on onnxruntime's CPU
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +159,11 @@ def test_a_graph_the_manifest_does_not_list_is_refused_when_loaded(folder):
     opens, the AR mode is refused when it loads its graph."""
     from runtime import EchoRuntime, ManifestError
 
-    _rewrite_manifest(folder, lambda m: None, drop=(AR_STEP,))
-    (folder / AR_STEP).unlink()
+    _rewrite_manifest(folder, lambda m: None, drop=(AR_STEP_CPU,))
+    (folder / AR_STEP_CPU).unlink()
     rt = EchoRuntime(folder, threads=1)
     assert rt.generate([_image()])[0].ok
-    with pytest.raises(ManifestError, match=rf"{AR_STEP}: not listed \(hashed\) in the manifest"):
+    with pytest.raises(ManifestError, match=rf"{AR_STEP_CPU}: not listed \(hashed\) in the manifest"):
         rt.generate_ar([_image()])
 
 
@@ -179,8 +180,8 @@ def test_a_graph_altered_after_the_runtime_opened_is_refused_when_loaded(folder)
     from runtime import EchoRuntime, ManifestError
 
     rt = EchoRuntime(folder, threads=1)  # fused: block_step and vision_prefill loaded and checked
-    _flip_a_byte(folder / AR_STEP)
-    with pytest.raises(ManifestError, match=rf"{AR_STEP}: sha256 does not match the manifest"):
+    _flip_a_byte(folder / AR_STEP_CPU)
+    with pytest.raises(ManifestError, match=rf"{AR_STEP_CPU}: sha256 does not match the manifest"):
         rt.generate_ar([_image()])
     assert rt.generate([_image()])[0].ok  # graphs loaded before the change are the checked ones
 

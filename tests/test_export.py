@@ -155,16 +155,22 @@ def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
     m = load_manifest(out)
     assert set(m.graphs) == set(gio.GRAPH_ROLES) - set(gio.MULTISTEP_ROLES)  # a student: no teacher passes
     for role, entries in m.graphs.items():
-        assert set(entries) == {f"{p}.b1" for p in ("fp32", "fp16", "int8")}
+        # the in-place AR step is onnxruntime-CPU only: no fp16, no static-QDQ int8 (graph_io.CPU_ONLY_ROLES)
+        cpu_only = role in gio.CPU_ONLY_ROLES
+        assert set(entries) == {f"{p}.b1" for p in (("fp32",) if cpu_only else ("fp32", "fp16", "int8"))}
         for key, fname in entries.items():
             assert fname == gio.graph_filename(role, key.split(".")[0], 1)
-            onnx.checker.check_model(str(out / fname), full_check=True)
+            if not cpu_only:  # its norms are onnxruntime's SimplifiedLayerNormalization, not an ONNX operator
+                onnx.checker.check_model(str(out / fname), full_check=True)
             g = onnx.load(str(out / fname)).graph
             ins = tuple(i.name for i in g.input)
             outs = tuple(o.name for o in g.output)
             want_in = gio.PREFILL_INPUTS if role in (gio.VISION_PREFILL, gio.AR_PREFILL) else gio.STEP_INPUTS
+            if cpu_only:
+                want_in = gio.inplace_step_inputs(2)
             want_out = {gio.VISION_PREFILL: gio.PREFILL_OUTPUTS, gio.BLOCK_STEP: gio.BLOCK_STEP_OUTPUTS,
-                        gio.AR_PREFILL: gio.AR_PREFILL_OUTPUTS, gio.AR_STEP: gio.AR_STEP_OUTPUTS}[role]
+                        gio.AR_PREFILL: gio.AR_PREFILL_OUTPUTS, gio.AR_STEP: gio.AR_STEP_OUTPUTS,
+                        gio.AR_STEP_INPLACE: gio.inplace_step_outputs(2)}[role]
             assert ins == want_in and outs == want_out
             # IO stays fp32 / int64 whatever the internal precision
             assert all(v.type.tensor_type.elem_type in (1, 7) for v in list(g.input) + list(g.output))
@@ -540,7 +546,8 @@ def test_each_precision_stores_its_weights_once(built, setup):
         data = weights_filename(prec)
         assert data in m.files and m.files[data].size == (out / data).stat().st_size
         graphs = sorted(out.glob(f"*.{prec}.b1.onnx"))
-        assert len(graphs) == 4 and all(external_data_files(g) == {data} for g in graphs)
+        # fp32 also holds the in-place AR step (onnxruntime CPU), reading the same stored tensors
+        assert len(graphs) == (5 if prec == "fp32" else 4) and all(external_data_files(g) == {data} for g in graphs)
         seen: dict[bytes, tuple[int, int]] = {}
         blob = (out / data).read_bytes()
         for g in graphs:
@@ -879,3 +886,32 @@ def test_no_pytorch_model_is_held_in_the_int8_and_verify_phases(built):
     assert obs["int8"] == [(0, "FeedStore")] * 4
     assert obs["verify"] == [0]
     assert not (out / ".calib").exists() and not list(out.glob("*.npz"))
+
+
+def test_inplace_ar_step_is_verified_and_is_what_the_runtime_runs(built, setup):
+    """The AR step's in-place CPU form (echo_export/inplace_ar_step.py: one GroupQueryAttention per
+    layer over caches written in place) is verified like ar_step (identical to the PyTorch reference
+    in fp32), and the runtime runs it on onnxruntime's CPU: the same reports as the standard step,
+    also on a decode that runs the cache full (the last pass writes into the spare slot)."""
+    import json
+
+    from runtime.engine import EchoRuntime
+    from varied_models import assert_informative
+
+    out, _ = built
+    _, _, tok, data = setup
+    v = json.loads((out / "verify.json").read_text())["variants"]["ar_inplace.fp32.b1"]
+    assert v["identical"] and v["n_images"] == 3
+    paths = [str(data / "img" / f"test{i}.png") for i in range(3)]
+    rt = EchoRuntime(out, precision="fp32", mode="ar", threads=1)
+    std = EchoRuntime(out, precision="fp32", mode="ar", threads=1, inplace_ar=False)
+    dec = rt._decoder("ar", 1)
+    assert dec.inplace and dec.step.path.name == "ar_step_inplace.fp32.b1.onnx"
+    assert not std._decoder("ar", 1).inplace and dec.cap == std._decoder("ar", 1).cap
+    got, want = ([r.tokens for r in x.generate(paths, mode="ar")] for x in (rt, std))
+    assert got == want
+    assert_informative(got, tok.eos_id)
+    rt.tokenizer.eos_id = std.tokenizer.eos_id = -1  # no stop: as far as the cache holds
+    full, full_std = (x.generate(paths[1:2], max_new_tokens=CAP, mode="ar")[0] for x in (rt, std))
+    assert full.stop == full_std.stop == "capacity" and full.tokens == full_std.tokens
+    assert len(set(full.tokens)) > 4

@@ -156,9 +156,23 @@ def test_fused_equals_pytorch_pass_by_pass(varied_engine, monkeypatch):
     assert [r.tokens for r in rt.generate(list(px), max_new_tokens=MAX_NEW)] == all_tokens
 
 
-def test_ar_equals_pytorch_pass_by_pass(varied_engine, monkeypatch):
+def _as_stacked_step(run: dict) -> dict:
+    """An in-place AR step's tapped pass (per-layer caches, written at slot past_len) in ar_step's
+    terms: the stacked cache it read and the present K/V it wrote."""
+    n = sum(k.startswith("past_key.") for k in run)
+    p = int(run["past_len"][0])
+    out = dict(run)
+    for kind in ("key", "value"):
+        cache = np.stack([run[f"past_{kind}.{i}"] for i in range(n)])
+        out[f"past_{kind}"], out[f"present_{kind}"] = cache, cache[:, :, :, p : p + 1]
+    return out
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "standard"])
+def test_ar_equals_pytorch_pass_by_pass(varied_engine, monkeypatch, inplace):
     """Runtime AR == ar_generate: tokens, and per step the position ids, the present K/V and
-    the cache it read (the prefix and every earlier step's KV), to ATOL."""
+    the cache it read (the prefix and every earlier step's KV), to ATOL; with the in-place step
+    (graph_io ar_step_inplace, what the CPU runs) and the standard one."""
     from runtime import EchoRuntime
     from varied_models import ForwardLog, as_stage, assert_informative, varied_images
 
@@ -168,7 +182,8 @@ def test_ar_equals_pytorch_pass_by_pass(varied_engine, monkeypatch):
     model, tok = as_stage(eng.model, "ar"), eng.tokenizer
     px = varied_images()
     tap = GraphTap(monkeypatch)
-    rt = EchoRuntime(eng.path, batch_size=GRAPH_BATCH, threads=1, mode="ar")
+    rt = EchoRuntime(eng.path, batch_size=GRAPH_BATCH, threads=1, mode="ar", inplace_ar=inplace)
+    step = "ar_step_inplace" if inplace else "ar_step"
     all_tokens = []
     for rows in _pairs(len(px)):
         tap.runs.clear()
@@ -177,7 +192,9 @@ def test_ar_equals_pytorch_pass_by_pass(varied_engine, monkeypatch):
             ref = ar_generate(model, tok, torch.from_numpy(px[rows]), max_new_tokens=MAX_NEW)
         assert [r.tokens for r in reps] == ref.tokens
         all_tokens += ref.tokens
-        assert [r["graph"] for r in tap.runs] == ["ar_prefill"] + ["ar_step"] * (len(fl.calls) - 1)
+        assert [r["graph"] for r in tap.runs] == ["ar_prefill"] + [step] * (len(fl.calls) - 1)
+        if inplace:
+            tap.runs[1:] = [_as_stacked_step(r) for r in tap.runs[1:]]
         for i, (run, c) in enumerate(zip(tap.runs, fl.calls)):
             what = f"images {rows} AR pass {i}"
             pk, pv = _stack(c["kv"])
