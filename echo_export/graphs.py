@@ -12,20 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from echo_train.model.backbone import KV, MASK_VALUE
+from echo_train.model.backbone import KV, exclude_token
 from echo_train.model.echo_model import EchoModel
 from echo_train.model.masks import NOISY, block_layout, build_attention_mask, causal_layout, fused_layout
 from runtime import graph_io
 from runtime.schedule import BlockLayout, excludes_mask_token, fused_block_slice
 
-
-def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
-    """The mask token is never predicted: its logit becomes MASK_VALUE (finite, fp16-safe)."""
-    # made on the logits' device: no host-to-device copy inside a captured CUDA graph
-    # a comparison, not a scatter into a bool tensor: TensorRT's ScatterElements takes no BOOL, and the
-    # exporter folds the scatter to a constant only for small vocabularies (echo_export/trt_ops.py found it)
-    onehot = torch.arange(logits.shape[-1], device=logits.device) == token_id
-    return torch.where(onehot, torch.full_like(logits, MASK_VALUE), logits)
+from .inplace_ar_step import ArStepInPlaceGraph, inplace_example_inputs
 
 
 def _split_past(past_key: torch.Tensor, past_value: torch.Tensor) -> list[KV]:
@@ -241,8 +234,6 @@ def example_inputs(role: str, cfg, batch: int, capacity: int, prefix_len: int) -
     if role in (graph_io.VISION_PREFILL, graph_io.AR_PREFILL):
         return (torch.zeros(batch, 1, S, S), torch.zeros(batch, prefix_len, dtype=torch.long))
     if role == graph_io.AR_STEP_INPLACE:
-        from .inplace_ar_step import inplace_example_inputs
-
         return inplace_example_inputs(cfg, batch, capacity + graph_io.INPLACE_SPARE_SLOTS)
     t = {graph_io.BLOCK_STEP: 2 * cfg.block_size, graph_io.BLOCK_DENOISE: cfg.block_size,
          graph_io.BLOCK_COMMIT: cfg.block_size}.get(role, 1)
@@ -268,8 +259,6 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
     if role == graph_io.AR_STEP:
         return ArStepGraph(model, capacity, mask_id).eval()
     if role == graph_io.AR_STEP_INPLACE:
-        from .inplace_ar_step import ArStepInPlaceGraph
-
         return ArStepInPlaceGraph(model, capacity + graph_io.INPLACE_SPARE_SLOTS, mask_id).eval()
     if role in graph_io.MULTISTEP_ROLES:
         return BlockPassGraph(model, capacity, mask_id, commit=role == graph_io.BLOCK_COMMIT).eval()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echo_train.model.backbone import apply_rotary
+from echo_train.model.backbone import apply_rotary, exclude_token
 from echo_train.model.echo_model import EchoModel
 from runtime import graph_io
 
@@ -97,8 +97,6 @@ class ArStepInPlaceGraph(nn.Module):
         self.output_names = graph_io.inplace_step_outputs(n)
 
     def forward(self, input_ids, position_ids, past_len, *caches):
-        from .graphs import exclude_token
-
         lm = self.model.lm
         n = len(lm.model.layers)
         past_keys, past_values = caches[:n], caches[n:]

@@ -21,6 +21,15 @@ MASK_VALUE = -30000.0
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+def exclude_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """The mask token is never predicted: its logit becomes MASK_VALUE (finite, fp16-safe)."""
+    # made on the logits' device: no host-to-device copy inside a captured CUDA graph
+    # a comparison, not a scatter into a bool tensor: TensorRT's ScatterElements takes no BOOL, and the
+    # exporter folds the scatter to a constant only for small vocabularies (echo_export/trt_ops.py found it)
+    onehot = torch.arange(logits.shape[-1], device=logits.device) == token_id
+    return torch.where(onehot, torch.full_like(logits, MASK_VALUE), logits)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
