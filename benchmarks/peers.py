@@ -17,9 +17,10 @@ The Hugging Face folder holds exactly our random-weight checkpoint's decoder (th
 `qwen2.5-<size>` rung: a Qwen2.5 decoder at the real shapes + ViT-B/16), with a byte-level BPE
 tokenizer in Qwen2's layout (benchmarks/random_qwen_vl.py); the peers are text-only, so every engine
 is compared on the decode phase: the same context length as our prefix (image tokens + prompt),
-greedy, 128 new tokens, batch 1, the same threads. Our rows: the runtime's AR loop (`ar_step`) and
-one-step loop (`block_step`, B tokens per pass) on the same folder, decode phase only, plus the
-per-pass times of ar_step / block_step (benchmarks/ideal.py) beside the peers' seconds per token.
+greedy, 128 new tokens, batch 1, the same threads. Our rows: the runtime's AR loop (on the CPU its
+in-place `ar_step_inplace` where the folder has it, else `ar_step`) and one-step loop (`block_step`,
+B tokens per pass) on the same folder, decode phase only, plus the per-pass times of that AR step /
+block_step (benchmarks/ideal.py) beside the peers' seconds per token.
 
 Every engine runs in its own subprocess (its RSS is its own), one after another in one run, so the
 ratios come from the same machine state; the load average before and after is recorded.
@@ -335,7 +336,7 @@ def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeat
     res["block_size"] = B
     res["weight_bytes"] = sum(f.stat().st_size for f in engine.iterdir()
                               if f.name == f"weights.{precision}.bin" or (f.suffix == ".onnx" and f".{precision}." in f.name
-                                                                           and f.name.split(".")[0] in ("vision_prefill", "block_step", "ar_step")))
+                                                                           and f.name.split(".")[0] in ("vision_prefill", "block_step", "ar_step", "ar_step_inplace")))
     del rt
     import gc
 
@@ -344,6 +345,7 @@ def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeat
 
     pt = ort_pass_times(engine, precision, [1, 2 * B], images[0], threads, repeats=pass_repeats)
     res["t_ar_step_ms"], res["t_block_step_ms"] = 1e3 * pt["t"][1], 1e3 * pt["t"][2 * B]
+    res["ar_role"] = pt["ar_role"]  # the AR step the runtime ran (the in-place one on the CPU)
     res["pass_cache_len"] = pt["cache_len"]
     return res
 
@@ -518,7 +520,7 @@ def table_rows(res: dict) -> list[dict]:
             continue
         if r["engine"] == "ours":
             for mode, label, pass_ms in (("fused", f"this runtime, one-step block_step (B={r['block_size']})", r["t_block_step_ms"]),
-                                         ("ar", "this runtime, AR ar_step", r["t_ar_step_ms"])):
+                                         ("ar", f"this runtime, AR {r.get('ar_role', 'ar_step')}", r["t_ar_step_ms"])):
                 x = r[mode]
                 out.append({"engine": label, "loop": mode, "precision": r["precision"], "class": CLASS_OF[r["precision"]],
                             "tps": x["decode_tokens_per_s"], "runs": x["runs_tokens_per_s"], "tokens": x["new_tokens"],
@@ -572,7 +574,7 @@ def markdown(res: dict) -> str:
              "| engine | precision | decode tok/s | ms / token | per pass ms | tokens | RSS | weight bytes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in ok:
-        pp = f"{r['pass_ms']:.1f}" + (" (ar_step, T=1)" if r["ours"] and r["loop"] == "ar" else
+        pp = f"{r['pass_ms']:.1f}" + (" (AR step, T=1)" if r["ours"] and r["loop"] == "ar" else
                                        f" (block_step, T=16)" if r["ours"] else "")
         lines.append(f"| {'**' + r['engine'] + '**' if r['ours'] else r['engine']} | {r['precision']} | {r['tps']:.1f} | "
                      f"{1e3 / r['tps']:.1f} | {pp} | {r['tokens']} | {r['rss_mb'] / 1024:.2f} GB | {r['weight_bytes'] / 1e6:.0f} MB |")
