@@ -67,6 +67,7 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
     step is the one the runtime runs on the CPU: its in-place form where the folder has it (`inplace`)."""
     from echo_export.decode_loop import shared_weights_of
     from runtime import graph_io as gio
+    from runtime.errors import ManifestError
     from runtime.manifest import load_manifest, resolve_graph
     from runtime.ort_backend import OrtGraph
     from runtime.preprocess import preprocess_image, preprocess_mode_of
@@ -98,7 +99,7 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
         try:
             resolve_graph(m, gio.AR_STEP_INPLACE, precision, 1)
             ar_role = gio.AR_STEP_INPLACE
-        except Exception:
+        except ManifestError:  # a folder without it: the standard step
             pass
     step_roles = {2 * B: gio.BLOCK_STEP, 1: ar_role}
     out = {"cache_len": None, "t": {}, "timer": "session.run_with_iobinding", "ar_role": ar_role}

@@ -119,13 +119,13 @@ class _Decoder:
         self.step = rt.graph(rt.step_role(md, batch), batch)
         # in place (graph_io ar_step_inplace): the step writes its KV into the cache itself, at slot past_len
         self.inplace = gio.is_inplace_cache(self.step.inputs)
-        lm = m.model_config.get("lm", {})
-        if self.inplace:
-            _, _, kvH, CAP, dh = shape = (lm["num_hidden_layers"], *self.step.shape("past_key.0"))
-            L = shape[0]
+        if self.inplace:  # one cache input per layer, [b, kvH, CAP + spare, dh]
+            L = sum(name.startswith("past_key.") for name in self.step.inputs)
+            _, kvH, CAP, dh = self.step.shape("past_key.0")
         else:
             shape = self.step.shape("past_key")
             if len(shape) != 5 or not all(isinstance(d, int) for d in shape):
+                lm = m.model_config.get("lm", {})
                 shape = (lm["num_hidden_layers"], batch, lm["num_key_value_heads"], m.capacity, lm["head_dim"])
             L, _, kvH, CAP, dh = shape
         self.cap = CAP - (gio.INPLACE_SPARE_SLOTS if self.inplace else 0)
