@@ -268,6 +268,9 @@ class EchoRuntime:
     weights (one map of weights.<precision>.bin, one set of packed MatMul weights:
     runtime/ort_capi.py) instead of each holding its own; False: onnxruntime's default, one packed
     copy per graph. fp16 graphs always take the default (SHARED_PRECISIONS).
+    inplace_ar (onnxruntime, CPU): the AR mode runs the folder's ar_step_inplace where it has one (one
+    GroupQueryAttention per layer over caches written in place, echo_export/inplace_ar_step.py);
+    False: the standard ar_step, for comparisons.
     """
 
     def __init__(
