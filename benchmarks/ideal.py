@@ -117,9 +117,10 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
             continue
         g = graph(role, precision)
         inplace_graph = gio.is_inplace_cache(g.inputs)
-        CAP = g.shape("past_key.0")[2] - gio.INPLACE_SPARE_SLOTS if inplace_graph else g.shape("past_key")[3]
+        slots = g.shape("past_key.0")[2] if inplace_graph else g.shape("past_key")[3]
+        CAP = slots - (gio.INPLACE_SPARE_SLOTS if inplace_graph else 0)  # what the loop may fill
         past = min(npre + MID_REPORT_TOKENS, CAP - T)
-        ck = np.zeros((L, 1, kvH, CAP + (gio.INPLACE_SPARE_SLOTS if inplace_graph else 0), dh), np.float32)
+        ck = np.zeros((L, 1, kvH, slots, dh), np.float32)
         cv = np.zeros_like(ck)
         ck[:, :, :, :npre], cv[:, :, :, :npre] = pk, pv  # the real prefix cache
         rng = np.random.default_rng(0)

@@ -234,7 +234,7 @@ def example_inputs(role: str, cfg, batch: int, capacity: int, prefix_len: int) -
     if role in (graph_io.VISION_PREFILL, graph_io.AR_PREFILL):
         return (torch.zeros(batch, 1, S, S), torch.zeros(batch, prefix_len, dtype=torch.long))
     if role == graph_io.AR_STEP_INPLACE:
-        return inplace_example_inputs(cfg, batch, capacity + graph_io.INPLACE_SPARE_SLOTS)
+        return inplace_example_inputs(cfg, batch, capacity)
     t = {graph_io.BLOCK_STEP: 2 * cfg.block_size, graph_io.BLOCK_DENOISE: cfg.block_size,
          graph_io.BLOCK_COMMIT: cfg.block_size}.get(role, 1)
     kv = torch.zeros(lm.num_hidden_layers, batch, lm.num_key_value_heads, capacity, lm.head_dim)
@@ -259,7 +259,7 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
     if role == graph_io.AR_STEP:
         return ArStepGraph(model, capacity, mask_id).eval()
     if role == graph_io.AR_STEP_INPLACE:
-        return ArStepInPlaceGraph(model, capacity + graph_io.INPLACE_SPARE_SLOTS, mask_id).eval()
+        return ArStepInPlaceGraph(model, mask_id).eval()
     if role in graph_io.MULTISTEP_ROLES:
         return BlockPassGraph(model, capacity, mask_id, commit=role == graph_io.BLOCK_COMMIT).eval()
     raise ValueError(f"unknown graph role {role!r}; choose from {graph_io.GRAPH_ROLES}")

@@ -89,9 +89,9 @@ class ArStepInPlaceGraph(nn.Module):
     """ar_step in the in-place cache form (module docstring); the model's own norms, projections,
     rotary, MLP and lm_head, in DecoderLayer.forward's order."""
 
-    def __init__(self, model: EchoModel, capacity: int, mask_id: int) -> None:
+    def __init__(self, model: EchoModel, mask_id: int) -> None:  # its cache slots: its inputs' (fixed at export)
         super().__init__()
-        self.model, self.capacity, self.mask_id = model, capacity, mask_id
+        self.model, self.mask_id = model, mask_id
         n = model.cfg.lm.num_hidden_layers
         self.input_names = graph_io.inplace_step_inputs(n)
         self.output_names = graph_io.inplace_step_outputs(n)
@@ -124,8 +124,10 @@ class ArStepInPlaceGraph(nn.Module):
 
 
 def inplace_example_inputs(cfg, batch: int, capacity: int) -> tuple[torch.Tensor, ...]:
-    """Dummy inputs of the in-place ar_step's fixed shapes (capacity: its own, spare slot included)."""
+    """Dummy inputs of the in-place ar_step's fixed shapes for a loop of `capacity` cache slots (the
+    graph's caches hold graph_io.INPLACE_SPARE_SLOTS more)."""
     lm = cfg.lm
-    kv = [torch.zeros(batch, lm.num_key_value_heads, capacity, lm.head_dim) for _ in range(2 * lm.num_hidden_layers)]
+    slots = capacity + graph_io.INPLACE_SPARE_SLOTS
+    kv = [torch.zeros(batch, lm.num_key_value_heads, slots, lm.head_dim) for _ in range(2 * lm.num_hidden_layers)]
     return (torch.zeros(batch, 1, dtype=torch.long), torch.ones(batch, 1, dtype=torch.long),
             torch.ones(batch, dtype=torch.long), *kv)

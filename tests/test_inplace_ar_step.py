@@ -39,7 +39,7 @@ def test_eager_module_equals_the_standard_step(ar_model):
     from echo_export.inplace_ar_step import ArStepInPlaceGraph
 
     model, tok = ar_model
-    std, inp = ArStepGraph(model, CAP, tok.mask_id).eval(), ArStepInPlaceGraph(model, CAP + 1, tok.mask_id).eval()
+    std, inp = ArStepGraph(model, CAP, tok.mask_id).eval(), ArStepInPlaceGraph(model, tok.mask_id).eval()
     kc, vc = _caches(model.cfg, 2, 17)
     ids = torch.tensor([[5], [9]])
     pos, past = torch.tensor([[17], [17]]), torch.tensor([17, 17])
