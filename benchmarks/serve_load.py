@@ -116,7 +116,8 @@ class EchoServe:
                 out[args[8].decode()] = int(d.name)
         return out
 
-    def stop(self, timeout: float = 60) -> Optional[int]:
+    def stop(self, timeout: float = 90) -> Optional[int]:
+        t0 = time.time()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -128,6 +129,7 @@ class EchoServe:
         except ProcessLookupError:
             pass
         self.proc.wait(10)
+        self.stop_s = round(time.time() - t0, 1)
         return self.proc.returncode
 
 
@@ -595,6 +597,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"serve_load: mixed batch: {res['mixed_batch']}", file=sys.stderr)
         finally:
             res.setdefault("server_exit", {})[str(n_inst)] = server.stop()
+            res.setdefault("server_stop_s", {})[str(n_inst)] = server.stop_s
     res["recover_seconds"] = a.recover_seconds
     for target in [t for t in a.kill.split(",") if t]:  # each on a fresh server of the last instance count
         server = EchoServe(a.engine_dir, insts[-1], tuple(a.serve_arg))
@@ -607,7 +610,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                   + (f"; after a reload ({k['reload_status']}): {k['recovered_after_reload']}" if "reload_status" in k
                      else ""), file=sys.stderr)
         finally:
-            res["server_exit"][f"kill-{target}"] = server.stop()
+            res.setdefault("server_exit", {})[f"kill-{target}"] = server.stop()
+            res.setdefault("server_stop_s", {})[f"kill-{target}"] = server.stop_s
+            if res["server_exit"][f"kill-{target}"] != 0:
+                print(f"serve_load: echo-serve exited {res['server_exit'][f'kill-{target}']} after "
+                      f"{server.stop_s} s:\n{server.log}", file=sys.stderr)
     by = {(c["instances"], c["concurrency"]): c["reports_per_s"] for c in res["cells"]}
     if (1, 16) in by and (2, 16) in by and by[(1, 16)]:
         res["c16_2_vs_1"] = {"1": by[(1, 16)], "2": by[(2, 16)], "ratio": round(by[(2, 16)] / by[(1, 16)], 2)}

@@ -10,9 +10,10 @@ verified. Then serves models `echo` (dynamic batching) and `echo_stream` (decoup
 response per block; gRPC streaming) over HTTP and gRPC, Prometheus metrics on --metrics-port,
 and with --ui the report page. Binds 127.0.0.1 unless --host says otherwise. Prints one
 "echo-serve: ready ..." line when it serves (on stderr, like its other messages; Triton logs to
-stdout); SIGINT or SIGTERM stop it, and Triton with it. When a model instance (a Triton
-Python-backend stub) dies while serving, it stops and starts again (restart_if_a_stub_dies). Exit status: 2 when the engine folder,
-the options or a port are unusable.
+stdout); SIGINT or SIGTERM stop it, and Triton with it, within --stop-timeout seconds (then by
+SIGKILL: stop_within). When a model instance (a Triton Python-backend stub) dies while serving,
+it stops and starts again (restart_if_a_stub_dies). Exit status: 0 after a stop; 2 when the
+engine folder, the options or a port are unusable.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import NoReturn, Optional
 
@@ -159,8 +161,55 @@ def restart_if_a_stub_dies(ready: threading.Event, stopping: threading.Event,
     return t
 
 
-def _stop_on_signals(stopping: threading.Event) -> None:
+def _descendants() -> list[int]:
+    """PIDs of every process below this one (Triton, its stubs), children last."""
+    parent_of = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parent_of[int(d.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    out, frontier = [], [os.getpid()]
+    while frontier:
+        frontier = [pid for pid, pp in parent_of.items() if pp in frontier]
+        out = frontier + out
+    return out
+
+
+def stop_within(seconds: float, workspace: Path, restart: threading.Event) -> threading.Thread:
+    """Once a stop began: if this process is still here `seconds` later, SIGKILL Triton and its
+    stubs, remove the workspace and exit 0 (or start again, for a restart).
+
+    A normal stop takes about 7 s here, but PyTriton's stop joins its proxy threads with no
+    timeout, and once in a CI run (2 loaded cores, right after a restart) echo-serve was still
+    there 60 s after SIGTERM. An operator's SIGTERM must end the server, leaving no process behind."""
+
+    def watch() -> None:
+        time.sleep(seconds)
+        _err(f"the stop did not finish within {seconds:g} s; killing Triton and its model instances")
+        for pid in _descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(workspace, ignore_errors=True)
+        if restart.is_set():
+            _run_again()
+        sys.stderr.flush()
+        os._exit(0)
+
+    t = threading.Thread(target=watch, name="echo-serve-stop-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _stop_on_signals(stopping: threading.Event, workspace: Path, restart: threading.Event,
+                     stop_timeout: float) -> None:
     def handler(signum, _frame):
+        if not stopping.is_set():
+            stop_within(stop_timeout, workspace, restart)
         stopping.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -186,8 +235,11 @@ def _stop_on_signals(stopping: threading.Event) -> None:
 @click.option("--allow-unverified", is_flag=True, help="serve an engine whose manifest says verified=false")
 @click.option("--ui", is_flag=True, help="also serve the report page (a browser front that talks to Triton)")
 @click.option("--ui-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--stop-timeout", type=click.FloatRange(min=1), default=45.0, show_default=True,
+              help="seconds a stop (SIGTERM, Ctrl-C, a restart) may take before Triton and its model instances "
+                   "are killed")
 def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_port, threads, max_queue_delay_us,
-         max_new_tokens, allow_unverified, ui, ui_port) -> None:
+         max_new_tokens, allow_unverified, ui, ui_port, stop_timeout) -> None:
     """Serve ENGINE_DIR's reports on Triton Inference Server (KServe v2 HTTP/gRPC)."""
     pytriton = _pytriton()
     from .pool import EnginePool
@@ -204,8 +256,8 @@ def main(engine_dir, precision, instances, host, http_port, grpc_port, metrics_p
          f"{instances} instance(s), batch sizes {pool.built}); starting Triton")
     libpython_first()
     stopping, restart = threading.Event(), threading.Event()
-    _stop_on_signals(stopping)
     triton, workspace = _triton(pytriton, host, http_port, grpc_port, metrics_port)
+    _stop_on_signals(stopping, workspace, restart, stop_timeout)
     ready = threading.Event()
     restart_if_triton_dies_starting(ready, workspace)
     restart_if_a_stub_dies(ready, stopping, restart)

@@ -96,4 +96,56 @@ def test_a_killed_model_instance_makes_echo_serve_start_again(runtime_engine, tm
     assert k["stub_alive_after"] and k["stub_pid_after"] != k["killed_pid"], k
     assert any("a Triton model instance died" in x and "starts again" in x for x in k["serve_lines_after_kill"]), k
     assert k["run"]["duplicated"] == k["run"]["foreign"] == k["run"]["wrong_text"] == 0, k
-    assert res["server_exit"]["kill-echo_0_1"] == 0, res["server_exit"]  # and it stops cleanly after
+    assert res["server_exit"]["kill-echo_0_1"] == 0, (res["server_exit"], res["server_stop_s"], p.stderr[-4000:])
+
+
+def test_a_stop_that_hangs_is_ended_by_the_stop_timeout(runtime_engine):
+    """SIGTERM ends echo-serve even when Triton does not stop (here: SIGSTOPped, so its SIGINT
+    waits): after --stop-timeout it SIGKILLs Triton and the stubs and exits 0, nothing left behind."""
+    why = _serve_env_problem()
+    if why:
+        pytest.skip(why)
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from benchmarks.serve_load import EchoServe
+
+    server = EchoServe(str(runtime_engine.path), 1, ("--allow-unverified", "--threads=1", "--stop-timeout=2"),
+                       python=str(SERVE_PY))
+    try:
+        group = lambda: {int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()  # noqa: E731
+                         and _pgid(int(d.name)) == server.proc.pid and int(d.name) != server.proc.pid
+                         and _state(int(d.name)) != "Z"}  # a zombie is dead; here PID 1 may not reap it
+        members = group()
+        triton = [pid for pid in members if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver"]
+        assert triton and len(members) >= 2, members  # Triton and its model instance's stub
+        os.kill(triton[0], signal.SIGSTOP)
+        t0 = time.time()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        took = time.time() - t0
+        time.sleep(0.5)
+        assert took < 15, took
+        assert not group(), group()  # no Triton, no stub outlives it
+        assert any("did not finish within 2 s" in x for x in server.lines), server.log
+    finally:
+        server.stop()
+
+
+def _pgid(pid: int) -> int:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return "Z"
+    return stat[stat.rindex(")") + 2]
