@@ -1109,14 +1109,15 @@ def _convert(b: _Build, calib_px: list[np.ndarray]) -> None:
 
 
 def _fuse_cpu_norms(b: _Build) -> None:
-    """The CPU-only graphs' RMSNorms as onnxruntime's SimplifiedLayerNormalization (cpu_fusion.py),
-    once every converter has read them (int8dyn folds its smoothing into the norms' Mul weights)."""
+    """The CPU-only graphs' RMSNorms as onnxruntime's (Skip)SimplifiedLayerNormalization and their
+    q/k/v projections packed (cpu_fusion.py), once every converter has read them (int8dyn folds its
+    smoothing into the norms' Mul weights). The packed weights join the precision's weights file."""
     from .cpu_fusion import fuse_graph_file
 
     for (role, prec, bs), name in sorted(b.files.items()):
         if role in gio.CPU_ONLY_ROLES:
-            n = fuse_graph_file(b.tmp / name)
-            b.log(f"  {name:<34} {n} RMSNorms -> SimplifiedLayerNormalization")
+            n = fuse_graph_file(b.tmp / name, store=b.stores.get(prec))
+            b.log(f"  {name:<34} {n} RMSNorms -> (Skip)SimplifiedLayerNormalization, q/k/v packed")
 
 
 def _graph_table(b: _Build) -> dict[str, dict[str, str]]:

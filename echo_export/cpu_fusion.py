@@ -5,8 +5,9 @@ Mul(weight): seven nodes, 49 of them per decoder pass at the Qwen2.5-0.5B shape.
 RMSNorm only when it is written with Div (its SimplifiedLayerNormFusion pattern), so none of ours
 are fused, and at batch 1 a decode pass is short enough that per-node dispatch is a real share of
 it. `fuse_rms_norm` writes each as one `SimplifiedLayerNormalization` (an onnxruntime operator in
-the ONNX domain; the one its own fusion and onnxruntime-genai's builder emit), which onnxruntime's
-optimiser then fuses further with the residual Add before it (SkipSimplifiedLayerNormalization).
+the ONNX domain; the one its own fusion and onnxruntime-genai's builder emit), and
+`fuse_skip_rms_norm` folds the residual Add before it into a SkipSimplifiedLayerNormalization, which
+onnxruntime's optimiser does not do for these graphs.
 
 Graph-only: the weights (the norm scales included) stay where they are, so a folder's graphs can be
 rewritten in place (`python -m echo_export.cpu_fusion ENGINE_DIR`).
@@ -118,12 +119,138 @@ def fuse_rms_norm(model: onnx.ModelProto) -> int:
     return len(replace)
 
 
-def fuse_graph_file(path: Path) -> int:
+def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
+    """Each residual Add(a, b) read by a SimplifiedLayerNormalization -> one
+    com.microsoft.SkipSimplifiedLayerNormalization(a, b, weight), whose 4th output is the sum where
+    anything else reads it (the residual stream). onnxruntime's own SkipLayerNormFusion leaves ours
+    alone (it wants shapes its inference cannot give here), so without this every layer keeps two
+    Adds outside the norms. Only Adds of two computed tensors (neither an initializer nor a graph
+    input: a residual, not a bias); returns how many were fused."""
+    g = model.graph
+    gr = _Graph(model)
+    fixed = gr.initializers | {i.name for i in g.input}
+    drop: set[int] = set()
+    replace: dict[int, onnx.NodeProto] = {}
+    index = {id(n): i for i, n in enumerate(g.node)}
+    for norm in [n for n in g.node if n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "ai.onnx")]:
+        add = gr.producers.get(norm.input[0])
+        if add is None or add.op_type != "Add" or index[id(add)] in drop or set(add.input) & fixed:
+            continue
+        total = add.output[0]
+        others = [c for c in gr.consumers.get(total, []) if c is not norm]
+        attrs = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
+        outputs = [norm.output[0]] + (["", "", total] if others or total in gr.outputs else [])
+        # the sum is written where the Add was, so every reader of it still comes after its producer
+        replace[index[id(add)]] = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]], outputs,
+            name=f"{norm.name or norm.output[0]}_skip", domain="com.microsoft", epsilon=attrs.get("epsilon", 1e-5))
+        drop.add(index[id(norm)])
+    if replace:
+        nodes = [replace.get(i, n) for i, n in enumerate(g.node) if i not in drop]
+        del g.node[:]
+        g.node.extend(nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replace)
+
+
+def _projection_key(gr: _Graph, node) -> Optional[tuple]:
+    """What must agree for projections of one input to be packed into one: MatMulNBits of weights
+    alone (no zero points, g_idx or bias inputs) with their K, bits, block size and accuracy level;
+    or MatMul by a 2-D initializer (its K)."""
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.input) == 3 \
+            and all(i in gr.initializers for i in node.input[1:]):
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        return ("nbits", a["K"], a.get("bits", 4), a["block_size"], a.get("accuracy_level", 0))
+    if node.op_type == "MatMul" and node.input[1] in gr.initializers:
+        t = next(t for t in gr.model.graph.initializer if t.name == node.input[1])
+        if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT:
+            return ("matmul", t.dims[0])
+    return None
+
+
+def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
+    """Each three projections of one tensor (a layer's q, k and v of its normed input) -> one
+    projection by the concatenated weights and a Split into the three outputs, as onnxruntime-genai
+    writes them: one dispatch and, for MatMulNBits at accuracy_level 4, one int8 quantisation of the
+    input instead of three (the k and v projections are narrow: 2 x 64 columns at the 0.5B shape).
+    The packed weights are added to `store` (the precision's WeightsFile, open, in `folder`); the
+    separate ones stay for the graphs that share them (block_step). Returns the groups packed."""
+    from .external_weights import point_to, tensor_bytes
+
+    g = model.graph
+    gr = _Graph(model)
+    inits = {t.name: t for t in g.initializer}
+    by_input: dict[tuple, list] = {}
+    for n in g.node:
+        key = _projection_key(gr, n)
+        if key is not None:
+            by_input.setdefault((n.input[0], key), []).append(n)
+    groups = [v for v in by_input.values() if len(v) == 3]
+
+    def array(name: str) -> np.ndarray:
+        t = inits[name]
+        return np.frombuffer(tensor_bytes(t, folder), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(list(t.dims))
+
+    def stored(a: np.ndarray, name: str) -> onnx.TensorProto:
+        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
+        offset, length = store.add(t.raw_data)
+        point_to(t, store.name, offset, length)
+        return t
+
+    first: dict[int, list] = {}
+    drop: set[int] = set()
+    index = {id(n): i for i, n in enumerate(g.node)}
+    for grp in groups:
+        head = grp[0]
+        name = f"{head.name or head.output[0]}_qkv"
+        if head.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+            widths = [int(next(helper.get_attribute_value(a) for a in n.attribute if a.name == "N")) for n in grp]
+            b = stored(np.concatenate([array(n.input[1]) for n in grp], 0), f"{name}_B")
+            sc = np.concatenate([array(n.input[2]).reshape(w, -1) for n, w in zip(grp, widths)], 0)
+            scales = stored(sc.reshape(-1) if len(inits[head.input[2]].dims) == 1 else sc, f"{name}_scales")
+            new_inits = [b, scales]
+            packed = helper.make_node("MatMulNBits", [head.input[0], b.name, scales.name], [f"{name}_out"], name=name,
+                                      domain="com.microsoft", **{**attrs, "N": sum(widths)})
+        else:
+            ws = [array(n.input[1]) for n in grp]
+            widths = [w.shape[1] for w in ws]
+            w = stored(np.concatenate(ws, 1), f"{name}_W")
+            new_inits = [w]
+            packed = helper.make_node("MatMul", [head.input[0], w.name], [f"{name}_out"], name=name)
+        split_sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_split_sizes")
+        split = helper.make_node("Split", [packed.output[0], split_sizes.name], [n.output[0] for n in grp],
+                                 name=f"{name}_split", axis=-1)
+        g.initializer.extend(new_inits + [split_sizes])
+        ids = sorted(index[id(n)] for n in grp)
+        first[ids[0]] = [packed, split]  # where the first of the three was: before any reader of the three
+        drop.update(ids)
+    if groups:
+        nodes = []
+        for i, n in enumerate(g.node):
+            nodes += first.get(i, []) if i in drop else [n]
+        del g.node[:]
+        g.node.extend(nodes)
+        used = {i for n in g.node for i in n.input}
+        kept = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+        store.flush()
+    return len(groups)
+
+
+def fuse_graph_file(path: Path, store=None) -> int:
     """Rewrite one .onnx file (its external weights untouched) through a new file, so that a
-    hard-linked copy of a folder keeps the original."""
+    hard-linked copy of a folder keeps the original. Returns the RMSNorms fused. With `store` (the
+    graph's precision's WeightsFile, open), its q/k/v projections are packed too (their packed
+    weights appended to it)."""
     model = onnx.load(str(path), load_external_data=False)
     n = fuse_rms_norm(model)
-    if n:
+    changed = n + fuse_skip_rms_norm(model)
+    if store is not None:
+        changed += pack_qkv_projections(model, path.parent, store)
+    if changed:
         tmp = path.with_name(path.name + ".fusing")
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
@@ -146,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit("usage: python -m echo_export.cpu_fusion ENGINE_DIR... (rewritten in place, manifest re-hashed)")
     for a in argv:
         for name, n in fuse_engine_folder(Path(a)).items():
-            print(f"{name}: {n} RMSNorm -> SimplifiedLayerNormalization")
+            print(f"{name}: {n} RMSNorm -> (Skip)SimplifiedLayerNormalization")
 
 
 if __name__ == "__main__":

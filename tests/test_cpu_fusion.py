@@ -44,8 +44,10 @@ def test_every_rmsnorm_is_fused(engines):
         ops = [x.op_type for x in m.graph.node]
         if name.startswith(("block_step", "vision_prefill")):
             assert n >= 3  # two per decoder layer + the final norm (the vision tower's are LayerNorms)
-        assert ops.count("SimplifiedLayerNormalization") == n
+        assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == n
         assert "Reciprocal" not in ops and "Pow" not in ops  # no RMSNorm left unfused
+        if name.startswith("block_step"):  # every norm after a residual Add took the Add in
+            assert ops.count("SkipSimplifiedLayerNormalization") == n - 1, ops.count("SkipSimplifiedLayerNormalization")
 
 
 def test_fused_graphs_decode_the_same_tokens(engines):
@@ -101,3 +103,79 @@ def test_a_chain_read_elsewhere_is_left_alone():
     xv = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
     got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xv})[0]
     np.testing.assert_allclose(got, xv / np.sqrt((xv ** 2).mean(-1, keepdims=True) + 1e-6), rtol=1e-5, atol=1e-6)
+
+
+def test_the_residual_add_folds_into_the_norm_and_still_feeds_the_stream():
+    """Add(a, b) -> SimplifiedLayerNormalization, the sum also read by a later Add (the residual
+    stream): one SkipSimplifiedLayerNormalization whose 4th output is the sum; same values. An Add
+    of a bias (an initializer) is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8])  # noqa: E731
+    w = np.linspace(0.5, 1.5, 8).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["a"], ["ra"]), helper.make_node("Neg", ["b"], ["nb"]),
+             helper.make_node("Add", ["ra", "nb"], ["s"]),
+             helper.make_node("SimplifiedLayerNormalization", ["s", "w"], ["n"], axis=-1, epsilon=1e-6),
+             helper.make_node("Add", ["s", "n"], ["y"]),
+             helper.make_node("Add", ["y", "bias"], ["yb"]),
+             helper.make_node("SimplifiedLayerNormalization", ["yb", "w"], ["z"], axis=-1, epsilon=1e-6)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(8, 0.25, np.float32), "bias")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [vi("a"), vi("b")], [vi("z")], inits),
+                          opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((1, 3, 8)).astype(np.float32), "b": rng.standard_normal((1, 3, 8)).astype(np.float32)}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert cpu_fusion.fuse_skip_rms_norm(m) == 1  # the first norm; the second reads a bias Add
+    skip = [x for x in m.graph.node if x.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(skip) == 1 and list(skip[0].output) == ["n", "", "", "s"] and skip[0].domain == "com.microsoft"
+    assert [x.op_type for x in m.graph.node].count("Add") == 2
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nbits", "matmul"])
+def test_qkv_packing_computes_each_projection_as_before(tmp_path, kind):
+    """Three projections of one input (widths 16, 8, 8: k and v alike, so a swap would not show in
+    the shapes) -> one packed projection + Split, its weights in the store; every output as before.
+    A fourth projection of another input and a pair of one input are left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from echo_export.external_weights import WeightsFile
+
+    rng = np.random.default_rng(1)
+    K, widths, bs = 32, (16, 8, 8), 16
+    inits, nodes = [], []
+
+    def proj(src, out, n):
+        if kind == "nbits":
+            b = rng.integers(0, 256, (n, K // bs, bs // 2), dtype=np.uint8)
+            s = (rng.random(n * (K // bs)) * 0.1 + 0.01).astype(np.float32)
+            inits.extend([numpy_helper.from_array(b, f"{out}_B"), numpy_helper.from_array(s, f"{out}_S")])
+            nodes.append(helper.make_node("MatMulNBits", [src, f"{out}_B", f"{out}_S"], [out], name=out,
+                                          domain="com.microsoft", K=K, N=n, bits=4, block_size=bs, accuracy_level=0))
+        else:
+            inits.append(numpy_helper.from_array(rng.standard_normal((K, n)).astype(np.float32), f"{out}_W"))
+            nodes.append(helper.make_node("MatMul", [src, f"{out}_W"], [out], name=out))
+
+    nodes.append(helper.make_node("Relu", ["x"], ["h"]))
+    for out, n in zip(("q", "k", "v"), widths):
+        proj("h", out, n)
+    proj("x", "other", 8)
+    proj("x", "pair", 8)  # two of "x" (other, pair): not a q/k/v triple
+    outs = ["q", "k", "v", "other", "pair"]
+    m = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, K])],
+                                            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits),
+                          opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    x = {"x": rng.standard_normal((1, 2, K)).astype(np.float32)}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, x)
+    store = WeightsFile(tmp_path, "weights.bin")
+    assert cpu_fusion.pack_qkv_projections(m, tmp_path, store) == 1
+    store.close()
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("Split") == 1 and len(ops) == 1 + 2 + 2  # Relu, packed + Split, the other two
+    assert {t.name for t in m.graph.initializer} >= {"other_W" if kind == "matmul" else "other_B"}
+    assert not {"q_W", "q_B", "k_W", "k_B"} & {t.name for t in m.graph.initializer}  # the separate ones are gone
+    onnx.save(m, str(tmp_path / "packed.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "packed.onnx"), providers=["CPUExecutionProvider"]).run(outs, x)
+    for o, a, b in zip(outs, got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=o)

@@ -902,6 +902,14 @@ def test_inplace_ar_step_is_verified_and_is_what_the_runtime_runs(built, setup):
     _, _, tok, data = setup
     v = json.loads((out / "verify.json").read_text())["variants"]["ar_inplace.fp32.b1"]
     assert v["identical"] and v["n_images"] == 3
+    import onnx
+
+    g = onnx.load(str(out / "ar_step_inplace.fp32.b1.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
+    n_layers = ops.count("GroupQueryAttention")
+    # CPU fusions (echo_export/cpu_fusion.py): q/k/v one packed projection; residual Adds in the norms
+    assert sum(n.name.endswith("_qkv") for n in g.node) == n_layers and ops.count("Split") >= n_layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
     paths = [str(data / "img" / f"test{i}.png") for i in range(3)]
     rt = EchoRuntime(out, precision="fp32", mode="ar", threads=1)
     std = EchoRuntime(out, precision="fp32", mode="ar", threads=1, inplace_ar=False)
