@@ -109,6 +109,9 @@ class BuildOptions:
     # the AR step also in the in-place form for onnxruntime's CPU (echo_export/inplace_ar_step.py: one
     # GroupQueryAttention per layer over caches updated in place); the runtime takes it on the CPU
     ar_inplace: bool = True
+    # its fp32 form's argmax screened by an 8-bit copy of the lm_head, fp32 logits for the rows that
+    # can still win (echo_export/screened_argmax.py): the same tokens, a fraction of the head's bytes
+    screened_argmax: bool = True
 
 
 @dataclass
@@ -1118,6 +1121,24 @@ def _fuse_cpu_norms(b: _Build) -> None:
         if role in gio.CPU_ONLY_ROLES:
             n = fuse_graph_file(b.tmp / name, store=b.stores.get(prec))
             b.log(f"  {name:<34} {n} RMSNorms -> (Skip)SimplifiedLayerNormalization, q/k/v packed")
+            if prec == "fp32" and b.opts.screened_argmax and "fp32" in b.stores:
+                _screen_argmax(b, b.tmp / name)
+
+
+def _screen_argmax(b: _Build, path: Path) -> None:
+    """The fp32 CPU step's argmax screened by an 8-bit lm_head (echo_export/screened_argmax.py)."""
+    import onnx
+
+    from .screened_argmax import screen_argmax
+
+    model = onnx.load(str(path), load_external_data=False)
+    if screen_argmax(model, b.tmp, b.stores["fp32"]):
+        tmp = path.with_name(path.name + ".screening")
+        onnx.save(model, str(tmp))
+        tmp.replace(path)
+        b.log(f"  {path.name:<34} argmax screened by an 8-bit lm_head (exact: the full head where it cannot tell)")
+    else:
+        b.log(f"  {path.name:<34} argmax not screened (no lm_head -> ArgMax tail, or no block size fits)")
 
 
 def _graph_table(b: _Build) -> dict[str, dict[str, str]]:

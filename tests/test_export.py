@@ -910,6 +910,8 @@ def test_inplace_ar_step_is_verified_and_is_what_the_runtime_runs(built, setup):
     # CPU fusions (echo_export/cpu_fusion.py): q/k/v one packed projection; residual Adds in the norms
     assert sum(n.name.endswith("_qkv") for n in g.node) == n_layers and ops.count("Split") >= n_layers
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
+    # the fp32 argmax screened by an 8-bit lm_head (echo_export/screened_argmax.py), full head as fallback
+    assert ops.count("If") == 1 and any("screen_approx" in n.output for n in g.node)
     paths = [str(data / "img" / f"test{i}.png") for i in range(3)]
     rt = EchoRuntime(out, precision="fp32", mode="ar", threads=1)
     std = EchoRuntime(out, precision="fp32", mode="ar", threads=1, inplace_ar=False)
