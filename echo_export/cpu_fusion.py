@@ -169,10 +169,22 @@ def _projection_key(gr: _Graph, node) -> Optional[tuple]:
     return None
 
 
+def _bias_add(gr: _Graph, node, width: int) -> Optional[tuple]:
+    """(the Add, its bias initializer) when the projection's one reader adds a [width] fp32 bias."""
+    add = gr.only(node.output[0], "Add")
+    if add is None:
+        return None
+    bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    t = next((t for t in gr.model.graph.initializer if t.name == bias), None)
+    if t is None or list(t.dims) != [width] or t.data_type != onnx.TensorProto.FLOAT:
+        return None
+    return add, bias
+
+
 def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
     """Each three projections of one tensor (a layer's q, k and v of its normed input) -> one
-    projection by the concatenated weights and a Split into the three outputs, as onnxruntime-genai
-    writes them: one dispatch and, for MatMulNBits at accuracy_level 4, one int8 quantisation of the
+    projection by the concatenated weights (their bias Adds, where each has one, one Add of the
+    concatenated biases) and a Split into the three outputs, as onnxruntime-genai writes them: one dispatch and, for MatMulNBits at accuracy_level 4, one int8 quantisation of the
     input instead of three (the k and v projections are narrow: 2 x 64 columns at the 0.5B shape).
     The packed weights are added to `store` (the precision's WeightsFile, open, in `folder`); the
     separate ones stay for the graphs that share them (block_step). Returns the groups packed."""
@@ -219,12 +231,19 @@ def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
             w = stored(np.concatenate(ws, 1), f"{name}_W")
             new_inits = [w]
             packed = helper.make_node("MatMul", [head.input[0], w.name], [f"{name}_out"], name=name)
+        biases = [_bias_add(gr, n, w) for n, w in zip(grp, widths)]
+        outs, made = [n.output[0] for n in grp], [packed]
+        if all(b is not None for b in biases):  # q/k/v biases: one Add, which onnxruntime folds into the matmul
+            bias = stored(np.concatenate([array(bias_name) for _, bias_name in biases]), f"{name}_bias")
+            new_inits.append(bias)
+            made.append(helper.make_node("Add", [packed.output[0], bias.name], [f"{name}_biased"], name=f"{name}_bias"))
+            outs = [add.output[0] for add, _ in biases]
+            drop.update(index[id(add)] for add, _ in biases)
         split_sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_split_sizes")
-        split = helper.make_node("Split", [packed.output[0], split_sizes.name], [n.output[0] for n in grp],
-                                 name=f"{name}_split", axis=-1)
+        made.append(helper.make_node("Split", [made[-1].output[0], split_sizes.name], outs, name=f"{name}_split", axis=-1))
         g.initializer.extend(new_inits + [split_sizes])
         ids = sorted(index[id(n)] for n in grp)
-        first[ids[0]] = [packed, split]  # where the first of the three was: before any reader of the three
+        first[ids[0]] = made  # where the first of the three was: before any reader of the three
         drop.update(ids)
     if groups:
         nodes = []

@@ -136,7 +136,8 @@ def test_the_residual_add_folds_into_the_norm_and_still_feeds_the_stream():
 @pytest.mark.parametrize("kind", ["nbits", "matmul"])
 def test_qkv_packing_computes_each_projection_as_before(tmp_path, kind):
     """Three projections of one input (widths 16, 8, 8: k and v alike, so a swap would not show in
-    the shapes) -> one packed projection + Split, its weights in the store; every output as before.
+    the shapes), each with a bias Add -> one packed projection + one bias Add + Split, its weights
+    in the store; every output as before.
     A fourth projection of another input and a pair of one input are left alone."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -158,8 +159,10 @@ def test_qkv_packing_computes_each_projection_as_before(tmp_path, kind):
             nodes.append(helper.make_node("MatMul", [src, f"{out}_W"], [out], name=out))
 
     nodes.append(helper.make_node("Relu", ["x"], ["h"]))
-    for out, n in zip(("q", "k", "v"), widths):
-        proj("h", out, n)
+    for out, n in zip(("q", "k", "v"), widths):  # each with its bias, as Qwen2's
+        proj("h", out + "_nobias", n)
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"{out}_bias"))
+        nodes.append(helper.make_node("Add", [out + "_nobias", f"{out}_bias"], [out]))
     proj("x", "other", 8)
     proj("x", "pair", 8)  # two of "x" (other, pair): not a q/k/v triple
     outs = ["q", "k", "v", "other", "pair"]
@@ -172,9 +175,10 @@ def test_qkv_packing_computes_each_projection_as_before(tmp_path, kind):
     assert cpu_fusion.pack_qkv_projections(m, tmp_path, store) == 1
     store.close()
     ops = [n.op_type for n in m.graph.node]
-    assert ops.count("Split") == 1 and len(ops) == 1 + 2 + 2  # Relu, packed + Split, the other two
-    assert {t.name for t in m.graph.initializer} >= {"other_W" if kind == "matmul" else "other_B"}
-    assert not {"q_W", "q_B", "k_W", "k_B"} & {t.name for t in m.graph.initializer}  # the separate ones are gone
+    assert ops.count("Split") == 1 and len(ops) == 1 + 3 + 2  # Relu, packed + bias Add + Split, the other two
+    names = {t.name for t in m.graph.initializer}
+    assert names >= {"other_W" if kind == "matmul" else "other_B"}
+    assert not {"q_nobias_W", "q_nobias_B", "k_nobias_W", "k_nobias_B", "q_bias"} & names  # the separate ones are gone
     onnx.save(m, str(tmp_path / "packed.onnx"))
     got = ort.InferenceSession(str(tmp_path / "packed.onnx"), providers=["CPUExecutionProvider"]).run(outs, x)
     for o, a, b in zip(outs, got, want):
