@@ -12,15 +12,15 @@ the ~2 GB an fp32 step reads (151936 x 896). The step only needs the argmax, so:
    |h.w - hq.w8| <= ||h - hq|| ||w_r|| + ||hq|| ||w_r - w8_r|| (Cauchy-Schwarz on both parts), plus
    1e-4 ||hq|| ||w8_r|| for the kernels' float rounding (far above it). ||w_r|| and ||w_r - w8_r||
    are computed at build time in float64, ||h - hq|| and ||hq|| per pass.
-3. lo = approx - bound, hi = approx + bound (the excluded token's set to its fill value in both, as
-   the original sets its logit). No row whose hi is
+3. lo = approx - bound, hi = approx + bound, each plus the exclusion row the original adds to its
+   logits (MASK_VALUE at the mask token, 0 elsewhere: exact, being the same Add). No row whose hi is
    below max(lo) can be the argmax. The `candidates` rows with the highest hi are gathered from the
    fp32 weight and their exact logits decide, the lowest index among equals as ArgMax does. Where
    more than `candidates` rows have hi >= max(lo) (flat logits), an If runs the original full
    lm_head instead, so the token is always the fp32 argmax.
 
-The graph rewrite replaces MatMul(h, Transpose(W) or W^T) -> Where(exclude, -inf, .) -> ArgMax
-(the tail ArStepInPlaceGraph exports) and leaves any other graph alone.
+The graph rewrite replaces MatMul(h, Transpose(W) or W^T) -> Add(., exclusion) -> ArgMax (the tail
+ArStepInPlaceGraph exports, backbone.exclude_token) and leaves any other graph alone.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def quantise_head(w: np.ndarray, block_size: int) -> ScreenedHead:
 
 
 def _find_tail(g: onnx.GraphProto) -> Optional[dict]:
-    """The MatMul -> Where -> ArgMax tail writing graph output `tokens`, with the [V, H] weight."""
+    """The MatMul -> Add(exclusion) -> ArgMax tail writing graph output `tokens`, with the [V, H] weight."""
     producers = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
     consumers: dict[str, int] = {}
@@ -80,12 +80,13 @@ def _find_tail(g: onnx.GraphProto) -> Optional[dict]:
     a = {x.name: helper.get_attribute_value(x) for x in argmax.attribute}
     if a.get("axis") != -1 or a.get("keepdims", 1) != 0 or a.get("select_last_index", 0) != 0:
         return None
-    where = producers.get(argmax.input[0])
-    if where is None or where.op_type != "Where" or consumers.get(where.output[0]) != 1:
+    add = producers.get(argmax.input[0])
+    if add is None or add.op_type != "Add" or consumers.get(add.output[0]) != 1:
         return None
-    mm = producers.get(where.input[2])
-    if mm is None or mm.op_type != "MatMul" or consumers.get(mm.output[0]) != 1:
+    mm = next((producers[i] for i in add.input if i in producers and producers[i].op_type == "MatMul"), None)
+    if mm is None or consumers.get(mm.output[0]) != 1:
         return None
+    exclusion = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
     tr = producers.get(mm.input[1])
     if tr is not None and tr.op_type == "Transpose" and tr.input[0] in inits:
         perm = next((helper.get_attribute_value(x) for x in tr.attribute if x.name == "perm"), None)
@@ -99,7 +100,7 @@ def _find_tail(g: onnx.GraphProto) -> Optional[dict]:
     t = inits[weight]
     if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
         return None
-    return {"argmax": argmax, "where": where, "matmul": mm, "transpose": tr, "weight": weight,
+    return {"argmax": argmax, "add": add, "exclusion": exclusion, "matmul": mm, "transpose": tr, "weight": weight,
             "transposed": transposed, "dims": list(t.dims)}
 
 
@@ -143,7 +144,7 @@ def screen_argmax(model: onnx.ModelProto, folder: Path, store, candidates: int =
     else:  # the weight is stored [H, V]: the gather needs rows, so a transposed copy
         fp32_rows = stored(np.ascontiguousarray(rows), p + "w_rows")
     h = tail["matmul"].input[0]
-    cond, fill = tail["where"].input[0], tail["where"].input[1]
+    exclusion = tail["exclusion"]
     nb = hidden // bs
     N = helper.make_node
     nodes = [
@@ -175,8 +176,8 @@ def screen_argmax(model: onnx.ModelProto, folder: Path, store, candidates: int =
           block_size=bs, accuracy_level=4),
         N("Sub", [p + "approx", p + "bound"], [p + "lo_all"]),
         N("Add", [p + "approx", p + "bound"], [p + "hi_all"]),
-        N("Where", [cond, fill, p + "lo_all"], [p + "lo"]),
-        N("Where", [cond, fill, p + "hi_all"], [p + "hi"]),
+        N("Add", [p + "lo_all", exclusion], [p + "lo"]),
+        N("Add", [p + "hi_all", exclusion], [p + "hi"]),
         N("ReduceMax", [p + "lo", p + "ax"], [p + "thr"], keepdims=1),
         N("GreaterOrEqual", [p + "hi", p + "thr"], [p + "may_win"]),
         N("Cast", [p + "may_win"], [p + "may_win_i"], to=TensorProto.INT64),
@@ -191,13 +192,11 @@ def screen_argmax(model: onnx.ModelProto, folder: Path, store, candidates: int =
         N("Unsqueeze", [h, const(np.array([-1]), p + "axm1")], [p + "h_col"]),  # [.., H, 1]
         N("MatMul", [p + "top_rows", p + "h_col"], [p + "top_logit_col"]),
         N("Squeeze", [p + "top_logit_col", p + "axm1"], [p + "top_logit"]),
-        # the exclusion and its fill value, as the original Where broadcasts them, at the k rows
+        # the exclusion row, as the original Add broadcasts it, at the k rows
         N("Shape", [p + "hi"], [p + "hi_shape"]),
-        N("Expand", [cond, p + "hi_shape"], [p + "excluded"]),
-        N("GatherElements", [p + "excluded", p + "top_i"], [p + "top_excluded"], axis=-1),
-        N("Expand", [fill, p + "hi_shape"], [p + "fill_all"]),
-        N("GatherElements", [p + "fill_all", p + "top_i"], [p + "top_fill"], axis=-1),
-        N("Where", [p + "top_excluded", p + "top_fill", p + "top_logit"], [p + "top_exact"]),
+        N("Expand", [exclusion, p + "hi_shape"], [p + "exclusion_all"]),
+        N("GatherElements", [p + "exclusion_all", p + "top_i"], [p + "top_exclusion"], axis=-1),
+        N("Add", [p + "top_logit", p + "top_exclusion"], [p + "top_exact"]),
         N("ReduceMax", [p + "top_exact", p + "ax"], [p + "best"], keepdims=1),
         N("Equal", [p + "top_exact", p + "best"], [p + "is_best"]),
         N("Where", [p + "is_best", p + "top_i", const(np.int64(np.iinfo(np.int64).max), p + "big")], [p + "best_i"]),
@@ -207,7 +206,7 @@ def screen_argmax(model: onnx.ModelProto, folder: Path, store, candidates: int =
     then_g = helper.make_graph(then_nodes + [N("Identity", [p + "screened_tokens"], ["tokens_branch"])], "screened",
                                [], [out_vi])
     # else: the original tail, whole
-    orig = [n for n in (tail["transpose"], tail["matmul"], tail["where"], tail["argmax"]) if n is not None]
+    orig = [n for n in (tail["transpose"], tail["matmul"], tail["add"], tail["argmax"]) if n is not None]
     else_nodes = [onnx.NodeProto() for _ in orig]
     for dst, src in zip(else_nodes, orig):
         dst.CopyFrom(src)

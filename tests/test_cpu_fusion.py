@@ -183,3 +183,39 @@ def test_qkv_packing_computes_each_projection_as_before(tmp_path, kind):
     got = ort.InferenceSession(str(tmp_path / "packed.onnx"), providers=["CPUExecutionProvider"]).run(outs, x)
     for o, a, b in zip(outs, got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=o)
+
+
+def test_the_mask_exclusion_becomes_an_add_with_the_same_tokens_and_confidences(tmp_path):
+    """Where(Equal(arange(V), token), Expand(-30000), logits) -> Add(logits, row): the same argmax
+    and softmax maximum (the token's probability is 0 either way), the Equal and Expand gone; a
+    Where over two tokens is not the exclusion and stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    V = 50
+    inits = [numpy_helper.from_array(np.arange(V, dtype=np.int64), "ids"), numpy_helper.from_array(np.int64(7), "tok"),
+             numpy_helper.from_array(np.array(-30000.0, np.float32), "fill"),
+             numpy_helper.from_array(np.isin(np.arange(V), [3, 4]), "two")]
+    nodes = [helper.make_node("Shape", ["logits"], ["shape"]), helper.make_node("Expand", ["fill", "shape"], ["full"]),
+             helper.make_node("Equal", ["ids", "tok"], ["eq"]),
+             helper.make_node("Where", ["eq", "full", "logits"], ["masked"]),
+             helper.make_node("Where", ["two", "full", "logits"], ["masked_two"]),
+             helper.make_node("ArgMax", ["masked"], ["tokens"], axis=-1, keepdims=0),
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+             helper.make_node("ReduceMax", ["p", "ax"], ["confidence"], keepdims=0)]
+    inits.append(numpy_helper.from_array(np.array([-1]), "ax"))
+    outs = ["tokens", "confidence", "masked_two"]
+    m = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, V])],
+                                            [helper.make_tensor_value_info(o, TensorProto.FLOAT if o != "tokens" else TensorProto.INT64, None)
+                                             for o in outs], inits), opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((2, 3, V)) * 3).astype(np.float32)
+    logits[0, 0, 7] = 50  # the excluded token would win this row
+    feeds = {"logits": logits}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, feeds)
+    assert cpu_fusion.additive_exclusion(m, tmp_path) == 1
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("Where") == 1 and "Equal" not in ops and ops.count("Add") == 1
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, feeds)
+    assert (got[0] == want[0]).all() and 7 not in got[0]
+    np.testing.assert_array_equal(got[1], want[1])  # exp(-30000 + ...) is 0 in both
+    np.testing.assert_array_equal(got[2], want[2])
