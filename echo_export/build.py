@@ -1103,7 +1103,7 @@ def _convert(b: _Build, calib_px: list[np.ndarray]) -> None:
     went, _export_and_reference); then the calibration feeds go and the weights files are closed."""
     if not b.stream:
         _convert_all(b, calib_px)
-    _fuse_cpu_norms(b)
+    _fuse_cpu_graphs(b)
     for feeds in b.calib.values():
         shutil.rmtree(feeds.folder, ignore_errors=True)
     b.calib.clear()
@@ -1111,22 +1111,16 @@ def _convert(b: _Build, calib_px: list[np.ndarray]) -> None:
     _close_stores(b)  # every graph is in: the weights files are complete
 
 
-# precisions whose graphs keep the mask token's exclusion as the exporter wrote it (a Where), not
-# cpu_fusion.additive_exclusion's Add: static int8 (onnxruntime's QDQ fusions would take the Add into
-# the quantised lm_head as its bias) and fp16 (GPU graphs)
-EXCLUSION_AS_WHERE = ("int8", "fp16")
-
-
-def _fuse_cpu_norms(b: _Build) -> None:
+def _fuse_cpu_graphs(b: _Build) -> None:
     """Once every converter has read the graphs (int8dyn folds its smoothing into the norms' Mul
-    weights): the mask token's exclusion as an Add (but EXCLUSION_AS_WHERE); in the CPU-only graphs
-    the RMSNorms as onnxruntime's (Skip)SimplifiedLayerNormalization and the q/k/v projections
-    packed (cpu_fusion.py; the packed weights join the precision's weights file), and the fp32 one's
-    argmax screened."""
+    weights): the mask token's exclusion as an Add (not where the registry says exclusion_as_where);
+    in the CPU-only graphs the RMSNorms as onnxruntime's (Skip)SimplifiedLayerNormalization and the
+    q/k/v projections packed (cpu_fusion.py; the packed weights join the precision's weights file),
+    and the fp32 one's argmax screened (screened_argmax.py)."""
     from .cpu_fusion import additive_exclusion, fuse_graph_file, rewrite_graph_file
 
     for (role, prec, bs), name in sorted(b.files.items()):
-        if prec not in EXCLUSION_AS_WHERE:
+        if not precision_registry.get(prec).exclusion_as_where:
             rewrite_graph_file(b.tmp / name, additive_exclusion)
         if role in gio.CPU_ONLY_ROLES:
             n = fuse_graph_file(b.tmp / name, store=b.stores.get(prec))

@@ -63,6 +63,10 @@ class Precision:
     converts_from_stored_dtype: bool = False
     # its integer GEMM follows the build's --int8-mode (u8s8 / u8s7 for the CPU kind: cpu_features.py)
     follows_int8_mode: bool = False
+    # its graphs keep the mask token's exclusion as the exporter wrote it (a Where), not the CPU
+    # fusions' Add (echo_export/cpu_fusion.additive_exclusion): static int8, whose QDQ fusions
+    # would take the Add into the quantised lm_head, and fp16 (GPU graphs)
+    exclusion_as_where: bool = False
     # "module:function(src, dst) -> dict" that rewrites an onnxruntime graph of this precision into
     # the form TensorRT parses (written beside it as <graph>.tensorrt.onnx); None: parsed as it is
     tensorrt_form: Optional[str] = None
@@ -80,11 +84,12 @@ PRECISIONS: dict[str, Precision] = {
     "fp16": Precision(
         "fp16", "float16 weights and arithmetic, IO fp32, norm/rotary/attention-score/head islands fp32 (GPUs)",
         converter="echo_export.build:_convert_fp16", shares_weights=False, cpu_memory_factor=2.0,
-        converts_from_stored_dtype=True,
+        converts_from_stored_dtype=True, exclusion_as_where=True,
         tolerances=Tolerances(min_per_pass_agreement=0.98)),
     "int8": Precision(
         "int8", "static QDQ of the weight MatMuls, calibrated on training images (CPU int8 kernels)",
         converter="echo_export.build:_quantise_int8", needs_calibration=True, follows_int8_mode=True,
+        exclusion_as_where=True,
         tolerances=Tolerances(min_per_pass_agreement=0.95), tensorrt_form="echo_export.precision:int8_qdq_for_tensorrt"),
     "int4": Precision(
         "int4", "weight-only 4-bit MatMulNBits of the decoder's linear layers (blocks of 32/64/128, RTN or AWQ)",
