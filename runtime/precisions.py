@@ -64,8 +64,8 @@ class Precision:
     # its integer GEMM follows the build's --int8-mode (u8s8 / u8s7 for the CPU kind: cpu_features.py)
     follows_int8_mode: bool = False
     # its graphs keep the mask token's exclusion as the exporter wrote it (a Where), not the CPU
-    # fusions' Add (echo_export/cpu_fusion.additive_exclusion): static int8, whose QDQ fusions
-    # would take the Add into the quantised lm_head, and fp16 (GPU graphs)
+    # fusions' Add (echo_export/cpu_fusion.additive_exclusion): static int8 (made from an exported
+    # Add, its graphs lost every token; not traced) and fp16 (GPU graphs)
     exclusion_as_where: bool = False
     # "module:function(src, dst) -> dict" that rewrites an onnxruntime graph of this precision into
     # the form TensorRT parses (written beside it as <graph>.tensorrt.onnx); None: parsed as it is
