@@ -181,14 +181,32 @@ def _bias_add(gr: _Graph, node, width: int) -> Optional[tuple]:
     return add, bias
 
 
+def _packed_projection(grp: list, name: str, inits: dict, array, stored) -> tuple:
+    """(the one projection of grp's concatenated weights, the three widths, its new initializers)."""
+    head = grp[0]
+    if head.op_type == "MatMulNBits":
+        attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+        widths = [int(next(helper.get_attribute_value(a) for a in n.attribute if a.name == "N")) for n in grp]
+        b = stored(np.concatenate([array(n.input[1]) for n in grp], 0), f"{name}_B")
+        sc = np.concatenate([array(n.input[2]).reshape(w, -1) for n, w in zip(grp, widths)], 0)
+        scales = stored(sc.reshape(-1) if len(inits[head.input[2]].dims) == 1 else sc, f"{name}_scales")
+        packed = helper.make_node("MatMulNBits", [head.input[0], b.name, scales.name], [f"{name}_out"], name=name,
+                                  domain="com.microsoft", **{**attrs, "N": sum(widths)})
+        return packed, widths, [b, scales]
+    ws = [array(n.input[1]) for n in grp]
+    w = stored(np.concatenate(ws, 1), f"{name}_W")
+    return helper.make_node("MatMul", [head.input[0], w.name], [f"{name}_out"], name=name), [x.shape[1] for x in ws], [w]
+
+
 def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
     """Each three projections of one tensor (a layer's q, k and v of its normed input) -> one
     projection by the concatenated weights (their bias Adds, where each has one, one Add of the
-    concatenated biases) and a Split into the three outputs, as onnxruntime-genai writes them: one dispatch and, for MatMulNBits at accuracy_level 4, one int8 quantisation of the
-    input instead of three (the k and v projections are narrow: 2 x 64 columns at the 0.5B shape).
-    The packed weights are added to `store` (the precision's WeightsFile, open, in `folder`); the
-    separate ones stay for the graphs that share them (block_step). Returns the groups packed."""
-    from .external_weights import point_to, tensor_bytes
+    concatenated biases) and a Split into the three outputs, as onnxruntime-genai writes them: one
+    dispatch and, for MatMulNBits at accuracy_level 4, one int8 quantisation of the input instead
+    of three (the k and v projections are narrow: 2 x 64 columns at the 0.5B shape). The packed
+    weights are added to `store` (the precision's WeightsFile, open, in `folder`); the separate
+    ones stay for the graphs that share them (block_step). Returns the groups packed."""
+    from .external_weights import point_to
 
     g = model.graph
     gr = _Graph(model)
@@ -200,37 +218,19 @@ def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
             by_input.setdefault((n.input[0], key), []).append(n)
     groups = [v for v in by_input.values() if len(v) == 3]
 
-    def array(name: str) -> np.ndarray:
-        t = inits[name]
-        return np.frombuffer(tensor_bytes(t, folder), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(list(t.dims))
-
     def stored(a: np.ndarray, name: str) -> onnx.TensorProto:
         t = numpy_helper.from_array(np.ascontiguousarray(a), name)
         offset, length = store.add(t.raw_data)
         point_to(t, store.name, offset, length)
         return t
 
+    array = lambda name: _constant_value(gr, name, folder)  # noqa: E731
     first: dict[int, list] = {}
     drop: set[int] = set()
     index = {id(n): i for i, n in enumerate(g.node)}
     for grp in groups:
-        head = grp[0]
-        name = f"{head.name or head.output[0]}_qkv"
-        if head.op_type == "MatMulNBits":
-            attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-            widths = [int(next(helper.get_attribute_value(a) for a in n.attribute if a.name == "N")) for n in grp]
-            b = stored(np.concatenate([array(n.input[1]) for n in grp], 0), f"{name}_B")
-            sc = np.concatenate([array(n.input[2]).reshape(w, -1) for n, w in zip(grp, widths)], 0)
-            scales = stored(sc.reshape(-1) if len(inits[head.input[2]].dims) == 1 else sc, f"{name}_scales")
-            new_inits = [b, scales]
-            packed = helper.make_node("MatMulNBits", [head.input[0], b.name, scales.name], [f"{name}_out"], name=name,
-                                      domain="com.microsoft", **{**attrs, "N": sum(widths)})
-        else:
-            ws = [array(n.input[1]) for n in grp]
-            widths = [w.shape[1] for w in ws]
-            w = stored(np.concatenate(ws, 1), f"{name}_W")
-            new_inits = [w]
-            packed = helper.make_node("MatMul", [head.input[0], w.name], [f"{name}_out"], name=name)
+        name = f"{grp[0].name or grp[0].output[0]}_qkv"
+        packed, widths, new_inits = _packed_projection(grp, name, inits, array, stored)
         biases = [_bias_add(gr, n, w) for n, w in zip(grp, widths)]
         outs, made = [n.output[0] for n in grp], [packed]
         if all(b is not None for b in biases):  # q/k/v biases: one Add, which onnxruntime folds into the matmul

@@ -104,116 +104,140 @@ def _find_tail(g: onnx.GraphProto) -> Optional[dict]:
             "transposed": transposed, "dims": list(t.dims)}
 
 
+class _Writer:
+    """New initializers of the rewrite: large ones into the weights store, small ones inline."""
+
+    def __init__(self, g: onnx.GraphProto, store) -> None:
+        self.g, self.store = g, store
+
+    def stored(self, a: np.ndarray, name: str) -> str:
+        from .external_weights import point_to
+
+        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
+        offset, length = self.store.add(t.raw_data)
+        point_to(t, self.store.name, offset, length)
+        self.g.initializer.append(t)
+        return name
+
+    def const(self, a, name: str) -> str:
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(a), name))
+        return name
+
+
+P = "screen_"
+
+
+def _quantised_input_nodes(w: _Writer, h: str, nb: int, bs: int) -> list:
+    """hq: h on its int8 grid per block (MatMulNBits' own quantisation of hq is then exact)."""
+    N = helper.make_node
+    return [
+        N("Shape", [h], [P + "h_shape"]),
+        N("Slice", [P + "h_shape", w.const(np.array([0]), P + "i0"), w.const(np.array([-1]), P + "im1")], [P + "lead"]),
+        N("Concat", [P + "lead", w.const(np.array([nb, bs]), P + "blocks")], [P + "hb_shape"], axis=0),
+        N("Reshape", [h, P + "hb_shape"], [P + "hb"]),
+        N("Abs", [P + "hb"], [P + "hb_abs"]),
+        N("ReduceMax", [P + "hb_abs", w.const(np.array([-1]), P + "ax")], [P + "amax"], keepdims=1),
+        N("Div", [P + "amax", w.const(np.float32(127.0), P + "q127")], [P + "hs"]),
+        N("Equal", [P + "hs", w.const(np.float32(0.0), P + "zero")], [P + "hs_zero"]),
+        N("Where", [P + "hs_zero", w.const(np.float32(1.0), P + "one"), P + "hs"], [P + "hs_safe"]),
+        N("Div", [P + "hb", P + "hs_safe"], [P + "hk"]),
+        N("Round", [P + "hk"], [P + "hk_round"]),
+        N("Mul", [P + "hk_round", P + "hs_safe"], [P + "hqb"]),
+        N("Reshape", [P + "hqb", P + "h_shape"], [P + "hq"]),
+    ]
+
+
+def _screen_nodes(w: _Writer, h: str, head: ScreenedHead, vocab: int, hidden: int, exclusion: str, k: int) -> list:
+    """The bound, the 8-bit logits, lo / hi, and whether at most k rows can still win."""
+    N = helper.make_node
+    wn = w.stored(head.w_norm, P + "w_norm")
+    en = w.stored(head.err_norm, P + "err_norm")
+    return [
+        # the bound's two norms of this pass
+        N("Sub", [h, P + "hq"], [P + "dh"]),
+        N("ReduceL2", [P + "dh", P + "ax"], [P + "dh_norm"], keepdims=1),
+        N("ReduceL2", [P + "hq", P + "ax"], [P + "hq_norm"], keepdims=1),
+        N("Mul", [P + "hq_norm", w.const(np.float32(ROUNDING_SLACK), P + "slack")], [P + "round_part"]),
+        N("Add", [P + "dh_norm", P + "round_part"], [P + "a"]),  # x ||w_r||  (||w8_r|| <= ||w_r|| + err)
+        N("Add", [P + "hq_norm", P + "round_part"], [P + "c"]),  # x err_r
+        N("Mul", [P + "a", wn], [P + "bound_w"]),
+        N("Mul", [P + "c", en], [P + "bound_e"]),
+        N("Add", [P + "bound_w", P + "bound_e"], [P + "bound"]),
+        N("MatMulNBits", [P + "hq", w.stored(head.q, P + "w8"), w.stored(head.scales, P + "w8_scales")], [P + "approx"],
+          domain="com.microsoft", K=hidden, N=vocab, bits=8, block_size=head.block_size, accuracy_level=4),
+        N("Sub", [P + "approx", P + "bound"], [P + "lo_all"]),
+        N("Add", [P + "approx", P + "bound"], [P + "hi_all"]),
+        N("Add", [P + "lo_all", exclusion], [P + "lo"]),
+        N("Add", [P + "hi_all", exclusion], [P + "hi"]),
+        N("ReduceMax", [P + "lo", P + "ax"], [P + "thr"], keepdims=1),
+        N("GreaterOrEqual", [P + "hi", P + "thr"], [P + "may_win"]),
+        N("Cast", [P + "may_win"], [P + "may_win_i"], to=TensorProto.INT64),
+        N("ReduceSum", [P + "may_win_i", P + "ax"], [P + "n_may_win"], keepdims=0),
+        N("ReduceMax", [P + "n_may_win"], [P + "most"], keepdims=0),
+        N("LessOrEqual", [P + "most", w.const(np.int64(k), P + "k")], [P + "screen_holds"]),
+    ]
+
+
+def _screened_branch(w: _Writer, h: str, fp32_rows: str, exclusion: str, k: int) -> onnx.GraphProto:
+    """The If's then-branch: the exact logits of the k rows with the highest hi, lowest index among equals."""
+    N = helper.make_node
+    nodes = [
+        N("TopK", [P + "hi", w.const(np.array([k]), P + "k1")], [P + "top_hi", P + "top_i"], axis=-1, largest=1, sorted=0),
+        N("Gather", [fp32_rows, P + "top_i"], [P + "top_rows"], axis=0),  # [.., k, H]
+        N("Unsqueeze", [h, w.const(np.array([-1]), P + "axm1")], [P + "h_col"]),  # [.., H, 1]
+        N("MatMul", [P + "top_rows", P + "h_col"], [P + "top_logit_col"]),
+        N("Squeeze", [P + "top_logit_col", P + "axm1"], [P + "top_logit"]),
+        # the exclusion row, as the original Add broadcasts it, at the k rows
+        N("Shape", [P + "hi"], [P + "hi_shape"]),
+        N("Expand", [exclusion, P + "hi_shape"], [P + "exclusion_all"]),
+        N("GatherElements", [P + "exclusion_all", P + "top_i"], [P + "top_exclusion"], axis=-1),
+        N("Add", [P + "top_logit", P + "top_exclusion"], [P + "top_exact"]),
+        N("ReduceMax", [P + "top_exact", P + "ax"], [P + "best"], keepdims=1),
+        N("Equal", [P + "top_exact", P + "best"], [P + "is_best"]),
+        N("Where", [P + "is_best", P + "top_i", w.const(np.int64(np.iinfo(np.int64).max), P + "big")], [P + "best_i"]),
+        N("ReduceMin", [P + "best_i", P + "ax"], [P + "screened_tokens"], keepdims=0),
+        N("Identity", [P + "screened_tokens"], ["tokens_branch"]),
+    ]
+    return helper.make_graph(nodes, "screened", [], [helper.make_tensor_value_info("tokens_branch", TensorProto.INT64, None)])
+
+
+def _full_head_branch(orig: list) -> onnx.GraphProto:
+    """The If's else-branch: the original tail, whole."""
+    nodes = [onnx.NodeProto() for _ in orig]
+    for dst, src in zip(nodes, orig):
+        dst.CopyFrom(src)
+    nodes[-1].output[0] = "full_tokens"
+    nodes.append(helper.make_node("Identity", ["full_tokens"], ["tokens_branch"]))
+    return helper.make_graph(nodes, "full_lm_head", [], [helper.make_tensor_value_info("tokens_branch", TensorProto.INT64, None)])
+
+
 def screen_argmax(model: onnx.ModelProto, folder: Path, store, candidates: int = 64) -> bool:
     """Rewrite the tail in place (module docstring). The 8-bit head and the row norms go into
     `store` (the fp32 WeightsFile, open, in `folder`). Returns whether the graph had the tail."""
-    from .external_weights import point_to, tensor_bytes
+    from .external_weights import tensor_bytes
 
     g = model.graph
     tail = _find_tail(g)
     if tail is None:
         return False
     inits = {t.name: t for t in g.initializer}
-    w = np.frombuffer(tensor_bytes(inits[tail["weight"]], folder), np.float32).reshape(tail["dims"])
-    rows = w if tail["transposed"] else w.T  # [V, H]
+    weight = np.frombuffer(tensor_bytes(inits[tail["weight"]], folder), np.float32).reshape(tail["dims"])
+    rows = weight if tail["transposed"] else weight.T  # [V, H]
     vocab, hidden = rows.shape
     bs = block_size_for(hidden)
     if bs is None:
         return False
     head = quantise_head(np.ascontiguousarray(rows), bs)
     k = min(candidates, vocab)
-
-    def stored(a: np.ndarray, name: str) -> str:
-        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
-        offset, length = store.add(t.raw_data)
-        point_to(t, store.name, offset, length)
-        g.initializer.append(t)
-        return name
-
-    def const(a, name: str) -> str:
-        g.initializer.append(numpy_helper.from_array(np.asarray(a), name))
-        return name
-
-    p = "screen_"
-    w8 = stored(head.q, p + "w8")
-    s8 = stored(head.scales, p + "w8_scales")
-    wn = stored(head.w_norm, p + "w_norm")
-    en = stored(head.err_norm, p + "err_norm")
-    if tail["transposed"]:
-        fp32_rows = tail["weight"]
-    else:  # the weight is stored [H, V]: the gather needs rows, so a transposed copy
-        fp32_rows = stored(np.ascontiguousarray(rows), p + "w_rows")
-    h = tail["matmul"].input[0]
-    exclusion = tail["exclusion"]
-    nb = hidden // bs
-    N = helper.make_node
-    nodes = [
-        # hq: h on its int8 grid per block (MatMulNBits' own quantisation of hq is then exact)
-        N("Shape", [h], [p + "h_shape"]),
-        N("Slice", [p + "h_shape", const(np.array([0]), p + "i0"), const(np.array([-1]), p + "im1")], [p + "lead"]),
-        N("Concat", [p + "lead", const(np.array([nb, bs]), p + "blocks")], [p + "hb_shape"], axis=0),
-        N("Reshape", [h, p + "hb_shape"], [p + "hb"]),
-        N("Abs", [p + "hb"], [p + "hb_abs"]),
-        N("ReduceMax", [p + "hb_abs", const(np.array([-1]), p + "ax")], [p + "amax"], keepdims=1),
-        N("Div", [p + "amax", const(np.float32(127.0), p + "q127")], [p + "hs"]),
-        N("Equal", [p + "hs", const(np.float32(0.0), p + "zero")], [p + "hs_zero"]),
-        N("Where", [p + "hs_zero", const(np.float32(1.0), p + "one"), p + "hs"], [p + "hs_safe"]),
-        N("Div", [p + "hb", p + "hs_safe"], [p + "hk"]),
-        N("Round", [p + "hk"], [p + "hk_round"]),
-        N("Mul", [p + "hk_round", p + "hs_safe"], [p + "hqb"]),
-        N("Reshape", [p + "hqb", p + "h_shape"], [p + "hq"]),
-        # the bound's two norms of this pass
-        N("Sub", [h, p + "hq"], [p + "dh"]),
-        N("ReduceL2", [p + "dh", p + "ax"], [p + "dh_norm"], keepdims=1),
-        N("ReduceL2", [p + "hq", p + "ax"], [p + "hq_norm"], keepdims=1),
-        N("Mul", [p + "hq_norm", const(np.float32(ROUNDING_SLACK), p + "slack")], [p + "round_part"]),
-        N("Add", [p + "dh_norm", p + "round_part"], [p + "a"]),  # x ||w_r||  (||w8_r|| <= ||w_r|| + err)
-        N("Add", [p + "hq_norm", p + "round_part"], [p + "c"]),  # x err_r
-        N("Mul", [p + "a", wn], [p + "bound_w"]),
-        N("Mul", [p + "c", en], [p + "bound_e"]),
-        N("Add", [p + "bound_w", p + "bound_e"], [p + "bound"]),
-        N("MatMulNBits", [p + "hq", w8, s8], [p + "approx"], domain="com.microsoft", K=hidden, N=vocab, bits=8,
-          block_size=bs, accuracy_level=4),
-        N("Sub", [p + "approx", p + "bound"], [p + "lo_all"]),
-        N("Add", [p + "approx", p + "bound"], [p + "hi_all"]),
-        N("Add", [p + "lo_all", exclusion], [p + "lo"]),
-        N("Add", [p + "hi_all", exclusion], [p + "hi"]),
-        N("ReduceMax", [p + "lo", p + "ax"], [p + "thr"], keepdims=1),
-        N("GreaterOrEqual", [p + "hi", p + "thr"], [p + "may_win"]),
-        N("Cast", [p + "may_win"], [p + "may_win_i"], to=TensorProto.INT64),
-        N("ReduceSum", [p + "may_win_i", p + "ax"], [p + "n_may_win"], keepdims=0),
-        N("ReduceMax", [p + "n_may_win"], [p + "most"], keepdims=0),
-        N("LessOrEqual", [p + "most", const(np.int64(k), p + "k")], [p + "screen_holds"]),
-    ]
-    # then: the exact logits of the k rows with the highest hi
-    then_nodes = [
-        N("TopK", [p + "hi", const(np.array([k]), p + "k1")], [p + "top_hi", p + "top_i"], axis=-1, largest=1, sorted=0),
-        N("Gather", [fp32_rows, p + "top_i"], [p + "top_rows"], axis=0),  # [.., k, H]
-        N("Unsqueeze", [h, const(np.array([-1]), p + "axm1")], [p + "h_col"]),  # [.., H, 1]
-        N("MatMul", [p + "top_rows", p + "h_col"], [p + "top_logit_col"]),
-        N("Squeeze", [p + "top_logit_col", p + "axm1"], [p + "top_logit"]),
-        # the exclusion row, as the original Add broadcasts it, at the k rows
-        N("Shape", [p + "hi"], [p + "hi_shape"]),
-        N("Expand", [exclusion, p + "hi_shape"], [p + "exclusion_all"]),
-        N("GatherElements", [p + "exclusion_all", p + "top_i"], [p + "top_exclusion"], axis=-1),
-        N("Add", [p + "top_logit", p + "top_exclusion"], [p + "top_exact"]),
-        N("ReduceMax", [p + "top_exact", p + "ax"], [p + "best"], keepdims=1),
-        N("Equal", [p + "top_exact", p + "best"], [p + "is_best"]),
-        N("Where", [p + "is_best", p + "top_i", const(np.int64(np.iinfo(np.int64).max), p + "big")], [p + "best_i"]),
-        N("ReduceMin", [p + "best_i", p + "ax"], [p + "screened_tokens"], keepdims=0),
-    ]
-    out_vi = helper.make_tensor_value_info("tokens_branch", TensorProto.INT64, None)
-    then_g = helper.make_graph(then_nodes + [N("Identity", [p + "screened_tokens"], ["tokens_branch"])], "screened",
-                               [], [out_vi])
-    # else: the original tail, whole
+    w = _Writer(g, store)
+    # the gather needs rows: a weight stored [H, V] gets a transposed copy
+    fp32_rows = tail["weight"] if tail["transposed"] else w.stored(np.ascontiguousarray(rows), P + "w_rows")
+    h, exclusion = tail["matmul"].input[0], tail["exclusion"]
+    nodes = _quantised_input_nodes(w, h, hidden // bs, bs) + _screen_nodes(w, h, head, vocab, hidden, exclusion, k)
     orig = [n for n in (tail["transpose"], tail["matmul"], tail["add"], tail["argmax"]) if n is not None]
-    else_nodes = [onnx.NodeProto() for _ in orig]
-    for dst, src in zip(else_nodes, orig):
-        dst.CopyFrom(src)
-    else_nodes[-1].output[0] = "full_tokens"
-    else_g = helper.make_graph(else_nodes + [N("Identity", ["full_tokens"], ["tokens_branch"])], "full_lm_head", [],
-                               [helper.make_tensor_value_info("tokens_branch", TensorProto.INT64, None)])
-    nodes.append(N("If", [p + "screen_holds"], ["tokens"], then_branch=then_g, else_branch=else_g))
+    nodes.append(helper.make_node("If", [P + "screen_holds"], ["tokens"],
+                                  then_branch=_screened_branch(w, h, fp32_rows, exclusion, k),
+                                  else_branch=_full_head_branch(orig)))
     drop = {id(n) for n in orig}
     pos = min(i for i, n in enumerate(g.node) if id(n) in drop)
     kept = [n for n in g.node if id(n) not in drop]
