@@ -1131,15 +1131,10 @@ def _fuse_cpu_graphs(b: _Build) -> None:
 
 def _screen_argmax(b: _Build, path: Path) -> None:
     """The fp32 CPU step's argmax screened by an 8-bit lm_head (echo_export/screened_argmax.py)."""
-    import onnx
-
+    from .cpu_fusion import rewrite_graph_file
     from .screened_argmax import screen_argmax
 
-    model = onnx.load(str(path), load_external_data=False)
-    if screen_argmax(model, b.tmp, b.stores["fp32"]):
-        tmp = path.with_name(path.name + ".screening")
-        onnx.save(model, str(tmp))
-        tmp.replace(path)
+    if rewrite_graph_file(path, lambda model, folder: screen_argmax(model, folder, b.stores["fp32"])):
         b.log(f"  {path.name:<34} argmax screened by an 8-bit lm_head (exact: the full head where it cannot tell)")
     else:
         b.log(f"  {path.name:<34} argmax not screened (no lm_head -> ArgMax tail, or no block size fits)")

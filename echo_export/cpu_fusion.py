@@ -206,7 +206,7 @@ def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
     of three (the k and v projections are narrow: 2 x 64 columns at the 0.5B shape). The packed
     weights are added to `store` (the precision's WeightsFile, open, in `folder`); the separate
     ones stay for the graphs that share them (block_step). Returns the groups packed."""
-    from .external_weights import point_to
+    from .external_weights import stored_initializer
 
     g = model.graph
     gr = _Graph(model)
@@ -218,12 +218,7 @@ def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
             by_input.setdefault((n.input[0], key), []).append(n)
     groups = [v for v in by_input.values() if len(v) == 3]
 
-    def stored(a: np.ndarray, name: str) -> onnx.TensorProto:
-        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
-        offset, length = store.add(t.raw_data)
-        point_to(t, store.name, offset, length)
-        return t
-
+    stored = lambda a, name: stored_initializer(store, np.ascontiguousarray(a), name)  # noqa: E731
     array = lambda name: _constant_value(gr, name, folder)  # noqa: E731
     first: dict[int, list] = {}
     drop: set[int] = set()
@@ -333,10 +328,15 @@ def rewrite_graph_file(path: Path, rewrite) -> int:
     model = onnx.load(str(path), load_external_data=False)
     n = rewrite(model, path.parent)
     if n:
-        tmp = path.with_name(path.name + ".rewriting")
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+        _save_through_new_file(model, path)
     return n
+
+
+def _save_through_new_file(model: onnx.ModelProto, path: Path) -> None:
+    """Write beside and move over: a hard-linked copy of the folder keeps the original."""
+    tmp = path.with_name(path.name + ".rewriting")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
 
 
 def fuse_graph_file(path: Path, store=None) -> int:
@@ -350,9 +350,7 @@ def fuse_graph_file(path: Path, store=None) -> int:
     if store is not None:
         changed += pack_qkv_projections(model, path.parent, store)
     if changed:
-        tmp = path.with_name(path.name + ".fusing")
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+        _save_through_new_file(model, path)
     return n
 
 

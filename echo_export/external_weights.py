@@ -130,6 +130,15 @@ def point_to(t: onnx.TensorProto, data_file: str, offset: int, length: int) -> N
     t.data_location = onnx.TensorProto.EXTERNAL
 
 
+def stored_initializer(store: WeightsFile, array, name: str) -> onnx.TensorProto:
+    """A new initializer `name` holding `array`, its bytes appended to `store` (deduplicated)."""
+    from onnx import numpy_helper
+
+    t = numpy_helper.from_array(array, name)
+    point_to(t, store.name, *store.add(t.raw_data))
+    return t
+
+
 def store_initializers(model, store: WeightsFile, min_bytes: int = DEFAULT_MIN_BYTES) -> int:
     """Move the initializers of an in-memory graph (an onnx_ir Model, as the exporter returns it)
     of at least `min_bytes` into `store`, one tensor at a time, and make them read it. Returns the

@@ -111,12 +111,9 @@ class _Writer:
         self.g, self.store = g, store
 
     def stored(self, a: np.ndarray, name: str) -> str:
-        from .external_weights import point_to
+        from .external_weights import stored_initializer
 
-        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
-        offset, length = self.store.add(t.raw_data)
-        point_to(t, self.store.name, offset, length)
-        self.g.initializer.append(t)
+        self.g.initializer.append(stored_initializer(self.store, np.ascontiguousarray(a), name))
         return name
 
     def const(self, a, name: str) -> str:
