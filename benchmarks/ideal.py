@@ -63,8 +63,9 @@ def torch_pass_times(model, tok, token_counts: Sequence[int], image_path: Option
 def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequence[int], image_path: Optional[str],
                    threads: Optional[int], repeats: int = 50, providers: Optional[list[str]] = None,
                    inplace: bool = True) -> dict:
-    """Seconds inside one `ar_step` (T=1) and one `block_step` (T=2B) session run, batch 1. The AR
-    step is the one the runtime runs on the CPU: its in-place form where the folder has it (`inplace`)."""
+    """Seconds inside one `ar_step` (T=1) and one `block_step` (T=2B) session run, batch 1. The
+    steps are the ones the runtime runs on the CPU: their in-place forms where the folder has them
+    (`inplace`)."""
     from echo_export.decode_loop import shared_weights_of
     from runtime import graph_io as gio
     from runtime.errors import ManifestError
@@ -94,15 +95,17 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
 
     pre = graph(gio.VISION_PREFILL, precision)
     L, _, kvH, npre, dh = pre.shape("present_key")
-    ar_role = gio.AR_STEP
-    if inplace and not providers:  # onnxruntime's CPU (the default providers here)
-        try:
-            resolve_graph(m, gio.AR_STEP_INPLACE, precision, 1)
-            ar_role = gio.AR_STEP_INPLACE
-        except ManifestError:  # a folder without it: the standard step
-            pass
-    step_roles = {2 * B: gio.BLOCK_STEP, 1: ar_role}
-    out = {"cache_len": None, "t": {}, "timer": "session.run_with_iobinding", "ar_role": ar_role}
+    step_roles = {2 * B: gio.BLOCK_STEP, 1: gio.AR_STEP}
+    if inplace and not providers:  # onnxruntime's CPU (the default providers here): the in-place forms
+        for role, standard in gio.CPU_ONLY_ROLES.items():
+            try:
+                resolve_graph(m, role, precision, 1)
+                step_roles = {t: role if r == standard else r for t, r in step_roles.items()}
+            except ManifestError:  # a folder without it: the standard step
+                pass
+    ar_role = step_roles[1]
+    out = {"cache_len": None, "t": {}, "timer": "session.run_with_iobinding", "ar_role": ar_role,
+           "block_role": step_roles[2 * B]}
     S = m.image_size
     px = (preprocess_image(image_path, S, preprocess_mode_of(m.model_config)) if image_path else np.zeros((1, S, S), np.float32))[None].astype(np.float32)
     prefix = np.asarray(tok.prefix_ids(_n_image_tokens(m)), np.int64)[None]
@@ -118,7 +121,7 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
         g = graph(role, precision)
         inplace_graph = gio.is_inplace_cache(g.inputs)
         slots = g.shape("past_key.0")[2] if inplace_graph else g.shape("past_key")[3]
-        CAP = slots - (gio.INPLACE_SPARE_SLOTS if inplace_graph else 0)  # what the loop may fill
+        CAP = slots - (gio.inplace_spare_slots(T) if inplace_graph else 0)  # what the loop may fill
         past = min(npre + MID_REPORT_TOKENS, CAP - T)
         ck = np.zeros((L, 1, kvH, slots, dh), np.float32)
         cv = np.zeros_like(ck)
@@ -128,10 +131,10 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
         cv[:, :, :, npre:past] = rng.standard_normal(cv[:, :, :, npre:past].shape) * pv.std()
         ids = np.full((1, T), tok.mask_id, np.int64)
         pos = np.arange(past, past + T, dtype=np.int64)[None]
-        keep = B if role == gio.BLOCK_STEP else 1
+        keep = B if T > 1 else 1
         outs = {"tokens": np.zeros((1, keep), np.int64), "present_key": np.zeros((L, 1, kvH, keep, dh), np.float32)}
         outs["present_value"] = np.zeros_like(outs["present_key"])
-        if role == gio.BLOCK_STEP:
+        if "confidence" in g.outputs:
             outs["confidence"] = np.zeros((1, B), np.float32)
         spec = g.outputs.get("tokens")
         if spec and spec[1] is not None:
@@ -139,7 +142,7 @@ def ort_pass_times(engine_dir: str | Path, precision: str, token_counts: Sequenc
         cache = {"past_key": ck, "past_value": cv}
         if inplace_graph:  # the step writes at slot `past` on every timed run: the same slot each time
             cache, more = gio.inplace_cache_bindings(ck, cv)
-            outs = {"tokens": outs["tokens"], **more}
+            outs = {**{k: v for k, v in outs.items() if not k.startswith("present_")}, **more}
         g.bind({"input_ids": ids, "position_ids": pos, "past_len": np.array([past], np.int64), **cache}, outs)
         runs[int(T)] = g.run
         out["cache_len"] = past

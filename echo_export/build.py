@@ -106,9 +106,11 @@ class BuildOptions:
     # every graph's TensorRT form against the ONNX-TensorRT operator matrix (echo_export/trt_ops.py):
     # "fail" the build on a node TensorRT would refuse, or "warn" (recorded: tensorrt_ready false)
     tensorrt_check: str = "fail"
-    # the AR step also in the in-place form for onnxruntime's CPU (echo_export/inplace_ar_step.py: one
-    # GroupQueryAttention per layer over caches updated in place); the runtime takes it on the CPU
+    # the AR step (ar_inplace) and the batch-1 one-step pass (block_inplace) also in the in-place form
+    # for onnxruntime's CPU (echo_export/inplace_steps.py: one GroupQueryAttention per layer over caches
+    # updated in place); the runtime takes them on the CPU
     ar_inplace: bool = True
+    block_inplace: bool = True
     # its fp32 form's argmax screened by an 8-bit copy of the lm_head, fp32 logits for the rows that
     # can still win (echo_export/screened_argmax.py): the same tokens, a fraction of the head's bytes
     screened_argmax: bool = True
@@ -399,7 +401,7 @@ class _Family:
     prefix_len: int
     max_new: int
     ckpt: Optional[Path] = None  # the AR model is loaded again from it for its export and decodes
-    inplace: bool = False  # AR: also the in-place step for onnxruntime's CPU (ar_step_inplace)
+    inplace: bool = False  # also its step's in-place form for onnxruntime's CPU (graph_io.CPU_ONLY_ROLES)
 
     @property
     def prefill_role(self) -> str:
@@ -413,7 +415,15 @@ class _Family:
     def roles(self) -> tuple[str, ...]:
         """Its graphs: a multi-step teacher (stage rad) also gets its denoise and commit passes."""
         teacher = gio.MULTISTEP_ROLES if self.mode == FUSED and self.cfg.stage == "rad" else ()
-        return GRAPHS[self.mode] + teacher + ((gio.AR_STEP_INPLACE,) if self.mode == AR and self.inplace else ())
+        # a teacher's multi-step passes read the one-step decoder's stacked cache: it keeps block_step
+        inplace = tuple(r for r, std in gio.CPU_ONLY_ROLES.items() if std == self.step_role) \
+            if self.inplace and not teacher else ()
+        return GRAPHS[self.mode] + teacher + inplace
+
+    def graphs(self, batch_sizes: list[int]) -> list[tuple[str, int]]:
+        """(role, batch) of every graph it exports: the one-step pass's in-place form at batch 1 only
+        (onnxruntime's GroupQueryAttention takes several new tokens with a past for one row at a time)."""
+        return [(r, bs) for r in self.roles for bs in batch_sizes if not (r == gio.BLOCK_STEP_INPLACE and bs > 1)]
 
 
 @dataclass
@@ -723,7 +733,8 @@ class _Build:
 
     def families(self) -> list[_Family]:
         """The student's decode family, then the AR baseline's where one is built."""
-        return [_Family(FUSED, self.cfg, self.prefix_len, self.max_new)] + ([self.ar] if self.ar is not None else [])
+        return ([_Family(FUSED, self.cfg, self.prefix_len, self.max_new, inplace=self.opts.block_inplace)]
+                + ([self.ar] if self.ar is not None else []))
 
 
 class _Discard(list):
@@ -778,29 +789,28 @@ def _export_fp32(b: _Build, fam: _Family, m: EchoModel) -> None:
 
     from .graphs import example_inputs, export_graph, make_graph, native_dynamic_shapes, release_exporter_references
 
-    roles, c, p_len = fam.roles, fam.cfg, fam.prefix_len
+    graphs, c, p_len = fam.graphs(b.batch_sizes), fam.cfg, fam.prefix_len
     b.meter.start("export")
-    b.log(f"[export] {len(roles) * len(b.batch_sizes)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
-    for role in roles:
-        for bs in b.batch_sizes:
-            name = gio.graph_filename(role, "fp32", bs)
-            t1 = time.perf_counter()
-            g = make_graph(role, m, b.opts.capacity, p_len, b.tok.mask_id)
-            native = role == gio.VISION_PREFILL and c.vision.native  # its shapes follow each image
-            shapes = native_dynamic_shapes() if native else None
-            inputs = example_inputs(role, c, bs, b.opts.capacity, p_len)
-            if b.stream:
-                _export_staged(b, g, inputs, name, shapes)
-                b.log(f"  {name:<34} {'(staged)':>10}  {time.perf_counter() - t1:5.1f}s  graph only: its weights "
-                      f"stay {b.plan.stored_dtype if b.plan else 'as loaded'} until a converter reads them")
-                b.files[(role, "fp32", bs)] = name
-                b.staged.add((role, "fp32", bs))
-                continue
-            export_graph(g, inputs, b.tmp / name, b.opts.opset, weights=b.store("fp32"),
-                         min_bytes=b.opts.weights_min_bytes, dynamic_shapes=shapes)
-            onnx.checker.check_model(str(b.tmp / name), full_check=True)
-            b.log(f"  {name:<34} {file_size_text(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
-            b.add_graph((role, "fp32", bs), name)
+    b.log(f"[export] {len(graphs)} fp32 graphs (opset {b.opts.opset}, capacity {b.opts.capacity})")
+    for role, bs in graphs:
+        name = gio.graph_filename(role, "fp32", bs)
+        t1 = time.perf_counter()
+        g = make_graph(role, m, b.opts.capacity, p_len, b.tok.mask_id)
+        native = role == gio.VISION_PREFILL and c.vision.native  # its shapes follow each image
+        shapes = native_dynamic_shapes() if native else None
+        inputs = example_inputs(role, c, bs, b.opts.capacity, p_len)
+        if b.stream:
+            _export_staged(b, g, inputs, name, shapes)
+            b.log(f"  {name:<34} {'(staged)':>10}  {time.perf_counter() - t1:5.1f}s  graph only: its weights "
+                  f"stay {b.plan.stored_dtype if b.plan else 'as loaded'} until a converter reads them")
+            b.files[(role, "fp32", bs)] = name
+            b.staged.add((role, "fp32", bs))
+            continue
+        export_graph(g, inputs, b.tmp / name, b.opts.opset, weights=b.store("fp32"),
+                     min_bytes=b.opts.weights_min_bytes, dynamic_shapes=shapes)
+        onnx.checker.check_model(str(b.tmp / name), full_check=True)
+        b.log(f"  {name:<34} {file_size_text(b.tmp / name, data=True):>10}  {time.perf_counter() - t1:5.1f}s")
+        b.add_graph((role, "fp32", bs), name)
     release_exporter_references()  # else the last graph keeps the model's weights after the model goes
     b.meter.stop()
 
@@ -1124,8 +1134,8 @@ def _fuse_cpu_graphs(b: _Build) -> None:
             rewrite_graph_file(b.tmp / name, additive_exclusion)
         if role in gio.CPU_ONLY_ROLES:
             n = fuse_graph_file(b.tmp / name, store=b.stores.get(prec))
-            b.log(f"  {name:<34} {n} RMSNorms -> (Skip)SimplifiedLayerNormalization, q/k/v packed")
-            if prec == "fp32" and b.opts.screened_argmax and "fp32" in b.stores:
+            b.log(f"  {name:<34} {n} RMSNorms -> (Skip)SimplifiedLayerNormalization, q/k/v packed (into the attention)")
+            if role == gio.AR_STEP_INPLACE and prec == "fp32" and b.opts.screened_argmax and "fp32" in b.stores:
                 _screen_argmax(b, b.tmp / name)
 
 

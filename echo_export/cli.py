@@ -59,6 +59,10 @@ def main() -> None:
               help="with --ar-ckpt: also the AR step in its onnxruntime-CPU form (ar_step_inplace: one "
                    "GroupQueryAttention per layer over caches written in place, norms fused), which the runtime "
                    "takes on the CPU; TensorRT and fp16 keep ar_step")
+@click.option("--block-inplace/--no-block-inplace", "block_inplace", default=True, show_default=True,
+              help="also the batch-1 one-step pass in its onnxruntime-CPU form (block_step_inplace: one "
+                   "GroupQueryAttention per layer over caches written in place, norms fused, q/k/v packed), which "
+                   "the runtime takes on the CPU; TensorRT, fp16 and larger batches keep block_step")
 @click.option("--screened-argmax/--no-screened-argmax", "screened_argmax", default=True, show_default=True,
               help="the fp32 ar_step_inplace finds its argmax through an 8-bit copy of the lm_head and fp32 logits of "
                    "the rows that can still win (the same tokens; the full head where the screen cannot tell)")
@@ -70,7 +74,7 @@ def main() -> None:
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None,
               help="also write the build summary (seconds and peak RSS per phase, folder and weight bytes) as JSON here")
 def build(ckpt, out, precision, precision_opts, ar_ckpt, batch_sizes, capacity, calib_size, verify_n, data, verify_data, max_new_tokens, opset,
-          int8_mode, int8_min_weight, int8_down_proj, trt, tensorrt_check, ar_inplace, screened_argmax, force, weights_min_bytes,
+          int8_mode, int8_min_weight, int8_down_proj, trt, tensorrt_check, ar_inplace, block_inplace, screened_argmax, force, weights_min_bytes,
           summary_json) -> None:
     """Trace, convert, quantise, verify, and write manifest.json last."""
     from .build import BuildError, BuildOptions, build as run_build, parse_batch_sizes, parse_precision_options, parse_precisions
@@ -88,7 +92,8 @@ def build(ckpt, out, precision, precision_opts, ar_ckpt, batch_sizes, capacity, 
                             verify_n=verify_n, data=data, verify_data=verify_data, trt=trt, force=force, opset=opset,
                             max_new_tokens=max_new_tokens, int8_mode=int8_mode, int8_min_weight=int8_min_weight,
                             int8_down_proj_fp32=not int8_down_proj, weights_min_bytes=weights_min_bytes,
-                            summary_json=summary_json, tensorrt_check=tensorrt_check, ar_inplace=ar_inplace, screened_argmax=screened_argmax,
+                            summary_json=summary_json, tensorrt_check=tensorrt_check, ar_inplace=ar_inplace, block_inplace=block_inplace,
+                            screened_argmax=screened_argmax,
                             precision_options=parse_precision_options(list(precision_opts)))
         run_build(opts, log=lambda s: click.echo(s))
     except (BuildError, TensorRTUnavailable, ManifestError) as e:

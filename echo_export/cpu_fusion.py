@@ -198,10 +198,22 @@ def _packed_projection(grp: list, name: str, inits: dict, array, stored) -> tupl
     return helper.make_node("MatMul", [head.input[0], w.name], [f"{name}_out"], name=name), [x.shape[1] for x in ws], [w]
 
 
+def _feed_packed_attention(gr: _Graph, qkv: list[str], packed: str) -> bool:
+    """Where q, k and v are read only as inputs 0, 1 and 2 of one GroupQueryAttention (rotary inside
+    it: inplace_steps.py), that node takes the packed tensor as its query and no key or value
+    inputs, as onnxruntime-genai's graphs do: no Split. Returns whether it did."""
+    gqa = gr.only(qkv[0], "GroupQueryAttention")
+    if gqa is None or list(gqa.input[:3]) != qkv or any(gr.only(x, "GroupQueryAttention") is not gqa for x in qkv[1:]):
+        return False
+    gqa.input[0], gqa.input[1], gqa.input[2] = packed, "", ""
+    return True
+
+
 def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
     """Each three projections of one tensor (a layer's q, k and v of its normed input) -> one
     projection by the concatenated weights (their bias Adds, where each has one, one Add of the
-    concatenated biases) and a Split into the three outputs, as onnxruntime-genai writes them: one
+    concatenated biases) and a Split into the three outputs (or straight into the layer's
+    GroupQueryAttention as its packed query: _feed_packed_attention), as onnxruntime-genai writes them: one
     dispatch and, for MatMulNBits at accuracy_level 4, one int8 quantisation of the input instead
     of three (the k and v projections are narrow: 2 x 64 columns at the 0.5B shape). The packed
     weights are added to `store` (the precision's WeightsFile, open, in `folder`); the separate
@@ -234,9 +246,12 @@ def pack_qkv_projections(model: onnx.ModelProto, folder: Path, store) -> int:
             made.append(helper.make_node("Add", [packed.output[0], bias.name], [f"{name}_biased"], name=f"{name}_bias"))
             outs = [add.output[0] for add, _ in biases]
             drop.update(index[id(add)] for add, _ in biases)
-        split_sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_split_sizes")
-        made.append(helper.make_node("Split", [made[-1].output[0], split_sizes.name], outs, name=f"{name}_split", axis=-1))
-        g.initializer.extend(new_inits + [split_sizes])
+        if not _feed_packed_attention(gr, outs, made[-1].output[0]):
+            split_sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_split_sizes")
+            new_inits.append(split_sizes)
+            made.append(helper.make_node("Split", [made[-1].output[0], split_sizes.name], outs, name=f"{name}_split",
+                                         axis=-1))
+        g.initializer.extend(new_inits)
         ids = sorted(index[id(n)] for n in grp)
         first[ids[0]] = made  # where the first of the three was: before any reader of the three
         drop.update(ids)

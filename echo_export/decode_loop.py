@@ -167,34 +167,37 @@ def _shared_runner(path, weights, threads: int) -> Runner:
 
 
 def inplace_runner(path, capacity: int, threads: int = 0, weights=None) -> Runner:
-    """An in-place AR step (graph_io ar_step_inplace) as a runner with ar_step's IO (stacked caches of
-    `capacity` slots in, the new token's KV out), so that this loop and verification run it as they
-    run ar_step. It keeps its own per-layer buffers (one spare slot) bound once, as the runtime
-    binds them; each pass copies the caller's cache in and reads back what the graph wrote at
-    past_len. Every row must have the same past_len (the AR loop's)."""
+    """An in-place step (graph_io ar_step_inplace / block_step_inplace) as a runner with its standard
+    role's IO (stacked caches of `capacity` slots in, the stored tokens' KV out: the AR token's, the
+    one-step pass's previous block's), so that this loop and verification run it as they run the
+    standard step. It keeps its own per-layer buffers (spare slots after `capacity`) bound once, as
+    the runtime binds them; each pass copies the caller's cache in and reads back what the graph
+    wrote at past_len. Every row must have the same past_len (the loops')."""
     from runtime import graph_io as gio
     from runtime.ort_backend import OrtGraph
 
     g = OrtGraph(path, threads=threads or None, shared_weights=weights)
     b, kvH, cap, dh = g.shape("past_key.0")
-    if cap != capacity + gio.INPLACE_SPARE_SLOTS:
-        raise ValueError(f"{path}: {cap} cache slots, for a loop of {capacity} (+{gio.INPLACE_SPARE_SLOTS} spare)")
+    t = g.shape("input_ids")[1]
+    if cap != capacity + gio.inplace_spare_slots(t):
+        raise ValueError(f"{path}: {cap} cache slots, for a loop of {capacity} (+{gio.inplace_spare_slots(t)} spare)")
     L = sum(n.startswith("past_key.") for n in g.inputs)
     kc, vc = np.zeros((L, b, kvH, cap, dh), np.float32), np.zeros((L, b, kvH, cap, dh), np.float32)
-    ids, pos, past = np.zeros((b, 1), np.int64), np.zeros((b, 1), np.int64), np.zeros((b,), np.int64)
-    tokens = np.zeros((b, 1), np.int64)
+    ids, pos, past = np.zeros((b, t), np.int64), np.zeros((b, t), np.int64), np.zeros((b,), np.int64)
+    ids_out = {n: np.zeros(shape, dt) for n, (shape, dt) in g.outputs.items() if not n.startswith("present_")}
+    width = ids_out["tokens"].shape[1]  # the tokens a pass stores: the AR token, the previous block
     ins, outs = gio.inplace_cache_bindings(kc, vc)
-    g.bind({"input_ids": ids, "position_ids": pos, "past_len": past, **ins}, {"tokens": tokens, **outs})
+    g.bind({"input_ids": ids, "position_ids": pos, "past_len": past, **ins}, {**ids_out, **outs})
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         p = feeds["past_len"]
         if (p != p[0]).any():
-            raise ValueError("an in-place AR step writes every row at one past_len; these rows differ")
+            raise ValueError("an in-place step writes every row at one past_len; these rows differ")
         ids[:], pos[:], past[:] = feeds["input_ids"], feeds["position_ids"], p
         kc[:, :, :, :capacity], vc[:, :, :, :capacity] = feeds["past_key"], feeds["past_value"]
         g.run()
         s = int(p[0])
-        return [tokens.copy(), kc[:, :, :, s : s + 1].copy(), vc[:, :, :, s : s + 1].copy()]
+        return [*(a.copy() for a in ids_out.values()), kc[:, :, :, s : s + width].copy(), vc[:, :, :, s : s + width].copy()]
 
     run.session = g  # type: ignore[attr-defined]
     return run

@@ -18,7 +18,7 @@ from echo_train.model.masks import NOISY, block_layout, build_attention_mask, ca
 from runtime import graph_io
 from runtime.schedule import BlockLayout, excludes_mask_token, fused_block_slice
 
-from .inplace_ar_step import ArStepInPlaceGraph, inplace_example_inputs
+from .inplace_steps import ArStepInPlaceGraph, BlockStepInPlaceGraph, inplace_example_inputs
 
 
 def _split_past(past_key: torch.Tensor, past_value: torch.Tensor) -> list[KV]:
@@ -233,10 +233,9 @@ def example_inputs(role: str, cfg, batch: int, capacity: int, prefix_len: int) -
         return native_example_inputs(cfg, capacity)
     if role in (graph_io.VISION_PREFILL, graph_io.AR_PREFILL):
         return (torch.zeros(batch, 1, S, S), torch.zeros(batch, prefix_len, dtype=torch.long))
-    if role == graph_io.AR_STEP_INPLACE:
-        return inplace_example_inputs(cfg, batch, capacity)
-    t = {graph_io.BLOCK_STEP: 2 * cfg.block_size, graph_io.BLOCK_DENOISE: cfg.block_size,
-         graph_io.BLOCK_COMMIT: cfg.block_size}.get(role, 1)
+    if role in graph_io.CPU_ONLY_ROLES:
+        return inplace_example_inputs(cfg, batch, capacity, role)
+    t = graph_io.step_width(role, cfg.block_size)
     kv = torch.zeros(lm.num_hidden_layers, batch, lm.num_key_value_heads, capacity, lm.head_dim)
     return (
         torch.zeros(batch, t, dtype=torch.long),
@@ -259,7 +258,9 @@ def make_graph(role: str, model: EchoModel, capacity: int, prefix_len: int, mask
     if role == graph_io.AR_STEP:
         return ArStepGraph(model, capacity, mask_id).eval()
     if role == graph_io.AR_STEP_INPLACE:
-        return ArStepInPlaceGraph(model, mask_id).eval()
+        return ArStepInPlaceGraph(model, mask_id, capacity).eval()
+    if role == graph_io.BLOCK_STEP_INPLACE:
+        return BlockStepInPlaceGraph(model, mask_id, capacity).eval()
     if role in graph_io.MULTISTEP_ROLES:
         return BlockPassGraph(model, capacity, mask_id, commit=role == graph_io.BLOCK_COMMIT).eval()
     raise ValueError(f"unknown graph role {role!r}; choose from {graph_io.GRAPH_ROLES}")

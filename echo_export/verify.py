@@ -502,7 +502,8 @@ def verify_block(job: VerifyJob, reference: BlockReference) -> dict:
         fp32 = _PassRecord(b, cfg.block_size)
         chunks = job.chunks(cfg, b, reference.n_image_tokens)
         for p in job.precisions:
-            pre, step = _open_pair(job, FUSED, p, b, chunks)
+            weights = shared_weights_of(job.engine_dir, p)
+            pre, step = _open_pair(job, FUSED, p, b, chunks, weights)
             t0 = time.perf_counter()
             got, passes = _decode_chunks(FUSED, pre, fp32.recording(step) if p == "fp32" else step, chunks, settings,
                                          cfg.block_size, on_step=fp32.hook(p == "fp32"), after=fp32.chunk_done)
@@ -512,12 +513,30 @@ def verify_block(job: VerifyJob, reference: BlockReference) -> dict:
             if p != "fp32" and base_passes:
                 entry.update(_per_pass_entry(p, step, base_passes))
             out["variants"][f"block.{p}.b{b}"] = entry
-            pre = step = None  # this precision's sessions go before the next one's open
             job.log(_block_line(entry, change))
+            step = None
+            if (gio.BLOCK_STEP_INPLACE, p, b) in job.files:  # the step the runtime takes on the CPU
+                step = inplace_runner(job.graph(gio.BLOCK_STEP_INPLACE, p, b), job.capacity, weights=weights)
+                out["variants"][f"block_inplace.{p}.b{b}"] = _block_inplace_entry(
+                    job, p, b, pre, step, chunks, settings, cfg.block_size, reference.tokens[b], ref_texts, refs)
+            pre = step = weights = None  # this precision's sessions go before the next one's open
         fp32.passes.clear()
         if fp32.first_feed is not None:
             out["speed"][f"block_step.b{b}.ms"] = _block_step_speed(job, b, fp32.first_feed)
     return out
+
+
+def _block_inplace_entry(job: VerifyJob, p: str, b: int, pre, step, chunks: list[_Chunk], settings: LoopSettings,
+                         block_size: int, ref_tokens: dict[str, list[int]], ref_texts: dict[str, str],
+                         refs: dict[str, str]) -> dict:
+    """The one-step loop over block_step_inplace (the runtime's choice on the CPU: `step`, an
+    inplace_runner) against the reference."""
+    t0 = time.perf_counter()
+    got, passes = _decode_chunks(FUSED, pre, step, chunks, settings, block_size)
+    entry, change = _block_entry(job, p, b, got, ref_tokens, ref_texts, refs)
+    entry.update({"role": "block_inplace", "decode_seconds": time.perf_counter() - t0, "passes": passes})
+    job.log(_block_line(entry, change).replace("  block ", "  block_inplace ", 1))
+    return entry
 
 
 def _block_entry(job: VerifyJob, p: str, b: int, got: dict[str, list[int]], ref_tokens: dict[str, list[int]],

@@ -117,7 +117,7 @@ class _Decoder:
         self.mode = md = DecodeMode.of(mode, P, rt.block_size)
         self.prefill = rt.graph(md.prefill, batch)
         self.step = rt.graph(rt.step_role(md, batch), batch)
-        # in place (graph_io ar_step_inplace): the step writes its KV into the cache itself, at slot past_len
+        # in place (graph_io.CPU_ONLY_ROLES): the step writes its KV into the cache itself, from slot past_len
         self.inplace = gio.is_inplace_cache(self.step.inputs)
         if self.inplace:  # one cache input per layer, [b, kvH, CAP + spare, dh]
             L = sum(name.startswith("past_key.") for name in self.step.inputs)
@@ -128,7 +128,7 @@ class _Decoder:
                 lm = m.model_config.get("lm", {})
                 shape = (lm["num_hidden_layers"], batch, lm["num_key_value_heads"], m.capacity, lm["head_dim"])
             L, _, kvH, CAP, dh = shape
-        self.cap = CAP - (gio.INPLACE_SPARE_SLOTS if self.inplace else 0)
+        self.cap = CAP - (gio.inplace_spare_slots(md.feed) if self.inplace else 0)
         self.block_size = rt.block_size
         if P > self.cap:
             raise ManifestError(f"{rt.engine_dir}: cache capacity {self.cap} is smaller than the {P}-token prefix")
@@ -165,12 +165,13 @@ class _Decoder:
 
     def store(self, src, start: int) -> None:
         """KV the graph `src` just returned -> cache slots [start, start+n) (on the backend's memory).
-        An in-place step stored its own; the prefill's is copied into the host cache."""
+        An in-place step stored its own; the prefill's (the arrays bound to it: a native prefill's
+        are bound per image) is copied into the host cache."""
         if self.inplace:
             if src is not self.step:
-                n = self.pre_out["present_key"].shape[3]
-                self.cache_k[:, :, :, start : start + n] = self.pre_out["present_key"]
-                self.cache_v[:, :, :, start : start + n] = self.pre_out["present_value"]
+                for cache, name in ((self.cache_k, "present_key"), (self.cache_v, "present_value")):
+                    out = src.bound(name)
+                    cache[:, :, :, start : start + out.shape[3]] = out
             return
         self.step.kv_store("past_key", src, "present_key", start)
         self.step.kv_store("past_value", src, "present_value", start)
@@ -268,9 +269,10 @@ class EchoRuntime:
     weights (one map of weights.<precision>.bin, one set of packed MatMul weights:
     runtime/ort_capi.py) instead of each holding its own; False: onnxruntime's default, one packed
     copy per graph. fp16 graphs always take the default (SHARED_PRECISIONS).
-    inplace_ar (onnxruntime, CPU): the AR mode runs the folder's ar_step_inplace where it has one (one
-    GroupQueryAttention per layer over caches written in place, echo_export/inplace_ar_step.py);
-    False: the standard ar_step, for comparisons.
+    inplace_steps (onnxruntime, CPU): each mode runs its step's in-place form where the folder has one
+    for the precision and batch (ar_step_inplace, block_step_inplace: one GroupQueryAttention per
+    layer over caches written in place, echo_export/inplace_steps.py); False: the standard step, for
+    comparisons.
     """
 
     def __init__(
@@ -284,7 +286,7 @@ class EchoRuntime:
         providers: Optional[list[str]] = None,
         share_weights: bool = True,
         max_pixels: Optional[int] = None,
-        inplace_ar: bool = True,
+        inplace_steps: bool = True,
     ) -> None:
         _check_options(backend, precision, mode, batch_size)
         self.engine_dir = Path(engine_dir)
@@ -293,7 +295,7 @@ class EchoRuntime:
         self.mode, self.providers = mode, providers
         # onnxruntime CPU: the graphs of one precision share one copy of the weights (runtime/ort_capi.py)
         self.share_weights = share_weights
-        self.inplace_ar = inplace_ar  # AR on onnxruntime's CPU: the in-place step where the folder has it
+        self.inplace_steps = inplace_steps  # on onnxruntime's CPU: the in-place steps where the folder has them
         self._weights_map: dict[str, Any] = {}
         self.tokenizer = _open_tokenizer(self.engine_dir, m)
         self.block_size, self.prefix_len, self.image_size = m.block_size, m.prefix_len, m.image_size
@@ -396,6 +398,8 @@ class EchoRuntime:
                 return same
             path = check_file(self.engine_dir, self.manifest, fname)
             kw = {}
+            if self.backend == "ort" and role in (gio.VISION_PREFILL, gio.AR_PREFILL):
+                kw["spin"] = False  # run once per report: its threads would spin into the first steps
             if self.backend == "ort" and self.share_weights and prec in SHARED_PRECISIONS:
                 kw["shared_weights"] = self._shared_weights(prec)
             self._graphs[key] = self._graph_cls(path, threads=self.threads, providers=self.providers, **kw)
@@ -404,12 +408,13 @@ class EchoRuntime:
     def step_role(self, md: DecodeMode, batch: int) -> str:
         """The step graph a mode runs: its standard role, or the in-place CPU form of it
         (graph_io.CPU_ONLY_ROLES) where the folder has one for this precision and batch and the
-        graphs run on onnxruntime's CPU (inplace_ar=False: the standard one, for comparisons)."""
+        graphs run on onnxruntime's CPU (inplace_steps=False: the standard one, for comparisons)."""
         from .ort_backend import ort_providers
 
         cpu = self.backend == "ort" and (self.providers or ort_providers()) == ["CPUExecutionProvider"]
+        teacher = gio.BLOCK_DENOISE in self.manifest.graphs  # its passes share the one-step decoder's stacked cache
         for role, standard in gio.CPU_ONLY_ROLES.items():
-            if standard == md.step and cpu and self.inplace_ar:
+            if standard == md.step and cpu and self.inplace_steps and not (teacher and standard == gio.BLOCK_STEP):
                 try:
                     resolve_graph(self.manifest, role, self.precision, batch)
                     return role

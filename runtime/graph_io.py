@@ -23,7 +23,9 @@ ar_step         input_ids i64[b,1], position_ids i64[b,1], past_key/past_value, 
                 -> tokens i64[b,1], present_key/value f32[L,b,kvH,1,dh]
 ar_step_inplace input_ids, position_ids, past_len, past_key.{i}/past_value.{i} f32[b,kvH,CAP+1,dh] per
                 layer -> tokens, present_key.{i}/present_value.{i}: the same buffers as past_*.{i}, the
-                new KV written at slot past_len (echo_export/inplace_ar_step.py; onnxruntime CPU only)
+                new KV written at slot past_len (echo_export/inplace_steps.py; onnxruntime CPU only)
+block_step_inplace  the same for block_step: input_ids/position_ids i64[b,2B], caches [b,kvH,CAP+2B,dh]
+                -> tokens, confidence f32[b,B], present_*.{i}: all 2B inputs' KV written from slot past_len
 
 Native resolution (model_config.vision.native, Qwen2.5-VL): vision_prefill takes one image at its
 own grid, batch 1, its shapes dynamic (n patches, w windows, T tokens; runtime/native_image.py):
@@ -47,10 +49,12 @@ AR_STEP = "ar_step"
 BLOCK_DENOISE = "block_denoise"
 BLOCK_COMMIT = "block_commit"
 AR_STEP_INPLACE = "ar_step_inplace"
-GRAPH_ROLES = (VISION_PREFILL, BLOCK_STEP, AR_PREFILL, AR_STEP, BLOCK_DENOISE, BLOCK_COMMIT, AR_STEP_INPLACE)
+BLOCK_STEP_INPLACE = "block_step_inplace"
+GRAPH_ROLES = (VISION_PREFILL, BLOCK_STEP, AR_PREFILL, AR_STEP, BLOCK_DENOISE, BLOCK_COMMIT, AR_STEP_INPLACE,
+               BLOCK_STEP_INPLACE)
 # graphs only onnxruntime's CPU kernels run (com.microsoft.GroupQueryAttention): no fp16 or int8 (static
 # QDQ) form, no TensorRT plan; the runtime takes them in place of their standard role on the CPU
-CPU_ONLY_ROLES = {AR_STEP_INPLACE: AR_STEP}
+CPU_ONLY_ROLES = {AR_STEP_INPLACE: AR_STEP, BLOCK_STEP_INPLACE: BLOCK_STEP}
 MULTISTEP_ROLES = (BLOCK_DENOISE, BLOCK_COMMIT)
 
 PREFILL_INPUTS = ("pixel_values", "prefix_ids")
@@ -71,9 +75,18 @@ def graph_filename(role: str, precision: str, batch: int) -> str:
     return f"{role}.{precision}.b{batch}.onnx"
 
 
-# ar_step in the in-place cache form (echo_export/inplace_ar_step.py: onnxruntime CPU): one cache
-# tensor per layer, each both an input and an output bound to the same buffer, written at slot past_len
-INPLACE_SPARE_SLOTS = 1  # the last pass writes its KV there, though no later pass reads it
+def step_width(role: str, block_size: int) -> int:
+    """How many tokens one pass of a step graph feeds."""
+    return {BLOCK_STEP: 2 * block_size, BLOCK_STEP_INPLACE: 2 * block_size, BLOCK_DENOISE: block_size,
+            BLOCK_COMMIT: block_size}.get(role, 1)
+
+
+# the steps in the in-place cache form (echo_export/inplace_steps.py: onnxruntime CPU): one cache
+# tensor per layer, each both an input and an output bound to the same buffer, written from slot past_len
+def inplace_spare_slots(width: int) -> int:
+    """Slots past a loop's capacity: its last pass writes all `width` fed tokens' KV there too,
+    though no later pass reads them."""
+    return width
 
 
 def inplace_step_inputs(layers: int) -> tuple[str, ...]:
@@ -81,8 +94,9 @@ def inplace_step_inputs(layers: int) -> tuple[str, ...]:
             *(f"past_value.{i}" for i in range(layers)))
 
 
-def inplace_step_outputs(layers: int) -> tuple[str, ...]:
-    return ("tokens", *(f"present_key.{i}" for i in range(layers)), *(f"present_value.{i}" for i in range(layers)))
+def inplace_step_outputs(layers: int, role: str = AR_STEP_INPLACE) -> tuple[str, ...]:
+    ids = ("tokens", "confidence") if role == BLOCK_STEP_INPLACE else ("tokens",)
+    return (*ids, *(f"present_key.{i}" for i in range(layers)), *(f"present_value.{i}" for i in range(layers)))
 
 
 def is_inplace_cache(input_names) -> bool:

@@ -32,11 +32,18 @@ def ort_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
 
 
+# onnxruntime's session config entry that puts the intra-op threads to sleep right after a run
+NO_SPINNING = ("session.intra_op.allow_spinning", "0")
+
+
 class OrtGraph:
     """One ONNX graph with bound host buffers; `run()` returns the seconds spent inside the session."""
 
     def __init__(self, path: str | Path, threads: Optional[int] = None, providers: Optional[list[str]] = None,
-                 shared_weights=None) -> None:
+                 shared_weights=None, spin: bool = True) -> None:
+        """spin=False: the session's threads sleep as soon as a run ends (onnxruntime's default keeps
+        them spinning a while for the next run): for a graph run once per report (a prefill), whose
+        spinning threads would otherwise take the cores from the step graph that runs right after."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -48,7 +55,7 @@ class OrtGraph:
             from .ort_capi import CapiSession
 
             try:
-                self._capi = CapiSession(self.path, shared_weights, threads)
+                self._capi = CapiSession(self.path, shared_weights, threads, spin)
             except EchoRuntimeError as e:
                 raise EchoRuntimeError(f"{self.path}: onnxruntime cannot load this graph ({e})") from None
             self.session = None
@@ -61,6 +68,8 @@ class OrtGraph:
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
+        if not spin:
+            so.add_session_config_entry(NO_SPINNING[0], NO_SPINNING[1])
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=self.providers)
         except Exception as e:
@@ -104,6 +113,10 @@ class OrtGraph:
             keep = self._capi.kept
         self._binding, self._keep = io, keep
         self._arrays = {**inputs, **outputs}
+
+    def bound(self, name: str) -> np.ndarray:
+        """The host array bound to input or output `name` (bind)."""
+        return self._arrays[name]
 
     def kv_store(self, cache_name: str, src: "OrtGraph", src_name: str, start: int) -> None:
         """Copy src's output [L,b,kvH,n,dh] into this graph's cache input at slots [start, start+n)."""

@@ -336,7 +336,8 @@ def _trim_heap() -> None:
 class CapiSession:
     """A CPU session made through the C API, its shareable initializers borrowed from `weights`."""
 
-    def __init__(self, path: str | Path, weights: SharedWeights, threads: Optional[int] = None) -> None:
+    def __init__(self, path: str | Path, weights: SharedWeights, threads: Optional[int] = None,
+                 spin: bool = True) -> None:
         a = api()
         self._a = a
         so = _P()
@@ -348,6 +349,10 @@ class CapiSession:
             if threads:
                 a.check(a.f["SetIntraOpNumThreads"](so, int(threads)))
                 a.check(a.f["SetInterOpNumThreads"](so, 1))
+            if not spin:  # ort_backend.OrtGraph's spin
+                from .ort_backend import NO_SPINNING
+
+                a.check(a.f["AddSessionConfigEntry"](so, NO_SPINNING[0].encode(), NO_SPINNING[1].encode()))
             try:
                 inits = external_initializers(path)
             except (ValueError, IndexError, UnicodeDecodeError) as e:

@@ -38,14 +38,19 @@ def engines(tmp_path_factory):
 
 
 def test_every_rmsnorm_is_fused(engines):
+    from runtime import graph_io as gio
+
     out, fused, _, counts = engines
     for name, n in counts.items():
         m = onnx.load(str(fused / name), load_external_data=False)
         ops = [x.op_type for x in m.graph.node]
+        assert "Reciprocal" not in ops and "Pow" not in ops  # no RMSNorm left unfused
+        if name.split(".")[0] in gio.CPU_ONLY_ROLES:  # fused at build: nothing left for this pass
+            assert n == 0 and ops.count("SkipSimplifiedLayerNormalization") >= 4
+            continue
         if name.startswith(("block_step", "vision_prefill")):
             assert n >= 3  # two per decoder layer + the final norm (the vision tower's are LayerNorms)
         assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == n
-        assert "Reciprocal" not in ops and "Pow" not in ops  # no RMSNorm left unfused
         if name.startswith("block_step"):  # every norm after a residual Add took the Add in
             assert ops.count("SkipSimplifiedLayerNormalization") == n - 1, ops.count("SkipSimplifiedLayerNormalization")
 

@@ -155,7 +155,7 @@ def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
     m = load_manifest(out)
     assert set(m.graphs) == set(gio.GRAPH_ROLES) - set(gio.MULTISTEP_ROLES)  # a student: no teacher passes
     for role, entries in m.graphs.items():
-        # the in-place AR step is onnxruntime-CPU only: no fp16, no static-QDQ int8 (graph_io.CPU_ONLY_ROLES)
+        # the in-place steps are onnxruntime-CPU only: no fp16, no static-QDQ int8 (graph_io.CPU_ONLY_ROLES)
         cpu_only = role in gio.CPU_ONLY_ROLES
         assert set(entries) == {f"{p}.b1" for p in (("fp32",) if cpu_only else ("fp32", "fp16", "int8"))}
         for key, fname in entries.items():
@@ -170,7 +170,8 @@ def test_graphs_pass_full_onnx_check_and_follow_graph_io(built):
                 want_in = gio.inplace_step_inputs(2)
             want_out = {gio.VISION_PREFILL: gio.PREFILL_OUTPUTS, gio.BLOCK_STEP: gio.BLOCK_STEP_OUTPUTS,
                         gio.AR_PREFILL: gio.AR_PREFILL_OUTPUTS, gio.AR_STEP: gio.AR_STEP_OUTPUTS,
-                        gio.AR_STEP_INPLACE: gio.inplace_step_outputs(2)}[role]
+                        gio.AR_STEP_INPLACE: gio.inplace_step_outputs(2),
+                        gio.BLOCK_STEP_INPLACE: gio.inplace_step_outputs(2, gio.BLOCK_STEP_INPLACE)}[role]
             assert ins == want_in and outs == want_out
             # IO stays fp32 / int64 whatever the internal precision
             assert all(v.type.tensor_type.elem_type in (1, 7) for v in list(g.input) + list(g.output))
@@ -546,8 +547,8 @@ def test_each_precision_stores_its_weights_once(built, setup):
         data = weights_filename(prec)
         assert data in m.files and m.files[data].size == (out / data).stat().st_size
         graphs = sorted(out.glob(f"*.{prec}.b1.onnx"))
-        # fp32 also holds the in-place AR step (onnxruntime CPU), reading the same stored tensors
-        assert len(graphs) == (5 if prec == "fp32" else 4) and all(external_data_files(g) == {data} for g in graphs)
+        # fp32 also holds the in-place steps (onnxruntime CPU), reading the same stored tensors
+        assert len(graphs) == (6 if prec == "fp32" else 4) and all(external_data_files(g) == {data} for g in graphs)
         seen: dict[bytes, tuple[int, int]] = {}
         blob = (out / data).read_bytes()
         for g in graphs:
@@ -889,7 +890,7 @@ def test_no_pytorch_model_is_held_in_the_int8_and_verify_phases(built):
 
 
 def test_inplace_ar_step_is_verified_and_is_what_the_runtime_runs(built, setup):
-    """The AR step's in-place CPU form (echo_export/inplace_ar_step.py: one GroupQueryAttention per
+    """The AR step's in-place CPU form (echo_export/inplace_steps.py: one GroupQueryAttention per
     layer over caches written in place) is verified like ar_step (identical to the PyTorch reference
     in fp32), and the runtime runs it on onnxruntime's CPU: the same reports as the standard step,
     also on a decode that runs the cache full (the last pass writes into the spare slot)."""
@@ -908,13 +909,16 @@ def test_inplace_ar_step_is_verified_and_is_what_the_runtime_runs(built, setup):
     ops = [n.op_type for n in g.node]
     n_layers = ops.count("GroupQueryAttention")
     # CPU fusions (echo_export/cpu_fusion.py): q/k/v one packed projection; residual Adds in the norms
-    assert sum(n.name.endswith("_qkv") for n in g.node) == n_layers and ops.count("Split") >= n_layers
+    # (straight into GroupQueryAttention as its packed query: no Split, no key or value input)
+    assert sum(n.name.endswith("_qkv") for n in g.node) == n_layers and ops.count("Split") == 0
+    assert all(list(n.input[1:3]) == ["", ""] for n in g.node if n.op_type == "GroupQueryAttention")
+    assert ops.count("RotaryEmbedding") == 0  # rotary inside the attention node
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
     # the fp32 argmax screened by an 8-bit lm_head (echo_export/screened_argmax.py), full head as fallback
     assert ops.count("If") == 1 and any("screen_approx" in n.output for n in g.node)
     paths = [str(data / "img" / f"test{i}.png") for i in range(3)]
     rt = EchoRuntime(out, precision="fp32", mode="ar", threads=1)
-    std = EchoRuntime(out, precision="fp32", mode="ar", threads=1, inplace_ar=False)
+    std = EchoRuntime(out, precision="fp32", mode="ar", threads=1, inplace_steps=False)
     dec = rt._decoder("ar", 1)
     assert dec.inplace and dec.step.path.name == "ar_step_inplace.fp32.b1.onnx"
     assert not std._decoder("ar", 1).inplace and dec.cap == std._decoder("ar", 1).cap
@@ -923,5 +927,41 @@ def test_inplace_ar_step_is_verified_and_is_what_the_runtime_runs(built, setup):
     assert_informative(got, tok.eos_id)
     rt.tokenizer.eos_id = std.tokenizer.eos_id = -1  # no stop: as far as the cache holds
     full, full_std = (x.generate(paths[1:2], max_new_tokens=CAP, mode="ar")[0] for x in (rt, std))
+    assert full.stop == full_std.stop == "capacity" and full.tokens == full_std.tokens
+    assert len(set(full.tokens)) > 4
+
+
+def test_inplace_block_step_is_verified_and_is_what_the_runtime_runs(built, setup):
+    """The one-step pass's in-place CPU form (block_step_inplace) is verified like block_step
+    (identical to the PyTorch reference in fp32), and the runtime's one-step loop runs it on
+    onnxruntime's CPU: the same reports as block_step, also when the cache runs full (the last
+    pass writes both its blocks into the spare slots)."""
+    import json
+
+    import onnx
+
+    from runtime.engine import EchoRuntime
+    from varied_models import assert_informative
+
+    out, _ = built
+    _, _, tok, data = setup
+    v = json.loads((out / "verify.json").read_text())["variants"]["block_inplace.fp32.b1"]
+    assert v["identical"] and v["n_images"] == 3 and v["role"] == "block_inplace"
+    g = onnx.load(str(out / "block_step_inplace.fp32.b1.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
+    n_layers = ops.count("GroupQueryAttention")
+    assert n_layers == 2 and ops.count("Split") == 0 and ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
+    assert ops.count("If") == 0  # its confidence needs the full softmax: no screened argmax
+    paths = [str(data / "img" / f"test{i}.png") for i in range(3)]
+    rt = EchoRuntime(out, precision="fp32", threads=1)
+    std = EchoRuntime(out, precision="fp32", threads=1, inplace_steps=False)
+    dec, dec_std = rt._decoder("fused", 1), std._decoder("fused", 1)
+    assert dec.inplace and dec.step.path.name == "block_step_inplace.fp32.b1.onnx"
+    assert not dec_std.inplace and dec.cap == dec_std.cap
+    got, want = ([r.tokens for r in x.generate(paths)] for x in (rt, std))
+    assert got == want
+    assert_informative(got, tok.eos_id)
+    rt.tokenizer.eos_id = std.tokenizer.eos_id = -1  # no stop: as far as the cache holds
+    full, full_std = (x.generate(paths[1:2], max_new_tokens=CAP)[0] for x in (rt, std))
     assert full.stop == full_std.stop == "capacity" and full.tokens == full_std.tokens
     assert len(set(full.tokens)) > 4

@@ -182,7 +182,7 @@ def test_ar_equals_pytorch_pass_by_pass(varied_engine, monkeypatch, inplace):
     model, tok = as_stage(eng.model, "ar"), eng.tokenizer
     px = varied_images()
     tap = GraphTap(monkeypatch)
-    rt = EchoRuntime(eng.path, batch_size=GRAPH_BATCH, threads=1, mode="ar", inplace_ar=inplace)
+    rt = EchoRuntime(eng.path, batch_size=GRAPH_BATCH, threads=1, mode="ar", inplace_steps=inplace)
     step = "ar_step_inplace" if inplace else "ar_step"
     all_tokens = []
     for rows in _pairs(len(px)):
