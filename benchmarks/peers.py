@@ -18,8 +18,8 @@ The Hugging Face folder holds exactly our random-weight checkpoint's decoder (th
 tokenizer in Qwen2's layout (benchmarks/random_qwen_vl.py); the peers are text-only, so every engine
 is compared on the decode phase: the same context length as our prefix (image tokens + prompt),
 greedy, 128 new tokens, batch 1, the same threads. Our rows: the runtime's AR loop (on the CPU its
-in-place `ar_step_inplace` where the folder has it, else `ar_step`) and one-step loop (`block_step`,
-B tokens per pass) on the same folder, decode phase only, plus the per-pass times of that AR step /
+in-place `ar_step_inplace` where the folder has it, else `ar_step`) and one-step loop (likewise
+`block_step_inplace` or `block_step`, B tokens per pass) on the same folder, decode phase only, plus the per-pass times of that AR step /
 block_step (benchmarks/ideal.py) beside the peers' seconds per token.
 
 Every engine runs in its own subprocess (its RSS is its own), one after another in one run, so the
@@ -336,7 +336,7 @@ def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeat
     res["block_size"] = B
     res["weight_bytes"] = sum(f.stat().st_size for f in engine.iterdir()
                               if f.name == f"weights.{precision}.bin" or (f.suffix == ".onnx" and f".{precision}." in f.name
-                                                                           and f.name.split(".")[0] in ("vision_prefill", "block_step", "ar_step", "ar_step_inplace")))
+                                                                           and f.name.split(".")[0] in ("vision_prefill", "block_step", "ar_step", "ar_step_inplace", "block_step_inplace")))
     del rt
     import gc
 
@@ -345,7 +345,8 @@ def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeat
 
     pt = ort_pass_times(engine, precision, [1, 2 * B], images[0], threads, repeats=pass_repeats)
     res["t_ar_step_ms"], res["t_block_step_ms"] = 1e3 * pt["t"][1], 1e3 * pt["t"][2 * B]
-    res["ar_role"] = pt["ar_role"]  # the AR step the runtime ran (the in-place one on the CPU)
+    res["ar_role"] = pt["ar_role"]  # the steps the runtime ran (the in-place ones on the CPU)
+    res["block_role"] = pt["block_role"]
     res["pass_cache_len"] = pt["cache_len"]
     return res
 
@@ -471,7 +472,9 @@ def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repea
     by_case: dict[tuple[str, str], list[dict]] = {(k, p): [] for k, p, _ in cases}
     failed: dict[tuple[str, str], str] = {}
     for rnd in range(rounds):
-        for kind, prec, path in cases:
+        # every other round in reverse order: a drift of the shared machine's speed within a round
+        # then favours no engine by its place in the order
+        for kind, prec, path in (cases if rnd % 2 == 0 else cases[::-1]):
             if (kind, prec) in failed:
                 continue
             f = root / f"probe-{kind}-{prec}.r{rnd}.json"
@@ -519,7 +522,7 @@ def table_rows(res: dict) -> list[dict]:
             out.append({"engine": r["engine"], "precision": r["precision"], "failed": r["failed"]})
             continue
         if r["engine"] == "ours":
-            for mode, label, pass_ms in (("fused", f"this runtime, one-step block_step (B={r['block_size']})", r["t_block_step_ms"]),
+            for mode, label, pass_ms in (("fused", f"this runtime, one-step {r.get('block_role', 'block_step')} (B={r['block_size']})", r["t_block_step_ms"]),
                                          ("ar", f"this runtime, AR {r.get('ar_role', 'ar_step')}", r["t_ar_step_ms"])):
                 x = r[mode]
                 out.append({"engine": label, "loop": mode, "precision": r["precision"], "class": CLASS_OF[r["precision"]],
@@ -552,12 +555,28 @@ def verdicts(rows: list[dict]) -> dict:
         fused = max(ours_fused, key=lambda r: r["tps"]) if ours_fused else None
         out["classes"][cls] = {"best_peer": f"{bp['engine']} {bp['precision']}", "best_peer_tps": bp["tps"],
                                "our_ar_precision": ar["precision"], "our_ar_tps": ar["tps"], "ar_over_peer": ar["tps"] / bp["tps"],
+                               "ar_over_peer_by_round": paired_ratios(ar, bp),
                                "one_step_over_peer": fused["tps"] / bp["tps"] if fused else None}
     fused = [r for r in ok if r["ours"] and r["loop"] == "fused"]
     if fused and best_peer:
         bf = max(fused, key=lambda r: r["tps"])
-        out["one_step_best"] = {"precision": bf["precision"], "tps": bf["tps"], "over_best_peer": bf["tps"] / best_peer["tps"]}
+        out["one_step_best"] = {"precision": bf["precision"], "tps": bf["tps"], "over_best_peer": bf["tps"] / best_peer["tps"],
+                                "over_best_peer_by_round": paired_ratios(bf, best_peer)}
     return out
+
+
+def paired_ratios(a: dict, b: dict) -> Optional[list[float]]:
+    """a's tokens/s over b's, run by run (the same round: the same state of the shared machine), or
+    None where their runs do not pair up."""
+    if not a.get("runs") or len(a["runs"]) != len(b.get("runs") or []):
+        return None
+    return [x / y for x, y in zip(a["runs"], b["runs"])]
+
+
+def _by_round_text(ratios: Optional[list[float]]) -> str:
+    if not ratios:
+        return ""
+    return f" (run by run: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x)"
 
 
 def markdown(res: dict) -> str:
@@ -569,13 +588,14 @@ def markdown(res: dict) -> str:
              f"Random weights at the real shapes; context {m['context_tokens']} tokens (our prefix: image tokens + prompt; "
              f"the peers: as many text token ids), {m['new_tokens']} new tokens greedy, batch 1, {m['threads']} threads, "
              f"{m.get('rounds', 1)} rounds, each running every engine once in its own process ({m['repeats']} timed "
-             f"decode(s) after one warm-up); the median round per engine. **Decode phase only** (tokens / seconds after the prefill): the peers are "
+             f"decode(s) after one warm-up; every other round in reverse order); the median round per engine, and "
+             f"in the goals each ratio also run by run (same round). **Decode phase only** (tokens / seconds after the prefill): the peers are "
              f"text-only, ours carries an image prefix, so prefill is not compared.", "",
              "| engine | precision | decode tok/s | ms / token | per pass ms | tokens | RSS | weight bytes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in ok:
         pp = f"{r['pass_ms']:.1f}" + (" (AR step, T=1)" if r["ours"] and r["loop"] == "ar" else
-                                       f" (block_step, T=16)" if r["ours"] else "")
+                                       f" (one-step pass, T=16)" if r["ours"] else "")
         lines.append(f"| {'**' + r['engine'] + '**' if r['ours'] else r['engine']} | {r['precision']} | {r['tps']:.1f} | "
                      f"{1e3 / r['tps']:.1f} | {pp} | {r['tokens']} | {r['rss_mb'] / 1024:.2f} GB | {r['weight_bytes'] / 1e6:.0f} MB |")
     for r in rows:
@@ -584,13 +604,13 @@ def markdown(res: dict) -> str:
     lines += ["", "## Goals", ""]
     for cls, c in v["classes"].items():
         lines.append(f"- {cls}: our AR ({c.get('our_ar_precision', '?')}) {c['our_ar_tps']:.1f} tok/s vs best peer {c['best_peer']} {c['best_peer_tps']:.1f} "
-                     f"-> **{c['ar_over_peer']:.2f}x** (goal >= 1.00x)"
+                     f"-> **{c['ar_over_peer']:.2f}x** (goal >= 1.00x){_by_round_text(c.get('ar_over_peer_by_round'))}"
                      + (f"; one-step {c['one_step_over_peer']:.2f}x" if c["one_step_over_peer"] else ""))
     if v.get("one_step_best"):
         b = v["one_step_best"]
         lines.append(f"- one-step DCD ({b['precision']}) {b['tps']:.1f} tok/s vs the best AR peer "
                      f"({v['best_peer']['engine']} {v['best_peer']['precision']}, {v['best_peer']['tps']:.1f}) -> "
-                     f"**{b['over_best_peer']:.2f}x** (goal >= 2.5x)")
+                     f"**{b['over_best_peer']:.2f}x** (goal >= 2.5x){_by_round_text(b.get('over_best_peer_by_round'))}")
     if m["skipped"]:
         lines += ["", "Skipped:", ""] + [f"- {k}: {why}" for k, why in m["skipped"].items()]
     lines += ["", f"Per pass: ours, one `ar_step` (1 token) / `block_step` (2B = 16 tokens, B new) session run timed alone "
