@@ -37,8 +37,9 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -244,14 +245,17 @@ def _median_run(runs: list[dict]) -> dict:
     return {**med, "runs_tokens_per_s": tps}
 
 
-def probe_genai(path: Path, prompt: list[int], new: int, repeats: int) -> dict:
+def genai_runner(path: Path, prompt: list[int], new: int) -> tuple[Callable[[], dict], dict]:
+    """(one greedy decode of `new` tokens after `prompt` through onnxruntime-genai's generator ->
+    its timings, what loading it gave: load_s, weight_bytes, version)."""
     import onnxruntime_genai as og
 
     t = time.perf_counter()
     model = og.Model(og.Config(str(path)))
-    load = time.perf_counter() - t
-    runs = []
-    for _ in range(repeats + 1):  # the first is a warm-up
+    info = {"load_s": time.perf_counter() - t, "version": og.__version__,
+            "weight_bytes": sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data"))}
+
+    def run() -> dict:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
         gen = og.Generator(model, params)
@@ -264,24 +268,24 @@ def probe_genai(path: Path, prompt: list[int], new: int, repeats: int) -> dict:
             n += 1
         t2 = time.perf_counter()
         made = len(gen.get_sequence(0)) - len(prompt)
-        runs.append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": made, "decode_tokens_per_s": made / (t2 - t1)})
-        del gen
-    weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data"))
-    return {**_median_run(runs[1:]), "load_s": load, "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM"),
-            "weight_bytes": weights, "version": og.__version__}
+        return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": made, "decode_tokens_per_s": made / (t2 - t1)}
+
+    return run, info
 
 
-def probe_llama(path: Path, prompt: list[int], new: int, repeats: int, threads: int) -> dict:
-    """Token by token through libllama's own decode (llama_decode), greedy over the last logits; the
-    Python wrapper's per-context logits matrix is not allocated (it would add n_ctx x vocab floats)."""
+def llama_runner(path: Path, prompt: list[int], new: int, threads: int) -> tuple[Callable[[], dict], dict]:
+    """As genai_runner, token by token through libllama's own decode (llama_decode), greedy over the
+    last logits; the Python wrapper's per-context logits matrix is not allocated (it would add n_ctx
+    x vocab floats)."""
     import llama_cpp
 
     t = time.perf_counter()
     llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + new + 8, n_batch=len(prompt), n_ubatch=len(prompt),
                           n_threads=threads, n_threads_batch=threads, verbose=False)
-    load = time.perf_counter() - t
+    info = {"load_s": time.perf_counter() - t, "version": llama_cpp.__version__, "weight_bytes": path.stat().st_size}
     ctx, n_vocab = llm.ctx, llm.n_vocab()
     batch = llama_cpp.llama_batch_init(len(prompt), 0, 1)
+    weakref.finalize(llm, llama_cpp.llama_batch_free, batch)
 
     def decode(tokens: list[int], pos0: int) -> int:
         batch.n_tokens = len(tokens)
@@ -293,8 +297,7 @@ def probe_llama(path: Path, prompt: list[int], new: int, repeats: int, threads: 
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
         return int(np.argmax(logits))
 
-    runs = []
-    for _ in range(repeats + 1):
+    def run() -> dict:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         t0 = time.perf_counter()
         tok = decode(prompt, 0)
@@ -302,10 +305,67 @@ def probe_llama(path: Path, prompt: list[int], new: int, repeats: int, threads: 
         for i in range(new):
             tok = decode([tok], len(prompt) + i)
         t2 = time.perf_counter()
-        runs.append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": new, "decode_tokens_per_s": new / (t2 - t1)})
-    llama_cpp.llama_batch_free(batch)
-    return {**_median_run(runs[1:]), "load_s": load, "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM"),
-            "weight_bytes": path.stat().st_size, "version": llama_cpp.__version__}
+        return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": new, "decode_tokens_per_s": new / (t2 - t1)}
+
+    run.llm = llm  # type: ignore[attr-defined]  # alive as long as the runner
+    return run, info
+
+
+def ours_runner(rt, images: list[str], new: int, mode: str) -> Callable[[], dict]:
+    """As genai_runner, one report through the runtime `rt` (an EchoRuntime whose EOS never comes)
+    in `mode`, decode phase only; successive calls take the images in turn."""
+    count = iter(range(1 << 30))
+
+    def run() -> dict:
+        r = rt.generate(images[next(count) % len(images)], max_new_tokens=new, mode=mode)[0]
+        if not r.ok:
+            raise RuntimeError(f"{mode}: {r.error}")
+        dec = r.timings["decode"] - r.timings["prefill"]
+        return {"prefill_s": r.timings["prefill"], "decode_s": dec, "new_tokens": len(r.tokens),
+                "decode_tokens_per_s": len(r.tokens) / dec, "forward_passes": r.forward_passes, "stop": r.stop}
+
+    return run
+
+
+def _runs(run: Callable[[], dict], repeats: int) -> dict:
+    return _median_run([run() for _ in range(repeats + 1)][1:])  # the first is a warm-up
+
+
+def probe_genai(path: Path, prompt: list[int], new: int, repeats: int) -> dict:
+    run, info = genai_runner(path, prompt, new)
+    return {**_runs(run, repeats), **info, "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM")}
+
+
+def probe_llama(path: Path, prompt: list[int], new: int, repeats: int, threads: int) -> dict:
+    run, info = llama_runner(path, prompt, new, threads)
+    return {**_runs(run, repeats), **info, "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM")}
+
+
+def probe_pair(specs: list[tuple[str, str, Path, str]], prompt: list[int], images: list[str], new: int,
+               rounds: int, threads: int) -> dict:
+    """Two engines (kind, precision, path, our loop) loaded in one process and run in turn, `rounds`
+    times after a warm-up of each: their tokens/s run by run, each pair taken in the same seconds of
+    the shared machine (whose speed drifts by 10-20% over minutes: engines timed in separate
+    processes minutes apart differ by that much on the same files)."""
+    from runtime.engine import EchoRuntime
+
+    runners = []
+    for kind, prec, path, mode in specs:
+        if kind == "ours":
+            rt = EchoRuntime(path, precision=prec, batch_size=1, threads=threads, mode=mode)
+            rt.tokenizer.eos_id = -1  # no id: every report runs to `new` tokens, as the peers'
+            runners.append(ours_runner(rt, images, new, mode))
+        elif kind == "onnxruntime-genai":
+            runners.append(genai_runner(path, prompt, new)[0])
+        else:
+            runners.append(llama_runner(path, prompt, new, threads)[0])
+    tps: list[list[float]] = [[] for _ in runners]
+    for rnd in range(rounds + 1):  # round 0: the warm-up; every other round in reverse order
+        for i in (range(len(runners)) if rnd % 2 == 0 else reversed(range(len(runners)))):
+            tok_s = runners[i]()["decode_tokens_per_s"]
+            if rnd:
+                tps[i].append(tok_s)
+    return {"engines": [list(map(str, sp)) for sp in specs], "tokens_per_s": tps}
 
 
 def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeats: int, threads: int,
@@ -321,15 +381,7 @@ def probe_ours(engine: Path, precision: str, images: list[str], new: int, repeat
     rt.tokenizer.eos_id = -1  # no id: every report runs to `new` tokens, as the peers' (forced length)
     res: dict[str, Any] = {"load_s": load}
     for mode in ("fused", "ar"):
-        runs = []
-        for i in range(repeats + 1):
-            r = rt.generate(images[i % len(images)], max_new_tokens=new, mode=mode)[0]
-            if not r.ok:
-                raise RuntimeError(f"{mode}: {r.error}")
-            dec = r.timings["decode"] - r.timings["prefill"]
-            runs.append({"prefill_s": r.timings["prefill"], "decode_s": dec, "new_tokens": len(r.tokens),
-                         "decode_tokens_per_s": len(r.tokens) / dec, "forward_passes": r.forward_passes, "stop": r.stop})
-        res[mode] = {**_median_run(runs[1:]), "rss_mb": status_mb("VmRSS")}
+        res[mode] = {**_runs(ours_runner(rt, images, new, mode), repeats), "rss_mb": status_mb("VmRSS")}
     res["peak_rss_mb"] = status_mb("VmHWM")
     m = rt.manifest
     B = m.block_size
@@ -439,7 +491,7 @@ def _median_round(rounds: list[dict], kind: str) -> dict:
 
 
 def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repeats: int, rounds: int = 3,
-        probe_timeout: int = 600) -> dict:
+        probe_timeout: int = 600, pair_rounds: int = 6) -> dict:
     """Every engine of the rung in its own subprocess, one after another; the table and plot."""
     from echo_train.stages.common import load_split
 
@@ -491,17 +543,72 @@ def run(size: str, work: Path, out: Path, threads: int, repeats: int, pass_repea
                 failed[(kind, prec)] = f"probe exit {p.returncode}"
                 continue
             by_case[(kind, prec)].append({**json.loads(f.read_text()), "loadavg_after": _loadavg()})
+    rows = _rows_of(cases, by_case, failed)
+    if pair_rounds:
+        meta["pairs"] = _run_pairs(_goal_pairs(rows, cases), root, threads, pair_rounds, prefix_len, n_vocab, images,
+                                   probe_timeout)
+    meta["loadavg_after"] = _loadavg()
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"meta": meta, "rows": rows}
+    (out / f"{rung.name}.json").write_text(json.dumps(res, indent=2))
+    return render(out / f"{rung.name}.json")
+
+
+def _rows_of(cases: list, by_case: dict, failed: dict) -> list[dict]:
     rows = []
     for kind, prec, _ in cases:
         if (kind, prec) in failed:
             rows.append({"engine": kind, "precision": prec, "failed": failed[(kind, prec)]})
         else:
             rows.append({"engine": kind, "precision": prec, **_median_round(by_case[(kind, prec)], kind)})
-    meta["loadavg_after"] = _loadavg()
-    out.mkdir(parents=True, exist_ok=True)
-    res = {"meta": meta, "rows": rows}
-    (out / f"{rung.name}.json").write_text(json.dumps(res, indent=2))
-    return render(out / f"{rung.name}.json")
+    return rows
+
+
+def _goal_pairs(rows: list[dict], cases: list) -> dict[str, list[tuple[str, str, Path, str]]]:
+    """Each goal's two engines (kind, precision, path, our loop) by the separate-process medians: per
+    class our fastest AR against the class's fastest peer; our fastest one-step loop against the
+    fastest peer of all."""
+    path = {(k, p): x for k, p, x in cases}
+    ok = [r for r in rows if "failed" not in r]
+    peers = [r for r in ok if r["engine"] != "ours"]
+    ours = [r for r in ok if r["engine"] == "ours"]
+    spec = lambda r, mode="ar": (r["engine"], r["precision"], path[(r["engine"], r["precision"])], mode)  # noqa: E731
+    out = {}
+    for cls in ("fp32", "8-bit", "4-bit"):
+        ps = [r for r in peers if CLASS_OF[r["precision"]] == cls]
+        os_ = [r for r in ours if CLASS_OF[r["precision"]] == cls]
+        if ps and os_:
+            out[cls] = [spec(max(os_, key=lambda r: r["ar"]["decode_tokens_per_s"])),
+                        spec(max(ps, key=lambda r: r["decode_tokens_per_s"]))]
+    if ours and peers:
+        out["one-step"] = [spec(max(ours, key=lambda r: r["fused"]["decode_tokens_per_s"]), "fused"),
+                           spec(max(peers, key=lambda r: r["decode_tokens_per_s"]))]
+    return out
+
+
+def _run_pairs(pairs: dict, root: Path, threads: int, rounds: int, prefix_len: int, n_vocab: int,
+               images: list[str], timeout: int) -> dict:
+    """probe_pair for every goal, each in its own process: {goal: engines, tokens/s, ratios}."""
+    out = {}
+    for goal, specs in pairs.items():
+        f = root / f"pair-{goal}.json"
+        cmd = [sys.executable, "-m", "benchmarks.peers", "pair", "--out", str(f), "--threads", str(threads),
+               "--rounds", str(rounds), "--prompt-len", str(prefix_len), "--vocab", str(n_vocab), "--images", *images,
+               *(x for sp in specs for x in ("--engine", ",".join(map(str, sp))))]
+        print(f"[peers] pair {goal}: {specs[0][:2]} against {specs[1][:2]}, {rounds} runs each (load {_loadavg()})",
+              flush=True)
+        try:
+            p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out[goal] = {"failed": f"timed out after {timeout} s"}
+            continue
+        if p.returncode != 0:
+            out[goal] = {"failed": f"exit {p.returncode}"}
+            continue
+        r = json.loads(f.read_text())
+        r["ratios"] = [a / b for a, b in zip(*r["tokens_per_s"])]
+        out[goal] = r
+    return out
 
 
 def render(json_path: Path) -> dict:
@@ -579,6 +686,26 @@ def _by_round_text(ratios: Optional[list[float]]) -> str:
     return f" (run by run: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}x)"
 
 
+def _pair_lines(pairs: dict) -> list[str]:
+    """The goals again, each pair of engines in one process, in turn (probe_pair)."""
+    if not pairs:
+        return []
+    lines = ["", "Each goal's two engines again in one process, in turn (every other round reversed), so that "
+             "each pair of runs meets the shared machine in the same state:", ""]
+    goal = {"one-step": 2.5}
+    for name, p in pairs.items():
+        if "failed" in p:
+            lines.append(f"- {name}: failed ({p['failed']})")
+            continue
+        a, b = (" ".join(e[:2]) + (" one-step" if e[0] == "ours" and e[3] == "fused" else "") for e in p["engines"])
+        med = statistics.median(p["ratios"])
+        lines.append(f"- {name}: {a} {statistics.median(p['tokens_per_s'][0]):.1f} vs {b} "
+                     f"{statistics.median(p['tokens_per_s'][1]):.1f} tok/s (medians of {len(p['ratios'])} runs): "
+                     f"**{med:.2f}x** (goal >= {goal.get(name, 1.0):.2f}x; run by run "
+                     f"{', '.join(f'{x:.2f}' for x in p['ratios'])})")
+    return lines
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     rows = table_rows(res)
@@ -611,6 +738,7 @@ def markdown(res: dict) -> str:
         lines.append(f"- one-step DCD ({b['precision']}) {b['tps']:.1f} tok/s vs the best AR peer "
                      f"({v['best_peer']['engine']} {v['best_peer']['precision']}, {v['best_peer']['tps']:.1f}) -> "
                      f"**{b['over_best_peer']:.2f}x** (goal >= 2.5x){_by_round_text(b.get('over_best_peer_by_round'))}")
+    lines += _pair_lines(m.get("pairs") or {})
     if m["skipped"]:
         lines += ["", "Skipped:", ""] + [f"- {k}: {why}" for k, why in m["skipped"].items()]
     lines += ["", f"Per pass: ours, one `ar_step` (1 token) / `block_step` (2B = 16 tokens, B new) session run timed alone "
@@ -666,6 +794,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.choices["run"].add_argument("--repeats", type=int, default=1, help="timed decodes per engine and round (after one warm-up)")
     sub.choices["run"].add_argument("--pass-repeats", type=int, default=20)
     sub.choices["run"].add_argument("--probe-timeout", type=int, default=600, help="seconds one engine's probe may take")
+    sub.choices["run"].add_argument("--pair-rounds", type=int, default=6,
+                                    help="then each goal's two engines in one process, in turn, this many runs each "
+                                         "(0: not)")
     rd = sub.add_parser("render", help="rewrite a run's table and plot from its JSON (no engine runs)")
     rd.add_argument("json", type=Path, help="e.g. benchmarks/results/peers/qwen2.5-0.5b.json")
     pr = sub.add_parser("probe", help=argparse.SUPPRESS)
@@ -679,15 +810,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     pr.add_argument("--prompt-len", type=int, default=224)
     pr.add_argument("--vocab", type=int, default=1000)
     pr.add_argument("--images", nargs="*", default=[])
+    pa = sub.add_parser("pair", help=argparse.SUPPRESS)
+    pa.add_argument("--engine", action="append", required=True, help="kind,precision,path,loop (twice)")
+    pa.add_argument("--out", type=Path, required=True)
+    pa.add_argument("--threads", type=int, default=2)
+    pa.add_argument("--rounds", type=int, default=6)
+    pa.add_argument("--prompt-len", type=int, default=224)
+    pa.add_argument("--vocab", type=int, default=1000)
+    pa.add_argument("--images", nargs="*", default=[])
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         skipped = prepare(a.size, a.work, a.threads, a.install, verify_n=a.verify_n)
         for k, why in skipped.items():
             print(f"[peers] skipped {k}: {why}")
     elif a.cmd == "run":
-        run(a.size, a.work, a.out, a.threads, a.repeats, a.pass_repeats, a.rounds, a.probe_timeout)
+        run(a.size, a.work, a.out, a.threads, a.repeats, a.pass_repeats, a.rounds, a.probe_timeout, a.pair_rounds)
     elif a.cmd == "render":
         render(a.json)
+    elif a.cmd == "pair":
+        prompt = np.random.default_rng(0).integers(3, a.vocab, a.prompt_len).tolist()
+        specs = [(k, p, Path(x), mode) for k, p, x, mode in (e.split(",") for e in a.engine)]
+        a.out.write_text(json.dumps(probe_pair(specs, prompt, a.images, NEW_TOKENS, a.rounds, a.threads)))
     else:
         prompt = np.random.default_rng(0).integers(3, a.vocab, a.prompt_len).tolist()
         if a.kind == "ours":

@@ -33,6 +33,19 @@ def _caches(cfg, batch: int, past: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return kc, vc
 
 
+def _standard_and_inplace(model, tok, role: str, batch: int, folder):
+    """Runners (decode_loop) of the exported standard step `role` and of its in-place form, the same IO."""
+    from echo_export.decode_loop import inplace_runner, ort_runner
+    from echo_export.graphs import example_inputs, export_graph, make_graph
+    from runtime import graph_io as gio
+
+    inplace = next(r for r, std in gio.CPU_ONLY_ROLES.items() if std == role)
+    for r in (role, inplace):
+        export_graph(make_graph(r, model, CAP, 0, tok.mask_id), example_inputs(r, model.cfg, batch, CAP, 0),
+                     folder / f"{r}.onnx")
+    return ort_runner(folder / f"{role}.onnx", 1), inplace_runner(folder / f"{inplace}.onnx", CAP, 1)
+
+
 def test_eager_module_equals_the_standard_step(ar_model):
     """In PyTorch, the in-place module's tokens and the KV it writes at past_len are ArStepGraph's."""
     from echo_export.graphs import ArStepGraph
@@ -58,16 +71,10 @@ def test_onnx_graph_equals_the_standard_graph_on_real_caches(ar_model, tmp_path)
     """onnxruntime: the exported in-place step (GroupQueryAttention, shared buffers) against the
     exported ar_step, batch 2, rows with different caches, over 6 steps that feed each step's token
     to the next: the same tokens, the KV of each step where ar_step says, slots before it untouched."""
-    from echo_export.decode_loop import inplace_runner, ort_runner
-    from echo_export.graphs import example_inputs, export_graph, make_graph
     from runtime import graph_io as gio
 
     model, tok = ar_model
-    paths = {}
-    for role in (gio.AR_STEP, gio.AR_STEP_INPLACE):
-        paths[role] = tmp_path / f"{role}.onnx"
-        export_graph(make_graph(role, model, CAP, 0, tok.mask_id), example_inputs(role, model.cfg, 2, CAP, 0), paths[role])
-    std, inp = ort_runner(paths[gio.AR_STEP], 1), inplace_runner(paths[gio.AR_STEP_INPLACE], CAP, 1)
+    std, inp = _standard_and_inplace(model, tok, gio.AR_STEP, 2, tmp_path)
     kc, vc = _caches(model.cfg, 2, 11, seed=3)
     ids = np.array([[5], [9]], np.int64)
     written = []
@@ -137,18 +144,12 @@ def test_onnx_block_graph_equals_the_standard_graph(student, tmp_path, mrope):
     as a bias over the cache's slots, rotary by table) against the exported block_step over 3
     passes that feed each pass's block to the next as the previous block: the same tokens and
     confidence, the previous block's KV where block_step says. Positions run 3 below the slots."""
-    from echo_export.decode_loop import inplace_runner, ort_runner
-    from echo_export.graphs import example_inputs, export_graph, make_graph
     from runtime import graph_io as gio
 
     base, tok = student
     model = _mrope(base, mrope)
     B = model.cfg.block_size
-    paths = {}
-    for role in (gio.BLOCK_STEP, gio.BLOCK_STEP_INPLACE):
-        paths[role] = tmp_path / f"{role}.onnx"
-        export_graph(make_graph(role, model, CAP, 0, tok.mask_id), example_inputs(role, model.cfg, 1, CAP, 0), paths[role])
-    std, inp = ort_runner(paths[gio.BLOCK_STEP], 1), inplace_runner(paths[gio.BLOCK_STEP_INPLACE], CAP, 1)
+    std, inp = _standard_and_inplace(model, tok, gio.BLOCK_STEP, 1, tmp_path)
     kc, vc = _caches(model.cfg, 1, 11, seed=5)
     ids = np.concatenate([np.random.default_rng(2).integers(5, 60, (1, B)), np.full((1, B), tok.mask_id)], 1)
     written = []
