@@ -32,10 +32,6 @@ def ort_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
 
 
-# onnxruntime's session config entry that puts the intra-op threads to sleep right after a run
-NO_SPINNING = ("session.intra_op.allow_spinning", "0")
-
-
 class OrtGraph:
     """One ONNX graph with bound host buffers; `run()` returns the seconds spent inside the session."""
 
@@ -69,7 +65,9 @@ class OrtGraph:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         if not spin:
-            so.add_session_config_entry(NO_SPINNING[0], NO_SPINNING[1])
+            from .ort_capi import NO_SPINNING
+
+            so.add_session_config_entry(*NO_SPINNING)
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=self.providers)
         except Exception as e:

@@ -333,6 +333,10 @@ def _trim_heap() -> None:
         pass
 
 
+# onnxruntime's session config entry that puts the intra-op threads to sleep right after a run
+NO_SPINNING = ("session.intra_op.allow_spinning", "0")
+
+
 class CapiSession:
     """A CPU session made through the C API, its shareable initializers borrowed from `weights`."""
 
@@ -350,8 +354,6 @@ class CapiSession:
                 a.check(a.f["SetIntraOpNumThreads"](so, int(threads)))
                 a.check(a.f["SetInterOpNumThreads"](so, 1))
             if not spin:  # ort_backend.OrtGraph's spin
-                from .ort_backend import NO_SPINNING
-
                 a.check(a.f["AddSessionConfigEntry"](so, NO_SPINNING[0].encode(), NO_SPINNING[1].encode()))
             try:
                 inits = external_initializers(path)

@@ -160,9 +160,11 @@ def test_engine_folder_verifies_and_lists_both_modes(runtime_engine):
     from runtime.manifest import graph_batch_sizes, load_manifest, resolve_graph
 
     m = load_manifest(runtime_engine.path)
-    for role in set(gio.GRAPH_ROLES) - set(gio.MULTISTEP_ROLES):  # a student's folder: no teacher passes
+    # a student's folder: no teacher passes; the in-place one-step pass at batch 1 only (none here)
+    for role in set(gio.GRAPH_ROLES) - set(gio.MULTISTEP_ROLES) - {gio.BLOCK_STEP_INPLACE}:
         assert resolve_graph(m, role, "fp32", GRAPH_BATCH) in m.files
         assert graph_batch_sizes(m, role, "fp32") == [GRAPH_BATCH]
+    assert GRAPH_BATCH > 1 and not graph_batch_sizes(m, gio.BLOCK_STEP_INPLACE, "fp32")
     assert "tokenizer.json" in m.files and m.block_size == BLOCK
 
 
