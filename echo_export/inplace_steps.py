@@ -130,7 +130,8 @@ class _InPlaceDecoder(nn.Module):
         self.output_names = graph_io.inplace_step_outputs(n, role)
         self.register_buffer("self_mask", self_mask, persistent=False)
         # every position a slot of the caches can hold (the loops feed positions below their slot count)
-        cos, sin = rotary_table(model, capacity + graph_io.inplace_spare_slots(graph_io.step_width(role, model.cfg.block_size)))
+        width = graph_io.step_width(role, model.cfg.block_size)
+        cos, sin = rotary_table(model, capacity + graph_io.inplace_spare_slots(width))
         self.register_buffer("cos_table", cos, persistent=False)
         self.register_buffer("sin_table", sin, persistent=False)
 
